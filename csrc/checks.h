@@ -1,0 +1,89 @@
+// Shared argument checks for every seq2seq_ext op.
+//
+// One TORCH_CHECK per rule; each message names the argument, what was expected and what came.
+// Every op validates all of its arguments before it allocates or writes anything, so a call
+// that fails leaves its inputs untouched.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/TensorUtils.h>
+
+#include <string>
+
+namespace seq2seq_ext {
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(t.size(i));
+  }
+  return s + "]";
+}
+
+inline void check_defined(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), name, ": expected a tensor, got an undefined tensor");
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
+  check_defined(t, name);
+  TORCH_CHECK(t.dim() == dim, name, ": expected a ", dim, "-D tensor, got ", t.dim(),
+              "-D with shape ", shape_str(t));
+}
+
+inline void check_min_dim(const at::Tensor& t, int64_t dim, const char* name) {
+  check_defined(t, name);
+  TORCH_CHECK(t.dim() >= dim, name, ": expected at least ", dim, " dimensions, got ", t.dim(),
+              "-D with shape ", shape_str(t));
+}
+
+inline void check_size(const at::Tensor& t, int64_t dim, int64_t size, const char* name,
+                       const char* what) {
+  TORCH_CHECK(t.size(dim) == size, name, ": expected size ", size, " at dimension ", dim, " (",
+              what, "), got ", t.size(dim), " (shape ", shape_str(t), ")");
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                              const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, ": expected a tensor on ", ref.device(),
+              " (the device of ", ref_name, "), got one on ", t.device());
+}
+
+inline void check_index_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, name,
+              ": expected an int64 or int32 tensor of indices, got ", t.scalar_type());
+}
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name,
+              ": expected a floating-point tensor, got ", t.scalar_type());
+}
+
+inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                             const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(),
+              " (the dtype of ", ref_name, "), got ", t.scalar_type());
+}
+
+// valid_len may be any real dtype the reference accepts (it is compared with a float arange).
+inline void check_valid_len(const at::Tensor& valid_len, int64_t batch, const at::Tensor& ref,
+                            const char* ref_name) {
+  check_dim(valid_len, 1, "valid_len");
+  TORCH_CHECK(!at::isComplexType(valid_len.scalar_type()),
+              "valid_len: expected a real (integer, bool or floating) tensor, got ",
+              valid_len.scalar_type());
+  TORCH_CHECK(valid_len.size(0) == batch, "valid_len: expected one length per sequence (",
+              batch, ", the batch size of ", ref_name, "), got ", valid_len.size(0));
+  check_same_device(valid_len, ref, "valid_len", ref_name);
+}
+
+// Labels must lie in [0, vocab). Checked on the host for CPU tensors.
+inline void check_label_range_cpu(const at::Tensor& label, int64_t vocab) {
+  if (label.numel() == 0) return;
+  auto mn = label.min().item<int64_t>();
+  auto mx = label.max().item<int64_t>();
+  TORCH_CHECK(mn >= 0 && mx < vocab, "label: expected class indices in [0, ", vocab,
+              "), got values in [", mn, ", ", mx, "]");
+}
+
+}  // namespace seq2seq_ext

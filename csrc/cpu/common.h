@@ -1,0 +1,37 @@
+// Helpers shared by the CPU kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace seq2seq_ext {
+namespace cpu {
+
+// For each sequence, the first masked step: position t is kept when t < valid_len[b] (the
+// reference compares a float arange with valid_len), so this is ceil(valid_len) clamped to
+// [0, steps]; NaN and negative lengths mask every step.
+inline std::vector<int64_t> first_masked_step(const at::Tensor& valid_len, int64_t steps) {
+  auto vl = valid_len.contiguous();
+  std::vector<int64_t> out(vl.numel());
+  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, vl.scalar_type(),
+                             "first_masked_step", [&] {
+    const scalar_t* p = vl.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) {
+      double v = static_cast<double>(p[i]);
+      if (!(v > 0)) {  // also NaN
+        out[i] = 0;
+      } else {
+        double c = std::ceil(v);
+        out[i] = c >= static_cast<double>(steps) ? steps : static_cast<int64_t>(c);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace seq2seq_ext

@@ -1,0 +1,237 @@
+// Fused masked softmax cross-entropy on the CPU, forward and backward.
+//
+// Forward, per position (b, t) with t < valid_len[b]: one pass for the row maximum, one for
+// sum(exp(x - max)); loss_bt = lse - x[label]. Masked positions are never read. The per-sequence
+// loss is the sum over t of the kept losses divided by T (the reference's mean over all steps).
+// Backward, per kept position: grad = (exp(x - lse) - onehot(label)) * grad_loss[b] / T, written
+// in one pass; masked positions get zeros without their logits being read.
+// Rows are independent and each sequence's sum runs in a fixed order, so results do not depend
+// on the thread count.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "../checks.h"
+#include "common.h"
+
+namespace seq2seq_ext {
+namespace {
+
+using at::vec::Vectorized;
+
+void check_ce_args(const at::Tensor& pred, const at::Tensor& label, const at::Tensor& valid_len) {
+  check_dim(pred, 3, "pred");
+  check_floating(pred, "pred");
+  check_dim(label, 2, "label");
+  check_index_dtype(label, "label");
+  check_same_device(label, pred, "label", "pred");
+  TORCH_CHECK(label.size(0) == pred.size(0) && label.size(1) == pred.size(1),
+              "label: expected shape [", pred.size(0), ", ", pred.size(1),
+              "] (the batch and steps of pred), got ", shape_str(label));
+  check_valid_len(valid_len, pred.size(0), pred, "pred");
+}
+
+// Labels are checked everywhere, masked positions included, as nn.CrossEntropyLoss does.
+template <typename index_t>
+void check_labels(const at::Tensor& label, int64_t vocab) {
+  const index_t* p = label.const_data_ptr<index_t>();
+  const int64_t B = label.size(0), T = label.size(1);
+  const int64_t sb = label.stride(0), st = label.stride(1);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t y = static_cast<int64_t>(p[b * sb + t * st]);
+      TORCH_CHECK(y >= 0 && y < vocab, "label: expected class indices in [0, ", vocab,
+                  "), got ", y, " at position [", b, ", ", t, "]");
+    }
+}
+
+void check_label_values(const at::Tensor& label, int64_t vocab) {
+  if (label.scalar_type() == at::kLong)
+    check_labels<int64_t>(label, vocab);
+  else
+    check_labels<int32_t>(label, vocab);
+}
+
+inline int64_t label_at(const at::Tensor& label, int64_t b, int64_t t) {
+  const int64_t off = b * label.stride(0) + t * label.stride(1);
+  return label.scalar_type() == at::kLong ? label.const_data_ptr<int64_t>()[off]
+                                          : label.const_data_ptr<int32_t>()[off];
+}
+
+template <typename acc_t>
+inline acc_t nan_max(acc_t a, acc_t b) {
+  return (a != a || a > b) ? a : b;  // propagates NaN like at::vec::maximum
+}
+
+// max and log-sum-exp of a contiguous row.
+template <typename acc_t>
+acc_t row_lse(const acc_t* x, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  int64_t i = 0;
+  acc_t m = neg_inf;
+  if (n >= W) {
+    Vec vm(neg_inf);
+    for (; i + W <= n; i += W) vm = at::vec::maximum(vm, Vec::loadu(x + i));
+    acc_t lanes[W];
+    vm.store(lanes);
+    for (int64_t k = 0; k < W; ++k) m = nan_max(m, lanes[k]);
+  }
+  for (; i < n; ++i) m = nan_max(m, x[i]);
+  Vec vs(acc_t(0));
+  const Vec vmax(m);
+  i = 0;
+  for (; i + W <= n; i += W) vs = vs + (Vec::loadu(x + i) - vmax).exp();
+  acc_t s = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vs);
+  for (; i < n; ++i) s += std::exp(x[i] - m);
+  return m + std::log(s);
+}
+
+// grad[v] = exp(x[v] - lse) * scale, into a contiguous acc_t row.
+template <typename acc_t>
+void row_softmax_scaled(const acc_t* x, acc_t* g, int64_t n, acc_t lse, acc_t scale) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec vl(lse), vsc(scale);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) ((Vec::loadu(x + i) - vl).exp() * vsc).store(g + i);
+  for (; i < n; ++i) g[i] = std::exp(x[i] - lse) * scale;
+}
+
+// A row of pred as a contiguous acc_t array: the row itself when it already is one, otherwise
+// a copy into `buf` (strided rows and reduced-precision inputs).
+template <typename scalar_t, typename acc_t>
+const acc_t* load_row(const scalar_t* src, int64_t n, int64_t stride, std::vector<acc_t>& buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (stride == 1) return src;
+  }
+  buf.resize(n);
+  for (int64_t v = 0; v < n; ++v) buf[v] = static_cast<acc_t>(src[v * stride]);
+  return buf.data();
+}
+
+// Writes (softmax(x) - onehot(y)) * scale into a row of the gradient with stride gv.
+template <typename scalar_t, typename acc_t>
+void store_row_grad(const acc_t* x, scalar_t* grow, int64_t gv, int64_t n, acc_t lse, acc_t scale,
+                    int64_t y, std::vector<acc_t>& gbuf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (gv == 1) {
+      row_softmax_scaled<acc_t>(x, grow, n, lse, scale);
+      grow[y] -= scale;
+      return;
+    }
+  }
+  gbuf.resize(n);
+  row_softmax_scaled<acc_t>(x, gbuf.data(), n, lse, scale);
+  gbuf[y] -= scale;
+  for (int64_t v = 0; v < n; ++v) grow[v * gv] = static_cast<scalar_t>(gbuf[v]);
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_softmax_ce_cpu(const at::Tensor& pred,
+                                                         const at::Tensor& label,
+                                                         const at::Tensor& valid_len) {
+  check_ce_args(pred, label, valid_len);
+  const int64_t B = pred.size(0), T = pred.size(1), V = pred.size(2);
+  check_label_values(label, V);
+  const auto acc_type = at::toOpMathType(pred.scalar_type());
+  at::Tensor loss = at::empty({B}, pred.options());
+  at::Tensor lse = at::zeros({B, T}, pred.options().dtype(acc_type));
+  if (B == 0) return {loss, lse};
+  if (T == 0) return {loss.fill_(std::numeric_limits<double>::quiet_NaN()), lse};  // mean of nothing
+  const auto start = cpu::first_masked_step(valid_len, T);
+  const int64_t sb = pred.stride(0), st = pred.stride(1), sv = pred.stride(2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
+                                  "masked_softmax_ce_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* p = pred.const_data_ptr<scalar_t>();
+    acc_t* lse_p = lse.data_ptr<acc_t>();
+    std::vector<acc_t> row_loss(B * T, acc_t(0));
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1));
+    at::parallel_for(0, B * T, grain, [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> buf;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / T, t = r % T;
+        if (t >= start[b]) continue;
+        const scalar_t* row = p + b * sb + t * st;
+        const acc_t* x = load_row<scalar_t, acc_t>(row, V, sv, buf);
+        const acc_t l = row_lse<acc_t>(x, V);
+        lse_p[r] = l;
+        row_loss[r] = l - x[label_at(label, b, t)];
+      }
+    });
+    scalar_t* out = loss.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      acc_t s = 0;
+      for (int64_t t = 0; t < start[b]; ++t) s += row_loss[b * T + t];
+      out[b] = static_cast<scalar_t>(s / static_cast<acc_t>(T));
+    }
+  });
+  return {loss, lse};
+}
+
+at::Tensor masked_softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& pred,
+                                          const at::Tensor& label, const at::Tensor& valid_len,
+                                          const at::Tensor& lse) {
+  check_ce_args(pred, label, valid_len);
+  const int64_t B = pred.size(0), T = pred.size(1), V = pred.size(2);
+  check_dim(grad_loss, 1, "grad_loss");
+  check_size(grad_loss, 0, B, "grad_loss", "the batch size of pred");
+  check_same_device(grad_loss, pred, "grad_loss", "pred");
+  check_dim(lse, 2, "lse");
+  TORCH_CHECK(lse.size(0) == B && lse.size(1) == T, "lse: expected shape [", B, ", ", T,
+              "], got ", shape_str(lse));
+  TORCH_CHECK(lse.scalar_type() == at::toOpMathType(pred.scalar_type()),
+              "lse: expected dtype ", at::toOpMathType(pred.scalar_type()), ", got ",
+              lse.scalar_type());
+  check_label_values(label, V);
+  at::Tensor grad = at::empty_like(pred);
+  if (grad.numel() == 0) return grad;
+  const auto start = cpu::first_masked_step(valid_len, T);
+  const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor g_up = grad_loss.to(lse.scalar_type());
+  const int64_t sb = pred.stride(0), st = pred.stride(1), sv = pred.stride(2);
+  const int64_t gb = grad.stride(0), gt = grad.stride(1), gv = grad.stride(2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
+                                  "masked_softmax_ce_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* p = pred.const_data_ptr<scalar_t>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    const acc_t* lse_p = lse_c.const_data_ptr<acc_t>();
+    const acc_t* up = g_up.const_data_ptr<acc_t>();
+    const int64_t up_s = g_up.stride(0);
+    const acc_t inv_T = acc_t(1) / static_cast<acc_t>(T);
+    const int64_t grain = std::max<int64_t>(1, 16384 / V);
+    at::parallel_for(0, B * T, grain, [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> buf, gbuf;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / T, t = r % T;
+        scalar_t* grow = g + b * gb + t * gt;
+        if (t >= start[b]) {
+          if (gv == 1)
+            std::fill(grow, grow + V, scalar_t(0));
+          else
+            for (int64_t v = 0; v < V; ++v) grow[v * gv] = scalar_t(0);
+          continue;
+        }
+        const acc_t scale = up[b * up_s] * inv_T;
+        const acc_t* x = load_row<scalar_t, acc_t>(p + b * sb + t * st, V, sv, buf);
+        store_row_grad<scalar_t, acc_t>(x, grow, gv, V, lse_p[r], scale, label_at(label, b, t),
+                                        gbuf);
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seq2seq_ext, CPU, m) {
+  m.impl("masked_softmax_ce", &masked_softmax_ce_cpu);
+  m.impl("masked_softmax_ce_backward", &masked_softmax_ce_backward_cpu);
+}
+
+}  // namespace seq2seq_ext

@@ -1,0 +1,79 @@
+// Sequence mask on the CPU: X[b, t, ...] = value for every step t at or after valid_len[b].
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "common.h"
+
+namespace seq2seq_ext {
+namespace {
+
+void check_mask_args(const at::Tensor& X, const at::Tensor& valid_len) {
+  check_min_dim(X, 2, "X");
+  check_valid_len(valid_len, X.size(0), X, "X");
+}
+
+// Number of elements of one X[b, t] slice, when that slice is one contiguous run; -1 otherwise.
+int64_t contiguous_inner(const at::Tensor& X) {
+  int64_t expected = 1;
+  for (int64_t d = X.dim() - 1; d >= 2; --d) {
+    if (X.size(d) != 1 && X.stride(d) != expected) return -1;
+    expected *= X.size(d);
+  }
+  return expected;
+}
+
+void mask_cpu_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& value) {
+  const int64_t batch = X.size(0), steps = X.size(1);
+  if (X.numel() == 0) return;
+  const auto start = cpu::first_masked_step(valid_len, steps);
+  const int64_t inner = contiguous_inner(X);
+  if (inner < 0) {  // rare layouts: fill through ATen, one sequence at a time
+    for (int64_t b = 0; b < batch; ++b)
+      if (start[b] < steps) X.select(0, b).narrow(0, start[b], steps - start[b]).fill_(value);
+    return;
+  }
+  const int64_t sb = X.stride(0), st = X.stride(1);
+  AT_DISPATCH_ALL_TYPES_AND_COMPLEX_AND3(at::kBool, at::kHalf, at::kBFloat16, X.scalar_type(),
+                                         "sequence_mask_cpu", [&] {
+    const scalar_t v = value.to<scalar_t>();
+    scalar_t* base = X.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, steps * inner));
+    at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        scalar_t* row = base + b * sb;
+        if (st == inner) {
+          std::fill(row + start[b] * st, row + steps * st, v);
+        } else {
+          for (int64_t t = start[b]; t < steps; ++t) std::fill(row + t * st, row + t * st + inner, v);
+        }
+      }
+    });
+  });
+}
+
+at::Tensor& sequence_mask_inplace_cpu(at::Tensor& X, const at::Tensor& valid_len,
+                                      const at::Scalar& value) {
+  check_mask_args(X, valid_len);
+  at::assert_no_internal_overlap(X);
+  mask_cpu_(X, valid_len, value);
+  return X;
+}
+
+at::Tensor sequence_mask_cpu(const at::Tensor& X, const at::Tensor& valid_len,
+                             const at::Scalar& value) {
+  check_mask_args(X, valid_len);
+  at::Tensor out = X.clone(at::MemoryFormat::Preserve);
+  mask_cpu_(out, valid_len, value);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seq2seq_ext, CPU, m) {
+  m.impl("sequence_mask", &sequence_mask_cpu);
+  m.impl("sequence_mask_", &sequence_mask_inplace_cpu);
+}
+
+}  // namespace seq2seq_ext

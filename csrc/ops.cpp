@@ -1,0 +1,62 @@
+// Every seq2seq_ext op schema, in one place, and the small `_C` Python module that reports
+// how the library was built. Kernels live in cpu/*.cpp and cuda/*.cu and register themselves
+// with TORCH_LIBRARY_IMPL for their dispatch key; fake (meta) kernels and autograd formulas
+// are registered from Python in seq2seq_ext/ops.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(seq2seq_ext, m) {
+  // Masked softmax cross-entropy, as d2l's MaskedSoftmaxCELoss: pred (B, T, V) with any strides,
+  // label (B, T) int64/int32, valid_len (B,). Returns the per-sequence loss (B,) (the mean over
+  // all T steps, masked steps contributing 0) and the per-position log-sum-exp (B, T) in the
+  // accumulation dtype, which the backward reuses.
+  m.def("masked_softmax_ce(Tensor pred, Tensor label, Tensor valid_len) -> (Tensor, Tensor)");
+  // Gradient of the loss above with respect to pred, in one pass over the logits.
+  m.def(
+      "masked_softmax_ce_backward(Tensor grad_loss, Tensor pred, Tensor label, "
+      "Tensor valid_len, Tensor lse) -> Tensor");
+  // Sequence mask: X[b, t, ...] = value for t >= valid_len[b]. Out of place and in place.
+  m.def("sequence_mask(Tensor X, Tensor valid_len, Scalar value=0) -> Tensor");
+  m.def("sequence_mask_(Tensor(a!) X, Tensor valid_len, Scalar value=0) -> Tensor(a!)");
+  // One step of Seq2SeqDecoder for all GRU layers and the output projection.
+  //   token (B,) ids; state (L, B, H); emb_proj (V_tgt, 3H) = embedding @ W_ih0[:, :E]^T + b_ih0;
+  //   ctx_proj (B, 3H) = context @ W_ih0[:, E:]^T when the context is fixed, or None to take the
+  //   context from state[-1] as the reference decoder does; weights = nn.GRU's flat weights
+  //   [w_ih_l, w_hh_l, b_ih_l, b_hh_l] per layer; dense (V, H), (V,).
+  // Returns the logits (B, V) and the new state (L, B, H).
+  m.def(
+      "gru_decode_step(Tensor token, Tensor state, Tensor emb_proj, Tensor? ctx_proj, "
+      "Tensor[] weights, Tensor dense_weight, Tensor dense_bias) -> (Tensor, Tensor)");
+  // Greedy decoding of a batch: starts every sentence from `bos`, feeds back the argmax, and
+  // stops a sentence at `eos` or after num_steps tokens. Returns the tokens (B, num_steps)
+  // int64 (positions after a sentence's end hold `eos`) and the lengths (B,) int64, the number
+  // of tokens before `eos`.
+  m.def(
+      "greedy_decode(Tensor state, Tensor emb_proj, Tensor? ctx_proj, Tensor[] weights, "
+      "Tensor dense_weight, Tensor dense_bias, int bos, int eos, int num_steps) "
+      "-> (Tensor, Tensor)");
+}
+
+namespace {
+
+bool built_with_cuda() {
+#ifdef SEQ2SEQ_EXT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "seq2seq_ext compiled library: registers torch.ops.seq2seq_ext.*";
+  module.def("built_with_cuda", &built_with_cuda,
+             "True when the CUDA kernels were compiled into this library.");
+#if defined(TORCH_VERSION_MAJOR) && defined(TORCH_VERSION_MINOR)
+  module.attr("torch_version") =
+      std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
+#else
+  module.attr("torch_version") = "unknown";
+#endif
+}

@@ -1,0 +1,77 @@
+"""Build seq2seq_ext._C: the op schemas (csrc/ops.cpp), the CPU kernels (csrc/cpu/*.cpp) and,
+when a CUDA build is possible, the CUDA kernels (csrc/cuda/*.cu).
+
+SEQ2SEQ_EXT_CUDA=1 forces the CUDA kernels in (the build fails if it cannot make them),
+SEQ2SEQ_EXT_CUDA=0 leaves them out; unset, they are built when torch has CUDA and nvcc is found.
+SEQ2SEQ_EXT_CPU_ISA=avx2|generic picks the SIMD level of the CPU kernels; unset, AVX2+FMA is used
+when the building machine has it (an extension is built where it runs, like -march=native).
+SEQ2SEQ_EXT_SANITIZE=1 builds with -fsanitize=address,undefined (CPU only).
+"""
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda():
+    flag = os.environ.get("SEQ2SEQ_EXT_CUDA", "").strip().lower()
+    if flag in ("0", "off", "false", "no"):
+        return False
+    possible = __import__("torch").version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if flag in ("1", "on", "true", "yes"):
+        if not possible:
+            raise RuntimeError(
+                "SEQ2SEQ_EXT_CUDA=1 but a CUDA build is not possible: torch "
+                f"{__import__('torch').__version__} (CUDA {__import__('torch').version.cuda}), "
+                f"CUDA_HOME={cpp_extension.CUDA_HOME}")
+        return True
+    return possible
+
+
+def _cpu_isa_flags():
+    isa = os.environ.get("SEQ2SEQ_EXT_CPU_ISA", "").strip().lower()
+    if not isa:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line for line in f if line.startswith("flags")), "").split()
+        except OSError:
+            flags = []
+        isa = "avx2" if {"avx2", "fma"} <= set(flags) else "generic"
+    if isa == "avx2":
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    if isa != "generic":
+        raise RuntimeError(f"SEQ2SEQ_EXT_CPU_ISA must be 'avx2' or 'generic', got {isa!r}")
+    return []
+
+
+def _extension():
+    sources = ["csrc/ops.cpp"] + _rel("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-std=c++20"] + _cpu_isa_flags()
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+    define_macros = []
+    extra_link = []
+    if os.environ.get("SEQ2SEQ_EXT_SANITIZE") == "1":
+        cxx = ["-O1", "-g", "-std=c++20"] + _cpu_isa_flags() + ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+        extra_link = ["-fsanitize=address,undefined"]
+    if _want_cuda():
+        sources += _rel("csrc/cuda/*.cu")
+        define_macros.append(("SEQ2SEQ_EXT_WITH_CUDA", None))
+        return cpp_extension.CUDAExtension(
+            "seq2seq_ext._C", sources, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=extra_link)
+    return cpp_extension.CppExtension(
+        "seq2seq_ext._C", sources, define_macros=define_macros,
+        extra_compile_args={"cxx": cxx}, extra_link_args=extra_link)
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
