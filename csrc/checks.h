@@ -87,3 +87,181 @@ inline void check_label_range_cpu(const at::Tensor& label, int64_t vocab) {
 }
 
 }  // namespace seq2seq_ext
+
+namespace seq2seq_ext {
+
+// Sizes of a decoder described by the decode ops' arguments.
+struct DecoderDims {
+  int64_t layers, batch, hidden, tgt_vocab, vocab, in0;
+};
+
+// Checks the arguments shared by gru_decode_step and greedy_decode (device independent).
+inline DecoderDims check_decoder_args(const at::Tensor& state, const at::Tensor& emb_proj,
+                                      const std::optional<at::Tensor>& ctx_proj,
+                                      at::TensorList weights, const at::Tensor& dense_weight,
+                                      const at::Tensor& dense_bias) {
+  check_dim(state, 3, "state");
+  check_floating(state, "state");
+  TORCH_CHECK(state.scalar_type() == at::kFloat || state.scalar_type() == at::kDouble,
+              "state: expected float32 or float64, got ", state.scalar_type());
+  DecoderDims d{state.size(0), state.size(1), state.size(2), 0, 0, 0};
+  const int64_t H = d.hidden, G = 3 * H;
+  TORCH_CHECK(d.layers >= 1, "state: expected at least one layer, got shape ", shape_str(state));
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 4 * d.layers, "weights: expected ",
+              4 * d.layers, " tensors (w_ih, w_hh, b_ih, b_hh for each of the ", d.layers,
+              " layers of state), got ", weights.size());
+  const char* names[4] = {"weights (w_ih)", "weights (w_hh)", "weights (b_ih)", "weights (b_hh)"};
+  for (int64_t l = 0; l < d.layers; ++l) {
+    for (int k = 0; k < 4; ++k) {
+      const at::Tensor& w = weights[4 * l + k];
+      check_defined(w, names[k]);
+      check_same_device(w, state, names[k], "state");
+      check_same_dtype(w, state, names[k], "state");
+      if (k >= 2) {
+        check_dim(w, 1, names[k]);
+        check_size(w, 0, G, names[k], "3 * hidden");
+      } else {
+        check_dim(w, 2, names[k]);
+        check_size(w, 0, G, names[k], "3 * hidden");
+        if (k == 1 || l > 0) check_size(w, 1, H, names[k], "hidden");
+      }
+    }
+  }
+  d.in0 = weights[0].size(1);
+  TORCH_CHECK(d.in0 >= H, "weights (w_ih of layer 0): expected at least ", H,
+              " input columns (the last hidden-size columns multiply the context), got ", d.in0);
+  check_dim(emb_proj, 2, "emb_proj");
+  check_same_device(emb_proj, state, "emb_proj", "state");
+  check_same_dtype(emb_proj, state, "emb_proj", "state");
+  check_size(emb_proj, 1, G, "emb_proj", "3 * hidden");
+  d.tgt_vocab = emb_proj.size(0);
+  if (ctx_proj.has_value() && ctx_proj->defined()) {
+    check_dim(*ctx_proj, 2, "ctx_proj");
+    check_same_device(*ctx_proj, state, "ctx_proj", "state");
+    check_same_dtype(*ctx_proj, state, "ctx_proj", "state");
+    check_size(*ctx_proj, 0, d.batch, "ctx_proj", "the batch size of state");
+    check_size(*ctx_proj, 1, G, "ctx_proj", "3 * hidden");
+  }
+  check_dim(dense_weight, 2, "dense_weight");
+  check_same_device(dense_weight, state, "dense_weight", "state");
+  check_same_dtype(dense_weight, state, "dense_weight", "state");
+  check_size(dense_weight, 1, H, "dense_weight", "hidden");
+  d.vocab = dense_weight.size(0);
+  check_dim(dense_bias, 1, "dense_bias");
+  check_same_device(dense_bias, state, "dense_bias", "state");
+  check_same_dtype(dense_bias, state, "dense_bias", "state");
+  check_size(dense_bias, 0, d.vocab, "dense_bias", "the output size of dense_weight");
+  return d;
+}
+
+}  // namespace seq2seq_ext
+
+#include <ATen/OpMathType.h>
+
+#include <vector>
+
+namespace seq2seq_ext {
+
+// Device-agnostic helpers, written with ATen ops so that they run where their tensors live.
+
+// Arguments of masked_softmax_ce (and the shared part of its backward).
+inline void check_masked_ce_args(const at::Tensor& pred, const at::Tensor& label,
+                                 const at::Tensor& valid_len) {
+  check_dim(pred, 3, "pred");
+  check_floating(pred, "pred");
+  check_dim(label, 2, "label");
+  check_index_dtype(label, "label");
+  check_same_device(label, pred, "label", "pred");
+  TORCH_CHECK(label.size(0) == pred.size(0) && label.size(1) == pred.size(1),
+              "label: expected shape [", pred.size(0), ", ", pred.size(1),
+              "] (the batch and steps of pred), got ", shape_str(label));
+  check_valid_len(valid_len, pred.size(0), pred, "pred");
+}
+
+// The arguments masked_softmax_ce_backward adds to the forward's.
+inline void check_masked_ce_backward_args(const at::Tensor& grad_loss, const at::Tensor& pred,
+                                          const at::Tensor& lse) {
+  const int64_t B = pred.size(0), T = pred.size(1);
+  check_dim(grad_loss, 1, "grad_loss");
+  check_size(grad_loss, 0, B, "grad_loss", "the batch size of pred");
+  check_same_device(grad_loss, pred, "grad_loss", "pred");
+  check_dim(lse, 2, "lse");
+  TORCH_CHECK(lse.size(0) == B && lse.size(1) == T, "lse: expected shape [", B, ", ", T,
+              "], got ", shape_str(lse));
+  TORCH_CHECK(lse.scalar_type() == at::toOpMathType(pred.scalar_type()),
+              "lse: expected dtype ", at::toOpMathType(pred.scalar_type()), ", got ",
+              lse.scalar_type());
+  check_same_device(lse, pred, "lse", "pred");
+}
+
+// Arguments of sequence_mask and sequence_mask_.
+inline void check_sequence_mask_args(const at::Tensor& X, const at::Tensor& valid_len) {
+  check_min_dim(X, 2, "X");
+  check_valid_len(valid_len, X.size(0), X, "X");
+}
+
+// The first element (row-major order) of an index tensor outside [0, hi): returns false when
+// every element is in range, else true with its multi-index in *pos and its value in *value.
+// On an accelerator this costs one host synchronisation (two more on the error path).
+inline bool first_index_out_of_range(const at::Tensor& idx, int64_t hi, std::vector<int64_t>* pos,
+                                     int64_t* value) {
+  if (idx.numel() == 0) return false;
+  const at::Tensor bad = at::logical_or(idx.lt(0), idx.ge(hi));
+  if (!bad.any().item<bool>()) return false;
+  const at::Tensor first = bad.nonzero().select(0, 0).to(at::kCPU, at::kLong).contiguous();
+  const int64_t* p = first.const_data_ptr<int64_t>();
+  at::Tensor v = idx;
+  pos->assign(p, p + first.numel());
+  for (int64_t i : *pos) v = v.select(0, i);
+  *value = v.item<int64_t>();
+  return true;
+}
+
+// label values in [0, vocab), with the CPU kernel's message (any device).
+inline void check_label_range_any_device(const at::Tensor& label, int64_t vocab) {
+  std::vector<int64_t> pos;
+  int64_t y = 0;
+  if (first_index_out_of_range(label, vocab, &pos, &y)) {
+    TORCH_CHECK(false, "label: expected class indices in [0, ", vocab, "), got ", y,
+                " at position [", pos[0], ", ", pos[1], "]");
+  }
+}
+
+// token ids in [0, tgt_vocab), with the CPU kernel's message (any device).
+inline void check_token_range_any_device(const at::Tensor& token, int64_t tgt_vocab) {
+  std::vector<int64_t> pos;
+  int64_t y = 0;
+  if (first_index_out_of_range(token, tgt_vocab, &pos, &y)) {
+    TORCH_CHECK(false, "token: expected ids in [0, ", tgt_vocab, ") (the rows of emb_proj), got ",
+                y, " at position ", pos[0]);
+  }
+}
+
+// For each sequence, the first masked step as an int64 tensor of shape (B,) on valid_len's
+// device: ceil(valid_len) clamped to [0, steps]; NaN and non-positive lengths give 0. The same
+// rule as cpu::first_masked_step, computed in float64 as that function does.
+inline at::Tensor first_masked_step_tensor(const at::Tensor& valid_len, int64_t steps) {
+  const at::Tensor v = valid_len.to(at::kDouble);
+  const at::Tensor c = at::ceil(v).clamp_max_(static_cast<double>(steps));
+  return at::where(v.gt(0), c, at::zeros_like(c)).to(at::kLong).contiguous();
+}
+
+// token of gru_decode_step: (B,) or (B, 1) ids on the device of state.
+inline void check_decode_token(const at::Tensor& token, const at::Tensor& state, int64_t batch) {
+  check_defined(token, "token");
+  TORCH_CHECK(token.dim() == 1 || (token.dim() == 2 && token.size(1) == 1),
+              "token: expected shape [", batch, "] or [", batch, ", 1], got ", shape_str(token));
+  check_index_dtype(token, "token");
+  check_same_device(token, state, "token", "state");
+  check_size(token, 0, batch, "token", "the batch size of state");
+}
+
+// logits of gru_decode_step: (B, V) for a (B,) token, (B, 1, V) for a (B, 1) token (the shape
+// of Seq2SeqDecoder's output for one step).
+inline std::vector<int64_t> decode_logits_shape(const at::Tensor& token, int64_t vocab) {
+  std::vector<int64_t> shape(token.sizes().begin(), token.sizes().end());
+  shape.push_back(vocab);
+  return shape;
+}
+
+}  // namespace seq2seq_ext

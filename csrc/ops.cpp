@@ -19,11 +19,11 @@ TORCH_LIBRARY(seq2seq_ext, m) {
   m.def("sequence_mask(Tensor X, Tensor valid_len, Scalar value=0) -> Tensor");
   m.def("sequence_mask_(Tensor(a!) X, Tensor valid_len, Scalar value=0) -> Tensor(a!)");
   // One step of Seq2SeqDecoder for all GRU layers and the output projection.
-  //   token (B,) ids; state (L, B, H); emb_proj (V_tgt, 3H) = embedding @ W_ih0[:, :E]^T + b_ih0;
+  //   token (B,) or (B, 1) ids; state (L, B, H); emb_proj (V_tgt, 3H) = embedding @ W_ih0[:, :E]^T + b_ih0;
   //   ctx_proj (B, 3H) = context @ W_ih0[:, E:]^T when the context is fixed, or None to take the
   //   context from state[-1] as the reference decoder does; weights = nn.GRU's flat weights
   //   [w_ih_l, w_hh_l, b_ih_l, b_hh_l] per layer; dense (V, H), (V,).
-  // Returns the logits (B, V) and the new state (L, B, H).
+  // Returns the logits ((B, V), or (B, 1, V) for a (B, 1) token) and the new state (L, B, H).
   m.def(
       "gru_decode_step(Tensor token, Tensor state, Tensor emb_proj, Tensor? ctx_proj, "
       "Tensor[] weights, Tensor dense_weight, Tensor dense_bias) -> (Tensor, Tensor)");

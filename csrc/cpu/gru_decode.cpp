@@ -1,0 +1,197 @@
+// Inference-time decoding of Seq2SeqDecoder on the CPU: one step for all layers and the output
+// projection (gru_decode_step), and the whole greedy loop for a batch (greedy_decode).
+//
+// Layer 0's input projection W_ih0 [emb; ctx] + b_ih0 is split by the algebra of the
+// concatenation: the embedding part (with b_ih0) is a row of emb_proj, precomputed once per set
+// of weights; the context part is ctx_proj when the context is fixed, else state[-1] times the
+// context columns of W_ih0.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "gru_math.h"
+
+namespace seq2seq_ext {
+namespace {
+
+template <typename T>
+struct DecoderView {
+  DecoderDims d;
+  std::vector<const T*> w;  // 4 * layers contiguous weight pointers
+  const T* emb_proj;
+  const T* dense_w;
+  const T* dense_b;
+};
+
+// Contiguous copies are made once per call; nn.GRU's parameters already are contiguous.
+struct Contig {
+  std::vector<at::Tensor> keep;
+  const at::Tensor& operator()(const at::Tensor& t) {
+    keep.push_back(t.contiguous());
+    return keep.back();
+  }
+};
+
+template <typename T>
+DecoderView<T> make_view(const DecoderDims& d, at::TensorList weights, const at::Tensor& emb_proj,
+                         const at::Tensor& dense_w, const at::Tensor& dense_b, Contig& c) {
+  DecoderView<T> v{d, {}, nullptr, nullptr, nullptr};
+  for (const auto& w : weights) v.w.push_back(c(w).template const_data_ptr<T>());
+  v.emb_proj = c(emb_proj).template const_data_ptr<T>();
+  v.dense_w = c(dense_w).template const_data_ptr<T>();
+  v.dense_b = c(dense_b).template const_data_ptr<T>();
+  return v;
+}
+
+// One decoder step for n rows. state/new_state are (L, n, H), ctx (n, 3H) or null, logits (n, V).
+template <typename T>
+void step_rows(const DecoderView<T>& m, const int64_t* tok, int64_t n, const T* state,
+               const T* ctx, T* new_state, T* logits, std::vector<T>& gi, std::vector<T>& gh) {
+  const int64_t L = m.d.layers, H = m.d.hidden, G = 3 * H;
+  gi.resize(n * G);
+  gh.resize(n * G);
+  for (int64_t b = 0; b < n; ++b) {
+    const T* e = m.emb_proj + tok[b] * G;
+    T* g = gi.data() + b * G;
+    if (ctx) {
+      const T* c = ctx + b * G;
+      for (int64_t j = 0; j < G; ++j) g[j] = e[j] + c[j];
+    } else {
+      std::copy(e, e + G, g);
+    }
+  }
+  if (!ctx)  // the reference's rule: the context is the incoming top-layer state
+    cpu::linear_nt<T>(state + (L - 1) * n * H, H, n, H, m.w[0] + (m.d.in0 - H), m.d.in0, G,
+                      nullptr, gi.data(), /*accumulate=*/true);
+  for (int64_t l = 0; l < L; ++l) {
+    const T* h = state + l * n * H;
+    T* out = new_state + l * n * H;
+    if (l > 0)
+      cpu::linear_nt<T>(new_state + (l - 1) * n * H, H, n, H, m.w[4 * l], H, G, m.w[4 * l + 2],
+                        gi.data(), false);
+    cpu::linear_nt<T>(h, H, n, H, m.w[4 * l + 1], H, G, m.w[4 * l + 3], gh.data(), false);
+    cpu::gru_cell<T>(gi.data(), gh.data(), h, H, out, H, n, H);
+  }
+  cpu::linear_nt<T>(new_state + (L - 1) * n * H, H, n, H, m.dense_w, H, m.d.vocab, m.dense_b,
+                    logits, false);
+}
+
+// torch.argmax's rule: the first maximum, NaN counting as the maximum.
+template <typename T>
+int64_t argmax_row(const T* x, int64_t n) {
+  int64_t best = 0;
+  for (int64_t v = 1; v < n; ++v) {
+    const bool best_nan = x[best] != x[best];
+    if (best_nan) break;
+    if (x[v] != x[v] || x[v] > x[best]) best = v;
+  }
+  return best;
+}
+
+std::vector<int64_t> tokens_to_vector(const at::Tensor& token, int64_t tgt_vocab) {
+  at::Tensor t = token.to(at::kLong).contiguous();
+  const int64_t* p = t.const_data_ptr<int64_t>();
+  std::vector<int64_t> out(p, p + t.numel());
+  for (size_t b = 0; b < out.size(); ++b)
+    TORCH_CHECK(out[b] >= 0 && out[b] < tgt_vocab, "token: expected ids in [0, ", tgt_vocab,
+                ") (the rows of emb_proj), got ", out[b], " at position ", b);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_decode_step_cpu(
+    const at::Tensor& token, const at::Tensor& state, const at::Tensor& emb_proj,
+    const std::optional<at::Tensor>& ctx_proj, at::TensorList weights,
+    const at::Tensor& dense_weight, const at::Tensor& dense_bias) {
+  const DecoderDims d =
+      check_decoder_args(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias);
+  check_decode_token(token, state, d.batch);
+  const auto tok = tokens_to_vector(token, d.tgt_vocab);
+  at::Tensor logits = at::empty(decode_logits_shape(token, d.vocab), state.options());
+  at::Tensor new_state = at::empty_like(state, at::MemoryFormat::Contiguous);
+  const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
+  AT_DISPATCH_FLOATING_TYPES(state.scalar_type(), "gru_decode_step_cpu", [&] {
+    Contig c;
+    auto m = make_view<scalar_t>(d, weights, emb_proj, dense_weight, dense_bias, c);
+    const scalar_t* ctx = has_ctx ? c(*ctx_proj).const_data_ptr<scalar_t>() : nullptr;
+    std::vector<scalar_t> gi, gh;
+    step_rows<scalar_t>(m, tok.data(), d.batch, c(state).const_data_ptr<scalar_t>(), ctx,
+                        new_state.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), gi, gh);
+  });
+  return {logits, new_state};
+}
+
+std::tuple<at::Tensor, at::Tensor> greedy_decode_cpu(
+    const at::Tensor& state, const at::Tensor& emb_proj, const std::optional<at::Tensor>& ctx_proj,
+    at::TensorList weights, const at::Tensor& dense_weight, const at::Tensor& dense_bias,
+    int64_t bos, int64_t eos, int64_t num_steps) {
+  const DecoderDims d =
+      check_decoder_args(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias);
+  TORCH_CHECK(num_steps >= 0, "num_steps: expected a non-negative number of steps, got ",
+              num_steps);
+  TORCH_CHECK(bos >= 0 && bos < d.tgt_vocab, "bos: expected an id in [0, ", d.tgt_vocab,
+              ") (the rows of emb_proj), got ", bos);
+  TORCH_CHECK(d.vocab <= d.tgt_vocab, "dense_weight: expected at most ", d.tgt_vocab,
+              " outputs (predictions are fed back through emb_proj), got ", d.vocab);
+  const int64_t B = d.batch, L = d.layers, H = d.hidden, G = 3 * H, V = d.vocab;
+  at::Tensor tokens = at::full({B, num_steps}, eos, state.options().dtype(at::kLong));
+  at::Tensor lengths = at::full({B}, num_steps, state.options().dtype(at::kLong));
+  if (B == 0 || num_steps == 0) return {tokens, lengths};
+  const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
+  int64_t* tok_out = tokens.data_ptr<int64_t>();
+  int64_t* len_out = lengths.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(state.scalar_type(), "greedy_decode_cpu", [&] {
+    using T = scalar_t;
+    Contig c;
+    auto m = make_view<T>(d, weights, emb_proj, dense_weight, dense_bias, c);
+    // Working copies for the rows still decoding, compacted as sentences finish.
+    const T* s0 = c(state).const_data_ptr<T>();
+    std::vector<T> cur(s0, s0 + L * B * H), next(L * B * H), logits(B * V), gi, gh;
+    std::vector<T> ctx;
+    if (has_ctx) {
+      const T* p = c(*ctx_proj).const_data_ptr<T>();
+      ctx.assign(p, p + B * G);
+    }
+    std::vector<int64_t> row(B), tok(B, bos);
+    for (int64_t b = 0; b < B; ++b) row[b] = b;
+    int64_t n = B;
+    for (int64_t step = 0; step < num_steps && n > 0; ++step) {
+      step_rows<T>(m, tok.data(), n, cur.data(), has_ctx ? ctx.data() : nullptr, next.data(),
+                   logits.data(), gi, gh);
+      int64_t kept = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t y = argmax_row<T>(logits.data() + i * V, V);
+        const int64_t b = row[i];
+        if (y == eos) {
+          len_out[b] = step;
+          continue;
+        }
+        tok_out[b * num_steps + step] = y;
+        // compact row i into slot `kept` (kept <= i, so the copy never overwrites a live row)
+        row[kept] = b;
+        tok[kept] = y;
+        for (int64_t l = 0; l < L; ++l)
+          std::copy(next.data() + (l * n + i) * H, next.data() + (l * n + i + 1) * H,
+                    next.data() + (l * n + kept) * H);
+        if (has_ctx && kept != i)
+          std::copy(ctx.data() + i * G, ctx.data() + (i + 1) * G, ctx.data() + kept * G);
+        ++kept;
+      }
+      // next holds layer-major rows for n sentences; repack them for `kept`
+      for (int64_t l = 0; l < L; ++l)
+        std::copy(next.data() + l * n * H, next.data() + (l * n + kept) * H,
+                  cur.data() + l * kept * H);
+      n = kept;
+    }
+  });
+  return {tokens, lengths};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seq2seq_ext, CPU, m) {
+  m.impl("gru_decode_step", &gru_decode_step_cpu);
+  m.impl("greedy_decode", &greedy_decode_cpu);
+}
+
+}  // namespace seq2seq_ext

@@ -1,0 +1,92 @@
+"""The chapter's encoder and decoder, with the same parameters as the reference, routed through
+``seq2seq_ext.ops`` under the extension backend.
+
+The classes subclass the reference ones, so ``state_dict()`` keys and shapes are identical and
+weights load both ways; ``isinstance`` checks against the reference classes hold.
+"""
+import torch
+
+from . import ops, reference
+from .reference import Decoder, Encoder, EncoderDecoder
+
+__all__ = ["Encoder", "Decoder", "EncoderDecoder", "Seq2SeqEncoder", "Seq2SeqDecoder",
+           "decoder_emb_proj", "fused_decoder_args", "supports_fused_decoding"]
+
+_CACHE_ATTR = "_seq2seq_ext_emb_proj"
+
+
+class Seq2SeqEncoder(reference.Seq2SeqEncoder):
+    """The RNN encoder for sequence to sequence learning (d2l's ``Seq2SeqEncoder``)."""
+
+
+class Seq2SeqDecoder(reference.Seq2SeqDecoder):
+    """The RNN decoder for sequence to sequence learning (d2l's ``Seq2SeqDecoder``).
+
+    Under the extension backend a one-step call (``X`` of shape (batch, 1)) that needs no
+    gradient runs as one fused op for all layers and the output projection; every other call
+    takes the reference's differentiable path.
+    """
+
+    def forward(self, X, state):
+        if X.dim() == 2 and X.shape[1] == 1 and _fused_step_allowed(self, state):
+            return ops.gru_decode_step(X, state, *fused_decoder_args(self))
+        return super().forward(X, state)
+
+
+def supports_fused_decoding(decoder):
+    """True when ``decoder`` computes exactly the chapter's ``Seq2SeqDecoder.forward`` with a
+    plain GRU, so that the fused decode ops can stand in for it."""
+    if not isinstance(decoder, reference.Seq2SeqDecoder):
+        return False
+    if type(decoder).forward not in (reference.Seq2SeqDecoder.forward, Seq2SeqDecoder.forward):
+        return False
+    return _plain_gru(decoder._modules["rnn"])
+
+
+def _plain_gru(rnn):
+    return (type(rnn) is torch.nn.GRU and rnn.bias and not rnn.bidirectional
+            and not rnn.batch_first)
+
+
+def _fused_step_allowed(decoder, state):
+    if ops.get_backend() != "ext" or not _plain_gru(decoder._modules["rnn"]):
+        return False
+    if not isinstance(state, torch.Tensor) or state.dtype not in (torch.float32, torch.float64):
+        return False
+    if decoder.training and decoder._modules["rnn"].dropout > 0:
+        return False
+    if torch.is_grad_enabled():
+        if state.requires_grad or any(p.requires_grad for p in decoder.parameters()):
+            return False
+    return True
+
+
+def fused_decoder_args(decoder):
+    """The decoder's weights as the decode ops take them: ``(emb_proj, ctx_proj=None, flat GRU
+    weights, dense weight, dense bias)``.
+
+    ``emb_proj = embedding.weight @ W_ih0[:, :embed]^T + b_ih0`` (tgt_vocab, 3*hidden) is layer
+    0's input projection of every token. It is computed once per set of weights and cached on the
+    decoder, keyed on the storage and version counter of the three parameters it depends on, so
+    an optimizer step, ``load_state_dict`` or ``.to()`` invalidates it.
+    """
+    mods = decoder._modules
+    rnn = mods["rnn"]
+    emb = mods["embedding"]._parameters["weight"]
+    w_ih0, b_ih0 = rnn._flat_weights[0], rnn._flat_weights[2]
+    key = (emb._version, w_ih0._version, b_ih0._version,
+           emb.data_ptr(), w_ih0.data_ptr(), b_ih0.data_ptr())
+    cached = decoder.__dict__.get(_CACHE_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        table = torch.addmm(b_ih0, emb, w_ih0[:, :emb.shape[1]].t())
+    dense = mods["dense"]._parameters
+    args = (table, None, rnn._flat_weights, dense["weight"], dense["bias"])
+    decoder.__dict__[_CACHE_ATTR] = (key, args)
+    return args
+
+
+def decoder_emb_proj(decoder):
+    """The cached embedding projection table of :func:`fused_decoder_args`."""
+    return fused_decoder_args(decoder)[0]
