@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/TensorUtils.h>
 
 #include <string>
@@ -262,6 +263,32 @@ inline std::vector<int64_t> decode_logits_shape(const at::Tensor& token, int64_t
   std::vector<int64_t> shape(token.sizes().begin(), token.sizes().end());
   shape.push_back(vocab);
   return shape;
+}
+
+// X of the in-place sequence mask must not have elements sharing memory (an expanded tensor).
+inline void check_mask_writable(const at::Tensor& X) {
+  TORCH_CHECK(at::has_internal_overlap(X) != at::MemOverlap::Yes,
+              "X: the in-place sequence mask cannot write into a tensor whose elements share "
+              "memory (for instance an expanded tensor); clone it first or use the out-of-place op");
+}
+
+// The fill value converted as the reference's `X[~mask] = value` does: floating dtypes round
+// (and saturate to +-inf), other dtypes must represent it exactly in range.
+template <typename scalar_t>
+inline scalar_t mask_value(const at::Scalar& value, at::ScalarType dtype) {
+  if constexpr (std::is_floating_point_v<scalar_t> || std::is_same_v<scalar_t, at::Half> ||
+                std::is_same_v<scalar_t, at::BFloat16>) {
+    if (!value.isComplex()) {
+      if constexpr (std::is_same_v<scalar_t, double>) return value.toDouble();
+      return static_cast<scalar_t>(static_cast<float>(value.toDouble()));
+    }
+  }
+  try {
+    return value.to<scalar_t>();
+  } catch (const c10::Error&) {
+    TORCH_CHECK(false, "value: ", value, " cannot be converted to the dtype of X (", dtype,
+                ") without overflow");
+  }
 }
 
 }  // namespace seq2seq_ext

@@ -15,9 +15,11 @@ TORCH_LIBRARY(seq2seq_ext, m) {
   m.def(
       "masked_softmax_ce_backward(Tensor grad_loss, Tensor pred, Tensor label, "
       "Tensor valid_len, Tensor lse) -> Tensor");
-  // Sequence mask: X[b, t, ...] = value for t >= valid_len[b]. Out of place and in place.
+  // Sequence mask: X[b, t, ...] = value for t >= valid_len[b]. Out of place and in place (the
+  // in-place op returns nothing, so that torch.compile can functionalize it; the Python wrapper
+  // returns X as the reference does).
   m.def("sequence_mask(Tensor X, Tensor valid_len, Scalar value=0) -> Tensor");
-  m.def("sequence_mask_(Tensor(a!) X, Tensor valid_len, Scalar value=0) -> Tensor(a!)");
+  m.def("sequence_mask_(Tensor(a!) X, Tensor valid_len, Scalar value=0) -> ()");
   // One step of Seq2SeqDecoder for all GRU layers and the output projection.
   //   token (B,) or (B, 1) ids; state (L, B, H); emb_proj (V_tgt, 3H) = embedding @ W_ih0[:, :E]^T + b_ih0;
   //   ctx_proj (B, 3H) = context @ W_ih0[:, E:]^T when the context is fixed, or None to take the

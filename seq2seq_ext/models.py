@@ -78,13 +78,13 @@ def fused_decoder_args(decoder):
            emb.data_ptr(), w_ih0.data_ptr(), b_ih0.data_ptr())
     cached = decoder.__dict__.get(_CACHE_ATTR)
     if cached is not None and cached[0] == key:
-        return cached[1]
-    with torch.no_grad():
-        table = torch.addmm(b_ih0, emb, w_ih0[:, :emb.shape[1]].t())
+        table = cached[1]
+    else:
+        with torch.no_grad():
+            table = torch.addmm(b_ih0, emb, w_ih0[:, :emb.shape[1]].t())
+        decoder.__dict__[_CACHE_ATTR] = (key, table)
     dense = mods["dense"]._parameters
-    args = (table, None, rnn._flat_weights, dense["weight"], dense["bias"])
-    decoder.__dict__[_CACHE_ATTR] = (key, args)
-    return args
+    return table, None, rnn._flat_weights, dense["weight"], dense["bias"]
 
 
 def decoder_emb_proj(decoder):

@@ -109,7 +109,7 @@ def _sequence_mask_fake(X, valid_len, value=0):
 
 @torch.library.register_fake("seq2seq_ext::sequence_mask_")
 def _sequence_mask_inplace_fake(X, valid_len, value=0):
-    return X
+    return None
 
 
 @torch.library.register_fake("seq2seq_ext::gru_decode_step")
@@ -180,7 +180,8 @@ def sequence_mask_(X, valid_len, value=0):
     if get_backend() == "reference" or (X.requires_grad and torch.is_grad_enabled()):
         # the in-place op has no autograd formula: let PyTorch record index_put_
         return reference.sequence_mask(X, valid_len, value)
-    return _ops.sequence_mask_(X, valid_len, value)
+    _ops.sequence_mask_(X, valid_len, value)
+    return X
 
 
 def sequence_mask(X, valid_len, value=0):

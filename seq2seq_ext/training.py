@@ -7,7 +7,7 @@ from . import reference
 from .losses import MaskedSoftmaxCELoss
 from .utils import Animator, Timer
 
-__all__ = ["train_seq2seq", "grad_clipping", "xavier_init_weights"]
+__all__ = ["train_seq2seq", "fit", "grad_clipping", "xavier_init_weights"]
 
 xavier_init_weights = reference.xavier_init_weights
 
@@ -34,13 +34,21 @@ def train_seq2seq(net, data_iter, lr, num_epochs, tgt_vocab, device):
     The arithmetic is the chapter's; the loss runs as one fused op, and the per-batch loss and
     token counts stay on the device until the epoch ends instead of being synchronised per batch.
     """
+    loss, tokens_per_sec = fit(net, data_iter, lr, num_epochs, tgt_vocab, device)
+    print(f'loss {loss:.3f}, {tokens_per_sec:.1f} tokens/sec on {str(device)}')
+
+
+def fit(net, data_iter, lr, num_epochs, tgt_vocab, device, on_epoch=None, plot=True):
+    """The loop of :func:`train_seq2seq`. ``on_epoch(epoch, loss, tokens_per_sec)`` is called after
+    every epoch (1-based). Returns the last epoch's (loss per token, tokens/sec)."""
     net.apply(xavier_init_weights)
     net.to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     loss = MaskedSoftmaxCELoss()
     net.train()
-    animator = Animator(xlabel='epoch', ylabel='loss', xlim=[10, num_epochs])
+    animator = Animator(xlabel='epoch', ylabel='loss', xlim=[10, num_epochs]) if plot else None
     bos_id = tgt_vocab['<bos>']
+    epoch_loss, speed = float('nan'), 0.0
     for epoch in range(num_epochs):
         timer = Timer()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -58,8 +66,11 @@ def train_seq2seq(net, data_iter, lr, num_epochs, tgt_vocab, device):
             with torch.no_grad():
                 loss_sum += l.sum()
                 num_tokens += Y_valid_len.sum()
-        epoch_loss, epoch_tokens = loss_sum.item(), num_tokens.item()
-        if (epoch + 1) % 10 == 0:
-            animator.add(epoch + 1, (epoch_loss / epoch_tokens,))
-    print(f'loss {epoch_loss / epoch_tokens:.3f}, {epoch_tokens / timer.stop():.1f} '
-          f'tokens/sec on {str(device)}')
+        tokens = num_tokens.item()
+        epoch_loss = loss_sum.item() / tokens
+        speed = tokens / timer.stop()
+        if animator is not None and (epoch + 1) % 10 == 0:
+            animator.add(epoch + 1, (epoch_loss,))
+        if on_epoch is not None:
+            on_epoch(epoch + 1, epoch_loss, speed)
+    return epoch_loss, speed

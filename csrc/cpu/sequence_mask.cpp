@@ -37,7 +37,7 @@ void mask_cpu_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& val
   const int64_t sb = X.stride(0), st = X.stride(1);
   AT_DISPATCH_ALL_TYPES_AND_COMPLEX_AND3(at::kBool, at::kHalf, at::kBFloat16, X.scalar_type(),
                                          "sequence_mask_cpu", [&] {
-    const scalar_t v = value.to<scalar_t>();
+    const scalar_t v = mask_value<scalar_t>(value, X.scalar_type());
     scalar_t* base = X.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, steps * inner));
     at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
@@ -53,12 +53,11 @@ void mask_cpu_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& val
   });
 }
 
-at::Tensor& sequence_mask_inplace_cpu(at::Tensor& X, const at::Tensor& valid_len,
-                                      const at::Scalar& value) {
+void sequence_mask_inplace_cpu(at::Tensor& X, const at::Tensor& valid_len,
+                               const at::Scalar& value) {
   check_mask_args(X, valid_len);
-  at::assert_no_internal_overlap(X);
+  check_mask_writable(X);
   mask_cpu_(X, valid_len, value);
-  return X;
 }
 
 at::Tensor sequence_mask_cpu(const at::Tensor& X, const at::Tensor& valid_len,

@@ -1,0 +1,46 @@
+# The project's commands. Each target creates .venv when missing (upgrading pip inside it),
+# installs torch==2.13.0 (the CPU build), the package (editable, built with ninja) and the test
+# dependencies, then does its job.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.seq2seq_ext-installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
+TEST_DEPS := ninja setuptools wheel pybind11 numpy matplotlib tqdm pytest pytest-benchmark \
+             hypothesis expecttest sacrebleu
+
+.PHONY: demo test test-all bench cuda-check cmake-check sanitize clean
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+
+$(STAMP): $(VPY) $(SOURCES)
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q $(TEST_DEPS)
+	SEQ2SEQ_EXT_CUDA=$${SEQ2SEQ_EXT_CUDA:-0} $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)  ## train on the built-in numbers corpus, translate, report BLEU, plot the loss
+	$(VENV)/bin/seq2seq-ext train
+
+test: $(STAMP)  ## the test suite (slow tests excluded)
+	$(VPY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(VPY) -m pytest -q
+
+bench: $(STAMP)  ## reference vs extension, side by side, 1 thread: ratio table
+	$(VPY) benchmarks/compare.py
+
+cuda-check: $(STAMP)  ## compile every csrc/cuda/*.cu for sm_80 and sm_90 (compile only)
+	PYTHON=$(VPY) bash tools/cuda_check.sh
+
+cmake-check: $(STAMP)  ## build csrc/ with CMake against libtorch and load the result
+	PYTHON=$(VPY) bash tools/cmake_check.sh
+
+sanitize: $(STAMP)  ## rebuild with -fsanitize=address,undefined and run the op tests
+	bash tools/sanitize.sh $(VPY)
+
+clean:
+	rm -rf build seq2seq_ext/*.so *.egg-info
