@@ -78,15 +78,6 @@ inline void check_valid_len(const at::Tensor& valid_len, int64_t batch, const at
   check_same_device(valid_len, ref, "valid_len", ref_name);
 }
 
-// Labels must lie in [0, vocab). Checked on the host for CPU tensors.
-inline void check_label_range_cpu(const at::Tensor& label, int64_t vocab) {
-  if (label.numel() == 0) return;
-  auto mn = label.min().item<int64_t>();
-  auto mx = label.max().item<int64_t>();
-  TORCH_CHECK(mn >= 0 && mx < vocab, "label: expected class indices in [0, ", vocab,
-              "), got values in [", mn, ", ", mx, "]");
-}
-
 }  // namespace seq2seq_ext
 
 namespace seq2seq_ext {
@@ -289,6 +280,53 @@ inline scalar_t mask_value(const at::Scalar& value, at::ScalarType dtype) {
     TORCH_CHECK(false, "value: ", value, " cannot be converted to the dtype of X (", dtype,
                 ") without overflow");
   }
+}
+
+struct GruLayerDims {
+  int64_t steps, batch, input, hidden;
+};
+
+// Checks the arguments of gru_layer (device independent).
+inline GruLayerDims check_gru_layer_args(const at::Tensor& input, const at::Tensor& h0,
+                                         const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                         const at::Tensor& b_ih, const at::Tensor& b_hh,
+                                         const std::optional<at::Tensor>& extra) {
+  check_dim(input, 3, "input");
+  check_floating(input, "input");
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "input: expected float32 or float64, got ", input.scalar_type());
+  GruLayerDims d{input.size(0), input.size(1), input.size(2), w_hh.defined() ? w_hh.size(-1) : 0};
+  const int64_t H = d.hidden, G = 3 * H;
+  check_dim(w_hh, 2, "w_hh");
+  check_same_device(w_hh, input, "w_hh", "input");
+  check_same_dtype(w_hh, input, "w_hh", "input");
+  check_size(w_hh, 0, G, "w_hh", "3 * hidden, hidden being w_hh's second size");
+  check_dim(w_ih, 2, "w_ih");
+  check_same_device(w_ih, input, "w_ih", "input");
+  check_same_dtype(w_ih, input, "w_ih", "input");
+  check_size(w_ih, 0, G, "w_ih", "3 * hidden");
+  check_size(w_ih, 1, d.input, "w_ih", "the feature size of input");
+  const at::Tensor* biases[2] = {&b_ih, &b_hh};
+  const char* bnames[2] = {"b_ih", "b_hh"};
+  for (int k = 0; k < 2; ++k) {
+    check_dim(*biases[k], 1, bnames[k]);
+    check_same_device(*biases[k], input, bnames[k], "input");
+    check_same_dtype(*biases[k], input, bnames[k], "input");
+    check_size(*biases[k], 0, G, bnames[k], "3 * hidden");
+  }
+  check_dim(h0, 2, "h0");
+  check_same_device(h0, input, "h0", "input");
+  check_same_dtype(h0, input, "h0", "input");
+  TORCH_CHECK(h0.size(0) == d.batch && h0.size(1) == H, "h0: expected shape [", d.batch, ", ", H,
+              "] (batch of input, hidden of w_hh), got ", shape_str(h0));
+  if (extra.has_value() && extra->defined()) {
+    check_dim(*extra, 2, "extra");
+    check_same_device(*extra, input, "extra", "input");
+    check_same_dtype(*extra, input, "extra", "input");
+    TORCH_CHECK(extra->size(0) == d.batch && extra->size(1) == G, "extra: expected shape [",
+                d.batch, ", ", G, "] (batch, 3 * hidden), got ", shape_str(*extra));
+  }
+  return d;
 }
 
 }  // namespace seq2seq_ext

@@ -37,6 +37,21 @@ TORCH_LIBRARY(seq2seq_ext, m) {
       "greedy_decode(Tensor state, Tensor emb_proj, Tensor? ctx_proj, Tensor[] weights, "
       "Tensor dense_weight, Tensor dense_bias, int bos, int eos, int num_steps) "
       "-> (Tensor, Tensor)");
+  // One GRU layer over a whole sequence, nn.GRU's equations and gate order (r, z, n; b_hn inside
+  // the reset product). input (T, B, I), h0 (B, H), w_ih (3H, I), w_hh (3H, H), b_ih, b_hh (3H);
+  // extra (B, 3H), when given, is added to the input projection at every step (the decoder's
+  // constant context: its share of W_ih x is computed once per sequence). Returns the output
+  // (T, B, H), the final state (B, H) and the activations the backward needs (T, B, 4H:
+  // r, z, n and W_hn h + b_hn).
+  m.def(
+      "gru_layer(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, "
+      "Tensor? extra) -> (Tensor, Tensor, Tensor)");
+  // Gradients of gru_layer: (input, h0, w_ih, w_hh, b_ih, b_hh, extra); grad_extra is empty
+  // unless has_extra.
+  m.def(
+      "gru_layer_backward(Tensor grad_output, Tensor? grad_hn, Tensor input, Tensor h0, "
+      "Tensor w_ih, Tensor w_hh, Tensor output, Tensor saved, bool has_extra) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

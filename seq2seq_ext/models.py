@@ -16,21 +16,48 @@ _CACHE_ATTR = "_seq2seq_ext_emb_proj"
 
 
 class Seq2SeqEncoder(reference.Seq2SeqEncoder):
-    """The RNN encoder for sequence to sequence learning (d2l's ``Seq2SeqEncoder``)."""
+    """The RNN encoder for sequence to sequence learning (d2l's ``Seq2SeqEncoder``).
+
+    Under the extension backend the GRU runs as the fused layer op (forward and backward),
+    with ``nn.GRU``'s parameters, equations and inter-layer dropout.
+    """
+
+    def forward(self, X, *args):
+        X = self.embedding(X).permute(1, 0, 2)
+        rnn = self._modules["rnn"]
+        if not _fused_layer_allowed(rnn, X):
+            output, state = rnn(X)
+            return output, state
+        h0 = X.new_zeros((rnn.num_layers, X.shape[1], rnn.hidden_size))
+        return ops.gru(X, h0, rnn._flat_weights, rnn.dropout, self.training)
 
 
 class Seq2SeqDecoder(reference.Seq2SeqDecoder):
     """The RNN decoder for sequence to sequence learning (d2l's ``Seq2SeqDecoder``).
 
     Under the extension backend a one-step call (``X`` of shape (batch, 1)) that needs no
-    gradient runs as one fused op for all layers and the output projection; every other call
-    takes the reference's differentiable path.
+    gradient runs as one fused op for all layers and the output projection.
+
+    Multi-step calls and calls that need gradients run the GRU as the fused layer op. The
+    context is the same vector at every step, so its share of layer 0's input projection,
+    ``context @ W_ih0[:, embed:]^T``, is computed once per sequence and added at each step instead
+    of repeating the context ``steps`` times and concatenating it to the embeddings.
     """
 
     def forward(self, X, state):
         if X.dim() == 2 and X.shape[1] == 1 and _fused_step_allowed(self, state):
             return ops.gru_decode_step(X, state, *fused_decoder_args(self))
-        return super().forward(X, state)
+        rnn = self._modules["rnn"]
+        if not _fused_layer_allowed(rnn, state):
+            return super().forward(X, state)
+        X = self.embedding(X).permute(1, 0, 2)
+        w_ih0 = rnn._flat_weights[0]
+        embed = X.shape[-1]
+        extra = torch.mm(state[-1], w_ih0[:, embed:].t())
+        output, state = ops.gru(X, state, rnn._flat_weights, rnn.dropout, self.training,
+                                w_ih0=w_ih0[:, :embed], extra0=extra)
+        output = self.dense(output).permute(1, 0, 2)
+        return output, state
 
 
 def supports_fused_decoding(decoder):
@@ -46,6 +73,12 @@ def supports_fused_decoding(decoder):
 def _plain_gru(rnn):
     return (type(rnn) is torch.nn.GRU and rnn.bias and not rnn.bidirectional
             and not rnn.batch_first)
+
+
+def _fused_layer_allowed(rnn, like):
+    return (ops.get_backend() == "ext" and _plain_gru(rnn)
+            and like.dtype in (torch.float32, torch.float64)
+            and ops.has_kernel("gru_layer", like.device))
 
 
 def _fused_step_allowed(decoder, state):

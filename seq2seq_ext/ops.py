@@ -29,6 +29,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 __all__ = [
     "BACKENDS", "get_backend", "set_backend", "use_backend", "built_with_cuda",
     "masked_softmax_ce", "sequence_mask", "sequence_mask_", "gru_decode_step", "greedy_decode",
+    "gru_layer", "gru", "has_kernel",
 ]
 
 BACKENDS = ("ext", "reference")
@@ -125,6 +126,23 @@ def _greedy_decode_fake(state, emb_proj, ctx_proj, weights, dense_weight, dense_
             state.new_empty((batch,), dtype=torch.int64))
 
 
+@torch.library.register_fake("seq2seq_ext::gru_layer")
+def _gru_layer_fake(input, h0, w_ih, w_hh, b_ih, b_hh, extra):
+    steps, batch, _ = input.shape
+    hidden = w_hh.shape[1]
+    return (input.new_empty((steps, batch, hidden)), input.new_empty((batch, hidden)),
+            input.new_empty((steps, batch, 4 * hidden)))
+
+
+@torch.library.register_fake("seq2seq_ext::gru_layer_backward")
+def _gru_layer_backward_fake(grad_output, grad_hn, input, h0, w_ih, w_hh, output, saved,
+                             has_extra):
+    gates = w_hh.shape[0]
+    return (input.new_empty(input.shape), h0.new_empty(h0.shape), w_ih.new_empty(w_ih.shape),
+            w_hh.new_empty(w_hh.shape), w_hh.new_empty((gates,)), w_hh.new_empty((gates,)),
+            h0.new_empty((h0.shape[0], gates) if has_extra else (0,)))
+
+
 # ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------
@@ -160,6 +178,27 @@ torch.library.register_autograd("seq2seq_ext::sequence_mask", _mask_backward,
                                 setup_context=_mask_setup_context)
 
 
+def _gru_setup_context(ctx, inputs, output):
+    input, h0, w_ih, w_hh, _, _, extra = inputs
+    out, _, saved = output
+    ctx.save_for_backward(input, h0, w_ih, w_hh, out, saved)
+    ctx.has_extra = extra is not None
+    ctx.mark_non_differentiable(saved)
+
+
+def _gru_backward(ctx, grad_out, grad_hn, grad_saved):
+    input, h0, w_ih, w_hh, out, saved = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grads = _ops.gru_layer_backward(grad_out, grad_hn, input, h0, w_ih, w_hh, out, saved,
+                                    ctx.has_extra)
+    return (*grads[:6], grads[6] if ctx.has_extra else None)
+
+
+torch.library.register_autograd("seq2seq_ext::gru_layer", _gru_backward,
+                                setup_context=_gru_setup_context)
+
+
 # ----------------------------------------------------------------------------------------------
 # public wrappers
 # ----------------------------------------------------------------------------------------------
@@ -190,6 +229,46 @@ def sequence_mask(X, valid_len, value=0):
     if get_backend() == "reference":
         return reference.sequence_mask(X.clone(), valid_len, value)
     return _ops.sequence_mask(X, valid_len, value)
+
+
+def has_kernel(op_name, device):
+    """True when the compiled library has a kernel for ``seq2seq_ext::op_name`` on ``device``."""
+    key = "CPU" if torch.device(device).type == "cpu" else torch.device(device).type.upper()
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"seq2seq_ext::{op_name}", key)
+
+
+def gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra=None):
+    """One GRU layer over a sequence with ``nn.GRU``'s equations: input (steps, batch, in), h0
+    (batch, hidden) -> (output (steps, batch, hidden), final state (batch, hidden)). ``extra``
+    (batch, 3*hidden) is added to the input projection at every step. Differentiable in every
+    tensor argument."""
+    output, h_n, _ = _ops.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra)
+    return output, h_n
+
+
+def gru(input, h0, flat_weights, dropout=0.0, training=False, w_ih0=None, extra0=None):
+    """A multi-layer ``nn.GRU`` (unidirectional, with biases, time first) through the layer op.
+
+    input (steps, batch, in), h0 (layers, batch, hidden), flat_weights: ``nn.GRU``'s
+    ``_flat_weights``. Dropout between layers in training, as ``nn.GRU``. ``w_ih0`` replaces
+    layer 0's input weights and ``extra0`` is added to its input projection at every step (the
+    decoder's context trick). Returns (output (steps, batch, hidden), state (layers, batch,
+    hidden)).
+    """
+    if get_backend() == "reference":
+        raise RuntimeError("ops.gru runs the compiled op; models use nn.GRU under the "
+                           "reference backend")
+    layers = len(flat_weights) // 4
+    x, states = input, []
+    for layer in range(layers):
+        w_ih, w_hh, b_ih, b_hh = flat_weights[4 * layer: 4 * layer + 4]
+        if layer == 0 and w_ih0 is not None:
+            w_ih = w_ih0
+        x, h_n = gru_layer(x, h0[layer], w_ih, w_hh, b_ih, b_hh, extra0 if layer == 0 else None)
+        states.append(h_n)
+        if dropout and training and layer < layers - 1:
+            x = torch.nn.functional.dropout(x, dropout, True)
+    return x, torch.stack(states)
 
 
 def gru_decode_step(token, state, emb_proj, ctx_proj, weights, dense_weight, dense_bias):

@@ -22,18 +22,6 @@ namespace {
 
 using at::vec::Vectorized;
 
-void check_ce_args(const at::Tensor& pred, const at::Tensor& label, const at::Tensor& valid_len) {
-  check_dim(pred, 3, "pred");
-  check_floating(pred, "pred");
-  check_dim(label, 2, "label");
-  check_index_dtype(label, "label");
-  check_same_device(label, pred, "label", "pred");
-  TORCH_CHECK(label.size(0) == pred.size(0) && label.size(1) == pred.size(1),
-              "label: expected shape [", pred.size(0), ", ", pred.size(1),
-              "] (the batch and steps of pred), got ", shape_str(label));
-  check_valid_len(valid_len, pred.size(0), pred, "pred");
-}
-
 // Labels are checked everywhere, masked positions included, as nn.CrossEntropyLoss does.
 template <typename index_t>
 void check_labels(const at::Tensor& label, int64_t vocab) {
@@ -134,7 +122,7 @@ void store_row_grad(const acc_t* x, scalar_t* grow, int64_t gv, int64_t n, acc_t
 std::tuple<at::Tensor, at::Tensor> masked_softmax_ce_cpu(const at::Tensor& pred,
                                                          const at::Tensor& label,
                                                          const at::Tensor& valid_len) {
-  check_ce_args(pred, label, valid_len);
+  check_masked_ce_args(pred, label, valid_len);
   const int64_t B = pred.size(0), T = pred.size(1), V = pred.size(2);
   check_label_values(label, V);
   const auto acc_type = at::toOpMathType(pred.scalar_type());
@@ -176,17 +164,9 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_ce_cpu(const at::Tensor& pred,
 at::Tensor masked_softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& pred,
                                           const at::Tensor& label, const at::Tensor& valid_len,
                                           const at::Tensor& lse) {
-  check_ce_args(pred, label, valid_len);
+  check_masked_ce_args(pred, label, valid_len);
   const int64_t B = pred.size(0), T = pred.size(1), V = pred.size(2);
-  check_dim(grad_loss, 1, "grad_loss");
-  check_size(grad_loss, 0, B, "grad_loss", "the batch size of pred");
-  check_same_device(grad_loss, pred, "grad_loss", "pred");
-  check_dim(lse, 2, "lse");
-  TORCH_CHECK(lse.size(0) == B && lse.size(1) == T, "lse: expected shape [", B, ", ", T,
-              "], got ", shape_str(lse));
-  TORCH_CHECK(lse.scalar_type() == at::toOpMathType(pred.scalar_type()),
-              "lse: expected dtype ", at::toOpMathType(pred.scalar_type()), ", got ",
-              lse.scalar_type());
+  check_masked_ce_backward_args(grad_loss, pred, lse);
   check_label_values(label, V);
   at::Tensor grad = at::empty_like(pred);
   if (grad.numel() == 0) return grad;

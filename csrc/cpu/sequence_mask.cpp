@@ -9,11 +9,6 @@
 namespace seq2seq_ext {
 namespace {
 
-void check_mask_args(const at::Tensor& X, const at::Tensor& valid_len) {
-  check_min_dim(X, 2, "X");
-  check_valid_len(valid_len, X.size(0), X, "X");
-}
-
 // Number of elements of one X[b, t] slice, when that slice is one contiguous run; -1 otherwise.
 int64_t contiguous_inner(const at::Tensor& X) {
   int64_t expected = 1;
@@ -55,14 +50,14 @@ void mask_cpu_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& val
 
 void sequence_mask_inplace_cpu(at::Tensor& X, const at::Tensor& valid_len,
                                const at::Scalar& value) {
-  check_mask_args(X, valid_len);
+  check_sequence_mask_args(X, valid_len);
   check_mask_writable(X);
   mask_cpu_(X, valid_len, value);
 }
 
 at::Tensor sequence_mask_cpu(const at::Tensor& X, const at::Tensor& valid_len,
                              const at::Scalar& value) {
-  check_mask_args(X, valid_len);
+  check_sequence_mask_args(X, valid_len);
   at::Tensor out = X.clone(at::MemoryFormat::Preserve);
   mask_cpu_(out, valid_len, value);
   return out;

@@ -1,0 +1,203 @@
+// One GRU layer over a sequence on the CPU, forward and backward.
+//
+// Forward: the input projection of all T steps is one GEMM (plus the per-sequence `extra`
+// term, the decoder's constant context); then per step one GEMM (W_hh h + b_hh) and one fused
+// pointwise pass over the gates. The pass saves r, z, n and W_hn h + b_hn, which is all the
+// backward needs besides the outputs.
+// Backward, from the last step to the first: one fused pointwise pass gives the gradients of
+// the input-side and hidden-side gate pre-activations, then one GEMM carries the gradient to
+// the previous state. The weight gradients are four GEMMs over the whole sequence at the end.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "gru_math.h"
+
+namespace seq2seq_ext {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename T>
+inline Vectorized<T> vsigmoid(const Vectorized<T>& x) {
+  const Vectorized<T> one(T(1));
+  return one / (one + x.neg().exp());
+}
+
+// tanh(x) = expm1(2x) / (expm1(2x) + 2): one expm1 instead of Sleef's costlier tanh, accurate
+// near 0 (no cancellation) and saturating exactly: beyond the clamp tanh rounds to +-1 in T.
+template <typename T>
+inline Vectorized<T> vtanh(const Vectorized<T>& x) {
+  constexpr T lim = std::is_same_v<T, float> ? T(10) : T(20);
+  const Vectorized<T> two(T(2));
+  const Vectorized<T> e = at::vec::clamp(x, Vectorized<T>(-lim), Vectorized<T>(lim)) * two;
+  const Vectorized<T> m = e.expm1();
+  return m / (m + two);
+}
+
+// gates for B rows: gi (B, 3H) input-side pre-activations (bias included), gh (B, 3H)
+// hidden-side; h (B, H) previous state; writes out (B, H) and saved (B, 4H) = [r, z, n, gh_n].
+template <typename T>
+void gru_forward_pointwise(const T* gi, const T* gh, const T* h, T* out, T* saved, int64_t B,
+                           int64_t H) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, H));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* a = gi + b * 3 * H;
+      const T* c = gh + b * 3 * H;
+      const T* hp = h + b * H;
+      T* o = out + b * H;
+      T* s = saved + b * 4 * H;
+      int64_t j = 0;
+      for (; j + W <= H; j += W) {
+        const Vec r = vsigmoid(Vec::loadu(a + j) + Vec::loadu(c + j));
+        const Vec z = vsigmoid(Vec::loadu(a + H + j) + Vec::loadu(c + H + j));
+        const Vec ghn = Vec::loadu(c + 2 * H + j);
+        const Vec n = vtanh(Vec::loadu(a + 2 * H + j) + r * ghn);
+        const Vec hv = Vec::loadu(hp + j);
+        (n + z * (hv - n)).store(o + j);
+        r.store(s + j);
+        z.store(s + H + j);
+        n.store(s + 2 * H + j);
+        ghn.store(s + 3 * H + j);
+      }
+      for (; j < H; ++j) {
+        const T r = cpu::sigmoid(a[j] + c[j]);
+        const T z = cpu::sigmoid(a[H + j] + c[H + j]);
+        const T ghn = c[2 * H + j];
+        const T n = std::tanh(a[2 * H + j] + r * ghn);
+        o[j] = n + z * (hp[j] - n);
+        s[j] = r;
+        s[H + j] = z;
+        s[2 * H + j] = n;
+        s[3 * H + j] = ghn;
+      }
+    }
+  });
+}
+
+// Backward pointwise for B rows: dh (B, H) gradient of the step's output (accumulated), h
+// previous state, saved [r, z, n, gh_n]; writes dgi (B, 3H), dgh (B, 3H) and dh_direct (B, H),
+// the part of the previous state's gradient that does not go through W_hh.
+template <typename T>
+void gru_backward_pointwise(const T* dh, const T* h, const T* saved, T* dgi, T* dgh, T* dh_direct,
+                            int64_t B, int64_t H) {
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, H));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* g = dh + b * H;
+      const T* hp = h + b * H;
+      const T* s = saved + b * 4 * H;
+      T* di = dgi + b * 3 * H;
+      T* dd = dgh + b * 3 * H;
+      T* dp = dh_direct + b * H;
+      for (int64_t j = 0; j < H; ++j) {
+        const T r = s[j], z = s[H + j], n = s[2 * H + j], ghn = s[3 * H + j];
+        const T dn = g[j] * (T(1) - z) * (T(1) - n * n);  // through tanh
+        const T dz = g[j] * (hp[j] - n) * z * (T(1) - z);  // through sigmoid
+        const T dr = dn * ghn * r * (T(1) - r);
+        di[j] = dr;
+        di[H + j] = dz;
+        di[2 * H + j] = dn;
+        dd[j] = dr;
+        dd[H + j] = dz;
+        dd[2 * H + j] = dn * r;
+        dp[j] = g[j] * z;
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& b_ih, const at::Tensor& b_hh, const std::optional<at::Tensor>& extra) {
+  const GruLayerDims d = check_gru_layer_args(input, h0, w_ih, w_hh, b_ih, b_hh, extra);
+  const int64_t T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
+  auto opts = input.options();
+  at::Tensor output = at::empty({T, B, H}, opts);
+  at::Tensor saved = at::empty({T, B, 4 * H}, opts);
+  if (T == 0 || B == 0) return {output, h0.clone(at::MemoryFormat::Contiguous), saved};
+  // the input projection of every step in one GEMM: (T*B, I) x (I, 3H) + b_ih
+  at::Tensor gi = at::addmm(b_ih, input.reshape({T * B, d.input}), w_ih.t()).view({T, B, G});
+  if (extra.has_value() && extra->defined()) gi.add_(extra->unsqueeze(0));
+  at::Tensor gh = at::empty({B, G}, opts);
+  at::Tensor h_prev = h0.contiguous();
+  const at::Tensor w_hh_t = w_hh.t();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_cpu", [&] {
+    for (int64_t t = 0; t < T; ++t) {
+      at::addmm_out(gh, b_hh, h_prev, w_hh_t);
+      at::Tensor out_t = output.select(0, t);
+      gru_forward_pointwise<scalar_t>(gi.select(0, t).const_data_ptr<scalar_t>(),
+                                      gh.const_data_ptr<scalar_t>(),
+                                      h_prev.const_data_ptr<scalar_t>(),
+                                      out_t.data_ptr<scalar_t>(),
+                                      saved.select(0, t).data_ptr<scalar_t>(), B, H);
+      h_prev = out_t;
+    }
+  });
+  return {output, output.select(0, T - 1).clone(), saved};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gru_layer_backward_cpu(const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_hn,
+                       const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
+                       const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& saved,
+                       bool has_extra) {
+  const GruLayerDims d = check_gru_layer_args(input, h0, w_ih, w_hh, w_hh.new_empty({w_hh.size(0)}),
+                                              w_hh.new_empty({w_hh.size(0)}), std::nullopt);
+  const int64_t T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
+  TORCH_CHECK(grad_output.sizes() == output.sizes(), "grad_output: expected shape ",
+              shape_str(output), ", got ", shape_str(grad_output));
+  TORCH_CHECK(saved.dim() == 3 && saved.size(0) == T && saved.size(1) == B &&
+                  saved.size(2) == 4 * H,
+              "saved: expected shape [", T, ", ", B, ", ", 4 * H, "], got ", shape_str(saved));
+  auto opts = input.options();
+  at::Tensor dgi = at::empty({T, B, G}, opts);
+  at::Tensor dgh = at::empty({T, B, G}, opts);
+  at::Tensor dh = (grad_hn.has_value() && grad_hn->defined()) ? grad_hn->contiguous().clone()
+                                                               : at::zeros({B, H}, opts);
+  at::Tensor dh_direct = at::empty({B, H}, opts);
+  const at::Tensor go = grad_output.contiguous();
+  const at::Tensor out_c = output.contiguous();
+  const at::Tensor saved_c = saved.contiguous();
+  const at::Tensor h0_c = h0.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_backward_cpu", [&] {
+    for (int64_t t = T - 1; t >= 0; --t) {
+      dh.add_(go.select(0, t));
+      const at::Tensor h_prev = t > 0 ? out_c.select(0, t - 1) : h0_c;
+      at::Tensor dgh_t = dgh.select(0, t);
+      gru_backward_pointwise<scalar_t>(dh.const_data_ptr<scalar_t>(),
+                                       h_prev.const_data_ptr<scalar_t>(),
+                                       saved_c.select(0, t).const_data_ptr<scalar_t>(),
+                                       dgi.select(0, t).data_ptr<scalar_t>(),
+                                       dgh_t.data_ptr<scalar_t>(), dh_direct.data_ptr<scalar_t>(),
+                                       B, H);
+      // dh_prev = dh * z + dgh W_hh
+      at::addmm_out(dh, dh_direct, dgh_t, w_hh);
+    }
+  });
+  const at::Tensor dgi2 = dgi.view({T * B, G});
+  const at::Tensor dgh2 = dgh.view({T * B, G});
+  at::Tensor grad_input = at::mm(dgi2, w_ih).view({T, B, d.input});
+  at::Tensor grad_w_ih = at::mm(dgi2.t(), input.reshape({T * B, d.input}));
+  at::Tensor grad_b_ih = dgi2.sum(0);
+  at::Tensor h_prevs = T > 0 ? at::cat({h0_c.unsqueeze(0), out_c.narrow(0, 0, T - 1)}, 0)
+                                   .view({T * B, H})
+                             : at::empty({0, H}, opts);
+  at::Tensor grad_w_hh = at::mm(dgh2.t(), h_prevs);
+  at::Tensor grad_b_hh = dgh2.sum(0);
+  at::Tensor grad_extra = has_extra ? dgi.sum(0) : at::empty({0}, opts);
+  return {grad_input, dh, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_extra};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seq2seq_ext, CPU, m) {
+  m.impl("gru_layer", &gru_layer_cpu);
+  m.impl("gru_layer_backward", &gru_layer_backward_cpu);
+}
+
+}  // namespace seq2seq_ext

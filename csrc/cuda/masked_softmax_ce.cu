@@ -1,0 +1,420 @@
+// Fused masked softmax cross-entropy on CUDA, forward and backward.
+//
+// Rows are the (b, t) positions of pred (B, T, V). A group of G threads owns one row at a time
+// (G = 32: one warp per row, 8 rows per 256-thread block, for small vocabularies; G = 128 or 512
+// for larger ones), accumulating in at::opmath_type (float for half/bf16/float, double for
+// double).
+//
+// Forward, one pass over each kept row: every thread keeps an online (max, sum of exp(x - max))
+// pair over its elements, the group merges the pairs in a fixed order, and the group's first
+// thread writes lse = max + log(sum) and the row loss lse - x[label]. Masked rows are never
+// read: their lse and row loss are 0. A second small kernel sums each sequence's row losses in
+// step order and divides by T, so the result is deterministic.
+// Backward, one pass per row: grad = (exp(x - lse) - onehot(label)) * grad_loss[b] / T; masked
+// rows get zeros without their logits being read.
+//
+// Rows with stride(2) == 1 are read (and the gradient written) with 16-byte vector accesses
+// after a short scalar head that reaches 16-byte alignment; other rows are read with their
+// strides. Offsets are int64 throughout.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "../checks.h"
+
+namespace seq2seq_ext {
+namespace {
+
+constexpr int kVecBytes = 16;
+constexpr int64_t kMaxBlocks = 1 << 16;  // grid-stride loops cover the rest
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+__device__ __forceinline__ float dev_exp(float x) { return expf(x); }
+__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
+__device__ __forceinline__ float dev_log(float x) { return logf(x); }
+__device__ __forceinline__ double dev_log(double x) { return log(x); }
+
+// +inf and NaN in the accumulation type (plain constants: no relaxed-constexpr calls on device).
+template <typename acc_t>
+__device__ __forceinline__ acc_t dev_inf() {
+  return static_cast<acc_t>(INFINITY);
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t dev_nan() {
+  return static_cast<acc_t>(NAN);
+}
+
+// Elements before the first 16-byte boundary of a row, at most n. Rows are element-aligned
+// (torch never offsets storage by a fraction of an element), so the division is exact.
+template <typename T>
+__device__ __forceinline__ int64_t head_elems(const T* p, int64_t n) {
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  const int64_t head = static_cast<int64_t>(((kVecBytes - (addr % kVecBytes)) % kVecBytes) / sizeof(T));
+  return head < n ? head : n;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Online log-sum-exp.
+//
+// State (m, s): m is the largest non-NaN element seen (-inf before any), s the sum of
+// exp(x - m) over the elements seen, NaN once a NaN was seen. Elements equal to -inf add
+// nothing (exp(-inf - m) = 0 for any m the row ends with, except m = -inf, handled at the end).
+// The final lse is m + log(s) when m is finite and NaN otherwise, which is what the CPU kernel's
+// two passes give: a row whose maximum is +inf or whose elements are all -inf has
+// exp(inf - inf) = NaN in its sum there.
+
+template <typename acc_t>
+__device__ __forceinline__ void online_add(acc_t& m, acc_t& s, acc_t x) {
+  if (x > m) {
+    s = s * dev_exp(m - x) + acc_t(1);  // m = -inf: s * 0 (s is 0, or NaN which must stay)
+    m = x;
+  } else if (x != -dev_inf<acc_t>()) {
+    s += dev_exp(x - m);  // NaN x makes s NaN
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void online_merge(acc_t& m, acc_t& s, acc_t m2, acc_t s2) {
+  const acc_t mx = m > m2 ? m : m2;  // neither is NaN
+  // An equal maximum takes its sum as is: exp(m - mx) would be NaN for m = mx = +-inf.
+  const acc_t a = (m == mx) ? s : s * dev_exp(m - mx);
+  const acc_t b = (m2 == mx) ? s2 : s2 * dev_exp(m2 - mx);
+  m = mx;
+  s = a + b;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t online_finish(acc_t m, acc_t s) {
+  const acc_t inf = dev_inf<acc_t>();
+  if (m == inf || m == -inf) return dev_nan<acc_t>();
+  return m + dev_log(s);
+}
+
+// Merges the (m, s) pairs of a group of G threads; every thread of the group gets the result.
+// For G > 32 this uses the block's shared memory and __syncthreads(), so every thread of the
+// block must call it the same number of times.
+template <typename acc_t, int G, int RPB>
+__device__ __forceinline__ void group_merge(acc_t& m, acc_t& s, acc_t* sh_m, acc_t* sh_s,
+                                            int group, int lane) {
+  constexpr int kWarpWidth = G < 32 ? G : 32;
+#pragma unroll
+  for (int off = kWarpWidth / 2; off > 0; off /= 2) {
+    const acc_t m2 = __shfl_xor_sync(0xffffffffu, m, off);
+    const acc_t s2 = __shfl_xor_sync(0xffffffffu, s, off);
+    online_merge(m, s, m2, s2);
+  }
+  if constexpr (G > 32) {
+    constexpr int W = G / 32;
+    const int warp = lane / 32;
+    if ((lane & 31) == 0) {
+      sh_m[group * W + warp] = m;
+      sh_s[group * W + warp] = s;
+    }
+    __syncthreads();
+    m = sh_m[group * W];
+    s = sh_s[group * W];
+#pragma unroll
+    for (int w = 1; w < W; ++w) online_merge(m, s, sh_m[group * W + w], sh_s[group * W + w]);
+    __syncthreads();  // the slots are rewritten for the next row
+  }
+}
+
+// This thread's share of a row: elements lane, lane + G, ... (in vectors when contiguous).
+template <typename scalar_t, typename acc_t, int G>
+__device__ __forceinline__ void row_online_lse(const scalar_t* __restrict__ row, int64_t V,
+                                               int64_t sv, int lane, acc_t& m, acc_t& s) {
+  if (sv == 1) {
+    constexpr int N = kVecBytes / sizeof(scalar_t);
+    using P = Pack<scalar_t, N>;
+    const int64_t head = head_elems(row, V);  // < N <= G
+    if (lane < head) online_add(m, s, static_cast<acc_t>(row[lane]));
+    const int64_t nvec = (V - head) / N;
+    const P* vp = reinterpret_cast<const P*>(row + head);
+#pragma unroll 2
+    for (int64_t k = lane; k < nvec; k += G) {
+      const P p = vp[k];
+#pragma unroll
+      for (int i = 0; i < N; ++i) online_add(m, s, static_cast<acc_t>(p.v[i]));
+    }
+    for (int64_t v = head + nvec * N + lane; v < V; v += G)  // tail: fewer than N elements
+      online_add(m, s, static_cast<acc_t>(row[v]));
+  } else {
+    for (int64_t v = lane; v < V; v += G) online_add(m, s, static_cast<acc_t>(row[v * sv]));
+  }
+}
+
+// Forward: lse[b, t] and row_loss[b, t] for every row (0 for masked rows), both contiguous.
+template <typename scalar_t, typename acc_t, typename index_t, int G, int RPB>
+__global__ void __launch_bounds__(G * RPB)
+    ce_forward_rows_kernel(const scalar_t* __restrict__ pred, int64_t sb, int64_t st, int64_t sv,
+                           int64_t B, int64_t T, int64_t V, const index_t* __restrict__ label,
+                           int64_t lb, int64_t lt, const int64_t* __restrict__ start,
+                           acc_t* __restrict__ lse, acc_t* __restrict__ row_loss) {
+  __shared__ acc_t sh_m[G > 32 ? RPB * (G / 32) : 1];
+  __shared__ acc_t sh_s[G > 32 ? RPB * (G / 32) : 1];
+  const int group = threadIdx.x / G;
+  const int lane = threadIdx.x % G;
+  const int64_t R = B * T;
+  const int64_t row_blocks = (R + RPB - 1) / RPB;
+  // The loop is uniform over the block (group_merge may synchronise the block); each group
+  // masks its own row.
+  for (int64_t rb = blockIdx.x; rb < row_blocks; rb += gridDim.x) {
+    const int64_t r = rb * RPB + group;
+    const bool in_range = r < R;
+    const int64_t b = in_range ? r / T : 0;
+    const int64_t t = in_range ? r - b * T : 0;
+    const bool kept = in_range && t < start[b];
+    const scalar_t* row = pred + b * sb + t * st;
+    acc_t m = -dev_inf<acc_t>();
+    acc_t s = acc_t(0);
+    if (kept) row_online_lse<scalar_t, acc_t, G>(row, V, sv, lane, m, s);
+    group_merge<acc_t, G, RPB>(m, s, sh_m, sh_s, group, lane);
+    if (in_range && lane == 0) {
+      acc_t l = acc_t(0), loss = acc_t(0);
+      if (kept) {
+        const int64_t y = static_cast<int64_t>(label[b * lb + t * lt]);  // range checked
+        l = online_finish(m, s);
+        loss = l - static_cast<acc_t>(row[y * sv]);
+      }
+      lse[r] = l;
+      row_loss[r] = loss;
+    }
+  }
+}
+
+// loss[b] = (sum over kept t, in order, of row_loss[b, t]) / T, as the CPU kernel sums.
+template <typename scalar_t, typename acc_t>
+__global__ void ce_sequence_sum_kernel(const acc_t* __restrict__ row_loss,
+                                       const int64_t* __restrict__ start, int64_t B, int64_t T,
+                                       scalar_t* __restrict__ loss) {
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < B;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const acc_t* r = row_loss + b * T;
+    const int64_t n = start[b];
+    acc_t s = acc_t(0);
+    for (int64_t t = 0; t < n; ++t) s += r[t];
+    loss[b] = static_cast<scalar_t>(s / static_cast<acc_t>(T));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t grad_elem(scalar_t x, int64_t v, int64_t y, acc_t l,
+                                              acc_t scale) {
+  acc_t g = dev_exp(static_cast<acc_t>(x) - l) * scale;
+  if (v == y) g -= scale;
+  return static_cast<scalar_t>(g);
+}
+
+template <typename scalar_t, int G>
+__device__ __forceinline__ void zero_row(scalar_t* __restrict__ grow, int64_t V, int64_t gv,
+                                         int lane) {
+  const scalar_t zero = static_cast<scalar_t>(0.0f);
+  if (gv == 1) {
+    constexpr int N = kVecBytes / sizeof(scalar_t);
+    using P = Pack<scalar_t, N>;
+    const int64_t head = head_elems(grow, V);
+    if (lane < head) grow[lane] = zero;
+    const int64_t nvec = (V - head) / N;
+    P z;
+#pragma unroll
+    for (int i = 0; i < N; ++i) z.v[i] = zero;
+    P* vp = reinterpret_cast<P*>(grow + head);
+    for (int64_t k = lane; k < nvec; k += G) vp[k] = z;
+    for (int64_t v = head + nvec * N + lane; v < V; v += G) grow[v] = zero;
+  } else {
+    for (int64_t v = lane; v < V; v += G) grow[v * gv] = zero;
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename index_t, int G, int RPB>
+__global__ void __launch_bounds__(G * RPB)
+    ce_backward_kernel(const scalar_t* __restrict__ pred, int64_t sb, int64_t st, int64_t sv,
+                       int64_t B, int64_t T, int64_t V, const index_t* __restrict__ label,
+                       int64_t lb, int64_t lt, const int64_t* __restrict__ start,
+                       const acc_t* __restrict__ lse, const acc_t* __restrict__ up, int64_t up_s,
+                       acc_t inv_T, scalar_t* __restrict__ grad, int64_t gb, int64_t gt,
+                       int64_t gv) {
+  const int group = threadIdx.x / G;
+  const int lane = threadIdx.x % G;
+  const int64_t R = B * T;
+  // No block-wide synchronisation here, so each group strides over rows on its own.
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * RPB + group; r < R;
+       r += static_cast<int64_t>(gridDim.x) * RPB) {
+    const int64_t b = r / T, t = r - b * T;
+    scalar_t* grow = grad + b * gb + t * gt;
+    if (t >= start[b]) {
+      zero_row<scalar_t, G>(grow, V, gv, lane);
+      continue;
+    }
+    const acc_t scale = up[b * up_s] * inv_T;
+    const acc_t l = lse[r];
+    const int64_t y = static_cast<int64_t>(label[b * lb + t * lt]);
+    const scalar_t* row = pred + b * sb + t * st;
+    constexpr int N = kVecBytes / sizeof(scalar_t);
+    const int64_t head = sv == 1 && gv == 1 ? head_elems(row, V) : -1;
+    if (head >= 0 && head == head_elems(grow, V)) {
+      // Both rows contiguous and equally misaligned: vectors after a common scalar head.
+      using P = Pack<scalar_t, N>;
+      if (lane < head) grow[lane] = grad_elem(row[lane], lane, y, l, scale);
+      const int64_t nvec = (V - head) / N;
+      const P* xp = reinterpret_cast<const P*>(row + head);
+      P* gp = reinterpret_cast<P*>(grow + head);
+#pragma unroll 2
+      for (int64_t k = lane; k < nvec; k += G) {
+        const P x = xp[k];
+        P g;
+        const int64_t v0 = head + k * N;
+#pragma unroll
+        for (int i = 0; i < N; ++i) g.v[i] = grad_elem(x.v[i], v0 + i, y, l, scale);
+        gp[k] = g;
+      }
+      for (int64_t v = head + nvec * N + lane; v < V; v += G)
+        grow[v] = grad_elem(row[v], v, y, l, scale);
+    } else {
+      for (int64_t v = lane; v < V; v += G) grow[v * gv] = grad_elem(row[v * sv], v, y, l, scale);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers. The group width follows the vocabulary: a warp per row up to 1024 classes (at most
+// 32 elements a thread), 128 threads up to 8192, then 512.
+
+template <typename Fn>
+void with_group_shape(int64_t V, Fn&& fn) {
+  if (V <= 1024) {
+    fn(std::integral_constant<int, 32>{}, std::integral_constant<int, 8>{});
+  } else if (V <= 8192) {
+    fn(std::integral_constant<int, 128>{}, std::integral_constant<int, 2>{});
+  } else {
+    fn(std::integral_constant<int, 512>{}, std::integral_constant<int, 1>{});
+  }
+}
+
+int64_t grid_for_rows(int64_t rows, int64_t rows_per_block) {
+  return std::max<int64_t>(1, std::min<int64_t>((rows + rows_per_block - 1) / rows_per_block,
+                                                 kMaxBlocks));
+}
+
+template <typename scalar_t, typename index_t>
+void launch_forward(const at::Tensor& pred, const at::Tensor& label, const at::Tensor& start,
+                    at::Tensor& lse, at::Tensor& row_loss, at::Tensor& loss) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = pred.size(0), T = pred.size(1), V = pred.size(2);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  with_group_shape(V, [&](auto g, auto rpb) {
+    constexpr int G = decltype(g)::value;
+    constexpr int RPB = decltype(rpb)::value;
+    const int64_t grid = grid_for_rows(B * T, RPB);
+    ce_forward_rows_kernel<scalar_t, acc_t, index_t, G, RPB>
+        <<<static_cast<unsigned>(grid), G * RPB, 0, stream>>>(
+            pred.const_data_ptr<scalar_t>(), pred.stride(0), pred.stride(1), pred.stride(2), B, T,
+            V, label.const_data_ptr<index_t>(), label.stride(0), label.stride(1),
+            start.const_data_ptr<int64_t>(), lse.mutable_data_ptr<acc_t>(),
+            row_loss.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  constexpr int kThreads = 128;
+  const int64_t grid = std::min<int64_t>((B + kThreads - 1) / kThreads, kMaxBlocks);
+  ce_sequence_sum_kernel<scalar_t, acc_t><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+      row_loss.const_data_ptr<acc_t>(), start.const_data_ptr<int64_t>(), B, T,
+      loss.mutable_data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, typename index_t>
+void launch_backward(const at::Tensor& pred, const at::Tensor& label, const at::Tensor& start,
+                     const at::Tensor& lse, const at::Tensor& up, at::Tensor& grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = pred.size(0), T = pred.size(1), V = pred.size(2);
+  const acc_t inv_T = acc_t(1) / static_cast<acc_t>(T);  // the CPU kernel's scale
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  with_group_shape(V, [&](auto g, auto rpb) {
+    constexpr int G = decltype(g)::value;
+    constexpr int RPB = decltype(rpb)::value;
+    const int64_t grid = grid_for_rows(B * T, RPB);
+    ce_backward_kernel<scalar_t, acc_t, index_t, G, RPB>
+        <<<static_cast<unsigned>(grid), G * RPB, 0, stream>>>(
+            pred.const_data_ptr<scalar_t>(), pred.stride(0), pred.stride(1), pred.stride(2), B, T,
+            V, label.const_data_ptr<index_t>(), label.stride(0), label.stride(1),
+            start.const_data_ptr<int64_t>(), lse.const_data_ptr<acc_t>(),
+            up.const_data_ptr<acc_t>(), up.stride(0), inv_T, grad.mutable_data_ptr<scalar_t>(),
+            grad.stride(0), grad.stride(1), grad.stride(2));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_softmax_ce_cuda(const at::Tensor& pred,
+                                                          const at::Tensor& label,
+                                                          const at::Tensor& valid_len) {
+  check_masked_ce_args(pred, label, valid_len);
+  const int64_t B = pred.size(0), T = pred.size(1), V = pred.size(2);
+  const c10::cuda::CUDAGuard guard(pred.device());
+  check_label_range_any_device(label, V);  // one host synchronisation
+  const auto acc_type = at::toOpMathType(pred.scalar_type());
+  at::Tensor loss = at::empty({B}, pred.options());
+  at::Tensor lse = at::empty({B, T}, pred.options().dtype(acc_type));
+  if (B == 0) return {loss, lse};
+  if (T == 0) return {loss.fill_(std::numeric_limits<double>::quiet_NaN()), lse};  // mean of nothing
+  const at::Tensor start = first_masked_step_tensor(valid_len, T);
+  at::Tensor row_loss = at::empty({B, T}, lse.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
+                                  "masked_softmax_ce_cuda", [&] {
+    if (label.scalar_type() == at::kLong)
+      launch_forward<scalar_t, int64_t>(pred, label, start, lse, row_loss, loss);
+    else
+      launch_forward<scalar_t, int32_t>(pred, label, start, lse, row_loss, loss);
+  });
+  return {loss, lse};
+}
+
+at::Tensor masked_softmax_ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& pred,
+                                           const at::Tensor& label, const at::Tensor& valid_len,
+                                           const at::Tensor& lse) {
+  check_masked_ce_args(pred, label, valid_len);
+  check_masked_ce_backward_args(grad_loss, pred, lse);
+  const int64_t T = pred.size(1), V = pred.size(2);
+  const c10::cuda::CUDAGuard guard(pred.device());
+  check_label_range_any_device(label, V);  // one host synchronisation
+  at::Tensor grad = at::empty_like(pred);
+  if (grad.numel() == 0) return grad;
+  const at::Tensor start = first_masked_step_tensor(valid_len, T);
+  const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor up = grad_loss.to(lse.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
+                                  "masked_softmax_ce_backward_cuda", [&] {
+    if (label.scalar_type() == at::kLong)
+      launch_backward<scalar_t, int64_t>(pred, label, start, lse_c, up, grad);
+    else
+      launch_backward<scalar_t, int32_t>(pred, label, start, lse_c, up, grad);
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seq2seq_ext, CUDA, m) {
+  m.impl("masked_softmax_ce", &masked_softmax_ce_cuda);
+  m.impl("masked_softmax_ce_backward", &masked_softmax_ce_backward_cuda);
+}
+
+}  // namespace seq2seq_ext

@@ -1,0 +1,124 @@
+// Sequence mask on CUDA: X[b, t, ...] = value for every step t at or after valid_len[b].
+//
+// X is seen as (B, T, inner) where inner is the product of the trailing dimensions, which must
+// form one contiguous run (the usual case); other layouts go through ATen's masked_fill_ with a
+// broadcast (B, T, 1, ...) mask. The kernel is a 2-D grid-stride loop: grid.y walks sequences,
+// grid.x walks the flat index j = t * inner + i of one sequence's masked region
+// [start[b] * inner, T * inner), so threads touch only masked elements and never divide when
+// steps are also contiguous (stride(1) == inner).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../checks.h"
+
+namespace seq2seq_ext {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kTargetBlocks = 1 << 16;
+
+// Number of elements of one X[b, t] slice, when that slice is one contiguous run; -1 otherwise.
+int64_t contiguous_inner(const at::Tensor& X) {
+  int64_t expected = 1;
+  for (int64_t d = X.dim() - 1; d >= 2; --d) {
+    if (X.size(d) != 1 && X.stride(d) != expected) return -1;
+    expected *= X.size(d);
+  }
+  return expected;
+}
+
+template <typename scalar_t, bool kStepsContiguous>
+__global__ void sequence_mask_kernel(scalar_t* __restrict__ X, int64_t B, int64_t T,
+                                     int64_t inner, int64_t sb, int64_t st,
+                                     const int64_t* __restrict__ start, scalar_t value) {
+  const int64_t span = T * inner;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    scalar_t* base = X + b * sb;
+    for (int64_t j = start[b] * inner + static_cast<int64_t>(blockIdx.x) * blockDim.x +
+                     threadIdx.x;
+         j < span; j += step) {
+      if constexpr (kStepsContiguous) {
+        base[j] = value;
+      } else {
+        const int64_t t = j / inner;
+        base[t * st + (j - t * inner)] = value;
+      }
+    }
+  }
+}
+
+void mask_cuda_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& value) {
+  const int64_t batch = X.size(0), steps = X.size(1);
+  if (X.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(X.device());
+  const at::Tensor start = first_masked_step_tensor(valid_len, steps);
+  const int64_t inner = contiguous_inner(X);
+  if (inner < 0) {  // rare layouts: a broadcast mask through ATen, no host synchronisation
+    const at::Tensor t = at::arange(steps, start.options());
+    std::vector<int64_t> shape(X.dim(), 1);
+    shape[0] = batch;
+    shape[1] = steps;
+    X.masked_fill_(t.unsqueeze(0).ge(start.unsqueeze(1)).view(shape), value);
+    return;
+  }
+  const int64_t sb = X.stride(0), st = X.stride(1);
+  const int64_t span = steps * inner;
+  const int64_t grid_y = std::min(batch, kMaxGridY);
+  const int64_t grid_x = std::max<int64_t>(
+      1, std::min<int64_t>((span + kThreads - 1) / kThreads,
+                           std::max<int64_t>(1, kTargetBlocks / grid_y)));
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_ALL_TYPES_AND_COMPLEX_AND3(at::kBool, at::kHalf, at::kBFloat16, X.scalar_type(),
+                                         "sequence_mask_cuda", [&] {
+    const scalar_t v = mask_value<scalar_t>(value, X.scalar_type());
+    scalar_t* data = X.mutable_data_ptr<scalar_t>();
+    const int64_t* s = start.const_data_ptr<int64_t>();
+    if (st == inner) {
+      sequence_mask_kernel<scalar_t, true>
+          <<<grid, kThreads, 0, stream>>>(data, batch, steps, inner, sb, st, s, v);
+    } else {
+      sequence_mask_kernel<scalar_t, false>
+          <<<grid, kThreads, 0, stream>>>(data, batch, steps, inner, sb, st, s, v);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void sequence_mask_inplace_cuda(at::Tensor& X, const at::Tensor& valid_len,
+                                const at::Scalar& value) {
+  check_sequence_mask_args(X, valid_len);
+  check_mask_writable(X);
+  mask_cuda_(X, valid_len, value);
+}
+
+at::Tensor sequence_mask_cuda(const at::Tensor& X, const at::Tensor& valid_len,
+                              const at::Scalar& value) {
+  check_sequence_mask_args(X, valid_len);
+  const c10::cuda::CUDAGuard guard(X.device());
+  at::Tensor out = X.clone(at::MemoryFormat::Preserve);
+  mask_cuda_(out, valid_len, value);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seq2seq_ext, CUDA, m) {
+  m.impl("sequence_mask", &sequence_mask_cuda);
+  m.impl("sequence_mask_", &sequence_mask_inplace_cuda);
+}
+
+}  // namespace seq2seq_ext
