@@ -3,8 +3,9 @@ when a CUDA build is possible, the CUDA kernels (csrc/cuda/*.cu).
 
 SEQ2SEQ_EXT_CUDA=1 forces the CUDA kernels in (the build fails if it cannot make them),
 SEQ2SEQ_EXT_CUDA=0 leaves them out; unset, they are built when torch has CUDA and nvcc is found.
-SEQ2SEQ_EXT_CPU_ISA=avx2|generic picks the SIMD level of the CPU kernels; unset, AVX2+FMA is used
-when the building machine has it (an extension is built where it runs, like -march=native).
+SEQ2SEQ_EXT_CPU_ISA=avx512|avx2|generic picks the SIMD level of the CPU kernels; unset, the best
+of AVX-512 (f, bw, vl, dq) and AVX2+FMA that the building machine has is used (an extension is
+built where it runs, like -march=native).
 SEQ2SEQ_EXT_SANITIZE=1 builds with -fsanitize=address,undefined (CPU only).
 """
 import glob
@@ -43,11 +44,20 @@ def _cpu_isa_flags():
                 flags = next((line for line in f if line.startswith("flags")), "").split()
         except OSError:
             flags = []
-        isa = "avx2" if {"avx2", "fma"} <= set(flags) else "generic"
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= set(flags):
+            isa = "avx512"
+        elif {"avx2", "fma"} <= set(flags):
+            isa = "avx2"
+        else:
+            isa = "generic"
+    if isa == "avx512":
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
     if isa == "avx2":
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     if isa != "generic":
-        raise RuntimeError(f"SEQ2SEQ_EXT_CPU_ISA must be 'avx2' or 'generic', got {isa!r}")
+        raise RuntimeError(
+            f"SEQ2SEQ_EXT_CPU_ISA must be 'avx512', 'avx2' or 'generic', got {isa!r}")
     return []
 
 

@@ -295,9 +295,9 @@ inline GruLayerDims check_gru_layer_args(const at::Tensor& input, const at::Tens
   check_floating(input, "input");
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
               "input: expected float32 or float64, got ", input.scalar_type());
-  GruLayerDims d{input.size(0), input.size(1), input.size(2), w_hh.defined() ? w_hh.size(-1) : 0};
-  const int64_t H = d.hidden, G = 3 * H;
   check_dim(w_hh, 2, "w_hh");
+  GruLayerDims d{input.size(0), input.size(1), input.size(2), w_hh.size(1)};
+  const int64_t H = d.hidden, G = 3 * H;
   check_same_device(w_hh, input, "w_hh", "input");
   check_same_dtype(w_hh, input, "w_hh", "input");
   check_size(w_hh, 0, G, "w_hh", "3 * hidden, hidden being w_hh's second size");
@@ -327,6 +327,46 @@ inline GruLayerDims check_gru_layer_args(const at::Tensor& input, const at::Tens
                 d.batch, ", ", G, "] (batch, 3 * hidden), got ", shape_str(*extra));
   }
   return d;
+}
+
+}  // namespace seq2seq_ext
+
+namespace seq2seq_ext {
+
+// The tensors gru_layer_backward takes besides the forward's arguments (device independent):
+// grad_output and output (T, B, H), saved (T, B, 4H) and grad_hn (B, H) when given, all on the
+// device of input; output and saved in input's dtype (grad_output and grad_hn may be of another
+// dtype: they are converted, as the CPU kernel's in-place add converts grad_output). The two
+// shape rules the CPU kernel checks come first, with its messages; the rest guards a device
+// kernel against reading through pointers of the wrong size, device or type.
+inline void check_gru_layer_backward_tensors(const at::Tensor& grad_output,
+                                             const std::optional<at::Tensor>& grad_hn,
+                                             const at::Tensor& input, const at::Tensor& output,
+                                             const at::Tensor& saved, const GruLayerDims& d) {
+  const int64_t T = d.steps, B = d.batch, H = d.hidden;
+  check_defined(grad_output, "grad_output");
+  check_defined(output, "output");
+  check_defined(saved, "saved");
+  TORCH_CHECK(grad_output.sizes() == output.sizes(), "grad_output: expected shape ",
+              shape_str(output), ", got ", shape_str(grad_output));
+  TORCH_CHECK(saved.dim() == 3 && saved.size(0) == T && saved.size(1) == B &&
+                  saved.size(2) == 4 * H,
+              "saved: expected shape [", T, ", ", B, ", ", 4 * H, "], got ", shape_str(saved));
+  TORCH_CHECK(output.dim() == 3 && output.size(0) == T && output.size(1) == B &&
+                  output.size(2) == H,
+              "output: expected shape [", T, ", ", B, ", ", H,
+              "] (steps and batch of input, hidden of w_hh), got ", shape_str(output));
+  check_same_device(output, input, "output", "input");
+  check_same_dtype(output, input, "output", "input");
+  check_same_device(saved, input, "saved", "input");
+  check_same_dtype(saved, input, "saved", "input");
+  check_same_device(grad_output, input, "grad_output", "input");
+  if (grad_hn.has_value() && grad_hn->defined()) {
+    TORCH_CHECK(grad_hn->dim() == 2 && grad_hn->size(0) == B && grad_hn->size(1) == H,
+                "grad_hn: expected shape [", B, ", ", H, "] (the final state's), got ",
+                shape_str(*grad_hn));
+    check_same_device(*grad_hn, input, "grad_hn", "input");
+  }
 }
 
 }  // namespace seq2seq_ext

@@ -10,6 +10,16 @@
 namespace seq2seq_ext {
 namespace cpu {
 
+// Sum of the lanes of a vector, in lane order.
+template <typename T>
+inline T hsum(const at::vec::Vectorized<T>& v) {
+  T lanes[at::vec::Vectorized<T>::size()];
+  v.store(lanes);
+  T s = 0;
+  for (int64_t k = 0; k < at::vec::Vectorized<T>::size(); ++k) s += lanes[k];
+  return s;
+}
+
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t n) {
   using Vec = at::vec::Vectorized<T>;
@@ -19,7 +29,7 @@ inline T dot(const T* a, const T* b, int64_t n) {
   if (n >= W) {
     Vec acc(T(0));
     for (; i + W <= n; i += W) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
-    s = at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, acc);
+    s = hsum(acc);
   }
   for (; i < n; ++i) s += a[i] * b[i];
   return s;

@@ -16,6 +16,7 @@
 
 #include "../checks.h"
 #include "common.h"
+#include "gru_math.h"
 
 namespace seq2seq_ext {
 namespace {
@@ -54,6 +55,11 @@ inline acc_t nan_max(acc_t a, acc_t b) {
   return (a != a || a > b) ? a : b;  // propagates NaN like at::vec::maximum
 }
 
+// exp of x <= 0 (logits minus their maximum or their log-sum-exp): PyTorch's fast polynomial
+// exp for float32 (at most 20 ULP, as its own softmax kernels use), Sleef's for float64.
+inline Vectorized<float> exp_nonpos(const Vectorized<float>& x) { return x.exp_u20(); }
+inline Vectorized<double> exp_nonpos(const Vectorized<double>& x) { return x.exp(); }
+
 // max and log-sum-exp of a contiguous row.
 template <typename acc_t>
 acc_t row_lse(const acc_t* x, int64_t n) {
@@ -73,8 +79,8 @@ acc_t row_lse(const acc_t* x, int64_t n) {
   Vec vs(acc_t(0));
   const Vec vmax(m);
   i = 0;
-  for (; i + W <= n; i += W) vs = vs + (Vec::loadu(x + i) - vmax).exp();
-  acc_t s = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vs);
+  for (; i + W <= n; i += W) vs = vs + exp_nonpos(Vec::loadu(x + i) - vmax);
+  acc_t s = cpu::hsum(vs);
   for (; i < n; ++i) s += std::exp(x[i] - m);
   return m + std::log(s);
 }
@@ -86,7 +92,7 @@ void row_softmax_scaled(const acc_t* x, acc_t* g, int64_t n, acc_t lse, acc_t sc
   constexpr int64_t W = Vec::size();
   const Vec vl(lse), vsc(scale);
   int64_t i = 0;
-  for (; i + W <= n; i += W) ((Vec::loadu(x + i) - vl).exp() * vsc).store(g + i);
+  for (; i + W <= n; i += W) (exp_nonpos(Vec::loadu(x + i) - vl) * vsc).store(g + i);
   for (; i < n; ++i) g[i] = std::exp(x[i] - lse) * scale;
 }
 

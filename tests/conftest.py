@@ -1,0 +1,74 @@
+"""Fixtures shared by the test files.
+
+* Every test runs with ``SEQ2SEQ_EXT_PLOT`` pointing into a temporary directory, so that
+  ``train_seq2seq``'s loss curve (``Animator``) never lands as ``loss.png`` in the repository.
+* The backend in force before a test is restored after it, whatever the test selected.
+* ``fra_eng_path``: the shared English-French corpus (skips when the file is absent).
+* ``small_corpus``: a small generated English-French file in d2l's ``fra.txt`` format.
+"""
+import os
+from pathlib import Path
+
+import pytest
+
+import seq2seq_ext
+from seq2seq_ext import ops
+from seq2seq_ext.data import number_pairs
+from seq2seq_ext.utils import PLOT_ENV
+
+#: The shared corpus, ``../shared/data/fra-eng.txt`` relative to the repository root.
+FRA_ENG_PATH = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'fra-eng.txt'
+
+#: The chapter's example pairs as they appear at the top of d2l's fra.txt.
+CHAPTER_LINES = [('Go.', 'Va !'), ('I lost.', "J'ai perdu."), ("He's calm.", 'Il est calme.'),
+                 ("I'm home.", 'Je suis chez moi.')]
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _plot_into_tmp(tmp_path_factory):
+    """Send the default loss-curve PNG to a temporary directory for the whole session."""
+    target = tmp_path_factory.mktemp('plots') / 'loss.png'
+    old = os.environ.get(PLOT_ENV)
+    os.environ[PLOT_ENV] = str(target)
+    yield target
+    if old is None:
+        os.environ.pop(PLOT_ENV, None)
+    else:
+        os.environ[PLOT_ENV] = old
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """Put back the backend that was in force before the test."""
+    before = seq2seq_ext.get_backend()
+    yield
+    ops.set_backend(before)
+
+
+@pytest.fixture(scope='session')
+def fra_eng_path():
+    """Path of the shared fra-eng corpus; the test is skipped when the file is absent."""
+    if not FRA_ENG_PATH.is_file():
+        pytest.skip(f'the English-French corpus is not available at {FRA_ENG_PATH}')
+    return FRA_ENG_PATH
+
+
+def _fra_line(english, french):
+    """One ``english<TAB>french`` line written like d2l's fra.txt: capitalised sentences,
+    English punctuation attached, French punctuation after a (narrow) no-break space."""
+    return f'{english.capitalize()}.\t{french.capitalize()}\u202f!'
+
+
+def write_small_corpus(path, stop=700):
+    """Write a d2l-style fra.txt: the chapter's four example pairs (twice, so that their tokens
+    reach the vocabularies' ``min_freq=2``), then English/French number names 1..stop-1."""
+    lines = [f'{en}\t{fr}' for en, fr in CHAPTER_LINES] * 2
+    lines += [_fra_line(en, fr) for en, fr in number_pairs(1, stop)]
+    path.write_text('\n'.join(lines) + '\n', encoding='utf-8')
+    return path
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    """A small generated English-French corpus (708 pairs) in d2l's fra.txt format."""
+    return write_small_corpus(tmp_path / 'fra.txt')
