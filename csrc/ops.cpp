@@ -5,6 +5,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/kernels.h"
+
 TORCH_LIBRARY(seq2seq_ext, m) {
   // Masked softmax cross-entropy, as d2l's MaskedSoftmaxCELoss: pred (B, T, V) with any strides,
   // label (B, T) int64/int32, valid_len (B,). Returns the per-sequence loss (B,) (the mean over
@@ -70,6 +72,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "seq2seq_ext compiled library: registers torch.ops.seq2seq_ext.*";
   module.def("built_with_cuda", &built_with_cuda,
              "True when the CUDA kernels were compiled into this library.");
+  // The decode step's CPU kernel without the boxed dispatcher call, whose argument handling
+  // costs more than the step itself at the chapter's sizes. seq2seq_ext.ops uses it only for
+  // plain CPU tensors with no grad mode, tracing or dispatch mode in force; everything else
+  // goes through torch.ops.seq2seq_ext.gru_decode_step.
+  module.def(
+      "gru_decode_step_cpu",
+      [](const at::Tensor& token, const at::Tensor& state, const at::Tensor& emb_proj,
+         const std::optional<at::Tensor>& ctx_proj, const std::vector<at::Tensor>& weights,
+         const at::Tensor& dense_weight, const at::Tensor& dense_bias) {
+        return seq2seq_ext::gru_decode_step_cpu(token, state, emb_proj, ctx_proj, weights,
+                                                dense_weight, dense_bias);
+      },
+      "Direct call of the CPU kernel of seq2seq_ext::gru_decode_step.");
 #if defined(TORCH_VERSION_MAJOR) && defined(TORCH_VERSION_MINOR)
   module.attr("torch_version") =
       std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);

@@ -280,8 +280,20 @@ def gru_decode_step(token, state, emb_proj, ctx_proj, weights, dense_weight, den
     reference decoder does; weights: ``nn.GRU``'s flat weights. Returns (logits (batch, vocab), or
     (batch, 1, vocab) for a (batch, 1) token, and the new state). Not differentiable: models use the differentiable path when gradients are needed.
     """
+    if (type(state) is torch.Tensor and state.device.type == "cpu"
+            and not torch.is_grad_enabled() and _no_dispatch_hooks()):
+        # plain CPU inference: the kernel itself, without the boxed op call's argument handling
+        return _C.gru_decode_step_cpu(token, state, emb_proj, ctx_proj, weights, dense_weight,
+                                      dense_bias)
     return _ops.gru_decode_step(token, state, emb_proj, ctx_proj, list(weights), dense_weight,
                                 dense_bias)
+
+
+def _no_dispatch_hooks():
+    """No torch.compile tracing, dispatch mode or function mode is active."""
+    return (torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled()
+            and not torch.compiler.is_compiling())
 
 
 def greedy_decode(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias, bos, eos,

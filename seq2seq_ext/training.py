@@ -7,7 +7,7 @@ from . import reference
 from .losses import MaskedSoftmaxCELoss
 from .utils import Animator, Timer
 
-__all__ = ["train_seq2seq", "fit", "grad_clipping", "xavier_init_weights"]
+__all__ = ["train_seq2seq", "fit", "make_adam", "grad_clipping", "xavier_init_weights"]
 
 xavier_init_weights = reference.xavier_init_weights
 
@@ -28,6 +28,15 @@ def grad_clipping(net, theta):
     torch._foreach_mul_(grads, scale)
 
 
+def make_adam(params, lr):
+    """``torch.optim.Adam(params, lr)``, with PyTorch's fused implementation (one kernel for all
+    parameters: the same update rule, rounding aside) when every parameter allows it."""
+    params = list(params)
+    fused = all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+                and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
 def train_seq2seq(net, data_iter, lr, num_epochs, tgt_vocab, device):
     """Train a model for sequence to sequence (d2l's signature, printed line and loss plot).
 
@@ -43,7 +52,7 @@ def fit(net, data_iter, lr, num_epochs, tgt_vocab, device, on_epoch=None, plot=T
     every epoch (1-based). Returns the last epoch's (loss per token, tokens/sec)."""
     net.apply(xavier_init_weights)
     net.to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    optimizer = make_adam(net.parameters(), lr)
     loss = MaskedSoftmaxCELoss()
     net.train()
     animator = Animator(xlabel='epoch', ylabel='loss', xlim=[10, num_epochs]) if plot else None

@@ -11,6 +11,7 @@
 
 #include "../checks.h"
 #include "gru_math.h"
+#include "kernels.h"
 
 namespace seq2seq_ext {
 namespace {
@@ -99,28 +100,6 @@ std::vector<int64_t> tokens_to_vector(const at::Tensor& token, int64_t tgt_vocab
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> gru_decode_step_cpu(
-    const at::Tensor& token, const at::Tensor& state, const at::Tensor& emb_proj,
-    const std::optional<at::Tensor>& ctx_proj, at::TensorList weights,
-    const at::Tensor& dense_weight, const at::Tensor& dense_bias) {
-  const DecoderDims d =
-      check_decoder_args(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias);
-  check_decode_token(token, state, d.batch);
-  const auto tok = tokens_to_vector(token, d.tgt_vocab);
-  at::Tensor logits = at::empty(decode_logits_shape(token, d.vocab), state.options());
-  at::Tensor new_state = at::empty_like(state, at::MemoryFormat::Contiguous);
-  const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
-  AT_DISPATCH_FLOATING_TYPES(state.scalar_type(), "gru_decode_step_cpu", [&] {
-    Contig c;
-    auto m = make_view<scalar_t>(d, weights, emb_proj, dense_weight, dense_bias, c);
-    const scalar_t* ctx = has_ctx ? c(*ctx_proj).const_data_ptr<scalar_t>() : nullptr;
-    std::vector<scalar_t> gi, gh;
-    step_rows<scalar_t>(m, tok.data(), d.batch, c(state).const_data_ptr<scalar_t>(), ctx,
-                        new_state.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), gi, gh);
-  });
-  return {logits, new_state};
-}
-
 std::tuple<at::Tensor, at::Tensor> greedy_decode_cpu(
     const at::Tensor& state, const at::Tensor& emb_proj, const std::optional<at::Tensor>& ctx_proj,
     at::TensorList weights, const at::Tensor& dense_weight, const at::Tensor& dense_bias,
@@ -188,6 +167,28 @@ std::tuple<at::Tensor, at::Tensor> greedy_decode_cpu(
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gru_decode_step_cpu(
+    const at::Tensor& token, const at::Tensor& state, const at::Tensor& emb_proj,
+    const std::optional<at::Tensor>& ctx_proj, at::TensorList weights,
+    const at::Tensor& dense_weight, const at::Tensor& dense_bias) {
+  const DecoderDims d =
+      check_decoder_args(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias);
+  check_decode_token(token, state, d.batch);
+  const auto tok = tokens_to_vector(token, d.tgt_vocab);
+  at::Tensor logits = at::empty(decode_logits_shape(token, d.vocab), state.options());
+  at::Tensor new_state = at::empty_like(state, at::MemoryFormat::Contiguous);
+  const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
+  AT_DISPATCH_FLOATING_TYPES(state.scalar_type(), "gru_decode_step_cpu", [&] {
+    Contig c;
+    auto m = make_view<scalar_t>(d, weights, emb_proj, dense_weight, dense_bias, c);
+    const scalar_t* ctx = has_ctx ? c(*ctx_proj).const_data_ptr<scalar_t>() : nullptr;
+    std::vector<scalar_t> gi, gh;
+    step_rows<scalar_t>(m, tok.data(), d.batch, c(state).const_data_ptr<scalar_t>(), ctx,
+                        new_state.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), gi, gh);
+  });
+  return {logits, new_state};
+}
 
 TORCH_LIBRARY_IMPL(seq2seq_ext, CPU, m) {
   m.impl("gru_decode_step", &gru_decode_step_cpu);

@@ -121,20 +121,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
   at::Tensor saved = at::empty({T, B, 4 * H}, opts);
   if (T == 0 || B == 0) return {output, h0.clone(at::MemoryFormat::Contiguous), saved};
   // the input projection of every step in one GEMM: (T*B, I) x (I, 3H) + b_ih
-  at::Tensor gi = at::addmm(b_ih, input.reshape({T * B, d.input}), w_ih.t()).view({T, B, G});
+  at::Tensor gi = at::empty({T, B, G}, opts);
+  {
+    const at::Tensor x = input.reshape({T * B, d.input}).contiguous();
+    const at::Tensor w = w_ih.stride(1) == 1 ? w_ih : w_ih.contiguous();
+    const at::Tensor bias = b_ih.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_cpu_input", [&] {
+      cpu::linear_nt<scalar_t>(x.const_data_ptr<scalar_t>(), d.input, T * B, d.input,
+                               w.const_data_ptr<scalar_t>(), w.stride(0), G,
+                               bias.const_data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), false);
+    });
+  }
   if (extra.has_value() && extra->defined()) gi.add_(extra->unsqueeze(0));
   at::Tensor gh = at::empty({B, G}, opts);
-  at::Tensor h_prev = h0.contiguous();
-  const at::Tensor w_hh_t = w_hh.t();
+  const at::Tensor h0_c = h0.contiguous();
+  const at::Tensor w_hh_c = w_hh.contiguous();
+  const at::Tensor b_hh_c = b_hh.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_cpu", [&] {
+    using T_ = scalar_t;
+    const T_* gi_p = gi.const_data_ptr<T_>();
+    T_* gh_p = gh.data_ptr<T_>();
+    T_* out_p = output.data_ptr<T_>();
+    T_* saved_p = saved.data_ptr<T_>();
+    const T_* h_prev = h0_c.const_data_ptr<T_>();
     for (int64_t t = 0; t < T; ++t) {
-      at::addmm_out(gh, b_hh, h_prev, w_hh_t);
-      at::Tensor out_t = output.select(0, t);
-      gru_forward_pointwise<scalar_t>(gi.select(0, t).const_data_ptr<scalar_t>(),
-                                      gh.const_data_ptr<scalar_t>(),
-                                      h_prev.const_data_ptr<scalar_t>(),
-                                      out_t.data_ptr<scalar_t>(),
-                                      saved.select(0, t).data_ptr<scalar_t>(), B, H);
+      // gh = h_prev W_hh^T + b_hh: small products in vector loops, large ones in BLAS
+      cpu::linear_nt<T_>(h_prev, H, B, H, w_hh_c.const_data_ptr<T_>(), H, G,
+                         b_hh_c.const_data_ptr<T_>(), gh_p, false);
+      T_* out_t = out_p + t * B * H;
+      gru_forward_pointwise<T_>(gi_p + t * B * G, gh_p, h_prev, out_t, saved_p + t * B * 4 * H,
+                                B, H);
       h_prev = out_t;
     }
   });

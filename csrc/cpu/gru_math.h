@@ -10,7 +10,25 @@
 namespace seq2seq_ext {
 namespace cpu {
 
-// Sum of the lanes of a vector, in lane order.
+// Sum of the lanes of a vector.
+#if defined(CPU_CAPABILITY_AVX512)
+inline float hsum(const at::vec::Vectorized<float>& v) { return _mm512_reduce_add_ps(v); }
+inline double hsum(const at::vec::Vectorized<double>& v) { return _mm512_reduce_add_pd(v); }
+#elif defined(CPU_CAPABILITY_AVX2)
+inline float hsum(const at::vec::Vectorized<float>& v) {
+  const __m256 x = v;
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline double hsum(const at::vec::Vectorized<double>& v) {
+  const __m256d x = v;
+  __m128d s = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+  s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+  return _mm_cvtsd_f64(s);
+}
+#else
 template <typename T>
 inline T hsum(const at::vec::Vectorized<T>& v) {
   T lanes[at::vec::Vectorized<T>::size()];
@@ -19,6 +37,7 @@ inline T hsum(const at::vec::Vectorized<T>& v) {
   for (int64_t k = 0; k < at::vec::Vectorized<T>::size(); ++k) s += lanes[k];
   return s;
 }
+#endif
 
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t n) {
