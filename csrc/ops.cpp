@@ -72,19 +72,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "seq2seq_ext compiled library: registers torch.ops.seq2seq_ext.*";
   module.def("built_with_cuda", &built_with_cuda,
              "True when the CUDA kernels were compiled into this library.");
-  // The decode step's CPU kernel without the boxed dispatcher call, whose argument handling
-  // costs more than the step itself at the chapter's sizes. seq2seq_ext.ops uses it only for
-  // plain CPU tensors with no grad mode, tracing or dispatch mode in force; everything else
-  // goes through torch.ops.seq2seq_ext.gru_decode_step.
-  module.def(
-      "gru_decode_step_cpu",
-      [](const at::Tensor& token, const at::Tensor& state, const at::Tensor& emb_proj,
-         const std::optional<at::Tensor>& ctx_proj, const std::vector<at::Tensor>& weights,
-         const at::Tensor& dense_weight, const at::Tensor& dense_bias) {
-        return seq2seq_ext::gru_decode_step_cpu(token, state, emb_proj, ctx_proj, weights,
-                                                dense_weight, dense_bias);
-      },
-      "Direct call of the CPU kernel of seq2seq_ext::gru_decode_step.");
+  // A decoder's weights bound for repeated decode steps (see cpu/kernels.h). Its step() runs
+  // the CPU kernel of seq2seq_ext::gru_decode_step without the boxed dispatcher call, whose
+  // argument handling for a dozen tensors costs more than the step itself at the chapter's
+  // sizes. seq2seq_ext uses it only for plain CPU tensors in inference with no tracing or
+  // dispatch mode in force; everything else goes through torch.ops.seq2seq_ext.gru_decode_step.
+  pybind11::class_<seq2seq_ext::DecoderStepper>(module, "DecoderStepper")
+      .def(pybind11::init<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor>(),
+           pybind11::arg("embedding"), pybind11::arg("weights"), pybind11::arg("dense_weight"),
+           pybind11::arg("dense_bias"))
+      .def("emb_proj", &seq2seq_ext::DecoderStepper::emb_proj)
+      .def("step", &seq2seq_ext::DecoderStepper::step, pybind11::arg("token"),
+           pybind11::arg("state"));
 #if defined(TORCH_VERSION_MAJOR) && defined(TORCH_VERSION_MINOR)
   module.attr("torch_version") =
       std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);

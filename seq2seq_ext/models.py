@@ -12,7 +12,8 @@ from .reference import Decoder, Encoder, EncoderDecoder
 __all__ = ["Encoder", "Decoder", "EncoderDecoder", "Seq2SeqEncoder", "Seq2SeqDecoder",
            "decoder_emb_proj", "fused_decoder_args", "supports_fused_decoding"]
 
-_CACHE_ATTR = "_seq2seq_ext_emb_proj"
+_STEPPER_ATTR = "_seq2seq_ext_stepper"
+_FLOATS = (torch.float32, torch.float64)
 
 
 class Seq2SeqEncoder(reference.Seq2SeqEncoder):
@@ -45,8 +46,17 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
     """
 
     def forward(self, X, state):
-        if X.dim() == 2 and X.shape[1] == 1 and _fused_step_allowed(self, state):
-            return ops.gru_decode_step(X, state, *fused_decoder_args(self))
+        if X.dim() == 2 and X.shape[1] == 1:
+            # the common inference case first, with the checks that the cached stepper implies
+            cached = self.__dict__.get(_STEPPER_ATTR)
+            if (cached is not None and cached[0] == _generation[0] and not self.training
+                    and state.dtype in _FLOATS and ops.get_backend() == "ext"
+                    and ops.direct_cpu_call_ok(state)):
+                return cached[1].step(X, state)
+            if _fused_step_allowed(self, state):
+                if ops.direct_cpu_call_ok(state):
+                    return decoder_stepper(self).step(X, state)
+                return ops.gru_decode_step(X, state, *fused_decoder_args(self))
         rnn = self._modules["rnn"]
         if not _fused_layer_allowed(rnn, state):
             return super().forward(X, state)
@@ -58,6 +68,11 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
                                 w_ih0=w_ih0[:, :embed], extra0=extra)
         output = self.dense(output).permute(1, 0, 2)
         return output, state
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .double(), .cuda() may swap parameter tensors: drop the bound weights
+        self.__dict__.pop(_STEPPER_ATTR, None)
+        return super()._apply(fn, *args, **kwargs)
 
 
 def supports_fused_decoding(decoder):
@@ -99,25 +114,42 @@ def fused_decoder_args(decoder):
     weights, dense weight, dense bias)``.
 
     ``emb_proj = embedding.weight @ W_ih0[:, :embed]^T + b_ih0`` (tgt_vocab, 3*hidden) is layer
-    0's input projection of every token. It is computed once per set of weights and cached on the
-    decoder, keyed on the storage and version counter of the three parameters it depends on, so
-    an optimizer step, ``load_state_dict`` or ``.to()`` invalidates it.
+    0's input projection of every token, computed once per set of weights (see
+    :func:`decoder_stepper`).
     """
     mods = decoder._modules
-    rnn = mods["rnn"]
-    emb = mods["embedding"]._parameters["weight"]
-    w_ih0, b_ih0 = rnn._flat_weights[0], rnn._flat_weights[2]
-    key = (emb._version, w_ih0._version, b_ih0._version,
-           emb.data_ptr(), w_ih0.data_ptr(), b_ih0.data_ptr())
-    cached = decoder.__dict__.get(_CACHE_ATTR)
-    if cached is not None and cached[0] == key:
-        table = cached[1]
-    else:
-        with torch.no_grad():
-            table = torch.addmm(b_ih0, emb, w_ih0[:, :emb.shape[1]].t())
-        decoder.__dict__[_CACHE_ATTR] = (key, table)
     dense = mods["dense"]._parameters
-    return table, None, rnn._flat_weights, dense["weight"], dense["bias"]
+    return (decoder_stepper(decoder).emb_proj(), None, mods["rnn"]._flat_weights,
+            dense["weight"], dense["bias"])
+
+
+# Bumped whenever any module registers (or replaces) a parameter or a submodule, so that the
+# weights a decoder has bound (decoder_stepper) are rebound after such a change. In-place
+# updates (optimizer steps, load_state_dict) need no rebinding: the stepper holds the parameters
+# themselves and tracks their version counters.
+_generation = [0]
+
+
+def _bump_generation(*_):
+    _generation[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_bump_generation)
+torch.nn.modules.module.register_module_module_registration_hook(_bump_generation)
+
+
+def decoder_stepper(decoder):
+    """The decoder's :func:`seq2seq_ext.ops.decoder_stepper`, cached on the decoder (only for a
+    decoder that :func:`supports_fused_decoding`)."""
+    cached = decoder.__dict__.get(_STEPPER_ATTR)
+    if cached is not None and cached[0] == _generation[0]:
+        return cached[1]
+    mods = decoder._modules
+    dense = mods["dense"]._parameters
+    stepper = ops.decoder_stepper(mods["embedding"]._parameters["weight"],
+                                  mods["rnn"]._flat_weights, dense["weight"], dense["bias"])
+    decoder.__dict__[_STEPPER_ATTR] = (_generation[0], stepper)
+    return stepper
 
 
 def decoder_emb_proj(decoder):

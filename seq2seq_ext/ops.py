@@ -29,7 +29,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 __all__ = [
     "BACKENDS", "get_backend", "set_backend", "use_backend", "built_with_cuda",
     "masked_softmax_ce", "sequence_mask", "sequence_mask_", "gru_decode_step", "greedy_decode",
-    "gru_layer", "gru", "has_kernel",
+    "gru_layer", "gru", "has_kernel", "decoder_stepper", "direct_cpu_call_ok",
 ]
 
 BACKENDS = ("ext", "reference")
@@ -280,13 +280,24 @@ def gru_decode_step(token, state, emb_proj, ctx_proj, weights, dense_weight, den
     reference decoder does; weights: ``nn.GRU``'s flat weights. Returns (logits (batch, vocab), or
     (batch, 1, vocab) for a (batch, 1) token, and the new state). Not differentiable: models use the differentiable path when gradients are needed.
     """
-    if (type(state) is torch.Tensor and state.device.type == "cpu"
-            and not torch.is_grad_enabled() and _no_dispatch_hooks()):
-        # plain CPU inference: the kernel itself, without the boxed op call's argument handling
-        return _C.gru_decode_step_cpu(token, state, emb_proj, ctx_proj, weights, dense_weight,
-                                      dense_bias)
     return _ops.gru_decode_step(token, state, emb_proj, ctx_proj, list(weights), dense_weight,
                                 dense_bias)
+
+
+def decoder_stepper(embedding, weights, dense_weight, dense_bias):
+    """A decoder's weights bound for repeated decode steps: ``stepper.emb_proj()`` is the cached
+    embedding projection table of :func:`gru_decode_step` (rebuilt when the embedding or layer
+    0's input weights change) and ``stepper.step(token, state)`` is ``gru_decode_step`` with the
+    reference's context rule on CPU tensors, called without the dispatcher's argument handling.
+    Use ``step`` only where :func:`direct_cpu_call_ok` holds."""
+    return _C.DecoderStepper(embedding, list(weights), dense_weight, dense_bias)
+
+
+def direct_cpu_call_ok(state):
+    """True when a CPU kernel may be called directly for ``state``: a plain CPU tensor, no grad
+    mode, no torch.compile tracing, no dispatch or function mode."""
+    return (type(state) is torch.Tensor and state.is_cpu and not torch.is_grad_enabled()
+            and _no_dispatch_hooks())
 
 
 def _no_dispatch_hooks():

@@ -410,6 +410,9 @@ def test_decoder_forward_one_step_is_fused_without_grad(device, dtype, monkeypat
     X = random_tokens(5, 19, device=device, seed=40)[:, None]
     spy = _Spy(ops.gru_decode_step)
     monkeypatch.setattr(ops, "gru_decode_step", spy)
+    # plain CPU inference normally calls the kernel through the decoder's bound stepper; send it
+    # through ops.gru_decode_step so the spy sees every fused step
+    monkeypatch.setattr(ops, "direct_cpu_call_ok", lambda state: False)
     with torch.no_grad():
         Y, new_state = dec(X, state)
         Y_ref, state_ref = ref(X, state)
@@ -425,6 +428,9 @@ def test_decoder_forward_with_grad_is_differentiable(device, monkeypatch):
     X = random_tokens(5, 19, device=device, seed=41)[:, None]
     spy = _Spy(ops.gru_decode_step)
     monkeypatch.setattr(ops, "gru_decode_step", spy)
+    # plain CPU inference normally calls the kernel through the decoder's bound stepper; send it
+    # through ops.gru_decode_step so the spy sees every fused step
+    monkeypatch.setattr(ops, "direct_cpu_call_ok", lambda state: False)
     Y, new_state = dec(X, state)
     assert spy.calls == 0
     assert Y.grad_fn is not None and new_state.grad_fn is not None
@@ -447,6 +453,9 @@ def test_decoder_forward_with_grad_is_differentiable(device, monkeypatch):
 def test_decoder_forward_not_fused_with_dropout_in_training_or_reference_backend(monkeypatch):
     spy = _Spy(ops.gru_decode_step)
     monkeypatch.setattr(ops, "gru_decode_step", spy)
+    # plain CPU inference normally calls the kernel through the decoder's bound stepper; send it
+    # through ops.gru_decode_step so the spy sees every fused step
+    monkeypatch.setattr(ops, "direct_cpu_call_ok", lambda state: False)
     torch.manual_seed(43)
     dec = seq2seq_ext.Seq2SeqDecoder(11, 4, 6, 2, dropout=0.5).train()
     state = random_state(2, 3, 6, seed=43)

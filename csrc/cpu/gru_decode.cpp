@@ -190,6 +190,47 @@ std::tuple<at::Tensor, at::Tensor> gru_decode_step_cpu(
   return {logits, new_state};
 }
 
+DecoderStepper::DecoderStepper(at::Tensor embedding, std::vector<at::Tensor> weights,
+                               at::Tensor dense_weight, at::Tensor dense_bias)
+    : embedding_(std::move(embedding)),
+      dense_weight_(std::move(dense_weight)),
+      dense_bias_(std::move(dense_bias)),
+      weights_(std::move(weights)) {
+  check_dim(embedding_, 2, "embedding");
+  TORCH_CHECK(weights_.size() >= 4 && weights_.size() % 4 == 0,
+              "weights: expected nn.GRU's flat weights (4 per layer), got ", weights_.size());
+  check_dim(weights_[0], 2, "weights (w_ih)");
+  TORCH_CHECK(weights_[0].size(1) > embedding_.size(1), "weights (w_ih of layer 0): expected ",
+              "more input columns than the embedding size ", embedding_.size(1), ", got ",
+              weights_[0].size(1));
+}
+
+const at::Tensor& DecoderStepper::emb_proj() {
+  const at::Tensor* inputs[3] = {&embedding_, &weights_[0], &weights_[2]};
+  bool fresh = emb_proj_.defined();
+  for (int k = 0; k < 3; ++k) {
+    const int64_t version = static_cast<int64_t>(inputs[k]->_version());
+    const auto ptr = reinterpret_cast<int64_t>(inputs[k]->const_data_ptr());
+    fresh = fresh && key_[2 * k] == version && key_[2 * k + 1] == ptr;
+    key_[2 * k] = version;
+    key_[2 * k + 1] = ptr;
+  }
+  if (!fresh) {
+    at::NoGradGuard no_grad;
+    emb_proj_ = at::addmm(weights_[2], embedding_,
+                          weights_[0].narrow(1, 0, embedding_.size(1)).t());
+  }
+  return emb_proj_;
+}
+
+std::tuple<at::Tensor, at::Tensor> DecoderStepper::step(const at::Tensor& token,
+                                                        const at::Tensor& state) {
+  TORCH_CHECK(state.device().is_cpu(), "state: DecoderStepper.step runs on the CPU, got a tensor on ",
+              state.device());
+  return gru_decode_step_cpu(token, state, emb_proj(), std::nullopt, weights_, dense_weight_,
+                             dense_bias_);
+}
+
 TORCH_LIBRARY_IMPL(seq2seq_ext, CPU, m) {
   m.impl("gru_decode_step", &gru_decode_step_cpu);
   m.impl("greedy_decode", &greedy_decode_cpu);

@@ -19,66 +19,6 @@ namespace {
 
 using at::vec::Vectorized;
 
-template <typename T>
-inline Vectorized<T> vsigmoid(const Vectorized<T>& x) {
-  const Vectorized<T> one(T(1));
-  return one / (one + x.neg().exp());
-}
-
-// tanh(x) = expm1(2x) / (expm1(2x) + 2): one expm1 instead of Sleef's costlier tanh, accurate
-// near 0 (no cancellation) and saturating exactly: beyond the clamp tanh rounds to +-1 in T.
-template <typename T>
-inline Vectorized<T> vtanh(const Vectorized<T>& x) {
-  constexpr T lim = std::is_same_v<T, float> ? T(10) : T(20);
-  const Vectorized<T> two(T(2));
-  const Vectorized<T> e = at::vec::clamp(x, Vectorized<T>(-lim), Vectorized<T>(lim)) * two;
-  const Vectorized<T> m = e.expm1();
-  return m / (m + two);
-}
-
-// gates for B rows: gi (B, 3H) input-side pre-activations (bias included), gh (B, 3H)
-// hidden-side; h (B, H) previous state; writes out (B, H) and saved (B, 4H) = [r, z, n, gh_n].
-template <typename T>
-void gru_forward_pointwise(const T* gi, const T* gh, const T* h, T* out, T* saved, int64_t B,
-                           int64_t H) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, H));
-  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const T* a = gi + b * 3 * H;
-      const T* c = gh + b * 3 * H;
-      const T* hp = h + b * H;
-      T* o = out + b * H;
-      T* s = saved + b * 4 * H;
-      int64_t j = 0;
-      for (; j + W <= H; j += W) {
-        const Vec r = vsigmoid(Vec::loadu(a + j) + Vec::loadu(c + j));
-        const Vec z = vsigmoid(Vec::loadu(a + H + j) + Vec::loadu(c + H + j));
-        const Vec ghn = Vec::loadu(c + 2 * H + j);
-        const Vec n = vtanh(Vec::loadu(a + 2 * H + j) + r * ghn);
-        const Vec hv = Vec::loadu(hp + j);
-        (n + z * (hv - n)).store(o + j);
-        r.store(s + j);
-        z.store(s + H + j);
-        n.store(s + 2 * H + j);
-        ghn.store(s + 3 * H + j);
-      }
-      for (; j < H; ++j) {
-        const T r = cpu::sigmoid(a[j] + c[j]);
-        const T z = cpu::sigmoid(a[H + j] + c[H + j]);
-        const T ghn = c[2 * H + j];
-        const T n = std::tanh(a[2 * H + j] + r * ghn);
-        o[j] = n + z * (hp[j] - n);
-        s[j] = r;
-        s[H + j] = z;
-        s[2 * H + j] = n;
-        s[3 * H + j] = ghn;
-      }
-    }
-  });
-}
-
 // Backward pointwise for B rows: dh (B, H) gradient of the step's output (accumulated), h
 // previous state, saved [r, z, n, gh_n]; writes dgi (B, 3H), dgh (B, 3H) and dh_direct (B, H),
 // the part of the previous state's gradient that does not go through W_hh.
@@ -149,8 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
       cpu::linear_nt<T_>(h_prev, H, B, H, w_hh_c.const_data_ptr<T_>(), H, G,
                          b_hh_c.const_data_ptr<T_>(), gh_p, false);
       T_* out_t = out_p + t * B * H;
-      gru_forward_pointwise<T_>(gi_p + t * B * G, gh_p, h_prev, out_t, saved_p + t * B * 4 * H,
-                                B, H);
+      cpu::gru_cell<T_>(gi_p + t * B * G, gh_p, h_prev, H, out_t, H, B, H,
+                        saved_p + t * B * 4 * H);
       h_prev = out_t;
     }
   });

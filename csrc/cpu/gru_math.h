@@ -77,12 +77,42 @@ void linear_nt(const T* X, int64_t ldx, int64_t B, int64_t K, const T* W, int64_
     }
     return;
   }
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t Wd = Vec::size();
+  const int64_t K_vec = K - K % Wd;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N * K));
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const T* x = X + b * ldx;
       T* y = Y + b * N;
-      for (int64_t n = 0; n < N; ++n) {
+      int64_t n = 0;
+      // four outputs at a time: the x loads are shared and the four FMA chains run in parallel
+      for (; n + 4 <= N; n += 4) {
+        const T* w0 = W + n * ldw;
+        const T* w1 = w0 + ldw;
+        const T* w2 = w1 + ldw;
+        const T* w3 = w2 + ldw;
+        Vec a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+        for (int64_t k = 0; k < K_vec; k += Wd) {
+          const Vec xv = Vec::loadu(x + k);
+          a0 = at::vec::fmadd(Vec::loadu(w0 + k), xv, a0);
+          a1 = at::vec::fmadd(Vec::loadu(w1 + k), xv, a1);
+          a2 = at::vec::fmadd(Vec::loadu(w2 + k), xv, a2);
+          a3 = at::vec::fmadd(Vec::loadu(w3 + k), xv, a3);
+        }
+        T r[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+        for (int64_t k = K_vec; k < K; ++k) {
+          r[0] += w0[k] * x[k];
+          r[1] += w1[k] * x[k];
+          r[2] += w2[k] * x[k];
+          r[3] += w3[k] * x[k];
+        }
+        for (int i = 0; i < 4; ++i) {
+          const T init = accumulate ? y[n + i] : (bias ? bias[n + i] : T(0));
+          y[n + i] = init + r[i];
+        }
+      }
+      for (; n < N; ++n) {
         const T init = accumulate ? y[n] : (bias ? bias[n] : T(0));
         y[n] = init + dot(x, W + n * ldw, K);
       }
@@ -95,24 +125,66 @@ inline T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
 }
 
+template <typename T>
+inline at::vec::Vectorized<T> vsigmoid(const at::vec::Vectorized<T>& x) {
+  const at::vec::Vectorized<T> one(T(1));
+  return one / (one + x.neg().exp());
+}
+
+// tanh(x) = expm1(2x) / (expm1(2x) + 2): one expm1 instead of Sleef's costlier tanh, accurate
+// near 0 (no cancellation) and saturating exactly: beyond the clamp tanh rounds to +-1 in T.
+template <typename T>
+inline at::vec::Vectorized<T> vtanh(const at::vec::Vectorized<T>& x) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr T lim = std::is_same_v<T, float> ? T(10) : T(20);
+  const Vec two(T(2));
+  const Vec m = (at::vec::clamp(x, Vec(-lim), Vec(lim)) * two).expm1();
+  return m / (m + two);
+}
+
 // nn.GRU's cell, gate order (r, z, n), b_hn inside the reset product (it is part of gh):
 //   r = s(gi_r + gh_r), z = s(gi_z + gh_z), n = tanh(gi_n + r * gh_n), h' = (1 - z) n + z h.
-// gi, gh are (B, 3H) contiguous; h and out are (B, H) with row strides ldh and ldo.
+// gi, gh are (B, 3H) contiguous; h and out are (B, H) with row strides ldh and ldo. When `saved`
+// is given it receives (B, 4H) = [r, z, n, gh_n] for the backward.
 template <typename T>
 void gru_cell(const T* gi, const T* gh, const T* h, int64_t ldh, T* out, int64_t ldo, int64_t B,
-              int64_t H) {
-  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, H));
+              int64_t H, T* saved = nullptr) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, H));
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const T* a = gi + b * 3 * H;
       const T* c = gh + b * 3 * H;
       const T* hp = h + b * ldh;
       T* o = out + b * ldo;
-      for (int64_t j = 0; j < H; ++j) {
+      T* s = saved ? saved + b * 4 * H : nullptr;
+      int64_t j = 0;
+      for (; j + W <= H; j += W) {
+        const Vec r = vsigmoid(Vec::loadu(a + j) + Vec::loadu(c + j));
+        const Vec z = vsigmoid(Vec::loadu(a + H + j) + Vec::loadu(c + H + j));
+        const Vec ghn = Vec::loadu(c + 2 * H + j);
+        const Vec n = vtanh(Vec::loadu(a + 2 * H + j) + r * ghn);
+        (n + z * (Vec::loadu(hp + j) - n)).store(o + j);
+        if (s) {
+          r.store(s + j);
+          z.store(s + H + j);
+          n.store(s + 2 * H + j);
+          ghn.store(s + 3 * H + j);
+        }
+      }
+      for (; j < H; ++j) {
         const T r = sigmoid(a[j] + c[j]);
         const T z = sigmoid(a[H + j] + c[H + j]);
-        const T n = std::tanh(a[2 * H + j] + r * c[2 * H + j]);
-        o[j] = (T(1) - z) * n + z * hp[j];
+        const T ghn = c[2 * H + j];
+        const T n = std::tanh(a[2 * H + j] + r * ghn);
+        o[j] = n + z * (hp[j] - n);
+        if (s) {
+          s[j] = r;
+          s[H + j] = z;
+          s[2 * H + j] = n;
+          s[3 * H + j] = ghn;
+        }
       }
     }
   });

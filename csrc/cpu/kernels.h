@@ -14,4 +14,23 @@ std::tuple<at::Tensor, at::Tensor> gru_decode_step_cpu(
     const std::optional<at::Tensor>& ctx_proj, at::TensorList weights,
     const at::Tensor& dense_weight, const at::Tensor& dense_bias);
 
+// A decoder's weights bound once for repeated decode steps. It keeps references to the
+// parameters themselves (so in-place updates and `.data` swaps are seen) and rebuilds the
+// embedding projection table emb_proj = embedding @ W_ih0[:, :E]^T + b_ih0 when the version
+// counter or storage of one of its three inputs changes. step() runs the CPU kernel directly.
+class DecoderStepper {
+ public:
+  DecoderStepper(at::Tensor embedding, std::vector<at::Tensor> weights, at::Tensor dense_weight,
+                 at::Tensor dense_bias);
+  // The table for the current weights (any device).
+  const at::Tensor& emb_proj();
+  // One decode step with the reference's context rule, on CPU tensors.
+  std::tuple<at::Tensor, at::Tensor> step(const at::Tensor& token, const at::Tensor& state);
+
+ private:
+  at::Tensor embedding_, dense_weight_, dense_bias_, emb_proj_;
+  std::vector<at::Tensor> weights_;
+  int64_t key_[6] = {-1, -1, -1, -1, -1, -1};
+};
+
 }  // namespace seq2seq_ext
