@@ -29,6 +29,24 @@ def median_time(fn, repeat=7, number=1, warmup=1):
     return rounds[len(rounds) // 2]
 
 
+def paired_times(f_ref, f_ext, repeat=7, number=1, warmup=1):
+    """Median seconds per call of f_ref and of f_ext, their rounds interleaved (ref, ext, ref,
+    ...) so that both see the same machine state: on a shared 2-core machine the speed of the
+    same code drifts over seconds, and timing one side after the other would fold that drift
+    into the ratio."""
+    for _ in range(warmup):
+        f_ref()
+        f_ext()
+    rounds = ([], [])
+    for _ in range(repeat):
+        for fn, out in ((f_ref, rounds[0]), (f_ext, rounds[1])):
+            t = time.perf_counter()
+            for _ in range(number):
+                fn()
+            out.append((time.perf_counter() - t) / number)
+    return tuple(sorted(r)[len(r) // 2] for r in rounds)
+
+
 def ce_inputs(batch, steps, vocab, seed=0, dtype=torch.float32):
     """The decoder's logits layout: a (steps, batch, vocab) tensor seen as (batch, steps, vocab)."""
     g = torch.Generator().manual_seed(seed)

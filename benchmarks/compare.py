@@ -13,7 +13,6 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -31,8 +30,9 @@ def case_ce(batch, steps, vocab, repeat):
     pred, label, valid_len = common.ce_inputs(batch, steps, vocab)
     ref = common.ce_fwd_bwd(R.MaskedSoftmaxCELoss())
     ext = common.ce_fwd_bwd(d2l.MaskedSoftmaxCELoss())
-    t_ref = common.median_time(lambda: ref(pred, label, valid_len), repeat=repeat)
-    t_ext = common.median_time(lambda: ext(pred, label, valid_len), repeat=repeat)
+    t_ref, t_ext = common.paired_times(lambda: ref(pred, label, valid_len),
+                                       lambda: ext(pred, label, valid_len), repeat=repeat,
+                                       number=1 if vocab > 1000 else 20)
     return t_ref, t_ext, ce_floor(batch * steps * vocab)
 
 
@@ -61,8 +61,9 @@ def case_decode_step(repeat):
         X = torch.randint(0, len(src_vocab), (1, 10))
         state = ref.encoder(X)[1]
         tok = torch.tensor([[tgt_vocab['<bos>']]])
-        t_ref = common.median_time(lambda: ref.decoder(tok, state), repeat=repeat, number=200)
-        t_ext = common.median_time(lambda: net.decoder(tok, state), repeat=repeat, number=200)
+        t_ref, t_ext = common.paired_times(lambda: ref.decoder(tok, state),
+                                           lambda: net.decoder(tok, state),
+                                           repeat=3 * repeat, number=200)
     return t_ref, t_ext, None
 
 
@@ -75,8 +76,8 @@ def case_predict(repeat):
         return [mod.predict_seq2seq(model, s, src_vocab, tgt_vocab, 10, 'cpu')[0] for s in sents]
 
     assert run(d2l, net) == run(R, ref)
-    t_ref = common.median_time(lambda: run(R, ref), repeat=repeat, number=5)
-    t_ext = common.median_time(lambda: run(d2l, net), repeat=repeat, number=5)
+    t_ref, t_ext = common.paired_times(lambda: run(R, ref), lambda: run(d2l, net),
+                                       repeat=3 * repeat, number=5)
     return t_ref, t_ext, None
 
 
@@ -153,10 +154,14 @@ def peak_rss_child(name, impl):
     cfg = TRAIN_CONFIGS[name]
     torch.set_num_threads(1)
     batches, src_vocab, tgt_vocab, _ = _train_setup(cfg)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM), so the peak read after
+    # training is the training's own, not the data set-up's
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     _train_once(impl, cfg, batches, src_vocab, tgt_vocab)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(max(peak - base, 0) / 1024.0)
+    with open("/proc/self/status") as f:
+        hwm = next(line for line in f if line.startswith("VmHWM:"))
+    print(int(hwm.split()[1]) / 1024.0)
 
 
 CASES = {
@@ -178,8 +183,8 @@ def fmt_time(t):
     return f"{t * 1e6:.1f} us" if t < 1e-3 else (f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.2f} s")
 
 
-def profile_train(rows=25):
-    cfg = TRAIN_CONFIGS["train-chapter"]
+def profile_train(name="train-chapter", rows=25):
+    cfg = TRAIN_CONFIGS[name]
     batches, src_vocab, tgt_vocab, _ = _train_setup(cfg)
     cfg = dict(cfg, epochs=2)
     _train_once("ext", cfg, batches, src_vocab, tgt_vocab)
@@ -195,14 +200,16 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--profile-train", action="store_true")
+    parser.add_argument("--profile-train", nargs="?", const="train-chapter",
+                        choices=[k for k in CASES if k.startswith("train")],
+                        help="profile the extension's training at this configuration")
     parser.add_argument("--peak-rss", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.peak_rss:
         return peak_rss_child(*args.peak_rss)
     if args.profile_train:
-        return profile_train()
+        return profile_train(args.profile_train)
     print(f"# seq2seq_ext vs reference: torch {torch.__version__}, {args.threads} thread(s), "
           f"{platform.processor() or platform.machine()}, python {platform.python_version()}")
     print()
@@ -226,7 +233,7 @@ def main(argv=None):
                      f"tokens/s, tgt vocab {extra['tgt_vocab']}")
             if "peak_rss_mb" in extra:
                 rss = extra["peak_rss_mb"]
-                notes += f"; peak RSS growth {rss['reference']:.0f} vs {rss['ext']:.0f} MB"
+                notes += f"; peak RSS {rss['reference']:.0f} vs {rss['ext']:.0f} MB"
         print(f"| {title} | {fmt_time(t_ref)} | {fmt_time(t_ext)} | {t_ref / t_ext:.1f}x | "
               f"{target} | {notes} |", flush=True)
         results[key] = dict(reference_s=t_ref, extension_s=t_ext, ratio=t_ref / t_ext,

@@ -84,6 +84,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       .def("emb_proj", &seq2seq_ext::DecoderStepper::emb_proj)
       .def("step", &seq2seq_ext::DecoderStepper::step, pybind11::arg("token"),
            pybind11::arg("state"));
+  // gru_layer's CPU kernel for inference (no graph to record), under the same conditions.
+  module.def("gru_layer_cpu", &seq2seq_ext::gru_layer_cpu, pybind11::arg("input"),
+             pybind11::arg("h0"), pybind11::arg("w_ih"), pybind11::arg("w_hh"),
+             pybind11::arg("b_ih"), pybind11::arg("b_hh"), pybind11::arg("extra") = pybind11::none());
 #if defined(TORCH_VERSION_MAJOR) && defined(TORCH_VERSION_MINOR)
   module.attr("torch_version") =
       std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);

@@ -17,7 +17,8 @@ def _encode_sources(sentences, src_vocab, num_steps, device):
 
 
 def _fused_greedy(net, sentences, src_vocab, tgt_vocab, num_steps, device):
-    net.eval()
+    if any(m.training for m in net.modules()):
+        net.eval()
     with torch.no_grad():
         enc_X, enc_valid_len = _encode_sources(sentences, src_vocab, num_steps, device)
         enc_outputs = net.encoder(enc_X, enc_valid_len)

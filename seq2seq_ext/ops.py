@@ -9,6 +9,7 @@ Backend selection, in order of precedence: the :func:`use_backend` context manag
 and the default ``"ext"``.
 """
 import contextlib
+import functools
 import os
 import threading
 
@@ -233,8 +234,13 @@ def sequence_mask(X, valid_len, value=0):
 
 def has_kernel(op_name, device):
     """True when the compiled library has a kernel for ``seq2seq_ext::op_name`` on ``device``."""
-    key = "CPU" if torch.device(device).type == "cpu" else torch.device(device).type.upper()
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"seq2seq_ext::{op_name}", key)
+    return _has_kernel(op_name, torch.device(device).type)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_kernel(op_name, device_type):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"seq2seq_ext::{op_name}",
+                                                         device_type.upper())
 
 
 def gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra=None):
@@ -242,7 +248,11 @@ def gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra=None):
     (batch, hidden) -> (output (steps, batch, hidden), final state (batch, hidden)). ``extra``
     (batch, 3*hidden) is added to the input projection at every step. Differentiable in every
     tensor argument."""
-    output, h_n, _ = _ops.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra)
+    if direct_cpu_call_ok(input):
+        # inference on plain CPU tensors: no graph to record, so the kernel is called directly
+        output, h_n, _ = _C.gru_layer_cpu(input, h0, w_ih, w_hh, b_ih, b_hh, extra)
+    else:
+        output, h_n, _ = _ops.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra)
     return output, h_n
 
 

@@ -13,6 +13,7 @@
 
 #include "../checks.h"
 #include "gru_math.h"
+#include "kernels.h"
 
 namespace seq2seq_ext {
 namespace {
@@ -25,8 +26,11 @@ using at::vec::Vectorized;
 template <typename T>
 void gru_backward_pointwise(const T* dh, const T* h, const T* saved, T* dgi, T* dgh, T* dh_direct,
                             int64_t B, int64_t H) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, H));
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    const Vec one(T(1));
     for (int64_t b = b0; b < b1; ++b) {
       const T* g = dh + b * H;
       const T* hp = h + b * H;
@@ -34,7 +38,23 @@ void gru_backward_pointwise(const T* dh, const T* h, const T* saved, T* dgi, T* 
       T* di = dgi + b * 3 * H;
       T* dd = dgh + b * 3 * H;
       T* dp = dh_direct + b * H;
-      for (int64_t j = 0; j < H; ++j) {
+      int64_t j = 0;
+      for (; j + W <= H; j += W) {
+        const Vec r = Vec::loadu(s + j), z = Vec::loadu(s + H + j);
+        const Vec n = Vec::loadu(s + 2 * H + j), ghn = Vec::loadu(s + 3 * H + j);
+        const Vec gj = Vec::loadu(g + j);
+        const Vec dn = gj * (one - z) * (one - n * n);
+        const Vec dz = gj * (Vec::loadu(hp + j) - n) * z * (one - z);
+        const Vec dr = dn * ghn * r * (one - r);
+        dr.store(di + j);
+        dz.store(di + H + j);
+        dn.store(di + 2 * H + j);
+        dr.store(dd + j);
+        dz.store(dd + H + j);
+        (dn * r).store(dd + 2 * H + j);
+        (gj * z).store(dp + j);
+      }
+      for (; j < H; ++j) {
         const T r = s[j], z = s[H + j], n = s[2 * H + j], ghn = s[3 * H + j];
         const T dn = g[j] * (T(1) - z) * (T(1) - n * n);  // through tanh
         const T dz = g[j] * (hp[j] - n) * z * (T(1) - z);  // through sigmoid
@@ -49,52 +69,6 @@ void gru_backward_pointwise(const T* dh, const T* h, const T* saved, T* dgi, T* 
       }
     }
   });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
-    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const at::Tensor& b_ih, const at::Tensor& b_hh, const std::optional<at::Tensor>& extra) {
-  const GruLayerDims d = check_gru_layer_args(input, h0, w_ih, w_hh, b_ih, b_hh, extra);
-  const int64_t T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
-  auto opts = input.options();
-  at::Tensor output = at::empty({T, B, H}, opts);
-  at::Tensor saved = at::empty({T, B, 4 * H}, opts);
-  if (T == 0 || B == 0) return {output, h0.clone(at::MemoryFormat::Contiguous), saved};
-  // the input projection of every step in one GEMM: (T*B, I) x (I, 3H) + b_ih
-  at::Tensor gi = at::empty({T, B, G}, opts);
-  {
-    const at::Tensor x = input.reshape({T * B, d.input}).contiguous();
-    const at::Tensor w = w_ih.stride(1) == 1 ? w_ih : w_ih.contiguous();
-    const at::Tensor bias = b_ih.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_cpu_input", [&] {
-      cpu::linear_nt<scalar_t>(x.const_data_ptr<scalar_t>(), d.input, T * B, d.input,
-                               w.const_data_ptr<scalar_t>(), w.stride(0), G,
-                               bias.const_data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), false);
-    });
-  }
-  if (extra.has_value() && extra->defined()) gi.add_(extra->unsqueeze(0));
-  at::Tensor gh = at::empty({B, G}, opts);
-  const at::Tensor h0_c = h0.contiguous();
-  const at::Tensor w_hh_c = w_hh.contiguous();
-  const at::Tensor b_hh_c = b_hh.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_cpu", [&] {
-    using T_ = scalar_t;
-    const T_* gi_p = gi.const_data_ptr<T_>();
-    T_* gh_p = gh.data_ptr<T_>();
-    T_* out_p = output.data_ptr<T_>();
-    T_* saved_p = saved.data_ptr<T_>();
-    const T_* h_prev = h0_c.const_data_ptr<T_>();
-    for (int64_t t = 0; t < T; ++t) {
-      // gh = h_prev W_hh^T + b_hh: small products in vector loops, large ones in BLAS
-      cpu::linear_nt<T_>(h_prev, H, B, H, w_hh_c.const_data_ptr<T_>(), H, G,
-                         b_hh_c.const_data_ptr<T_>(), gh_p, false);
-      T_* out_t = out_p + t * B * H;
-      cpu::gru_cell<T_>(gi_p + t * B * G, gh_p, h_prev, H, out_t, H, B, H,
-                        saved_p + t * B * 4 * H);
-      h_prev = out_t;
-    }
-  });
-  return {output, output.select(0, T - 1).clone(), saved};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -150,6 +124,52 @@ gru_layer_backward_cpu(const at::Tensor& grad_output, const std::optional<at::Te
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& b_ih, const at::Tensor& b_hh, const std::optional<at::Tensor>& extra) {
+  const GruLayerDims d = check_gru_layer_args(input, h0, w_ih, w_hh, b_ih, b_hh, extra);
+  const int64_t T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
+  auto opts = input.options();
+  at::Tensor output = at::empty({T, B, H}, opts);
+  at::Tensor saved = at::empty({T, B, 4 * H}, opts);
+  if (T == 0 || B == 0) return {output, h0.clone(at::MemoryFormat::Contiguous), saved};
+  // the input projection of every step in one GEMM: (T*B, I) x (I, 3H) + b_ih
+  at::Tensor gi = at::empty({T, B, G}, opts);
+  {
+    const at::Tensor x = input.reshape({T * B, d.input}).contiguous();
+    const at::Tensor w = w_ih.stride(1) == 1 ? w_ih : w_ih.contiguous();
+    const at::Tensor bias = b_ih.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_cpu_input", [&] {
+      cpu::linear_nt<scalar_t>(x.const_data_ptr<scalar_t>(), d.input, T * B, d.input,
+                               w.const_data_ptr<scalar_t>(), w.stride(0), G,
+                               bias.const_data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), false);
+    });
+  }
+  if (extra.has_value() && extra->defined()) gi.add_(extra->unsqueeze(0));
+  at::Tensor gh = at::empty({B, G}, opts);
+  const at::Tensor h0_c = h0.contiguous();
+  const at::Tensor w_hh_c = w_hh.contiguous();
+  const at::Tensor b_hh_c = b_hh.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_cpu", [&] {
+    using T_ = scalar_t;
+    const T_* gi_p = gi.const_data_ptr<T_>();
+    T_* gh_p = gh.data_ptr<T_>();
+    T_* out_p = output.data_ptr<T_>();
+    T_* saved_p = saved.data_ptr<T_>();
+    const T_* h_prev = h0_c.const_data_ptr<T_>();
+    for (int64_t t = 0; t < T; ++t) {
+      // gh = h_prev W_hh^T + b_hh: small products in vector loops, large ones in BLAS
+      cpu::linear_nt<T_>(h_prev, H, B, H, w_hh_c.const_data_ptr<T_>(), H, G,
+                         b_hh_c.const_data_ptr<T_>(), gh_p, false);
+      T_* out_t = out_p + t * B * H;
+      cpu::gru_cell<T_>(gi_p + t * B * G, gh_p, h_prev, H, out_t, H, B, H,
+                        saved_p + t * B * 4 * H);
+      h_prev = out_t;
+    }
+  });
+  return {output, output.select(0, T - 1).clone(), saved};
+}
 
 TORCH_LIBRARY_IMPL(seq2seq_ext, CPU, m) {
   m.impl("gru_layer", &gru_layer_cpu);

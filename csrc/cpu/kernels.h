@@ -14,6 +14,11 @@ std::tuple<at::Tensor, at::Tensor> gru_decode_step_cpu(
     const std::optional<at::Tensor>& ctx_proj, at::TensorList weights,
     const at::Tensor& dense_weight, const at::Tensor& dense_bias);
 
+// The CPU kernel of seq2seq_ext::gru_layer (see csrc/ops.cpp for the contract).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& b_ih, const at::Tensor& b_hh, const std::optional<at::Tensor>& extra);
+
 // A decoder's weights bound once for repeated decode steps. It keeps references to the
 // parameters themselves (so in-place updates and `.data` swaps are seen) and rebuilds the
 // embedding projection table emb_proj = embedding @ W_ih0[:, :E]^T + b_ih0 when the version
