@@ -9,7 +9,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp
 TEST_DEPS := ninja setuptools wheel pybind11 numpy matplotlib tqdm pytest pytest-benchmark \
              hypothesis expecttest sacrebleu
 
-.PHONY: demo test test-all bench cuda-check cmake-check sanitize clean
+.PHONY: demo test test-all bench bench-pytest gpu cuda-check cmake-check clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,14 +33,17 @@ test-all: $(STAMP)
 bench: $(STAMP)  ## reference vs extension, side by side, 1 thread: ratio table
 	$(VPY) benchmarks/compare.py
 
+bench-pytest: $(STAMP)  ## the pytest-benchmark suites (reference and extension in one group each)
+	$(VPY) -m pytest benchmarks/test_bench.py --benchmark-enable --benchmark-columns=median,iqr,rounds
+
+gpu:  ## on a GPU machine, with its own python: build with CUDA, test, sanitize, GPU tables
+	$(PYTHON) benchmarks/gpu.py
+
 cuda-check: $(STAMP)  ## compile every csrc/cuda/*.cu for sm_80 and sm_90 (compile only)
 	PYTHON=$(VPY) bash tools/cuda_check.sh
 
 cmake-check: $(STAMP)  ## build csrc/ with CMake against libtorch and load the result
 	PYTHON=$(VPY) bash tools/cmake_check.sh
-
-sanitize: $(STAMP)  ## rebuild with -fsanitize=address,undefined and run the op tests
-	bash tools/sanitize.sh $(VPY)
 
 clean:
 	rm -rf build seq2seq_ext/*.so *.egg-info
