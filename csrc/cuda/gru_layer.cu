@@ -31,6 +31,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../gru_grads.h"
 
 namespace seq2seq_ext {
 namespace {
@@ -215,18 +216,7 @@ gru_layer_backward_cuda(const at::Tensor& grad_output, const std::optional<at::T
       }
     });
   }
-  const at::Tensor dgi2 = dgi.view({T * B, G});
-  const at::Tensor dgh2 = dgh.view({T * B, G});
-  at::Tensor grad_input = at::mm(dgi2, w_ih).view({T, B, d.input});
-  at::Tensor grad_w_ih = at::mm(dgi2.t(), input.reshape({T * B, d.input}));
-  at::Tensor grad_b_ih = dgi2.sum(0);
-  at::Tensor h_prevs = T > 0 ? at::cat({h0_c.unsqueeze(0), out_c.narrow(0, 0, T - 1)}, 0)
-                                   .view({T * B, H})
-                             : at::empty({0, H}, opts);
-  at::Tensor grad_w_hh = at::mm(dgh2.t(), h_prevs);
-  at::Tensor grad_b_hh = dgh2.sum(0);
-  at::Tensor grad_extra = has_extra ? dgi.sum(0) : at::empty({0}, opts);
-  return {grad_input, dh, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_extra};
+  return gru_layer_sequence_grads(dgi, dgh, dh, input, h0_c, out_c, w_ih, has_extra);
 }
 
 }  // namespace

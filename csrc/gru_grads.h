@@ -1,0 +1,39 @@
+// The whole-sequence part of gru_layer's backward, shared by the CPU and CUDA kernels: once the
+// per-step passes have produced the gate-gradient buffers, the input, weight, bias and extra
+// gradients are a few GEMMs and sums over all T * B rows (ATen calls, any device).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace seq2seq_ext {
+
+using GruLayerGrads =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// dgi, dgh: (T, B, 3H) gradients of the input-side and hidden-side gate pre-activations;
+// dh: (B, H) gradient of h0; input (T, B, I); h0 (B, H) and output (T, B, H) contiguous.
+// Returns (input, h0, w_ih, w_hh, b_ih, b_hh, extra) gradients; extra's is empty unless has_extra.
+inline GruLayerGrads gru_layer_sequence_grads(const at::Tensor& dgi, const at::Tensor& dgh,
+                                              const at::Tensor& dh, const at::Tensor& input,
+                                              const at::Tensor& h0, const at::Tensor& output,
+                                              const at::Tensor& w_ih, bool has_extra) {
+  const int64_t T = dgi.size(0), B = dgi.size(1), G = dgi.size(2), H = h0.size(1);
+  const int64_t I = input.size(2);
+  const at::Tensor dgi2 = dgi.view({T * B, G});
+  const at::Tensor dgh2 = dgh.view({T * B, G});
+  at::Tensor grad_input = at::mm(dgi2, w_ih).view({T, B, I});
+  at::Tensor grad_w_ih = at::mm(dgi2.t(), input.reshape({T * B, I}));
+  at::Tensor grad_b_ih = dgi2.sum(0);
+  // the state each step started from: h0, then the outputs of steps 0 .. T-2
+  at::Tensor h_prevs = T > 0 ? at::cat({h0.unsqueeze(0), output.narrow(0, 0, T - 1)}, 0)
+                                   .view({T * B, H})
+                             : at::empty({0, H}, h0.options());
+  at::Tensor grad_w_hh = at::mm(dgh2.t(), h_prevs);
+  at::Tensor grad_b_hh = dgh2.sum(0);
+  at::Tensor grad_extra = has_extra ? dgi.sum(0) : at::empty({0}, h0.options());
+  return {grad_input, dh, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_extra};
+}
+
+}  // namespace seq2seq_ext
