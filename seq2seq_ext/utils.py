@@ -170,5 +170,5 @@ class Animator:
         directory = os.path.dirname(path)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        self.fig.savefig(path, format='png')
+        self.fig.savefig(path, format='png', bbox_inches='tight', dpi=120)
         return path
