@@ -10,7 +10,7 @@ from . import ops, reference
 from .reference import Decoder, Encoder, EncoderDecoder
 
 __all__ = ["Encoder", "Decoder", "EncoderDecoder", "Seq2SeqEncoder", "Seq2SeqDecoder",
-           "decoder_emb_proj", "fused_decoder_args", "supports_fused_decoding"]
+           "fused_decoder_args", "supports_fused_decoding", "decoder_stepper"]
 
 _STEPPER_ATTR = "_seq2seq_ext_stepper"
 _FLOATS = (torch.float32, torch.float64)
@@ -150,8 +150,3 @@ def decoder_stepper(decoder):
                                   mods["rnn"]._flat_weights, dense["weight"], dense["bias"])
     decoder.__dict__[_STEPPER_ATTR] = (_generation[0], stepper)
     return stepper
-
-
-def decoder_emb_proj(decoder):
-    """The cached embedding projection table of :func:`fused_decoder_args`."""
-    return fused_decoder_args(decoder)[0]
