@@ -26,6 +26,7 @@
 #include <optional>
 
 #include "../checks.h"
+#include "device_math.cuh"
 
 namespace seq2seq_ext {
 namespace {
@@ -33,16 +34,6 @@ namespace {
 constexpr int kCellThreads = 256;
 constexpr int kArgmaxThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 16;
-
-__device__ __forceinline__ float dev_exp(float x) { return expf(x); }
-__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
-__device__ __forceinline__ float dev_tanh(float x) { return tanhf(x); }
-__device__ __forceinline__ double dev_tanh(double x) { return tanh(x); }
-
-template <typename T>
-__device__ __forceinline__ T dev_sigmoid(T x) {
-  return T(1) / (T(1) + dev_exp(-x));
-}
 
 // nn.GRU's cell for one layer, gate order (r, z, n), b_hn inside the reset product (part of gh):
 //   r = s(gi_r + gh_r), z = s(gi_z + gh_z), n = tanh(gi_n + r * gh_n), h' = (1 - z) n + z h.

@@ -31,6 +31,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "device_math.cuh"
 #include "../gru_grads.h"
 
 namespace seq2seq_ext {
@@ -39,16 +40,6 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int64_t kMaxGridX = 1 << 16;
 constexpr int64_t kMaxGridY = 65535;
-
-__device__ __forceinline__ float dev_exp(float x) { return expf(x); }
-__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
-__device__ __forceinline__ float dev_tanh(float x) { return tanhf(x); }
-__device__ __forceinline__ double dev_tanh(double x) { return tanh(x); }
-
-template <typename T>
-__device__ __forceinline__ T dev_sigmoid(T x) {
-  return T(1) / (T(1) + dev_exp(-x));
-}
 
 // Gates of one step for B rows: gi (B, 3H) input-side pre-activations (biases and extra
 // included), gh (B, 3H) hidden-side (b_hh included), h (B, H) previous state, all contiguous;
