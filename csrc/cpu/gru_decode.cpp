@@ -27,8 +27,9 @@ struct DecoderView {
 
 // Contiguous copies are made once per call; nn.GRU's parameters already are contiguous.
 struct Contig {
-  std::vector<at::Tensor> keep;
+  std::vector<at::Tensor> keep;  // only the copies of non-contiguous inputs
   const at::Tensor& operator()(const at::Tensor& t) {
+    if (t.is_contiguous()) return t;
     keep.push_back(t.contiguous());
     return keep.back();
   }
@@ -90,10 +91,17 @@ int64_t argmax_row(const T* x, int64_t n) {
   return best;
 }
 
+// token ids (int64 or int32, any stride along the batch) as int64, range-checked.
 std::vector<int64_t> tokens_to_vector(const at::Tensor& token, int64_t tgt_vocab) {
-  at::Tensor t = token.to(at::kLong).contiguous();
-  const int64_t* p = t.const_data_ptr<int64_t>();
-  std::vector<int64_t> out(p, p + t.numel());
+  std::vector<int64_t> out(token.size(0));
+  const int64_t stride = token.stride(0);
+  if (token.scalar_type() == at::kLong) {
+    const int64_t* p = token.const_data_ptr<int64_t>();
+    for (size_t b = 0; b < out.size(); ++b) out[b] = p[b * stride];
+  } else {
+    const int32_t* p = token.const_data_ptr<int32_t>();
+    for (size_t b = 0; b < out.size(); ++b) out[b] = p[b * stride];
+  }
   for (size_t b = 0; b < out.size(); ++b)
     TORCH_CHECK(out[b] >= 0 && out[b] < tgt_vocab, "token: expected ids in [0, ", tgt_vocab,
                 ") (the rows of emb_proj), got ", out[b], " at position ", b);
