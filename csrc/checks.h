@@ -369,4 +369,14 @@ inline void check_gru_layer_backward_tensors(const at::Tensor& grad_output,
   }
 }
 
+// The arguments greedy_decode adds to the decoder's (device independent).
+inline void check_greedy_args(const DecoderDims& d, int64_t bos, int64_t num_steps) {
+  TORCH_CHECK(num_steps >= 0, "num_steps: expected a non-negative number of steps, got ",
+              num_steps);
+  TORCH_CHECK(bos >= 0 && bos < d.tgt_vocab, "bos: expected an id in [0, ", d.tgt_vocab,
+              ") (the rows of emb_proj), got ", bos);
+  TORCH_CHECK(d.vocab <= d.tgt_vocab, "dense_weight: expected at most ", d.tgt_vocab,
+              " outputs (predictions are fed back through emb_proj), got ", d.vocab);
+}
+
 }  // namespace seq2seq_ext

@@ -4,10 +4,30 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
 
 #include <tuple>
 
 namespace seq2seq_ext {
+
+// One element of a step's backward: g is the gradient of the step's output, h the previous
+// state, (r, z, n, ghn) the saved activations. Writes the gradients of the input-side gate
+// pre-activations (dgi: r, z, n), of the hidden-side ones (dgh: r, z, n; the reset gate
+// multiplies W_hn h + b_hn) and the part of the previous state's gradient that bypasses W_hh.
+template <typename T>
+C10_HOST_DEVICE inline void gru_gate_grads(T g, T h, T r, T z, T n, T ghn, T* dgi, T* dgh,
+                                           T* dh_direct, int64_t H) {
+  const T dn = g * (T(1) - z) * (T(1) - n * n);  // through tanh
+  const T dz = g * (h - n) * z * (T(1) - z);     // through sigmoid
+  const T dr = dn * ghn * r * (T(1) - r);
+  dgi[0] = dr;
+  dgi[H] = dz;
+  dgi[2 * H] = dn;
+  dgh[0] = dr;
+  dgh[H] = dz;
+  dgh[2 * H] = dn * r;
+  *dh_direct = g * z;
+}
 
 using GruLayerGrads =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

@@ -114,12 +114,7 @@ std::tuple<at::Tensor, at::Tensor> greedy_decode_cpu(
     int64_t bos, int64_t eos, int64_t num_steps) {
   const DecoderDims d =
       check_decoder_args(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias);
-  TORCH_CHECK(num_steps >= 0, "num_steps: expected a non-negative number of steps, got ",
-              num_steps);
-  TORCH_CHECK(bos >= 0 && bos < d.tgt_vocab, "bos: expected an id in [0, ", d.tgt_vocab,
-              ") (the rows of emb_proj), got ", bos);
-  TORCH_CHECK(d.vocab <= d.tgt_vocab, "dense_weight: expected at most ", d.tgt_vocab,
-              " outputs (predictions are fed back through emb_proj), got ", d.vocab);
+  check_greedy_args(d, bos, num_steps);
   const int64_t B = d.batch, L = d.layers, H = d.hidden, G = 3 * H, V = d.vocab;
   at::Tensor tokens = at::full({B, num_steps}, eos, state.options().dtype(at::kLong));
   at::Tensor lengths = at::full({B}, num_steps, state.options().dtype(at::kLong));

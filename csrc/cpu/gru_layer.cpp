@@ -56,17 +56,8 @@ void gru_backward_pointwise(const T* dh, const T* h, const T* saved, T* dgi, T* 
         (gj * z).store(dp + j);
       }
       for (; j < H; ++j) {
-        const T r = s[j], z = s[H + j], n = s[2 * H + j], ghn = s[3 * H + j];
-        const T dn = g[j] * (T(1) - z) * (T(1) - n * n);  // through tanh
-        const T dz = g[j] * (hp[j] - n) * z * (T(1) - z);  // through sigmoid
-        const T dr = dn * ghn * r * (T(1) - r);
-        di[j] = dr;
-        di[H + j] = dz;
-        di[2 * H + j] = dn;
-        dd[j] = dr;
-        dd[H + j] = dz;
-        dd[2 * H + j] = dn * r;
-        dp[j] = g[j] * z;
+        gru_gate_grads<T>(g[j], hp[j], s[j], s[H + j], s[2 * H + j], s[3 * H + j], di + j,
+                          dd + j, dp + j, H);
       }
     }
   });

@@ -224,12 +224,7 @@ std::tuple<at::Tensor, at::Tensor> greedy_decode_cuda(
     int64_t bos, int64_t eos, int64_t num_steps) {
   const DecoderDims d =
       check_decoder_args(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias);
-  TORCH_CHECK(num_steps >= 0, "num_steps: expected a non-negative number of steps, got ",
-              num_steps);
-  TORCH_CHECK(bos >= 0 && bos < d.tgt_vocab, "bos: expected an id in [0, ", d.tgt_vocab,
-              ") (the rows of emb_proj), got ", bos);
-  TORCH_CHECK(d.vocab <= d.tgt_vocab, "dense_weight: expected at most ", d.tgt_vocab,
-              " outputs (predictions are fed back through emb_proj), got ", d.vocab);
+  check_greedy_args(d, bos, num_steps);
   const c10::cuda::CUDAGuard guard(state.device());
   const int64_t B = d.batch;
   const auto long_opts = state.options().dtype(at::kLong);

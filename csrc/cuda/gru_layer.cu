@@ -91,17 +91,8 @@ __global__ void __launch_bounds__(kThreads)
     T* dp = dh_direct + b * H;
     for (int64_t j = j0; j < H; j += jstep) {
       const T g = dhp[j] + gop[j];  // the CPU kernel's dh.add_(grad_output[t])
-      const T r = s[j], z = s[H + j], n = s[2 * H + j], ghn = s[3 * H + j];
-      const T dn = g * (T(1) - z) * (T(1) - n * n);  // through tanh
-      const T dz = g * (hp[j] - n) * z * (T(1) - z);  // through sigmoid
-      const T dr = dn * ghn * r * (T(1) - r);
-      di[j] = dr;
-      di[H + j] = dz;
-      di[2 * H + j] = dn;
-      dd[j] = dr;
-      dd[H + j] = dz;
-      dd[2 * H + j] = dn * r;
-      dp[j] = g * z;
+      gru_gate_grads<T>(g, hp[j], s[j], s[H + j], s[2 * H + j], s[3 * H + j], di + j, dd + j,
+                        dp + j, H);
     }
   }
 }
