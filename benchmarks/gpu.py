@@ -67,8 +67,7 @@ def row(title, t_ref, t_ext, target, notes=""):
 
 def tables():
     import torch
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import common
+    from seq2seq_ext.bench import common
     import seq2seq_ext as d2l
     from seq2seq_ext import reference as R
     dev = torch.device("cuda")

@@ -8,7 +8,7 @@ thread (the fixture sets it) and compare medians within a group.
 import pytest
 import torch
 
-import common
+from seq2seq_ext.bench import common
 import seq2seq_ext as d2l
 from seq2seq_ext import reference as R
 

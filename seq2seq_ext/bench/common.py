@@ -10,7 +10,10 @@ import seq2seq_ext as d2l
 from seq2seq_ext import reference as R
 from seq2seq_ext.data import Vocab, number_pairs
 
-FRA_ENG = Path(__file__).resolve().parents[2] / "shared" / "data" / "fra-eng.txt"
+# the fra-eng corpus for the training cases: $SEQ2SEQ_EXT_DATA, else ../shared/data/fra-eng.txt
+# beside the repository
+FRA_ENG = Path(os.environ.get("SEQ2SEQ_EXT_DATA") or
+               Path(__file__).resolve().parents[3] / "shared" / "data" / "fra-eng.txt")
 CHAPTER_SENTENCES = ['go .', "i lost .", "he's calm .", "i'm home ."]
 os.environ.setdefault("SEQ2SEQ_EXT_PLOT", "")  # benchmarks never write plots
 
