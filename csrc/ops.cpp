@@ -31,6 +31,17 @@ TORCH_LIBRARY(seq2seq_ext, m) {
   m.def(
       "gru_decode_step(Tensor token, Tensor state, Tensor emb_proj, Tensor? ctx_proj, "
       "Tensor[] weights, Tensor dense_weight, Tensor dense_bias) -> (Tensor, Tensor)");
+  // One step of an LSTM Seq2SeqDecoder for all layers and the output projection (nn.LSTM's
+  // equations, gate order i, f, g, o).
+  //   token (B,) or (B, 1) ids; h, c (L, B, H) the hidden and cell states; emb_proj
+  //   (V_tgt, 4H) = embedding @ W_ih0[:, :E]^T + b_ih0; ctx_proj (B, 4H) = context @
+  //   W_ih0[:, E:]^T when the context is fixed, or None to take the context from h[-1] (the
+  //   current top hidden state); weights = nn.LSTM's flat weights [w_ih_l, w_hh_l, b_ih_l,
+  //   b_hh_l] per layer; dense (V, H), (V,).
+  // Returns the logits ((B, V), or (B, 1, V) for a (B, 1) token) and the new h and c (L, B, H).
+  m.def(
+      "lstm_decode_step(Tensor token, Tensor h, Tensor c, Tensor emb_proj, Tensor? ctx_proj, "
+      "Tensor[] weights, Tensor dense_weight, Tensor dense_bias) -> (Tensor, Tensor, Tensor)");
   // Greedy decoding of a batch: starts every sentence from `bos`, feeds back the argmax, and
   // stops a sentence at `eos` or after num_steps tokens. Returns the tokens (B, num_steps)
   // int64 (positions after a sentence's end hold `eos`) and the lengths (B,) int64, the number
@@ -83,7 +94,35 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
            pybind11::arg("dense_bias"))
       .def("emb_proj", &seq2seq_ext::DecoderStepper::emb_proj)
       .def("step", &seq2seq_ext::DecoderStepper::step, pybind11::arg("token"),
-           pybind11::arg("state"));
+           pybind11::arg("state"))
+      // gru_decode_step's CPU kernel with a fixed context's projection ctx_proj (B, 3H).
+      .def(
+          "step_with_context",
+          [](seq2seq_ext::DecoderStepper& s, const at::Tensor& token, const at::Tensor& state,
+             const at::Tensor& ctx_proj) {
+            TORCH_CHECK(state.device().is_cpu(),
+                        "state: DecoderStepper.step_with_context runs on the CPU, got a tensor on ",
+                        state.device());
+            return seq2seq_ext::gru_decode_step_cpu(token, state, s.emb_proj(), ctx_proj,
+                                                    s.weights(), s.dense_weight(),
+                                                    s.dense_bias());
+          },
+          pybind11::arg("token"), pybind11::arg("state"), pybind11::arg("ctx_proj"))
+      // lstm_decode_step's CPU kernel with the bound weights of an nn.LSTM decoder; ctx_proj
+      // (B, 4H) for a fixed context, None for the context h[-1].
+      .def(
+          "lstm_step",
+          [](seq2seq_ext::DecoderStepper& s, const at::Tensor& token, const at::Tensor& h,
+             const at::Tensor& c, const std::optional<at::Tensor>& ctx_proj) {
+            TORCH_CHECK(h.device().is_cpu(),
+                        "h: DecoderStepper.lstm_step runs on the CPU, got a tensor on ",
+                        h.device());
+            return seq2seq_ext::lstm_decode_step_cpu(token, h, c, s.emb_proj(), ctx_proj,
+                                                     s.weights(), s.dense_weight(),
+                                                     s.dense_bias());
+          },
+          pybind11::arg("token"), pybind11::arg("h"), pybind11::arg("c"),
+          pybind11::arg("ctx_proj") = pybind11::none());
   // gru_layer's CPU kernel for inference (no graph to record), under the same conditions.
   module.def("gru_layer_cpu", &seq2seq_ext::gru_layer_cpu, pybind11::arg("input"),
              pybind11::arg("h0"), pybind11::arg("w_ih"), pybind11::arg("w_hh"),

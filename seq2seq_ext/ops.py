@@ -31,6 +31,7 @@ __all__ = [
     "BACKENDS", "get_backend", "set_backend", "use_backend", "built_with_cuda",
     "masked_softmax_ce", "sequence_mask", "sequence_mask_", "gru_decode_step", "greedy_decode",
     "gru_layer", "gru", "has_kernel", "decoder_stepper", "direct_cpu_call_ok",
+    "lstm_decode_step",
 ]
 
 BACKENDS = ("ext", "reference")
@@ -232,6 +233,7 @@ def sequence_mask(X, valid_len, value=0):
     return _ops.sequence_mask(X, valid_len, value)
 
 
+@torch.compiler.assume_constant_result  # a constant of the build: no graph break under compile
 def has_kernel(op_name, device):
     """True when the compiled library has a kernel for ``seq2seq_ext::op_name`` on ``device``."""
     return _has_kernel(op_name, torch.device(device).type)
@@ -298,8 +300,11 @@ def decoder_stepper(embedding, weights, dense_weight, dense_bias):
     """A decoder's weights bound for repeated decode steps: ``stepper.emb_proj()`` is the cached
     embedding projection table of :func:`gru_decode_step` (rebuilt when the embedding or layer
     0's input weights change) and ``stepper.step(token, state)`` is ``gru_decode_step`` with the
-    reference's context rule on CPU tensors, called without the dispatcher's argument handling.
-    Use ``step`` only where :func:`direct_cpu_call_ok` holds."""
+    reference's context rule on CPU tensors, called without the dispatcher's argument handling;
+    ``stepper.step_with_context(token, state, ctx_proj)`` is the same with a fixed context's
+    projection. For an ``nn.LSTM`` decoder (its flat weights have the same layout),
+    ``stepper.lstm_step(token, h, c, ctx_proj=None)`` is :func:`lstm_decode_step`'s CPU kernel.
+    Use the step methods only where :func:`direct_cpu_call_ok` holds."""
     return _C.DecoderStepper(embedding, list(weights), dense_weight, dense_bias)
 
 
@@ -312,9 +317,10 @@ def direct_cpu_call_ok(state):
 
 def _no_dispatch_hooks():
     """No torch.compile tracing, dispatch mode or function mode is active."""
-    return (torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._is_torch_function_mode_enabled()
-            and not torch.compiler.is_compiling())
+    # is_compiling first: Dynamo then folds the whole test to False without tracing the rest
+    return (not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled())
 
 
 def greedy_decode(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias, bos, eos,
@@ -323,3 +329,33 @@ def greedy_decode(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias, 
     ``eos`` after each sentence's end, lengths (batch,) int64: tokens before ``eos``)."""
     return _ops.greedy_decode(state, emb_proj, ctx_proj, list(weights), dense_weight, dense_bias,
                               int(bos), int(eos), int(num_steps))
+
+
+# ----------------------------------------------------------------------------------------------
+# lstm_decode_step: one inference step of an LSTM decoder
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.register_fake("seq2seq_ext::lstm_decode_step")
+def _lstm_decode_step_fake(token, h, c, emb_proj, ctx_proj, weights, dense_weight, dense_bias):
+    return (h.new_empty((*token.shape, dense_weight.shape[0])), h.new_empty(h.shape),
+            c.new_empty(c.shape))
+
+
+def lstm_decode_step(token, h, c, emb_proj, ctx_proj, weights, dense_weight, dense_bias):
+    """One inference step of an LSTM ``Seq2SeqDecoder`` for all layers and the output projection
+    (``nn.LSTM``'s equations, gate order i, f, g, o).
+
+    token (batch,) or (batch, 1) ids; h, c (layers, batch, hidden), the hidden and cell states;
+    emb_proj (tgt_vocab, 4*hidden), the embedding table times the embedding columns of layer 0's
+    ``W_ih`` plus ``b_ih``; ctx_proj (batch, 4*hidden) for a fixed context, or None to take the
+    context from ``h[-1]`` (the current top hidden state); weights: ``nn.LSTM``'s flat weights.
+    Returns (logits (batch, vocab), or (batch, 1, vocab) for a (batch, 1) token, new h, new c).
+    Not differentiable: models use ``nn.LSTM`` when gradients are needed. Under the
+    ``"reference"`` backend the same step is computed in plain PyTorch (without gradient).
+    """
+    if get_backend() == "reference":
+        with torch.no_grad():
+            return reference.lstm_decode_step(token, h, c, emb_proj, ctx_proj, list(weights),
+                                              dense_weight, dense_bias)
+    return _ops.lstm_decode_step(token, h, c, emb_proj, ctx_proj, list(weights), dense_weight,
+                                 dense_bias)

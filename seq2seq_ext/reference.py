@@ -203,3 +203,150 @@ def predict_seq2seq(net, src_sentence, src_vocab, tgt_vocab, num_steps,
             break
         output_seq.append(pred)
     return ' '.join(tgt_vocab.to_tokens(output_seq)), attention_weight_seq
+
+
+# ----------------------------------------------------------------------------------------------
+# Variants beyond the chapter's code: LSTM cells and the fixed-context decoder
+# ----------------------------------------------------------------------------------------------
+# The chapter's decoder concatenates ``state[-1]`` to every input. In training (one call over the
+# whole teacher-forced sequence) that is the encoder's final top-layer state; at prediction, one
+# call per token, it is the decoder's own state from the previous step, so training and inference
+# see different contexts (the defect described at the end of the chapter's prediction section).
+# ``fixed_context=True`` keeps the encoder's final top-layer hidden state beside the recurrent
+# state and concatenates it at every step. With LSTM cells the recurrent state is nn.LSTM's
+# ``(h, c)`` and the context is a hidden state (``h[-1]``), never a cell state.
+#
+# State formats (other code relies on them):
+#   GRU,  fixed_context=False: Tensor (layers, batch, hidden); context = state[-1]
+#   LSTM, fixed_context=False: tuple (h, c), each (layers, batch, hidden); context = h[-1]
+#   fixed_context=True: tuple (rnn_state, context), rnn_state as above, context (batch, hidden)
+# Every tensor of a state is (layers, batch, hidden) or (batch, hidden).
+
+CELLS = ("gru", "lstm")
+
+
+def check_cell(cell):
+    """``cell`` validated: ``"gru"`` or ``"lstm"`` (ValueError naming ``cell`` otherwise)."""
+    if not isinstance(cell, str) or cell not in CELLS:
+        raise ValueError(f"cell: expected one of {CELLS}, got {cell!r}")
+    return cell
+
+
+def make_rnn(cell, input_size, num_hiddens, num_layers, dropout=0):
+    """``nn.GRU`` or ``nn.LSTM`` (time first, unidirectional, with biases)."""
+    if check_cell(cell) == "lstm":
+        return nn.LSTM(input_size, num_hiddens, num_layers, dropout=dropout)
+    return nn.GRU(input_size, num_hiddens, num_layers, dropout=dropout)
+
+
+def top_hidden_state(rnn_state):
+    """The top layer's hidden state (batch, hidden) of a GRU state or an LSTM ``(h, c)``."""
+    if isinstance(rnn_state, (tuple, list)):
+        return rnn_state[0][-1]
+    return rnn_state[-1]
+
+
+def check_rnn_state(rnn_state, cell, name="state"):
+    """Raises TypeError (naming ``name``) unless ``rnn_state`` has the format of ``cell``."""
+    if cell == "lstm":
+        if not (isinstance(rnn_state, (tuple, list)) and len(rnn_state) == 2
+                and all(isinstance(t, torch.Tensor) for t in rnn_state)):
+            raise TypeError(f"{name}: an LSTM decoder expects nn.LSTM's state, a pair of tensors "
+                            f"(h, c), got {type(rnn_state).__name__}")
+    elif not isinstance(rnn_state, torch.Tensor):
+        raise TypeError(f"{name}: a GRU decoder expects nn.GRU's state, a tensor (layers, batch, "
+                        f"hidden), got {type(rnn_state).__name__}")
+    return rnn_state
+
+
+def variant_init_state(enc_outputs, cell="gru", fixed_context=False):
+    """The decoder state from the encoder's ``(output, state)``: the encoder's final state, and
+    with ``fixed_context`` the pair ``(state, context)`` with context its top-layer hidden state."""
+    rnn_state = check_rnn_state(enc_outputs[1], cell, "enc_outputs")
+    if fixed_context:
+        return rnn_state, top_hidden_state(rnn_state)
+    return rnn_state
+
+
+def variant_decoder_forward(decoder, X, state, fixed_context=False):
+    """The chapter's decoder forward for either cell and either context rule, in plain PyTorch:
+    embedding, ``repeat`` of the context over the steps, ``cat``, the RNN, ``dense``."""
+    # X: (num_steps, batch_size, embed_size) after the embedding and permute
+    X = decoder.embedding(X).permute(1, 0, 2)
+    if fixed_context:
+        rnn_state, context = state
+    else:
+        rnn_state, context = state, top_hidden_state(state)
+    context_steps = context.repeat(X.shape[0], 1, 1)
+    X_and_context = torch.cat((X, context_steps), 2)
+    output, rnn_state = decoder.rnn(X_and_context, rnn_state)
+    output = decoder.dense(output).permute(1, 0, 2)
+    if fixed_context:
+        return output, (rnn_state, context)
+    return output, rnn_state
+
+
+class VariantSeq2SeqEncoder(Encoder):
+    """The chapter's RNN encoder with a choice of cell: ``"gru"`` (the chapter's) or ``"lstm"``,
+    whose forward returns ``(output, (h_n, c_n))``."""
+
+    def __init__(self, vocab_size, embed_size, num_hiddens, num_layers, dropout=0, cell="gru",
+                 **kwargs):
+        super(VariantSeq2SeqEncoder, self).__init__(**kwargs)
+        self.embedding = nn.Embedding(vocab_size, embed_size)
+        self.rnn = make_rnn(cell, embed_size, num_hiddens, num_layers, dropout)
+
+    def forward(self, X, *args):
+        X = self.embedding(X).permute(1, 0, 2)
+        output, state = self.rnn(X)
+        return output, state
+
+
+class VariantSeq2SeqDecoder(Decoder):
+    """The chapter's RNN decoder with a choice of cell and of context rule (see the state formats
+    above); ``cell="gru", fixed_context=False`` is the chapter's decoder."""
+
+    def __init__(self, vocab_size, embed_size, num_hiddens, num_layers, dropout=0, cell="gru",
+                 fixed_context=False, **kwargs):
+        super(VariantSeq2SeqDecoder, self).__init__(**kwargs)
+        self.embedding = nn.Embedding(vocab_size, embed_size)
+        self.rnn = make_rnn(cell, embed_size + num_hiddens, num_hiddens, num_layers, dropout)
+        self.dense = nn.Linear(num_hiddens, vocab_size)
+        self.cell, self.fixed_context = check_cell(cell), bool(fixed_context)
+
+    def init_state(self, enc_outputs, *args):
+        return variant_init_state(enc_outputs, self.cell, self.fixed_context)
+
+    def forward(self, X, state):
+        return variant_decoder_forward(self, X, state, self.fixed_context)
+
+
+def lstm_decode_step(token, h, c, emb_proj, ctx_proj, weights, dense_weight, dense_bias):
+    """``seq2seq_ext::lstm_decode_step`` in plain PyTorch: one step of an LSTM decoder for all
+    layers and the output projection (nn.LSTM's equations, gate order i, f, g, o).
+
+    token (batch,) or (batch, 1); h, c (layers, batch, hidden); emb_proj (tgt_vocab, 4*hidden) =
+    embedding @ W_ih0[:, :embed]^T + b_ih0; ctx_proj (batch, 4*hidden) for a fixed context or None
+    for the context h[-1]; weights: nn.LSTM's flat weights. Returns (logits, h', c')."""
+    hidden = h.shape[-1]
+    gates_in = emb_proj[token.reshape(-1).long()]
+    if ctx_proj is None:
+        w_ih0 = weights[0]
+        ctx_proj = h[-1] @ w_ih0[:, w_ih0.shape[1] - hidden:].t()
+    x = None
+    hs, cs = [], []
+    for layer in range(h.shape[0]):
+        w_ih, w_hh, b_ih, b_hh = weights[4 * layer: 4 * layer + 4]
+        gi = gates_in + ctx_proj if layer == 0 else x @ w_ih.t() + b_ih
+        i, f, g, o = (gi + (h[layer] @ w_hh.t() + b_hh)).chunk(4, dim=1)
+        c_new = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
+        x = torch.sigmoid(o) * torch.tanh(c_new)
+        hs.append(x)
+        cs.append(c_new)
+    logits = x @ dense_weight.t() + dense_bias
+    return logits.reshape(*token.shape, -1), torch.stack(hs), torch.stack(cs)
+
+
+__all__ += ["CELLS", "check_cell", "make_rnn", "top_hidden_state", "check_rnn_state",
+            "variant_init_state", "variant_decoder_forward", "VariantSeq2SeqEncoder",
+            "VariantSeq2SeqDecoder", "lstm_decode_step"]

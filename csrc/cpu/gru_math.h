@@ -190,5 +190,46 @@ void gru_cell(const T* gi, const T* gh, const T* h, int64_t ldh, T* out, int64_t
   });
 }
 
+// nn.LSTM's cell, gate order (i, f, g, o):
+//   i = s(gi_i + gh_i), f = s(gi_f + gh_f), g = tanh(gi_g + gh_g), o = s(gi_o + gh_o),
+//   c' = f c + i g, h' = o tanh(c').
+// gi, gh are (B, 4H) contiguous (each already holding its bias); c is (B, H) with row stride ldc;
+// h_out and c_out are (B, H) with row strides ldo.
+template <typename T>
+void lstm_cell(const T* gi, const T* gh, const T* c, int64_t ldc, T* h_out, T* c_out,
+               int64_t ldo, int64_t B, int64_t H) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, H));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* a = gi + b * 4 * H;
+      const T* r = gh + b * 4 * H;
+      const T* cp = c + b * ldc;
+      T* ho = h_out + b * ldo;
+      T* co = c_out + b * ldo;
+      int64_t j = 0;
+      for (; j + W <= H; j += W) {
+        const Vec i = vsigmoid(Vec::loadu(a + j) + Vec::loadu(r + j));
+        const Vec f = vsigmoid(Vec::loadu(a + H + j) + Vec::loadu(r + H + j));
+        const Vec g = vtanh(Vec::loadu(a + 2 * H + j) + Vec::loadu(r + 2 * H + j));
+        const Vec o = vsigmoid(Vec::loadu(a + 3 * H + j) + Vec::loadu(r + 3 * H + j));
+        const Vec cn = f * Vec::loadu(cp + j) + i * g;
+        cn.store(co + j);
+        (o * vtanh(cn)).store(ho + j);
+      }
+      for (; j < H; ++j) {
+        const T i = sigmoid(a[j] + r[j]);
+        const T f = sigmoid(a[H + j] + r[H + j]);
+        const T g = std::tanh(a[2 * H + j] + r[2 * H + j]);
+        const T o = sigmoid(a[3 * H + j] + r[3 * H + j]);
+        const T cn = f * cp[j] + i * g;
+        co[j] = cn;
+        ho[j] = o * std::tanh(cn);
+      }
+    }
+  });
+}
+
 }  // namespace cpu
 }  // namespace seq2seq_ext

@@ -14,6 +14,12 @@ std::tuple<at::Tensor, at::Tensor> gru_decode_step_cpu(
     const std::optional<at::Tensor>& ctx_proj, at::TensorList weights,
     const at::Tensor& dense_weight, const at::Tensor& dense_bias);
 
+// The CPU kernel of seq2seq_ext::lstm_decode_step (see csrc/ops.cpp for the contract).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_decode_step_cpu(
+    const at::Tensor& token, const at::Tensor& h, const at::Tensor& c, const at::Tensor& emb_proj,
+    const std::optional<at::Tensor>& ctx_proj, at::TensorList weights,
+    const at::Tensor& dense_weight, const at::Tensor& dense_bias);
+
 // The CPU kernel of seq2seq_ext::gru_layer (see csrc/ops.cpp for the contract).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -23,6 +29,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
 // parameters themselves (so in-place updates and `.data` swaps are seen) and rebuilds the
 // embedding projection table emb_proj = embedding @ W_ih0[:, :E]^T + b_ih0 when the version
 // counter or storage of one of its three inputs changes. step() runs the CPU kernel directly.
+// Nothing in it is specific to the GRU but step(): the table and the bound weights serve an
+// nn.LSTM decoder as well (its flat weights have the same four tensors per layer).
 class DecoderStepper {
  public:
   DecoderStepper(at::Tensor embedding, std::vector<at::Tensor> weights, at::Tensor dense_weight,
@@ -31,6 +39,10 @@ class DecoderStepper {
   const at::Tensor& emb_proj();
   // One decode step with the reference's context rule, on CPU tensors.
   std::tuple<at::Tensor, at::Tensor> step(const at::Tensor& token, const at::Tensor& state);
+  // The bound weights, as the decode ops take them.
+  const std::vector<at::Tensor>& weights() const { return weights_; }
+  const at::Tensor& dense_weight() const { return dense_weight_; }
+  const at::Tensor& dense_bias() const { return dense_bias_; }
 
  private:
   at::Tensor embedding_, dense_weight_, dense_bias_, emb_proj_;

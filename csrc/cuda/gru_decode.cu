@@ -200,19 +200,18 @@ std::tuple<at::Tensor, at::Tensor> gru_decode_step_cuda(
     const at::Tensor& dense_weight, const at::Tensor& dense_bias) {
   const DecoderDims d =
       check_decoder_args(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias);
-  check_dim(token, 1, "token");
-  check_index_dtype(token, "token");
-  check_same_device(token, state, "token", "state");
-  check_size(token, 0, d.batch, "token", "the batch size of state");
+  check_decode_token(token, state, d.batch);
   const c10::cuda::CUDAGuard guard(state.device());
-  check_token_range_any_device(token, d.tgt_vocab);  // one host synchronisation
-  at::Tensor logits = at::empty({d.batch, d.vocab}, state.options());
+  check_token_range_any_device(token.reshape({-1}), d.tgt_vocab);  // one host synchronisation
+  // (B, V) logits for a (B,) token, (B, 1, V) for a (B, 1) token, as on the CPU
+  at::Tensor logits = at::empty(decode_logits_shape(token, d.vocab), state.options());
   at::Tensor new_state = at::empty_like(state, at::MemoryFormat::Contiguous);
   if (d.batch == 0) return {logits, new_state};
-  const at::Tensor tok = token.to(at::kLong).contiguous();
+  const at::Tensor tok = token.reshape({-1}).to(at::kLong).contiguous();
+  at::Tensor logits2d = logits.view({d.batch, d.vocab});
   StepBuffers buf = make_buffers(d, state);
   AT_DISPATCH_FLOATING_TYPES(state.scalar_type(), "gru_decode_step_cuda", [&] {
-    decode_step<scalar_t>(d, tok, state, new_state, logits, emb_proj, ctx_proj, weights,
+    decode_step<scalar_t>(d, tok, state, new_state, logits2d, emb_proj, ctx_proj, weights,
                           dense_weight, dense_bias, buf);
   });
   return {logits, new_state};
