@@ -16,9 +16,36 @@ additions:
   corpus (English and French number names) that needs no download;
 * ``read_pairs_file`` and ``load_data_pairs`` load any parallel corpus
   through the same preprocessing, tokenisation and vocabulary pipeline.
+
+Reading corpus files (``read_data_nmt``, ``load_data_nmt``,
+``read_pairs_file``) has one defined behaviour for every kind of bad input:
+
+========================  ===================================================
+input                     behaviour
+========================  ===================================================
+path does not exist       :class:`FileNotFoundError` naming the path
+path is a directory       :class:`IsADirectoryError` naming the path
+invalid UTF-8             :class:`CorpusError` (a :class:`ValueError`) naming
+                          the path, the line number and the byte; nothing is
+                          returned (no guessing of another encoding)
+UTF-8 byte-order mark     dropped
+``\\r\\n`` or ``\\r``        end a line, like ``\\n`` (universal newlines)
+empty line                skipped silently (e.g. the file's last newline)
+line without a tab        ``read_pairs_file``: skipped, and counted in one
+                          :class:`CorpusWarning` (or :class:`CorpusError`
+                          with ``malformed='raise'``); ``load_data_nmt``:
+                          skipped as d2l does, counted in a CorpusWarning
+empty source or target    ``read_pairs_file``: malformed, as above;
+                          ``load_data_nmt``: kept, as d2l does
+extra tab-separated       ``read_pairs_file``: ignored (the first two columns
+columns                   are the pair, as in Tatoeba's attribution files);
+                          ``load_data_nmt``: the line is skipped as d2l does
+                          (only exactly two columns) and counted as above
+========================  ===================================================
 """
 
 import collections
+import errno
 import hashlib
 import os
 import random
@@ -26,6 +53,7 @@ import re
 import tarfile
 import tempfile
 import urllib.request
+import warnings
 import zipfile
 
 import torch
@@ -36,7 +64,8 @@ __all__ = [
     'preprocess_nmt', 'tokenize_nmt', 'Vocab', 'count_corpus',
     'truncate_pad', 'build_array_nmt', 'load_array', 'load_data_nmt',
     'read_pairs_file', 'load_data_pairs', 'english_number',
-    'french_number', 'number_pairs', 'load_data_numbers',
+    'french_number', 'number_pairs', 'load_data_numbers', 'CorpusError',
+    'CorpusWarning',
 ]
 
 DATA_URL = 'http://d2l-data.s3-accelerate.amazonaws.com/'
@@ -141,10 +170,73 @@ def download_extract(name, folder=None, cache_dir=None):
     return os.path.join(base_dir, folder) if folder else data_dir
 
 
-def _read_text(path):
-    """Read a whole UTF-8 text file."""
-    with open(path, 'r', encoding='utf-8') as f:
-        return f.read()
+class CorpusError(ValueError):
+    """A corpus file that cannot be read: invalid UTF-8, or (on request) a
+    malformed line.  ``path`` and ``lineno`` (1-based) name the place."""
+
+    def __init__(self, message, path=None, lineno=None):
+        super().__init__(message)
+        self.path = path
+        self.lineno = lineno
+
+
+class CorpusWarning(UserWarning):
+    """Lines of a corpus file were skipped.  ``path`` names the file,
+    ``lines`` holds the skipped (1-based) line numbers and ``count`` their
+    number."""
+
+    def __init__(self, message, path=None, lines=()):
+        super().__init__(message)
+        self.path = path
+        self.lines = list(lines)
+        self.count = len(self.lines)
+
+
+def _warn_skipped(path, lines, what, stacklevel=3):
+    """Emit one :class:`CorpusWarning` for the skipped ``lines``."""
+    shown = ', '.join(str(n) for n in lines[:10])
+    more = f' and {len(lines) - 10} more' if len(lines) > 10 else ''
+    warnings.warn(CorpusWarning(
+        f'{path}: skipped {len(lines)} malformed line(s) ({what}): '
+        f'line {shown}{more}', path=path, lines=lines), stacklevel=stacklevel)
+
+
+def _read_text(path, origin=''):
+    """Read a whole UTF-8 text file, with universal newlines.
+
+    ``\\r\\n`` and a lone ``\\r`` become ``\\n`` and a leading byte-order mark
+    is dropped.  A missing file raises :class:`FileNotFoundError` naming the
+    path (``origin`` says where the path came from); invalid UTF-8 raises
+    :class:`CorpusError` naming the path, the line and the byte.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT,
+                                f'corpus file not found{origin}', path)
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        text = raw.decode('utf-8')
+    except UnicodeDecodeError as err:
+        before = raw[:err.start].replace(b'\r\n', b'\n').replace(b'\r', b'\n')
+        lineno = before.count(b'\n') + 1
+        column = len(before) - (before.rfind(b'\n') + 1) + 1
+        raise CorpusError(
+            f'{path}: line {lineno}: invalid UTF-8 (byte '
+            f'0x{raw[err.start]:02x} at byte column {column}, file offset '
+            f'{err.start}: {err.reason}); corpus files must be UTF-8 text',
+            path=path, lineno=lineno) from err
+    if text.startswith('\ufeff'):
+        text = text[1:]
+    return text.replace('\r\n', '\n').replace('\r', '\n')
+
+
+def _corpus_path(path):
+    """Resolve ``path`` / ``$SEQ2SEQ_EXT_DATA``: ``(path or None, origin)``."""
+    if path is not None:
+        return path, ''
+    env = os.environ.get(DATA_ENV) or None
+    return env, f' (named by ${DATA_ENV})' if env else ''
 
 
 def read_data_nmt(path=None):
@@ -154,11 +246,20 @@ def read_data_nmt(path=None):
     environment variable ``SEQ2SEQ_EXT_DATA``; d2l's ``fra-eng.zip``,
     downloaded (with its SHA-1 checked) and extracted into the cache.  If the
     download fails, a :class:`RuntimeError` says how to provide the file.
+
+    A ``path`` (or ``SEQ2SEQ_EXT_DATA``) that does not exist raises
+    :class:`FileNotFoundError` naming it; invalid UTF-8 raises
+    :class:`CorpusError` naming the line.  Line endings are normalised to
+    ``\\n`` (see the module docstring).
     """
-    if path is None:
-        path = os.environ.get(DATA_ENV) or None
+    return _read_data_nmt(path)[0]
+
+
+def _read_data_nmt(path):
+    """:func:`read_data_nmt`, also returning the file's path."""
+    path, origin = _corpus_path(path)
     if path is not None:
-        return _read_text(path)
+        return _read_text(path, origin), os.fspath(path)
     try:
         data_dir = download_extract('fra-eng')
     except (OSError, ValueError, zipfile.BadZipFile) as err:
@@ -171,7 +272,8 @@ def read_data_nmt(path=None):
             'yourself and extract fra-eng/fra.txt from it. Without network '
             'access, load_data_numbers() provides an offline corpus.'
         ) from err
-    return _read_text(os.path.join(data_dir, 'fra.txt'))
+    path = os.path.join(data_dir, 'fra.txt')
+    return _read_text(path), path
 
 
 # ---------------------------------------------------------------------------
@@ -197,9 +299,16 @@ def tokenize_nmt(text, num_examples=None):
     tab-separated parts, and each part is split on single spaces.  Reading
     stops when the line index ``i`` exceeds ``num_examples`` (a falsy
     ``num_examples`` means no limit), so up to ``num_examples + 1`` pairs
-    are returned.
+    are returned.  Other lines are skipped silently (d2l's behaviour);
+    :func:`load_data_nmt` reports them with a :class:`CorpusWarning`.
     """
-    source, target = [], []
+    return _tokenize_nmt(text, num_examples)[:2]
+
+
+def _tokenize_nmt(text, num_examples=None):
+    """:func:`tokenize_nmt`, also returning the (1-based) numbers of the
+    non-empty lines it skipped within the lines it read."""
+    source, target, skipped = [], [], []
     for i, line in enumerate(text.split('\n')):
         if num_examples and i > num_examples:
             break
@@ -207,7 +316,9 @@ def tokenize_nmt(text, num_examples=None):
         if len(parts) == 2:
             source.append(parts[0].split(' '))
             target.append(parts[1].split(' '))
-    return source, target
+        elif line:
+            skipped.append(i + 1)
+    return source, target, skipped
 
 
 def count_corpus(tokens):
@@ -322,9 +433,22 @@ def load_data_nmt(batch_size, num_steps, num_examples=600, path=None):
     reserved tokens ``<pad>``, ``<bos>``, ``<eos>``, and a shuffling loader
     yielding ``(X, X_valid_len, Y, Y_valid_len)``.  ``path`` is passed to
     :func:`read_data_nmt`.
+
+    Non-empty lines without exactly two tab-separated parts among those
+    read are skipped (as d2l does) and reported in one
+    :class:`CorpusWarning` with their count and line numbers.
     """
-    text = preprocess_nmt(read_data_nmt(path))
-    source, target = tokenize_nmt(text, num_examples)
+    raw, source_path = _read_data_nmt(path)
+    text = preprocess_nmt(raw)
+    source, target, skipped = _tokenize_nmt(text, num_examples)
+    if skipped:
+        _warn_skipped(source_path, skipped,
+                      'not exactly two tab-separated columns')
+    if not source:
+        raise ValueError(
+            f'{source_path}: no sentence pairs found (expected lines of '
+            'exactly two tab-separated columns, "source<TAB>target"; '
+            'read_pairs_file reads files with more columns)')
     return _load_tokenized(source, target, batch_size, num_steps)
 
 
@@ -332,23 +456,50 @@ def load_data_nmt(batch_size, num_steps, num_examples=600, path=None):
 # Generic parallel corpora
 # ---------------------------------------------------------------------------
 
-def read_pairs_file(path, num_examples=None):
+def read_pairs_file(path, num_examples=None, malformed='skip'):
     """Read ``(source, target)`` string pairs from a tab-separated file.
 
-    The file is read as UTF-8; each line with at least two tab-separated
-    columns gives one pair made of its first two columns (so the
-    three-column Tatoeba/manythings files, which add an attribution column,
-    work too).  A trailing ``'\\r'`` is dropped.  Unlike
-    :func:`tokenize_nmt`, ``num_examples`` is simply the maximum number of
-    pairs returned.
+    The file is read as UTF-8 (see :func:`_read_text`: invalid UTF-8 raises
+    :class:`CorpusError` naming the line, a missing file
+    :class:`FileNotFoundError` naming it, ``\\r\\n`` is normalised).  Each
+    line with at least two tab-separated columns, both non-blank, gives one
+    pair made of its first two columns (so the three-column
+    Tatoeba/manythings files, which add an attribution column, work too).
+    Empty lines are skipped silently.  Other lines (no tab, a blank source
+    or target) are malformed: with ``malformed='skip'`` (the default) they
+    are skipped and reported in one :class:`CorpusWarning` giving their
+    count and line numbers; with ``malformed='raise'`` the first one raises
+    :class:`CorpusError` naming its line.  Unlike :func:`tokenize_nmt`,
+    ``num_examples`` is simply the maximum number of pairs returned (lines
+    after the last pair returned are not read).
     """
-    pairs = []
-    for line in _read_text(path).split('\n'):
+    if malformed not in ('skip', 'raise'):
+        raise ValueError(
+            f"malformed must be 'skip' or 'raise', got {malformed!r}")
+    if num_examples is not None and (
+            not isinstance(num_examples, int) or isinstance(num_examples, bool)
+            or num_examples < 0):
+        raise ValueError(
+            f'num_examples must be None or an int >= 0, got {num_examples!r}')
+    path = os.fspath(path)
+    pairs, skipped = [], []
+    for lineno, line in enumerate(_read_text(path).split('\n'), 1):
         if num_examples is not None and len(pairs) >= num_examples:
             break
-        parts = line.rstrip('\r').split('\t')
-        if len(parts) >= 2:
-            pairs.append((parts[0], parts[1]))
+        if not line:
+            continue
+        parts = line.split('\t')
+        if len(parts) < 2 or not parts[0].strip() or not parts[1].strip():
+            if malformed == 'raise':
+                raise CorpusError(
+                    f'{path}: line {lineno}: expected "source<TAB>target" '
+                    f'with both columns non-blank, got {line[:80]!r}',
+                    path=path, lineno=lineno)
+            skipped.append(lineno)
+            continue
+        pairs.append((parts[0], parts[1]))
+    if skipped:
+        _warn_skipped(path, skipped, 'no tab-separated source and target')
     return pairs
 
 

@@ -3,6 +3,7 @@
 import hashlib
 import os
 import urllib.error
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from hypothesis import strategies as st
 
 from seq2seq_ext import data
 from seq2seq_ext.data import (
-    DATA_HUB, DATA_URL, Vocab, build_array_nmt, count_corpus, download,
+    CorpusError, CorpusWarning, DATA_HUB, DATA_URL, Vocab, build_array_nmt,
+    count_corpus, download,
     download_extract, english_number, french_number, load_array,
     load_data_nmt, load_data_numbers, load_data_pairs, number_pairs,
     preprocess_nmt, read_data_nmt, read_pairs_file, tokenize_nmt,
@@ -284,10 +286,167 @@ def test_read_pairs_file(tmp_path):
     path = tmp_path / 'pairs.tsv'
     path.write_bytes('Go.\tVa !\tCC-BY attribution\r\nbroken\n'
                      'Hi.\tSalut !\r\nRun!\tCours\u202f!\n'.encode('utf-8'))
-    assert read_pairs_file(path) == [
-        ('Go.', 'Va !'), ('Hi.', 'Salut !'), ('Run!', 'Cours\u202f!')]
-    assert read_pairs_file(path, num_examples=2) == [
-        ('Go.', 'Va !'), ('Hi.', 'Salut !')]
+    with pytest.warns(CorpusWarning, match='skipped 1 malformed'):
+        assert read_pairs_file(path) == [
+            ('Go.', 'Va !'), ('Hi.', 'Salut !'), ('Run!', 'Cours\u202f!')]
+    with pytest.warns(CorpusWarning):
+        assert read_pairs_file(path, num_examples=2) == [
+            ('Go.', 'Va !'), ('Hi.', 'Salut !')]
+
+
+# ---------------------------------------------------------------------------
+# Malformed corpus files: one defined behaviour per case
+# ---------------------------------------------------------------------------
+
+def _no_warning(fn, *args, **kwargs):
+    """Call ``fn`` with every warning turned into an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        return fn(*args, **kwargs)
+
+
+def test_read_pairs_file_counts_and_names_skipped_lines(tmp_path):
+    path = tmp_path / 'pairs.tsv'
+    lines = ['Go.\tVa !',        # 1 good
+             'no tab here',        # 2 malformed: no tab
+             '',                   # 3 empty: skipped silently
+             'Hi.\t\tSalut !',   # 4 malformed: empty target column
+             '   \tblank source',  # 5 malformed: blank source
+             'Run!\tCours !\tCC-BY\tx',  # 6 good: extra columns ignored
+             'tab at end\t',      # 7 malformed: empty target
+             'Who?\tQui ?']       # 8 good
+    path.write_text('\n'.join(lines) + '\n', encoding='utf-8')
+    with pytest.warns(CorpusWarning) as record:
+        pairs = read_pairs_file(path)
+    assert pairs == [('Go.', 'Va !'), ('Run!', 'Cours !'), ('Who?', 'Qui ?')]
+    assert len(record) == 1
+    warning = record[0].message
+    assert warning.count == 4 and warning.lines == [2, 4, 5, 7]
+    assert warning.path == str(path)
+    assert str(path) in str(warning) and 'skipped 4 malformed' in str(warning)
+    assert 'line 2, 4, 5, 7' in str(warning)
+
+    with pytest.raises(CorpusError, match='line 2') as info:
+        read_pairs_file(path, malformed='raise')
+    assert info.value.lineno == 2 and info.value.path == str(path)
+    assert isinstance(info.value, ValueError) and str(path) in str(info.value)
+    # num_examples stops reading: the lines after the first pair are not read
+    assert _no_warning(read_pairs_file, path, num_examples=1) == [
+        ('Go.', 'Va !')]
+
+
+def test_read_pairs_file_many_skipped_lines_are_summarised(tmp_path):
+    path = tmp_path / 'pairs.tsv'
+    path.write_text('\n'.join(['a\tb'] + ['junk'] * 25), encoding='utf-8')
+    with pytest.warns(CorpusWarning,
+                      match=r'skipped 25 .* and 15 more') as record:
+        assert read_pairs_file(path) == [('a', 'b')]
+    assert record[0].message.lines == list(range(2, 27))
+
+
+def test_read_pairs_file_empty_lines_and_line_endings(tmp_path):
+    lf = tmp_path / 'lf.tsv'
+    crlf = tmp_path / 'crlf.tsv'
+    cr = tmp_path / 'cr.tsv'
+    lines = ['Go.\tVa !', '', 'Hi.\tSalut !', '', '']
+    lf.write_bytes('\n'.join(lines).encode('utf-8'))
+    crlf.write_bytes('\r\n'.join(lines).encode('utf-8'))
+    cr.write_bytes('\r'.join(lines).encode('utf-8'))
+    expected = [('Go.', 'Va !'), ('Hi.', 'Salut !')]
+    for path in (lf, crlf, cr):
+        assert _no_warning(read_pairs_file, path) == expected
+    # a UTF-8 byte-order mark does not stick to the first source sentence
+    bom = tmp_path / 'bom.tsv'
+    bom.write_bytes(b'\xef\xbb\xbf' + '\r\n'.join(lines).encode('utf-8'))
+    assert _no_warning(read_pairs_file, bom) == expected
+
+
+def test_crlf_corpus_loads_like_lf_corpus(tmp_path):
+    lines = ['Go.\tVa !', 'Go.\tMarche.', 'Hi.\tSalut !', 'Run!\tCours\u202f!',
+             'Run!\tCourez\u202f!', 'Who?\tQui ?', 'Wow!\tÇa alors\u202f!']
+    lf = tmp_path / 'lf.txt'
+    crlf = tmp_path / 'crlf.txt'
+    lf.write_bytes(('\n'.join(lines) + '\n').encode('utf-8'))
+    crlf.write_bytes(('\r\n'.join(lines) + '\r\n').encode('utf-8'))
+    assert read_data_nmt(crlf) == read_data_nmt(lf)
+    assert '\r' not in read_data_nmt(crlf)
+    _, src1, tgt1 = _no_warning(load_data_nmt, 2, 5, path=lf)
+    _, src2, tgt2 = _no_warning(load_data_nmt, 2, 5, path=crlf)
+    assert src1.idx_to_token == src2.idx_to_token
+    assert tgt1.idx_to_token == tgt2.idx_to_token
+    assert '!' in tgt2.idx_to_token  # not '!\r'
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / 'latin1.txt'
+    path.write_bytes('Go.\tVa !\r\nHi.\tSalut !\nWow!\t'.encode('utf-8')
+                     + 'Ça alors !'.encode('latin-1') + b'\n')
+    for read in (read_pairs_file, read_data_nmt):
+        with pytest.raises(CorpusError, match='line 3') as info:
+            read(path)
+        assert info.value.lineno == 3 and info.value.path == str(path)
+        message = str(info.value)
+        assert str(path) in message and 'invalid UTF-8' in message
+        assert '0xc7' in message  # the byte: latin-1's Ç
+        assert isinstance(info.value, ValueError)
+        assert isinstance(info.value.__cause__, UnicodeDecodeError)
+    with pytest.raises(CorpusError, match='line 3'):
+        load_data_nmt(2, 5, path=path)
+
+
+def test_missing_path_and_directory_are_named(tmp_path, monkeypatch):
+    missing = tmp_path / 'nope' / 'fra.txt'
+    for read in (read_pairs_file, read_data_nmt):
+        with pytest.raises(FileNotFoundError) as info:
+            read(missing)
+        assert str(missing) in str(info.value)
+        assert info.value.filename == str(missing)
+        with pytest.raises(IsADirectoryError) as info:
+            read(tmp_path)
+        assert str(tmp_path) in str(info.value)
+    with pytest.raises(FileNotFoundError, match='nope'):
+        load_data_nmt(2, 5, path=missing)
+    # a path given through the environment: the message says where it came from
+    monkeypatch.setenv(data.DATA_ENV, str(missing))
+    with pytest.raises(FileNotFoundError, match=data.DATA_ENV) as info:
+        read_data_nmt()
+    assert info.value.filename == str(missing)
+
+
+def test_load_data_nmt_reports_lines_it_skips(tmp_path):
+    lines = ['Go.\tVa !', 'Go.\tMarche.', 'three\tcolumns\there',
+             'Hi.\tSalut !', 'no tab', '', 'Run!\tCours\u202f!',
+             'Run!\tCourez\u202f!']
+    path = tmp_path / 'fra.txt'
+    path.write_text('\n'.join(lines) + '\n', encoding='utf-8')
+    with pytest.warns(CorpusWarning) as record:
+        it, src_vocab, tgt_vocab = load_data_nmt(2, 5, num_examples=6,
+                                                 path=path)
+    assert [w.message.lines for w in record] == [[3, 5]]
+    assert 'skipped 2 malformed' in str(record[0].message)
+    # d2l's semantics are kept: lines 0..6 are read, the malformed ones count
+    # towards num_examples, the empty one is dropped, so four pairs remain
+    assert len(it.dataset) == 4
+    source, target = tokenize_nmt(preprocess_nmt(read_data_nmt(path)), 6)
+    assert len(source) == 4
+    expected = Vocab(source, min_freq=2, reserved_tokens=RESERVED)
+    assert src_vocab.idx_to_token == expected.idx_to_token
+    # no two-column line at all: a clear error instead of an empty dataset
+    bad = tmp_path / 'three.txt'
+    bad.write_text('Go.\tVa !\tCC-BY\nHi.\tSalut !\tCC-BY\n', encoding='utf-8')
+    with pytest.warns(CorpusWarning), pytest.raises(ValueError,
+                                                    match='no sentence pairs'):
+        load_data_nmt(2, 5, path=bad)
+
+
+def test_read_pairs_file_rejects_bad_arguments(tmp_path):
+    path = tmp_path / 'p.tsv'
+    path.write_text('a\tb\n', encoding='utf-8')
+    with pytest.raises(ValueError, match='malformed'):
+        read_pairs_file(path, malformed='ignore')
+    with pytest.raises(ValueError, match='num_examples'):
+        read_pairs_file(path, num_examples=-1)
+    assert read_pairs_file(path, num_examples=0) == []
 
 
 # ---------------------------------------------------------------------------
