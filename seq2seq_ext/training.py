@@ -1,5 +1,16 @@
 """Training: the chapter's ``train_seq2seq`` with the same signature, printed output and loss
-curve, and d2l's gradient clipping."""
+curve, and d2l's gradient clipping.
+
+:func:`fit` is the loop underneath. Beyond the chapter it can resume a run (``optimizer``,
+``start_epoch``, ``init_weights``), train with scheduled teacher forcing
+(``teacher_forcing_ratio``, the step-wise decoder of :func:`decode_teacher_forced`), under bf16
+autocast (``amp="bf16"``), and data-parallel across processes when ``torch.distributed`` is
+initialised (see :mod:`seq2seq_ext.distributed`).
+"""
+import contextlib
+import numbers
+import random
+
 import torch
 from torch import nn
 
@@ -7,9 +18,17 @@ from . import reference
 from .losses import MaskedSoftmaxCELoss
 from .utils import Animator, Timer
 
-__all__ = ["train_seq2seq", "fit", "make_adam", "grad_clipping", "xavier_init_weights"]
+__all__ = ["train_seq2seq", "fit", "make_adam", "grad_clipping", "xavier_init_weights",
+           "decode_teacher_forced", "enable_autocast_rules", "AMP_MODES"]
 
 xavier_init_weights = reference.xavier_init_weights
+
+#: The values :func:`fit` accepts for ``amp``.
+AMP_MODES = (None, "bf16")
+
+# The fused GRU layer op computes in float32/float64 only; under autocast its floating inputs are
+# cast to float32 (float64 stays float64) and it runs with autocast disabled.
+_FLOAT32_UNDER_AUTOCAST = ("gru_layer",)
 
 
 def grad_clipping(net, theta):
@@ -47,34 +66,204 @@ def train_seq2seq(net, data_iter, lr, num_epochs, tgt_vocab, device):
     print(f'loss {loss:.3f}, {tokens_per_sec:.1f} tokens/sec on {str(device)}')
 
 
-def fit(net, data_iter, lr, num_epochs, tgt_vocab, device, on_epoch=None, plot=True):
+def decode_teacher_forced(net, X, dec_input, X_valid_len, teacher_forcing_ratio=1.0):
+    """Run an encoder-decoder one decoder step at a time with scheduled teacher forcing.
+
+    ``net`` is an ``EncoderDecoder``; X (batch, src_steps) and X_valid_len (batch,) feed the
+    encoder exactly as ``net(X, dec_input, X_valid_len)`` does, and dec_input (batch, steps) is
+    the teacher-forced decoder input (``<bos>`` then the label shifted right by one). Step 0
+    reads ``dec_input[:, 0]``. Before every step ``t >= 1`` one coin ``random.random() <
+    teacher_forcing_ratio`` (Python's ``random``, one coin per step for the whole batch) picks
+    the ground truth ``dec_input[:, t]`` or the model's own argmax prediction of step ``t - 1``
+    (detached). Each step calls ``net.decoder(X_t, state)`` with ``X_t`` of shape (batch, 1), the
+    differentiable path, and passes the state along whatever it is (a tensor or a tuple).
+
+    Returns the logits (batch, steps, vocab), differentiable in every parameter.
+
+    With ratio 1.0 this equals the teacher-forced parallel call ``net(X, dec_input,
+    X_valid_len)[0]`` for a decoder whose output at a step depends only on its input token and
+    state (a fixed context); the chapter's ``Seq2SeqDecoder`` takes its context from the current
+    state at every call, so step by step it sees the context that prediction sees
+    (``predict_seq2seq``), not the training-time context of the parallel call.
+    """
+    ratio = _check_ratio(teacher_forcing_ratio)
+    if dec_input.dim() != 2 or dec_input.shape[1] < 1:
+        raise ValueError("dec_input: expected a (batch, steps) tensor with steps >= 1, got "
+                         f"shape {tuple(dec_input.shape)}")
+    enc_outputs = net.encoder(X, X_valid_len)
+    state = net.decoder.init_state(enc_outputs, X_valid_len)
+    steps = dec_input.shape[1]
+    X_t = dec_input[:, :1]
+    outputs = []
+    for t in range(steps):
+        if t > 0:
+            if random.random() < ratio:
+                X_t = dec_input[:, t:t + 1]
+            else:
+                X_t = outputs[-1].detach().argmax(dim=-1).to(dec_input.dtype)
+        Y_t, state = net.decoder(X_t, state)
+        outputs.append(Y_t)
+    return torch.cat(outputs, 1)
+
+
+class _TrainForward(nn.Module):
+    """The training forward pass as one module (what DistributedDataParallel wraps): the
+    teacher-forced parallel call, or :func:`decode_teacher_forced` for a ratio below 1."""
+
+    def __init__(self, net, teacher_forcing_ratio):
+        super().__init__()
+        self.net = net
+        self.teacher_forcing_ratio = teacher_forcing_ratio
+
+    def forward(self, X, dec_input, X_valid_len):
+        if self.teacher_forcing_ratio == 1.0:
+            Y_hat, _ = self.net(X, dec_input, X_valid_len)
+            return Y_hat
+        return decode_teacher_forced(self.net, X, dec_input, X_valid_len,
+                                     self.teacher_forcing_ratio)
+
+
+def _check_ratio(ratio):
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise TypeError(f"teacher_forcing_ratio: expected a real number in [0, 1], got "
+                        f"{type(ratio).__name__}")
+    ratio = float(ratio)
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"teacher_forcing_ratio: expected a value in [0, 1], got {ratio}")
+    return ratio
+
+
+def _check_fit_args(num_epochs, start_epoch, optimizer, amp):
+    for name, value in (("num_epochs", num_epochs), ("start_epoch", start_epoch)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if num_epochs < 0:
+        raise ValueError(f"num_epochs: expected a value >= 0, got {num_epochs}")
+    if not 0 <= start_epoch <= num_epochs:
+        raise ValueError(f"start_epoch: expected a value in [0, num_epochs={num_epochs}], got "
+                         f"{start_epoch}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer: expected a torch.optim.Optimizer or None, got "
+                        f"{type(optimizer).__name__}")
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp: expected one of {AMP_MODES}, got {amp!r}")
+
+
+def enable_autocast_rules(device_type):
+    """Make the extension's ops safe under ``torch.autocast`` on ``device_type``: the fused GRU
+    layer op gets a rule that casts its floating inputs to float32 (float64 stays) and runs it
+    with autocast disabled. Without it, autocast would hand the layer a bfloat16 context
+    projection beside float32 inputs. Idempotent; a rule the op already has is kept."""
+    if not torch.amp.is_autocast_available(device_type):
+        return
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    for name in _FLOAT32_UNDER_AUTOCAST:
+        qualname = f"seq2seq_ext::{name}"
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key):
+            torch.library.register_autocast(qualname, device_type, torch.float32)
+
+
+def _autocast(amp, device):
+    if amp is None:
+        return contextlib.nullcontext()
+    enable_autocast_rules(device.type)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _distributed_world():
+    """The default process group's world size; 1 when torch.distributed is not initialised."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def fit(net, data_iter, lr, num_epochs, tgt_vocab, device, on_epoch=None, plot=True, *,
+        optimizer=None, start_epoch=0, init_weights=True, teacher_forcing_ratio=1.0, amp=None):
     """The loop of :func:`train_seq2seq`. ``on_epoch(epoch, loss, tokens_per_sec)`` is called after
-    every epoch (1-based). Returns the last epoch's (loss per token, tokens/sec)."""
-    net.apply(xavier_init_weights)
+    every epoch (1-based). Returns the last epoch's (loss per token, tokens/sec).
+
+    Keyword-only options (the defaults reproduce :func:`train_seq2seq` exactly):
+
+    * ``optimizer``: an existing optimizer over ``net``'s parameters (then ``lr`` is not used);
+      default ``make_adam(net.parameters(), lr)``.
+    * ``start_epoch``: epochs already done; runs epochs ``start_epoch + 1 .. num_epochs``.
+    * ``init_weights``: ``False`` skips the chapter's Xavier initialisation.
+
+      Exact resume: capture ``torch.get_rng_state()`` (and the CUDA RNG state on a GPU),
+      ``random.getstate()``, the weights and ``optimizer.state_dict()`` in ``on_epoch(k)``;
+      load them into fresh objects, restore both RNG states last, and call ``fit(...,
+      start_epoch=k, init_weights=False, optimizer=restored)``: on the CPU the run continues
+      bitwise as if uninterrupted (the loader's shuffle, dropout masks and teacher-forcing coins
+      all come from those two generators; ``fit`` draws nothing between ``on_epoch(k)`` and the
+      first batch of epoch ``k + 1`` beyond what an uninterrupted run draws). A loader with its
+      own ``generator`` needs that generator's state captured too.
+    * ``teacher_forcing_ratio`` in [0, 1]: 1.0 trains the teacher-forced parallel forward; below
+      1.0 the decoder runs step by step and feeds back its own predictions at a rate of ``1 -
+      ratio`` (:func:`decode_teacher_forced`).
+    * ``amp``: ``None`` or ``"bf16"``: forward and loss under ``torch.autocast(device.type,
+      dtype=torch.bfloat16)``. Then the output projection (``nn.Linear``) and the decoder's
+      context projection run in bfloat16, the loss op reads bfloat16 logits (accumulating in
+      float32), and the embeddings, the GRU layers (float32 by an autocast rule, see
+      :func:`enable_autocast_rules`), the weights, the gradients and the optimizer stay
+      float32.
+    * Distributed: when ``torch.distributed`` is initialised with a world size above 1, the model
+      is wrapped in ``DistributedDataParallel`` after the weight initialisation (every rank
+      starts from rank 0's weights), ``data_iter.sampler.set_epoch(epoch)`` is called each epoch
+      when the sampler has it, the summed loss is multiplied by the world size before
+      ``backward`` (DDP averages gradients, so the update equals the single-process update on
+      the global batch), and the epoch's loss and token sums are all-reduced: every rank returns
+      and reports the global loss and tokens/sec.
+    """
+    ratio = _check_ratio(teacher_forcing_ratio)
+    _check_fit_args(num_epochs, start_epoch, optimizer, amp)
+    device = torch.device(device)
+    world = _distributed_world()
+    if init_weights:
+        net.apply(xavier_init_weights)
     net.to(device)
-    optimizer = make_adam(net.parameters(), lr)
+    if optimizer is None:
+        optimizer = make_adam(net.parameters(), lr)
     loss = MaskedSoftmaxCELoss()
     net.train()
+    model = _TrainForward(net, ratio)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     animator = Animator(xlabel='epoch', ylabel='loss', xlim=[10, num_epochs]) if plot else None
+    set_epoch = getattr(getattr(data_iter, "sampler", None), "set_epoch", None)
     bos_id = tgt_vocab['<bos>']
     epoch_loss, speed = float('nan'), 0.0
-    for epoch in range(num_epochs):
+    for epoch in range(start_epoch, num_epochs):
         timer = Timer()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         num_tokens = torch.zeros((), dtype=torch.float64, device=device)
+        if set_epoch is not None:
+            set_epoch(epoch)
         for batch in data_iter:
             optimizer.zero_grad()
             X, X_valid_len, Y, Y_valid_len = [x.to(device) for x in batch]
             bos = torch.full((Y.shape[0], 1), bos_id, dtype=Y.dtype, device=device)
             dec_input = torch.cat([bos, Y[:, :-1]], 1)  # teacher forcing
-            Y_hat, _ = net(X, dec_input, X_valid_len)
-            l = loss(Y_hat, Y, Y_valid_len)
-            l.sum().backward()
+            with _autocast(amp, device):
+                Y_hat = model(X, dec_input, X_valid_len)
+                l = loss(Y_hat, Y, Y_valid_len)
+            if l.dtype not in (torch.float32, torch.float64):
+                l = l.float()  # bf16 logits give a bf16 loss: sum it in float32
+            if world > 1:
+                (l.sum() * world).backward()
+            else:
+                l.sum().backward()
             grad_clipping(net, 1)
             optimizer.step()
             with torch.no_grad():
                 loss_sum += l.sum()
                 num_tokens += Y_valid_len.sum()
+        if world > 1:
+            totals = torch.stack([loss_sum, num_tokens])
+            torch.distributed.all_reduce(totals)
+            loss_sum, num_tokens = totals[0], totals[1]
         tokens = num_tokens.item()
         epoch_loss = loss_sum.item() / tokens
         speed = tokens / timer.stop()

@@ -1,0 +1,356 @@
+"""fit's options: exact resume, scheduled teacher forcing, bf16 autocast, argument checks."""
+import copy
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import seq2seq_ext as d2l
+from seq2seq_ext import data, reference
+from seq2seq_ext.training import (decode_teacher_forced, enable_autocast_rules, fit,
+                                  make_adam)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: bitwise comparisons and timings independent of the other core's load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _corpus(batch_size=32, num_steps=10, stop=300):
+    return data.load_data_numbers(batch_size, num_steps, num_held_out=10, seed=0, stop=stop)
+
+
+def _model(src_vocab, tgt_vocab, dropout=0.1, embed=16, hidden=32, seed=0):
+    torch.manual_seed(seed)
+    return d2l.EncoderDecoder(
+        d2l.Seq2SeqEncoder(len(src_vocab), embed, hidden, 2, dropout),
+        d2l.Seq2SeqDecoder(len(tgt_vocab), embed, hidden, 2, dropout))
+
+
+def _params(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _assert_same_params(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ----------------------------------------------------------------------------------------------
+# resume
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_resume_is_bitwise_identical(ratio):
+    """4 epochs straight == 2 epochs, a checkpoint, fresh objects, 2 more epochs: the loader's
+    shuffle, the dropout masks and (ratio 0.5) the teacher-forcing coins continue exactly."""
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=160)
+    lr, epochs, cut = 0.01, 4, 2
+    random.seed(1)
+    net = _model(src_vocab, tgt_vocab)
+    straight, checkpoint = [], {}
+
+    def on_epoch(epoch, loss, speed):
+        straight.append(loss)
+        if epoch == cut:
+            checkpoint.update(torch_rng=torch.get_rng_state(), py_rng=random.getstate(),
+                              weights=_params(net), optim=opt_state())
+
+    optimizer = make_adam(net.parameters(), lr)
+
+    def opt_state():
+        return copy.deepcopy(optimizer.state_dict())
+
+    fit(net, train_iter, lr, epochs, tgt_vocab, CPU, on_epoch=on_epoch, plot=False,
+        optimizer=optimizer, teacher_forcing_ratio=ratio)
+    final = _params(net)
+
+    # fresh objects (their construction draws random numbers: the states are restored after)
+    net2 = _model(src_vocab, tgt_vocab, seed=123)
+    net2.load_state_dict(checkpoint["weights"])
+    optimizer2 = make_adam(net2.parameters(), lr)
+    optimizer2.load_state_dict(checkpoint["optim"])
+    random.setstate(checkpoint["py_rng"])
+    torch.set_rng_state(checkpoint["torch_rng"])
+    resumed_epochs, resumed = [], []
+    fit(net2, train_iter, lr, epochs, tgt_vocab, CPU, plot=False, optimizer=optimizer2,
+        start_epoch=cut, init_weights=False, teacher_forcing_ratio=ratio,
+        on_epoch=lambda e, l, s: (resumed_epochs.append(e), resumed.append(l)))
+    assert resumed_epochs == [3, 4]
+    assert resumed == straight[cut:]
+    _assert_same_params(_params(net2), final)
+
+
+def test_resume_needs_the_rng_state():
+    """Without restoring the RNG state the continuation differs: the bitwise test above is
+    sensitive to the random streams."""
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=160)
+    net = _model(src_vocab, tgt_vocab)
+    torch.manual_seed(5)
+    fit(net, train_iter, 0.01, 1, tgt_vocab, CPU, plot=False)
+    weights = _params(net)
+    results = []
+    for seed in (6, 7):
+        net2 = _model(src_vocab, tgt_vocab)
+        net2.load_state_dict(weights)
+        torch.manual_seed(seed)
+        fit(net2, train_iter, 0.01, 2, tgt_vocab, CPU, plot=False, start_epoch=1,
+            init_weights=False)
+        results.append(_params(net2))
+    assert any(not torch.equal(results[0][k], results[1][k]) for k in weights)
+
+
+def test_start_epoch_equal_to_num_epochs_trains_nothing():
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=100)
+    net = _model(src_vocab, tgt_vocab)
+    before = _params(net)
+    calls = []
+    loss, speed = fit(net, train_iter, 0.01, 3, tgt_vocab, CPU, plot=False, start_epoch=3,
+                      init_weights=False, on_epoch=lambda *a: calls.append(a))
+    assert calls == [] and loss != loss and speed == 0.0
+    _assert_same_params(_params(net), before)
+
+
+def test_given_optimizer_is_used_and_init_weights_false_keeps_weights():
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=100)
+    net = _model(src_vocab, tgt_vocab)
+    before = _params(net)
+    # lr 0: the weights stay as they are, so no Xavier initialisation and no other optimizer
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    fit(net, train_iter, 0.5, 1, tgt_vocab, CPU, plot=False, optimizer=optimizer,
+        init_weights=False)
+    _assert_same_params(_params(net), before)
+    fit(net, train_iter, 0.5, 1, tgt_vocab, CPU, plot=False, optimizer=optimizer)
+    assert not torch.equal(net.decoder.dense.weight, before["decoder.dense.weight"])
+
+
+# ----------------------------------------------------------------------------------------------
+# teacher forcing
+# ----------------------------------------------------------------------------------------------
+
+class FixedContextDecoder(reference.Seq2SeqDecoder):
+    """The chapter's decoder with its context fixed to the encoder's final top-layer state (the
+    d2l fix of the prediction-context defect); its state is a tuple (GRU state, context)."""
+
+    def init_state(self, enc_outputs, *args):
+        return enc_outputs[1], enc_outputs[1][-1]
+
+    def forward(self, X, state):
+        rnn_state, context = state
+        X = self.embedding(X).permute(1, 0, 2)
+        context = context.repeat(X.shape[0], 1, 1)
+        output, rnn_state = self.rnn(torch.cat((X, context), 2), rnn_state)
+        return self.dense(output).permute(1, 0, 2), (rnn_state, state[1])
+
+
+def _batch(train_iter, tgt_vocab):
+    X, X_valid_len, Y, Y_valid_len = next(iter(train_iter))
+    bos = torch.full((Y.shape[0], 1), tgt_vocab['<bos>'], dtype=Y.dtype)
+    return X, X_valid_len, Y, Y_valid_len, torch.cat([bos, Y[:, :-1]], 1)
+
+
+def _fixed_context_decoders(vocab):
+    out = [FixedContextDecoder(vocab, 8, 16, 2)]
+    try:
+        out.append(d2l.Seq2SeqDecoder(vocab, 8, 16, 2, fixed_context=True))
+    except TypeError:  # the package's decoder has no fixed_context option in this version
+        pass
+    return out
+
+
+def test_step_path_at_ratio_one_equals_parallel_path():
+    """A fixed-context decoder (tuple state): logits and gradients of the step-by-step path at
+    ratio 1 equal the teacher-forced parallel forward."""
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(batch_size=8, num_steps=7, stop=100)
+    X, X_valid_len, Y, Y_valid_len, dec_input = _batch(train_iter, tgt_vocab)
+    for decoder in _fixed_context_decoders(len(tgt_vocab)):
+        torch.manual_seed(1)
+        net = d2l.EncoderDecoder(d2l.Seq2SeqEncoder(len(src_vocab), 8, 16, 2), decoder)
+        loss = d2l.MaskedSoftmaxCELoss()
+        grads = []
+        for step_path in (False, True):
+            net.zero_grad()
+            if step_path:
+                Y_hat = decode_teacher_forced(net, X, dec_input, X_valid_len, 1.0)
+            else:
+                Y_hat, _ = net(X, dec_input, X_valid_len)
+            loss(Y_hat, Y, Y_valid_len).sum().backward()
+            grads.append((Y_hat.detach(), [p.grad.clone() for p in net.parameters()]))
+        (par, par_grads), (step, step_grads) = grads
+        assert step.shape == (X.shape[0], dec_input.shape[1], len(tgt_vocab))
+        torch.testing.assert_close(step, par)
+        for g_step, g_par in zip(step_grads, par_grads):
+            # the gradients are sums over steps accumulated in another order
+            torch.testing.assert_close(g_step, g_par, rtol=1e-5, atol=1e-6)
+
+
+def test_chapter_decoder_step_path_is_the_reference_step_loop():
+    """The chapter's decoder, stepped: the same logits as the reference decoder called one
+    step at a time (the context it sees at prediction)."""
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(batch_size=8, num_steps=7, stop=100)
+    X, X_valid_len, _, _, dec_input = _batch(train_iter, tgt_vocab)
+    net = _model(src_vocab, tgt_vocab, dropout=0.0, embed=8, hidden=16)
+    ref = reference.EncoderDecoder(
+        reference.Seq2SeqEncoder(len(src_vocab), 8, 16, 2),
+        reference.Seq2SeqDecoder(len(tgt_vocab), 8, 16, 2))
+    ref.load_state_dict(net.state_dict())
+    out = decode_teacher_forced(net, X, dec_input, X_valid_len, 1.0)
+    state = ref.decoder.init_state(ref.encoder(X, X_valid_len))
+    expected = []
+    for t in range(dec_input.shape[1]):
+        Y_t, state = ref.decoder(dec_input[:, t:t + 1], state)
+        expected.append(Y_t)
+    torch.testing.assert_close(out, torch.cat(expected, 1))
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+def test_coins_choose_ground_truth_or_own_prediction(ratio):
+    """Step t >= 1 reads dec_input[:, t] when its coin (Python's random) is below the ratio,
+    else the argmax of step t - 1's logits."""
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(batch_size=16, num_steps=9, stop=100)
+    X, X_valid_len, _, _, dec_input = _batch(train_iter, tgt_vocab)
+    net = _model(src_vocab, tgt_vocab, dropout=0.0, embed=8, hidden=16)
+    fed = []
+    net.decoder.register_forward_pre_hook(lambda mod, args: fed.append(args[0].clone()))
+    random.seed(11)
+    coins = [random.random() < ratio for _ in range(1, dec_input.shape[1])]
+    random.seed(11)
+    out = decode_teacher_forced(net, X, dec_input, X_valid_len, ratio)
+    after = random.random()
+    random.seed(11)
+    for _ in coins:
+        random.random()
+    assert after == random.random()  # exactly one coin per step t >= 1
+    assert len(fed) == dec_input.shape[1] and all(f.shape == (16, 1) for f in fed)
+    assert torch.equal(fed[0], dec_input[:, :1])
+    predictions = out.argmax(-1)
+    for t, teacher in enumerate(coins, start=1):
+        expected = dec_input[:, t:t + 1] if teacher else predictions[:, t - 1:t]
+        assert torch.equal(fed[t], expected), t
+    if ratio == 0.5:
+        assert True in coins and False in coins
+        assert not torch.equal(predictions[:, :-1], dec_input[:, 1:])
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_scheduled_teacher_forcing_trains(ratio):
+    train_iter, src_vocab, tgt_vocab, _ = _corpus()
+    random.seed(0)
+    net = _model(src_vocab, tgt_vocab)
+    losses = []
+    fit(net, train_iter, 0.02, 6, tgt_vocab, CPU, plot=False, teacher_forcing_ratio=ratio,
+        on_epoch=lambda e, l, s: losses.append(l))
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_ratio_below_one_uses_the_step_path():
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=100)
+    net = _model(src_vocab, tgt_vocab)
+    calls = []
+    net.decoder.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[1]))
+    fit(net, train_iter, 0.01, 1, tgt_vocab, CPU, plot=False, teacher_forcing_ratio=0.99)
+    assert calls and set(calls) == {1}
+    calls.clear()
+    fit(net, train_iter, 0.01, 1, tgt_vocab, CPU, plot=False)
+    assert calls and set(calls) == {10}
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 autocast
+# ----------------------------------------------------------------------------------------------
+
+def test_bf16_training_converges_and_runs_the_projection_in_bf16():
+    train_iter, src_vocab, tgt_vocab, _ = _corpus()
+    net = _model(src_vocab, tgt_vocab)
+    dtypes = set()
+    net.decoder.dense.register_forward_hook(lambda mod, args, out: dtypes.add(out.dtype))
+    losses = []
+    fit(net, train_iter, 0.02, 8, tgt_vocab, CPU, plot=False, amp="bf16",
+        on_epoch=lambda e, l, s: losses.append(l))
+    assert dtypes == {torch.bfloat16}
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_what_runs_in_bf16_under_autocast():
+    """Under CPU autocast: the output projection and the loss input in bf16, the GRU layers
+    (fused op, cast to float32 by the autocast rule) and the parameters' gradients float32."""
+    enable_autocast_rules("cpu")
+    enable_autocast_rules("cpu")  # idempotent
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(batch_size=8, num_steps=7, stop=100)
+    X, X_valid_len, Y, Y_valid_len, dec_input = _batch(train_iter, tgt_vocab)
+    net = _model(src_vocab, tgt_vocab, dropout=0.0, embed=8, hidden=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        enc_out, enc_state = net.encoder(X, X_valid_len)
+        Y_hat, state = net(X, dec_input, X_valid_len)
+        l = d2l.MaskedSoftmaxCELoss()(Y_hat, Y, Y_valid_len)
+    assert enc_out.dtype == torch.float32 and state.dtype == torch.float32
+    assert Y_hat.dtype == torch.bfloat16
+    l.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in net.parameters())
+    ref, _ = net(X, dec_input, X_valid_len)
+    # bf16 has 8 significant bits: the logits agree with float32 to about 1e-2
+    torch.testing.assert_close(Y_hat.float(), ref.detach(), rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_with_scheduled_teacher_forcing_runs():
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=100)
+    net = _model(src_vocab, tgt_vocab)
+    loss, _ = fit(net, train_iter, 0.01, 1, tgt_vocab, CPU, plot=False, amp="bf16",
+                  teacher_forcing_ratio=0.5)
+    assert 0 < loss < 10
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, exc, name", [
+    (dict(teacher_forcing_ratio=-0.1), ValueError, "teacher_forcing_ratio"),
+    (dict(teacher_forcing_ratio=1.5), ValueError, "teacher_forcing_ratio"),
+    (dict(teacher_forcing_ratio=float("nan")), ValueError, "teacher_forcing_ratio"),
+    (dict(teacher_forcing_ratio="0.5"), TypeError, "teacher_forcing_ratio"),
+    (dict(amp="fp16"), ValueError, "amp"),
+    (dict(start_epoch=4), ValueError, "start_epoch"),
+    (dict(start_epoch=-1), ValueError, "start_epoch"),
+    (dict(start_epoch=1.0), TypeError, "start_epoch"),
+    (dict(optimizer="adam"), TypeError, "optimizer"),
+])
+def test_bad_arguments_raise_and_change_nothing(kwargs, exc, name):
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=100)
+    net = _model(src_vocab, tgt_vocab)
+    before = _params(net)
+    with pytest.raises(exc, match=name):
+        fit(net, train_iter, 0.01, 3, tgt_vocab, CPU, plot=False, **kwargs)
+    _assert_same_params(_params(net), before)
+
+
+def test_decode_teacher_forced_bad_arguments():
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(batch_size=4, num_steps=5, stop=100)
+    X, X_valid_len, _, _, dec_input = _batch(train_iter, tgt_vocab)
+    net = _model(src_vocab, tgt_vocab)
+    with pytest.raises(ValueError, match="teacher_forcing_ratio"):
+        decode_teacher_forced(net, X, dec_input, X_valid_len, 2.0)
+    with pytest.raises(ValueError, match="dec_input"):
+        decode_teacher_forced(net, X, dec_input[:, :0], X_valid_len, 0.5)
+    with pytest.raises(ValueError, match="dec_input"):
+        decode_teacher_forced(net, X, dec_input[0], X_valid_len, 0.5)
+
+
+def test_default_fit_matches_train_seq2seq_printout(capsys):
+    """train_seq2seq still prints the chapter's line from fit's defaults."""
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=100)
+    net = _model(src_vocab, tgt_vocab)
+    torch.manual_seed(0)
+    d2l.train_seq2seq(net, train_iter, 0.01, 2, tgt_vocab, CPU)
+    out = capsys.readouterr().out
+    assert out.startswith("loss ") and out.rstrip().endswith("tokens/sec on cpu")
+    assert isinstance(net.decoder.dense, nn.Linear)
