@@ -9,7 +9,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp
 TEST_DEPS := ninja setuptools wheel pybind11 numpy matplotlib tqdm pytest pytest-benchmark \
              hypothesis expecttest sacrebleu
 
-.PHONY: demo test test-all bench bench-pytest gpu cuda-check cmake-check clean
+.PHONY: demo test test-all bench bench-pytest gpu cuda-check cmake-check asan clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ cuda-check: $(STAMP)  ## compile every csrc/cuda/*.cu for sm_80 and sm_90 (compi
 
 cmake-check: $(STAMP)  ## build csrc/ with CMake against libtorch and load the result
 	PYTHON=$(VPY) bash tools/cmake_check.sh
+
+asan: $(STAMP)  ## build with -fsanitize=address,undefined into build/asan/, run the op tests + fuzz suite on it
+	PYTHON=$(VPY) bash tools/asan_check.sh
 
 clean:
 	rm -rf build seq2seq_ext/*.so *.egg-info

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/TensorUtils.h>
 
@@ -87,34 +88,40 @@ struct DecoderDims {
   int64_t layers, batch, hidden, tgt_vocab, vocab, in0;
 };
 
-// Checks the arguments shared by gru_decode_step and greedy_decode (device independent).
-inline DecoderDims check_decoder_args(const at::Tensor& state, const at::Tensor& emb_proj,
-                                      const std::optional<at::Tensor>& ctx_proj,
-                                      at::TensorList weights, const at::Tensor& dense_weight,
-                                      const at::Tensor& dense_bias) {
-  check_dim(state, 3, "state");
-  check_floating(state, "state");
+// Checks the arguments of a decode step for any gated cell (device independent): `gates` is 3
+// for nn.GRU (r, z, n) and 4 for nn.LSTM (i, f, g, o); `state_name` is how the (L, B, H) state
+// argument is called in the op's schema. weights = the flat weights [w_ih, w_hh, b_ih, b_hh] of
+// each layer; emb_proj (tgt_vocab, gates*H); ctx_proj (B, gates*H) when given; dense (V, H), (V,).
+inline DecoderDims check_cell_decoder_args(const at::Tensor& state, const char* state_name,
+                                           int64_t gates, const at::Tensor& emb_proj,
+                                           const std::optional<at::Tensor>& ctx_proj,
+                                           at::TensorList weights, const at::Tensor& dense_weight,
+                                           const at::Tensor& dense_bias) {
+  check_dim(state, 3, state_name);
+  check_floating(state, state_name);
   TORCH_CHECK(state.scalar_type() == at::kFloat || state.scalar_type() == at::kDouble,
-              "state: expected float32 or float64, got ", state.scalar_type());
+              state_name, ": expected float32 or float64, got ", state.scalar_type());
   DecoderDims d{state.size(0), state.size(1), state.size(2), 0, 0, 0};
-  const int64_t H = d.hidden, G = 3 * H;
-  TORCH_CHECK(d.layers >= 1, "state: expected at least one layer, got shape ", shape_str(state));
+  const int64_t H = d.hidden, G = gates * H;
+  const char* gates_what = gates == 4 ? "4 * hidden" : "3 * hidden";
+  TORCH_CHECK(d.layers >= 1, state_name, ": expected at least one layer, got shape ",
+              shape_str(state));
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 4 * d.layers, "weights: expected ",
               4 * d.layers, " tensors (w_ih, w_hh, b_ih, b_hh for each of the ", d.layers,
-              " layers of state), got ", weights.size());
+              " layers of ", state_name, "), got ", weights.size());
   const char* names[4] = {"weights (w_ih)", "weights (w_hh)", "weights (b_ih)", "weights (b_hh)"};
   for (int64_t l = 0; l < d.layers; ++l) {
     for (int k = 0; k < 4; ++k) {
       const at::Tensor& w = weights[4 * l + k];
       check_defined(w, names[k]);
-      check_same_device(w, state, names[k], "state");
-      check_same_dtype(w, state, names[k], "state");
+      check_same_device(w, state, names[k], state_name);
+      check_same_dtype(w, state, names[k], state_name);
       if (k >= 2) {
         check_dim(w, 1, names[k]);
-        check_size(w, 0, G, names[k], "3 * hidden");
+        check_size(w, 0, G, names[k], gates_what);
       } else {
         check_dim(w, 2, names[k]);
-        check_size(w, 0, G, names[k], "3 * hidden");
+        check_size(w, 0, G, names[k], gates_what);
         if (k == 1 || l > 0) check_size(w, 1, H, names[k], "hidden");
       }
     }
@@ -123,26 +130,53 @@ inline DecoderDims check_decoder_args(const at::Tensor& state, const at::Tensor&
   TORCH_CHECK(d.in0 >= H, "weights (w_ih of layer 0): expected at least ", H,
               " input columns (the last hidden-size columns multiply the context), got ", d.in0);
   check_dim(emb_proj, 2, "emb_proj");
-  check_same_device(emb_proj, state, "emb_proj", "state");
-  check_same_dtype(emb_proj, state, "emb_proj", "state");
-  check_size(emb_proj, 1, G, "emb_proj", "3 * hidden");
+  check_same_device(emb_proj, state, "emb_proj", state_name);
+  check_same_dtype(emb_proj, state, "emb_proj", state_name);
+  check_size(emb_proj, 1, G, "emb_proj", gates_what);
   d.tgt_vocab = emb_proj.size(0);
   if (ctx_proj.has_value() && ctx_proj->defined()) {
+    const std::string batch_of = std::string("the batch size of ") + state_name;
     check_dim(*ctx_proj, 2, "ctx_proj");
-    check_same_device(*ctx_proj, state, "ctx_proj", "state");
-    check_same_dtype(*ctx_proj, state, "ctx_proj", "state");
-    check_size(*ctx_proj, 0, d.batch, "ctx_proj", "the batch size of state");
-    check_size(*ctx_proj, 1, G, "ctx_proj", "3 * hidden");
+    check_same_device(*ctx_proj, state, "ctx_proj", state_name);
+    check_same_dtype(*ctx_proj, state, "ctx_proj", state_name);
+    check_size(*ctx_proj, 0, d.batch, "ctx_proj", batch_of.c_str());
+    check_size(*ctx_proj, 1, G, "ctx_proj", gates_what);
   }
   check_dim(dense_weight, 2, "dense_weight");
-  check_same_device(dense_weight, state, "dense_weight", "state");
-  check_same_dtype(dense_weight, state, "dense_weight", "state");
+  check_same_device(dense_weight, state, "dense_weight", state_name);
+  check_same_dtype(dense_weight, state, "dense_weight", state_name);
   check_size(dense_weight, 1, H, "dense_weight", "hidden");
   d.vocab = dense_weight.size(0);
   check_dim(dense_bias, 1, "dense_bias");
-  check_same_device(dense_bias, state, "dense_bias", "state");
-  check_same_dtype(dense_bias, state, "dense_bias", "state");
+  check_same_device(dense_bias, state, "dense_bias", state_name);
+  check_same_dtype(dense_bias, state, "dense_bias", state_name);
   check_size(dense_bias, 0, d.vocab, "dense_bias", "the output size of dense_weight");
+  return d;
+}
+
+// Checks the arguments shared by gru_decode_step and greedy_decode (device independent).
+inline DecoderDims check_decoder_args(const at::Tensor& state, const at::Tensor& emb_proj,
+                                      const std::optional<at::Tensor>& ctx_proj,
+                                      at::TensorList weights, const at::Tensor& dense_weight,
+                                      const at::Tensor& dense_bias) {
+  return check_cell_decoder_args(state, "state", 3, emb_proj, ctx_proj, weights, dense_weight,
+                                 dense_bias);
+}
+
+// Checks the arguments of lstm_decode_step except the token (device independent): h and c are
+// the LSTM's (L, B, H) hidden and cell states, of the same shape, dtype and device.
+inline DecoderDims check_lstm_decoder_args(const at::Tensor& h, const at::Tensor& c,
+                                           const at::Tensor& emb_proj,
+                                           const std::optional<at::Tensor>& ctx_proj,
+                                           at::TensorList weights, const at::Tensor& dense_weight,
+                                           const at::Tensor& dense_bias) {
+  const DecoderDims d =
+      check_cell_decoder_args(h, "h", 4, emb_proj, ctx_proj, weights, dense_weight, dense_bias);
+  check_dim(c, 3, "c");
+  check_same_device(c, h, "c", "h");
+  check_same_dtype(c, h, "c", "h");
+  TORCH_CHECK(c.sizes() == h.sizes(), "c: expected shape ", shape_str(h),
+              " (the shape of h), got ", shape_str(c));
   return d;
 }
 
@@ -239,13 +273,15 @@ inline at::Tensor first_masked_step_tensor(const at::Tensor& valid_len, int64_t 
 }
 
 // token of gru_decode_step: (B,) or (B, 1) ids on the device of state.
-inline void check_decode_token(const at::Tensor& token, const at::Tensor& state, int64_t batch) {
+inline void check_decode_token(const at::Tensor& token, const at::Tensor& state, int64_t batch,
+                               const char* state_name = "state") {
   check_defined(token, "token");
   TORCH_CHECK(token.dim() == 1 || (token.dim() == 2 && token.size(1) == 1),
               "token: expected shape [", batch, "] or [", batch, ", 1], got ", shape_str(token));
   check_index_dtype(token, "token");
-  check_same_device(token, state, "token", "state");
-  check_size(token, 0, batch, "token", "the batch size of state");
+  check_same_device(token, state, "token", state_name);
+  const std::string batch_of = std::string("the batch size of ") + state_name;
+  check_size(token, 0, batch, "token", batch_of.c_str());
 }
 
 // logits of gru_decode_step: (B, V) for a (B,) token, (B, 1, V) for a (B, 1) token (the shape
@@ -280,6 +316,15 @@ inline scalar_t mask_value(const at::Scalar& value, at::ScalarType dtype) {
     TORCH_CHECK(false, "value: ", value, " cannot be converted to the dtype of X (", dtype,
                 ") without overflow");
   }
+}
+
+// The reference converts the value even when nothing is masked (an empty X included): a value
+// X's dtype cannot hold is an error whatever the lengths.
+inline void check_mask_value(const at::Tensor& X, const at::Scalar& value) {
+  AT_DISPATCH_ALL_TYPES_AND_COMPLEX_AND3(at::kBool, at::kHalf, at::kBFloat16, X.scalar_type(),
+                                         "sequence_mask_value", [&] {
+    (void)mask_value<scalar_t>(value, X.scalar_type());
+  });
 }
 
 struct GruLayerDims {
@@ -377,6 +422,9 @@ inline void check_greedy_args(const DecoderDims& d, int64_t bos, int64_t num_ste
               ") (the rows of emb_proj), got ", bos);
   TORCH_CHECK(d.vocab <= d.tgt_vocab, "dense_weight: expected at most ", d.tgt_vocab,
               " outputs (predictions are fed back through emb_proj), got ", d.vocab);
+  // an argmax over no logits has no answer (the reference's argmax raises)
+  TORCH_CHECK(d.vocab >= 1 || d.batch == 0 || num_steps == 0,
+              "dense_weight: expected at least one output to pick tokens from, got 0");
 }
 
 }  // namespace seq2seq_ext

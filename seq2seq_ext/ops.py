@@ -9,7 +9,6 @@ Backend selection, in order of precedence: the :func:`use_backend` context manag
 and the default ``"ext"``.
 """
 import contextlib
-import functools
 import os
 import threading
 
@@ -93,8 +92,21 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _same_device(ref_name, ref, **others):
+    """The kernels' device rule in the fake kernels too: every tensor argument (or tensor in a
+    list) on ``ref``'s device. A CPU call with one meta argument is dispatched here, so without
+    it such a call would return uninitialised tensors instead of an error."""
+    for name, value in others.items():
+        for t in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(t, torch.Tensor):
+                torch._check(t.device == ref.device, lambda: (
+                    f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), "
+                    f"got {t.device}"))
+
+
 @torch.library.register_fake("seq2seq_ext::masked_softmax_ce")
 def _masked_softmax_ce_fake(pred, label, valid_len):
+    _same_device("pred", pred, label=label, valid_len=valid_len)
     torch._check(pred.dim() == 3, lambda: "pred: expected a 3-D tensor")
     batch, steps, _ = pred.shape
     return pred.new_empty((batch,)), pred.new_empty((batch, steps), dtype=_acc_dtype(pred.dtype))
@@ -102,27 +114,34 @@ def _masked_softmax_ce_fake(pred, label, valid_len):
 
 @torch.library.register_fake("seq2seq_ext::masked_softmax_ce_backward")
 def _masked_softmax_ce_backward_fake(grad_loss, pred, label, valid_len, lse):
+    _same_device("pred", pred, grad_loss=grad_loss, label=label, valid_len=valid_len, lse=lse)
     return torch.empty_like(pred)
 
 
 @torch.library.register_fake("seq2seq_ext::sequence_mask")
 def _sequence_mask_fake(X, valid_len, value=0):
+    _same_device("X", X, valid_len=valid_len)
     return torch.empty_like(X)
 
 
 @torch.library.register_fake("seq2seq_ext::sequence_mask_")
 def _sequence_mask_inplace_fake(X, valid_len, value=0):
+    _same_device("X", X, valid_len=valid_len)
     return None
 
 
 @torch.library.register_fake("seq2seq_ext::gru_decode_step")
 def _gru_decode_step_fake(token, state, emb_proj, ctx_proj, weights, dense_weight, dense_bias):
+    _same_device("state", state, token=token, emb_proj=emb_proj, ctx_proj=ctx_proj,
+                 weights=weights, dense_weight=dense_weight, dense_bias=dense_bias)
     return (state.new_empty((*token.shape, dense_weight.shape[0])), state.new_empty(state.shape))
 
 
 @torch.library.register_fake("seq2seq_ext::greedy_decode")
 def _greedy_decode_fake(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias, bos, eos,
                         num_steps):
+    _same_device("state", state, emb_proj=emb_proj, ctx_proj=ctx_proj, weights=weights,
+                 dense_weight=dense_weight, dense_bias=dense_bias)
     batch = state.shape[1]
     return (state.new_empty((batch, num_steps), dtype=torch.int64),
             state.new_empty((batch,), dtype=torch.int64))
@@ -130,6 +149,7 @@ def _greedy_decode_fake(state, emb_proj, ctx_proj, weights, dense_weight, dense_
 
 @torch.library.register_fake("seq2seq_ext::gru_layer")
 def _gru_layer_fake(input, h0, w_ih, w_hh, b_ih, b_hh, extra):
+    _same_device("input", input, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, extra=extra)
     steps, batch, _ = input.shape
     hidden = w_hh.shape[1]
     return (input.new_empty((steps, batch, hidden)), input.new_empty((batch, hidden)),
@@ -139,6 +159,8 @@ def _gru_layer_fake(input, h0, w_ih, w_hh, b_ih, b_hh, extra):
 @torch.library.register_fake("seq2seq_ext::gru_layer_backward")
 def _gru_layer_backward_fake(grad_output, grad_hn, input, h0, w_ih, w_hh, output, saved,
                              has_extra):
+    _same_device("input", input, grad_output=grad_output, grad_hn=grad_hn, h0=h0, w_ih=w_ih,
+                 w_hh=w_hh, output=output, saved=saved)
     gates = w_hh.shape[0]
     return (input.new_empty(input.shape), h0.new_empty(h0.shape), w_ih.new_empty(w_ih.shape),
             w_hh.new_empty(w_hh.shape), w_hh.new_empty((gates,)), w_hh.new_empty((gates,)),
@@ -218,6 +240,8 @@ def masked_softmax_ce(pred, label, valid_len):
 def sequence_mask_(X, valid_len, value=0):
     """``X[b, t, ...] = value`` for ``t >= valid_len[b]``, in place; returns ``X`` (the
     reference's ``sequence_mask`` semantics). Any dtype."""
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"X: expected a tensor, got {type(X).__name__}")
     if get_backend() == "reference" or (X.requires_grad and torch.is_grad_enabled()):
         # the in-place op has no autograd formula: let PyTorch record index_put_
         return reference.sequence_mask(X, valid_len, value)
@@ -239,10 +263,15 @@ def has_kernel(op_name, device):
     return _has_kernel(op_name, torch.device(device).type)
 
 
-@functools.lru_cache(maxsize=None)
+_kernels = {}  # (op_name, device_type) -> bool; the kernels registered never change
+
+
 def _has_kernel(op_name, device_type):
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"seq2seq_ext::{op_name}",
-                                                         device_type.upper())
+    found = _kernels.get((op_name, device_type))
+    if found is None:
+        found = _kernels[(op_name, device_type)] = torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"seq2seq_ext::{op_name}", device_type.upper())
+    return found
 
 
 def gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra=None):
@@ -337,6 +366,8 @@ def greedy_decode(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias, 
 
 @torch.library.register_fake("seq2seq_ext::lstm_decode_step")
 def _lstm_decode_step_fake(token, h, c, emb_proj, ctx_proj, weights, dense_weight, dense_bias):
+    _same_device("h", h, token=token, c=c, emb_proj=emb_proj, ctx_proj=ctx_proj, weights=weights,
+                 dense_weight=dense_weight, dense_bias=dense_bias)
     return (h.new_empty((*token.shape, dense_weight.shape[0])), h.new_empty(h.shape),
             c.new_empty(c.shape))
 

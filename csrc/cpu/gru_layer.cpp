@@ -71,16 +71,16 @@ gru_layer_backward_cpu(const at::Tensor& grad_output, const std::optional<at::Te
   const GruLayerDims d = check_gru_layer_args(input, h0, w_ih, w_hh, w_hh.new_empty({w_hh.size(0)}),
                                               w_hh.new_empty({w_hh.size(0)}), std::nullopt);
   const int64_t T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
-  TORCH_CHECK(grad_output.sizes() == output.sizes(), "grad_output: expected shape ",
-              shape_str(output), ", got ", shape_str(grad_output));
-  TORCH_CHECK(saved.dim() == 3 && saved.size(0) == T && saved.size(1) == B &&
-                  saved.size(2) == 4 * H,
-              "saved: expected shape [", T, ", ", B, ", ", 4 * H, "], got ", shape_str(saved));
+  // output and saved are read through raw pointers below: their shapes, dtypes and devices are
+  // checked first (an output narrower than (T, B, H) would be read past its end)
+  check_gru_layer_backward_tensors(grad_output, grad_hn, input, output, saved, d);
   auto opts = input.options();
   at::Tensor dgi = at::empty({T, B, G}, opts);
   at::Tensor dgh = at::empty({T, B, G}, opts);
-  at::Tensor dh = (grad_hn.has_value() && grad_hn->defined()) ? grad_hn->contiguous().clone()
-                                                               : at::zeros({B, H}, opts);
+  // a fresh (B, H) buffer in input's dtype: grad_hn of another dtype is converted
+  at::Tensor dh = (grad_hn.has_value() && grad_hn->defined())
+                      ? at::empty({B, H}, opts).copy_(*grad_hn)
+                      : at::zeros({B, H}, opts);
   at::Tensor dh_direct = at::empty({B, H}, opts);
   const at::Tensor go = grad_output.contiguous();
   const at::Tensor out_c = output.contiguous();

@@ -60,9 +60,11 @@ inline acc_t nan_max(acc_t a, acc_t b) {
 inline Vectorized<float> exp_nonpos(const Vectorized<float>& x) { return x.exp_u20(); }
 inline Vectorized<double> exp_nonpos(const Vectorized<double>& x) { return x.exp(); }
 
-// max and log-sum-exp of a contiguous row.
+// Log-sum-exp of a contiguous row, as its maximum and log(sum(exp(x - max))): the loss is
+// formed as (max - x[label]) + log_sum, which keeps its precision when the logits are so large
+// that max + log_sum rounds to max.
 template <typename acc_t>
-acc_t row_lse(const acc_t* x, int64_t n) {
+acc_t row_lse(const acc_t* x, int64_t n, acc_t* log_sum) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -82,7 +84,8 @@ acc_t row_lse(const acc_t* x, int64_t n) {
   for (; i + W <= n; i += W) vs = vs + exp_nonpos(Vec::loadu(x + i) - vmax);
   acc_t s = cpu::hsum(vs);
   for (; i < n; ++i) s += std::exp(x[i] - m);
-  return m + std::log(s);
+  *log_sum = std::log(s);
+  return m;
 }
 
 // Stores a vector to an aligned address without first reading its cache line: the gradient
@@ -173,9 +176,10 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_ce_cpu(const at::Tensor& pred,
         if (t >= start[b]) continue;
         const scalar_t* row = p + b * sb + t * st;
         const acc_t* x = load_row<scalar_t, acc_t>(row, V, sv, buf);
-        const acc_t l = row_lse<acc_t>(x, V);
-        lse_p[r] = l;
-        row_loss[r] = l - x[label_at(label, b, t)];
+        acc_t log_sum;
+        const acc_t m = row_lse<acc_t>(x, V, &log_sum);
+        lse_p[r] = m + log_sum;
+        row_loss[r] = (m - x[label_at(label, b, t)]) + log_sum;
       }
     });
     scalar_t* out = loss.data_ptr<scalar_t>();

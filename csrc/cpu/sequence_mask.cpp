@@ -21,6 +21,7 @@ int64_t contiguous_inner(const at::Tensor& X) {
 
 void mask_cpu_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& value) {
   const int64_t batch = X.size(0), steps = X.size(1);
+  check_mask_value(X, value);
   if (X.numel() == 0) return;
   const auto start = cpu::first_masked_step(valid_len, steps);
   const int64_t inner = contiguous_inner(X);

@@ -7,7 +7,7 @@
 //
 // Forward, one pass over each kept row: every thread keeps an online (max, sum of exp(x - max))
 // pair over its elements, the group merges the pairs in a fixed order, and the group's first
-// thread writes lse = max + log(sum) and the row loss lse - x[label]. Masked rows are never
+// thread writes lse = max + log(sum) and the row loss (max - x[label]) + log(sum). Masked rows are never
 // read: their lse and row loss are 0. A second small kernel sums each sequence's row losses in
 // step order and divides by T, so the result is deterministic.
 // Backward, one pass per row: grad = (exp(x - lse) - onehot(label)) * grad_loss[b] / T; masked
@@ -190,7 +190,10 @@ __global__ void __launch_bounds__(G * RPB)
       if (kept) {
         const int64_t y = static_cast<int64_t>(label[b * lb + t * lt]);  // range checked
         l = online_finish(m, s);
-        loss = l - static_cast<acc_t>(row[y * sv]);
+        // (m - x[label]) + log(s), not lse - x[label]: keeps its precision when the logits are
+        // so large that m + log(s) rounds to m (as on the CPU); NaN with l when m is not finite
+        const acc_t x_y = static_cast<acc_t>(row[y * sv]);
+        loss = (l != l) ? l : (m - x_y) + dev_log(s);
       }
       lse[r] = l;
       row_loss[r] = loss;

@@ -62,6 +62,7 @@ __global__ void sequence_mask_kernel(scalar_t* __restrict__ X, int64_t B, int64_
 
 void mask_cuda_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& value) {
   const int64_t batch = X.size(0), steps = X.size(1);
+  check_mask_value(X, value);
   if (X.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(X.device());
   const at::Tensor start = first_masked_step_tensor(valid_len, steps);
