@@ -13,8 +13,8 @@ from seq2seq_ext import ops, reference
 from seq2seq_ext.data import Vocab
 from seq2seq_ext.models import fused_decoder_args
 
-from helpers import (devices, generator, make_decoder, random_state, random_tokens,
-                     reference_copy, reference_decoder)
+from helpers import (devices, make_decoder, random_state, random_tokens, reference_copy,
+                     reference_decoder)
 
 STEP = torch.ops.seq2seq_ext.gru_decode_step
 GREEDY = torch.ops.seq2seq_ext.greedy_decode

@@ -12,7 +12,6 @@ of the training cases is measured in separate processes (a process's peak RSS ca
 """
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
