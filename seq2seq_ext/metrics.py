@@ -36,7 +36,9 @@ def corpus_bleu(hypotheses, references, **kwargs):
     ``hypotheses`` is a list of strings.  ``references`` is either a list of
     strings (one reference per hypothesis) or a list of sequences of strings
     (several references per hypothesis, the same number for each).  Extra
-    keyword arguments go to ``sacrebleu.corpus_bleu`` (e.g. ``tokenize``).
+    keyword arguments go to ``sacrebleu.corpus_bleu`` (e.g. ``tokenize``). The chapter's
+    sentences are already tokenized (a space before punctuation), so ``force=True`` is passed
+    by default: sacreBLEU's warning about tokenized input would only be noise here.
 
     Raises :class:`ImportError` with installation advice when sacrebleu is
     not installed, and :class:`ValueError` when the lengths do not match.
@@ -62,4 +64,5 @@ def corpus_bleu(hypotheses, references, **kwargs):
             raise ValueError('every hypothesis needs the same number of '
                              f'references, got {sorted(counts)}')
         streams = [list(stream) for stream in zip(*references)]
+    kwargs.setdefault('force', True)
     return float(sacrebleu.corpus_bleu(hypotheses, streams, **kwargs).score)

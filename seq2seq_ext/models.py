@@ -129,14 +129,38 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         rnn = self._modules["rnn"]
         if not _fused_layer_allowed(rnn, state):
             return super().forward(X, state)
+        output, state = self._fused_features(X, state, state[-1])
+        output = self.dense(output).permute(1, 0, 2)
+        return output, state
+
+    def _fused_features(self, X, rnn_state, context):
+        """The fused GRU layers over the sequence X (batch, steps), the context's share of layer
+        0's input projection computed once: (top layer's output (steps, batch, hidden), state)."""
+        rnn = self._modules["rnn"]
         X = self.embedding(X).permute(1, 0, 2)
         w_ih0 = rnn._flat_weights[0]
         embed = X.shape[-1]
-        extra = torch.mm(state[-1], w_ih0[:, embed:].t())
-        output, state = ops.gru(X, state, rnn._flat_weights, rnn.dropout, self.training,
-                                w_ih0=w_ih0[:, :embed], extra0=extra)
-        output = self.dense(output).permute(1, 0, 2)
-        return output, state
+        extra = torch.mm(context, w_ih0[:, embed:].t())
+        return ops.gru(X, rnn_state, rnn._flat_weights, rnn.dropout, self.training,
+                       w_ih0=w_ih0[:, :embed], extra0=extra)
+
+    def supports_features(self):
+        """True when :meth:`forward_features` is available: a GRU decoder under the extension
+        backend with the fused layer op for its parameters' device and dtype."""
+        if type(self).forward is not Seq2SeqDecoder.forward or self.cell != "gru":
+            return False
+        rnn = self._modules["rnn"]
+        return _fused_layer_allowed(rnn, rnn._flat_weights[0])
+
+    def forward_features(self, X, state):
+        """``forward`` without the output projection: (the top layer's output (steps, batch,
+        hidden), the new state), for a decoder that :meth:`supports_features`. Training uses it
+        to project only the positions the loss reads (see ``training.fit``)."""
+        if self.fixed_context:
+            rnn_state, context = state
+            output, new_state = self._fused_features(X, rnn_state, context)
+            return output, (new_state, context)
+        return self._fused_features(X, state, state[-1])
 
     def _variant_forward(self, X, state):
         """forward for ``cell="lstm"`` or ``fixed_context=True`` (see the class docstring)."""
@@ -173,12 +197,7 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         rnn = self._modules["rnn"]
         if fixed and not lstm and _fused_layer_allowed(rnn, rnn_state):
             # the fused GRU layer with the fixed context's projection computed once
-            X = self.embedding(X).permute(1, 0, 2)
-            w_ih0 = rnn._flat_weights[0]
-            embed = X.shape[-1]
-            extra = torch.mm(context, w_ih0[:, embed:].t())
-            output, new_state = ops.gru(X, rnn_state, rnn._flat_weights, rnn.dropout,
-                                        self.training, w_ih0=w_ih0[:, :embed], extra0=extra)
+            output, new_state = self._fused_features(X, rnn_state, context)
             return self.dense(output).permute(1, 0, 2), (new_state, context)
         return reference.variant_decoder_forward(self, X, state, fixed)
 

@@ -14,7 +14,7 @@ import random
 import torch
 from torch import nn
 
-from . import reference
+from . import ops, reference
 from .losses import MaskedSoftmaxCELoss
 from .utils import Animator, Timer
 
@@ -107,20 +107,62 @@ def decode_teacher_forced(net, X, dec_input, X_valid_len, teacher_forcing_ratio=
 
 
 class _TrainForward(nn.Module):
-    """The training forward pass as one module (what DistributedDataParallel wraps): the
-    teacher-forced parallel call, or :func:`decode_teacher_forced` for a ratio below 1."""
+    """The training forward pass and the loss as one module (what DistributedDataParallel
+    wraps): the teacher-forced parallel call, or :func:`decode_teacher_forced` for a ratio below
+    1, then the masked loss; returns the per-sequence loss.
 
-    def __init__(self, net, teacher_forcing_ratio):
+    With the package's GRU decoder under the extension backend the output projection and the
+    loss are computed for the kept positions only (``rows``, see :func:`_kept_rows`): a masked
+    position's logits are never read by the loss and its gradient is zero, so projecting it is
+    wasted work (about 40% of the positions of a fra-eng batch of 10 steps are padding). The
+    loss and the gradients are the same (up to float rounding)."""
+
+    def __init__(self, net, teacher_forcing_ratio, loss):
         super().__init__()
         self.net = net
         self.teacher_forcing_ratio = teacher_forcing_ratio
+        self.loss = loss
 
-    def forward(self, X, dec_input, X_valid_len):
+    def forward(self, X, dec_input, X_valid_len, Y, Y_valid_len, rows=None):
         if self.teacher_forcing_ratio == 1.0:
+            if rows is not None and _projects_kept_rows(self.net):
+                return _kept_rows_loss(self.net, X, dec_input, X_valid_len, Y, rows)
             Y_hat, _ = self.net(X, dec_input, X_valid_len)
-            return Y_hat
-        return decode_teacher_forced(self.net, X, dec_input, X_valid_len,
-                                     self.teacher_forcing_ratio)
+        else:
+            Y_hat = decode_teacher_forced(self.net, X, dec_input, X_valid_len,
+                                          self.teacher_forcing_ratio)
+        return self.loss(Y_hat, Y, Y_valid_len)
+
+
+def _projects_kept_rows(net):
+    decoder = getattr(net, "decoder", None)
+    return (type(net).forward is reference.EncoderDecoder.forward
+            and callable(getattr(decoder, "supports_features", None))
+            and decoder.supports_features()
+            and type(decoder._modules.get("dense")) is nn.Linear)
+
+
+def _kept_rows(Y_valid_len, batch, steps):
+    """The positions the loss reads, as indices into the (steps * batch) rows of the decoder's
+    output (step-major), computed on the host from the batch as the loader gives it (no device
+    synchronisation): position (b, t) is kept when t < valid_len[b], the reference's mask."""
+    mask = torch.arange(steps, dtype=torch.float32)[:, None] < Y_valid_len.reshape(1, batch)
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def _kept_rows_loss(net, X, dec_input, X_valid_len, Y, rows):
+    """The per-sequence masked loss of the kept positions only (see :class:`_TrainForward`)."""
+    batch, steps = Y.shape
+    state = net.decoder.init_state(net.encoder(X, X_valid_len), X_valid_len)
+    features, _ = net.decoder.forward_features(dec_input, state)  # (steps, batch, hidden)
+    kept = features.reshape(steps * batch, -1).index_select(0, rows)
+    logits = net.decoder.dense(kept)
+    labels = Y.t().reshape(-1).index_select(0, rows)
+    ones = torch.ones(rows.shape[0], dtype=torch.int64, device=rows.device)
+    row_loss = ops.masked_softmax_ce(logits.unsqueeze(1), labels.unsqueeze(1), ones)
+    row_loss = row_loss.to(torch.promote_types(row_loss.dtype, torch.float32))
+    total = row_loss.new_zeros(batch).index_add(0, rows % batch, row_loss)
+    return total / steps
 
 
 def _check_ratio(ratio):
@@ -226,7 +268,7 @@ def fit(net, data_iter, lr, num_epochs, tgt_vocab, device, on_epoch=None, plot=T
         optimizer = make_adam(net.parameters(), lr)
     loss = MaskedSoftmaxCELoss()
     net.train()
-    model = _TrainForward(net, ratio)
+    model = _TrainForward(net, ratio, loss)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(
@@ -243,12 +285,15 @@ def fit(net, data_iter, lr, num_epochs, tgt_vocab, device, on_epoch=None, plot=T
             set_epoch(epoch)
         for batch in data_iter:
             optimizer.zero_grad()
+            rows = None
+            if (ratio == 1.0 and batch[3].device.type == "cpu" and batch[3].dim() == 1
+                    and not batch[3].is_floating_point()):
+                rows = _kept_rows(batch[3], *batch[2].shape).to(device)
             X, X_valid_len, Y, Y_valid_len = [x.to(device) for x in batch]
             bos = torch.full((Y.shape[0], 1), bos_id, dtype=Y.dtype, device=device)
             dec_input = torch.cat([bos, Y[:, :-1]], 1)  # teacher forcing
             with _autocast(amp, device):
-                Y_hat = model(X, dec_input, X_valid_len)
-                l = loss(Y_hat, Y, Y_valid_len)
+                l = model(X, dec_input, X_valid_len, Y, Y_valid_len, rows)
             if l.dtype not in (torch.float32, torch.float64):
                 l = l.float()  # bf16 logits give a bf16 loss: sum it in float32
             if world > 1:

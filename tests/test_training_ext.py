@@ -259,8 +259,43 @@ def test_ratio_below_one_uses_the_step_path():
     fit(net, train_iter, 0.01, 1, tgt_vocab, CPU, plot=False, teacher_forcing_ratio=0.99)
     assert calls and set(calls) == {1}
     calls.clear()
+    seen = []
+    features = net.decoder.forward_features
+    net.decoder.forward_features = lambda X, state: (seen.append(X.shape[1]),
+                                                     features(X, state))[1]
     fit(net, train_iter, 0.01, 1, tgt_vocab, CPU, plot=False)
-    assert calls and set(calls) == {10}
+    assert not calls and seen and set(seen) == {10}
+
+
+@pytest.mark.parametrize("variant", [{}, {"fixed_context": True}], ids=["chapter", "fixed"])
+def test_projecting_only_kept_positions_gives_the_full_loss_and_gradients(variant):
+    """fit projects and scores only the positions the mask keeps; the per-sequence loss and
+    every gradient equal those of the full forward + MaskedSoftmaxCELoss."""
+    from seq2seq_ext import training
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=200)
+    torch.manual_seed(1)
+    net = d2l.EncoderDecoder(
+        d2l.Seq2SeqEncoder(len(src_vocab), 8, 16, 2),
+        d2l.Seq2SeqDecoder(len(tgt_vocab), 8, 16, 2, **variant)).train()
+    X, X_valid_len, Y, Y_valid_len = next(iter(train_iter))
+    Y_valid_len = Y_valid_len.clone()
+    Y_valid_len[0], Y_valid_len[1] = 0, Y.shape[1] + 3  # nothing kept / all kept
+    dec_input = torch.cat([torch.full((Y.shape[0], 1), tgt_vocab['<bos>']), Y[:, :-1]], 1)
+    model = training._TrainForward(net, 1.0, d2l.MaskedSoftmaxCELoss())
+    rows = training._kept_rows(Y_valid_len, *Y.shape)
+    assert rows.numel() < Y.numel()
+    results = []
+    for r in (rows, None):
+        net.zero_grad()
+        torch.manual_seed(2)  # the same dropout masks
+        loss = model(X, dec_input, X_valid_len, Y, Y_valid_len, r)
+        loss.sum().backward()
+        results.append((loss.detach(), [p.grad.clone() for p in net.parameters()]))
+    (kept_loss, kept_grads), (full_loss, full_grads) = results
+    assert kept_loss[0] == 0
+    torch.testing.assert_close(kept_loss, full_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(kept_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
