@@ -113,15 +113,17 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         return reference.variant_init_state(enc_outputs, self.cell, self.fixed_context)
 
     def forward(self, X, state):
-        if not self.__dict__.get("_chapter", True):
+        attrs = self.__dict__
+        # the common inference case first (one step, no grad, plain CPU tensors, weights bound),
+        # with the fewest checks that the cached stepper needs (its kernel checks the rest)
+        cached = attrs.get(_STEPPER_ATTR)
+        if (cached is not None and cached[0] == _generation[0] and not attrs["training"]
+                and attrs.get("_chapter", True) and ops.ext_direct_call_ok(state)
+                and X.dim() == 2 and X.shape[1] == 1):
+            return cached[1].step(X, state)
+        if not attrs.get("_chapter", True):
             return self._variant_forward(X, state)
         if X.dim() == 2 and X.shape[1] == 1:
-            # the common inference case first, with the checks that the cached stepper implies
-            cached = self.__dict__.get(_STEPPER_ATTR)
-            if (cached is not None and cached[0] == _generation[0] and not self.training
-                    and state.dtype in _FLOATS and ops.get_backend() == "ext"
-                    and ops.direct_cpu_call_ok(state)):
-                return cached[1].step(X, state)
             if _fused_step_allowed(self, state):
                 if ops.direct_cpu_call_ok(state):
                     return decoder_stepper(self).step(X, state)

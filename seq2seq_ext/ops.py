@@ -30,6 +30,7 @@ __all__ = [
     "BACKENDS", "get_backend", "set_backend", "use_backend", "built_with_cuda",
     "masked_softmax_ce", "sequence_mask", "sequence_mask_", "gru_decode_step", "greedy_decode",
     "gru_layer", "gru", "has_kernel", "decoder_stepper", "direct_cpu_call_ok",
+    "ext_direct_call_ok",
     "lstm_decode_step",
 ]
 
@@ -341,6 +342,16 @@ def direct_cpu_call_ok(state):
     """True when a CPU kernel may be called directly for ``state``: a plain CPU tensor, no grad
     mode, no torch.compile tracing, no dispatch or function mode."""
     return (type(state) is torch.Tensor and state.is_cpu and not torch.is_grad_enabled()
+            and _no_dispatch_hooks())
+
+
+def ext_direct_call_ok(state):
+    """``get_backend() == "ext" and direct_cpu_call_ok(state)``, in one cheap test (the
+    decoder's per-token fast path). False inside a ``use_backend`` block (the caller then takes
+    the general path, which honours it)."""
+    return (type(state) is torch.Tensor and state.is_cpu and not torch.is_grad_enabled()
+            and not getattr(_state, "stack", None)
+            and (_ENV_BACKEND if _default is None else _default) == "ext"
             and _no_dispatch_hooks())
 
 
