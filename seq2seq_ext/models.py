@@ -112,6 +112,24 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
             return enc_outputs[1]
         return reference.variant_init_state(enc_outputs, self.cell, self.fixed_context)
 
+    def __call__(self, *args, **kwargs):
+        # The per-token inference call, straight to the bound stepper: nn.Module.__call__ and
+        # forward's frame cost as much as the step itself at the chapter's sizes. Taken only
+        # when nn.Module.__call__ would do nothing but call forward (no hooks of any kind, not
+        # compiled) and forward would take its own fast path (see forward); else the usual call.
+        attrs = self.__dict__
+        cached = attrs.get(_STEPPER_ATTR)
+        if (cached is not None and len(args) == 2 and not kwargs and cached[0] == _generation[0]
+                and not attrs["training"] and attrs.get("_chapter", True)
+                and not (attrs["_forward_hooks"] or attrs["_forward_pre_hooks"]
+                         or attrs["_backward_hooks"] or attrs["_backward_pre_hooks"]
+                         or attrs.get("_compiled_call_impl") is not None or _any_global_hook())
+                and ops.ext_direct_call_ok(args[1])):
+            X = args[0]
+            if type(X) is torch.Tensor and X.dim() == 2 and X.shape[1] == 1:
+                return cached[1].step(X, args[1])
+        return super().__call__(*args, **kwargs)
+
     def forward(self, X, state):
         attrs = self.__dict__
         # the common inference case first (one step, no grad, plain CPU tensors, weights bound),
@@ -208,6 +226,16 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         self.__dict__.pop(_STEPPER_ATTR, None)
         self.__dict__.pop(_CTX_ATTR, None)
         return super()._apply(fn, *args, **kwargs)
+
+
+_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, name) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+    "_global_backward_pre_hooks", "_global_forward_hooks_always_called"))
+
+
+def _any_global_hook():
+    """True when a global module hook is registered (``register_module_forward_hook`` etc.)."""
+    return any(_GLOBAL_HOOKS)
 
 
 def supports_fused_decoding(decoder):

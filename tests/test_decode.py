@@ -413,6 +413,7 @@ def test_decoder_forward_one_step_is_fused_without_grad(device, dtype, monkeypat
     # plain CPU inference normally calls the kernel through the decoder's bound stepper; send it
     # through ops.gru_decode_step so the spy sees every fused step
     monkeypatch.setattr(ops, "direct_cpu_call_ok", lambda state: False)
+    monkeypatch.setattr(ops, "ext_direct_call_ok", lambda state: False)
     with torch.no_grad():
         Y, new_state = dec(X, state)
         Y_ref, state_ref = ref(X, state)
@@ -431,6 +432,7 @@ def test_decoder_forward_with_grad_is_differentiable(device, monkeypatch):
     # plain CPU inference normally calls the kernel through the decoder's bound stepper; send it
     # through ops.gru_decode_step so the spy sees every fused step
     monkeypatch.setattr(ops, "direct_cpu_call_ok", lambda state: False)
+    monkeypatch.setattr(ops, "ext_direct_call_ok", lambda state: False)
     Y, new_state = dec(X, state)
     assert spy.calls == 0
     assert Y.grad_fn is not None and new_state.grad_fn is not None
@@ -456,6 +458,7 @@ def test_decoder_forward_not_fused_with_dropout_in_training_or_reference_backend
     # plain CPU inference normally calls the kernel through the decoder's bound stepper; send it
     # through ops.gru_decode_step so the spy sees every fused step
     monkeypatch.setattr(ops, "direct_cpu_call_ok", lambda state: False)
+    monkeypatch.setattr(ops, "ext_direct_call_ok", lambda state: False)
     torch.manual_seed(43)
     dec = seq2seq_ext.Seq2SeqDecoder(11, 4, 6, 2, dropout=0.5).train()
     state = random_state(2, 3, 6, seed=43)
@@ -708,3 +711,34 @@ def test_greedy_bad_input_names_argument(device):
     with pytest.raises(RuntimeError, match=r"^num_steps\b"):
         ops.greedy_decode(a["state"], a["emb_proj"], None, a["weights"], a["dense_weight"],
                           a["dense_bias"], 1, 2, -3)
+
+
+def test_bound_decoder_call_honours_hooks_and_equals_forward():
+    """The per-token call with a bound stepper (Seq2SeqDecoder.__call__'s shortcut) gives
+    forward's result, and module hooks still run: a hook turns the shortcut off."""
+    dec, ref, state = _setup((19, 6, 10, 2, 1, torch.float32), "cpu", seed=44)
+    dec.eval()
+    X = random_tokens(1, 19, seed=44)[:, None]
+    with torch.no_grad():
+        first = dec(X, state)  # binds the stepper
+        again = dec(X, state)  # the shortcut
+        through_forward = dec.forward(X, state)
+        expected = ref(X, state)
+        for out in (first, again, through_forward):
+            torch.testing.assert_close(out[0], expected[0])
+            torch.testing.assert_close(out[1], expected[1])
+        seen = []
+        handle = dec.register_forward_hook(lambda mod, args, out: seen.append(out[0].shape))
+        dec(X, state)
+        handle.remove()
+        pre = dec.register_forward_pre_hook(lambda mod, args: seen.append("pre"))
+        dec(X, state)
+        pre.remove()
+        glob = torch.nn.modules.module.register_module_forward_hook(
+            lambda mod, args, out: seen.append(type(mod).__name__))
+        try:
+            dec(X, state)
+        finally:
+            glob.remove()
+        dec(X, state)  # no hooks again: nothing recorded
+    assert seen == [(1, 1, 19), "pre", "Seq2SeqDecoder"]

@@ -477,6 +477,7 @@ def test_one_step_inference_is_fused_and_equals_reference(device, cell, fixed, m
     # plain CPU inference normally calls the kernel through the decoder's bound stepper; send it
     # through the op here so that the spy sees it
     monkeypatch.setattr(ops, "direct_cpu_call_ok", lambda state: False)
+    monkeypatch.setattr(ops, "ext_direct_call_ok", lambda state: False)
     results = {}
     for backend in ops.BACKENDS:
         with seq2seq_ext.use_backend(backend), torch.no_grad():
