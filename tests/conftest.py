@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import seq2seq_ext
 from seq2seq_ext import ops
@@ -72,3 +73,13 @@ def write_small_corpus(path, stop=700):
 def small_corpus(tmp_path):
     """A small generated English-French corpus (708 pairs) in d2l's fra.txt format."""
     return write_small_corpus(tmp_path / 'fra.txt')
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: small matrices run faster and steadier on a shared
+    2-core machine, and bitwise comparisons do not depend on the other core's load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -58,13 +58,7 @@ ENGS = ['go .', "i lost .", 'he\'s calm .', 'i\'m home .']
 FRAS = ['va !', 'j\'ai perdu .', 'il est calme .', 'je suis chez moi .']
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matrices: one thread is faster and steadier on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _signature(obj):

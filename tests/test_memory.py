@@ -21,8 +21,9 @@ from seq2seq_ext.data import english_number, load_data_numbers
 from seq2seq_ext.training import fit
 
 STATUS = "/proc/self/status"
-pytestmark = pytest.mark.skipif(not os.path.exists(STATUS),
-                                reason="resident memory is read from /proc/self/status (Linux)")
+pytestmark = [pytest.mark.skipif(not os.path.exists(STATUS),
+                                 reason="resident memory is read from /proc/self/status (Linux)"),
+              pytest.mark.usefixtures("one_thread")]
 MIB = 1 << 20
 
 
@@ -50,14 +51,6 @@ def rss_bytes():
     raise RuntimeError("VmRSS not found in /proc/self/status")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the workloads are small, and on a busy machine a second thread's
-    spinning costs several times the work itself."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _growth(step, warmup, iterations):

@@ -14,13 +14,7 @@ from seq2seq_ext.training import (decode_teacher_forced, enable_autocast_rules, 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: bitwise comparisons and timings independent of the other core's load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _corpus(batch_size=32, num_steps=10, stop=300):

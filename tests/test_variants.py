@@ -29,13 +29,7 @@ VARIANTS = [("gru", True), ("lstm", False), ("lstm", True)]
 VARIANT_IDS = [f"{c}-{'fixed' if f else 'chapter'}" for c, f in VARIANTS]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matrices: one thread is faster and steadier on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tol(dtype):

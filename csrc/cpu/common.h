@@ -55,5 +55,23 @@ inline void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
+// The token ids of a decode step (int64 or int32, any stride along the batch) as int64, each
+// checked to be in [0, tgt_vocab) before anything is allocated.
+inline std::vector<int64_t> tokens_to_vector(const at::Tensor& token, int64_t tgt_vocab) {
+  std::vector<int64_t> out(token.size(0));
+  const int64_t stride = token.stride(0);
+  if (token.scalar_type() == at::kLong) {
+    const int64_t* p = token.const_data_ptr<int64_t>();
+    for (size_t b = 0; b < out.size(); ++b) out[b] = p[b * stride];
+  } else {
+    const int32_t* p = token.const_data_ptr<int32_t>();
+    for (size_t b = 0; b < out.size(); ++b) out[b] = p[b * stride];
+  }
+  for (size_t b = 0; b < out.size(); ++b)
+    TORCH_CHECK(out[b] >= 0 && out[b] < tgt_vocab, "token: expected ids in [0, ", tgt_vocab,
+                ") (the rows of emb_proj), got ", out[b], " at position ", b);
+  return out;
+}
+
 }  // namespace cpu
 }  // namespace seq2seq_ext

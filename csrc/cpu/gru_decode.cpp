@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "common.h"
 #include "gru_math.h"
 #include "kernels.h"
 
@@ -91,23 +92,6 @@ int64_t argmax_row(const T* x, int64_t n) {
   return best;
 }
 
-// token ids (int64 or int32, any stride along the batch) as int64, range-checked.
-std::vector<int64_t> tokens_to_vector(const at::Tensor& token, int64_t tgt_vocab) {
-  std::vector<int64_t> out(token.size(0));
-  const int64_t stride = token.stride(0);
-  if (token.scalar_type() == at::kLong) {
-    const int64_t* p = token.const_data_ptr<int64_t>();
-    for (size_t b = 0; b < out.size(); ++b) out[b] = p[b * stride];
-  } else {
-    const int32_t* p = token.const_data_ptr<int32_t>();
-    for (size_t b = 0; b < out.size(); ++b) out[b] = p[b * stride];
-  }
-  for (size_t b = 0; b < out.size(); ++b)
-    TORCH_CHECK(out[b] >= 0 && out[b] < tgt_vocab, "token: expected ids in [0, ", tgt_vocab,
-                ") (the rows of emb_proj), got ", out[b], " at position ", b);
-  return out;
-}
-
 std::tuple<at::Tensor, at::Tensor> greedy_decode_cpu(
     const at::Tensor& state, const at::Tensor& emb_proj, const std::optional<at::Tensor>& ctx_proj,
     at::TensorList weights, const at::Tensor& dense_weight, const at::Tensor& dense_bias,
@@ -178,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> gru_decode_step_cpu(
   const DecoderDims d =
       check_decoder_args(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias);
   check_decode_token(token, state, d.batch);
-  const auto tok = tokens_to_vector(token, d.tgt_vocab);
+  const auto tok = cpu::tokens_to_vector(token, d.tgt_vocab);
   at::Tensor logits = at::empty(decode_logits_shape(token, d.vocab), state.options());
   at::Tensor new_state = at::empty_like(state, at::MemoryFormat::Contiguous);
   const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();

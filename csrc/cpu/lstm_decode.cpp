@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "common.h"
 #include "gru_math.h"
 #include "kernels.h"
 
@@ -29,24 +30,6 @@ struct ContigCopies {
     return keep.back();
   }
 };
-
-// token ids (int64 or int32, any stride along the batch) as int64, range-checked before
-// anything is allocated.
-std::vector<int64_t> read_tokens(const at::Tensor& token, int64_t tgt_vocab) {
-  std::vector<int64_t> out(token.size(0));
-  const int64_t stride = token.stride(0);
-  if (token.scalar_type() == at::kLong) {
-    const int64_t* p = token.const_data_ptr<int64_t>();
-    for (size_t b = 0; b < out.size(); ++b) out[b] = p[b * stride];
-  } else {
-    const int32_t* p = token.const_data_ptr<int32_t>();
-    for (size_t b = 0; b < out.size(); ++b) out[b] = p[b * stride];
-  }
-  for (size_t b = 0; b < out.size(); ++b)
-    TORCH_CHECK(out[b] >= 0 && out[b] < tgt_vocab, "token: expected ids in [0, ", tgt_vocab,
-                ") (the rows of emb_proj), got ", out[b], " at position ", b);
-  return out;
-}
 
 // One LSTM decoder step for n rows. h, c, h_new, c_new are (L, n, H) contiguous; ctx (n, 4H) or
 // null; logits (n, V).
@@ -91,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_decode_step_cpu(
   const DecoderDims d =
       check_lstm_decoder_args(h, c, emb_proj, ctx_proj, weights, dense_weight, dense_bias);
   check_decode_token(token, h, d.batch, "h");
-  const auto tok = read_tokens(token, d.tgt_vocab);
+  const auto tok = cpu::tokens_to_vector(token, d.tgt_vocab);
   at::Tensor logits = at::empty(decode_logits_shape(token, d.vocab), h.options());
   at::Tensor h_new = at::empty(h.sizes(), h.options());
   at::Tensor c_new = at::empty(c.sizes(), c.options());
