@@ -175,6 +175,8 @@ def _run_settings(args, saved=None):
     if saved is not None:
         for key in RUN_KEYS:
             given = getattr(args, key, None)
+            if key == 'data' and given is not None:
+                given = os.path.abspath(given)
             if given is not None and given != saved.get(key) and key != 'dataset':
                 raise UsageError(
                     f"--{key.replace('_', '-')} {given} differs from the checkpoint's "
