@@ -116,7 +116,7 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         # The per-token inference call, straight to the bound stepper: nn.Module.__call__ and
         # forward's frame cost as much as the step itself at the chapter's sizes. Taken only
         # when nn.Module.__call__ would do nothing but call forward (no hooks of any kind, not
-        # compiled) and forward would take its own fast path (see forward); else the usual call.
+        # compiled) and forward would call the stepper too; else the usual call.
         attrs = self.__dict__
         cached = attrs.get(_STEPPER_ATTR)
         if (cached is not None and len(args) == 2 and not kwargs and cached[0] == _generation[0]
@@ -131,15 +131,8 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         return super().__call__(*args, **kwargs)
 
     def forward(self, X, state):
-        attrs = self.__dict__
-        # the common inference case first (one step, no grad, plain CPU tensors, weights bound),
-        # with the fewest checks that the cached stepper needs (its kernel checks the rest)
-        cached = attrs.get(_STEPPER_ATTR)
-        if (cached is not None and cached[0] == _generation[0] and not attrs["training"]
-                and attrs.get("_chapter", True) and ops.ext_direct_call_ok(state)
-                and X.dim() == 2 and X.shape[1] == 1):
-            return cached[1].step(X, state)
-        if not attrs.get("_chapter", True):
+        # (the per-token inference call with bound weights usually never gets here: see __call__)
+        if not self.__dict__.get("_chapter", True):
             return self._variant_forward(X, state)
         if X.dim() == 2 and X.shape[1] == 1:
             if _fused_step_allowed(self, state):
