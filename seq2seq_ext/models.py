@@ -116,7 +116,9 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         # The per-token inference call, straight to the bound stepper: nn.Module.__call__ and
         # forward's frame cost as much as the step itself at the chapter's sizes. Taken only
         # when nn.Module.__call__ would do nothing but call forward (no hooks of any kind, not
-        # compiled) and forward would call the stepper too; else the usual call.
+        # compiled) and forward would call the stepper too (the stepper's try_step tests the
+        # tensors, grad mode and dispatch modes, and returns None when they rule it out); else
+        # the usual call.
         attrs = self.__dict__
         cached = attrs.get(_STEPPER_ATTR)
         if (cached is not None and len(args) == 2 and not kwargs and cached[0] == _generation[0]
@@ -124,10 +126,10 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
                 and not (attrs["_forward_hooks"] or attrs["_forward_pre_hooks"]
                          or attrs["_backward_hooks"] or attrs["_backward_pre_hooks"]
                          or attrs.get("_compiled_call_impl") is not None or _any_global_hook())
-                and ops.ext_direct_call_ok(args[1])):
-            X = args[0]
-            if type(X) is torch.Tensor and X.dim() == 2 and X.shape[1] == 1:
-                return cached[1].step(X, args[1])
+                and ops.ext_shortcut_ok()):
+            out = cached[1].try_step(*args)
+            if out is not None:
+                return out
         return super().__call__(*args, **kwargs)
 
     def forward(self, X, state):
@@ -228,7 +230,8 @@ _GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, name) for name in (
 
 def _any_global_hook():
     """True when a global module hook is registered (``register_module_forward_hook`` etc.)."""
-    return any(_GLOBAL_HOOKS)
+    h = _GLOBAL_HOOKS
+    return bool(h[0] or h[1] or h[2] or h[3] or h[4])
 
 
 def supports_fused_decoding(decoder):

@@ -30,13 +30,19 @@ __all__ = [
     "BACKENDS", "get_backend", "set_backend", "use_backend", "built_with_cuda",
     "masked_softmax_ce", "sequence_mask", "sequence_mask_", "gru_decode_step", "greedy_decode",
     "gru_layer", "gru", "has_kernel", "decoder_stepper", "direct_cpu_call_ok",
-    "ext_direct_call_ok",
+    "ext_shortcut_ok",
     "lstm_decode_step",
 ]
 
 BACKENDS = ("ext", "reference")
 _ENV = "SEQ2SEQ_EXT_BACKEND"
-_state = threading.local()
+
+
+class _BackendState(threading.local):
+    stack = None  # the use_backend blocks of the thread (a class default: no AttributeError)
+
+
+_state = _BackendState()
 _default = None  # set_backend's choice; None: the environment variable, read at import
 
 
@@ -48,7 +54,7 @@ def _check_backend(name):
 
 def get_backend():
     """The backend in force: ``"ext"`` (compiled ops) or ``"reference"`` (pure PyTorch)."""
-    stack = getattr(_state, "stack", None)
+    stack = _state.stack
     if stack:
         return stack[-1]
     return _default if _default is not None else _ENV_BACKEND
@@ -67,7 +73,7 @@ def set_backend(name):
 def use_backend(name):
     """Context manager selecting a backend for the current thread inside a ``with`` block."""
     _check_backend(name)
-    stack = getattr(_state, "stack", None)
+    stack = _state.stack
     if stack is None:
         stack = _state.stack = []
     stack.append(name)
@@ -345,14 +351,13 @@ def direct_cpu_call_ok(state):
             and _no_dispatch_hooks())
 
 
-def ext_direct_call_ok(state):
-    """``get_backend() == "ext" and direct_cpu_call_ok(state)``, in one cheap test (the
-    decoder's per-token fast path). False inside a ``use_backend`` block (the caller then takes
-    the general path, which honours it)."""
-    return (type(state) is torch.Tensor and state.is_cpu and not torch.is_grad_enabled()
-            and not getattr(_state, "stack", None)
-            and (_ENV_BACKEND if _default is None else _default) == "ext"
-            and _no_dispatch_hooks())
+def ext_shortcut_ok():
+    """The Python half of the decoder's per-token shortcut test: the ext backend is in force in
+    this thread (not inside a ``use_backend`` block: the general path honours those) and nothing
+    is being traced by torch.compile. The tensor, grad-mode and dispatch-mode half is the bound
+    stepper's ``try_step``."""
+    return (not torch.compiler.is_compiling() and not _state.stack
+            and (_ENV_BACKEND if _default is None else _default) == "ext")
 
 
 def _no_dispatch_hooks():

@@ -413,7 +413,7 @@ def test_decoder_forward_one_step_is_fused_without_grad(device, dtype, monkeypat
     # plain CPU inference normally calls the kernel through the decoder's bound stepper; send it
     # through ops.gru_decode_step so the spy sees every fused step
     monkeypatch.setattr(ops, "direct_cpu_call_ok", lambda state: False)
-    monkeypatch.setattr(ops, "ext_direct_call_ok", lambda state: False)
+    monkeypatch.setattr(ops, "ext_shortcut_ok", lambda: False)
     with torch.no_grad():
         Y, new_state = dec(X, state)
         Y_ref, state_ref = ref(X, state)
@@ -432,7 +432,7 @@ def test_decoder_forward_with_grad_is_differentiable(device, monkeypatch):
     # plain CPU inference normally calls the kernel through the decoder's bound stepper; send it
     # through ops.gru_decode_step so the spy sees every fused step
     monkeypatch.setattr(ops, "direct_cpu_call_ok", lambda state: False)
-    monkeypatch.setattr(ops, "ext_direct_call_ok", lambda state: False)
+    monkeypatch.setattr(ops, "ext_shortcut_ok", lambda: False)
     Y, new_state = dec(X, state)
     assert spy.calls == 0
     assert Y.grad_fn is not None and new_state.grad_fn is not None
@@ -458,7 +458,7 @@ def test_decoder_forward_not_fused_with_dropout_in_training_or_reference_backend
     # plain CPU inference normally calls the kernel through the decoder's bound stepper; send it
     # through ops.gru_decode_step so the spy sees every fused step
     monkeypatch.setattr(ops, "direct_cpu_call_ok", lambda state: False)
-    monkeypatch.setattr(ops, "ext_direct_call_ok", lambda state: False)
+    monkeypatch.setattr(ops, "ext_shortcut_ok", lambda: False)
     torch.manual_seed(43)
     dec = seq2seq_ext.Seq2SeqDecoder(11, 4, 6, 2, dropout=0.5).train()
     state = random_state(2, 3, 6, seed=43)
@@ -524,6 +524,72 @@ def test_emb_proj_cache_follows_in_place_changes(device):
         ref_out, ref_state = _reference_step(reference_decoder(dec), X, state)
         torch.testing.assert_close(out[:, 0], ref_out, **_tol(torch.float32), msg=str(i))
         torch.testing.assert_close(new_state, ref_state, **_tol(torch.float32), msg=str(i))
+
+
+# the bound stepper (ops.decoder_stepper) packs its weights transposed for up to 32 rows when
+# they take at most 4 MiB, and calls the op's kernel otherwise: both sides of each limit
+STEPPER_CONFIGS = [
+    (201, 32, 32, 2, 1, torch.float32),    # the chapter's sizes, one sentence
+    (7, 3, 5, 1, 3, torch.float64),        # sizes that are no multiple of the vector width
+    (41, 16, 17, 3, 32, torch.float32),    # the most rows packed
+    (41, 16, 17, 3, 33, torch.float32),    # one row more: the op's kernel
+    (2000, 16, 300, 2, 2, torch.float32),  # weights too large to pack: the op's kernel
+]
+
+
+@pytest.mark.parametrize("config", STEPPER_CONFIGS,
+                         ids=[f"V{v}-E{e}-H{h}-L{l}-B{b}-{str(d)[6:]}"
+                              for v, e, h, l, b, d in STEPPER_CONFIGS])
+def test_bound_stepper_matches_reference(config):
+    dec, ref, state = _setup(config, "cpu", seed=51)
+    vocab, hidden, batch, dtype = config[0], config[2], config[4], config[5]
+    stepper = ops.decoder_stepper(dec.embedding.weight, dec.rnn._flat_weights, dec.dense.weight,
+                                  dec.dense.bias)
+    token = random_tokens(batch, vocab, seed=51)
+    context = random_state(1, batch, hidden, dtype=dtype, seed=52)[0]
+    state_before = state.clone()
+    with torch.no_grad():
+        for tok in (token, token[:, None].int()):
+            logits, new_state = stepper.step(tok, state)
+            ref_logits, ref_state = _reference_step(ref, tok, state)
+            torch.testing.assert_close(logits.reshape(batch, vocab), ref_logits, **_tol(dtype))
+            torch.testing.assert_close(new_state, ref_state, **_tol(dtype))
+        # a non-contiguous state, and a fixed context
+        t_state = torch.zeros(*state.shape[:2], 2 * hidden, dtype=dtype)[..., ::2]
+        t_state.copy_(state)
+        logits, new_state = stepper.step_with_context(token, t_state, _ctx_proj(dec, context))
+        ref_logits, ref_state = _fixed_context_step(dec, token, state, context)
+        torch.testing.assert_close(logits, ref_logits, **_tol(dtype))
+        torch.testing.assert_close(new_state, ref_state, **_tol(dtype))
+        # bad input raises and writes nothing, as the op does
+        with pytest.raises(RuntimeError, match=r"^token\b"):
+            stepper.step(torch.full((batch,), vocab), state)
+    assert torch.equal(state, state_before)
+
+
+def test_bound_stepper_follows_data_swap_and_resize():
+    """A parameter's storage replaced through ``.data`` (no version change) or a parameter of
+    another shape: the stepper's packed weights are rebuilt, never used stale."""
+    dec, _, state = _setup((23, 7, 12, 2, 3, torch.float32), "cpu", seed=53)
+    stepper = ops.decoder_stepper(dec.embedding.weight, dec.rnn._flat_weights, dec.dense.weight,
+                                  dec.dense.bias)
+    token = random_tokens(3, 23, seed=53)
+    with torch.no_grad():
+        stepper.step(token, state)
+        dec.rnn.weight_hh_l1.data = torch.randn_like(dec.rnn.weight_hh_l1)
+        dec.dense.weight.data = torch.randn_like(dec.dense.weight)
+        logits, new_state = stepper.step(token, state)
+        ref_logits, ref_state = _reference_step(reference_decoder(dec), token, state)
+        torch.testing.assert_close(logits, ref_logits, **_tol(torch.float32))
+        torch.testing.assert_close(new_state, ref_state, **_tol(torch.float32))
+        # fewer output rows in the same storage: the logits follow the new shape
+        dec.dense.weight.data = dec.dense.weight.data[:20]
+        dec.dense.bias.data = dec.dense.bias.data[:20]
+        logits, _ = stepper.step(token, state)
+        assert logits.shape == (3, 20)
+        # (the chapter's rule is the fixed-context step with the context state[-1])
+        ref_logits, _ = _fixed_context_step(dec, token, state, state[-1])
+        torch.testing.assert_close(logits, ref_logits, **_tol(torch.float32))
 
 
 def test_emb_proj_cache_follows_dtype_conversion():
@@ -711,6 +777,46 @@ def test_greedy_bad_input_names_argument(device):
     with pytest.raises(RuntimeError, match=r"^num_steps\b"):
         ops.greedy_decode(a["state"], a["emb_proj"], None, a["weights"], a["dense_weight"],
                           a["dense_bias"], 1, 2, -3)
+
+
+def test_try_step_declines_what_the_shortcut_must_not_take():
+    """The bound stepper's try_step (the C++ half of Seq2SeqDecoder.__call__'s shortcut) steps
+    plain CPU tensors in inference only, and returns None for everything else."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sub(torch.Tensor):
+        pass
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class FnMode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    dec, ref, state = _setup((19, 6, 10, 2, 3, torch.float32), "cpu", seed=54)
+    stepper = ops.decoder_stepper(dec.embedding.weight, dec.rnn._flat_weights, dec.dense.weight,
+                                  dec.dense.bias)
+    X = random_tokens(3, 19, seed=54)[:, None]
+    with torch.no_grad():
+        out = stepper.try_step(X, state)
+        expected = ref(X, state)
+        torch.testing.assert_close(out[0], expected[0], **_tol(torch.float32))
+        torch.testing.assert_close(out[1], expected[1], **_tol(torch.float32))
+        assert stepper.try_step(X[:, 0], state) is None               # (B,) token
+        assert stepper.try_step(X.expand(3, 2), state) is None        # two steps
+        assert stepper.try_step(X.tolist(), state) is None            # not a tensor
+        assert stepper.try_step(X.as_subclass(Sub), state) is None   # a subclass
+        assert stepper.try_step(X, state.as_subclass(Sub)) is None
+        assert stepper.try_step(X, state.to("meta")) is None          # not on the CPU
+        with Passthrough():
+            assert stepper.try_step(X, state) is None
+        with FnMode():
+            assert stepper.try_step(X, state) is None
+    assert stepper.try_step(X, state) is None                         # grad mode
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"^token\b"):
+        stepper.try_step(X.float(), state)                            # checked as by the op
 
 
 def test_bound_decoder_call_honours_hooks_and_equals_forward():

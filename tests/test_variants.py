@@ -471,7 +471,7 @@ def test_one_step_inference_is_fused_and_equals_reference(device, cell, fixed, m
     # plain CPU inference normally calls the kernel through the decoder's bound stepper; send it
     # through the op here so that the spy sees it
     monkeypatch.setattr(ops, "direct_cpu_call_ok", lambda state: False)
-    monkeypatch.setattr(ops, "ext_direct_call_ok", lambda state: False)
+    monkeypatch.setattr(ops, "ext_shortcut_ok", lambda: False)
     results = {}
     for backend in ops.BACKENDS:
         with seq2seq_ext.use_backend(backend), torch.no_grad():
@@ -484,11 +484,12 @@ def test_one_step_inference_is_fused_and_equals_reference(device, cell, fixed, m
     assert spy.calls == tokens.shape[1]  # every ext step went through the fused op
     torch.testing.assert_close(results["ext"], results["reference"], **_tol(torch.float32))
     monkeypatch.undo()
-    # the direct CPU call gives the op's numbers
+    # the direct CPU call gives the op's numbers (to rounding: the bound stepper sums its
+    # products in another order, see DecoderStepper)
     with torch.no_grad():
         state = net.decoder.init_state(net.encoder(X))
         out, _ = net.decoder(tokens[:, :1], state)
-    torch.testing.assert_close(out, results["ext"][:, :1], rtol=0, atol=0)
+    torch.testing.assert_close(out, results["ext"][:, :1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("cell,fixed", VARIANTS, ids=VARIANT_IDS)

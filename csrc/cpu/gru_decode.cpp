@@ -5,8 +5,10 @@
 // concatenation: the embedding part (with b_ih0) is a row of emb_proj, precomputed once per set
 // of weights; the context part is ctx_proj when the context is fixed, else state[-1] times the
 // context columns of W_ih0.
+#include <ATen/EmptyTensor.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <vector>
 
 #include "../checks.h"
@@ -177,6 +179,103 @@ std::tuple<at::Tensor, at::Tensor> gru_decode_step_cpu(
   return {logits, new_state};
 }
 
+namespace {
+
+// Stores the version counter, storage, dtype and shape of each tensor (and the extra values)
+// in key, and says whether they all equal what key held (false for an empty key).
+bool same_key(std::vector<int64_t>& key, std::initializer_list<const at::Tensor*> head,
+              const std::vector<at::Tensor>& tail, std::initializer_list<int64_t> extra = {}) {
+  size_t i = 0;
+  bool same = true;
+  auto put = [&](int64_t v) {
+    if (i == key.size()) {
+      key.push_back(v);
+      same = false;
+    } else if (key[i] != v) {
+      key[i] = v;
+      same = false;
+    }
+    ++i;
+  };
+  auto add = [&](const at::Tensor& t) {
+    put(static_cast<int64_t>(t._version()));
+    put(reinterpret_cast<int64_t>(t.const_data_ptr()));
+    put(static_cast<int64_t>(t.scalar_type()));
+    put(t.dim());
+    for (const int64_t s : t.sizes()) put(s);
+  };
+  for (const at::Tensor* t : head) add(*t);
+  for (const at::Tensor& t : tail) add(t);
+  for (const int64_t v : extra) put(v);
+  if (i != key.size()) {
+    key.resize(i);
+    same = false;
+  }
+  return same;
+}
+
+// The packed weights are used for at most this many rows and this many bytes: beyond, a row at
+// a time re-reads weights that no longer stay in cache, and BLAS does better.
+constexpr int64_t kPackedMaxRows = 32;
+constexpr int64_t kPackedMaxBytes = 4 << 20;
+
+PackedLayout packed_layout(int64_t L, int64_t H, int64_t V, int64_t elem_size) {
+  const int64_t P = 64 / elem_size;
+  auto pad = [&](int64_t n) { return (n + P - 1) / P * P; };
+  PackedLayout p;
+  p.Gp = pad(3 * H);
+  p.Vp = pad(V);
+  int64_t off = 0;
+  auto take = [&](int64_t n) {
+    const int64_t at = off;
+    off += n;
+    return at;
+  };
+  p.ctx = take(H * p.Gp);
+  for (int64_t l = 0; l < L; ++l) {
+    p.ih.push_back(l > 0 ? take(H * p.Gp) : 0);
+    p.b_ih.push_back(l > 0 ? take(p.Gp) : 0);
+    p.hh.push_back(take(H * p.Gp));
+    p.b_hh.push_back(take(p.Gp));
+  }
+  p.dense = take(H * p.Vp);
+  p.dense_b = take(p.Vp);
+  p.total = off;
+  return p;
+}
+
+// One decode step of row b of B with the packed weights P (see step_rows for the algebra).
+// scratch holds 2 * Gp + Vp elements.
+template <typename T>
+void packed_row_step(const PackedLayout& lay, const T* P, const DecoderDims& d, int64_t tok,
+                     const T* emb_proj, const T* state, int64_t b, const T* ctx, T* new_state,
+                     T* logits, T* scratch) {
+  const int64_t L = d.layers, B = d.batch, H = d.hidden, G = 3 * H;
+  T* gi = scratch;
+  T* gh = gi + lay.Gp;
+  T* lg = gh + lay.Gp;
+  auto row = [&](auto* base, int64_t l) { return base + (l * B + b) * H; };
+  const T* e = emb_proj + tok * G;
+  if (ctx) {
+    for (int64_t j = 0; j < G; ++j) gi[j] = e[j] + ctx[j];
+  } else {
+    std::copy(e, e + G, gi);
+    cpu::linear_t_row<T>(row(state, L - 1), H, P + lay.ctx, lay.Gp, nullptr, gi, true);
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    if (l > 0)
+      cpu::linear_t_row<T>(row(new_state, l - 1), H, P + lay.ih[l], lay.Gp, P + lay.b_ih[l], gi,
+                           false);
+    cpu::linear_t_row<T>(row(state, l), H, P + lay.hh[l], lay.Gp, P + lay.b_hh[l], gh, false);
+    cpu::gru_cell<T>(gi, gh, row(state, l), H, row(new_state, l), H, 1, H);
+  }
+  cpu::linear_t_row<T>(row(new_state, L - 1), H, P + lay.dense, lay.Vp, P + lay.dense_b, lg,
+                       false);
+  std::copy(lg, lg + d.vocab, logits);
+}
+
+}  // namespace
+
 DecoderStepper::DecoderStepper(at::Tensor embedding, std::vector<at::Tensor> weights,
                                at::Tensor dense_weight, at::Tensor dense_bias)
     : embedding_(std::move(embedding)),
@@ -192,17 +291,18 @@ DecoderStepper::DecoderStepper(at::Tensor embedding, std::vector<at::Tensor> wei
               weights_[0].size(1));
 }
 
+bool DecoderStepper::refresh() {
+  if (same_key(key_, {&embedding_, &dense_weight_, &dense_bias_}, weights_)) return true;
+  emb_proj_ = at::Tensor();
+  packed_ = at::Tensor();
+  packed_built_ = false;
+  validated_ = false;
+  return false;
+}
+
 const at::Tensor& DecoderStepper::emb_proj() {
-  const at::Tensor* inputs[3] = {&embedding_, &weights_[0], &weights_[2]};
-  bool fresh = emb_proj_.defined();
-  for (int k = 0; k < 3; ++k) {
-    const int64_t version = static_cast<int64_t>(inputs[k]->_version());
-    const auto ptr = reinterpret_cast<int64_t>(inputs[k]->const_data_ptr());
-    fresh = fresh && key_[2 * k] == version && key_[2 * k + 1] == ptr;
-    key_[2 * k] = version;
-    key_[2 * k + 1] = ptr;
-  }
-  if (!fresh) {
+  refresh();
+  if (!emb_proj_.defined()) {
     at::NoGradGuard no_grad;
     emb_proj_ = at::addmm(weights_[2], embedding_,
                           weights_[0].narrow(1, 0, embedding_.size(1)).t());
@@ -210,12 +310,81 @@ const at::Tensor& DecoderStepper::emb_proj() {
   return emb_proj_;
 }
 
+const at::Tensor& DecoderStepper::packed() {
+  if (packed_built_) return packed_;
+  packed_built_ = true;
+  const int64_t L = v_layers_, H = v_hidden_, in0 = v_in0_;
+  const PackedLayout lay = packed_layout(L, H, v_vocab_, dense_weight_.element_size());
+  if (lay.total * dense_weight_.element_size() > kPackedMaxBytes) return packed_;
+  at::NoGradGuard no_grad;
+  at::Tensor flat = at::zeros({lay.total}, dense_weight_.options());
+  // w_t: a (K, N) view of a weight's transpose, stored at off as (K, Np)
+  auto put = [&](int64_t off, const at::Tensor& w_t, int64_t Np) {
+    flat.narrow(0, off, w_t.size(0) * Np).view({w_t.size(0), Np}).narrow(1, 0, w_t.size(1))
+        .copy_(w_t);
+  };
+  auto put_bias = [&](int64_t off, const at::Tensor& b) { flat.narrow(0, off, b.size(0)).copy_(b); };
+  put(lay.ctx, weights_[0].narrow(1, in0 - H, H).t(), lay.Gp);
+  for (int64_t l = 0; l < L; ++l) {
+    if (l > 0) {
+      put(lay.ih[l], weights_[4 * l].t(), lay.Gp);
+      put_bias(lay.b_ih[l], weights_[4 * l + 2]);
+    }
+    put(lay.hh[l], weights_[4 * l + 1].t(), lay.Gp);
+    put_bias(lay.b_hh[l], weights_[4 * l + 3]);
+  }
+  put(lay.dense, dense_weight_.t(), lay.Vp);
+  put_bias(lay.dense_b, dense_bias_);
+  packed_ = flat;
+  layout_ = lay;
+  return packed_;
+}
+
 std::tuple<at::Tensor, at::Tensor> DecoderStepper::step(const at::Tensor& token,
-                                                        const at::Tensor& state) {
+                                                        const at::Tensor& state,
+                                                        const std::optional<at::Tensor>& ctx_proj) {
   TORCH_CHECK(state.device().is_cpu(), "state: DecoderStepper.step runs on the CPU, got a tensor on ",
               state.device());
-  return gru_decode_step_cpu(token, state, emb_proj(), std::nullopt, weights_, dense_weight_,
-                             dense_bias_);
+  const at::Tensor& table = emb_proj();
+  const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
+  DecoderDims d;
+  if (validated_ && !has_ctx && state.dim() == 3 && state.size(0) == v_layers_ &&
+      state.size(2) == v_hidden_ && state.scalar_type() == v_dtype_) {
+    // the weights were checked against a state like this one, and have not changed since
+    d = DecoderDims{v_layers_, state.size(1), v_hidden_, v_tgt_vocab_, v_vocab_, v_in0_};
+  } else {
+    d = check_decoder_args(state, table, ctx_proj, weights_, dense_weight_, dense_bias_);
+    validated_ = true;
+    v_layers_ = d.layers;
+    v_hidden_ = d.hidden;
+    v_in0_ = d.in0;
+    v_vocab_ = d.vocab;
+    v_tgt_vocab_ = d.tgt_vocab;
+    v_dtype_ = state.scalar_type();
+  }
+  check_decode_token(token, state, d.batch);
+  const at::Tensor& P = d.batch <= kPackedMaxRows ? packed() : at::Tensor();
+  if (!P.defined())
+    return gru_decode_step_cpu(token, state, table, ctx_proj, weights_, dense_weight_,
+                               dense_bias_);
+  const auto tok = cpu::tokens_to_vector(token, d.tgt_vocab);
+  at::Tensor logits = at::detail::empty_cpu(decode_logits_shape(token, d.vocab), v_dtype_);
+  at::Tensor new_state = at::detail::empty_cpu(state.sizes(), v_dtype_);
+  AT_DISPATCH_FLOATING_TYPES(v_dtype_, "DecoderStepper.step", [&] {
+    using T = scalar_t;
+    Contig c;
+    const T* s = c(state).const_data_ptr<T>();
+    const T* ctx = has_ctx ? c(*ctx_proj).const_data_ptr<T>() : nullptr;
+    const T* e = c(table).const_data_ptr<T>();
+    T* out = new_state.data_ptr<T>();
+    T* lg = logits.data_ptr<T>();
+    std::vector<T> scratch(2 * layout_.Gp + layout_.Vp);
+    for (int64_t b = 0; b < d.batch; ++b)
+      packed_row_step<T>(layout_, P.const_data_ptr<T>(), d, tok[b], e, s, b,
+                         ctx ? ctx + b * 3 * d.hidden : nullptr, out, lg + b * d.vocab,
+                         scratch.data());
+  });
+  return {logits, new_state};
 }
 
 TORCH_LIBRARY_IMPL(seq2seq_ext, CPU, m) {

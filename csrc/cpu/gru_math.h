@@ -120,6 +120,40 @@ void linear_nt(const T* X, int64_t ldx, int64_t B, int64_t K, const T* W, int64_
   });
 }
 
+// One row of a product with a weight stored transposed and padded: y[n] = init[n] + sum_k
+// x[k] * Wt[k, n] for n < Np, where Wt is (K, Np) with Np a multiple of the vector width and
+// init is y itself (accumulate), a bias of Np entries, or null (zero). Each block of NV output
+// vectors stays in registers over k: no horizontal sums, unlike a row-major weight's dots.
+template <typename T, int NV>
+inline void t_block(const T* x, int64_t K, const T* Wt, int64_t ldw, const T* init, T* y) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  Vec a[NV];
+  for (int u = 0; u < NV; ++u) a[u] = init ? Vec::loadu(init + u * W) : Vec(T(0));
+  for (int64_t k = 0; k < K; ++k) {
+    const Vec xv(x[k]);
+    const T* w = Wt + k * ldw;
+    for (int u = 0; u < NV; ++u) a[u] = at::vec::fmadd(Vec::loadu(w + u * W), xv, a[u]);
+  }
+  for (int u = 0; u < NV; ++u) a[u].store(y + u * W);
+}
+
+template <typename T>
+void linear_t_row(const T* x, int64_t K, const T* Wt, int64_t Np, const T* bias, T* y,
+                  bool accumulate) {
+  constexpr int64_t W = at::vec::Vectorized<T>::size();
+  const T* init = accumulate ? y : bias;
+  auto at_n = [&](int64_t n) { return init ? init + n : nullptr; };
+  int64_t n = 0;
+  for (; n + 4 * W <= Np; n += 4 * W) t_block<T, 4>(x, K, Wt + n, Np, at_n(n), y + n);
+  switch ((Np - n) / W) {
+    case 3: t_block<T, 3>(x, K, Wt + n, Np, at_n(n), y + n); break;
+    case 2: t_block<T, 2>(x, K, Wt + n, Np, at_n(n), y + n); break;
+    case 1: t_block<T, 1>(x, K, Wt + n, Np, at_n(n), y + n); break;
+    default: break;
+  }
+}
+
 template <typename T>
 inline T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));

@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace seq2seq_ext {
 
@@ -25,29 +26,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const at::Tensor& b_ih, const at::Tensor& b_hh, const std::optional<at::Tensor>& extra);
 
+// Where DecoderStepper's packed weights lie (element offsets into one flat tensor): each
+// product's weight transposed to (K, Np), its output size N padded with zeros to Np (a multiple
+// of 64 bytes), then its bias padded likewise. ctx: the context columns of W_ih0 (no bias: it
+// is in emb_proj); ih and b_ih are unused for layer 0.
+struct PackedLayout {
+  int64_t Gp = 0, Vp = 0, ctx = 0, dense = 0, dense_b = 0, total = 0;
+  std::vector<int64_t> ih, b_ih, hh, b_hh;
+};
+
 // A decoder's weights bound once for repeated decode steps. It keeps references to the
-// parameters themselves (so in-place updates and `.data` swaps are seen) and rebuilds the
-// embedding projection table emb_proj = embedding @ W_ih0[:, :E]^T + b_ih0 when the version
-// counter or storage of one of its three inputs changes. step() runs the CPU kernel directly.
-// Nothing in it is specific to the GRU but step(): the table and the bound weights serve an
-// nn.LSTM decoder as well (its flat weights have the same four tensors per layer).
+// parameters themselves (so in-place updates and `.data` swaps are seen) and rebuilds what it
+// derives from them when the version counter, storage or shape of one of them changes:
+//  - the embedding projection table emb_proj = embedding @ W_ih0[:, :E]^T + b_ih0;
+//  - for a few rows at small sizes, the weights packed transposed (PackedLayout), so that a
+//    row's products need no horizontal sums: at the chapter's sizes the sums of row-major dot
+//    products cost more than the multiply-adds.
+// step() runs the CPU kernel directly. Nothing in it is specific to the GRU but step(): the
+// table and the bound weights serve an nn.LSTM decoder as well (its flat weights have the same
+// four tensors per layer).
 class DecoderStepper {
  public:
   DecoderStepper(at::Tensor embedding, std::vector<at::Tensor> weights, at::Tensor dense_weight,
                  at::Tensor dense_bias);
   // The table for the current weights (any device).
   const at::Tensor& emb_proj();
-  // One decode step with the reference's context rule, on CPU tensors.
-  std::tuple<at::Tensor, at::Tensor> step(const at::Tensor& token, const at::Tensor& state);
+  // One decode step on CPU tensors: the contract of gru_decode_step's CPU kernel with the bound
+  // weights (ctx_proj (B, 3H) for a fixed context, none for the reference's rule).
+  std::tuple<at::Tensor, at::Tensor> step(const at::Tensor& token, const at::Tensor& state,
+                                          const std::optional<at::Tensor>& ctx_proj = {});
   // The bound weights, as the decode ops take them.
   const std::vector<at::Tensor>& weights() const { return weights_; }
   const at::Tensor& dense_weight() const { return dense_weight_; }
   const at::Tensor& dense_bias() const { return dense_bias_; }
 
  private:
-  at::Tensor embedding_, dense_weight_, dense_bias_, emb_proj_;
+  // Compares the bound tensors with what the derived data were built from; on any change,
+  // drops them (the table, the packed weights, the validated dims). True when unchanged.
+  bool refresh();
+  // The packed weights for the validated dims, built when missing; undefined when too large.
+  const at::Tensor& packed();
+
+  at::Tensor embedding_, dense_weight_, dense_bias_, emb_proj_, packed_;
   std::vector<at::Tensor> weights_;
-  int64_t key_[6] = {-1, -1, -1, -1, -1, -1};
+  std::vector<int64_t> key_;
+  bool packed_built_ = false;
+  // The dims (batch aside) of the last state checked against the current weights, and its
+  // dtype: a state that agrees needs no new check of the weights.
+  bool validated_ = false;
+  int64_t v_layers_ = 0, v_hidden_ = 0, v_in0_ = 0, v_vocab_ = 0, v_tgt_vocab_ = 0;
+  at::ScalarType v_dtype_ = at::kFloat;
+  PackedLayout layout_;
 };
 
 }  // namespace seq2seq_ext
