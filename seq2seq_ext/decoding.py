@@ -5,7 +5,7 @@ import torch
 
 from . import ops, reference
 from .data import truncate_pad
-from .models import (Seq2SeqDecoder, context_projection, fused_decoder_args,
+from .models import (Seq2SeqDecoder, context_projection, decoder_stepper, fused_decoder_args,
                      supports_fused_decoding)
 
 __all__ = ["predict_seq2seq", "predict_seq2seq_batch"]
@@ -18,19 +18,37 @@ def _encode_sources(sentences, src_vocab, num_steps, device):
     return torch.tensor(padded, dtype=torch.long, device=device).reshape(len(sentences), -1), valid_len
 
 
+def _eval(net):
+    """``net.eval()``, as the chapter's prediction does, skipped when every module already is in
+    evaluation mode (walking the module tree is cheaper than ``nn.Module.modules()``)."""
+    todo = [net]
+    while todo:
+        m = todo.pop()
+        if m.__dict__.get("training", False):
+            net.eval()
+            return
+        todo.extend(c for c in m.__dict__.get("_modules", {}).values() if c is not None)
+
+
 def _fused_greedy(net, sentences, src_vocab, tgt_vocab, num_steps, device):
-    if any(m.training for m in net.modules()):
-        net.eval()
+    _eval(net)
     with torch.no_grad():
         enc_X, enc_valid_len = _encode_sources(sentences, src_vocab, num_steps, device)
         enc_outputs = net.encoder(enc_X, enc_valid_len)
         state = net.decoder.init_state(enc_outputs, enc_valid_len)
-        emb_proj, ctx_proj, weights, dense_w, dense_b = fused_decoder_args(net.decoder)
+        ctx_proj = None
         if getattr(net.decoder, "fixed_context", False):
             state, context = state
             ctx_proj = context_projection(net.decoder, context)
-        tokens, lengths = ops.greedy_decode(state, emb_proj, ctx_proj, weights, dense_w, dense_b,
-                                            tgt_vocab['<bos>'], tgt_vocab['<eos>'], num_steps)
+        bos, eos = tgt_vocab['<bos>'], tgt_vocab['<eos>']
+        if ops.direct_cpu_call_ok(state):
+            # the bound weights' greedy loop (packed weights for a few sentences)
+            tokens, lengths = decoder_stepper(net.decoder).greedy(state, ctx_proj, bos, eos,
+                                                                  num_steps)
+        else:
+            emb_proj, _, weights, dense_w, dense_b = fused_decoder_args(net.decoder)
+            tokens, lengths = ops.greedy_decode(state, emb_proj, ctx_proj, weights, dense_w,
+                                                dense_b, bos, eos, num_steps)
     tokens, lengths = tokens.tolist(), lengths.tolist()
     return [' '.join(tgt_vocab.to_tokens(row[:n])) for row, n in zip(tokens, lengths)]
 
@@ -40,8 +58,7 @@ def _stepwise_greedy(net, sentences, src_vocab, tgt_vocab, num_steps, device):
     this package's decoders under the extension backend): every sentence's argmax is fed back,
     and a sentence's translation is its tokens before the first ``<eos>`` (at most num_steps),
     as in the chapter's loop. The loop ends early once every sentence has produced ``<eos>``."""
-    if any(m.training for m in net.modules()):
-        net.eval()
+    _eval(net)
     bos, eos = tgt_vocab['<bos>'], tgt_vocab['<eos>']
     with torch.no_grad():
         enc_X, enc_valid_len = _encode_sources(sentences, src_vocab, num_steps, device)

@@ -94,3 +94,33 @@ def random_state(layers, batch, hidden, *, dtype=torch.float32, device="cpu", se
 def random_tokens(batch, vocab, *, device="cpu", seed=0, dtype=torch.int64):
     g = generator(seed + 4)
     return torch.randint(0, vocab, (batch,), generator=g).to(device=device, dtype=dtype)
+
+
+class GreedySpy:
+    """Counts the fused greedy decodes of predict_seq2seq and predict_seq2seq_batch: calls of
+    ``ops.greedy_decode`` and of a bound stepper's ``greedy`` (their path for plain CPU
+    tensors)."""
+
+    def __init__(self, monkeypatch):
+        from seq2seq_ext import decoding, ops
+        self.op_calls = self.stepper_calls = 0
+        op, bind, spy = ops.greedy_decode, decoding.decoder_stepper, self
+
+        def op_spy(*args, **kwargs):
+            spy.op_calls += 1
+            return op(*args, **kwargs)
+
+        class Bound:
+            def __init__(self, stepper):
+                self._stepper = stepper
+
+            def greedy(self, *args, **kwargs):
+                spy.stepper_calls += 1
+                return self._stepper.greedy(*args, **kwargs)
+
+        monkeypatch.setattr(ops, "greedy_decode", op_spy)
+        monkeypatch.setattr(decoding, "decoder_stepper", lambda decoder: Bound(bind(decoder)))
+
+    @property
+    def calls(self):
+        return self.op_calls + self.stepper_calls

@@ -13,8 +13,8 @@ from seq2seq_ext import ops, reference
 from seq2seq_ext.data import Vocab
 from seq2seq_ext.models import fused_decoder_args
 
-from helpers import (devices, make_decoder, random_state, random_tokens, reference_copy,
-                     reference_decoder)
+from helpers import (GreedySpy, devices, make_decoder, random_state, random_tokens,
+                     reference_copy, reference_decoder)
 
 STEP = torch.ops.seq2seq_ext.gru_decode_step
 GREEDY = torch.ops.seq2seq_ext.greedy_decode
@@ -232,6 +232,47 @@ def test_greedy_matches_reference_loop(device, config, seed):
         assert eos not in row[:n] and all(t == eos for t in row[n:])
 
 
+@pytest.mark.parametrize("config,seed", [
+    ((13, 5, 7, 1, 9, torch.float64), 10),
+    ((23, 6, 12, 2, 1, torch.float64), 11),   # one sentence (predict_seq2seq)
+    ((40, 8, 16, 2, 24, torch.float32), 13),
+    ((23, 6, 12, 2, 40, torch.float64), 20),  # more rows than are packed: the op's kernel
+])
+def test_bound_stepper_greedy_matches_reference_loop(config, seed):
+    """The bound stepper's greedy loop (predict_seq2seq's path on the CPU) against the chapter's
+    loop, with both context rules."""
+    vocab, layers, hidden, batch, num_steps, bos = config[0], config[3], config[2], config[4], 11, 1
+    dtype = config[5]
+    dec = make_decoder(*config[:4], dtype=dtype, seed=seed, dense_scale=3.0)
+    ref = reference_decoder(dec)
+    state = random_state(layers, batch, hidden, dtype=dtype, seed=seed)
+    context = random_state(1, batch, hidden, dtype=dtype, seed=seed + 1)[0]
+    stepper = ops.decoder_stepper(dec.embedding.weight, dec.rnn._flat_weights, dec.dense.weight,
+                                  dec.dense.bias)
+    for ctx in (None, context):
+        eos = _pick_eos(_free_run(dec, state, bos, num_steps, ctx), vocab, num_steps)
+        ref_tokens, ref_lengths = _reference_greedy(ref if ctx is None else dec, state, bos, eos,
+                                                    num_steps, ctx)
+        assert min(ref_lengths) < num_steps  # some sentences stop early
+        ctx_proj = None if ctx is None else _ctx_proj(dec, ctx)
+        tokens, lengths = stepper.greedy(state, ctx_proj, bos, eos, num_steps)
+        assert tokens.tolist() == ref_tokens and lengths.tolist() == ref_lengths
+        assert tokens.dtype == lengths.dtype == torch.int64
+    # no steps, no sentences, and bad input (nothing is returned, the state is unchanged)
+    tokens, lengths = stepper.greedy(state, None, bos, 2, 0)
+    assert tokens.shape == (batch, 0) and lengths.tolist() == [0] * batch
+    tokens, lengths = stepper.greedy(state[:, :0], None, bos, 2, 3)
+    assert tokens.shape == (0, 3) and lengths.shape == (0,)
+    before = state.clone()
+    with pytest.raises(RuntimeError, match=r"^bos\b"):
+        stepper.greedy(state, None, vocab, 2, 3)
+    with pytest.raises(RuntimeError, match=r"^num_steps\b"):
+        stepper.greedy(state, None, bos, 2, -1)
+    with pytest.raises(RuntimeError, match=r"^state\b"):
+        stepper.greedy(state[0], None, bos, 2, 3)
+    assert torch.equal(state, before)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_greedy_with_fixed_context(device):
     vocab, hidden, layers, batch, num_steps, bos = 21, 10, 2, 8, 9, 2
@@ -350,8 +391,7 @@ def test_predict_seq2seq_matches_reference(device, layers, monkeypatch):
     net, ref = _nets(src_vocab, tgt_vocab, torch.float32, seed={1: 22, 2: 21}[layers],
                      layers=layers, eos_bias=0.4)
     net, ref = net.to(device), ref.to(device)
-    spy = _Spy(ops.greedy_decode)
-    monkeypatch.setattr(ops, "greedy_decode", spy)
+    spy = GreedySpy(monkeypatch)
     sentences = ["go .", "i lost .", "he's calm .", "i'm home .", "Wow !", "who ? who ?"]
     sentences += _sentences(6, seed=layers)
     outputs = []
@@ -363,7 +403,9 @@ def test_predict_seq2seq_matches_reference(device, layers, monkeypatch):
                                                  device)
             assert got == expected, (sentence, num_steps)
             outputs.append(got[0])
-    assert spy.calls == 3 * len(sentences)  # the fused greedy op did the work
+    assert spy.calls == 3 * len(sentences)  # the fused greedy loop did the work
+    # on the CPU, through the decoder's bound stepper
+    assert spy.stepper_calls == (spy.calls if device == "cpu" else 0)
     # the comparison covers translations of several lengths
     assert len({len(o.split()) for o in outputs}) >= 3
 

@@ -21,7 +21,7 @@ from seq2seq_ext import models, ops, reference
 from seq2seq_ext.data import Vocab
 from seq2seq_ext.models import context_projection, fused_decoder_args
 
-from helpers import devices, generator
+from helpers import GreedySpy, devices, generator
 
 LSTM_STEP = torch.ops.seq2seq_ext.lstm_decode_step
 DEVICES = devices()
@@ -640,8 +640,7 @@ def test_greedy_predictions_equal_reference(device, cell, fixed, monkeypatch):
     lengths = [len(w.split()) for w in want]
     assert len(set(want)) >= 4 and sum(0 < n < 10 for n in lengths) >= 4, want
     if cell == "gru":  # the fixed-context GRU decodes in the fused greedy op
-        spy = _Spy(ops.greedy_decode)
-        monkeypatch.setattr(ops, "greedy_decode", spy)
+        spy = GreedySpy(monkeypatch)
     single = [seq2seq_ext.predict_seq2seq(net, s, src_vocab, tgt_vocab, 10, device)
               for s in sentences]
     assert [s[0] for s in single] == want
@@ -651,6 +650,7 @@ def test_greedy_predictions_equal_reference(device, cell, fixed, monkeypatch):
     assert batch == want
     if cell == "gru":
         assert spy.calls == len(sentences) + 3  # one per sentence, then 3 batches of <= 5
+        assert spy.stepper_calls == (spy.calls if device == "cpu" else 0)
     with seq2seq_ext.use_backend("reference"):
         assert seq2seq_ext.predict_seq2seq_batch(net, sentences, src_vocab, tgt_vocab, 10,
                                                  device) == want

@@ -340,28 +340,31 @@ const at::Tensor& DecoderStepper::packed() {
   return packed_;
 }
 
+DecoderDims DecoderStepper::checked_dims(const at::Tensor& state, const at::Tensor& table,
+                                         const std::optional<at::Tensor>& ctx_proj) {
+  TORCH_CHECK(state.device().is_cpu(), "state: DecoderStepper runs on the CPU, got a tensor on ",
+              state.device());
+  const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
+  if (validated_ && !has_ctx && state.dim() == 3 && state.size(0) == v_layers_ &&
+      state.size(2) == v_hidden_ && state.scalar_type() == v_dtype_)
+    return DecoderDims{v_layers_, state.size(1), v_hidden_, v_tgt_vocab_, v_vocab_, v_in0_};
+  const DecoderDims d =
+      check_decoder_args(state, table, ctx_proj, weights_, dense_weight_, dense_bias_);
+  validated_ = true;
+  v_layers_ = d.layers;
+  v_hidden_ = d.hidden;
+  v_in0_ = d.in0;
+  v_vocab_ = d.vocab;
+  v_tgt_vocab_ = d.tgt_vocab;
+  v_dtype_ = state.scalar_type();
+  return d;
+}
+
 std::tuple<at::Tensor, at::Tensor> DecoderStepper::step(const at::Tensor& token,
                                                         const at::Tensor& state,
                                                         const std::optional<at::Tensor>& ctx_proj) {
-  TORCH_CHECK(state.device().is_cpu(), "state: DecoderStepper.step runs on the CPU, got a tensor on ",
-              state.device());
   const at::Tensor& table = emb_proj();
-  const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
-  DecoderDims d;
-  if (validated_ && !has_ctx && state.dim() == 3 && state.size(0) == v_layers_ &&
-      state.size(2) == v_hidden_ && state.scalar_type() == v_dtype_) {
-    // the weights were checked against a state like this one, and have not changed since
-    d = DecoderDims{v_layers_, state.size(1), v_hidden_, v_tgt_vocab_, v_vocab_, v_in0_};
-  } else {
-    d = check_decoder_args(state, table, ctx_proj, weights_, dense_weight_, dense_bias_);
-    validated_ = true;
-    v_layers_ = d.layers;
-    v_hidden_ = d.hidden;
-    v_in0_ = d.in0;
-    v_vocab_ = d.vocab;
-    v_tgt_vocab_ = d.tgt_vocab;
-    v_dtype_ = state.scalar_type();
-  }
+  const DecoderDims d = checked_dims(state, table, ctx_proj);
   check_decode_token(token, state, d.batch);
   const at::Tensor& P = d.batch <= kPackedMaxRows ? packed() : at::Tensor();
   if (!P.defined())
@@ -370,6 +373,7 @@ std::tuple<at::Tensor, at::Tensor> DecoderStepper::step(const at::Tensor& token,
   const auto tok = cpu::tokens_to_vector(token, d.tgt_vocab);
   at::Tensor logits = at::detail::empty_cpu(decode_logits_shape(token, d.vocab), v_dtype_);
   at::Tensor new_state = at::detail::empty_cpu(state.sizes(), v_dtype_);
+  const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
   AT_DISPATCH_FLOATING_TYPES(v_dtype_, "DecoderStepper.step", [&] {
     using T = scalar_t;
     Contig c;
@@ -385,6 +389,55 @@ std::tuple<at::Tensor, at::Tensor> DecoderStepper::step(const at::Tensor& token,
                          scratch.data());
   });
   return {logits, new_state};
+}
+
+std::tuple<at::Tensor, at::Tensor> DecoderStepper::greedy(const at::Tensor& state,
+                                                          const std::optional<at::Tensor>& ctx_proj,
+                                                          int64_t bos, int64_t eos,
+                                                          int64_t num_steps) {
+  const at::Tensor& table = emb_proj();
+  const DecoderDims d = checked_dims(state, table, ctx_proj);
+  check_greedy_args(d, bos, num_steps);
+  const at::Tensor& P = d.batch <= kPackedMaxRows ? packed() : at::Tensor();
+  if (!P.defined())
+    return greedy_decode_cpu(state, table, ctx_proj, weights_, dense_weight_, dense_bias_, bos,
+                             eos, num_steps);
+  const int64_t B = d.batch, L = d.layers, H = d.hidden, V = d.vocab;
+  at::Tensor tokens = at::full({B, num_steps}, eos, state.options().dtype(at::kLong));
+  at::Tensor lengths = at::full({B}, num_steps, state.options().dtype(at::kLong));
+  if (B == 0 || num_steps == 0) return {tokens, lengths};
+  const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
+  int64_t* tok_out = tokens.data_ptr<int64_t>();
+  int64_t* len_out = lengths.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(v_dtype_, "DecoderStepper.greedy", [&] {
+    using T = scalar_t;
+    Contig c;
+    const T* s = c(state).const_data_ptr<T>();
+    const T* ctx = has_ctx ? c(*ctx_proj).const_data_ptr<T>() : nullptr;
+    const T* e = c(table).const_data_ptr<T>();
+    // rows are independent: each sentence is decoded to its end on its own (L, 1, H) state
+    DecoderDims one = d;
+    one.batch = 1;
+    std::vector<T> cur(L * H), next(L * H), logits(V), scratch(2 * layout_.Gp + layout_.Vp);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t l = 0; l < L; ++l)
+        std::copy(s + (l * B + b) * H, s + (l * B + b + 1) * H, cur.data() + l * H);
+      int64_t tok = bos;
+      for (int64_t step = 0; step < num_steps; ++step) {
+        packed_row_step<T>(layout_, P.const_data_ptr<T>(), one, tok, e, cur.data(), 0,
+                           ctx ? ctx + b * 3 * H : nullptr, next.data(), logits.data(),
+                           scratch.data());
+        tok = argmax_row<T>(logits.data(), V);
+        if (tok == eos) {
+          len_out[b] = step;
+          break;
+        }
+        tok_out[b * num_steps + step] = tok;
+        std::swap(cur, next);
+      }
+    }
+  });
+  return {tokens, lengths};
 }
 
 TORCH_LIBRARY_IMPL(seq2seq_ext, CPU, m) {

@@ -30,6 +30,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
 // product's weight transposed to (K, Np), its output size N padded with zeros to Np (a multiple
 // of 64 bytes), then its bias padded likewise. ctx: the context columns of W_ih0 (no bias: it
 // is in emb_proj); ih and b_ih are unused for layer 0.
+struct DecoderDims;  // checks.h
+
 struct PackedLayout {
   int64_t Gp = 0, Vp = 0, ctx = 0, dense = 0, dense_b = 0, total = 0;
   std::vector<int64_t> ih, b_ih, hh, b_hh;
@@ -55,6 +57,11 @@ class DecoderStepper {
   // weights (ctx_proj (B, 3H) for a fixed context, none for the reference's rule).
   std::tuple<at::Tensor, at::Tensor> step(const at::Tensor& token, const at::Tensor& state,
                                           const std::optional<at::Tensor>& ctx_proj = {});
+  // Greedy decoding of a batch on CPU tensors: the contract of greedy_decode's CPU kernel with
+  // the bound weights.
+  std::tuple<at::Tensor, at::Tensor> greedy(const at::Tensor& state,
+                                            const std::optional<at::Tensor>& ctx_proj,
+                                            int64_t bos, int64_t eos, int64_t num_steps);
   // The bound weights, as the decode ops take them.
   const std::vector<at::Tensor>& weights() const { return weights_; }
   const at::Tensor& dense_weight() const { return dense_weight_; }
@@ -64,6 +71,10 @@ class DecoderStepper {
   // Compares the bound tensors with what the derived data were built from; on any change,
   // drops them (the table, the packed weights, the validated dims). True when unchanged.
   bool refresh();
+  // check_decoder_args for a state on the CPU with the bound weights, skipped (but for the
+  // state's own dims) when the weights were already checked against a state like this one.
+  DecoderDims checked_dims(const at::Tensor& state, const at::Tensor& table,
+                           const std::optional<at::Tensor>& ctx_proj);
   // The packed weights for the validated dims, built when missing; undefined when too large.
   const at::Tensor& packed();
 
