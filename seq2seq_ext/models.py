@@ -296,6 +296,10 @@ def context_projection(decoder, context):
     embed = decoder._modules["embedding"].embedding_dim
     if torch.compiler.is_compiling():  # traced: no cache (version counters are not traceable)
         return torch.mm(context, w_ih0[:, embed:].t())
+    if context.is_inference() or w_ih0.is_inference():
+        # no version counter to tell an in-place change: no cache
+        with torch.no_grad():
+            return torch.mm(context, w_ih0[:, embed:].t())
     cached = decoder.__dict__.get(_CTX_ATTR)
     if (cached is not None and cached[0] is context and cached[1] == context._version
             and cached[2] is w_ih0 and cached[3] == w_ih0._version):

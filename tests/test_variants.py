@@ -600,7 +600,8 @@ def _sentences(n, seed):
 
 # (seed, eos bias) per variant: random weights for which the translations differ and end at
 # various lengths (some at <eos> before num_steps, some at num_steps)
-GREEDY_NETS = {("gru", True): (92, 0.0), ("lstm", False): (91, 0.45), ("lstm", True): (93, 0.45)}
+GREEDY_NETS = {("gru", False): (94, 0.3), ("gru", True): (92, 0.0), ("lstm", False): (91, 0.45),
+               ("lstm", True): (93, 0.45)}
 
 
 def _greedy_net(src_vocab, tgt_vocab, cell, fixed):
@@ -678,3 +679,44 @@ def test_train_seq2seq_runs_the_variants(cell, fixed, capsys):
     for k in nets[0]:
         torch.testing.assert_close(nets[0][k], nets[1][k], rtol=1e-5, atol=1e-5,
                                    msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("cell,fixed", [("gru", False)] + VARIANTS,
+                         ids=["gru-chapter"] + VARIANT_IDS)
+def test_model_made_in_inference_mode(cell, fixed):
+    """A model created and used under ``torch.inference_mode`` (its parameters have no version
+    counters): every inference path works, and an in-place change of a weight made in that mode
+    is seen at the next call (nothing derived from the weights is reused)."""
+    src_vocab, tgt_vocab = _vocabs()
+    net = _greedy_net(src_vocab, tgt_vocab, cell, fixed)
+    sentences = ["go .", "i lost .", "he's calm .", "i'm home ."] + _sentences(4, seed=92)
+    X = torch.tensor([[src_vocab["go"], src_vocab["."], src_vocab["<eos>"]]])
+    token = torch.tensor([[tgt_vocab["<bos>"]]])
+
+    def run(model):
+        out = [seq2seq_ext.predict_seq2seq(model, s, src_vocab, tgt_vocab, 10, "cpu")[0]
+               for s in sentences]
+        out += seq2seq_ext.predict_seq2seq_batch(model, sentences, src_vocab, tgt_vocab, 10,
+                                                 "cpu")
+        out += seq2seq_ext.beam_search(model, sentences, src_vocab, tgt_vocab, 10, "cpu",
+                                       beam_size=3)
+        state = model.decoder.init_state(model.encoder(X))
+        return out, model.decoder(token, state)[0]
+
+    with torch.inference_mode():
+        inf = _build(len(src_vocab), len(tgt_vocab), 8, 16, 2, cell=cell, fixed_context=fixed)
+        inf.load_state_dict(net.state_dict())
+        assert inf.decoder.dense.bias.is_inference()
+    for change in (None, lambda m: m.decoder.dense.bias.add_(0.5),
+                   lambda m: m.decoder.rnn.weight_hh_l0.mul_(0.5),
+                   lambda m: m.decoder.embedding.weight.mul_(2.0)):
+        with torch.no_grad():
+            if change is not None:
+                change(net)
+            want, want_logits = run(net)
+        with torch.inference_mode():
+            if change is not None:
+                change(inf)
+            got, got_logits = run(inf)
+        assert got == want
+        torch.testing.assert_close(got_logits, want_logits, **_tol(torch.float32))

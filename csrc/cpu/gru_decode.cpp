@@ -182,7 +182,8 @@ std::tuple<at::Tensor, at::Tensor> gru_decode_step_cpu(
 namespace {
 
 // Stores the version counter, storage, dtype and shape of each tensor (and the extra values)
-// in key, and says whether they all equal what key held (false for an empty key).
+// in key, and says whether they all equal what key held (false for an empty key, and always
+// false when one of them is an inference tensor).
 bool same_key(std::vector<int64_t>& key, std::initializer_list<const at::Tensor*> head,
               const std::vector<at::Tensor>& tail, std::initializer_list<int64_t> extra = {}) {
   size_t i = 0;
@@ -197,8 +198,13 @@ bool same_key(std::vector<int64_t>& key, std::initializer_list<const at::Tensor*
     }
     ++i;
   };
+  bool inference = false;
   auto add = [&](const at::Tensor& t) {
-    put(static_cast<int64_t>(t._version()));
+    // an inference tensor has no version counter: its in-place changes cannot be seen
+    inference = inference || t.is_inference();
+    put(t.is_inference() ? -1
+                         : static_cast<int64_t>(
+                               t.unsafeGetTensorImpl()->version_counter().current_version()));
     put(reinterpret_cast<int64_t>(t.const_data_ptr()));
     put(static_cast<int64_t>(t.scalar_type()));
     put(t.dim());
@@ -211,7 +217,7 @@ bool same_key(std::vector<int64_t>& key, std::initializer_list<const at::Tensor*
     key.resize(i);
     same = false;
   }
-  return same;
+  return same && !inference;
 }
 
 // The packed weights are used for at most this many rows and this many bytes: beyond, a row at
@@ -295,8 +301,13 @@ bool DecoderStepper::refresh() {
   if (same_key(key_, {&embedding_, &dense_weight_, &dense_bias_}, weights_)) return true;
   emb_proj_ = at::Tensor();
   packed_ = at::Tensor();
-  packed_built_ = false;
   validated_ = false;
+  // weights made in inference mode: everything derived is rebuilt on every call, so the
+  // packed copy would cost more than it saves
+  bool inference = embedding_.is_inference() || dense_weight_.is_inference() ||
+                   dense_bias_.is_inference();
+  for (const auto& w : weights_) inference = inference || w.is_inference();
+  packed_built_ = inference;
   return false;
 }
 
