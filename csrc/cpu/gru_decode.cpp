@@ -280,6 +280,26 @@ void packed_row_step(const PackedLayout& lay, const T* P, const DecoderDims& d, 
   std::copy(lg, lg + d.vocab, logits);
 }
 
+// The state, fixed context projection (or none) and embedding table of a packed step, read
+// contiguously, and a zeroed scratch row for packed_row_step.
+template <typename T>
+struct RowInputs {
+  Contig c;
+  const T* state;
+  const T* ctx;
+  const T* table;
+  std::vector<T> scratch;
+  RowInputs(const at::Tensor& s, const std::optional<at::Tensor>& ctx_proj,
+            const at::Tensor& emb_proj, const PackedLayout& lay)
+      : state(c(s).template const_data_ptr<T>()),
+        ctx(ctx_proj.has_value() && ctx_proj->defined()
+                ? c(*ctx_proj).template const_data_ptr<T>()
+                : nullptr),
+        table(c(emb_proj).template const_data_ptr<T>()),
+        scratch(2 * lay.Gp + lay.Vp) {}
+  const T* ctx_row(int64_t b, int64_t H) const { return ctx ? ctx + b * 3 * H : nullptr; }
+};
+
 }  // namespace
 
 DecoderStepper::DecoderStepper(at::Tensor embedding, std::vector<at::Tensor> weights,
@@ -384,20 +404,14 @@ std::tuple<at::Tensor, at::Tensor> DecoderStepper::step(const at::Tensor& token,
   const auto tok = cpu::tokens_to_vector(token, d.tgt_vocab);
   at::Tensor logits = at::detail::empty_cpu(decode_logits_shape(token, d.vocab), v_dtype_);
   at::Tensor new_state = at::detail::empty_cpu(state.sizes(), v_dtype_);
-  const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
   AT_DISPATCH_FLOATING_TYPES(v_dtype_, "DecoderStepper.step", [&] {
     using T = scalar_t;
-    Contig c;
-    const T* s = c(state).const_data_ptr<T>();
-    const T* ctx = has_ctx ? c(*ctx_proj).const_data_ptr<T>() : nullptr;
-    const T* e = c(table).const_data_ptr<T>();
+    RowInputs<T> in(state, ctx_proj, table, layout_);
     T* out = new_state.data_ptr<T>();
     T* lg = logits.data_ptr<T>();
-    std::vector<T> scratch(2 * layout_.Gp + layout_.Vp);
     for (int64_t b = 0; b < d.batch; ++b)
-      packed_row_step<T>(layout_, P.const_data_ptr<T>(), d, tok[b], e, s, b,
-                         ctx ? ctx + b * 3 * d.hidden : nullptr, out, lg + b * d.vocab,
-                         scratch.data());
+      packed_row_step<T>(layout_, P.const_data_ptr<T>(), d, tok[b], in.table, in.state, b,
+                         in.ctx_row(b, d.hidden), out, lg + b * d.vocab, in.scratch.data());
   });
   return {logits, new_state};
 }
@@ -417,27 +431,23 @@ std::tuple<at::Tensor, at::Tensor> DecoderStepper::greedy(const at::Tensor& stat
   at::Tensor tokens = at::full({B, num_steps}, eos, state.options().dtype(at::kLong));
   at::Tensor lengths = at::full({B}, num_steps, state.options().dtype(at::kLong));
   if (B == 0 || num_steps == 0) return {tokens, lengths};
-  const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
   int64_t* tok_out = tokens.data_ptr<int64_t>();
   int64_t* len_out = lengths.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(v_dtype_, "DecoderStepper.greedy", [&] {
     using T = scalar_t;
-    Contig c;
-    const T* s = c(state).const_data_ptr<T>();
-    const T* ctx = has_ctx ? c(*ctx_proj).const_data_ptr<T>() : nullptr;
-    const T* e = c(table).const_data_ptr<T>();
+    RowInputs<T> in(state, ctx_proj, table, layout_);
     // rows are independent: each sentence is decoded to its end on its own (L, 1, H) state
     DecoderDims one = d;
     one.batch = 1;
-    std::vector<T> cur(L * H), next(L * H), logits(V), scratch(2 * layout_.Gp + layout_.Vp);
+    std::vector<T> cur(L * H), next(L * H), logits(V);
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t l = 0; l < L; ++l)
-        std::copy(s + (l * B + b) * H, s + (l * B + b + 1) * H, cur.data() + l * H);
+        std::copy(in.state + (l * B + b) * H, in.state + (l * B + b + 1) * H,
+                  cur.data() + l * H);
       int64_t tok = bos;
       for (int64_t step = 0; step < num_steps; ++step) {
-        packed_row_step<T>(layout_, P.const_data_ptr<T>(), one, tok, e, cur.data(), 0,
-                           ctx ? ctx + b * 3 * H : nullptr, next.data(), logits.data(),
-                           scratch.data());
+        packed_row_step<T>(layout_, P.const_data_ptr<T>(), one, tok, in.table, cur.data(), 0,
+                           in.ctx_row(b, H), next.data(), logits.data(), in.scratch.data());
         tok = argmax_row<T>(logits.data(), V);
         if (tok == eos) {
           len_out[b] = step;
