@@ -338,9 +338,14 @@ def decoder_stepper(embedding, weights, dense_weight, dense_bias):
     0's input weights change) and ``stepper.step(token, state)`` is ``gru_decode_step`` with the
     reference's context rule on CPU tensors, called without the dispatcher's argument handling;
     ``stepper.step_with_context(token, state, ctx_proj)`` is the same with a fixed context's
-    projection. For an ``nn.LSTM`` decoder (its flat weights have the same layout),
-    ``stepper.lstm_step(token, h, c, ctx_proj=None)`` is :func:`lstm_decode_step`'s CPU kernel.
-    Use the step methods only where :func:`direct_cpu_call_ok` holds."""
+    projection, and ``stepper.greedy(state, ctx_proj, bos, eos, num_steps)`` is
+    :func:`greedy_decode` with the bound weights. ``stepper.try_step(token, state)`` is ``step``
+    when the token is a (B, 1) tensor, the state a CPU tensor, neither a subclass, with grad
+    mode off and no dispatch or function mode active, and None otherwise. For up to 32 rows the
+    stepper decodes on a transposed copy of the weights (built once per set of weights), which
+    agrees with the ops to rounding. For an ``nn.LSTM`` decoder (its flat weights have the same
+    layout), ``stepper.lstm_step(token, h, c, ctx_proj=None)`` is :func:`lstm_decode_step`'s CPU
+    kernel. Use the step methods only where :func:`direct_cpu_call_ok` holds."""
     return _C.DecoderStepper(embedding, list(weights), dense_weight, dense_bias)
 
 
