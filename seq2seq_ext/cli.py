@@ -20,6 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import data, ops
+from .runlock import RunLock, RunLockError
 from .decoding import predict_seq2seq_batch
 from .metrics import bleu, corpus_bleu
 from .training import fit, make_adam
@@ -41,6 +42,24 @@ MODEL_KEYS = ('cell', 'fixed_context', 'embed_size', 'num_hiddens', 'num_layers'
 
 class UsageError(Exception):
     """A command-line mistake: reported as ``seq2seq-ext: error: ...`` with exit status 2."""
+
+
+def _error_report(exc):
+    """``(exit status, one-line message)`` for an exception that reached the command line:
+    2 when the command cannot run as given (options, a checkpoint that cannot be used or must
+    not be replaced), 1 when it failed while running (a corpus that cannot be read, a file
+    system error, a run already holding the checkpoint, anything unexpected)."""
+    if isinstance(exc, (UsageError, ckpt.CheckpointError)):
+        return 2, str(exc)
+    if isinstance(exc, (RunLockError, data.CorpusError)):
+        return 1, str(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return 1, f'not UTF-8 text: {exc}'
+    if isinstance(exc, OSError):
+        where = exc.filename if exc.filename is not None else ''
+        reason = exc.strerror or str(exc)
+        return 1, f'{where}: {reason}' if where else reason
+    return 1, f'{type(exc).__name__}: {exc} (--debug shows the traceback)'
 
 
 def _sentence_bleu(pred, label):
@@ -154,10 +173,15 @@ def _add_train_args(p):
     p.add_argument('--seed', type=int, default=None, help='random seed (default 0)')
     p.add_argument('--threads', type=_positive(int), default=None, help='torch.set_num_threads')
     p.add_argument('--backend', choices=list(ops.BACKENDS), default=None)
-    p.add_argument('--plot', default='loss.png', help="loss curve PNG ('' to skip)")
-    p.add_argument('--checkpoint', default='checkpoint.pt',
+    p.add_argument('--plot', default=None, metavar='PATH',
+                   help="loss curve PNG (default: beside the checkpoint, <stem>.loss.png; "
+                        "'' to skip)")
+    p.add_argument('--checkpoint', default=None, metavar='PATH',
                    help="checkpoint file, written every --save-every epochs, at the end and on "
-                        "Ctrl-C ('' to skip; with --resume: the resumed file)")
+                        "Ctrl-C (default checkpoint.pt, or with --resume the resumed file; '' to "
+                        "skip). A file already there is never replaced without --overwrite")
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace the run already saved at --checkpoint (otherwise refused)')
     p.add_argument('--save-every', type=_positive(int), default=10, metavar='N',
                    help='epochs between checkpoints (default 10)')
     p.add_argument('--resume', metavar='PATH',
@@ -202,11 +226,65 @@ def _model_config(run):
     return {key: run[key] for key in MODEL_KEYS}
 
 
+def _checkpoint_path(args):
+    """Where this run writes its checkpoint ('' for nowhere)."""
+    if args.checkpoint is not None:
+        return args.checkpoint
+    return args.resume or 'checkpoint.pt'
+
+
+def _plot_path(args, path):
+    """The loss curve's file: --plot, else beside the checkpoint (``<stem>.loss.png``), else
+    none."""
+    if args.plot is not None:
+        return args.plot
+    return os.path.splitext(path)[0] + '.loss.png' if path else ''
+
+
+def _describe_run(path):
+    """A few words on the run saved at ``path``, for the refusal to replace it."""
+    try:
+        saved = ckpt.load_checkpoint(path)
+    except ckpt.CheckpointError:
+        return 'a file that is not a checkpoint of this tool'
+    run = (saved.get('extra') or {}).get('run') or {}
+    epoch = (saved.get('train') or {}).get('epoch')
+    what = f"a run on dataset {run['dataset']}" if run.get('dataset') else 'a model'
+    return what + (f' at epoch {epoch}' if epoch is not None else '')
+
+
+def _refuse_to_clobber(args, path):
+    """A training run replaces the file at its checkpoint path only when it continues that very
+    run (``--resume`` of the same file) or when told to (``--overwrite``)."""
+    if not path or args.overwrite:
+        return
+    if args.resume and os.path.abspath(args.resume) == os.path.abspath(path):
+        return
+    if os.path.isdir(path):
+        raise UsageError(f'--checkpoint {path} is a directory')
+    if os.path.exists(path):
+        raise UsageError(
+            f'{path} already holds {_describe_run(path)}: pass --overwrite to replace it, '
+            f'--resume {path} to continue it, or --checkpoint to choose another file')
+
+
 def cmd_train(args, argv):
     from . import distributed as dist
+    path = _checkpoint_path(args)
     if args.nproc > 1 and os.environ.get('LOCAL_RANK') is None:
+        _refuse_to_clobber(args, path)
         # re-run this very command in N processes; each sees torchrun's environment
         return dist.launch(args.nproc, list(argv))
+    lock = RunLock(path) if path and (os.environ.get('RANK') or '0') == '0' else None
+    if lock is None:
+        return _train(args, path)
+    with lock:  # held until the run ends, however it ends
+        _refuse_to_clobber(args, path)
+        return _train(args, path)
+
+
+def _train(args, path):
+    from . import distributed as dist
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.backend:
@@ -251,10 +329,9 @@ def cmd_train(args, argv):
                              f"pass --epochs above {start_epoch} to continue it")
         ckpt.restore_rng_state(saved['train']['rng'])
         say(f'resumed {args.resume} at epoch {start_epoch}')
-    path = args.checkpoint if not args.resume or args.checkpoint != 'checkpoint.pt' \
-        else args.resume
-    curve = Animator(xlabel='epoch', ylabel='loss', xlim=[10, run['epochs']],
-                     out=args.plot or None) if (args.plot and main) else None
+    plot = _plot_path(args, path)
+    curve = Animator(xlabel='epoch', ylabel='loss', xlim=[0, run['epochs']],
+                     out=plot) if (plot and main) else None
     for epoch, loss in history:
         if curve is not None:
             curve.add(epoch, (loss,))
@@ -296,6 +373,8 @@ def cmd_train(args, argv):
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
+        if curve is not None:
+            curve.flush()
         if main and path and 'state' in last:
             save(last['state'])
             print(f"\ninterrupted: the checkpoint of epoch {last['state']['epoch']} is in "
@@ -315,7 +394,8 @@ def cmd_train(args, argv):
     srcs = [s for s, _ in examples]
     for (src, ref), out in zip(examples, predict_seq2seq_batch(
             net, srcs, src_vocab, tgt_vocab, run['num_steps'], device)):
-        print(f'{src} => {out}, bleu {_sentence_bleu(out, ref):.3f}')
+        print(f'{src} => {out}, bleu {_sentence_bleu(out, ref):.3f}, '
+              + ('right' if out == ref else f'wrong (reference: {ref})'))
     if held:
         preds = predict_seq2seq_batch(net, [s for s, _ in held], src_vocab, tgt_vocab,
                                       run['num_steps'], device)
@@ -323,7 +403,7 @@ def cmd_train(args, argv):
     if path:
         print(f'checkpoint saved to {os.path.abspath(path)}')
     if curve is not None and curve.save():
-        print(f'loss curve saved to {os.path.abspath(curve.save())}')
+        print(f'loss curve saved to {os.path.abspath(curve.out)}')
     return 0
 
 
@@ -410,12 +490,51 @@ def _load_for_inference(args):
 
 
 def _decode(args, net, sentences, src_vocab, tgt_vocab, num_steps, device):
+    """Translations of ``sentences``, one per sentence; an empty sentence gives an empty
+    translation (nothing to translate), so output lines stay aligned with input lines."""
+    todo = [i for i, s in enumerate(sentences) if s]
+    outputs = [''] * len(sentences)
+    if not todo:
+        return outputs
+    batch = [sentences[i] for i in todo]
     if args.beam > 1:
         from .beam import beam_search
-        return beam_search(net, sentences, src_vocab, tgt_vocab, num_steps, device,
+        done = beam_search(net, batch, src_vocab, tgt_vocab, num_steps, device,
                            beam_size=args.beam, alpha=args.alpha, batch_size=args.batch_size)
-    return predict_seq2seq_batch(net, sentences, src_vocab, tgt_vocab, num_steps, device,
-                                 batch_size=args.batch_size)
+    else:
+        done = predict_seq2seq_batch(net, batch, src_vocab, tgt_vocab, num_steps, device,
+                                     batch_size=args.batch_size)
+    for i, out in zip(todo, done):
+        outputs[i] = out
+    return outputs
+
+
+def _unknown_counts(sentences, src_vocab):
+    """``[(unknown, total)]`` source tokens per sentence, tokenised as the decoder does."""
+    counts = []
+    for sentence in sentences:
+        tokens = sentence.lower().split(' ') if sentence else []
+        counts.append((sum(src_vocab[t] == src_vocab.unk for t in tokens), len(tokens)))
+    return counts
+
+
+def _unknown_line(counts):
+    unknown, total = sum(u for u, _ in counts), sum(t for _, t in counts)
+    share = unknown / total if total else 0.0
+    return f'unknown source tokens: {unknown} of {total} ({share:.1%})'
+
+
+def _warn_unknown(sentences, counts, verbose):
+    """On stderr: a warning for each line more than half unknown to the model; with
+    ``verbose``, every line's count and the total."""
+    for number, (sentence, (unknown, total)) in enumerate(zip(sentences, counts), 1):
+        if total and unknown * 2 > total:
+            print(f'seq2seq-ext: warning: line {number} ({sentence!r}): {unknown} of {total} '
+                  'source tokens are unknown to the model', file=sys.stderr)
+        elif verbose and total:
+            print(f'line {number}: {unknown} of {total} source tokens unknown', file=sys.stderr)
+    if verbose:
+        print(_unknown_line(counts), file=sys.stderr)
 
 
 def cmd_translate(args, argv):
@@ -429,9 +548,8 @@ def cmd_translate(args, argv):
     else:
         lines = [line.rstrip('\r\n') for line in sys.stdin]
     sentences = [data.preprocess_nmt(line).strip() for line in lines]
-    outputs = _decode(args, net, sentences, src_vocab, tgt_vocab, num_steps, device) \
-        if sentences else []
-    for out in outputs:
+    _warn_unknown(sentences, _unknown_counts(sentences, src_vocab), args.verbose)
+    for out in _decode(args, net, sentences, src_vocab, tgt_vocab, num_steps, device):
         print(out)
     return 0
 
@@ -469,6 +587,7 @@ def cmd_evaluate(args, argv):
     print(f'evaluate {args.checkpoint}: dataset {run["dataset"]}, {decoding}, '
           f'backend {ops.get_backend()}')
     print(_score_line(preds, refs))
+    print(_unknown_line(_unknown_counts(srcs, src_vocab)))
     for src, ref, out in list(zip(srcs, refs, preds))[:args.samples]:
         print(f'{src} => {out} (reference: {ref}), bleu {_sentence_bleu(out, ref):.3f}')
     return 0
@@ -492,6 +611,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog='seq2seq-ext',
         description='Train and run the d2l.ai GRU encoder-decoder on fused C++/CUDA ops.')
+    parser.add_argument('--debug', action='store_true', help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('train', help='train a model and report loss, speed, translations, BLEU',
                        description="Train the chapter's seq2seq model.")
@@ -503,6 +623,9 @@ def build_parser():
                                    'line) with a checkpoint; one translation per line on stdout.')
     p.add_argument('sentences', nargs='*', help='sentences to translate')
     p.add_argument('--file', help='a UTF-8 file with one sentence per line')
+    p.add_argument('--verbose', action='store_true',
+                   help="report on stderr each line's share of source tokens unknown to the "
+                        "model, and the total")
     _add_model_args(p)
     p.set_defaults(func=cmd_translate)
 
@@ -520,7 +643,14 @@ def build_parser():
                        description=compare.__doc__.splitlines()[0])
     compare.add_arguments(p)
     p.set_defaults(func=cmd_bench)
+    for p in sub.choices.values():
+        # also accepted after the command; SUPPRESS keeps the top level's value otherwise
+        p.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
+                       help=_DEBUG_HELP)
     return parser
+
+
+_DEBUG_HELP = 'on failure, show the Python traceback instead of a one-line error'
 
 
 def main(argv=None):
@@ -529,8 +659,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return args.func(args, argv)
-    except (UsageError, ckpt.CheckpointError) as exc:
-        parser.exit(2, f'seq2seq-ext: error: {exc}\n')
+    except KeyboardInterrupt:
+        parser.exit(130, '\nseq2seq-ext: interrupted\n')
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line (or --debug)
+        if args.debug:
+            raise
+        status, message = _error_report(exc)
+        parser.exit(status, f'seq2seq-ext: error: {message}\n')
 
 
 if __name__ == '__main__':

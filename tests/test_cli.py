@@ -16,7 +16,8 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / 'seq2seq-ext'
 
 CHAPTER_LINE = re.compile(r'^loss \d+\.\d{3}, \d+\.\d tokens/sec on (\S+)$', re.M)
 EPOCH_LINE = re.compile(r'^epoch (\d+), loss \d+\.\d{3}, \d+\.\d tokens/sec$', re.M)
-TRANSLATION_LINE = re.compile(r'^(.+) => (.*), bleu (\d\.\d{3})$', re.M)
+TRANSLATION_LINE = re.compile(
+    r'^(.+) => (.*), bleu (\d\.\d{3}), (right|wrong \(reference: .+\))$', re.M)
 HELD_OUT_LINE = re.compile(
     r'^held-out \((\d+) sentences\): mean bleu (\d\.\d{3}), exact (\d+\.\d)%', re.M)
 HEADER_LINE = re.compile(
@@ -43,8 +44,8 @@ def _ok(proc):
 
 
 def test_train_numbers_reports_loss_speed_translations_bleu_and_plot(tmp_path):
-    plot = tmp_path / 'loss.png'
-    out = _ok(run_cli(['train', '--epochs', '10', '--threads', '1', '--plot', plot], tmp_path))
+    plot = tmp_path / 'checkpoint.loss.png'  # the curve goes beside the checkpoint
+    out = _ok(run_cli(['train', '--epochs', '10', '--threads', '1'], tmp_path))
 
     header = HEADER_LINE.search(out)
     assert header, out
@@ -58,8 +59,10 @@ def test_train_numbers_reports_loss_speed_translations_bleu_and_plot(tmp_path):
 
     translations = TRANSLATION_LINE.findall(out)
     assert len(translations) == 4, out
-    for src, translation, score in translations:
+    for src, translation, score, verdict in translations:
         assert src and 0.0 <= float(score) <= 1.0
+        if verdict == 'right':
+            assert float(score) == 1.0
 
     held = HELD_OUT_LINE.search(out)
     assert held, out
@@ -72,7 +75,7 @@ def test_train_numbers_reports_loss_speed_translations_bleu_and_plot(tmp_path):
     assert plot.read_bytes().startswith(PNG_MAGIC)
     assert f'loss curve saved to {plot}' in out
     assert f'checkpoint saved to {tmp_path / "checkpoint.pt"}' in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pt', 'loss.png']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.loss.png', 'checkpoint.pt']
 
 
 def test_train_under_the_reference_backend(tmp_path):
@@ -143,7 +146,7 @@ def test_train_fra_eng_file(fra_eng_path, tmp_path):
     assert header, out
     assert header.group(1) == 'fra-eng' and int(header.group(2)) == 101
     assert CHAPTER_LINE.findall(out) == [DEVICE]
-    srcs = [src for src, _, _ in TRANSLATION_LINE.findall(out)]
+    srcs = [src for src, _, _, _ in TRANSLATION_LINE.findall(out)]
     assert srcs == ['go .', 'i lost .', "he's calm .", "i'm home ."], out
     assert HELD_OUT_LINE.search(out), out
 
@@ -316,3 +319,227 @@ def test_every_command_has_help(command, capsys):
                'bench': ['--cases', '--threads', '--repeat']}[command]
     for option in options:
         assert option in out, option
+
+
+# --- never lose a run: refusal to overwrite, the checkpoint lock -------------------------------
+
+def _main(args, capsys):
+    """Run the command line in this process through its entry point ``cli.main``: ``(exit
+    status, stdout, stderr)``."""
+    from seq2seq_ext import cli
+    try:
+        status = cli.main([str(a) for a in args])
+    except SystemExit as exc:
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status or 0, out, err
+
+
+def _one_line_error(status, err, expected_status):
+    assert status == expected_status, err
+    assert 'Traceback' not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('seq2seq-ext: error: '), err
+    return lines[0]
+
+
+def test_train_refuses_to_replace_another_run(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / 'checkpoint.pt'
+    path.write_bytes(trained[0].read_bytes())
+    before = path.read_bytes()
+    status, out, err = _main(['train', '--epochs', '1', '--no-progress'], capsys)
+    line = _one_line_error(status, err, 2)
+    assert 'checkpoint.pt already holds a run on dataset numbers at epoch 6' in line
+    assert '--overwrite' in line and '--resume checkpoint.pt' in line
+    assert path.read_bytes() == before and out == ''
+    # a file that is not a checkpoint is not replaced either
+    notes = tmp_path / 'notes.txt'
+    notes.write_text('my notes')
+    status, _, err = _main(['train', '--checkpoint', notes, '--epochs', '1'], capsys)
+    assert 'not a checkpoint' in _one_line_error(status, err, 2)
+    assert notes.read_text() == 'my notes'
+    # the refusal left no lock file and no plot behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pt', 'notes.txt']
+
+
+def test_overwrite_replaces_the_run(trained, tmp_path):
+    path = tmp_path / 'checkpoint.pt'
+    path.write_bytes(trained[0].read_bytes())
+    _ok(run_cli(['train', '--epochs', '1', '--overwrite', *QUICK], tmp_path))
+    assert torch.load(path, weights_only=True)['train']['epoch'] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pt']
+
+
+def test_two_trainings_on_one_checkpoint_one_fails_at_once_naming_the_other(tmp_path):
+    """Both start together; whichever takes the lock trains, the other stops at once with the
+    winner's pid, and the checkpoint is the winner's alone."""
+    import signal
+    import time
+    command = [sys.executable, '-m', 'seq2seq_ext.cli', 'train', '--epochs', '500',
+               '--save-every', '1000', *[str(a) for a in QUICK]]
+    procs = [subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        loser = next(p for p in procs if p.poll() is not None)
+        winner = procs[1 - procs.index(loser)]
+        assert winner.poll() is None  # still training
+        out, err = loser.communicate()
+        assert loser.returncode == 1, (out, err)
+        assert 'Traceback' not in err
+        assert f'pid {winner.pid}' in err and 'checkpoint.pt is in use' in err, err
+        assert not (tmp_path / 'checkpoint.pt').exists()
+        # the lock file names the winner while it runs
+        assert (tmp_path / 'checkpoint.pt.lock').read_text().strip() == str(winner.pid)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+    out, err = winner.communicate(timeout=120)
+    assert winner.returncode == 130, err
+    assert torch.load(tmp_path / 'checkpoint.pt', weights_only=True)['train']['epoch'] >= 1
+    assert not (tmp_path / 'checkpoint.pt.lock').exists()
+
+
+# --- errors a person reads ---------------------------------------------------------------------
+
+def _error_cases(tmp_path, trained_path):
+    latin1 = tmp_path / 'latin1.txt'
+    latin1.write_bytes('caf\xe9\tcaf\xe9\n'.encode('latin-1'))
+    corrupt = tmp_path / 'corrupt.pt'
+    corrupt.write_bytes(trained_path.read_bytes()[:500])
+    (tmp_path / 'a_directory').mkdir()
+    return [
+        # (arguments, exit status, words the message must hold)
+        (['train', '--dataset', 'pairs', '--data', latin1, '--checkpoint', ''], 1,
+         [str(latin1), 'UTF-8']),
+        (['train', '--dataset', 'fra-eng', '--data', latin1, '--checkpoint', ''], 1,
+         [str(latin1), 'UTF-8']),
+        (['train', '--dataset', 'pairs', '--data', tmp_path / 'missing.txt',
+          '--checkpoint', ''], 1, ['missing.txt', 'not found']),
+        (['train', '--dataset', 'pairs', '--data', tmp_path / 'a_directory',
+          '--checkpoint', ''], 1, ['a_directory']),
+        (['train', '--dataset', 'pairs', '--checkpoint', ''], 2, ['--data']),
+        (['train', '--checkpoint', tmp_path / 'a_directory'], 2, ['a_directory', 'directory']),
+        (['translate', '--checkpoint', tmp_path / 'missing.pt', 'x'], 2, ['missing.pt']),
+        (['translate', '--checkpoint', corrupt, 'x'], 2, [str(corrupt)]),
+        (['translate', '--checkpoint', trained_path, '--file', tmp_path / 'none.txt'], 2,
+         ['none.txt']),
+        (['translate', '--checkpoint', trained_path, '--file', latin1], 2,
+         [str(latin1), 'UTF-8']),
+        (['evaluate', '--checkpoint', trained_path, '--dataset', 'pairs', '--data', latin1], 1,
+         [str(latin1)]),
+        (['train', '--resume', tmp_path / 'missing.pt'], 2, ['missing.pt']),
+    ]
+
+
+def test_every_failure_is_one_line_with_its_exit_status(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for args, status_expected, words in _error_cases(tmp_path, trained[0]):
+        status, out, err = _main(args, capsys)
+        line = _one_line_error(status, err, status_expected)
+        for word in words:
+            assert word in line, (args, line)
+    # nothing was written by any of them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['a_directory', 'corrupt.pt',
+                                                         'latin1.txt']
+
+
+def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback(
+        trained, tmp_path, monkeypatch, capsys):
+    from seq2seq_ext import cli
+
+    def broken(*args, **kwargs):
+        raise RuntimeError('something broke')
+    monkeypatch.setattr(cli, 'predict_seq2seq_batch', broken)
+    args = ['translate', '--checkpoint', trained[0], 'seven']
+    status, _, err = _main(args, capsys)
+    line = _one_line_error(status, err, 1)
+    assert 'RuntimeError: something broke' in line and '--debug' in line
+    for debug in (['--debug'] + args, args + ['--debug']):
+        with pytest.raises(RuntimeError, match='something broke'):
+            cli.main([str(a) for a in debug])
+
+
+def test_the_console_script_reports_one_line_or_the_traceback_with_debug(tmp_path):
+    if not CONSOLE_SCRIPT.exists():
+        pytest.skip(f'console script not installed at {CONSOLE_SCRIPT}')
+    bad = tmp_path / 'bad.txt'
+    bad.write_bytes(b'caf\xe9\tcaf\xe9\n')
+    args = ['train', '--dataset', 'pairs', '--data', bad, '--checkpoint', '']
+    proc = run_cli(args, tmp_path, command=[str(CONSOLE_SCRIPT)])
+    line = _one_line_error(proc.returncode, proc.stderr, 1)
+    assert str(bad) in line
+    proc = run_cli(['--debug'] + args, tmp_path, command=[str(CONSOLE_SCRIPT)])
+    assert proc.returncode == 1 and 'Traceback' in proc.stderr
+
+
+# --- translate: empty lines, unknown words -----------------------------------------------------
+
+def test_empty_lines_translate_to_empty_lines(trained, tmp_path, capsys):
+    path = trained[0]
+    status, out, err = _main(['translate', '--checkpoint', path, '', 'seven', '   '], capsys)
+    assert status == 0, err
+    lines = out.split('\n')
+    assert len(lines) == 4 and lines[0] == '' and lines[2] == '' and lines[3] == '', out
+    assert lines[1] and lines[1] == _main(['translate', '--checkpoint', path, 'seven'],
+                                          capsys)[1].strip()
+    src = tmp_path / 'in.txt'
+    src.write_text('forty two\n\nseven\n', encoding='utf-8')
+    status, out, _ = _main(['translate', '--checkpoint', path, '--file', src], capsys)
+    assert out.split('\n')[1] == '' and len(out.split('\n')) == 4, out
+    status, out, _ = _main(['translate', '--checkpoint', path, ''], capsys)
+    assert status == 0 and out == '\n'
+
+
+def test_unknown_words_are_reported(trained, capsys):
+    path = trained[0]
+    status, out, err = _main(['translate', '--checkpoint', path, 'seven', 'xyzzy plugh seven'],
+                             capsys)
+    assert status == 0 and len(out.splitlines()) == 2
+    assert err.count('warning') == 1, err
+    assert "line 2 ('xyzzy plugh seven'): 2 of 3 source tokens are unknown" in err, err
+    status, out, err = _main(['translate', '--verbose', '--checkpoint', path, 'seven',
+                              'xyzzy seven two'], capsys)
+    assert status == 0 and 'warning' not in err
+    assert 'line 1: 0 of 1 source tokens unknown' in err
+    assert 'line 2: 1 of 3 source tokens unknown' in err
+    assert 'unknown source tokens: 1 of 4 (25.0%)' in err
+    assert 'unknown' not in out
+    status, out, err = _main(['evaluate', '--checkpoint', path], capsys)
+    assert status == 0 and re.search(r'^unknown source tokens: 0 of \d+ \(0\.0%\)$', out, re.M)
+
+
+# --- bench: the table alone on stdout ----------------------------------------------------------
+
+def test_bench_prints_only_the_table_on_stdout(monkeypatch, capsys):
+    """What a case prints (the trainings' ``loss ..., tokens/sec`` lines) goes to stderr;
+    stdout is the table alone. The case here trains the chapter's loop as the
+    training cases do, at a toy size."""
+    from seq2seq_ext.bench import compare
+    from seq2seq_ext.data import load_data_numbers
+    import seq2seq_ext as d2l
+
+    def noisy_case(repeat):
+        train_iter, src_vocab, tgt_vocab, _ = load_data_numbers(64, 6, num_held_out=10, stop=40)
+        net = d2l.EncoderDecoder(d2l.Seq2SeqEncoder(len(src_vocab), 8, 8, 1),
+                                 d2l.Seq2SeqDecoder(len(tgt_vocab), 8, 8, 1))
+        d2l.train_seq2seq(net, train_iter, 0.005, 10, tgt_vocab, 'cpu')  # xlim [10, 10]
+        return 2e-3, 1e-3, None
+    monkeypatch.setitem(compare.CASES, 'noisy', ('a noisy case', '>=1x', noisy_case))
+    monkeypatch.setenv('SEQ2SEQ_EXT_PLOT', '')
+    before = torch.get_num_threads()
+    try:
+        status, out, err = _main(['bench', '--cases', 'noisy', '--repeat', '1'], capsys)
+    finally:
+        torch.set_num_threads(before)
+    assert status == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].startswith('# seq2seq_ext vs reference') and lines[1] == ''
+    assert all(line.startswith('|') for line in lines[2:]), out
+    assert re.search(r'^\| a noisy case \| 2\.00 ms \| 1\.00 ms \| 2\.0x \|', out, re.M), out
+    assert 'tokens/sec' in err and 'running noisy' in err
+    assert 'xlim' not in err  # no matplotlib warning about the curve's range either

@@ -1,0 +1,63 @@
+"""The exclusive lock a training run holds on its checkpoint path (``seq2seq_ext.runlock``)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from seq2seq_ext.runlock import RunLock, RunLockError, lock_path
+
+pytestmark = pytest.mark.skipif(sys.platform == 'win32', reason='flock is POSIX only')
+
+
+def test_a_second_holder_fails_at_once_naming_the_first(tmp_path):
+    path = tmp_path / 'run.pt'
+    with RunLock(path) as lock:
+        assert lock.held
+        assert open(lock_path(path)).read().strip() == str(os.getpid())
+        with pytest.raises(RunLockError) as err:
+            RunLock(path).acquire()
+        assert f'pid {os.getpid()}' in str(err.value) and str(path) in str(err.value)
+    # released: the lock file is gone and the path can be locked again
+    assert not os.path.exists(lock_path(path))
+    with RunLock(path):
+        pass
+
+
+def test_the_lock_is_held_against_another_process(tmp_path):
+    path = tmp_path / 'run.pt'
+    probe = ('import sys\nfrom seq2seq_ext.runlock import RunLock, RunLockError\n'
+             'try:\n    RunLock(sys.argv[1]).acquire()\nexcept RunLockError as e:\n'
+             '    print(e)\n    sys.exit(3)\n')
+    with RunLock(path):
+        proc = subprocess.run([sys.executable, '-c', probe, str(path)], capture_output=True,
+                              text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert f'pid {os.getpid()}' in proc.stdout
+    proc = subprocess.run([sys.executable, '-c', probe, str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_stale_lock_file_of_a_dead_process_does_not_block(tmp_path):
+    path = tmp_path / 'run.pt'
+    # what SIGKILL leaves behind: the file with a pid, but no lock held on it
+    with open(lock_path(path), 'w') as f:
+        f.write('999999999\n')
+    with RunLock(path):
+        assert open(lock_path(path)).read().strip() == str(os.getpid())
+    assert not os.path.exists(lock_path(path))
+
+
+def test_release_is_idempotent_and_a_failed_acquire_changes_nothing(tmp_path):
+    path = tmp_path / 'run.pt'
+    first = RunLock(path).acquire()
+    second = RunLock(path)
+    with pytest.raises(RunLockError):
+        second.acquire()
+    assert not second.held
+    second.release()  # never held: nothing happens, the first holder keeps its file
+    assert os.path.exists(lock_path(path))
+    first.release()
+    first.release()
+    assert not os.path.exists(lock_path(path))
