@@ -277,43 +277,47 @@ def fit(net, data_iter, lr, num_epochs, tgt_vocab, device, on_epoch=None, plot=T
     set_epoch = getattr(getattr(data_iter, "sampler", None), "set_epoch", None)
     bos_id = tgt_vocab['<bos>']
     epoch_loss, speed = float('nan'), 0.0
-    for epoch in range(start_epoch, num_epochs):
-        timer = Timer()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        num_tokens = torch.zeros((), dtype=torch.float64, device=device)
-        if set_epoch is not None:
-            set_epoch(epoch)
-        for batch in data_iter:
-            optimizer.zero_grad()
-            rows = None
-            if (ratio == 1.0 and batch[3].device.type == "cpu" and batch[3].dim() == 1
-                    and not batch[3].is_floating_point()):
-                rows = _kept_rows(batch[3], *batch[2].shape).to(device)
-            X, X_valid_len, Y, Y_valid_len = [x.to(device) for x in batch]
-            bos = torch.full((Y.shape[0], 1), bos_id, dtype=Y.dtype, device=device)
-            dec_input = torch.cat([bos, Y[:, :-1]], 1)  # teacher forcing
-            with _autocast(amp, device):
-                l = model(X, dec_input, X_valid_len, Y, Y_valid_len, rows)
-            if l.dtype not in (torch.float32, torch.float64):
-                l = l.float()  # bf16 logits give a bf16 loss: sum it in float32
+    try:
+        for epoch in range(start_epoch, num_epochs):
+            timer = Timer()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            num_tokens = torch.zeros((), dtype=torch.float64, device=device)
+            if set_epoch is not None:
+                set_epoch(epoch)
+            for batch in data_iter:
+                optimizer.zero_grad()
+                rows = None
+                if (ratio == 1.0 and batch[3].device.type == "cpu" and batch[3].dim() == 1
+                        and not batch[3].is_floating_point()):
+                    rows = _kept_rows(batch[3], *batch[2].shape).to(device)
+                X, X_valid_len, Y, Y_valid_len = [x.to(device) for x in batch]
+                bos = torch.full((Y.shape[0], 1), bos_id, dtype=Y.dtype, device=device)
+                dec_input = torch.cat([bos, Y[:, :-1]], 1)  # teacher forcing
+                with _autocast(amp, device):
+                    l = model(X, dec_input, X_valid_len, Y, Y_valid_len, rows)
+                if l.dtype not in (torch.float32, torch.float64):
+                    l = l.float()  # bf16 logits give a bf16 loss: sum it in float32
+                if world > 1:
+                    (l.sum() * world).backward()
+                else:
+                    l.sum().backward()
+                grad_clipping(net, 1)
+                optimizer.step()
+                with torch.no_grad():
+                    loss_sum += l.sum()
+                    num_tokens += Y_valid_len.sum()
             if world > 1:
-                (l.sum() * world).backward()
-            else:
-                l.sum().backward()
-            grad_clipping(net, 1)
-            optimizer.step()
-            with torch.no_grad():
-                loss_sum += l.sum()
-                num_tokens += Y_valid_len.sum()
-        if world > 1:
-            totals = torch.stack([loss_sum, num_tokens])
-            torch.distributed.all_reduce(totals)
-            loss_sum, num_tokens = totals[0], totals[1]
-        tokens = num_tokens.item()
-        epoch_loss = loss_sum.item() / tokens
-        speed = tokens / timer.stop()
-        if animator is not None and (epoch + 1) % 10 == 0:
-            animator.add(epoch + 1, (epoch_loss,))
-        if on_epoch is not None:
-            on_epoch(epoch + 1, epoch_loss, speed)
+                totals = torch.stack([loss_sum, num_tokens])
+                torch.distributed.all_reduce(totals)
+                loss_sum, num_tokens = totals[0], totals[1]
+            tokens = num_tokens.item()
+            epoch_loss = loss_sum.item() / tokens
+            speed = tokens / timer.stop()
+            if animator is not None and (epoch + 1) % 10 == 0:
+                animator.add(epoch + 1, (epoch_loss,))
+            if on_epoch is not None:
+                on_epoch(epoch + 1, epoch_loss, speed)
+    finally:
+        if animator is not None:
+            animator.flush()  # the last points, also when interrupted
     return epoch_loss, speed

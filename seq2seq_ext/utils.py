@@ -1,13 +1,14 @@
 """Small helpers from the d2l.ai ``torch`` module, with the same behaviour.
 
 ``try_gpu``, ``Timer``, ``Accumulator`` and ``Animator`` behave like their
-d2l counterparts.  The one difference is that ``Animator`` cannot display a
-figure inline in a notebook; it writes the figure to a PNG file instead (see
+d2l counterparts.  ``Animator`` shows its figure inline in a Jupyter kernel, as
+d2l does; in a script it writes the figure to a PNG file instead (see
 :class:`Animator`).
 """
 
 import itertools
 import os
+import sys
 import time
 
 import torch
@@ -84,8 +85,12 @@ def set_axes(axes, xlabel, ylabel, xlim, ylim, xscale, yscale, legend):
     axes.set_ylabel(ylabel)
     axes.set_xscale(xscale)
     axes.set_yscale(yscale)
-    axes.set_xlim(xlim)
-    axes.set_ylim(ylim)
+    # d2l's train loops pass xlim=[10, num_epochs]: with 10 epochs both ends are equal, which
+    # matplotlib answers with a warning and an expanded range; keep the range, skip the warning
+    if xlim is None or xlim[0] != xlim[1]:
+        axes.set_xlim(xlim)
+    if ylim is None or ylim[0] != ylim[1]:
+        axes.set_ylim(ylim)
     if legend:
         axes.legend(legend)
     axes.grid()
@@ -96,20 +101,48 @@ def _default_plot_path():
     return os.environ.get(PLOT_ENV, DEFAULT_PLOT)
 
 
+def notebook_display():
+    """IPython's ``display`` module when this process is a Jupyter kernel, else ``None``.
+
+    Only looks when IPython is already imported (a kernel always has it), so a script never
+    pays for importing it."""
+    if 'IPython' not in sys.modules:
+        return None
+    try:
+        from IPython import display, get_ipython
+    except ImportError:
+        return None
+    shell = get_ipython()
+    if shell is None or 'IPKernelApp' not in getattr(shell, 'config', {}):
+        return None
+    return display
+
+
 class Animator:
-    """Plot data incrementally (d2l's ``Animator``), writing a PNG file.
+    """Plot data incrementally (d2l's ``Animator``).
 
-    Points given to :meth:`add` are recorded in :attr:`X` and :attr:`Y` (one
-    list per curve, exactly as in d2l) and the figure is redrawn.  Where d2l
-    displays the figure in a notebook, this class saves it to ``out``: the
-    ``out`` keyword if given, else the environment variable
-    ``SEQ2SEQ_EXT_PLOT``, else ``loss.png`` in the current directory.  An
-    empty path (for instance ``SEQ2SEQ_EXT_PLOT=''``) disables writing.
+    Points given to :meth:`add` are recorded in :attr:`X` and :attr:`Y` (one list per curve,
+    exactly as in d2l) and drawn on :attr:`fig`.
 
-    matplotlib is imported lazily and used through its object-oriented API
-    with the Agg canvas, so the global pyplot backend is never changed.  When
-    matplotlib cannot be imported, the animator only records the points.
+    * In a Jupyter kernel the figure is shown inline after every :meth:`add`, as d2l does, and
+      no file is written unless ``out`` (or ``SEQ2SEQ_EXT_PLOT``) names one.
+    * Elsewhere the figure is saved as a PNG to ``out``: the ``out`` keyword if given, else the
+      environment variable ``SEQ2SEQ_EXT_PLOT``, else ``loss.png`` in the current directory. An
+      empty path (for instance ``SEQ2SEQ_EXT_PLOT=''``) disables writing. Rendering a PNG costs
+      far more than a training epoch of the chapter's model, so the file is written at the
+      first point, then at most every :attr:`min_interval` seconds, and never more often than
+      keeps the rendering under :attr:`max_share` of the elapsed time; :meth:`flush` writes the
+      points still unsaved (``train_seq2seq`` calls it at the end and on interruption).
+
+    matplotlib is imported when the animator is made and used through its object-oriented API
+    with the Agg canvas, so the global pyplot backend is never changed. When matplotlib cannot
+    be imported, the animator only records the points.
     """
+
+    #: Seconds between two PNG writes, at least.
+    min_interval = 5.0
+    #: Largest share of the wall time that PNG writes may take.
+    max_share = 0.02
 
     def __init__(self, xlabel=None, ylabel=None, legend=None, xlim=None,
                  ylim=None, xscale='linear', yscale='linear',
@@ -117,9 +150,17 @@ class Animator:
                  figsize=(3.5, 2.5), out=None):
         if legend is None:
             legend = []
-        self.out = _default_plot_path() if out is None else os.fspath(out)
+        self._display = notebook_display()
+        if out is not None:
+            self.out = os.fspath(out)
+        elif self._display is not None:
+            self.out = os.environ.get(PLOT_ENV, '')
+        else:
+            self.out = _default_plot_path()
         self.X, self.Y, self.fmts = None, None, fmts
         self.fig, self.axes = None, None
+        self._unsaved = False
+        self._last_write = None  # (time.monotonic() at the end of the write, its cost)
         try:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
@@ -151,12 +192,32 @@ class Animator:
                 self.Y[i].append(b)
         if self.fig is None:
             return
+        self._draw()
+        self._unsaved = True
+        if self._display is not None:
+            self._display.display(self.fig)
+            self._display.clear_output(wait=True)
+        if self.out and self._write_due():
+            self.save()
+
+    def _draw(self):
         self.axes[0].cla()
         for xs, ys, fmt in zip(self.X, self.Y, self.fmts):
             self.axes[0].plot(xs, ys, fmt)
         self.config_axes()
-        if self.out:
-            self.save()
+
+    def _write_due(self):
+        if self._last_write is None:
+            return True
+        ended, cost = self._last_write
+        return time.monotonic() - ended >= max(self.min_interval, cost / self.max_share)
+
+    def flush(self):
+        """Write the figure to :attr:`out` if points were added since the last write.
+        Returns the path written, or ``None``."""
+        if not self._unsaved:
+            return None
+        return self.save()
 
     def save(self, path=None):
         """Write the figure as PNG to ``path`` (default :attr:`out`).
@@ -170,5 +231,10 @@ class Animator:
         directory = os.path.dirname(path)
         if directory:
             os.makedirs(directory, exist_ok=True)
+        begin = time.monotonic()
         self.fig.savefig(path, format='png', bbox_inches='tight', dpi=120)
+        if path == self.out:
+            end = time.monotonic()
+            self._last_write = (end, end - begin)
+            self._unsaved = False
         return path

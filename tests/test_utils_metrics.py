@@ -1,6 +1,7 @@
 """Tests for seq2seq_ext.utils (d2l helpers) and seq2seq_ext.metrics."""
 
 import math
+import os
 import sys
 
 import pytest
@@ -124,6 +125,119 @@ def test_animator_without_matplotlib_only_records(tmp_path, monkeypatch):
     assert animator.fig is None
     assert animator.save() is None
     assert not (tmp_path / 'never.png').exists()
+
+
+def _count_writes(monkeypatch):
+    """Count the PNG renders of every Animator (``Figure.savefig`` calls)."""
+    from matplotlib.figure import Figure
+    writes = []
+    real = Figure.savefig
+
+    def savefig(self, path, *args, **kwargs):
+        writes.append(os.fspath(path))
+        return real(self, path, *args, **kwargs)
+    monkeypatch.setattr(Figure, 'savefig', savefig)
+    return writes
+
+
+def test_animator_writes_at_most_every_min_interval_and_flush_writes_the_rest(
+        tmp_path, monkeypatch):
+    pytest.importorskip('matplotlib')
+    writes = _count_writes(monkeypatch)
+    monkeypatch.setattr(Animator, 'min_interval', 3600.0)
+    out = tmp_path / 'curve.png'
+    animator = Animator(out=out)
+    for epoch in range(10, 310, 10):
+        animator.add(epoch, (1.0 / epoch,))
+    # the first point is written at once, the 29 others wait for the interval
+    assert writes == [str(out)]
+    assert len(animator.axes[0].get_lines()[0].get_xdata()) == 30  # but drawn
+    assert animator.flush() == str(out)
+    assert writes == [str(out)] * 2
+    assert animator.flush() is None  # nothing new
+    monkeypatch.setattr(Animator, 'min_interval', 0.0)
+    monkeypatch.setattr(Animator, 'max_share', 1e9)
+    animator.add(310, (0.001,))
+    assert len(writes) == 3  # due again once the interval has passed
+
+
+def test_animator_keeps_writing_under_its_share_of_the_time(tmp_path, monkeypatch):
+    pytest.importorskip('matplotlib')
+    monkeypatch.setattr(Animator, 'min_interval', 0.0)
+    animator = Animator(out=tmp_path / 'a.png')
+    animator.add(1, 1.0)
+    ended, cost = animator._last_write
+    assert cost > 0
+    # right after a write, the next is not due until cost / max_share has passed
+    assert not animator._write_due()
+    animator._last_write = (ended - cost / Animator.max_share - 1.0, cost)
+    assert animator._write_due()
+
+
+def test_train_seq2seq_writes_its_curve_once_more_at_the_end(tmp_path, monkeypatch, capsys):
+    pytest.importorskip('matplotlib')
+    import seq2seq_ext as d2l
+    from seq2seq_ext.data import load_data_numbers
+    writes = _count_writes(monkeypatch)
+    monkeypatch.setattr(Animator, 'min_interval', 3600.0)
+    out = tmp_path / 'loss.png'
+    monkeypatch.setenv(utils.PLOT_ENV, str(out))
+    train_iter, src_vocab, tgt_vocab, _ = load_data_numbers(64, 6, num_held_out=10, stop=60)
+    net = d2l.EncoderDecoder(d2l.Seq2SeqEncoder(len(src_vocab), 8, 8, 1),
+                             d2l.Seq2SeqDecoder(len(tgt_vocab), 8, 8, 1))
+    d2l.train_seq2seq(net, train_iter, 0.005, 30, tgt_vocab, 'cpu')
+    # three points (epochs 10, 20, 30): written at the first and once at the end, not 3 times
+    assert writes == [str(out)] * 2
+    assert out.read_bytes().startswith(PNG_MAGIC)
+
+
+class _FakeDisplay:
+    def __init__(self):
+        self.shown = []
+        self.cleared = 0
+
+    def display(self, obj):
+        self.shown.append(obj)
+
+    def clear_output(self, wait=False):
+        assert wait
+        self.cleared += 1
+
+
+def _fake_jupyter_kernel(monkeypatch, kernel=True):
+    import types
+    display = _FakeDisplay()
+    shell = types.SimpleNamespace(config={'IPKernelApp': {}} if kernel else {})
+    ipython = types.ModuleType('IPython')
+    ipython.get_ipython = lambda: shell
+    ipython.display = display
+    monkeypatch.setitem(sys.modules, 'IPython', ipython)
+    return display
+
+
+def test_animator_in_a_notebook_shows_inline_and_writes_no_file(tmp_path, monkeypatch):
+    pytest.importorskip('matplotlib')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(utils.PLOT_ENV, raising=False)
+    display = _fake_jupyter_kernel(monkeypatch)
+    animator = Animator(xlabel='epoch')
+    animator.add(10, 0.5)
+    animator.add(20, 0.25)
+    assert display.shown == [animator.fig, animator.fig] and display.cleared == 2
+    assert animator.flush() is None
+    assert list(tmp_path.iterdir()) == []
+    # an explicit path is still written
+    Animator(out=tmp_path / 'x.png').add(1, 1.0)
+    assert (tmp_path / 'x.png').exists()
+
+
+def test_animator_in_plain_ipython_writes_the_file(tmp_path, monkeypatch):
+    pytest.importorskip('matplotlib')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(utils.PLOT_ENV, raising=False)
+    display = _fake_jupyter_kernel(monkeypatch, kernel=False)  # a terminal IPython shell
+    Animator().add(1, 1.0)
+    assert display.shown == [] and (tmp_path / 'loss.png').exists()
 
 
 # ---------------------------------------------------------------------------
