@@ -660,11 +660,16 @@ def load_data_numbers(batch_size, num_steps, num_held_out=100, seed=0,
                       start=0, stop=1000):
     """Offline translation task: English to French number names.
 
-    The pairs of :func:`number_pairs` ``(start, stop)`` are split with a
-    ``random.Random(seed)`` sample: ``num_held_out`` pairs are held out
-    (returned in numerical order, never seen in training) and the rest feed
-    :func:`load_data_pairs` (same pipeline as :func:`load_data_nmt`,
-    vocabularies built from the training pairs only).
+    ``num_held_out`` pairs of :func:`number_pairs` ``(start, stop)`` are held
+    out (returned in numerical order, never seen in training) and the rest
+    feed :func:`load_data_pairs` (same pipeline as :func:`load_data_nmt`,
+    vocabularies built from the training pairs only, ``min_freq=2``).
+
+    The held-out pairs are drawn in the order of a ``random.Random(seed)``
+    shuffle, keeping only pairs whose every word, English and French, stays
+    in the training vocabularies once they are held out: a held-out number
+    tests how the model combines words it has learnt, never asks for a word
+    it has not seen (which no model could produce).
 
     Returns ``(train_iter, src_vocab, tgt_vocab, held_out_pairs)``.
     """
@@ -672,9 +677,38 @@ def load_data_numbers(batch_size, num_steps, num_held_out=100, seed=0,
     if not 0 <= num_held_out < len(pairs):
         raise ValueError(
             f'num_held_out must be in [0, {len(pairs)}), got {num_held_out}')
-    held = set(random.Random(seed).sample(range(len(pairs)), num_held_out))
+    held = _held_out_indices(pairs, num_held_out, random.Random(seed),
+                             min_freq=2)
     train_pairs = [p for i, p in enumerate(pairs) if i not in held]
     held_out_pairs = [p for i, p in enumerate(pairs) if i in held]
     train_iter, src_vocab, tgt_vocab = load_data_pairs(
         train_pairs, batch_size, num_steps)
     return train_iter, src_vocab, tgt_vocab, held_out_pairs
+
+
+def _held_out_indices(pairs, count, rng, min_freq):
+    """``count`` indices of ``pairs``, in ``rng``'s shuffled order, whose
+    words keep at least ``min_freq`` occurrences in the remaining pairs."""
+    sides = [collections.Counter(), collections.Counter()]
+    tokens = []
+    for pair in pairs:
+        words = [collections.Counter(text.split(' ')) for text in pair]
+        tokens.append(words)
+        for side, counter in zip(sides, words):
+            side.update(counter)
+    held = set()
+    for i in rng.sample(range(len(pairs)), len(pairs)):
+        if len(held) == count:
+            break
+        if all(side[w] - n >= min_freq
+               for side, counter in zip(sides, tokens[i])
+               for w, n in counter.items()):
+            held.add(i)
+            for side, counter in zip(sides, tokens[i]):
+                side.subtract(counter)
+    if len(held) < count:
+        raise ValueError(
+            f'num_held_out: only {len(held)} of these {len(pairs)} pairs can '
+            f'be held out with all their words left in training, asked for '
+            f'{count}')
+    return held

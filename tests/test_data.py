@@ -607,6 +607,25 @@ def test_load_data_numbers_is_deterministic_and_split_is_disjoint():
     assert tgt_vocab['cent'] == 4
 
 
+@pytest.mark.parametrize('seed,stop,held_out', [(0, 1000, 100), (1, 1000, 300), (2, 200, 40),
+                                                 (3, 80, 6), (5, 120, 30)])
+def test_held_out_numbers_use_only_words_learnt_in_training(seed, stop, held_out):
+    """A held-out number never asks for a word the model could not have learnt: every
+    English and French word of it is in the training vocabularies (not <unk>)."""
+    _, src_vocab, tgt_vocab, held = load_data_numbers(8, 8, num_held_out=held_out, seed=seed,
+                                                      stop=stop)
+    assert len(held) == held_out
+    for en, fr in held:
+        assert src_vocab.unk not in src_vocab[en.split(' ')], en
+        assert tgt_vocab.unk not in tgt_vocab[fr.split(' ')], fr
+
+
+def test_held_out_numbers_that_cannot_be_covered_are_refused():
+    # 30 of 0..39 cannot be held out while keeping two occurrences of each word in training
+    with pytest.raises(ValueError, match='num_held_out: only'):
+        load_data_numbers(4, 8, num_held_out=30, stop=40)
+
+
 def test_load_data_numbers_batches_and_validation():
     it, src_vocab, tgt_vocab, held = load_data_numbers(
         16, 10, num_held_out=10, start=0, stop=200)

@@ -11,6 +11,7 @@ extension on the same inputs and weights, median of several rounds after warm-up
 of the training cases is measured in separate processes (a process's peak RSS cannot be reset).
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ import torch
 import seq2seq_ext as d2l
 from seq2seq_ext import reference as R
 from seq2seq_ext.bench import common
+from seq2seq_ext.utils import PLOT_ENV
 
 
 def case_ce(batch, steps, vocab, repeat):
@@ -195,6 +197,23 @@ def profile_train(name="train-chapter", rows=25):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+@contextlib.contextmanager
+def _quiet():
+    """What a case prints (the trainings' own ``loss ..., tokens/sec`` lines) goes to stderr,
+    so that stdout holds the table alone; the trainings write no loss curve (it is not what is
+    measured)."""
+    old = os.environ.get(PLOT_ENV)
+    os.environ[PLOT_ENV] = ''
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop(PLOT_ENV, None)
+        else:
+            os.environ[PLOT_ENV] = old
+
+
 def add_arguments(parser):
     """The benchmark's options (shared by this module's ``main`` and ``seq2seq-ext bench``)."""
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
@@ -228,8 +247,10 @@ def run(args):
     results = {}
     for key in args.cases:
         title, target, fn = CASES[key]
+        print(f"running {key} ...", file=sys.stderr, flush=True)
         try:
-            t_ref, t_ext, extra = fn(args.repeat)
+            with _quiet():
+                t_ref, t_ext, extra = fn(args.repeat)
         except FileNotFoundError as exc:
             print(f"| {title} | - | - | - | {target} | skipped: {exc} |")
             continue
