@@ -226,46 +226,10 @@ inline void check_sequence_mask_args(const at::Tensor& X, const at::Tensor& vali
   check_valid_len(valid_len, X.size(0), X, "X");
 }
 
-// The first element (row-major order) of an index tensor outside [0, hi): returns false when
-// every element is in range, else true with its multi-index in *pos and its value in *value.
-// On an accelerator this costs one host synchronisation (two more on the error path).
-inline bool first_index_out_of_range(const at::Tensor& idx, int64_t hi, std::vector<int64_t>* pos,
-                                     int64_t* value) {
-  if (idx.numel() == 0) return false;
-  const at::Tensor bad = at::logical_or(idx.lt(0), idx.ge(hi));
-  if (!bad.any().item<bool>()) return false;
-  const at::Tensor first = bad.nonzero().select(0, 0).to(at::kCPU, at::kLong).contiguous();
-  const int64_t* p = first.const_data_ptr<int64_t>();
-  at::Tensor v = idx;
-  pos->assign(p, p + first.numel());
-  for (int64_t i : *pos) v = v.select(0, i);
-  *value = v.item<int64_t>();
-  return true;
-}
-
-// label values in [0, vocab), with the CPU kernel's message (any device).
-inline void check_label_range_any_device(const at::Tensor& label, int64_t vocab) {
-  std::vector<int64_t> pos;
-  int64_t y = 0;
-  if (first_index_out_of_range(label, vocab, &pos, &y)) {
-    TORCH_CHECK(false, "label: expected class indices in [0, ", vocab, "), got ", y,
-                " at position [", pos[0], ", ", pos[1], "]");
-  }
-}
-
-// token ids in [0, tgt_vocab), with the CPU kernel's message (any device).
-inline void check_token_range_any_device(const at::Tensor& token, int64_t tgt_vocab) {
-  std::vector<int64_t> pos;
-  int64_t y = 0;
-  if (first_index_out_of_range(token, tgt_vocab, &pos, &y)) {
-    TORCH_CHECK(false, "token: expected ids in [0, ", tgt_vocab, ") (the rows of emb_proj), got ",
-                y, " at position ", pos[0]);
-  }
-}
-
 // For each sequence, the first masked step as an int64 tensor of shape (B,) on valid_len's
 // device: ceil(valid_len) clamped to [0, steps]; NaN and non-positive lengths give 0. The same
-// rule as cpu::first_masked_step, computed in float64 as that function does.
+// rule as cpu::first_masked_step, computed in float64 as that function does (the CUDA kernels
+// compute it in place: device_index.cuh; this tensor form serves layouts they do not handle).
 inline at::Tensor first_masked_step_tensor(const at::Tensor& valid_len, int64_t steps) {
   const at::Tensor v = valid_len.to(at::kDouble);
   const at::Tensor c = at::ceil(v).clamp_max_(static_cast<double>(steps));

@@ -1,4 +1,5 @@
-// Device math shared by the CUDA GRU kernels (float and double overloads).
+// Device math shared by the CUDA cell kernels (float and double overloads), and the GRU cell's
+// pointwise formula that the layer kernel (training) and the decode kernels (inference) share.
 #pragma once
 
 namespace seq2seq_ext {
@@ -11,6 +12,34 @@ __device__ __forceinline__ double dev_tanh(double x) { return tanh(x); }
 template <typename T>
 __device__ __forceinline__ T dev_sigmoid(T x) {
   return T(1) / (T(1) + dev_exp(-x));
+}
+
+// h' = n + z * (h - n), the CPU kernel's form of nn.GRU's (1 - z) * n + z * h, rounded after
+// each operation as the CPU computes it (the _rn intrinsics keep nvcc from fusing a multiply-add).
+__device__ __forceinline__ float gru_new_state(float n, float z, float h) {
+  return __fadd_rn(n, __fmul_rn(z, __fsub_rn(h, n)));
+}
+__device__ __forceinline__ double gru_new_state(double n, double z, double h) {
+  return __dadd_rn(n, __dmul_rn(z, __dsub_rn(h, n)));
+}
+
+// One hidden unit of nn.GRU's cell, gate order (r, z, n), b_hn inside the reset product:
+//   r = s(i_r + h_r), z = s(i_z + h_z), n = tanh(i_n + r * h_n), h' = n + z * (h - n),
+// where i_* are the input-side pre-activations (b_ih included) and h_* the hidden-side ones
+// (W_hh h + b_hh). Every CUDA GRU kernel computes its new state through this function.
+template <typename T>
+struct GruUnit {
+  T r, z, n, h_new;
+};
+
+template <typename T>
+__device__ __forceinline__ GruUnit<T> gru_unit(T i_r, T i_z, T i_n, T h_r, T h_z, T h_n, T h) {
+  GruUnit<T> u;
+  u.r = dev_sigmoid(i_r + h_r);
+  u.z = dev_sigmoid(i_z + h_z);
+  u.n = dev_tanh(i_n + u.r * h_n);
+  u.h_new = gru_new_state(u.n, u.z, h);
+  return u;
 }
 
 }  // namespace seq2seq_ext

@@ -7,7 +7,10 @@
 // the context part is ctx_proj when the context is fixed, else one GEMM of the incoming
 // top-layer state with the context columns of W_ih0.
 //
-// greedy_decode never synchronises with the host: the whole batch runs for num_steps steps,
+// Token ids are checked inside the cell kernel (a device-side assertion, see device_index.cuh):
+// neither op synchronises with the host, so both can be captured in a CUDA graph.
+// greedy_decode's own tokens come from the argmax and are always in range. It never
+// synchronises with the host either: the whole batch runs for num_steps steps,
 // and an argmax kernel keeps per-row "finished" flags on the device. A finished row keeps
 // being computed (its token stays a valid id) but its outputs are no longer recorded, which
 // gives the CPU kernel's results: tokens after a sentence's end hold `eos`, lengths count the
@@ -26,6 +29,7 @@
 #include <optional>
 
 #include "../checks.h"
+#include "device_index.cuh"
 #include "device_math.cuh"
 
 namespace seq2seq_ext {
@@ -35,34 +39,36 @@ constexpr int kCellThreads = 256;
 constexpr int kArgmaxThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 16;
 
-// nn.GRU's cell for one layer, gate order (r, z, n), b_hn inside the reset product (part of gh):
-//   r = s(gi_r + gh_r), z = s(gi_z + gh_z), n = tanh(gi_n + r * gh_n), h' = (1 - z) n + z h.
-// gi = emb[tok[b]] + extra[b] when emb is given (layer 0), else extra[b]. extra and emb may
-// have any strides; gh (B, 3H) has contiguous rows of stride gh_ld; out (B, H) row stride out_ld.
+// nn.GRU's cell for one layer (gru_unit, shared with the layer kernel of training).
+// gi = emb[tok[b]] + extra[b] when emb is given (layer 0), else extra[b]; tok[b] is checked
+// against the tgt_vocab rows of emb (also when H is 0). extra and emb may have any strides;
+// gh (B, 3H) has contiguous rows of stride gh_ld; out (B, H) row stride out_ld.
 template <typename T>
 __global__ void gru_cell_kernel(int64_t B, int64_t H, const int64_t* __restrict__ tok,
-                                const T* __restrict__ emb, int64_t emb_ld, int64_t emb_cs,
+                                int64_t tgt_vocab, const T* __restrict__ emb, int64_t emb_ld,
+                                int64_t emb_cs,
                                 const T* __restrict__ extra, int64_t ex_ld, int64_t ex_cs,
                                 const T* __restrict__ gh, int64_t gh_ld,
                                 const T* __restrict__ h, int64_t h_ld, int64_t h_cs,
                                 T* __restrict__ out, int64_t out_ld) {
-  const int64_t n = B * H;
+  const int64_t Hc = H > 0 ? H : 1;  // one (idle) unit per row when H is 0: the token is checked
+  const int64_t n = B * Hc;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = idx / H, j = idx - b * H;
+    const int64_t b = idx / Hc, j = idx - b * Hc;
+    const int64_t y = emb != nullptr ? checked_token(tok, b, tgt_vocab) : 0;
+    if (j >= H) continue;
     const T* x = extra + b * ex_ld;
     T ir = x[j * ex_cs], iz = x[(H + j) * ex_cs], in = x[(2 * H + j) * ex_cs];
     if (emb != nullptr) {  // emb first, as the CPU kernel adds: emb + context
-      const T* e = emb + tok[b] * emb_ld;
+      const T* e = emb + y * emb_ld;
       ir = e[j * emb_cs] + ir;
       iz = e[(H + j) * emb_cs] + iz;
       in = e[(2 * H + j) * emb_cs] + in;
     }
     const T* c = gh + b * gh_ld;
-    const T r = dev_sigmoid(ir + c[j]);
-    const T z = dev_sigmoid(iz + c[H + j]);
-    const T nn = dev_tanh(in + r * c[2 * H + j]);
-    out[b * out_ld + j] = (T(1) - z) * nn + z * h[b * h_ld + j * h_cs];
+    out[b * out_ld + j] =
+        gru_unit(ir, iz, in, c[j], c[H + j], c[2 * H + j], h[b * h_ld + j * h_cs]).h_new;
   }
 }
 
@@ -145,10 +151,11 @@ template <typename T>
 void launch_cell(int64_t B, int64_t H, const at::Tensor* tok, const at::Tensor* emb,
                  const at::Tensor& extra, const at::Tensor& gh, const at::Tensor& h,
                  at::Tensor& out) {
-  if (B * H == 0) return;
-  gru_cell_kernel<T><<<static_cast<unsigned>(blocks_for(B * H, kCellThreads)), kCellThreads, 0,
-                       c10::cuda::getCurrentCUDAStream()>>>(
-      B, H, tok ? tok->const_data_ptr<int64_t>() : nullptr,
+  if (B == 0 || (H == 0 && emb == nullptr)) return;
+  gru_cell_kernel<T><<<static_cast<unsigned>(blocks_for(B * std::max<int64_t>(H, 1),
+                                                        kCellThreads)),
+                       kCellThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      B, H, tok ? tok->const_data_ptr<int64_t>() : nullptr, emb ? emb->size(0) : 0,
       emb ? emb->const_data_ptr<T>() : nullptr, emb ? emb->stride(0) : 0,
       emb ? emb->stride(1) : 0, extra.const_data_ptr<T>(), extra.stride(0), extra.stride(1),
       gh.const_data_ptr<T>(), gh.stride(0), h.const_data_ptr<T>(), h.stride(0), h.stride(1),
@@ -202,7 +209,6 @@ std::tuple<at::Tensor, at::Tensor> gru_decode_step_cuda(
       check_decoder_args(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias);
   check_decode_token(token, state, d.batch);
   const c10::cuda::CUDAGuard guard(state.device());
-  check_token_range_any_device(token.reshape({-1}), d.tgt_vocab);  // one host synchronisation
   // (B, V) logits for a (B,) token, (B, 1, V) for a (B, 1) token, as on the CPU
   at::Tensor logits = at::empty(decode_logits_shape(token, d.vocab), state.options());
   at::Tensor new_state = at::empty_like(state, at::MemoryFormat::Contiguous);

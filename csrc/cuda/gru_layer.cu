@@ -57,14 +57,12 @@ __global__ void __launch_bounds__(kThreads)
     T* o = out + b * H;
     T* s = saved + b * 4 * H;
     for (int64_t j = j0; j < H; j += jstep) {
-      const T r = dev_sigmoid(a[j] + c[j]);
-      const T z = dev_sigmoid(a[H + j] + c[H + j]);
       const T ghn = c[2 * H + j];
-      const T n = dev_tanh(a[2 * H + j] + r * ghn);
-      o[j] = n + z * (hp[j] - n);
-      s[j] = r;
-      s[H + j] = z;
-      s[2 * H + j] = n;
+      const GruUnit<T> u = gru_unit(a[j], a[H + j], a[2 * H + j], c[j], c[H + j], ghn, hp[j]);
+      o[j] = u.h_new;
+      s[j] = u.r;
+      s[H + j] = u.z;
+      s[2 * H + j] = u.n;
       s[3 * H + j] = ghn;
     }
   }

@@ -5,7 +5,8 @@
 // pointwise kernel applies nn.LSTM's cell (gate order i, f, g, o). Layer 0's input projection
 // is split as on the CPU: the embedding part (with b_ih0) is the row emb_proj[token], gathered
 // inside the cell kernel; the context part is ctx_proj when the context is fixed, else one GEMM
-// of the incoming top-layer hidden state h[-1] with the context columns of W_ih0.
+// of the incoming top-layer hidden state h[-1] with the context columns of W_ih0. Token ids are
+// checked inside the cell kernel: the op never synchronises with the host.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,6 +21,7 @@
 #include <optional>
 
 #include "../checks.h"
+#include "device_index.cuh"
 #include "device_math.cuh"
 
 namespace seq2seq_ext {
@@ -31,25 +33,29 @@ constexpr int64_t kLstmMaxBlocks = 1 << 16;
 // nn.LSTM's cell for one layer:
 //   i = s(gi_i + gh_i), f = s(gi_f + gh_f), g = tanh(gi_g + gh_g), o = s(gi_o + gh_o),
 //   c' = f c + i g, h' = o tanh(c').
-// gi = emb[tok[b]] + extra[b] when emb is given (layer 0), else extra[b]. extra and emb may have
-// any strides; gh (B, 4H) has rows of stride gh_ld (unit column stride); c (B, H) any strides;
+// gi = emb[tok[b]] + extra[b] when emb is given (layer 0), else extra[b]; tok[b] is checked
+// against the tgt_vocab rows of emb (also when H is 0: see device_index.cuh). extra and emb may
+// have any strides; gh (B, 4H) has rows of stride gh_ld (unit column stride); c (B, H) any strides;
 // h_out and c_out (B, H) have row strides out_ld (unit column stride).
 template <typename T>
 __global__ void lstm_cell_kernel(int64_t B, int64_t H, const int64_t* __restrict__ tok,
-                                 const T* __restrict__ emb, int64_t emb_ld, int64_t emb_cs,
+                                 int64_t tgt_vocab, const T* __restrict__ emb, int64_t emb_ld, int64_t emb_cs,
                                  const T* __restrict__ extra, int64_t ex_ld, int64_t ex_cs,
                                  const T* __restrict__ gh, int64_t gh_ld,
                                  const T* __restrict__ c, int64_t c_ld, int64_t c_cs,
                                  T* __restrict__ h_out, T* __restrict__ c_out, int64_t out_ld) {
-  const int64_t n = B * H;
+  const int64_t Hc = H > 0 ? H : 1;  // one (idle) unit per row when H is 0: the token is checked
+  const int64_t n = B * Hc;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = idx / H, j = idx - b * H;
+    const int64_t b = idx / Hc, j = idx - b * Hc;
+    const int64_t y = emb != nullptr ? checked_token(tok, b, tgt_vocab) : 0;
+    if (j >= H) continue;
     const T* x = extra + b * ex_ld;
     T ai = x[j * ex_cs], af = x[(H + j) * ex_cs], ag = x[(2 * H + j) * ex_cs],
       ao = x[(3 * H + j) * ex_cs];
     if (emb != nullptr) {  // emb first, as the CPU kernel adds: emb + context
-      const T* e = emb + tok[b] * emb_ld;
+      const T* e = emb + y * emb_ld;
       ai = e[j * emb_cs] + ai;
       af = e[(H + j) * emb_cs] + af;
       ag = e[(2 * H + j) * emb_cs] + ag;
@@ -75,10 +81,10 @@ template <typename T>
 void launch_lstm_cell(int64_t B, int64_t H, const at::Tensor* tok, const at::Tensor* emb,
                       const at::Tensor& extra, const at::Tensor& gh, const at::Tensor& c,
                       at::Tensor& h_out, at::Tensor& c_out) {
-  if (B * H == 0) return;
-  lstm_cell_kernel<T><<<static_cast<unsigned>(lstm_blocks_for(B * H)), kLstmCellThreads, 0,
-                        c10::cuda::getCurrentCUDAStream()>>>(
-      B, H, tok ? tok->const_data_ptr<int64_t>() : nullptr,
+  if (B == 0 || (H == 0 && emb == nullptr)) return;
+  lstm_cell_kernel<T><<<static_cast<unsigned>(lstm_blocks_for(B * std::max<int64_t>(H, 1))),
+                        kLstmCellThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      B, H, tok ? tok->const_data_ptr<int64_t>() : nullptr, emb ? emb->size(0) : 0,
       emb ? emb->const_data_ptr<T>() : nullptr, emb ? emb->stride(0) : 0,
       emb ? emb->stride(1) : 0, extra.const_data_ptr<T>(), extra.stride(0), extra.stride(1),
       gh.const_data_ptr<T>(), gh.stride(0), c.const_data_ptr<T>(), c.stride(0), c.stride(1),
@@ -94,7 +100,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_decode_step_cuda(
       check_lstm_decoder_args(h, c, emb_proj, ctx_proj, weights, dense_weight, dense_bias);
   check_decode_token(token, h, d.batch, "h");
   const c10::cuda::CUDAGuard guard(h.device());
-  check_token_range_any_device(token.reshape({-1}), d.tgt_vocab);  // one host synchronisation
   const int64_t L = d.layers, B = d.batch, H = d.hidden, G = 4 * H;
   at::Tensor logits = at::empty(decode_logits_shape(token, d.vocab), h.options());
   at::Tensor logits2d = logits.view({B, d.vocab});

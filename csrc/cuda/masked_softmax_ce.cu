@@ -1,21 +1,23 @@
-// Fused masked softmax cross-entropy on CUDA, forward and backward.
+// Fused masked softmax cross-entropy on CUDA, forward and backward: one kernel launch each.
 //
 // Rows are the (b, t) positions of pred (B, T, V). A group of G threads owns one row at a time
-// (G = 32: one warp per row, 8 rows per 256-thread block, for small vocabularies; G = 128 or 512
-// for larger ones), accumulating in at::opmath_type (float for half/bf16/float, double for
-// double).
+// (G = 32: one warp per row, 8 rows per 256-thread block, for small vocabularies; G = 128 or 256
+// with 4 rows per block for larger ones), accumulating in at::opmath_type (float for
+// half/bf16/float, double for double).
 //
-// Forward, one pass over each kept row: every thread keeps an online (max, sum of exp(x - max))
-// pair over its elements, the group merges the pairs in a fixed order, and the group's first
-// thread writes lse = max + log(sum) and the row loss (max - x[label]) + log(sum). Masked rows are never
-// read: their lse and row loss are 0. A second small kernel sums each sequence's row losses in
-// step order and divides by T, so the result is deterministic.
+// Forward, one block per sequence: every thread keeps an online (max, sum of exp(x - max)) pair
+// over its elements of a kept row, the group merges the pairs in a fixed order, and the group's
+// first thread writes lse = max + log(sum) and adds the row loss (max - x[label]) + log(sum) to
+// its running sum. Masked rows are never read: their lse is 0. The block then adds its groups'
+// sums in group order and divides by T, so the result is deterministic.
 // Backward, one pass per row: grad = (exp(x - lse) - onehot(label)) * grad_loss[b] / T; masked
 // rows get zeros without their logits being read.
 //
-// Rows with stride(2) == 1 are read (and the gradient written) with 16-byte vector accesses
-// after a short scalar head that reaches 16-byte alignment; other rows are read with their
-// strides. Offsets are int64 throughout.
+// Both kernels compute each sequence's first masked step from valid_len and check every label
+// themselves (device_index.cuh): no helper kernels, no host synchronisation. Rows are read (and
+// the gradient written) with 16-byte vector accesses after a short scalar head that reaches
+// 16-byte alignment; a pred whose vocabulary stride is not 1 is copied to that layout once.
+// Offsets are int64 throughout.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -33,6 +35,7 @@
 #include <type_traits>
 
 #include "../checks.h"
+#include "device_index.cuh"
 
 namespace seq2seq_ext {
 namespace {
@@ -135,84 +138,77 @@ __device__ __forceinline__ void group_merge(acc_t& m, acc_t& s, acc_t* sh_m, acc
   }
 }
 
-// This thread's share of a row: elements lane, lane + G, ... (in vectors when contiguous).
+// This thread's share of a contiguous row: elements lane, lane + G, ... in 16-byte vectors
+// after a scalar head that reaches 16-byte alignment.
 template <typename scalar_t, typename acc_t, int G>
 __device__ __forceinline__ void row_online_lse(const scalar_t* __restrict__ row, int64_t V,
-                                               int64_t sv, int lane, acc_t& m, acc_t& s) {
-  if (sv == 1) {
-    constexpr int N = kVecBytes / sizeof(scalar_t);
-    using P = Pack<scalar_t, N>;
-    const int64_t head = head_elems(row, V);  // < N <= G
-    if (lane < head) online_add(m, s, static_cast<acc_t>(row[lane]));
-    const int64_t nvec = (V - head) / N;
-    const P* vp = reinterpret_cast<const P*>(row + head);
+                                               int lane, acc_t& m, acc_t& s) {
+  constexpr int N = kVecBytes / sizeof(scalar_t);
+  using P = Pack<scalar_t, N>;
+  const int64_t head = head_elems(row, V);  // < N <= G
+  if (lane < head) online_add(m, s, static_cast<acc_t>(row[lane]));
+  const int64_t nvec = (V - head) / N;
+  const P* vp = reinterpret_cast<const P*>(row + head);
 #pragma unroll 2
-    for (int64_t k = lane; k < nvec; k += G) {
-      const P p = vp[k];
+  for (int64_t k = lane; k < nvec; k += G) {
+    const P p = vp[k];
 #pragma unroll
-      for (int i = 0; i < N; ++i) online_add(m, s, static_cast<acc_t>(p.v[i]));
-    }
-    for (int64_t v = head + nvec * N + lane; v < V; v += G)  // tail: fewer than N elements
-      online_add(m, s, static_cast<acc_t>(row[v]));
-  } else {
-    for (int64_t v = lane; v < V; v += G) online_add(m, s, static_cast<acc_t>(row[v * sv]));
+    for (int i = 0; i < N; ++i) online_add(m, s, static_cast<acc_t>(p.v[i]));
   }
+  for (int64_t v = head + nvec * N + lane; v < V; v += G)  // tail: fewer than N elements
+    online_add(m, s, static_cast<acc_t>(row[v]));
 }
 
-// Forward: lse[b, t] and row_loss[b, t] for every row (0 for masked rows), both contiguous.
-template <typename scalar_t, typename acc_t, typename index_t, int G, int RPB>
+// Forward, one block per sequence b (grid-stride over sequences): the block's RPB groups take
+// the kept steps t = group, group + RPB, ... in turn; each group's first thread adds its rows'
+// losses in step order, and the block adds the groups' sums in group order, so the result is
+// deterministic. The block also checks every label of the sequence (masked steps included) and
+// writes lse = 0 for the masked steps. The loss is the only launch of the op.
+template <typename scalar_t, typename acc_t, int G, int RPB>
 __global__ void __launch_bounds__(G * RPB)
-    ce_forward_rows_kernel(const scalar_t* __restrict__ pred, int64_t sb, int64_t st, int64_t sv,
-                           int64_t B, int64_t T, int64_t V, const index_t* __restrict__ label,
-                           int64_t lb, int64_t lt, const int64_t* __restrict__ start,
-                           acc_t* __restrict__ lse, acc_t* __restrict__ row_loss) {
+    ce_forward_kernel(const scalar_t* __restrict__ pred, int64_t sb, int64_t st, int64_t B,
+                      int64_t T, int64_t V, DeviceIndex2d label, DeviceLengths len,
+                      acc_t* __restrict__ lse, scalar_t* __restrict__ loss) {
   __shared__ acc_t sh_m[G > 32 ? RPB * (G / 32) : 1];
   __shared__ acc_t sh_s[G > 32 ? RPB * (G / 32) : 1];
+  __shared__ acc_t sh_sum[RPB];
   const int group = threadIdx.x / G;
   const int lane = threadIdx.x % G;
-  const int64_t R = B * T;
-  const int64_t row_blocks = (R + RPB - 1) / RPB;
-  // The loop is uniform over the block (group_merge may synchronise the block); each group
-  // masks its own row.
-  for (int64_t rb = blockIdx.x; rb < row_blocks; rb += gridDim.x) {
-    const int64_t r = rb * RPB + group;
-    const bool in_range = r < R;
-    const int64_t b = in_range ? r / T : 0;
-    const int64_t t = in_range ? r - b * T : 0;
-    const bool kept = in_range && t < start[b];
-    const scalar_t* row = pred + b * sb + t * st;
-    acc_t m = -dev_inf<acc_t>();
-    acc_t s = acc_t(0);
-    if (kept) row_online_lse<scalar_t, acc_t, G>(row, V, sv, lane, m, s);
-    group_merge<acc_t, G, RPB>(m, s, sh_m, sh_s, group, lane);
-    if (in_range && lane == 0) {
-      acc_t l = acc_t(0), loss = acc_t(0);
-      if (kept) {
-        const int64_t y = static_cast<int64_t>(label[b * lb + t * lt]);  // range checked
-        l = online_finish(m, s);
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {  // uniform over the block
+    const int64_t start = first_masked_step(len, b, T);
+    for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
+      (void)checked_label(label, b, t, V);
+      if (t >= start) lse[b * T + t] = acc_t(0);
+    }
+    acc_t sum = acc_t(0);
+    const int64_t rounds = (start + RPB - 1) / RPB;  // uniform: group_merge may synchronise
+    for (int64_t k = 0; k < rounds; ++k) {
+      const int64_t t = k * RPB + group;
+      const bool kept = t < start;
+      const scalar_t* row = pred + b * sb + (kept ? t : 0) * st;
+      acc_t m = -dev_inf<acc_t>();
+      acc_t s = acc_t(0);
+      if (kept) row_online_lse<scalar_t, acc_t, G>(row, V, lane, m, s);
+      group_merge<acc_t, G, RPB>(m, s, sh_m, sh_s, group, lane);
+      if (kept && lane == 0) {
+        const int64_t y = checked_label(label, b, t, V);
+        const acc_t l = online_finish(m, s);
         // (m - x[label]) + log(s), not lse - x[label]: keeps its precision when the logits are
         // so large that m + log(s) rounds to m (as on the CPU); NaN with l when m is not finite
-        const acc_t x_y = static_cast<acc_t>(row[y * sv]);
-        loss = (l != l) ? l : (m - x_y) + dev_log(s);
+        const acc_t x_y = static_cast<acc_t>(row[y]);
+        lse[b * T + t] = l;
+        sum += (l != l) ? l : (m - x_y) + dev_log(s);
       }
-      lse[r] = l;
-      row_loss[r] = loss;
     }
-  }
-}
-
-// loss[b] = (sum over kept t, in order, of row_loss[b, t]) / T, as the CPU kernel sums.
-template <typename scalar_t, typename acc_t>
-__global__ void ce_sequence_sum_kernel(const acc_t* __restrict__ row_loss,
-                                       const int64_t* __restrict__ start, int64_t B, int64_t T,
-                                       scalar_t* __restrict__ loss) {
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < B;
-       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const acc_t* r = row_loss + b * T;
-    const int64_t n = start[b];
-    acc_t s = acc_t(0);
-    for (int64_t t = 0; t < n; ++t) s += r[t];
-    loss[b] = static_cast<scalar_t>(s / static_cast<acc_t>(T));
+    if (lane == 0) sh_sum[group] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      acc_t total = sh_sum[0];
+#pragma unroll
+      for (int g = 1; g < RPB; ++g) total += sh_sum[g];
+      loss[b] = static_cast<scalar_t>(total / static_cast<acc_t>(T));
+    }
+    __syncthreads();  // sh_sum is rewritten for the next sequence
   }
 }
 
@@ -228,34 +224,32 @@ __device__ __forceinline__ scalar_t grad_elem(scalar_t x, int64_t v, int64_t y, 
 }
 
 template <typename scalar_t, int G>
-__device__ __forceinline__ void zero_row(scalar_t* __restrict__ grow, int64_t V, int64_t gv,
-                                         int lane) {
+__device__ __forceinline__ void zero_row(scalar_t* __restrict__ grow, int64_t V, int lane) {
   const scalar_t zero = static_cast<scalar_t>(0.0f);
-  if (gv == 1) {
-    constexpr int N = kVecBytes / sizeof(scalar_t);
-    using P = Pack<scalar_t, N>;
-    const int64_t head = head_elems(grow, V);
-    if (lane < head) grow[lane] = zero;
-    const int64_t nvec = (V - head) / N;
-    P z;
+  constexpr int N = kVecBytes / sizeof(scalar_t);
+  using P = Pack<scalar_t, N>;
+  const int64_t head = head_elems(grow, V);
+  if (lane < head) grow[lane] = zero;
+  const int64_t nvec = (V - head) / N;
+  P z;
 #pragma unroll
-    for (int i = 0; i < N; ++i) z.v[i] = zero;
-    P* vp = reinterpret_cast<P*>(grow + head);
-    for (int64_t k = lane; k < nvec; k += G) vp[k] = z;
-    for (int64_t v = head + nvec * N + lane; v < V; v += G) grow[v] = zero;
-  } else {
-    for (int64_t v = lane; v < V; v += G) grow[v * gv] = zero;
-  }
+  for (int i = 0; i < N; ++i) z.v[i] = zero;
+  P* vp = reinterpret_cast<P*>(grow + head);
+  for (int64_t k = lane; k < nvec; k += G) vp[k] = z;
+  for (int64_t v = head + nvec * N + lane; v < V; v += G) grow[v] = zero;
 }
 
-template <typename scalar_t, typename acc_t, typename index_t, int G, int RPB>
+// Backward, a group of G threads per row (b, t), rows in a grid-stride loop: the first masked
+// step, the label check and the upstream gradient are read here, so this is the op's only
+// launch. Rows of pred and grad are contiguous (unit vocabulary stride); up_t is the dtype of
+// grad_loss (pred's, or the accumulation type).
+template <typename scalar_t, typename acc_t, typename up_t, int G, int RPB>
 __global__ void __launch_bounds__(G * RPB)
-    ce_backward_kernel(const scalar_t* __restrict__ pred, int64_t sb, int64_t st, int64_t sv,
-                       int64_t B, int64_t T, int64_t V, const index_t* __restrict__ label,
-                       int64_t lb, int64_t lt, const int64_t* __restrict__ start,
-                       const acc_t* __restrict__ lse, const acc_t* __restrict__ up, int64_t up_s,
-                       acc_t inv_T, scalar_t* __restrict__ grad, int64_t gb, int64_t gt,
-                       int64_t gv) {
+    ce_backward_kernel(const scalar_t* __restrict__ pred, int64_t sb, int64_t st, int64_t B,
+                       int64_t T, int64_t V, DeviceIndex2d label, DeviceLengths len,
+                       const acc_t* __restrict__ lse, int64_t ls0, int64_t ls1,
+                       const up_t* __restrict__ up, int64_t up_s, acc_t inv_T,
+                       scalar_t* __restrict__ grad, int64_t gb, int64_t gt) {
   const int group = threadIdx.x / G;
   const int lane = threadIdx.x % G;
   const int64_t R = B * T;
@@ -263,19 +257,19 @@ __global__ void __launch_bounds__(G * RPB)
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * RPB + group; r < R;
        r += static_cast<int64_t>(gridDim.x) * RPB) {
     const int64_t b = r / T, t = r - b * T;
+    const int64_t y = checked_label(label, b, t, V);
     scalar_t* grow = grad + b * gb + t * gt;
-    if (t >= start[b]) {
-      zero_row<scalar_t, G>(grow, V, gv, lane);
+    if (t >= first_masked_step(len, b, T)) {
+      zero_row<scalar_t, G>(grow, V, lane);
       continue;
     }
-    const acc_t scale = up[b * up_s] * inv_T;
-    const acc_t l = lse[r];
-    const int64_t y = static_cast<int64_t>(label[b * lb + t * lt]);
+    const acc_t scale = static_cast<acc_t>(up[b * up_s]) * inv_T;
+    const acc_t l = lse[b * ls0 + t * ls1];
     const scalar_t* row = pred + b * sb + t * st;
     constexpr int N = kVecBytes / sizeof(scalar_t);
-    const int64_t head = sv == 1 && gv == 1 ? head_elems(row, V) : -1;
-    if (head >= 0 && head == head_elems(grow, V)) {
-      // Both rows contiguous and equally misaligned: vectors after a common scalar head.
+    const int64_t head = head_elems(row, V);
+    if (head == head_elems(grow, V)) {
+      // Both rows equally misaligned: vectors after a common scalar head.
       using P = Pack<scalar_t, N>;
       if (lane < head) grow[lane] = grad_elem(row[lane], lane, y, l, scale);
       const int64_t nvec = (V - head) / N;
@@ -293,59 +287,57 @@ __global__ void __launch_bounds__(G * RPB)
       for (int64_t v = head + nvec * N + lane; v < V; v += G)
         grow[v] = grad_elem(row[v], v, y, l, scale);
     } else {
-      for (int64_t v = lane; v < V; v += G) grow[v * gv] = grad_elem(row[v * sv], v, y, l, scale);
+      for (int64_t v = lane; v < V; v += G) grow[v] = grad_elem(row[v], v, y, l, scale);
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Launchers. The group width follows the vocabulary: a warp per row up to 1024 classes (at most
-// 32 elements a thread), 128 threads up to 8192, then 512.
+// 32 elements a thread), 128 threads up to 8192, then 256; RPB groups per block.
 
 template <typename Fn>
 void with_group_shape(int64_t V, Fn&& fn) {
   if (V <= 1024) {
     fn(std::integral_constant<int, 32>{}, std::integral_constant<int, 8>{});
   } else if (V <= 8192) {
-    fn(std::integral_constant<int, 128>{}, std::integral_constant<int, 2>{});
+    fn(std::integral_constant<int, 128>{}, std::integral_constant<int, 4>{});
   } else {
-    fn(std::integral_constant<int, 512>{}, std::integral_constant<int, 1>{});
+    fn(std::integral_constant<int, 256>{}, std::integral_constant<int, 4>{});
   }
 }
 
-int64_t grid_for_rows(int64_t rows, int64_t rows_per_block) {
-  return std::max<int64_t>(1, std::min<int64_t>((rows + rows_per_block - 1) / rows_per_block,
-                                                 kMaxBlocks));
+unsigned grid_for(int64_t units, int64_t per_block) {
+  return static_cast<unsigned>(std::max<int64_t>(
+      1, std::min<int64_t>((units + per_block - 1) / per_block, kMaxBlocks)));
 }
 
-template <typename scalar_t, typename index_t>
-void launch_forward(const at::Tensor& pred, const at::Tensor& label, const at::Tensor& start,
-                    at::Tensor& lse, at::Tensor& row_loss, at::Tensor& loss) {
+// pred with a unit vocabulary stride: rows are then read in 16-byte vectors by adjacent threads.
+// Another layout (a transposed or sliced tensor) is copied once rather than read with strided,
+// uncoalesced loads.
+at::Tensor rows_contiguous(const at::Tensor& pred) {
+  return pred.size(2) <= 1 || pred.stride(2) == 1 ? pred : pred.contiguous();
+}
+
+template <typename scalar_t>
+void launch_forward(const at::Tensor& pred, const at::Tensor& label, const DeviceLengths& len,
+                    at::Tensor& lse, at::Tensor& loss) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = pred.size(0), T = pred.size(1), V = pred.size(2);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   with_group_shape(V, [&](auto g, auto rpb) {
     constexpr int G = decltype(g)::value;
     constexpr int RPB = decltype(rpb)::value;
-    const int64_t grid = grid_for_rows(B * T, RPB);
-    ce_forward_rows_kernel<scalar_t, acc_t, index_t, G, RPB>
-        <<<static_cast<unsigned>(grid), G * RPB, 0, stream>>>(
-            pred.const_data_ptr<scalar_t>(), pred.stride(0), pred.stride(1), pred.stride(2), B, T,
-            V, label.const_data_ptr<index_t>(), label.stride(0), label.stride(1),
-            start.const_data_ptr<int64_t>(), lse.mutable_data_ptr<acc_t>(),
-            row_loss.mutable_data_ptr<acc_t>());
+    ce_forward_kernel<scalar_t, acc_t, G, RPB><<<grid_for(B, 1), G * RPB, 0, stream>>>(
+        pred.const_data_ptr<scalar_t>(), pred.stride(0), pred.stride(1), B, T, V,
+        device_index_2d(label), len, lse.mutable_data_ptr<acc_t>(),
+        loss.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  constexpr int kThreads = 128;
-  const int64_t grid = std::min<int64_t>((B + kThreads - 1) / kThreads, kMaxBlocks);
-  ce_sequence_sum_kernel<scalar_t, acc_t><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-      row_loss.const_data_ptr<acc_t>(), start.const_data_ptr<int64_t>(), B, T,
-      loss.mutable_data_ptr<scalar_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t, typename index_t>
-void launch_backward(const at::Tensor& pred, const at::Tensor& label, const at::Tensor& start,
+template <typename scalar_t, typename up_t>
+void launch_backward(const at::Tensor& pred, const at::Tensor& label, const DeviceLengths& len,
                      const at::Tensor& lse, const at::Tensor& up, at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = pred.size(0), T = pred.size(1), V = pred.size(2);
@@ -354,14 +346,12 @@ void launch_backward(const at::Tensor& pred, const at::Tensor& label, const at::
   with_group_shape(V, [&](auto g, auto rpb) {
     constexpr int G = decltype(g)::value;
     constexpr int RPB = decltype(rpb)::value;
-    const int64_t grid = grid_for_rows(B * T, RPB);
-    ce_backward_kernel<scalar_t, acc_t, index_t, G, RPB>
-        <<<static_cast<unsigned>(grid), G * RPB, 0, stream>>>(
-            pred.const_data_ptr<scalar_t>(), pred.stride(0), pred.stride(1), pred.stride(2), B, T,
-            V, label.const_data_ptr<index_t>(), label.stride(0), label.stride(1),
-            start.const_data_ptr<int64_t>(), lse.const_data_ptr<acc_t>(),
-            up.const_data_ptr<acc_t>(), up.stride(0), inv_T, grad.mutable_data_ptr<scalar_t>(),
-            grad.stride(0), grad.stride(1), grad.stride(2));
+    ce_backward_kernel<scalar_t, acc_t, up_t, G, RPB>
+        <<<grid_for(B * T, RPB), G * RPB, 0, stream>>>(
+            pred.const_data_ptr<scalar_t>(), pred.stride(0), pred.stride(1), B, T, V,
+            device_index_2d(label), len, lse.const_data_ptr<acc_t>(), lse.stride(0),
+            lse.stride(1), up.const_data_ptr<up_t>(), up.stride(0), inv_T,
+            grad.mutable_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -370,22 +360,18 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_ce_cuda(const at::Tensor& pred
                                                           const at::Tensor& label,
                                                           const at::Tensor& valid_len) {
   check_masked_ce_args(pred, label, valid_len);
-  const int64_t B = pred.size(0), T = pred.size(1), V = pred.size(2);
+  const int64_t B = pred.size(0), T = pred.size(1);
   const c10::cuda::CUDAGuard guard(pred.device());
-  check_label_range_any_device(label, V);  // one host synchronisation
   const auto acc_type = at::toOpMathType(pred.scalar_type());
   at::Tensor loss = at::empty({B}, pred.options());
   at::Tensor lse = at::empty({B, T}, pred.options().dtype(acc_type));
   if (B == 0) return {loss, lse};
   if (T == 0) return {loss.fill_(std::numeric_limits<double>::quiet_NaN()), lse};  // mean of nothing
-  const at::Tensor start = first_masked_step_tensor(valid_len, T);
-  at::Tensor row_loss = at::empty({B, T}, lse.options());
+  const HostLengths len = device_lengths(valid_len);
+  const at::Tensor x = rows_contiguous(pred);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
                                   "masked_softmax_ce_cuda", [&] {
-    if (label.scalar_type() == at::kLong)
-      launch_forward<scalar_t, int64_t>(pred, label, start, lse, row_loss, loss);
-    else
-      launch_forward<scalar_t, int32_t>(pred, label, start, lse, row_loss, loss);
+    launch_forward<scalar_t>(x, label, len.lengths, lse, loss);
   });
   return {loss, lse};
 }
@@ -395,21 +381,29 @@ at::Tensor masked_softmax_ce_backward_cuda(const at::Tensor& grad_loss, const at
                                            const at::Tensor& lse) {
   check_masked_ce_args(pred, label, valid_len);
   check_masked_ce_backward_args(grad_loss, pred, lse);
-  const int64_t T = pred.size(1), V = pred.size(2);
   const c10::cuda::CUDAGuard guard(pred.device());
-  check_label_range_any_device(label, V);  // one host synchronisation
   at::Tensor grad = at::empty_like(pred);
-  if (grad.numel() == 0) return grad;
-  const at::Tensor start = first_masked_step_tensor(valid_len, T);
-  const at::Tensor lse_c = lse.contiguous();
-  const at::Tensor up = grad_loss.to(lse.scalar_type());
+  if (pred.size(0) * pred.size(1) == 0) return grad;
+  const HostLengths len = device_lengths(valid_len);
+  const at::Tensor x = rows_contiguous(pred);
+  // the gradient has pred's layout; with another vocabulary stride it is computed contiguous
+  // (coalesced) and copied once
+  const bool direct = pred.size(2) <= 1 || grad.stride(2) == 1;
+  at::Tensor g = direct ? grad : at::empty(pred.sizes(), pred.options());
+  const auto acc_type = lse.scalar_type();
+  const at::Tensor up = grad_loss.scalar_type() == pred.scalar_type() ||
+                                grad_loss.scalar_type() == acc_type
+                            ? grad_loss
+                            : grad_loss.to(acc_type);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
                                   "masked_softmax_ce_backward_cuda", [&] {
-    if (label.scalar_type() == at::kLong)
-      launch_backward<scalar_t, int64_t>(pred, label, start, lse_c, up, grad);
+    using acc_t = at::opmath_type<scalar_t>;
+    if (up.scalar_type() == pred.scalar_type())
+      launch_backward<scalar_t, scalar_t>(x, label, len.lengths, lse, up, g);
     else
-      launch_backward<scalar_t, int32_t>(pred, label, start, lse_c, up, grad);
+      launch_backward<scalar_t, acc_t>(x, label, len.lengths, lse, up, g);
   });
+  if (!direct) grad.copy_(g);
   return grad;
 }
 

@@ -5,7 +5,8 @@
 // broadcast (B, T, 1, ...) mask. The kernel is a 2-D grid-stride loop: grid.y walks sequences,
 // grid.x walks the flat index j = t * inner + i of one sequence's masked region
 // [start[b] * inner, T * inner), so threads touch only masked elements and never divide when
-// steps are also contiguous (stride(1) == inner).
+// steps are also contiguous (stride(1) == inner). Each sequence's first masked step is computed
+// from valid_len inside the kernel: one launch, no host synchronisation.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
@@ -21,6 +22,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "device_index.cuh"
 
 namespace seq2seq_ext {
 namespace {
@@ -42,12 +44,12 @@ int64_t contiguous_inner(const at::Tensor& X) {
 template <typename scalar_t, bool kStepsContiguous>
 __global__ void sequence_mask_kernel(scalar_t* __restrict__ X, int64_t B, int64_t T,
                                      int64_t inner, int64_t sb, int64_t st,
-                                     const int64_t* __restrict__ start, scalar_t value) {
+                                     DeviceLengths len, scalar_t value) {
   const int64_t span = T * inner;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     scalar_t* base = X + b * sb;
-    for (int64_t j = start[b] * inner + static_cast<int64_t>(blockIdx.x) * blockDim.x +
+    for (int64_t j = first_masked_step(len, b, T) * inner + static_cast<int64_t>(blockIdx.x) * blockDim.x +
                      threadIdx.x;
          j < span; j += step) {
       if constexpr (kStepsContiguous) {
@@ -65,9 +67,9 @@ void mask_cuda_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& va
   check_mask_value(X, value);
   if (X.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(X.device());
-  const at::Tensor start = first_masked_step_tensor(valid_len, steps);
   const int64_t inner = contiguous_inner(X);
   if (inner < 0) {  // rare layouts: a broadcast mask through ATen, no host synchronisation
+    const at::Tensor start = first_masked_step_tensor(valid_len, steps);
     const at::Tensor t = at::arange(steps, start.options());
     std::vector<int64_t> shape(X.dim(), 1);
     shape[0] = batch;
@@ -83,17 +85,17 @@ void mask_cuda_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& va
                            std::max<int64_t>(1, kTargetBlocks / grid_y)));
   const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const HostLengths len = device_lengths(valid_len);
   AT_DISPATCH_ALL_TYPES_AND_COMPLEX_AND3(at::kBool, at::kHalf, at::kBFloat16, X.scalar_type(),
                                          "sequence_mask_cuda", [&] {
     const scalar_t v = mask_value<scalar_t>(value, X.scalar_type());
     scalar_t* data = X.mutable_data_ptr<scalar_t>();
-    const int64_t* s = start.const_data_ptr<int64_t>();
     if (st == inner) {
       sequence_mask_kernel<scalar_t, true>
-          <<<grid, kThreads, 0, stream>>>(data, batch, steps, inner, sb, st, s, v);
+          <<<grid, kThreads, 0, stream>>>(data, batch, steps, inner, sb, st, len.lengths, v);
     } else {
       sequence_mask_kernel<scalar_t, false>
-          <<<grid, kThreads, 0, stream>>>(data, batch, steps, inner, sb, st, s, v);
+          <<<grid, kThreads, 0, stream>>>(data, batch, steps, inner, sb, st, len.lengths, v);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
