@@ -140,9 +140,9 @@ class Animator:
     """
 
     #: Seconds between two PNG writes, at least.
-    min_interval = 5.0
+    min_interval = 10.0
     #: Largest share of the wall time that PNG writes may take.
-    max_share = 0.02
+    max_share = 0.01
 
     def __init__(self, xlabel=None, ylabel=None, legend=None, xlim=None,
                  ylim=None, xscale='linear', yscale='linear',
@@ -168,6 +168,9 @@ class Animator:
             self.config_axes = lambda: None
             return
         self.fig = Figure(figsize=figsize)
+        # fixed margins that fit the labels, rather than bbox_inches='tight' when saving, which
+        # renders the figure twice
+        self.fig.subplots_adjust(left=0.25, bottom=0.19, right=0.96, top=0.96)
         FigureCanvasAgg(self.fig)
         self.axes = self.fig.subplots(nrows, ncols)
         if nrows * ncols == 1:
@@ -232,7 +235,7 @@ class Animator:
         if directory:
             os.makedirs(directory, exist_ok=True)
         begin = time.monotonic()
-        self.fig.savefig(path, format='png', bbox_inches='tight', dpi=120)
+        self.fig.savefig(path, format='png', dpi=120)
         if path == self.out:
             end = time.monotonic()
             self._last_write = (end, end - begin)
