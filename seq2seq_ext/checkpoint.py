@@ -1,5 +1,5 @@
-"""Checkpoints: one file holding a model's weights, both vocabularies, the model configuration
-and the training state.
+"""The checkpoint file format: one file holding a model's weights, both vocabularies, the model
+configuration and the training state.
 
 File format (``FORMAT_VERSION`` 1): a ``torch.save`` zip archive whose pickle holds only plain
 Python values and tensors::
@@ -15,40 +15,35 @@ Python values and tensors::
 
 Safety and reliability:
 
-* Writing is atomic: the bytes go to a temporary file in the destination's directory, which is
-  flushed and ``fsync``-ed, then renamed over the destination with :func:`os.replace`, and the
-  directory is ``fsync``-ed. A save that fails or is killed leaves the previous file untouched.
-  A killed save can leave a hidden ``.<name>.<pid>.<random>.tmp`` file beside the checkpoint; it is
-  never read, and the next save into that directory removes it once its process is gone.
-* Reading never executes code from the file: anything that is not a zip archive is refused
-  without being unpickled (a pickle is only scanned statically, to name the code it references),
-  and zip archives are read with ``torch.load(weights_only=True)``, which refuses any object
-  other than tensors and plain containers.
+* Writing is atomic (:mod:`seq2seq_ext.atomic_io`): a save that fails or is killed leaves the
+  previous file untouched.
+* Reading never executes code from the file (:mod:`seq2seq_ext.safe_load`).
 * The ``sha256`` entry covers every value and every tensor byte, so a flipped bit anywhere in the
   data is detected, not only in the archive's structure.
 * Every refusal is a :class:`CheckpointError` (a :class:`ValueError`) whose message names the
   file and the problem: missing, not a file, empty, truncated or corrupted, not a checkpoint,
   objects that are not allowed, a newer or unknown format version, missing or ill-typed entries,
   weights that do not fit the configuration.
+
+The model configuration is :class:`seq2seq_ext.config.ModelConfig`; the random number generators'
+state is :mod:`seq2seq_ext.train_state`'s. Their names are re-exported here.
 """
 import ctypes
 import errno
 import hashlib
 import os
-import pickle
-import pickletools
-import random
-import re
-import secrets
 
 import torch
 
+from .atomic_io import atomic_write
+from .config import CELLS, MODEL_CONFIG_KEYS, build_model, validate_config
 from .data import Vocab
-from .models import EncoderDecoder, Seq2SeqDecoder, Seq2SeqEncoder
+from .safe_load import CheckpointError, read_checkpoint_file
+from .train_state import capture_rng_state, check_rng_state, restore_rng_state
 
 __all__ = [
-    "FORMAT_TAG", "FORMAT_VERSION", "MODEL_CONFIG_KEYS", "CheckpointError", "validate_config",
-    "vocab_to_state", "vocab_from_state", "build_model", "capture_rng_state",
+    "FORMAT_TAG", "FORMAT_VERSION", "MODEL_CONFIG_KEYS", "CELLS", "CheckpointError",
+    "validate_config", "vocab_to_state", "vocab_from_state", "build_model", "capture_rng_state",
     "restore_rng_state", "save_checkpoint", "load_checkpoint", "load_model",
 ]
 
@@ -57,106 +52,14 @@ FORMAT_TAG = "seq2seq_ext.checkpoint"
 #: The version of the file layout written by :func:`save_checkpoint`; files with a larger
 #: version are refused.
 FORMAT_VERSION = 1
-#: The keys of a model configuration (see :func:`validate_config`).
-MODEL_CONFIG_KEYS = ("cell", "fixed_context", "embed_size", "num_hiddens", "num_layers",
-                     "dropout", "num_steps")
-#: The recurrent cells a configuration may name.
-CELLS = ("gru", "lstm")
 
 _TOP_KEYS = ("format", "version", "config", "model", "src_vocab", "tgt_vocab", "train", "extra")
 _DIGEST_KEY = "sha256"
 _TRAIN_KEYS = ("epoch", "optimizer", "rng")
-_RNG_KEYS = ("torch", "cuda", "python")
-_ZIP_MAGIC = b"PK\x03\x04"
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used: missing, not a file, truncated or corrupted, not a
-    checkpoint, holding objects that are not allowed, of an unknown version, or inconsistent.
-
-    ``path`` is the file concerned (``None`` when there is none).
-    """
-
-    def __init__(self, message, path=None):
-        super().__init__(message)
-        self.path = path
-
-
-# ---------------------------------------------------------------------------
-# Model configuration
-# ---------------------------------------------------------------------------
 
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def validate_config(config):
-    """Check a model configuration and return a plain copy of it.
-
-    ``config`` is a dict with exactly the keys of :data:`MODEL_CONFIG_KEYS`: ``cell`` (``"gru"``
-    or ``"lstm"``), ``fixed_context`` (bool), ``embed_size``, ``num_hiddens``, ``num_layers``,
-    ``num_steps`` (ints >= 1) and ``dropout`` (a number in [0, 1]). The vocabulary sizes are not
-    part of it: they come from the vocabularies. Raises :class:`TypeError` or
-    :class:`ValueError` naming the offending key.
-    """
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    missing = [k for k in MODEL_CONFIG_KEYS if k not in config]
-    if missing:
-        raise ValueError(f"config is missing the key(s) {missing} "
-                         f"(a model configuration has {list(MODEL_CONFIG_KEYS)})")
-    unknown = [k for k in config if k not in MODEL_CONFIG_KEYS]
-    if unknown:
-        raise ValueError(f"config has unknown key(s) {unknown} (a model configuration has "
-                         f"{list(MODEL_CONFIG_KEYS)}; put anything else in extra)")
-    cell = config["cell"]
-    if not isinstance(cell, str) or cell not in CELLS:
-        raise ValueError(f"config['cell'] must be one of {list(CELLS)}, got {cell!r}")
-    if not isinstance(config["fixed_context"], bool):
-        raise TypeError(f"config['fixed_context'] must be a bool, "
-                        f"got {config['fixed_context']!r}")
-    for key in ("embed_size", "num_hiddens", "num_layers", "num_steps"):
-        value = config[key]
-        if not _is_int(value):
-            raise TypeError(f"config[{key!r}] must be an int, got {value!r}")
-        if value < 1:
-            raise ValueError(f"config[{key!r}] must be >= 1, got {value}")
-    dropout = config["dropout"]
-    if not (_is_int(dropout) or isinstance(dropout, float)):
-        raise TypeError(f"config['dropout'] must be a number, got {dropout!r}")
-    if not 0 <= dropout <= 1:
-        raise ValueError(f"config['dropout'] must be in [0, 1], got {dropout}")
-    return {key: config[key] for key in MODEL_CONFIG_KEYS}
-
-
-def build_model(config, src_vocab_size, tgt_vocab_size):
-    """Build the :class:`~seq2seq_ext.models.EncoderDecoder` a configuration describes.
-
-    The encoder is ``Seq2SeqEncoder(src_vocab_size, embed_size, num_hiddens, num_layers,
-    dropout)`` and the decoder ``Seq2SeqDecoder(tgt_vocab_size, ...)``; ``cell`` and
-    ``fixed_context`` are passed as keyword arguments only when they differ from the defaults
-    (``"gru"``, ``False``). The weights are freshly initialised; see :func:`load_model`.
-    """
-    config = validate_config(config)
-    for name, size in (("src_vocab_size", src_vocab_size), ("tgt_vocab_size", tgt_vocab_size)):
-        if not _is_int(size) or size < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {size!r}")
-    enc_kwargs, dec_kwargs = {}, {}
-    if config["cell"] != "gru":
-        enc_kwargs["cell"] = dec_kwargs["cell"] = config["cell"]
-    if config["fixed_context"]:
-        dec_kwargs["fixed_context"] = True
-    args = (config["embed_size"], config["num_hiddens"], config["num_layers"], config["dropout"])
-    try:
-        encoder = Seq2SeqEncoder(src_vocab_size, *args, **enc_kwargs)
-        decoder = Seq2SeqDecoder(tgt_vocab_size, *args, **dec_kwargs)
-    except TypeError as err:
-        if not (enc_kwargs or dec_kwargs):
-            raise
-        raise ValueError(
-            f"the configuration asks for {dict(enc_kwargs, **dec_kwargs)}, which this version "
-            f"of seq2seq_ext.models does not support ({err})") from err
-    return EncoderDecoder(encoder, decoder)
 
 
 def _weights_mismatch(config, src_vocab_size, tgt_vocab_size, state_dict):
@@ -242,65 +145,6 @@ def vocab_from_state(state):
     vocab.token_to_idx = dict(state["token_to_idx"])
     vocab._token_freqs = [(token, freq) for token, freq in state["token_freqs"]]
     return vocab
-
-
-# ---------------------------------------------------------------------------
-# Random number generator state
-# ---------------------------------------------------------------------------
-
-def capture_rng_state():
-    """The state of every random number generator a training run uses.
-
-    ``{"torch": CPU generator state (uint8 tensor), "cuda": list of per-device states, or
-    None when CUDA is not initialised, "python": {"version", "state", "gauss_next"}}`` (Python's
-    ``random`` state as plain ints and lists), ready for :func:`save_checkpoint`'s ``rng``.
-    """
-    cuda = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda = [s.cpu() for s in torch.cuda.get_rng_state_all()]
-    version, internal, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(), "cuda": cuda,
-            "python": {"version": version, "state": list(internal), "gauss_next": gauss_next}}
-
-
-def _check_rng_state(state):
-    if not isinstance(state, dict):
-        raise TypeError(f"an RNG state must be a dict, got {type(state).__name__}")
-    missing = [k for k in _RNG_KEYS if k not in state]
-    if missing:
-        raise ValueError(f"the RNG state is missing {missing}")
-    if not (isinstance(state["torch"], torch.Tensor) and state["torch"].dtype == torch.uint8
-            and state["torch"].dim() == 1):
-        raise TypeError("rng['torch'] must be a 1-D uint8 tensor (torch.get_rng_state())")
-    cuda = state["cuda"]
-    if cuda is not None and not (isinstance(cuda, (list, tuple)) and all(
-            isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in cuda)):
-        raise TypeError("rng['cuda'] must be None or a list of uint8 tensors")
-    py = state["python"]
-    if not (isinstance(py, dict) and _is_int(py.get("version"))
-            and isinstance(py.get("state"), (list, tuple))
-            and all(_is_int(x) for x in py["state"])
-            and (py.get("gauss_next") is None or isinstance(py.get("gauss_next"), float))):
-        raise TypeError("rng['python'] must be {'version': int, 'state': [int], "
-                        "'gauss_next': float or None}")
-
-
-def restore_rng_state(state):
-    """Put back the generator states of :func:`capture_rng_state`.
-
-    The whole state is checked before anything is changed. CUDA states are restored when CUDA
-    is available (for as many devices as both the state and the machine have) and ignored
-    otherwise.
-    """
-    _check_rng_state(state)
-    py = state["python"]
-    py_state = (py["version"], tuple(py["state"]), py["gauss_next"])
-    torch_state = state["torch"].detach().cpu()
-    random.setstate(py_state)
-    torch.set_rng_state(torch_state)
-    if state["cuda"] is not None and torch.cuda.is_available():
-        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state.detach().cpu(), device)
 
 
 # ---------------------------------------------------------------------------
@@ -402,83 +246,6 @@ def _digest(payload):
 
 
 # ---------------------------------------------------------------------------
-# Atomic writing
-# ---------------------------------------------------------------------------
-
-def _temp_pattern(base):
-    return re.compile(r"^\." + re.escape(base) + r"\.(\d+)\.[0-9a-f]{16}\.tmp$")
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process
-        return True
-    return True
-
-
-def _remove_stale_temps(directory, base):
-    """Delete temporary files that killed saves of ``base`` left (their process is gone)."""
-    if os.name != "posix":
-        return
-    pattern = _temp_pattern(base)
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        match = pattern.match(name)
-        if match and int(match.group(1)) != os.getpid() and not _process_alive(
-                int(match.group(1))):
-            try:
-                os.unlink(os.path.join(directory, name))
-            except OSError:
-                pass
-
-
-def _fsync_directory(directory):
-    """Make a rename inside ``directory`` durable (best effort where directories cannot be
-    opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path, write):
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync it and rename it onto
-    ``path``. On any exception the temporary file is removed and ``path`` is left as it was."""
-    directory = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
-    os.makedirs(directory, exist_ok=True)
-    _remove_stale_temps(directory, base)
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    fd = os.open(tmp, flags, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_directory(directory)
-
-
-# ---------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------
 
@@ -529,7 +296,7 @@ def save_checkpoint(path, net, src_vocab, tgt_vocab, config, *, optimizer=None, 
         raise TypeError(f"optimizer must have a state_dict() method, got "
                         f"{type(optimizer).__name__}")
     if rng is not None:
-        _check_rng_state(rng)
+        check_rng_state(rng)
     if extra is None:
         extra = {}
     if not isinstance(extra, dict):
@@ -546,88 +313,13 @@ def save_checkpoint(path, net, src_vocab, tgt_vocab, config, *, optimizer=None, 
                "model": model_state, "src_vocab": src_state, "tgt_vocab": tgt_state,
                "train": train, "extra": _to_cpu(extra)}
     payload[_DIGEST_KEY] = _digest(payload)
-    _atomic_write(path, lambda f: torch.save(payload, f))
+    atomic_write(path, lambda f: torch.save(payload, f))
     return path
 
 
 # ---------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------
-
-_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX",
-                 "BUILD", "EXT1", "EXT2", "EXT4"}
-_STRING_OPCODES = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
-                   "BINSTRING", "SHORT_BINSTRING"}
-
-
-def _describe_non_zip(path):
-    """Why a file that is not a zip archive is refused. A pickle is only parsed with
-    :mod:`pickletools` (which never executes anything) to name the code it references."""
-    names, calls = [], False
-    strings = []
-    try:
-        with open(path, "rb") as f:
-            for opcode, arg, _ in pickletools.genops(f):
-                if opcode.name in _STRING_OPCODES:
-                    strings.append(arg if isinstance(arg, str) else repr(arg))
-                    strings = strings[-2:]
-                elif opcode.name == "GLOBAL" or opcode.name == "INST":
-                    names.append(str(arg).replace(" ", "."))
-                elif opcode.name == "STACK_GLOBAL" and len(strings) == 2:
-                    names.append(".".join(strings))
-                if opcode.name in _CODE_OPCODES:
-                    calls = True
-                if opcode.name == "STOP":
-                    break
-    except Exception:  # not a well-formed pickle either
-        return ("is not a seq2seq_ext checkpoint: it is truncated or corrupted (a checkpoint is "
-                "a zip archive; this file does not start like one)")
-    if names or calls:
-        shown = ", ".join(dict.fromkeys(names)) or "object constructors"
-        return (f"contains objects that are not allowed in a checkpoint (a pickle referencing "
-                f"{shown}); it was refused and nothing in it was executed")
-    return ("is not a seq2seq_ext checkpoint: it is a bare pickle, not the zip archive that "
-            "save_checkpoint writes")
-
-
-_DISALLOWED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-_DISALLOWED = re.compile(r"unsupported global|not an allowed global|unsupported class|"
-                         r"is blocked", re.IGNORECASE)
-
-
-def _short_reason(err):
-    """The first sentence of an exception's message (library messages can be long)."""
-    text = (str(err).strip().splitlines() or [""])[0]
-    if len(text) > 120 and ". " in text:
-        text = text.split(". ")[0]
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def _read_archive(path):
-    """``torch.load(path, weights_only=True)`` to the CPU, with every failure turned into a
-    CheckpointError that says what is wrong."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except MemoryError:
-        raise
-    except pickle.UnpicklingError as err:
-        detail = f"{err} {err.__context__ or ''}"
-        if _DISALLOWED.search(detail):
-            named = _DISALLOWED_GLOBAL.search(detail)
-            what = named.group(1) if named else "an object that is not a tensor or a plain value"
-            raise CheckpointError(
-                f"checkpoint {path!r} contains objects that are not allowed ({what}); "
-                "it was refused with torch.load(weights_only=True) and nothing in it was "
-                "executed", path) from err
-        raise CheckpointError(
-            f"checkpoint {path!r} is corrupted: its data could not be read safely "
-            f"({_short_reason(err.__context__ or err)}); nothing in it was executed",
-            path) from err
-    except Exception as err:  # miniz, seek, decoding and key errors of a damaged archive
-        raise CheckpointError(
-            f"checkpoint {path!r} is truncated or corrupted and cannot be read "
-            f"({_short_reason(err)})", path) from err
-
 
 def _validate_payload(obj, path):
     """Check the loaded object's layout; raise CheckpointError naming the first problem."""
@@ -684,7 +376,7 @@ def _validate_payload(obj, path):
             fail("has an invalid train['optimizer']: expected None or a state dict")
         if train["rng"] is not None:
             try:
-                _check_rng_state(train["rng"])
+                check_rng_state(train["rng"])
             except (TypeError, ValueError) as err:
                 fail(f"has an invalid train['rng']: {err}")
     if not isinstance(obj["extra"], dict):
@@ -712,21 +404,7 @@ def load_checkpoint(path, map_location="cpu"):
         raise TypeError(f"map_location must be a str or torch.device, got "
                         f"{type(map_location).__name__}")
     device = torch.device(map_location)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path!r} not found: no such file", path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} is not a file (a directory?)", path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(_ZIP_MAGIC))
-    except OSError as err:
-        raise CheckpointError(f"checkpoint {path!r} cannot be read: {err}", path) from err
-    if not head:
-        raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes): truncated, or an "
-                              "interrupted copy", path)
-    if head != _ZIP_MAGIC:
-        raise CheckpointError(f"checkpoint {path!r} {_describe_non_zip(path)}", path)
-    obj = _read_archive(path)
+    obj = read_checkpoint_file(path)
     _validate_payload(obj, path)
     if device.type != "cpu":
         obj = _to_device(obj, device)

@@ -242,8 +242,9 @@ def test_build_model_passes_cell_and_fixed_context_only_when_not_default(monkeyp
             return torch.nn.Identity()
         return make
 
-    monkeypatch.setattr(C, "Seq2SeqEncoder", recorder("enc"))
-    monkeypatch.setattr(C, "Seq2SeqDecoder", recorder("dec"))
+    from seq2seq_ext import models  # build_model (seq2seq_ext.config) makes these
+    monkeypatch.setattr(models, "Seq2SeqEncoder", recorder("enc"))
+    monkeypatch.setattr(models, "Seq2SeqDecoder", recorder("dec"))
     build_model(CONFIG, 11, 13)
     assert calls == [("enc", (11, 8, 16, 2, 0.1), {}), ("dec", (13, 8, 16, 2, 0.1), {})]
     calls.clear()
@@ -254,7 +255,7 @@ def test_build_model_passes_cell_and_fixed_context_only_when_not_default(monkeyp
     def old_style(vocab_size, embed_size, num_hiddens, num_layers, dropout=0):
         return torch.nn.Identity()
 
-    monkeypatch.setattr(C, "Seq2SeqEncoder", old_style)
+    monkeypatch.setattr(models, "Seq2SeqEncoder", old_style)
     with pytest.raises(ValueError, match="does not support"):
         build_model(dict(CONFIG, cell="lstm"), 11, 13)
     with pytest.raises(ValueError, match="src_vocab_size"):

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seq2seq_ext import data
+from seq2seq_ext.data import corpus  # the hub and file reading, patched below
 from seq2seq_ext.data import (
     CorpusError, CorpusWarning, DATA_HUB, DATA_URL, Vocab, build_array_nmt,
     count_corpus, download,
@@ -201,7 +202,7 @@ def test_read_data_nmt_path_takes_precedence_over_env(tmp_path, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError('must not download')
 
-    monkeypatch.setattr(data, 'download_extract', no_download)
+    monkeypatch.setattr(corpus, 'download_extract', no_download)
     monkeypatch.setenv(data.DATA_ENV, str(by_env))
     assert read_data_nmt(by_path) == 'Ça\tva\n'
     assert read_data_nmt(str(by_path)) == 'Ça\tva\n'
@@ -213,7 +214,7 @@ def test_read_data_nmt_without_file_or_network_explains_what_to_do(
     def offline(*args, **kwargs):
         raise urllib.error.URLError('no network')
 
-    monkeypatch.setattr(data, 'download', offline)
+    monkeypatch.setattr(corpus, 'download', offline)
     with pytest.raises(RuntimeError) as info:
         read_data_nmt()
     message = str(info.value)
@@ -260,7 +261,7 @@ def test_download_reuses_valid_cache_without_network(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError('must not open a URL')
 
-    monkeypatch.setattr(data.urllib.request, 'urlopen', no_network)
+    monkeypatch.setattr(corpus.urllib.request, 'urlopen', no_network)
     assert download('thing', cache_dir=str(cache)) == str(cache / 'thing.bin')
     with pytest.raises(KeyError):
         download('no such dataset', cache_dir=str(cache))
