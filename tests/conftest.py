@@ -3,9 +3,16 @@
 * Every test runs with ``SEQ2SEQ_EXT_PLOT`` pointing into a temporary directory, so that
   ``train_seq2seq``'s loss curve (``Animator``) never lands as ``loss.png`` in the repository.
 * The backend in force before a test is restored after it, whatever the test selected.
+* Float32 is float32: TF32 is off for matmuls and cuDNN in every test (on Ampere and later GPUs
+  the reference's ``nn.GRU``/``nn.LSTM`` and matmuls may otherwise use TF32, and the float32
+  parity tolerances would fail against the reference, not against the package).
+* ``nn.GRU`` and ``nn.LSTM`` refuse a non-contiguous initial state in every test, on the CPU
+  too, as cuDNN does on a GPU ("rnn: hx is not contiguous"): a test that hands the reference a
+  sliced or transposed state fails here, not first on a GPU.
 * ``fra_eng_path``: the shared English-French corpus (skips when the file is absent).
 * ``small_corpus``: a small generated English-French file in d2l's ``fra.txt`` format.
 """
+import functools
 import os
 from pathlib import Path
 
@@ -36,6 +43,43 @@ def _plot_into_tmp(tmp_path_factory):
         os.environ.pop(PLOT_ENV, None)
     else:
         os.environ[PLOT_ENV] = old
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """TF32 off for matmuls and cuDNN during the test, restored after it."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (matmul.allow_tf32, cudnn.allow_tf32)
+    matmul.allow_tf32 = False
+    cudnn.allow_tf32 = False
+    yield
+    matmul.allow_tf32, cudnn.allow_tf32 = before
+
+
+def _contiguous_state_only(forward, name):
+    """``forward`` of nn.GRU / nn.LSTM that first applies cuDNN's rule on the initial state."""
+    @functools.wraps(forward)
+    def checked(self, input, hx=None):
+        if hx is not None and not torch.compiler.is_compiling():
+            for i, h in enumerate(hx if isinstance(hx, tuple) else (hx,)):
+                if isinstance(h, torch.Tensor) and not h.is_contiguous():
+                    raise AssertionError(
+                        f"{name} called with a non-contiguous initial state (hx[{i}], shape "
+                        f"{tuple(h.shape)}, strides {h.stride()}): cuDNN refuses it on a GPU "
+                        "('rnn: hx is not contiguous'); pass .contiguous()")
+        return forward(self, input, hx)
+    return checked
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _rnn_states_contiguous():
+    """nn.GRU / nn.LSTM refuse non-contiguous initial states for the whole session."""
+    saved = {cls: cls.forward for cls in (torch.nn.GRU, torch.nn.LSTM)}
+    for cls, forward in saved.items():
+        cls.forward = _contiguous_state_only(forward, cls.__name__)
+    yield
+    for cls, forward in saved.items():
+        cls.forward = forward
 
 
 @pytest.fixture(autouse=True)

@@ -817,7 +817,7 @@ def test_gru_decode_step_fuzz(case):
     assert new_state.shape == state.shape
     if batch:
         with torch.no_grad():
-            ref_y, ref_state = dec(token.reshape(-1, 1).long(), state)
+            ref_y, ref_state = dec(token.reshape(-1, 1).long(), state.contiguous())
         tol = dict(rtol=1e-5, atol=1e-5) if state.dtype == torch.float32 else {}
         _close(logits.reshape(batch, -1), ref_y[:, 0], state.dtype, **tol)
         _close(new_state, ref_state, state.dtype, **tol)
@@ -835,7 +835,7 @@ def _reference_greedy(dec, state, bos, eos, num_steps):
     """predict_seq2seq's loop for each sentence of the batch."""
     tokens, lengths = [], []
     for b in range(state.shape[1]):
-        s, x, out = state[:, b:b + 1], torch.tensor([[bos]]), []
+        s, x, out = state[:, b:b + 1].contiguous(), torch.tensor([[bos]]), []
         for _ in range(num_steps):
             with torch.no_grad():
                 Y, s = dec(x, s)

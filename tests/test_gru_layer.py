@@ -32,15 +32,6 @@ F64_TOL = dict(rtol=1e-10, atol=1e-12)
 GRAD_NAMES = ("input", "h0", "w_ih", "w_hh", "b_ih", "b_hh")
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """On a GPU, cuDNN's GRU (the oracle) would use TF32 for float32 by default."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = before
-
-
 def _tol(dtype):
     return F32_TOL if dtype == torch.float32 else F64_TOL
 

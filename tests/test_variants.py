@@ -258,10 +258,11 @@ def _lstm_decoder(vocab, embed, hidden, layers, dtype, device, seed):
 
 
 def _nn_lstm_step(dec, token, h, c, context):
-    """One step with nn.LSTM: embedding, cat with the context, nn.LSTM, dense."""
+    """One step with nn.LSTM: embedding, cat with the context, nn.LSTM, dense. The states go
+    to nn.LSTM contiguous (cuDNN refuses another layout)."""
     with torch.no_grad():
         x = torch.cat((dec.embedding(token.reshape(-1).long()), context), dim=1)[None]
-        out, (h2, c2) = dec.rnn(x, (h, c))
+        out, (h2, c2) = dec.rnn(x, (h.contiguous(), c.contiguous()))
         return dec.dense(out[0]), h2, c2
 
 
