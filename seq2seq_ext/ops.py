@@ -14,7 +14,7 @@ import threading
 
 import torch
 
-from . import reference
+from . import cuda_graphs, reference
 
 try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.seq2seq_ext.*)
@@ -221,8 +221,11 @@ def _gru_backward(ctx, grad_out, grad_hn, grad_saved):
     input, h0, w_ih, w_hh, out, saved = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    grads = _ops.gru_layer_backward(grad_out, grad_hn, input, h0, w_ih, w_hh, out, saved,
-                                    ctx.has_extra)
+    args = (grad_out, grad_hn, input, h0, w_ih, w_hh, out, saved, ctx.has_extra)
+    if cuda_graphs.eligible(*args[:8]):
+        grads = cuda_graphs.gru_layer_backward(*args)  # eager or a replayed CUDA graph
+    else:
+        grads = _ops.gru_layer_backward(*args)
     return (*grads[:6], grads[6] if ctx.has_extra else None)
 
 
@@ -289,6 +292,9 @@ def gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra=None):
     if direct_cpu_call_ok(input):
         # inference on plain CPU tensors: no graph to record, so the kernel is called directly
         output, h_n, _ = _C.gru_layer_cpu(input, h0, w_ih, w_hh, b_ih, b_hh, extra)
+    elif cuda_graphs.eligible(input, h0, w_ih, w_hh, b_ih, b_hh, extra):
+        # CUDA in eager mode: the time loop eager or replayed as a CUDA graph (cuda_graphs.Rule)
+        output, h_n, _ = cuda_graphs.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra)
     else:
         output, h_n, _ = _ops.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra)
     return output, h_n

@@ -1,0 +1,445 @@
+"""CUDA graphs: every op captured in a graph and replayed, the GRU layer's graph path
+(``seq2seq_ext.cuda_graphs``) against its eager path, and the device-side range checks.
+
+The rule and the cache of the graph path are plain Python and are tested on the CPU with stub
+timers and stub graphs; everything that captures or replays needs CUDA and is skipped without
+it.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import seq2seq_ext
+from seq2seq_ext import cuda_graphs, ops
+from seq2seq_ext.models import fused_decoder_args
+
+from helpers import make_decoder, random_ce_inputs, random_state, random_tokens
+
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device (CUDA graphs, device-side asserts)")
+ROOT = Path(__file__).resolve().parents[1]
+OPS = torch.ops.seq2seq_ext
+
+
+@pytest.fixture(autouse=True)
+def _fresh_graph_state():
+    """Each test starts without measured choices or captured graphs, in the default mode."""
+    cuda_graphs.clear()
+    yield
+    cuda_graphs.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# the rule and the cache (CPU: stub timers and stub graphs)
+# ----------------------------------------------------------------------------------------------
+
+class StubTimer:
+    """Returns a fixed time per function name and counts the calls."""
+
+    def __init__(self, eager, graph):
+        self.times = {"eager": eager, "graph": graph}
+        self.calls = []
+
+    def __call__(self, fn):
+        self.calls.append(fn.__name__)
+        return self.times[fn.__name__]
+
+
+def _pair(log):
+    def eager():
+        log.append("eager")
+
+    def graph():
+        log.append("graph")
+    return eager, graph
+
+
+@pytest.mark.parametrize("t_eager, t_graph, expected", [
+    (10.0, 5.0, "graph"), (10.0, 9.0, "graph"), (10.0, 9.9, "eager"), (5.0, 10.0, "eager")])
+def test_rule_keeps_the_faster_path_by_its_margin(t_eager, t_graph, expected):
+    timer = StubTimer(t_eager, t_graph)
+    rule = cuda_graphs.Rule(timer=timer, margin=0.95)
+    log = []
+    assert rule.choose("k", *_pair(log)) == expected
+    assert sorted(timer.calls) == ["eager", "graph"]
+    assert log == ["graph", "eager"]  # one warm-up call each before its timing
+    assert rule.choices() == {"k": (expected, t_eager, t_graph)}
+
+
+def test_rule_measures_once_per_shape_class():
+    timer = StubTimer(10.0, 1.0)
+    rule = cuda_graphs.Rule(timer=timer)
+    log = []
+    for _ in range(4):
+        assert rule.choose("a", *_pair(log)) == "graph"
+    assert len(timer.calls) == 2
+    timer.times = {"eager": 1.0, "graph": 10.0}
+    assert rule.choose("b", *_pair(log)) == "eager"  # another class is measured on its own
+    assert rule.choose("a", *_pair(log)) == "graph"  # the first keeps its choice
+    assert len(timer.calls) == 4
+    rule.clear()
+    assert rule.choose("a", *_pair(log)) == "eager"  # measured again after clear()
+
+
+def test_rule_takes_eager_when_the_graph_fails():
+    timer = StubTimer(10.0, 1.0)
+    rule = cuda_graphs.Rule(timer=timer)
+
+    def eager():
+        pass
+
+    def graph():
+        raise RuntimeError("capture failed")
+    assert rule.choose("k", eager, graph) == "eager"
+    assert rule.choices()["k"] == ("eager", 10.0, None)
+
+
+def test_modes_override_the_measurement():
+    timer = StubTimer(10.0, 1.0)
+    rule = cuda_graphs.Rule(timer=timer)
+    with cuda_graphs.use_mode("eager"):
+        assert cuda_graphs.get_mode() == "eager"
+        assert rule.choose("k", *_pair([])) == "eager"
+        with cuda_graphs.use_mode("graph"):
+            assert rule.choose("k", *_pair([])) == "graph"
+        assert cuda_graphs.get_mode() == "eager"
+    assert cuda_graphs.get_mode() == "auto"
+    assert timer.calls == [] and rule.choices() == {}
+    with pytest.raises(ValueError, match="mode"):
+        cuda_graphs.set_mode("sometimes")
+    with pytest.raises(ValueError, match="mode"):
+        with cuda_graphs.use_mode("never"):
+            pass
+    assert cuda_graphs.get_mode() == "auto"
+
+
+def test_graph_cache_is_bounded_and_least_recently_used():
+    made = []
+
+    def make(key):
+        def factory():
+            made.append(key)
+            return object()
+        return factory
+
+    cache = cuda_graphs.GraphCache(capacity=2)
+    a = cache.get("a", make("a"))
+    cache.get("b", make("b"))
+    assert cache.get("a", make("a")) is a  # a hit: not made again, now the most recent
+    cache.get("c", make("c"))              # drops b, the least recently used
+    assert len(cache) == 2 and made == ["a", "b", "c"]
+    assert cache.get("a", make("a")) is a
+    cache.get("b", make("b"))
+    assert made == ["a", "b", "c", "b"]
+    with pytest.raises(ValueError, match="capacity"):
+        cuda_graphs.GraphCache(capacity=0)
+
+
+def test_cpu_tensors_never_take_the_graph_path(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the CPU path reached the CUDA-graph path")
+    monkeypatch.setattr(cuda_graphs, "gru_layer", refuse)
+    monkeypatch.setattr(cuda_graphs, "gru_layer_backward", refuse)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 6, dtype=torch.float64)
+    w = [torch.randn(s, dtype=torch.float64, requires_grad=True)
+         for s in ((18, 4), (18, 6), (18,), (18,))]
+    with cuda_graphs.use_mode("graph"):
+        assert not cuda_graphs.eligible(x, h0, *w, None)
+        out, h_n = ops.gru_layer(x, h0, *w)
+        (out.sum() + h_n.sum()).backward()
+    assert x.grad is not None and w[1].grad is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# every op in a CUDA graph
+# ----------------------------------------------------------------------------------------------
+
+def _capture(fn, static_args):
+    """fn(*static_args) captured in a CUDA graph (warm-up on a side stream first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(*static_args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*static_args)
+    return graph, out
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+# Graph against eager: the same kernels on the same values, but cuBLAS may pick another GEMM
+# algorithm inside a capture (workspace, alignment of the graph's buffers), so float outputs are
+# compared to float32 rounding; integer outputs exactly.
+CLOSE = dict(rtol=1e-5, atol=1e-6)
+
+
+def _check_replay(fn, static_args, fresh_args):
+    """Capture fn on static_args, copy fresh_args in, replay: the outputs equal an eager call on
+    fresh_args (a stale buffer or a host sync inside the op would fail here)."""
+    graph, out = _capture(fn, static_args)
+    for s, f in zip(static_args, fresh_args):
+        if isinstance(s, torch.Tensor):
+            s.copy_(f)
+    graph.replay()
+    expected = fn(*fresh_args)
+    torch.cuda.synchronize()
+    for got, want in zip(_as_tuple(out), _as_tuple(expected)):
+        torch.testing.assert_close(got, want, **CLOSE)
+
+
+def _ce(seed, dtype=torch.float32, vocab=201):
+    return random_ce_inputs(6, 7, vocab, dtype=dtype, device="cuda", seed=seed)
+
+
+def _decoder_case(seed, cell="gru"):
+    dec = make_decoder(19, 8, 16, 2, device="cuda", seed=seed,
+                       cls=(lambda *a: seq2seq_ext.Seq2SeqDecoder(*a, cell=cell)))
+    return dec
+
+
+CAPTURE_CASES = {}
+
+
+def capture_case(name):
+    def register(fn):
+        CAPTURE_CASES[name] = fn
+        return fn
+    return register
+
+
+@capture_case("masked_softmax_ce")
+def _case_ce():
+    return OPS.masked_softmax_ce, _ce(1), _ce(2)
+
+
+@capture_case("masked_softmax_ce_bf16")
+def _case_ce_bf16():
+    return OPS.masked_softmax_ce, _ce(3, torch.bfloat16, 10000), _ce(4, torch.bfloat16, 10000)
+
+
+@capture_case("masked_softmax_ce_backward")
+def _case_ce_backward():
+    def args(seed):
+        pred, label, valid_len = _ce(seed)
+        _, lse = OPS.masked_softmax_ce(pred, label, valid_len)
+        return (torch.randn(pred.shape[0], device="cuda"), pred, label, valid_len, lse)
+    return OPS.masked_softmax_ce_backward, args(5), args(6)
+
+
+@capture_case("sequence_mask")
+def _case_mask():
+    def args(seed):
+        pred, _, valid_len = _ce(seed)
+        return pred, valid_len.float()
+    return (lambda X, v: OPS.sequence_mask(X, v, -1.0)), args(7), args(8)
+
+
+@capture_case("sequence_mask_")
+def _case_mask_inplace():
+    def fn(X, v):
+        Y = X.clone()
+        OPS.sequence_mask_(Y, v, 0)
+        return Y
+
+    def args(seed):
+        pred, _, valid_len = _ce(seed)
+        return pred, valid_len
+    return fn, args(9), args(10)
+
+
+def _layer_args(seed, extra=True, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 1.2 - 0.6).to("cuda", dtype)
+    T, B, I, H = 9, 5, 7, 12
+    return (r(T, B, I), r(B, H), r(3 * H, I), r(3 * H, H), r(3 * H), r(3 * H),
+            r(B, 3 * H) if extra else None)
+
+
+@capture_case("gru_layer")
+def _case_layer():
+    return OPS.gru_layer, _layer_args(11), _layer_args(12)
+
+
+@capture_case("gru_layer_backward")
+def _case_layer_backward():
+    def args(seed):
+        inp, h0, w_ih, w_hh, b_ih, b_hh, extra = _layer_args(seed)
+        out, _, saved = OPS.gru_layer(inp, h0, w_ih, w_hh, b_ih, b_hh, extra)
+        return (torch.randn_like(out), torch.randn_like(h0), inp, h0, w_ih, w_hh, out, saved,
+                True)
+    return OPS.gru_layer_backward, args(13), args(14)
+
+
+@capture_case("gru_decode_step")
+def _case_decode_step():
+    dec = _decoder_case(15)
+    emb_proj, ctx, weights, dw, db = fused_decoder_args(dec)
+
+    def fn(token, state):
+        return OPS.gru_decode_step(token, state, emb_proj, ctx, list(weights), dw, db)
+
+    def args(seed):
+        return (random_tokens(4, 19, device="cuda", seed=seed),
+                random_state(2, 4, 16, device="cuda", seed=seed))
+    return fn, args(16), args(17)
+
+
+@capture_case("greedy_decode")
+def _case_greedy():
+    dec = _decoder_case(18)
+    emb_proj, ctx, weights, dw, db = fused_decoder_args(dec)
+
+    def fn(state):
+        return OPS.greedy_decode(state, emb_proj, ctx, list(weights), dw, db, 1, 2, 8)
+    return fn, (random_state(2, 4, 16, device="cuda", seed=19),), \
+        (random_state(2, 4, 16, device="cuda", seed=20),)
+
+
+@capture_case("lstm_decode_step")
+def _case_lstm_step():
+    dec = _decoder_case(21, cell="lstm")
+    emb_proj, ctx, weights, dw, db = fused_decoder_args(dec)
+
+    def fn(token, h, c):
+        return OPS.lstm_decode_step(token, h, c, emb_proj, ctx, list(weights), dw, db)
+
+    def args(seed):
+        return (random_tokens(4, 19, device="cuda", seed=seed),
+                random_state(2, 4, 16, device="cuda", seed=seed),
+                random_state(2, 4, 16, device="cuda", seed=seed + 100))
+    return fn, args(22), args(23)
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("name", sorted(CAPTURE_CASES))
+def test_op_can_be_captured_in_a_cuda_graph(name):
+    """No op synchronises with the host (a sync inside a capture raises), and a replay on new
+    inputs gives the eager results."""
+    fn, static_args, fresh_args = CAPTURE_CASES[name]()
+    _check_replay(fn, static_args, fresh_args)
+
+
+# ----------------------------------------------------------------------------------------------
+# the GRU layer's graph path
+# ----------------------------------------------------------------------------------------------
+
+def _layer_with_grads(args, mode):
+    leaves = [a.detach().clone().requires_grad_() if a is not None else None for a in args]
+    with cuda_graphs.use_mode(mode):
+        out, h_n = ops.gru_layer(*leaves)
+        grad_out = torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)
+        torch.autograd.backward([out, h_n], [grad_out, torch.ones_like(h_n)])
+    return out.detach(), h_n.detach(), [l.grad for l in leaves if l is not None]
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("extra", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_graph_path_equals_eager_forward_and_backward(extra, dtype):
+    args = _layer_args(31, extra, dtype)
+    eager = _layer_with_grads(args, "eager")
+    graph = _layer_with_grads(args, "graph")
+    torch.testing.assert_close(graph[0], eager[0], **CLOSE)
+    torch.testing.assert_close(graph[1], eager[1], **CLOSE)
+    for g, e in zip(graph[2], eager[2]):
+        torch.testing.assert_close(g, e, **CLOSE)
+    assert len(cuda_graphs._graphs) == 2  # the forward and the backward, captured once each
+
+
+@NEEDS_CUDA
+def test_graph_path_follows_in_place_weight_updates_and_new_activations():
+    args = list(_layer_args(32))
+    with torch.no_grad(), cuda_graphs.use_mode("graph"):
+        first = ops.gru_layer(*args)
+        args[3].mul_(0.5)                      # w_hh updated in place (an optimizer step)
+        args[0] = args[0] + 0.25               # a new input tensor
+        second = ops.gru_layer(*args)
+    with torch.no_grad(), cuda_graphs.use_mode("eager"):
+        expected = ops.gru_layer(*args)
+    assert not torch.allclose(first[0], second[0])
+    torch.testing.assert_close(second[0], expected[0], **CLOSE)
+    torch.testing.assert_close(second[1], expected[1], **CLOSE)
+    assert len(cuda_graphs._graphs) == 1
+
+
+@NEEDS_CUDA
+def test_auto_mode_measures_each_shape_class_once():
+    args = _layer_args(33)
+    with torch.no_grad():
+        expected = OPS.gru_layer(*args)
+        for _ in range(3):
+            got = ops.gru_layer(*args)
+            torch.testing.assert_close(got[0], expected[0], **CLOSE)
+    choices = cuda_graphs.rule.choices()
+    assert len(choices) == 1
+    (choice, t_eager, t_graph), = choices.values()
+    assert choice in ("eager", "graph") and t_eager > 0 and t_graph > 0
+
+
+@NEEDS_CUDA
+def test_model_training_step_with_graphs_equals_eager():
+    torch.manual_seed(0)
+    net = seq2seq_ext.EncoderDecoder(seq2seq_ext.Seq2SeqEncoder(23, 8, 16, 2),
+                                     seq2seq_ext.Seq2SeqDecoder(29, 8, 16, 2)).cuda()
+    X = torch.randint(0, 23, (6, 7), device="cuda")
+    Y = torch.randint(0, 29, (6, 7), device="cuda")
+    results = []
+    for mode in ("eager", "graph"):
+        net.zero_grad()
+        with cuda_graphs.use_mode(mode):
+            out, _ = net(X, Y)
+            out.square().mean().backward()
+        results.append([out.detach()] + [p.grad.clone() for p in net.parameters()])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, **CLOSE)
+
+
+# ----------------------------------------------------------------------------------------------
+# device-side range checks (each in its own process: a device-side assert ends the context)
+# ----------------------------------------------------------------------------------------------
+
+BAD_INDEX_SCRIPTS = {
+    "label": """
+        import torch, seq2seq_ext
+        pred = torch.randn(2, 3, 5, device="cuda")
+        label = torch.tensor([[0, 1, 2], [3, 5, 0]], device="cuda")
+        loss, _ = torch.ops.seq2seq_ext.masked_softmax_ce(pred, label, torch.tensor([3, 1], device="cuda"))
+        torch.cuda.synchronize()
+    """,
+    "token": """
+        import torch, seq2seq_ext
+        from seq2seq_ext.models import fused_decoder_args
+        dec = seq2seq_ext.Seq2SeqDecoder(7, 4, 6, 2).cuda().eval()
+        state = torch.zeros(2, 3, 6, device="cuda")
+        token = torch.tensor([1, 7, 0], device="cuda")
+        torch.ops.seq2seq_ext.gru_decode_step(token, state, *fused_decoder_args(dec))
+        torch.cuda.synchronize()
+    """,
+}
+BAD_INDEX_MESSAGES = {
+    "label": "label: expected class indices in [0, 5), got 5 at position [1, 1]",
+    "token": "token: expected ids in [0, 7) (the rows of emb_proj), got 7 at position 1",
+}
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("name", sorted(BAD_INDEX_SCRIPTS))
+def test_out_of_range_ids_stop_the_cuda_kernel_with_the_cpu_message(name):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(BAD_INDEX_SCRIPTS[name])],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert BAD_INDEX_MESSAGES[name] in proc.stdout + proc.stderr
+    assert "device-side assert" in proc.stderr
