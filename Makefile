@@ -9,7 +9,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp
 TEST_DEPS := ninja setuptools wheel pybind11 numpy matplotlib tqdm pytest pytest-benchmark \
              hypothesis expecttest sacrebleu
 
-.PHONY: demo test test-all bench bench-pytest gpu cuda-check cmake-check asan clean
+.PHONY: demo test test-all bench bench-pytest gpu gpu-dry-run cuda-check cmake-check asan clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench-pytest: $(STAMP)  ## the pytest-benchmark suites (reference and extension 
 
 gpu:  ## on a GPU machine, with its own python: build with CUDA, test, sanitize, GPU tables
 	$(PYTHON) benchmarks/gpu.py
+
+gpu-dry-run: $(STAMP)  ## gpu.py's CPU rehearsal: every path of the GPU run that needs no CUDA
+	$(VPY) benchmarks/gpu.py --dry-run
 
 cuda-check: $(STAMP)  ## compile every csrc/cuda/*.cu for sm_80 and sm_90 (compile only)
 	PYTHON=$(VPY) bash tools/cuda_check.sh

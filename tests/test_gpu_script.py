@@ -1,0 +1,67 @@
+"""benchmarks/gpu.py's logic that needs no GPU: the build settings, the import check, the phase
+runner's time caps and the report written as the run goes. (CI runs the whole script with
+``--dry-run``; these tests pin the pieces a dry run cannot: a phase that runs out of time, a
+missing module, the architecture taken from the device.)"""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    spec = importlib.util.spec_from_file_location("gpu_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_build_settings(gpu):
+    assert gpu.arch_list((9, 0)) == "9.0" and gpu.arch_list((8, 6)) == "8.6"
+    env = gpu.build_env("/opt/cuda", (9, 0), 16)
+    assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and env["MAX_JOBS"] == "16"
+    assert env["SEQ2SEQ_EXT_CUDA"] == "1" and env["CUDA_HOME"] == "/opt/cuda"
+    assert env["PATH"].startswith("/opt/cuda/bin")
+    assert gpu.find_cuda_home({"CUDA_HOME": "/x"}, lambda name: None) == "/x"
+    assert gpu.find_cuda_home({}, lambda name: "/opt/cuda-13/bin/nvcc") == "/opt/cuda-13"
+
+
+def test_missing_modules_are_named_in_one_line(gpu):
+    missing = gpu.missing_modules({"json": "json", "no_such_module_xyz": "no-such-wheel"})
+    assert missing == ["no-such-wheel"]
+    line = gpu.missing_line(missing)
+    assert "\n" not in line and "no-such-wheel" in line
+
+
+def test_phase_cut_at_its_cap_is_reported_and_the_json_kept(gpu, tmp_path, monkeypatch):
+    report = gpu.Report(tmp_path, ["gpu.py"])
+    code = ("import json, sys, time; print('FAILED tests/x.py::t'); "
+            f"print({gpu.ROW_PREFIX!r} + json.dumps({{'table': 't', 'size': 's', "
+            "'dtype': 'float32', 'seconds': {'package eager': 0.001}, 'errors': {}}), "
+            "flush=True); time.sleep(60)")
+    phase = gpu.run_phase(report, "slow", [sys.executable, "-c", code], 2, None)
+    assert phase["status"] == "timeout" and phase["seconds"] < 30
+    assert phase["failures"] == ["FAILED tests/x.py::t"]
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    assert data["phases"]["slow"]["status"] == "timeout"
+    assert data["tables"][0]["seconds"] == {"package eager": 0.001}  # the row came through
+    assert "FAILED tests/x.py::t" in (tmp_path / "gpu.log").read_text()
+    # a phase with less than MIN_PHASE_S left of the run's budget is skipped
+    monkeypatch.setattr(gpu, "TOTAL_BUDGET_S", report.elapsed() + 1)
+    assert gpu.run_phase(report, "late", [sys.executable, "-c", "pass"], 60, None)["status"] \
+        == "skipped"
+    monkeypatch.setattr(gpu, "TOTAL_BUDGET_S", 10_000)
+    assert gpu.run_phase(report, "quick", [sys.executable, "-c", "pass"], 60, None)["status"] == "passed"
+    report.close()
+    assert json.loads((tmp_path / "gpu.json").read_text())["finished"] is True
+
+
+def test_arguments(gpu):
+    args = gpu.parse_args(["--dry-run", "--out", "d", "--skip", "tests", "sanitizer"])
+    assert args.dry_run and args.out == "d" and args.skip == ["tests", "sanitizer"]
+    with pytest.raises(SystemExit):
+        gpu.parse_args(["--skip", "everything"])
