@@ -11,34 +11,18 @@ ratio table. ``train --nproc N`` runs N processes with ``torch.distributed`` (th
 ``torchrun``).
 """
 import argparse
-import copy
 import os
-import random
 import sys
 
 import torch
 
 from . import checkpoint as ckpt
-from . import data, ops
+from . import data, ops, runs
+from .config import RUN_KEYS, RunConfig
 from .runlock import RunLock, RunLockError
 from .decoding import predict_seq2seq_batch
 from .metrics import bleu, corpus_bleu
-from .training import fit, make_adam
 from .utils import Animator
-
-# The chapter's hyper-parameters, and the ones the built-in corpus trains well with in a minute.
-CHAPTER = dict(embed_size=32, num_hiddens=32, num_layers=2, dropout=0.1, batch_size=64,
-               num_steps=10, lr=0.005, epochs=300, num_examples=600)
-NUMBERS = dict(CHAPTER, num_hiddens=64, epochs=60)
-CHAPTER_EXAMPLES = [('go .', 'va !'), ("i lost .", "j'ai perdu ."),
-                    ("he's calm .", 'il est calme .'), ("i'm home .", 'je suis chez moi .')]
-# What defines a run: a resumed run takes these from its checkpoint.
-RUN_KEYS = ('dataset', 'data', 'num_examples', 'held_out', 'embed_size', 'num_hiddens',
-            'num_layers', 'dropout', 'batch_size', 'num_steps', 'lr', 'seed', 'cell',
-            'fixed_context', 'teacher_forcing', 'amp')
-MODEL_KEYS = ('cell', 'fixed_context', 'embed_size', 'num_hiddens', 'num_layers', 'dropout',
-              'num_steps')
-
 
 class UsageError(Exception):
     """A command-line mistake: reported as ``seq2seq-ext: error: ...`` with exit status 2."""
@@ -49,7 +33,7 @@ def _error_report(exc):
     2 when the command cannot run as given (options, a checkpoint that cannot be used or must
     not be replaced), 1 when it failed while running (a corpus that cannot be read, a file
     system error, a run already holding the checkpoint, anything unexpected)."""
-    if isinstance(exc, (UsageError, ckpt.CheckpointError)):
+    if isinstance(exc, (UsageError, runs.RunError, ckpt.CheckpointError)):
         return 2, str(exc)
     if isinstance(exc, (RunLockError, data.CorpusError)):
         return 1, str(exc)
@@ -99,52 +83,6 @@ def _add_data_args(p, train=True):
                    help='sentences held out from training and scored with BLEU (default 100)')
 
 
-def _read_corpus(dataset, path):
-    if dataset == 'fra-eng':
-        text = data.preprocess_nmt(data.read_data_nmt(path))
-        return [tuple(line.split('\t')) for line in text.split('\n')
-                if len(line.split('\t')) == 2]
-    if not path:
-        raise UsageError("--dataset pairs needs --data PATH (a tab-separated file)")
-    return data.read_pairs_file(path)
-
-
-def _split(run):
-    """``(train_pairs or None, held_out_pairs)`` of a run's data settings; ``None`` for the
-    built-in corpus, whose loader splits it itself."""
-    if run['dataset'] == 'numbers':
-        return None, None
-    pairs = _read_corpus(run['dataset'], run['data'])
-    # the chapter's num_examples semantics: up to num_examples + 1 pairs
-    train = pairs[:run['num_examples'] + 1]
-    held = pairs[run['num_examples'] + 1:][:run['held_out']]
-    if not train:
-        raise UsageError(f"no training pairs in {run['data']}")
-    return train, held
-
-
-def _load_training_data(run):
-    """``(train_iter, src_vocab, tgt_vocab, held_out_pairs, example_pairs)``."""
-    if run['dataset'] == 'numbers':
-        train_iter, src_vocab, tgt_vocab, held = data.load_data_numbers(
-            run['batch_size'], run['num_steps'], num_held_out=run['held_out'], seed=run['seed'])
-        examples = held[:: max(1, len(held) // 4)][:4]
-        return train_iter, src_vocab, tgt_vocab, held, examples
-    train, held = _split(run)
-    train_iter, src_vocab, tgt_vocab = data.load_data_pairs(train, run['batch_size'],
-                                                            run['num_steps'])
-    examples = CHAPTER_EXAMPLES if run['dataset'] == 'fra-eng' else held[:4]
-    return train_iter, src_vocab, tgt_vocab, held, examples
-
-
-def _held_out(run):
-    """The held-out pairs of a run's data settings (as its training saw them)."""
-    if run['dataset'] == 'numbers':
-        return data.load_data_numbers(run['batch_size'], run['num_steps'],
-                                      num_held_out=run['held_out'], seed=run['seed'])[3]
-    return _split(run)[1]
-
-
 # ---------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------
@@ -153,11 +91,11 @@ def _add_train_args(p):
     _add_data_args(p)
     for name in ('embed_size', 'num_hiddens', 'num_layers', 'batch_size', 'num_steps'):
         p.add_argument('--' + name.replace('_', '-'), type=_positive(int), default=None,
-                       help=f'chapter: {CHAPTER[name]}')
+                       help=f'chapter: {RunConfig.CHAPTER[name]}')
     p.add_argument('--dropout', type=_ratio, default=None, help='chapter: 0.1')
     p.add_argument('--lr', type=_positive(float), default=None, help='chapter: 0.005')
     p.add_argument('--epochs', type=_positive(int), default=None,
-                   help=f"chapter: 300 (numbers default: {NUMBERS['epochs']}); with --resume, "
+                   help=f"chapter: 300 (numbers default: {RunConfig.NUMBERS['epochs']}); with --resume, "
                         "the total to reach")
     p.add_argument('--cell', choices=['gru', 'lstm'], default=None,
                    help="the recurrent cell of encoder and decoder (chapter: gru)")
@@ -191,39 +129,6 @@ def _add_train_args(p):
                    help='train with N processes (torch.distributed via torchrun; gloo on CPU, '
                         'NCCL on GPU); the global batch is --batch-size')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
-
-
-def _run_settings(args, saved=None):
-    """The run's settings: the command line's, the chapter's (or the built-in corpus's)
-    defaults, or, when resuming, the checkpoint's."""
-    if saved is not None:
-        for key in RUN_KEYS:
-            given = getattr(args, key, None)
-            if key == 'data' and given is not None:
-                given = os.path.abspath(given)
-            if given is not None and given != saved.get(key) and key != 'dataset':
-                raise UsageError(
-                    f"--{key.replace('_', '-')} {given} differs from the checkpoint's "
-                    f"{saved.get(key)}: a resumed run keeps the settings it was started with")
-        run = dict(saved)
-        run['epochs'] = args.epochs if args.epochs is not None else saved['epochs']
-        return run
-    run = {key: getattr(args, key, None) for key in RUN_KEYS + ('epochs',)}
-    defaults = NUMBERS if run['dataset'] == 'numbers' else CHAPTER
-    defaults = dict(defaults, held_out=100, seed=0, cell='gru', fixed_context=False,
-                    teacher_forcing=1.0)
-    for key, value in defaults.items():
-        if run.get(key) is None:
-            run[key] = value
-    if run['data']:
-        run['data'] = os.path.abspath(run['data'])
-    if run['held_out'] < 0:
-        raise UsageError(f"--held-out must be >= 0, got {run['held_out']}")
-    return run
-
-
-def _model_config(run):
-    return {key: run[key] for key in MODEL_KEYS}
 
 
 def _checkpoint_path(args):
@@ -289,68 +194,42 @@ def _train(args, path):
         torch.set_num_threads(args.threads)
     if args.backend:
         ops.set_backend(args.backend)
-    saved = None
-    if args.resume:
-        saved = ckpt.load_checkpoint(args.resume)
-        if not saved.get('train') or 'run' not in (saved.get('extra') or {}):
-            raise UsageError(f"--resume {args.resume}: the checkpoint has no training state")
-    run = _run_settings(args, saved and saved['extra']['run'])
     device = torch.device(args.device) if args.device else _try_gpu()
+    settings = {key: getattr(args, key, None) for key in RUN_KEYS}
     distributed = dist.init_from_env(device)
     if distributed and device.type == 'cuda':
         device = torch.device('cuda', torch.cuda.current_device())
     main = not distributed or dist.is_main_process()
     say = print if main else (lambda *a, **k: None)
-
-    random.seed(run['seed'])
-    torch.manual_seed(run['seed'])
-    train_iter, src_vocab, tgt_vocab, held, examples = _load_training_data(run)
-    if distributed:
-        train_iter = dist.shard_loader(train_iter.dataset, run['batch_size'], shuffle=True,
-                                       seed=run['seed'])
-    say(f'dataset {run["dataset"]}: {len(train_iter.dataset)} training pairs, '
-        f'vocab {len(src_vocab)} -> {len(tgt_vocab)}, backend {ops.get_backend()}'
+    shard = _shard_for(dist) if distributed else None
+    try:
+        if args.resume:
+            training = runs.resume(args.resume, epochs=args.epochs, device=device,
+                                   checkpoint=path, shard=shard, **settings)
+        else:
+            training = runs.TrainingRun.start(RunConfig(**settings, epochs=args.epochs),
+                                              device=device, checkpoint=path, shard=shard)
+    except BaseException as err:
+        if distributed:
+            dist.cleanup()
+        if isinstance(err, runs.RunError):
+            raise UsageError(str(err)) from None
+        raise
+    run, d = training.run, training.data
+    say(f'dataset {run.dataset}: {len(d.train_iter.dataset)} training pairs, '
+        f'vocab {len(d.src_vocab)} -> {len(d.tgt_vocab)}, backend {ops.get_backend()}'
         + (f', {dist.world_size()} processes' if distributed else ''))
-    net = ckpt.build_model(_model_config(run), len(src_vocab), len(tgt_vocab))
-    history = []
-    start_epoch = 0
-    if saved is not None:
-        _check_same_vocab(saved, src_vocab, tgt_vocab, args.resume)
-        net.load_state_dict(saved['model'])
-    net.to(device)
-    # fit would make the same optimizer; making it here lets the checkpoints hold its state
-    optimizer = make_adam(net.parameters(), run['lr'])
-    if saved is not None:
-        optimizer.load_state_dict(saved['train']['optimizer'])
-        start_epoch = saved['train']['epoch']
-        history = [tuple(h) for h in saved['extra'].get('history', [])]
-        if start_epoch >= run['epochs']:
-            raise UsageError(f"--resume {args.resume}: the run already has {start_epoch} epochs; "
-                             f"pass --epochs above {start_epoch} to continue it")
-        ckpt.restore_rng_state(saved['train']['rng'])
-        say(f'resumed {args.resume} at epoch {start_epoch}')
+    if args.resume:
+        say(f'resumed {args.resume} at epoch {training.start_epoch}')
     plot = _plot_path(args, path)
-    curve = Animator(xlabel='epoch', ylabel='loss', xlim=[0, run['epochs']],
+    curve = Animator(xlabel='epoch', ylabel='loss', xlim=[0, run.epochs],
                      out=plot) if (plot and main) else None
-    for epoch, loss in history:
+    for epoch, loss in training.history:
         if curve is not None:
             curve.add(epoch, (loss,))
-    bar = _progress(run['epochs'], start_epoch, disable=args.no_progress or not main)
-    last = {}
-
-    def snapshot(epoch):
-        # the state at the end of this epoch, kept so that Ctrl-C can save it
-        return dict(epoch=epoch, model=_Frozen(net.state_dict()),
-                    optimizer=_Frozen(optimizer.state_dict()), rng=ckpt.capture_rng_state(),
-                    history=list(history))
-
-    def save(state):
-        ckpt.save_checkpoint(path, state['model'], src_vocab, tgt_vocab, _model_config(run),
-                             optimizer=state['optimizer'], epoch=state['epoch'], rng=state['rng'],
-                             extra=dict(run=run, history=state['history']))
+    bar = _progress(run.epochs, training.start_epoch, disable=args.no_progress or not main)
 
     def on_epoch(epoch, loss, speed):
-        history.append((epoch, loss))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f'{loss:.3f}', tokens_per_s=f'{speed:.0f}')
@@ -358,26 +237,16 @@ def _train(args, path):
             _write(bar, f'epoch {epoch}, loss {loss:.3f}, {speed:.1f} tokens/sec', main)
             if curve is not None:
                 curve.add(epoch, (loss,))
-        if not (main and path):
-            return
-        state = snapshot(epoch)
-        last['state'] = state
-        if epoch % args.save_every == 0 or epoch == run['epochs']:
-            save(state)
 
     try:
-        loss, speed = fit(net, train_iter, run['lr'], run['epochs'], tgt_vocab, device,
-                          on_epoch=on_epoch, plot=False, optimizer=optimizer,
-                          start_epoch=start_epoch, init_weights=saved is None,
-                          teacher_forcing_ratio=run['teacher_forcing'], amp=run['amp'])
-    except KeyboardInterrupt:
+        loss, speed = training.train(on_epoch, save_every=args.save_every, save=main)
+    except runs.TrainingInterrupted as stop:
         if bar is not None:
             bar.close()
         if curve is not None:
             curve.flush()
-        if main and path and 'state' in last:
-            save(last['state'])
-            print(f"\ninterrupted: the checkpoint of epoch {last['state']['epoch']} is in "
+        if main and stop.epoch is not None:
+            print(f"\ninterrupted: the checkpoint of epoch {stop.epoch} is in "
                   f"{os.path.abspath(path)}; continue with: seq2seq-ext train --resume {path}",
                   file=sys.stderr)
         else:
@@ -391,15 +260,16 @@ def _train(args, path):
     if not main:
         return 0
     print(f'loss {loss:.3f}, {speed:.1f} tokens/sec on {str(device)}')
-    srcs = [s for s, _ in examples]
-    for (src, ref), out in zip(examples, predict_seq2seq_batch(
-            net, srcs, src_vocab, tgt_vocab, run['num_steps'], device)):
+    net = training.net
+    srcs = [s for s, _ in d.examples]
+    for (src, ref), out in zip(d.examples, predict_seq2seq_batch(
+            net, srcs, d.src_vocab, d.tgt_vocab, run.num_steps, device)):
         print(f'{src} => {out}, bleu {_sentence_bleu(out, ref):.3f}, '
               + ('right' if out == ref else f'wrong (reference: {ref})'))
-    if held:
-        preds = predict_seq2seq_batch(net, [s for s, _ in held], src_vocab, tgt_vocab,
-                                      run['num_steps'], device)
-        print(_score_line(preds, [t for _, t in held]))
+    if d.held_out:
+        preds = predict_seq2seq_batch(net, [s for s, _ in d.held_out], d.src_vocab, d.tgt_vocab,
+                                      run.num_steps, device)
+        print(_score_line(preds, [t for _, t in d.held_out]))
     if path:
         print(f'checkpoint saved to {os.path.abspath(path)}')
     if curve is not None and curve.save():
@@ -407,22 +277,11 @@ def _train(args, path):
     return 0
 
 
-class _Frozen:
-    """A deep copy of a module's or optimizer's ``state_dict()``, taken at the end of an epoch,
-    that answers ``state_dict()`` like the object it was taken from."""
-
-    def __init__(self, state):
-        self._state = copy.deepcopy(state)
-
-    def state_dict(self):
-        return self._state
-
-
-def _check_same_vocab(saved, src_vocab, tgt_vocab, path):
-    for name, vocab in (('src_vocab', src_vocab), ('tgt_vocab', tgt_vocab)):
-        if ckpt.vocab_from_state(saved[name]).idx_to_token != vocab.idx_to_token:
-            raise UsageError(f"--resume {path}: the data now gives a different {name} than the "
-                             "checkpoint's (has the corpus file changed?)")
+def _shard_for(dist):
+    """One process's share of the batches in multi-process training."""
+    def shard(dataset, run):
+        return dist.shard_loader(dataset, run.batch_size, shuffle=True, seed=run.seed)
+    return shard
 
 
 def _progress(total, initial, disable):
@@ -578,7 +437,7 @@ def cmd_evaluate(args, argv):
         raise UsageError(f'{args.checkpoint} does not say what it was trained on: '
                          'pass --dataset and --data')
     run.setdefault('held_out', 100)
-    held = _held_out(run)
+    held = runs.held_out_pairs(RunConfig.from_dict(run).with_defaults())
     if not held:
         raise UsageError('the held-out split is empty (check --held-out and --num-examples)')
     srcs, refs = [s for s, _ in held], [t for _, t in held]

@@ -60,5 +60,5 @@ __all__ = [
     'truncate_pad', 'build_array_nmt', 'load_array', 'load_data_nmt',
     'read_pairs_file', 'load_data_pairs', 'english_number',
     'french_number', 'number_pairs', 'load_data_numbers', 'CorpusError',
-    'CorpusWarning',
+    'CorpusWarning', 'CACHE_ENV', 'DATA_ENV', 'RESERVED_TOKENS',
 ]

@@ -1,0 +1,74 @@
+"""Training runs as a library (``seq2seq_ext.runs``) and the typed configuration
+(``seq2seq_ext.config``): what the command line's ``train`` is built on."""
+import dataclasses
+
+import pytest
+import torch
+
+from seq2seq_ext import checkpoint
+from seq2seq_ext.config import MODEL_CONFIG_KEYS, RUN_KEYS, ModelConfig, RunConfig
+from seq2seq_ext.runs import RunError, TrainingInterrupted, TrainingRun, resume
+
+SMALL = dict(dataset='numbers', embed_size=8, num_hiddens=16, held_out=20, batch_size=128)
+
+
+def _weights(net):
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def test_config_fields_are_the_one_list_of_keys():
+    assert MODEL_CONFIG_KEYS == tuple(f.name for f in dataclasses.fields(ModelConfig))
+    assert set(MODEL_CONFIG_KEYS) <= set(RUN_KEYS) and 'epochs' not in RUN_KEYS
+    run = RunConfig().with_defaults()
+    assert run.num_hiddens == 64 and run.epochs == 60 and run.cell == 'gru'  # built-in corpus
+    chapter = RunConfig(dataset='fra-eng').with_defaults()
+    assert (chapter.num_hiddens, chapter.epochs, chapter.num_examples) == (32, 300, 600)
+    assert RunConfig(dataset='fra-eng', lr=0.1).with_defaults().lr == 0.1  # given values stay
+    assert chapter.model == ModelConfig()  # the chapter's model is ModelConfig's default
+    assert RunConfig.from_dict(chapter.to_dict()) == chapter
+    with pytest.raises(ValueError, match=r"config\['cell'\]"):
+        ModelConfig(cell='rnn').validate()
+    with pytest.raises(ValueError, match='unknown key'):
+        ModelConfig.from_dict(dict(ModelConfig().to_dict(), colour='red'))
+
+
+def test_a_library_run_resumes_exactly(tmp_path, one_thread):
+    straight = TrainingRun.start(RunConfig(**SMALL, epochs=4), checkpoint='')
+    straight.train()
+    path = tmp_path / 'run.pt'
+    first = TrainingRun.start(RunConfig(**SMALL, epochs=2), checkpoint=str(path))
+    first.train()
+    assert checkpoint.load_checkpoint(path)['train']['epoch'] == 2
+    again = resume(path, epochs=4)
+    assert again.start_epoch == 2 and [e for e, _ in again.history] == [1, 2]
+    again.train()
+    for key, value in _weights(straight.net).items():
+        assert torch.equal(value, again.net.state_dict()[key]), key
+    assert checkpoint.load_checkpoint(path)['train']['epoch'] == 4
+    assert [e for e, _ in again.history] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_what_would_change_the_run(tmp_path, one_thread):
+    path = tmp_path / 'run.pt'
+    TrainingRun.start(RunConfig(**SMALL, epochs=1), checkpoint=str(path)).train()
+    with pytest.raises(RunError, match='--lr 0.1 differs'):
+        resume(path, epochs=3, lr=0.1)
+    with pytest.raises(RunError, match='already has 1 epochs'):
+        resume(path)
+    with pytest.raises(TypeError, match='colour'):
+        resume(path, epochs=3, colour='red')
+    resume(path, epochs=3, lr=0.005, num_hiddens=16)  # the same values are fine
+
+
+def test_an_interrupted_run_saves_its_last_epoch(tmp_path, one_thread):
+    path = tmp_path / 'run.pt'
+    run = TrainingRun.start(RunConfig(**SMALL, epochs=50), checkpoint=str(path))
+
+    def stop_after_three(epoch, loss, speed):
+        if epoch == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(TrainingInterrupted) as stop:
+        run.train(stop_after_three)
+    assert stop.value.epoch == 3 and stop.value.path == str(path)
+    assert checkpoint.load_checkpoint(path)['train']['epoch'] == 3
+    assert resume(path).start_epoch == 3
