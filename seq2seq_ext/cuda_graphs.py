@@ -225,15 +225,18 @@ class CapturedCall:
         return tuple(o.clone() for o in self.outputs)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def eligible(*tensors):
     """True when the graph path may run for these arguments (None entries are ignored): plain
-    CUDA tensors on one device, no torch.compile tracing, no dispatch or function mode, no
+    CUDA tensors or parameters on one device, no torch.compile tracing, no dispatch or function mode, no
     autocast, no capture in progress on the current stream, and a mode other than ``eager``."""
     first = None
     for t in tensors:
         if t is None:
             continue
-        if type(t) is not torch.Tensor or not t.is_cuda:
+        if type(t) not in _PLAIN or not t.is_cuda:
             return False
         if first is None:
             first = t

@@ -402,6 +402,9 @@ def test_model_training_step_with_graphs_equals_eager():
             out, _ = net(X, Y)
             out.square().mean().backward()
         results.append([out.detach()] + [p.grad.clone() for p in net.parameters()])
+        # eager mode captures nothing; graph mode captures the layers (their weights are
+        # nn.Parameter objects) forward and backward
+        assert len(cuda_graphs._graphs) == (0 if mode == "eager" else 8)
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, **CLOSE)
 
