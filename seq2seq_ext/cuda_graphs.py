@@ -143,11 +143,13 @@ class Rule:
 
 
 class GraphCache:
-    """At most ``capacity`` captured calls, least recently used dropped first (each holds its
-    graph's memory pool). ``get(key, make)`` returns the entry for ``key``, made by ``make()``
+    """At most ``capacity`` captured calls, least recently used dropped first. Each entry holds
+    its graph's memory pool and the weights it was captured with (so their addresses stay
+    valid); a model of L layers with its batches of one shape uses 4L entries (forward and
+    backward of encoder and decoder layers). ``get(key, make)`` returns the entry for ``key``, made by ``make()``
     when absent."""
 
-    def __init__(self, capacity=16):
+    def __init__(self, capacity=32):
         if capacity < 1:
             raise ValueError(f"capacity: expected at least 1, got {capacity}")
         self.capacity = capacity
