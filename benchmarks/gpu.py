@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TOTAL_BUDGET_S = 465  # the whole run, start to end, leaves a margin under 8 minutes
 PHASE_CAPS_S = {"build": 140, "tests": 120, "sanitizer-memcheck": 50, "sanitizer-racecheck": 40,
-                "tables": 110}
-PHASES = ("build", "tests", "sanitizer", "tables")
+                "tables": 110, "tests-cli": 90}
+PHASES = ("build", "tests", "sanitizer", "tables", "tests-cli")
 MIN_PHASE_S = 10  # a phase with less time left than this is skipped
 
 # module name -> pip name of everything the build, the tests and the tables import
@@ -58,7 +58,12 @@ REQUIRED_MODULES = {
     "hypothesis": "hypothesis", "expecttest": "expecttest", "matplotlib": "matplotlib",
     "tqdm": "tqdm", "sacrebleu": "sacrebleu",
 }
-TEST_ARGS = ["-m", "not slow", "-k", "cuda", "-q", "-rfE", "-p", "no:cacheprovider", "tests"]
+# -v: one line per test as it ends, so that a phase cut off at its cap still names its failures
+PYTEST_ARGS = ["-m", "not slow", "-v", "--tb=short", "-rfE", "-p", "no:cacheprovider"]
+TEST_PHASES = {
+    "tests": ["-k", "cuda", "tests"],        # the CUDA cases and tests/test_cuda_graphs.py
+    "tests-cli": ["tests/test_cli.py"],      # the commands end to end (on cuda:0), time allowing
+}
 ROW_PREFIX = "GPU-ROW "  # a child's table row on stdout: GPU-ROW {json}
 
 
@@ -196,8 +201,9 @@ def run_phase(report, name, cmd, cap, env, console_filter=None):
                 report.row(row)
                 report.say(format_row(row))
                 continue
-            if line.startswith(("FAILED ", "ERROR ")):
-                failures.append(line)
+            failed = failure_of(line)
+            if failed and failed not in failures:
+                failures.append(failed)
             show = console_filter(line) if console_filter else True
             report.say(line, console=show)
 
@@ -232,10 +238,19 @@ def stop_group(proc):
             continue
 
 
+def failure_of(line):
+    """The failing test a line of pytest -v output (or of its -rfE summary) names, or None."""
+    if line.startswith(("FAILED ", "ERROR ")):
+        return line.split(" ")[1]
+    if line.startswith("tests/") and (" FAILED" in line or " ERROR" in line):
+        return line.split(" ")[0]
+    return None
+
+
 def pytest_summary_or_failure(line):
     """Console filter of the tests phase: failures, errors and pytest's summary lines."""
-    return (line.startswith(("FAILED", "ERROR", "SKIPPED", "=")) or " passed" in line
-            or " failed" in line or "error" in line.lower()[:40])
+    return (failure_of(line) is not None or line.startswith(("SKIPPED", "="))
+            or " passed" in line or " failed" in line)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,9 +398,10 @@ def ce_package(s, device, dtype, mode="eager", dry=False):
     return run
 
 
-def _variants(reference, package):
+def _variants(reference, package, reference_name="reference (cuDNN)"):
+    """The columns of a case; the first is the baseline of the ratios."""
     return {
-        "reference (cuDNN)": lambda s, d, t, dry: reference(s, d, t, dry=dry),
+        reference_name: lambda s, d, t, dry: reference(s, d, t, dry=dry),
         "torch.compile(reference)": lambda s, d, t, dry: reference(s, d, t, compiled=True,
                                                                     dry=dry),
         "package eager": lambda s, d, t, dry: package(s, d, t, mode="eager", dry=dry),
@@ -402,11 +418,11 @@ TABLE_CASES = [
      _variants(step_reference, step_package)),
     ("training step (fwd + loss + bwd)", "e256 h512 b128", LARGE, "float32",
      _variants(step_reference, step_package)),
-    ("masked CE fwd+bwd", "chapter", CHAPTER, "float32", _variants(ce_reference, ce_package)),
+    ("masked CE fwd+bwd", "chapter", CHAPTER, "float32", _variants(ce_reference, ce_package, "reference")),
     ("masked CE fwd+bwd", "b128 t30 v10000", dict(batch=128, steps=30, tgt_vocab=10000),
-     "float32", _variants(ce_reference, ce_package)),
+     "float32", _variants(ce_reference, ce_package, "reference")),
     ("masked CE fwd+bwd", "b128 t30 v10000", dict(batch=128, steps=30, tgt_vocab=10000),
-     "bfloat16", _variants(ce_reference, ce_package)),
+     "bfloat16", _variants(ce_reference, ce_package, "reference")),
 ]
 
 
@@ -448,10 +464,12 @@ def run_tables(device, dry, emit):
             row = time_case(table, "tiny (dry run)" if dry else label,
                             TINY if dry else dict(TINY, **sizes), dtype_name, chosen, device,
                             dry, measure)
+            baseline = next(iter(variants))
             if compiled_pass:
-                row["baseline_s"] = baselines.get(index)
+                row["baseline"], row["baseline_s"] = baseline, baselines.get(index)
             else:
-                baselines[index] = row["seconds"].get("reference (cuDNN)")
+                row["baseline"] = baseline
+                baselines[index] = row["seconds"].get(baseline)
             emit(row)
 
 
@@ -489,10 +507,11 @@ def time_case(table, label, s, dtype_name, variants, device, dry, measure):
 
 def format_row(row):
     secs = row.get("seconds", {})
-    base = secs.get("reference (cuDNN)") or row.get("baseline_s")
+    name0 = row.get("baseline")
+    base = secs.get(name0) or row.get("baseline_s")
     cells = []
     for name, t in secs.items():
-        ratio = f" ({base / t:.2f}x)" if base and t and name != "reference (cuDNN)" else ""
+        ratio = f" ({base / t:.2f}x)" if base and t and name != name0 else ""
         cells.append(f"{name} {t * 1e3:.3f} ms{ratio}")
     for name, err in row.get("errors", {}).items():
         cells.append(f"{name} ERROR {err[:120]}")
@@ -607,7 +626,9 @@ def dry_run(report):
     env = build_env(find_cuda_home(), (9, 0), os.cpu_count() or 1)
     report.say(f"build settings (for a capability 9.0 device): CUDA_HOME={env.get('CUDA_HOME')} "
                f"TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']} MAX_JOBS={env['MAX_JOBS']}")
-    report.say("tests command: " + " ".join([sys.executable, "-m", "pytest", *TEST_ARGS]))
+    for name, selection in TEST_PHASES.items():
+        report.say(f"{name} command: " +
+                   " ".join([sys.executable, "-m", "pytest", *PYTEST_ARGS, *selection]))
     py = [sys.executable, str(Path(__file__).resolve()), "--dry-run"]
     ok = not missing
     for name, child in (("sanitizer", "sanitize"), ("tables", "tables")):
@@ -661,10 +682,7 @@ def gpu_run(report, skip):
             return 1
     rc = 0
     if "tests" not in skip:
-        phase = run_phase(report, "tests", [sys.executable, "-m", "pytest", *TEST_ARGS],
-                          PHASE_CAPS_S["tests"], child_env(),
-                          console_filter=pytest_summary_or_failure)
-        rc |= phase["status"] != "passed"
+        rc |= run_tests(report, "tests")
     if "sanitizer" not in skip:
         sanitizer = shutil.which("compute-sanitizer") or str(
             Path(cuda_home) / "bin" / "compute-sanitizer")
@@ -686,7 +704,16 @@ def gpu_run(report, skip):
                           [sys.executable, str(Path(__file__).resolve()), "--child", "tables"],
                           PHASE_CAPS_S["tables"], child_env())
         rc |= phase["status"] != "passed"
+    if "tests-cli" not in skip:
+        rc |= run_tests(report, "tests-cli")
     return int(rc)
+
+
+def run_tests(report, name):
+    phase = run_phase(report, name,
+                      [sys.executable, "-m", "pytest", *PYTEST_ARGS, *TEST_PHASES[name]],
+                      PHASE_CAPS_S[name], child_env(), console_filter=pytest_summary_or_failure)
+    return phase["status"] != "passed"
 
 
 def main(argv=None):

@@ -45,7 +45,7 @@ def test_phase_cut_at_its_cap_is_reported_and_the_json_kept(gpu, tmp_path, monke
             "flush=True); time.sleep(60)")
     phase = gpu.run_phase(report, "slow", [sys.executable, "-c", code], 2, None)
     assert phase["status"] == "timeout" and phase["seconds"] < 30
-    assert phase["failures"] == ["FAILED tests/x.py::t"]
+    assert phase["failures"] == ["tests/x.py::t"]
     data = json.loads((tmp_path / "gpu.json").read_text())
     assert data["phases"]["slow"]["status"] == "timeout"
     assert data["tables"][0]["seconds"] == {"package eager": 0.001}  # the row came through
@@ -58,6 +58,16 @@ def test_phase_cut_at_its_cap_is_reported_and_the_json_kept(gpu, tmp_path, monke
     assert gpu.run_phase(report, "quick", [sys.executable, "-c", "pass"], 60, None)["status"] == "passed"
     report.close()
     assert json.loads((tmp_path / "gpu.json").read_text())["finished"] is True
+
+
+def test_pytest_failures_are_read_from_verbose_lines_and_the_summary(gpu):
+    assert gpu.failure_of("tests/test_a.py::test_b[cuda] FAILED    [ 10%]") == \
+        "tests/test_a.py::test_b[cuda]"
+    assert gpu.failure_of("FAILED tests/test_a.py::test_b[cuda] - AssertionError") == \
+        "tests/test_a.py::test_b[cuda]"
+    assert gpu.failure_of("ERROR tests/test_a.py::test_c - RuntimeError") == \
+        "tests/test_a.py::test_c"
+    assert gpu.failure_of("tests/test_a.py::test_b[cuda] PASSED    [ 10%]") is None
 
 
 def test_arguments(gpu):
