@@ -234,6 +234,9 @@ def eligible(*tensors):
     """True when the graph path may run for these arguments (None entries are ignored): plain
     CUDA tensors or parameters on one device, no torch.compile tracing, no dispatch or function mode, no
     autocast, no capture in progress on the current stream, and a mode other than ``eager``."""
+    # is_compiling first: Dynamo folds it to True and traces none of the rest
+    if torch.compiler.is_compiling():
+        return False
     first = None
     for t in tensors:
         if t is None:
@@ -244,7 +247,7 @@ def eligible(*tensors):
             first = t
         elif t.device != first.device:
             return False
-    if first is None or get_mode() == "eager" or torch.compiler.is_compiling():
+    if first is None or get_mode() == "eager":
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
