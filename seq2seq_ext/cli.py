@@ -261,15 +261,15 @@ def _train(args, path):
         return 0
     print(f'loss {loss:.3f}, {speed:.1f} tokens/sec on {str(device)}')
     net = training.net
+    if d.held_out:  # the held-out score first: the examples below are a sample of it (numbers)
+        preds = predict_seq2seq_batch(net, [s for s, _ in d.held_out], d.src_vocab, d.tgt_vocab,
+                                      run.num_steps, device)
+        print(_score_line(preds, [t for _, t in d.held_out]))
     srcs = [s for s, _ in d.examples]
     for (src, ref), out in zip(d.examples, predict_seq2seq_batch(
             net, srcs, d.src_vocab, d.tgt_vocab, run.num_steps, device)):
         print(f'{src} => {out}, bleu {_sentence_bleu(out, ref):.3f}, '
               + ('right' if out == ref else f'wrong (reference: {ref})'))
-    if d.held_out:
-        preds = predict_seq2seq_batch(net, [s for s, _ in d.held_out], d.src_vocab, d.tgt_vocab,
-                                      run.num_steps, device)
-        print(_score_line(preds, [t for _, t in d.held_out]))
     if path:
         print(f'checkpoint saved to {os.path.abspath(path)}')
     if curve is not None and curve.save():

@@ -67,6 +67,8 @@ def test_train_numbers_reports_loss_speed_translations_bleu_and_plot(tmp_path):
     held = HELD_OUT_LINE.search(out)
     assert held, out
     assert int(held.group(1)) == 100
+    # the held-out score (with its exact-match rate) comes first, then the marked sample of it
+    assert held.start() < out.index(f'{translations[0][0]} => ')
     assert 0.0 <= float(held.group(2)) <= 1.0
     assert 0.0 <= float(held.group(3)) <= 100.0
     if importlib.util.find_spec('sacrebleu') is not None:
