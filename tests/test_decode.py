@@ -777,10 +777,14 @@ def _assert_unchanged(args, snap):
 def test_step_bad_input_names_argument(device):
     a = _base_args(device)
     token = a["token"]
-    cases = _shared_bad_cases(a, device) + [
+    # token values are checked on the host on the CPU only: a CUDA kernel stops with a
+    # device-side assertion (test_cuda_graphs.py checks it in a process of its own)
+    range_cases = [
         ("token", dict(token=torch.tensor([0, 15, 1], device=device))),
         ("token", dict(token=torch.tensor([0, 1, -1], device=device))),
         ("token", dict(token=torch.tensor([[0], [1000]], device=device).repeat(2, 1)[:3])),
+    ] if device == "cpu" else []
+    cases = _shared_bad_cases(a, device) + range_cases + [
         ("token", dict(token=token[:2])),
         ("token", dict(token=token[:, None].repeat(1, 2))),
         ("token", dict(token=token[None])),
