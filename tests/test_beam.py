@@ -459,7 +459,7 @@ def test_trained_model_matches_reference():
             seq2seq_ext.Seq2SeqEncoder(len(src_vocab), 16, 24, 2),
             seq2seq_ext.Seq2SeqDecoder(len(tgt_vocab), 16, 24, 2))
         losses = []
-        fit(net, train_iter, 0.01, 6, tgt_vocab, "cpu", plot=False,
+        fit(net, train_iter, 0.01, 10, tgt_vocab, "cpu", plot=False,
             on_epoch=lambda epoch, loss, speed: losses.append(loss))
     assert losses[-1] < 0.7 * losses[0]  # it learned something
     sentences = [en for en, _ in held_out]
