@@ -1,8 +1,10 @@
 """Typed wrappers over ``torch.ops.seq2seq_ext.*``: the only place the package calls the library.
 
-Each op has a fake (meta) implementation for ``torch.compile`` / FakeTensor tracing and, where it
-is differentiable, an autograd formula, both registered here. Every public function honours the
-backend switch: under ``"reference"`` it computes the same thing with the pure-PyTorch reference.
+One section per op, named after it, holds all of the op's Python side together: its fake (meta)
+implementation for ``torch.compile`` / FakeTensor tracing, its autograd formula where it is
+differentiable, its autocast rule where it has one, and its public wrapper; the section's header
+names the op's schema, kernels and test file. Every public function honours the backend switch:
+under ``"reference"`` it computes the same thing with the pure-PyTorch reference.
 
 Backend selection, in order of precedence: the :func:`use_backend` context manager,
 :func:`set_backend`, the environment variable ``SEQ2SEQ_EXT_BACKEND`` (``ext`` or ``reference``),
@@ -31,7 +33,7 @@ __all__ = [
     "masked_softmax_ce", "sequence_mask", "sequence_mask_", "gru_decode_step", "greedy_decode",
     "gru_layer", "gru", "has_kernel", "decoder_stepper", "direct_cpu_call_ok",
     "ext_shortcut_ok",
-    "lstm_decode_step",
+    "lstm_decode_step", "enable_autocast_rules",
 ]
 
 BACKENDS = ("ext", "reference")
@@ -92,8 +94,10 @@ _ops = torch.ops.seq2seq_ext
 
 
 # ----------------------------------------------------------------------------------------------
-# fake (meta) implementations
+# shared by the ops: device rule of the fakes, which kernels exist, when a CPU kernel
+# may be called directly
 # ----------------------------------------------------------------------------------------------
+
 
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -111,6 +115,54 @@ def _same_device(ref_name, ref, **others):
                     f"got {t.device}"))
 
 
+@torch.compiler.assume_constant_result  # a constant of the build: no graph break under compile
+def has_kernel(op_name, device):
+    """True when the compiled library has a kernel for ``seq2seq_ext::op_name`` on ``device``."""
+    return _has_kernel(op_name, torch.device(device).type)
+
+
+_kernels = {}  # (op_name, device_type) -> bool; the kernels registered never change
+
+
+def _has_kernel(op_name, device_type):
+    found = _kernels.get((op_name, device_type))
+    if found is None:
+        found = _kernels[(op_name, device_type)] = torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"seq2seq_ext::{op_name}", device_type.upper())
+    return found
+
+
+def direct_cpu_call_ok(state):
+    """True when a CPU kernel may be called directly for ``state``: a plain CPU tensor, no grad
+    mode, no torch.compile tracing, no dispatch or function mode."""
+    return (type(state) is torch.Tensor and state.is_cpu and not torch.is_grad_enabled()
+            and _no_dispatch_hooks())
+
+
+def ext_shortcut_ok():
+    """The Python half of the decoder's per-token shortcut test: the ext backend is in force in
+    this thread (not inside a ``use_backend`` block: the general path honours those) and nothing
+    is being traced by torch.compile. The tensor, grad-mode and dispatch-mode half is the bound
+    stepper's ``try_step``."""
+    return (not torch.compiler.is_compiling() and not _state.stack
+            and (_ENV_BACKEND if _default is None else _default) == "ext")
+
+
+def _no_dispatch_hooks():
+    """No torch.compile tracing, dispatch mode or function mode is active."""
+    # is_compiling first: Dynamo then folds the whole test to False without tracing the rest
+    return (not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled())
+
+
+# ----------------------------------------------------------------------------------------------
+# masked_softmax_ce (+ masked_softmax_ce_backward)
+# csrc/ops.cpp (schema), csrc/cpu/masked_softmax_ce.cpp, csrc/cuda/masked_softmax_ce.cu,
+# tests/ops/test_masked_softmax_ce.py
+# ----------------------------------------------------------------------------------------------
+
+
 @torch.library.register_fake("seq2seq_ext::masked_softmax_ce")
 def _masked_softmax_ce_fake(pred, label, valid_len):
     _same_device("pred", pred, label=label, valid_len=valid_len)
@@ -125,6 +177,41 @@ def _masked_softmax_ce_backward_fake(grad_loss, pred, label, valid_len, lse):
     return torch.empty_like(pred)
 
 
+def _ce_setup_context(ctx, inputs, output):
+    pred, label, valid_len = inputs
+    _, lse = output
+    ctx.save_for_backward(pred, label, valid_len, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _ce_backward(ctx, grad_loss, grad_lse):
+    if not ctx.needs_input_grad[0] or grad_loss is None:
+        return None, None, None
+    pred, label, valid_len, lse = ctx.saved_tensors
+    return _ops.masked_softmax_ce_backward(grad_loss, pred, label, valid_len, lse), None, None
+
+
+torch.library.register_autograd("seq2seq_ext::masked_softmax_ce", _ce_backward,
+                                setup_context=_ce_setup_context)
+
+
+def masked_softmax_ce(pred, label, valid_len):
+    """Per-sequence masked softmax cross-entropy, exactly ``MaskedSoftmaxCELoss()(pred, label,
+    valid_len)``: pred (batch, steps, vocab) with any strides, label (batch, steps) int64/int32,
+    valid_len (batch,). Returns (batch,): the mean over all ``steps`` of the per-token losses,
+    masked tokens contributing 0. Differentiable in ``pred``."""
+    if get_backend() == "reference":
+        return reference.MaskedSoftmaxCELoss()(pred, label, valid_len)
+    return _ops.masked_softmax_ce(pred, label, valid_len)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# sequence_mask (+ the in-place sequence_mask_)
+# csrc/ops.cpp (schema), csrc/cpu/sequence_mask.cpp, csrc/cuda/sequence_mask.cu,
+# tests/ops/test_sequence_mask.py
+# ----------------------------------------------------------------------------------------------
+
+
 @torch.library.register_fake("seq2seq_ext::sequence_mask")
 def _sequence_mask_fake(X, valid_len, value=0):
     _same_device("X", X, valid_len=valid_len)
@@ -137,21 +224,44 @@ def _sequence_mask_inplace_fake(X, valid_len, value=0):
     return None
 
 
-@torch.library.register_fake("seq2seq_ext::gru_decode_step")
-def _gru_decode_step_fake(token, state, emb_proj, ctx_proj, weights, dense_weight, dense_bias):
-    _same_device("state", state, token=token, emb_proj=emb_proj, ctx_proj=ctx_proj,
-                 weights=weights, dense_weight=dense_weight, dense_bias=dense_bias)
-    return (state.new_empty((*token.shape, dense_weight.shape[0])), state.new_empty(state.shape))
+def _mask_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
 
 
-@torch.library.register_fake("seq2seq_ext::greedy_decode")
-def _greedy_decode_fake(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias, bos, eos,
-                        num_steps):
-    _same_device("state", state, emb_proj=emb_proj, ctx_proj=ctx_proj, weights=weights,
-                 dense_weight=dense_weight, dense_bias=dense_bias)
-    batch = state.shape[1]
-    return (state.new_empty((batch, num_steps), dtype=torch.int64),
-            state.new_empty((batch,), dtype=torch.int64))
+def _mask_backward(ctx, grad):
+    (valid_len,) = ctx.saved_tensors
+    return _ops.sequence_mask(grad, valid_len, 0), None, None
+
+
+torch.library.register_autograd("seq2seq_ext::sequence_mask", _mask_backward,
+                                setup_context=_mask_setup_context)
+
+
+def sequence_mask_(X, valid_len, value=0):
+    """``X[b, t, ...] = value`` for ``t >= valid_len[b]``, in place; returns ``X`` (the
+    reference's ``sequence_mask`` semantics). Any dtype."""
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"X: expected a tensor, got {type(X).__name__}")
+    if get_backend() == "reference" or (X.requires_grad and torch.is_grad_enabled()):
+        # the in-place op has no autograd formula: let PyTorch record index_put_
+        return reference.sequence_mask(X, valid_len, value)
+    _ops.sequence_mask_(X, valid_len, value)
+    return X
+
+
+def sequence_mask(X, valid_len, value=0):
+    """Out-of-place sequence mask: a new tensor equal to ``X`` with steps at or after
+    ``valid_len`` set to ``value``. Differentiable in ``X``."""
+    if get_backend() == "reference":
+        return reference.sequence_mask(X.clone(), valid_len, value)
+    return _ops.sequence_mask(X, valid_len, value)
+
+
+# ----------------------------------------------------------------------------------------------
+# gru_layer (+ gru_layer_backward): one GRU layer over a sequence
+# csrc/ops.cpp (schema), csrc/cpu/gru_layer.cpp, csrc/cuda/gru_layer.cu,
+# tests/ops/test_gru_layer.py; its CUDA-graph replay is seq2seq_ext/cuda_graphs.py
+# ----------------------------------------------------------------------------------------------
 
 
 @torch.library.register_fake("seq2seq_ext::gru_layer")
@@ -172,41 +282,6 @@ def _gru_layer_backward_fake(grad_output, grad_hn, input, h0, w_ih, w_hh, output
     return (input.new_empty(input.shape), h0.new_empty(h0.shape), w_ih.new_empty(w_ih.shape),
             w_hh.new_empty(w_hh.shape), w_hh.new_empty((gates,)), w_hh.new_empty((gates,)),
             h0.new_empty((h0.shape[0], gates) if has_extra else (0,)))
-
-
-# ----------------------------------------------------------------------------------------------
-# autograd
-# ----------------------------------------------------------------------------------------------
-
-def _ce_setup_context(ctx, inputs, output):
-    pred, label, valid_len = inputs
-    _, lse = output
-    ctx.save_for_backward(pred, label, valid_len, lse)
-    ctx.mark_non_differentiable(lse)
-
-
-def _ce_backward(ctx, grad_loss, grad_lse):
-    if not ctx.needs_input_grad[0] or grad_loss is None:
-        return None, None, None
-    pred, label, valid_len, lse = ctx.saved_tensors
-    return _ops.masked_softmax_ce_backward(grad_loss, pred, label, valid_len, lse), None, None
-
-
-torch.library.register_autograd("seq2seq_ext::masked_softmax_ce", _ce_backward,
-                                setup_context=_ce_setup_context)
-
-
-def _mask_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
-
-
-def _mask_backward(ctx, grad):
-    (valid_len,) = ctx.saved_tensors
-    return _ops.sequence_mask(grad, valid_len, 0), None, None
-
-
-torch.library.register_autograd("seq2seq_ext::sequence_mask", _mask_backward,
-                                setup_context=_mask_setup_context)
 
 
 def _gru_setup_context(ctx, inputs, output):
@@ -233,55 +308,23 @@ torch.library.register_autograd("seq2seq_ext::gru_layer", _gru_backward,
                                 setup_context=_gru_setup_context)
 
 
-# ----------------------------------------------------------------------------------------------
-# public wrappers
-# ----------------------------------------------------------------------------------------------
-
-def masked_softmax_ce(pred, label, valid_len):
-    """Per-sequence masked softmax cross-entropy, exactly ``MaskedSoftmaxCELoss()(pred, label,
-    valid_len)``: pred (batch, steps, vocab) with any strides, label (batch, steps) int64/int32,
-    valid_len (batch,). Returns (batch,): the mean over all ``steps`` of the per-token losses,
-    masked tokens contributing 0. Differentiable in ``pred``."""
-    if get_backend() == "reference":
-        return reference.MaskedSoftmaxCELoss()(pred, label, valid_len)
-    return _ops.masked_softmax_ce(pred, label, valid_len)[0]
+# The fused GRU layer computes in float32/float64 only; under autocast its floating inputs are
+# cast to float32 (float64 stays float64) and it runs with autocast disabled.
+_FLOAT32_UNDER_AUTOCAST = ("gru_layer",)
 
 
-def sequence_mask_(X, valid_len, value=0):
-    """``X[b, t, ...] = value`` for ``t >= valid_len[b]``, in place; returns ``X`` (the
-    reference's ``sequence_mask`` semantics). Any dtype."""
-    if not isinstance(X, torch.Tensor):
-        raise TypeError(f"X: expected a tensor, got {type(X).__name__}")
-    if get_backend() == "reference" or (X.requires_grad and torch.is_grad_enabled()):
-        # the in-place op has no autograd formula: let PyTorch record index_put_
-        return reference.sequence_mask(X, valid_len, value)
-    _ops.sequence_mask_(X, valid_len, value)
-    return X
-
-
-def sequence_mask(X, valid_len, value=0):
-    """Out-of-place sequence mask: a new tensor equal to ``X`` with steps at or after
-    ``valid_len`` set to ``value``. Differentiable in ``X``."""
-    if get_backend() == "reference":
-        return reference.sequence_mask(X.clone(), valid_len, value)
-    return _ops.sequence_mask(X, valid_len, value)
-
-
-@torch.compiler.assume_constant_result  # a constant of the build: no graph break under compile
-def has_kernel(op_name, device):
-    """True when the compiled library has a kernel for ``seq2seq_ext::op_name`` on ``device``."""
-    return _has_kernel(op_name, torch.device(device).type)
-
-
-_kernels = {}  # (op_name, device_type) -> bool; the kernels registered never change
-
-
-def _has_kernel(op_name, device_type):
-    found = _kernels.get((op_name, device_type))
-    if found is None:
-        found = _kernels[(op_name, device_type)] = torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"seq2seq_ext::{op_name}", device_type.upper())
-    return found
+def enable_autocast_rules(device_type):
+    """Make the extension's ops safe under ``torch.autocast`` on ``device_type``: the fused GRU
+    layer op gets a rule that casts its floating inputs to float32 (float64 stays) and runs it
+    with autocast disabled. Without it, autocast would hand the layer a bfloat16 context
+    projection beside float32 inputs. Idempotent; a rule the op already has is kept."""
+    if not torch.amp.is_autocast_available(device_type):
+        return
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    for name in _FLOAT32_UNDER_AUTOCAST:
+        qualname = f"seq2seq_ext::{name}"
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key):
+            torch.library.register_autocast(qualname, device_type, torch.float32)
 
 
 def gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra=None):
@@ -325,6 +368,21 @@ def gru(input, h0, flat_weights, dropout=0.0, training=False, w_ih0=None, extra0
     return x, torch.stack(states)
 
 
+# ----------------------------------------------------------------------------------------------
+# gru_decode_step: one inference step of the GRU decoder (all layers + output layer)
+# csrc/ops.cpp (schema), csrc/cpu/gru_decode.cpp, csrc/cuda/gru_decode.cu,
+# tests/ops/test_gru_decode_step.py; the bound DecoderStepper (decoder_stepper) runs the
+# same step on a decoder's bound weights
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("seq2seq_ext::gru_decode_step")
+def _gru_decode_step_fake(token, state, emb_proj, ctx_proj, weights, dense_weight, dense_bias):
+    _same_device("state", state, token=token, emb_proj=emb_proj, ctx_proj=ctx_proj,
+                 weights=weights, dense_weight=dense_weight, dense_bias=dense_bias)
+    return (state.new_empty((*token.shape, dense_weight.shape[0])), state.new_empty(state.shape))
+
+
 def gru_decode_step(token, state, emb_proj, ctx_proj, weights, dense_weight, dense_bias):
     """One inference step of ``Seq2SeqDecoder`` for all layers and the output projection.
 
@@ -355,28 +413,21 @@ def decoder_stepper(embedding, weights, dense_weight, dense_bias):
     return _C.DecoderStepper(embedding, list(weights), dense_weight, dense_bias)
 
 
-def direct_cpu_call_ok(state):
-    """True when a CPU kernel may be called directly for ``state``: a plain CPU tensor, no grad
-    mode, no torch.compile tracing, no dispatch or function mode."""
-    return (type(state) is torch.Tensor and state.is_cpu and not torch.is_grad_enabled()
-            and _no_dispatch_hooks())
+# ----------------------------------------------------------------------------------------------
+# greedy_decode: the greedy loop of predict_seq2seq in one call
+# csrc/ops.cpp (schema), csrc/cpu/gru_decode.cpp, csrc/cuda/gru_decode.cu,
+# tests/ops/test_greedy_decode.py
+# ----------------------------------------------------------------------------------------------
 
 
-def ext_shortcut_ok():
-    """The Python half of the decoder's per-token shortcut test: the ext backend is in force in
-    this thread (not inside a ``use_backend`` block: the general path honours those) and nothing
-    is being traced by torch.compile. The tensor, grad-mode and dispatch-mode half is the bound
-    stepper's ``try_step``."""
-    return (not torch.compiler.is_compiling() and not _state.stack
-            and (_ENV_BACKEND if _default is None else _default) == "ext")
-
-
-def _no_dispatch_hooks():
-    """No torch.compile tracing, dispatch mode or function mode is active."""
-    # is_compiling first: Dynamo then folds the whole test to False without tracing the rest
-    return (not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._is_torch_function_mode_enabled())
+@torch.library.register_fake("seq2seq_ext::greedy_decode")
+def _greedy_decode_fake(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias, bos, eos,
+                        num_steps):
+    _same_device("state", state, emb_proj=emb_proj, ctx_proj=ctx_proj, weights=weights,
+                 dense_weight=dense_weight, dense_bias=dense_bias)
+    batch = state.shape[1]
+    return (state.new_empty((batch, num_steps), dtype=torch.int64),
+            state.new_empty((batch,), dtype=torch.int64))
 
 
 def greedy_decode(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias, bos, eos,
@@ -389,7 +440,10 @@ def greedy_decode(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias, 
 
 # ----------------------------------------------------------------------------------------------
 # lstm_decode_step: one inference step of an LSTM decoder
+# csrc/ops.cpp (schema), csrc/cpu/lstm_decode.cpp, csrc/cuda/lstm_decode.cu,
+# tests/ops/test_lstm_decode_step.py
 # ----------------------------------------------------------------------------------------------
+
 
 @torch.library.register_fake("seq2seq_ext::lstm_decode_step")
 def _lstm_decode_step_fake(token, h, c, emb_proj, ctx_proj, weights, dense_weight, dense_bias):

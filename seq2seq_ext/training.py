@@ -16,6 +16,7 @@ from torch import nn
 
 from . import ops, reference
 from .losses import MaskedSoftmaxCELoss
+from .ops import enable_autocast_rules  # the gru_layer op's autocast rule, kept with the op
 from .utils import Animator, Timer
 
 __all__ = ["train_seq2seq", "fit", "make_adam", "grad_clipping", "xavier_init_weights",
@@ -25,11 +26,6 @@ xavier_init_weights = reference.xavier_init_weights
 
 #: The values :func:`fit` accepts for ``amp``.
 AMP_MODES = (None, "bf16")
-
-# The fused GRU layer op computes in float32/float64 only; under autocast its floating inputs are
-# cast to float32 (float64 stays float64) and it runs with autocast disabled.
-_FLOAT32_UNDER_AUTOCAST = ("gru_layer",)
-
 
 def grad_clipping(net, theta):
     """Clip gradients by their global L2 norm, d2l's rule: when the norm exceeds ``theta`` every
@@ -189,20 +185,6 @@ def _check_fit_args(num_epochs, start_epoch, optimizer, amp):
                         f"{type(optimizer).__name__}")
     if amp not in AMP_MODES:
         raise ValueError(f"amp: expected one of {AMP_MODES}, got {amp!r}")
-
-
-def enable_autocast_rules(device_type):
-    """Make the extension's ops safe under ``torch.autocast`` on ``device_type``: the fused GRU
-    layer op gets a rule that casts its floating inputs to float32 (float64 stays) and runs it
-    with autocast disabled. Without it, autocast would hand the layer a bfloat16 context
-    projection beside float32 inputs. Idempotent; a rule the op already has is kept."""
-    if not torch.amp.is_autocast_available(device_type):
-        return
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    for name in _FLOAT32_UNDER_AUTOCAST:
-        qualname = f"seq2seq_ext::{name}"
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key):
-            torch.library.register_autocast(qualname, device_type, torch.float32)
 
 
 def _autocast(amp, device):
