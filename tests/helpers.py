@@ -1,8 +1,11 @@
-"""Helpers shared by the op test files: devices, the oracle's loss, random inputs, decoders."""
+"""Helpers shared by the test files (tests/ and tests/ops/): devices, the oracle's loss, random
+inputs, decoders, tolerances, the decoder's reference step and greedy loop, the decode ops'
+samples and bad input, spies."""
 import torch
 
 import seq2seq_ext
 from seq2seq_ext import reference
+from seq2seq_ext.models import fused_decoder_args
 
 
 def devices():
@@ -18,6 +21,17 @@ def generator(seed):
     g = torch.Generator()
     g.manual_seed(int(seed))
     return g
+
+
+def seeded_randint(hi, shape, seed):
+    """Integers in [0, hi) of ``shape``, drawn on the CPU from a generator seeded with ``seed``."""
+    return torch.randint(0, hi, shape, generator=generator(seed))
+
+
+def seeded_rand(shape, seed, dtype, lo=-0.9, hi=0.9):
+    """Uniform in (lo, hi) of ``shape``, drawn in float64 on the CPU and rounded to ``dtype``."""
+    g = generator(seed)
+    return (torch.rand(shape, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(dtype)
 
 
 def reference_ce(pred, label, valid_len):
@@ -124,3 +138,201 @@ class GreedySpy:
     @property
     def calls(self):
         return self.op_calls + self.stepper_calls
+
+
+class Spy:
+    """``fn`` that counts its calls (``calls``), to be put in its place with monkeypatch."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused GRU layer: tolerances
+# ----------------------------------------------------------------------------------------------
+
+#: The fused GRU layer against nn.GRU: float32 rtol 1e-5 / atol 1e-5 (GEMM, summation and
+#: transcendental rounding differ from nn.GRU's, see tests/ops/test_gru_layer.py), float64 tight.
+GRU_F32_TOL = dict(rtol=1e-5, atol=1e-5)
+GRU_F64_TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def gru_tol(dtype):
+    return GRU_F32_TOL if dtype == torch.float32 else GRU_F64_TOL
+
+
+def assert_close_dict(got, want, tol, what=""):
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **tol,
+                                   msg=lambda m, n=name: f"{what}{n}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding: the reference decoder's step and greedy loop
+# ----------------------------------------------------------------------------------------------
+
+def decode_tol(dtype):
+    """Tolerances of the decode ops against nn.GRU / nn.LSTM and nn.Linear: the kernels'
+    products (dot products or one GEMM) sum in another order than their GEMMs, rtol 1e-5 and
+    atol 1e-5 in float32; float64 at assert_close's defaults."""
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+
+
+def reference_step(ref, token, state):
+    """One step of the chapter's decoder: logits (B, V) and the new state. The state goes to
+    nn.GRU contiguous (cuDNN refuses another layout); the op under test takes it as it is."""
+    with torch.no_grad():
+        Y, new_state = ref(token.reshape(-1, 1).long(), state.contiguous())
+    return Y[:, 0], new_state
+
+
+def fixed_context_step(decoder, token, state, context):
+    """One decoder step whose concatenated context is ``context`` (B, H) instead of
+    state[-1]: embedding, cat, one nn.GRU step, dense."""
+    with torch.no_grad():
+        emb = decoder.embedding(token.reshape(-1).long())
+        x = torch.cat((emb, context), dim=1)[None]
+        out, new_state = decoder.rnn(x, state.contiguous())
+        return decoder.dense(out[0]), new_state
+
+
+def ctx_projection(decoder, context):
+    w_ih0 = decoder.rnn.weight_ih_l0
+    return (context @ w_ih0[:, decoder.embedding.embedding_dim:].t()).detach()
+
+
+def decoder_setup(config, device, seed):
+    vocab, embed, hidden, layers, batch, dtype = config
+    dec = make_decoder(vocab, embed, hidden, layers, dtype=dtype, device=device, seed=seed)
+    state = random_state(layers, batch, hidden, dtype=dtype, device=device, seed=seed)
+    return dec, reference_decoder(dec), state
+
+
+def reference_greedy(ref, state, bos, eos, num_steps, context=None):
+    """predict_seq2seq's loop, one sentence at a time (batch 1, one .item() per token)."""
+    tokens, lengths = [], []
+    for b in range(state.shape[1]):
+        s = state[:, b:b + 1]
+        x = torch.tensor([[bos]], device=state.device)
+        out = []
+        for _ in range(num_steps):
+            if context is None:
+                Y, s = reference_step(ref, x, s)
+            else:
+                Y, s = fixed_context_step(ref, x, s, context[b:b + 1])
+            x = Y.argmax(dim=1, keepdim=True)
+            pred = x.squeeze().type(torch.int32).item()
+            if pred == eos:
+                break
+            out.append(pred)
+        lengths.append(len(out))
+        tokens.append(out + [eos] * (num_steps - len(out)))
+    return tokens, lengths
+
+
+def free_run(ref, state, bos, num_steps, context=None):
+    """The greedy tokens (B, num_steps) without stopping, the whole batch at once."""
+    x = torch.full((state.shape[1],), bos, device=state.device)
+    s, out = state, []
+    for _ in range(num_steps):
+        if context is None:
+            Y, s = reference_step(ref, x, s)
+        else:
+            Y, s = fixed_context_step(ref, x, s, context)
+        x = Y.argmax(dim=1)
+        out.append(x)
+    return torch.stack(out, dim=1).tolist()
+
+
+def pick_eos(free, vocab, num_steps):
+    """The token whose first occurrences spread the sentences' stopping points the most."""
+    def score(v):
+        stops = [row.index(v) if v in row else num_steps for row in free]
+        return (len(set(stops)), sum(s < num_steps for s in stops))
+    return max(range(vocab), key=score)
+
+
+# ----------------------------------------------------------------------------------------------
+# the decode ops (gru_decode_step, greedy_decode): samples and bad input
+# ----------------------------------------------------------------------------------------------
+
+def decode_samples(device):
+    """(decoder, state, context or None, token) samples."""
+    out = []
+    for i, (config, with_ctx) in enumerate([((13, 5, 7, 1, 4, torch.float32), False),
+                                            ((17, 4, 6, 2, 3, torch.float64), True),
+                                            ((11, 3, 5, 3, 1, torch.float32), True),
+                                            ((9, 2, 4, 2, 5, torch.float64), False)]):
+        dec, _, state = decoder_setup(config, device, seed=60 + i)
+        context = (random_state(1, config[4], config[2], dtype=config[5], device=device,
+                                seed=70 + i)[0] if with_ctx else None)
+        token = random_tokens(config[4], config[0], device=device, seed=60 + i)
+        out.append((dec, state, context, token))
+    return out
+
+
+def decode_base_args(device):
+    dec, _, state = decoder_setup((15, 5, 8, 2, 3, torch.float32), device, seed=80)
+    emb_proj, _, weights, dw, db = fused_decoder_args(dec)
+    weights = [w.detach() for w in weights]
+    token = random_tokens(3, 15, device=device, seed=80)
+    ctx = ctx_projection(dec, random_state(1, 3, 8, device=device, seed=81)[0])
+    return dict(token=token, state=state, emb_proj=emb_proj, ctx_proj=ctx, weights=weights,
+                dense_weight=dw.detach(), dense_bias=db.detach())
+
+
+def decode_bad_cases(a, device):
+    """(argument named in the message, replacements) for both decode ops."""
+    w = a["weights"]
+    return [
+        ("weights", dict(weights=w[:4])),
+        ("weights", dict(weights=w + w[:4])),
+        ("weights", dict(weights=w[:-1])),
+        ("weights", dict(weights=[w[0], w[1][:, :5]] + w[2:])),
+        ("weights", dict(weights=[w[0], w[1], w[2][:-1]] + w[3:])),
+        ("weights", dict(weights=[w[0][:, :3]] + w[1:])),
+        ("weights", dict(weights=[w[0].double()] + w[1:])),
+        ("weights", dict(weights=w[:7] + [w[7][None]])),
+        ("state", dict(state=a["state"][0])),
+        ("state", dict(state=a["state"][None])),
+        ("state", dict(state=a["state"].half())),
+        ("state", dict(state=a["state"].to(torch.int64))),
+        ("weights", dict(state=a["state"][:1])),  # two layers' weights for a 1-layer state
+        ("emb_proj", dict(emb_proj=a["emb_proj"][:, :-1])),
+        ("emb_proj", dict(emb_proj=a["emb_proj"].double())),
+        ("emb_proj", dict(emb_proj=a["emb_proj"][0])),
+        ("ctx_proj", dict(ctx_proj=a["ctx_proj"][:2])),
+        ("ctx_proj", dict(ctx_proj=a["ctx_proj"][:, :-1])),
+        ("ctx_proj", dict(ctx_proj=a["ctx_proj"][None])),
+        ("ctx_proj", dict(ctx_proj=a["ctx_proj"].double())),
+        ("dense_weight", dict(dense_weight=a["dense_weight"][:, :-1])),
+        ("dense_weight", dict(dense_weight=a["dense_weight"].double())),
+        ("dense_bias", dict(dense_bias=a["dense_bias"][:-1])),
+        ("dense_bias", dict(dense_bias=a["dense_bias"][None])),
+        ("dense_bias", dict(dense_bias=a["dense_bias"].double())),
+    ]
+
+
+def snapshot(args):
+    out = []
+    for v in args.values():
+        if isinstance(v, torch.Tensor):
+            out.append(v.clone())
+        elif isinstance(v, list):
+            out.append([t.clone() for t in v])
+        else:
+            out.append(v)
+    return out
+
+
+def assert_unchanged(args, snap):
+    for v, s in zip(args.values(), snap):
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, s)
+        elif isinstance(v, list):
+            assert all(torch.equal(t, u) for t, u in zip(v, s))

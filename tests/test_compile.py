@@ -62,7 +62,7 @@ def _emb_proj(decoder):
 
 # ----------------------------------------------------------------------------------------------
 # opcheck: test_aot_dispatch_static (the default test_utils, test_aot_dispatch_dynamic
-# included, run in test_masked_ce.py, test_sequence_mask.py, test_gru_layer.py, test_decode.py)
+# included, run in tests/ops/test_<op>.py)
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,10 +1,10 @@
 """Decoder variants: LSTM cells (``cell="lstm"``) and the fixed-context decoder
-(``fixed_context=True``), and the fused ``lstm_decode_step`` op.
+(``fixed_context=True``). (The fused ``lstm_decode_step`` op itself:
+tests/ops/test_lstm_decode_step.py.)
 
 * the options' validation, state formats and ``state_dict`` compatibility;
 * the LSTM encoder/decoder against a plain PyTorch transcription of the seeds' LSTM models;
-* ``lstm_decode_step`` against ``nn.LSTM`` (random odd sizes, float32/float64, batch 1, vocab 1,
-  1..3 layers), ``opcheck``, bad input;
+* the decoder's fused one-step path for each variant;
 * greedy decoding of an LSTM model under the extension backend equal to the reference's;
 * the fixed context: teacher-forced and step-by-step decoding see the same context (and do not
   with the chapter's rule); extension equal to reference in training and in greedy decoding.
@@ -17,24 +17,18 @@ import torch
 from torch import nn
 
 import seq2seq_ext
-from seq2seq_ext import models, ops, reference
+from seq2seq_ext import ops, reference
 from seq2seq_ext.data import Vocab
-from seq2seq_ext.models import context_projection, fused_decoder_args
+from seq2seq_ext.models import context_projection
 
-from helpers import GreedySpy, devices, generator
+from helpers import GreedySpy, Spy, decode_tol, devices, seeded_rand, seeded_randint
 
-LSTM_STEP = torch.ops.seq2seq_ext.lstm_decode_step
 DEVICES = devices()
 VARIANTS = [("gru", True), ("lstm", False), ("lstm", True)]
 VARIANT_IDS = [f"{c}-{'fixed' if f else 'chapter'}" for c, f in VARIANTS]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _tol(dtype):
-    # the kernels' products sum in another order than nn.LSTM's and nn.Linear's GEMMs
-    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
 
 
 def _build(src_vocab, tgt_vocab, embed, hidden, layers, *, cell="gru", fixed_context=False,
@@ -51,15 +45,6 @@ def _build(src_vocab, tgt_vocab, embed, hidden, layers, *, cell="gru", fixed_con
                 for p in list(enc.rnn.parameters()) + list(dec.rnn.parameters()):
                     p.uniform_(-scale, scale)
     return seq2seq_ext.EncoderDecoder(enc, dec).eval()
-
-
-def _randint(hi, shape, seed):
-    return torch.randint(0, hi, shape, generator=generator(seed))
-
-
-def _rand(shape, seed, dtype, lo=-0.9, hi=0.9):
-    g = generator(seed)
-    return (torch.rand(shape, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +111,7 @@ def test_variant_state_dict_equals_the_reference_variant(cell, fixed):
 @pytest.mark.parametrize("cell,fixed", VARIANTS, ids=VARIANT_IDS)
 def test_state_formats(backend, cell, fixed):
     net = _build(9, 10, 4, 6, 2, cell=cell, fixed_context=fixed, seed=5)
-    X, Y = _randint(9, (3, 5), 1), _randint(10, (3, 4), 2)
+    X, Y = seeded_randint(9, (3, 5), 1), seeded_randint(10, (3, 4), 2)
     with seq2seq_ext.use_backend(backend):
         enc_out = net.encoder(X)
         state = net.decoder.init_state(enc_out)
@@ -157,9 +142,9 @@ def test_lstm_decoder_rejects_a_gru_state():
     enc = seq2seq_ext.Seq2SeqEncoder(9, 4, 6, 2)
     dec = seq2seq_ext.Seq2SeqDecoder(10, 4, 6, 2, cell="lstm")
     with pytest.raises(TypeError, match=r"^enc_outputs\b.*\(h, c\)"):
-        dec.init_state(enc(_randint(9, (2, 3), 0)))
+        dec.init_state(enc(seeded_randint(9, (2, 3), 0)))
     with pytest.raises(TypeError, match=r"^state\b"):
-        dec(_randint(10, (2, 3), 0), torch.zeros(2, 2, 6))
+        dec(seeded_randint(10, (2, 3), 0), torch.zeros(2, 2, 6))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,7 +174,7 @@ def _transcription(net, X, Y, fixed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_lstm_model_matches_transcription(backend, fixed, dtype):
     net = _build(11, 13, 5, 7, 2, cell="lstm", fixed_context=fixed, seed=6).to(dtype)
-    X, Y = _randint(11, (4, 6), 3), _randint(13, (4, 5), 4)
+    X, Y = seeded_randint(11, (4, 6), 3), seeded_randint(13, (4, 5), 4)
     with seq2seq_ext.use_backend(backend):
         output, (h, c) = net.encoder(X)
         state = net.decoder.init_state((output, (h, c)))
@@ -208,7 +193,7 @@ def test_lstm_model_matches_transcription(backend, fixed, dtype):
 def test_lstm_training_gradients_ext_equal_reference(fixed):
     """The LSTM model trained under the extension backend (nn.LSTM + the fused loss) gets the
     reference's loss and gradients."""
-    X, Y = _randint(11, (5, 7), 5), _randint(13, (5, 6), 6)
+    X, Y = seeded_randint(11, (5, 7), 5), seeded_randint(13, (5, 6), 6)
     valid_len = torch.tensor([6, 0, 3, 8, 1])
     grads, losses = [], []
     for backend in ops.BACKENDS:
@@ -228,250 +213,17 @@ def test_lstm_training_gradients_ext_equal_reference(fixed):
 
 
 # ----------------------------------------------------------------------------------------------
-# lstm_decode_step against nn.LSTM
-# ----------------------------------------------------------------------------------------------
-
-# (tgt_vocab, embed, hidden, layers, batch, dtype); the last ones are large enough for the CPU
-# kernel's BLAS path, the others take its dot-product path.
-CONFIGS = [
-    (13, 5, 7, 1, 4, torch.float32),
-    (29, 8, 16, 2, 3, torch.float64),
-    (11, 3, 9, 3, 1, torch.float32),
-    (1, 4, 5, 2, 3, torch.float64),
-    (1, 2, 3, 1, 1, torch.float32),
-    (37, 6, 33, 2, 5, torch.float32),
-    (41, 16, 64, 3, 17, torch.float64),
-    (300, 16, 64, 2, 9, torch.float32),
-]
-CONFIG_IDS = [f"V{v}-E{e}-H{h}-L{l}-B{b}-{str(d)[6:]}" for v, e, h, l, b, d in CONFIGS]
-
-
-def _lstm_decoder(vocab, embed, hidden, layers, dtype, device, seed):
-    """A package LSTM decoder with seeded weights spread wider than the default init."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        dec = seq2seq_ext.Seq2SeqDecoder(vocab, embed, hidden, layers, cell="lstm")
-        with torch.no_grad():
-            for p in dec.rnn.parameters():
-                p.uniform_(-0.6, 0.6)
-    return dec.to(device=device, dtype=dtype).eval()
-
-
-def _nn_lstm_step(dec, token, h, c, context):
-    """One step with nn.LSTM: embedding, cat with the context, nn.LSTM, dense. The states go
-    to nn.LSTM contiguous (cuDNN refuses another layout)."""
-    with torch.no_grad():
-        x = torch.cat((dec.embedding(token.reshape(-1).long()), context), dim=1)[None]
-        out, (h2, c2) = dec.rnn(x, (h.contiguous(), c.contiguous()))
-        return dec.dense(out[0]), h2, c2
-
-
-def _step_setup(config, device, seed):
-    vocab, embed, hidden, layers, batch, dtype = config
-    dec = _lstm_decoder(vocab, embed, hidden, layers, dtype, device, seed)
-    h = _rand((layers, batch, hidden), seed + 1, dtype).to(device)
-    c = _rand((layers, batch, hidden), seed + 2, dtype, -2.0, 2.0).to(device)
-    token = _randint(vocab, (batch,), seed + 3).to(device)
-    return dec, h, c, token
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
-def test_lstm_step_matches_nn_lstm(device, config):
-    dec, h, c, token = _step_setup(config, device, seed=10)
-    vocab, hidden, batch, dtype = config[0], config[2], config[4], config[5]
-    emb_proj, _, weights, dw, db = fused_decoder_args(dec)
-    h0, c0 = h.clone(), c.clone()
-    # the chapter's context rule: h[-1]
-    logits, h2, c2 = LSTM_STEP(token, h, c, emb_proj, None, weights, dw, db)
-    ref_logits, ref_h, ref_c = _nn_lstm_step(dec, token, h, c, h[-1])
-    assert logits.shape == (batch, vocab) and logits.dtype == dtype
-    assert h2.shape == h.shape and c2.shape == c.shape
-    torch.testing.assert_close(logits, ref_logits, **_tol(dtype))
-    torch.testing.assert_close(h2, ref_h, **_tol(dtype))
-    torch.testing.assert_close(c2, ref_c, **_tol(dtype))
-    assert torch.equal(h, h0) and torch.equal(c, c0)
-    # a fixed context through ctx_proj
-    context = _rand((batch, hidden), 77, dtype).to(device)
-    ctx_proj = context_projection(dec, context)
-    logits_f, hf, cf = LSTM_STEP(token, h, c, emb_proj, ctx_proj, weights, dw, db)
-    ref_logits_f, ref_hf, ref_cf = _nn_lstm_step(dec, token, h, c, context)
-    torch.testing.assert_close(logits_f, ref_logits_f, **_tol(dtype))
-    torch.testing.assert_close(hf, ref_hf, **_tol(dtype))
-    torch.testing.assert_close(cf, ref_cf, **_tol(dtype))
-    # (B, 1) ids give (B, 1, V) logits, int32 ids the same numbers
-    logits1, h1, c1 = ops.lstm_decode_step(token[:, None], h, c, emb_proj, None, weights, dw, db)
-    assert logits1.shape == (batch, 1, vocab)
-    assert torch.equal(logits1[:, 0], logits) and torch.equal(h1, h2) and torch.equal(c1, c2)
-    logits32, _, _ = LSTM_STEP(token.int(), h, c, emb_proj, None, weights, dw, db)
-    assert torch.equal(logits32, logits)
-    # the plain PyTorch step of the reference backend
-    with seq2seq_ext.use_backend("reference"):
-        r_logits, r_h, r_c = ops.lstm_decode_step(token, h, c, emb_proj, ctx_proj, weights, dw,
-                                                  db)
-    torch.testing.assert_close(r_logits, logits_f, **_tol(dtype))
-    torch.testing.assert_close(r_h, hf, **_tol(dtype))
-    torch.testing.assert_close(r_c, cf, **_tol(dtype))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_lstm_step_several_steps_and_strided_inputs(device):
-    dec, _, _, _ = _step_setup((17, 6, 11, 2, 5, torch.float64), device, seed=20)
-    # (B, L, H) storage transposed: non-contiguous states; every other token
-    h = _rand((5, 2, 11), 21, torch.float64).to(device).transpose(0, 1)
-    c = _rand((5, 2, 11), 22, torch.float64, -2, 2).to(device).transpose(0, 1)
-    tok = _randint(17, (10,), 23).to(device)[::2]
-    assert not h.is_contiguous() and not tok.is_contiguous()
-    s_ext, s_ref = (h, c), (h, c)
-    args = fused_decoder_args(dec)
-    for _ in range(5):
-        logits, h2, c2 = ops.lstm_decode_step(tok, *s_ext, *args)
-        ref_logits, rh, rc = _nn_lstm_step(dec, tok, *s_ref, s_ref[0][-1])
-        torch.testing.assert_close(logits, ref_logits)
-        torch.testing.assert_close(h2, rh)
-        torch.testing.assert_close(c2, rc)
-        s_ext, s_ref = (h2, c2), (rh, rc)
-        tok = ref_logits.argmax(dim=1)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_lstm_step_with_parameters_requiring_grad(device):
-    dec, h, c, token = _step_setup((15, 5, 8, 2, 3, torch.float32), device, seed=30)
-    emb_proj, _, weights, dw, db = fused_decoder_args(dec)
-    assert weights[0].requires_grad and dw.requires_grad
-    logits, h2, c2 = ops.lstm_decode_step(token, h.requires_grad_(), c, emb_proj, None, weights,
-                                          dw, db)
-    assert not (logits.requires_grad or h2.requires_grad or c2.requires_grad)
-    ref_logits, _, _ = _nn_lstm_step(dec, token, h.detach(), c, h.detach()[-1])
-    torch.testing.assert_close(logits, ref_logits, **_tol(torch.float32))
-
-
-def test_lstm_step_direct_cpu_call_equals_the_op():
-    dec, h, c, token = _step_setup((23, 6, 10, 2, 4, torch.float32), "cpu", seed=35)
-    emb_proj, _, weights, dw, db = fused_decoder_args(dec)
-    stepper = models.decoder_stepper(dec)
-    ctx_proj = context_projection(dec, h[0])
-    for ctx in (None, ctx_proj):
-        want = LSTM_STEP(token[:, None], h, c, emb_proj, ctx, weights, dw, db)
-        got = stepper.lstm_step(token[:, None], h, c, ctx)
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
-
-
-# ----------------------------------------------------------------------------------------------
-# opcheck and bad input
-# ----------------------------------------------------------------------------------------------
-
-def _samples(device):
-    out = []
-    for i, (config, with_ctx) in enumerate([((13, 5, 7, 1, 4, torch.float32), False),
-                                            ((17, 4, 6, 2, 3, torch.float64), True),
-                                            ((11, 3, 5, 3, 1, torch.float32), True),
-                                            ((1, 2, 4, 2, 5, torch.float64), False)]):
-        dec, h, c, token = _step_setup(config, device, seed=40 + 5 * i)
-        ctx = (context_projection(dec, _rand((config[4], config[2]), 90 + i, config[5]).to(device))
-               if with_ctx else None)
-        out.append((dec, h, c, token, ctx))
-    return out
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_lstm_decode_step(device):
-    for i, (dec, h, c, token, ctx) in enumerate(_samples(device)):
-        emb_proj, _, weights, dw, db = fused_decoder_args(dec)
-        if i % 2:
-            token = token[:, None]
-        if i == 0:  # the decoder's parameters as they come: requiring grad
-            weights = list(weights)
-        else:
-            weights, dw, db = [w.detach() for w in weights], dw.detach(), db.detach()
-        torch.library.opcheck(LSTM_STEP, (token, h, c, emb_proj, ctx, weights, dw, db))
-
-
-def _bad_base(device):
-    dec, h, c, token = _step_setup((15, 5, 8, 2, 3, torch.float32), device, seed=50)
-    emb_proj, _, weights, dw, db = fused_decoder_args(dec)
-    ctx = context_projection(dec, _rand((3, 8), 51, torch.float32).to(device))
-    return dict(token=token, h=h, c=c, emb_proj=emb_proj.clone(), ctx_proj=ctx.clone(),
-                weights=[w.detach().clone() for w in weights], dense_weight=dw.detach().clone(),
-                dense_bias=db.detach().clone())
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_lstm_step_bad_input_names_argument(device):
-    a = _bad_base(device)
-    w, h, c, tok = a["weights"], a["h"], a["c"], a["token"]
-    gru_like = seq2seq_ext.Seq2SeqDecoder(15, 5, 8, 2).to(device)  # 3 gates, not 4
-    # token values are checked on the host on the CPU only: a CUDA kernel stops with a
-    # device-side assertion (test_cuda_graphs.py checks it in a process of its own)
-    cases = [
-        ("token", dict(token=torch.tensor([0, 15, 1], device=device))),   # out of range
-        ("token", dict(token=torch.tensor([0, 1, -1], device=device))),
-    ] if device == "cpu" else []
-    cases += [
-        ("h", dict(h=h[0])),                          # wrong rank
-        ("h", dict(h=h[None])),
-        ("h", dict(h=h.half())),
-        ("h", dict(h=h.to(torch.int64))),
-        ("c", dict(c=c[0])),
-        ("c", dict(c=c[:, :2])),                      # mismatched batch
-        ("c", dict(c=c.double())),
-        ("token", dict(token=tok[:2])),               # mismatched batch
-        ("token", dict(token=tok[None])),             # wrong rank
-        ("token", dict(token=tok[:, None].repeat(1, 2))),
-        ("token", dict(token=tok.float())),
-        ("weights", dict(weights=w[:4])),
-        ("weights", dict(weights=w[:-1])),
-        ("weights", dict(weights=[w[0][:, :3]] + w[1:])),
-        ("weights", dict(weights=[w[0].double()] + w[1:])),
-        ("weights", dict(weights=[t.detach() for t in gru_like.rnn._flat_weights])),
-        ("weights", dict(h=h[:1], c=c[:1])),          # two layers' weights for a 1-layer state
-        ("emb_proj", dict(emb_proj=a["emb_proj"][:, :-1])),
-        ("emb_proj", dict(emb_proj=a["emb_proj"][0])),
-        ("emb_proj", dict(emb_proj=a["emb_proj"].double())),
-        ("ctx_proj", dict(ctx_proj=a["ctx_proj"][:2])),   # mismatched batch
-        ("ctx_proj", dict(ctx_proj=a["ctx_proj"][:, :-1])),
-        ("ctx_proj", dict(ctx_proj=a["ctx_proj"][None])),
-        ("dense_weight", dict(dense_weight=a["dense_weight"][:, :-1])),
-        ("dense_bias", dict(dense_bias=a["dense_bias"][:-1])),
-        ("dense_bias", dict(dense_bias=a["dense_bias"].double())),
-    ]
-    if device != "cpu":
-        cases.append(("token", dict(token=tok.cpu())))
-        cases.append(("c", dict(c=c.cpu())))
-    for name, change in cases:
-        args = {**a, **change}
-        snap = {k: ([t.clone() for t in v] if isinstance(v, list) else v.clone())
-                for k, v in args.items()}
-        with pytest.raises(RuntimeError, match=rf"^{re.escape(name)}\b"):
-            LSTM_STEP(**args)
-        for k, v in args.items():  # nothing was written
-            if isinstance(v, list):
-                assert all(torch.equal(x, y) for x, y in zip(v, snap[k])), k
-            else:
-                assert torch.equal(v, snap[k]), k
-
-
-# ----------------------------------------------------------------------------------------------
 # the decoder's fused one-step path
 # ----------------------------------------------------------------------------------------------
-
-class _Spy:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.fn(*args, **kwargs)
-
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cell,fixed", VARIANTS, ids=VARIANT_IDS)
 def test_one_step_inference_is_fused_and_equals_reference(device, cell, fixed, monkeypatch):
     net = _build(9, 12, 5, 8, 2, cell=cell, fixed_context=fixed, seed=60, scale=0.5).to(device)
-    X = _randint(9, (4, 6), 61).to(device)
-    tokens = _randint(12, (4, 3), 62).to(device)
+    X = seeded_randint(9, (4, 6), 61).to(device)
+    tokens = seeded_randint(12, (4, 3), 62).to(device)
     op_name = "lstm_decode_step" if cell == "lstm" else "gru_decode_step"
-    spy = _Spy(getattr(ops, op_name))
+    spy = Spy(getattr(ops, op_name))
     monkeypatch.setattr(ops, op_name, spy)
     # plain CPU inference normally calls the kernel through the decoder's bound stepper; send it
     # through the op here so that the spy sees it
@@ -487,7 +239,7 @@ def test_one_step_inference_is_fused_and_equals_reference(device, cell, fixed, m
                 outs.append(out)
             results[backend] = torch.cat(outs, dim=1)
     assert spy.calls == tokens.shape[1]  # every ext step went through the fused op
-    torch.testing.assert_close(results["ext"], results["reference"], **_tol(torch.float32))
+    torch.testing.assert_close(results["ext"], results["reference"], **decode_tol(torch.float32))
     monkeypatch.undo()
     # the direct CPU call gives the op's numbers (to rounding: the bound stepper sums its
     # products in another order, see DecoderStepper)
@@ -500,7 +252,7 @@ def test_one_step_inference_is_fused_and_equals_reference(device, cell, fixed, m
 @pytest.mark.parametrize("cell,fixed", VARIANTS, ids=VARIANT_IDS)
 def test_one_step_with_grad_is_not_fused_and_differentiable(cell, fixed):
     net = _build(9, 12, 5, 8, 2, cell=cell, fixed_context=fixed, seed=63)
-    X, tok = _randint(9, (3, 4), 64), _randint(12, (3, 1), 65)
+    X, tok = seeded_randint(9, (3, 4), 64), seeded_randint(12, (3, 1), 65)
     state = net.decoder.init_state(net.encoder(X))
     out, _ = net.decoder(tok, state)
     assert out.requires_grad
@@ -511,7 +263,7 @@ def test_one_step_with_grad_is_not_fused_and_differentiable(cell, fixed):
 
 def test_context_projection_follows_weight_updates():
     dec = seq2seq_ext.Seq2SeqDecoder(9, 4, 6, 1, fixed_context=True)
-    context = _rand((2, 6), 66, torch.float32)
+    context = seeded_rand((2, 6), 66, torch.float32)
     first = context_projection(dec, context)
     assert context_projection(dec, context) is first  # cached for the same context
     with torch.no_grad():
@@ -542,17 +294,17 @@ def _teacher_forced_and_stepwise(net, X, Y):
 @pytest.mark.parametrize("backend", ops.BACKENDS)
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_fixed_context_makes_training_and_inference_agree(backend, cell):
-    X, Y = _randint(9, (4, 6), 70), _randint(12, (4, 5), 71)
+    X, Y = seeded_randint(9, (4, 6), 70), seeded_randint(12, (4, 5), 71)
     diffs = {}
     for fixed in (True, False):
         net = _build(9, 12, 5, 8, 2, cell=cell, fixed_context=fixed, seed=72, scale=0.5)
         with seq2seq_ext.use_backend(backend):
             forced, stepwise = _teacher_forced_and_stepwise(net, X, Y)
         # the first step sees the encoder's context either way
-        torch.testing.assert_close(forced[:, 0], stepwise[:, 0], **_tol(torch.float32))
+        torch.testing.assert_close(forced[:, 0], stepwise[:, 0], **decode_tol(torch.float32))
         diffs[fixed] = (forced - stepwise).abs().max().item()
         if fixed:
-            torch.testing.assert_close(forced, stepwise, **_tol(torch.float32))
+            torch.testing.assert_close(forced, stepwise, **decode_tol(torch.float32))
     # the chapter's rule: from the second step on, prediction concatenates the decoder's own
     # state instead of the encoder's, so the logits differ from the teacher-forced ones
     assert diffs[False] > 1e-3, diffs
@@ -561,9 +313,9 @@ def test_fixed_context_makes_training_and_inference_agree(backend, cell):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layers", [1, 2])
 def test_fixed_context_gru_training_ext_equals_reference(dtype, layers, monkeypatch):
-    X, Y = _randint(11, (5, 7), 80), _randint(13, (5, 6), 81)
+    X, Y = seeded_randint(11, (5, 7), 80), seeded_randint(13, (5, 6), 81)
     valid_len = torch.tensor([6, 0, 3, 8, 1])
-    spy = _Spy(ops.gru)
+    spy = Spy(ops.gru)
     monkeypatch.setattr(ops, "gru", spy)
     losses, grads = [], []
     for backend in ops.BACKENDS:
@@ -724,4 +476,4 @@ def test_model_made_in_inference_mode(cell, fixed):
                 change(inf)
             got, got_logits = run(inf)
         assert got == want
-        torch.testing.assert_close(got_logits, want_logits, **_tol(torch.float32))
+        torch.testing.assert_close(got_logits, want_logits, **decode_tol(torch.float32))

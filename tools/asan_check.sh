@@ -8,8 +8,9 @@
 #   PYTHON                 the interpreter with torch and the test dependencies (default .venv/bin/python)
 #   SEQ2SEQ_EXT_BUILD_LOCK a lock file taken (flock) around the compilation, when set, so that
 #                          concurrent builds on a shared machine run one after the other
-#   ASAN_TESTS             the test files to run (default: the op tests, the decoder variants
-#                          and tests/test_fuzz.py)
+#   ASAN_TESTS             the test files to run (default: the op tests in tests/ops, the
+#                          decoder, prediction and model-parity tests that run the ops, the
+#                          decoder variants and tests/test_fuzz.py)
 #   PYTEST_ARGS            extra pytest arguments (default: -q -m "not slow")
 #
 # Exit status: that of pytest; a sanitizer report aborts the interpreter (non-zero status) and is
@@ -20,7 +21,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 case "$PY" in /*) ;; */*) PY="$ROOT/$PY" ;; *) PY="$(command -v "$PY")" ;; esac
 BUILD="$ROOT/build/asan"
-TESTS="${ASAN_TESTS:-tests/test_masked_ce.py tests/test_sequence_mask.py tests/test_decode.py tests/test_gru_layer.py tests/test_variants.py tests/test_fuzz.py}"
+TESTS="${ASAN_TESTS:-tests/ops tests/test_decoder_stepper.py tests/test_decoder_fast_path.py tests/test_predict.py tests/test_model_parity.py tests/test_variants.py tests/test_fuzz.py}"
 PYTEST_ARGS="${PYTEST_ARGS:--q -m 'not slow'}"
 
 echo "== sanitized build in $BUILD"

@@ -1,0 +1,106 @@
+"""``predict_seq2seq`` and ``predict_seq2seq_batch`` against the chapter's
+``reference.predict_seq2seq``: equal translations, through the fused greedy loop (the
+``greedy_decode`` op, or the bound stepper on the CPU) and, under the reference backend,
+without it."""
+import random
+
+import pytest
+import torch
+
+import seq2seq_ext
+from seq2seq_ext import ops, reference
+from seq2seq_ext.data import Vocab
+
+from helpers import GreedySpy, Spy, devices, reference_copy
+
+DEVICES = devices()
+
+
+SRC_WORDS = ["go", ".", "i", "lost", "he's", "calm", "i'm", "home", "run", "!", "who", "?",
+             "wow", "fire", "help", "stop", "wait", "hello", "hi", "we", "try"]
+TGT_WORDS = ["va", "!", "j'ai", "perdu", ".", "il", "est", "riche", "je", "suis", "en",
+             "retard", "?", "cours", "qui", "ça", "alors", "au", "feu", "aide", "arrête"]
+
+
+def _vocabs():
+    src = Vocab([SRC_WORDS], reserved_tokens=["<pad>", "<bos>", "<eos>"])
+    tgt = Vocab([TGT_WORDS], reserved_tokens=["<pad>", "<bos>", "<eos>"])
+    return src, tgt
+
+
+def _nets(src_vocab, tgt_vocab, dtype, seed, layers=2, eos_bias=0.0):
+    torch.manual_seed(seed)
+    encoder = seq2seq_ext.Seq2SeqEncoder(len(src_vocab), 8, 16, layers)
+    decoder = seq2seq_ext.Seq2SeqDecoder(len(tgt_vocab), 8, 16, layers)
+    net = seq2seq_ext.EncoderDecoder(encoder, decoder)
+    net.apply(seq2seq_ext.xavier_init_weights)
+    with torch.no_grad():  # tunes how soon translations end
+        decoder.dense.bias[tgt_vocab["<eos>"]] += eos_bias
+    net = net.to(dtype)
+    ref = reference_copy(net, reference.EncoderDecoder,
+                         reference.Seq2SeqEncoder(len(src_vocab), 8, 16, layers),
+                         reference.Seq2SeqDecoder(len(tgt_vocab), 8, 16, layers))
+    return net, ref
+
+
+def _sentences(n, seed):
+    rng = random.Random(seed)
+    words = SRC_WORDS + ["unknown", "zzz"]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layers", [1, 2])
+def test_predict_seq2seq_matches_reference(device, layers, monkeypatch):
+    src_vocab, tgt_vocab = _vocabs()
+    net, ref = _nets(src_vocab, tgt_vocab, torch.float32, seed={1: 22, 2: 21}[layers],
+                     layers=layers, eos_bias=0.4)
+    net, ref = net.to(device), ref.to(device)
+    spy = GreedySpy(monkeypatch)
+    sentences = ["go .", "i lost .", "he's calm .", "i'm home .", "Wow !", "who ? who ?"]
+    sentences += _sentences(6, seed=layers)
+    outputs = []
+    for sentence in sentences:
+        for num_steps in (1, 4, 10):
+            got = seq2seq_ext.predict_seq2seq(net, sentence, src_vocab, tgt_vocab, num_steps,
+                                              device)
+            expected = reference.predict_seq2seq(ref, sentence, src_vocab, tgt_vocab, num_steps,
+                                                 device)
+            assert got == expected, (sentence, num_steps)
+            outputs.append(got[0])
+    assert spy.calls == 3 * len(sentences)  # the fused greedy loop did the work
+    # on the CPU, through the decoder's bound stepper
+    assert spy.stepper_calls == (spy.calls if device == "cpu" else 0)
+    # the comparison covers translations of several lengths
+    assert len({len(o.split()) for o in outputs}) >= 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_predict_seq2seq_batch_matches_reference(device, dtype):
+    src_vocab, tgt_vocab = _vocabs()
+    net, ref = _nets(src_vocab, tgt_vocab, dtype, seed=30)
+    net, ref = net.to(device), ref.to(device)
+    sentences = _sentences(50, seed=31)
+    num_steps = 9
+    expected = [reference.predict_seq2seq(ref, s, src_vocab, tgt_vocab, num_steps, device)[0]
+                for s in sentences]
+    assert len(set(expected)) >= 5
+    got = seq2seq_ext.predict_seq2seq_batch(net, sentences, src_vocab, tgt_vocab, num_steps,
+                                            device, batch_size=16)
+    assert got == expected
+    assert seq2seq_ext.predict_seq2seq_batch(net, sentences[:7], src_vocab, tgt_vocab,
+                                             num_steps, device) == expected[:7]
+
+
+def test_predict_under_reference_backend_is_the_reference(monkeypatch):
+    src_vocab, tgt_vocab = _vocabs()
+    net, ref = _nets(src_vocab, tgt_vocab, torch.float32, seed=32)
+    spy = Spy(ops.greedy_decode)
+    monkeypatch.setattr(ops, "greedy_decode", spy)
+    with seq2seq_ext.use_backend("reference"):
+        got = [seq2seq_ext.predict_seq2seq(net, s, src_vocab, tgt_vocab, 6, "cpu")
+               for s in ("go .", "i lost .")]
+    assert spy.calls == 0
+    assert got == [reference.predict_seq2seq(ref, s, src_vocab, tgt_vocab, 6, "cpu")
+                   for s in ("go .", "i lost .")]
