@@ -5,6 +5,7 @@ import torch
 
 import seq2seq_ext
 from seq2seq_ext import reference
+from seq2seq_ext.data import Vocab
 from seq2seq_ext.models import fused_decoder_args
 
 
@@ -336,3 +337,17 @@ def assert_unchanged(args, snap):
             assert torch.equal(v, s)
         elif isinstance(v, list):
             assert all(torch.equal(t, u) for t, u in zip(v, s))
+
+
+# the chapter's example words: small vocabularies for the decoding tests
+SRC_WORDS = ["go", ".", "i", "lost", "he's", "calm", "i'm", "home", "run", "!", "who", "?",
+             "wow", "fire", "help", "stop", "wait", "hello", "hi", "we", "try"]
+TGT_WORDS = ["va", "!", "j'ai", "perdu", ".", "il", "est", "riche", "je", "suis", "en",
+             "retard", "?", "cours", "qui", "ça", "alors", "au", "feu", "aide", "arrête"]
+
+
+def toy_vocabs():
+    """(src_vocab, tgt_vocab) of SRC_WORDS / TGT_WORDS with d2l's reserved tokens."""
+    src = Vocab([SRC_WORDS], reserved_tokens=["<pad>", "<bos>", "<eos>"])
+    tgt = Vocab([TGT_WORDS], reserved_tokens=["<pad>", "<bos>", "<eos>"])
+    return src, tgt

@@ -9,23 +9,10 @@ import torch
 
 import seq2seq_ext
 from seq2seq_ext import ops, reference
-from seq2seq_ext.data import Vocab
 
-from helpers import GreedySpy, Spy, devices, reference_copy
+from helpers import SRC_WORDS, GreedySpy, Spy, devices, reference_copy, toy_vocabs as _vocabs
 
 DEVICES = devices()
-
-
-SRC_WORDS = ["go", ".", "i", "lost", "he's", "calm", "i'm", "home", "run", "!", "who", "?",
-             "wow", "fire", "help", "stop", "wait", "hello", "hi", "we", "try"]
-TGT_WORDS = ["va", "!", "j'ai", "perdu", ".", "il", "est", "riche", "je", "suis", "en",
-             "retard", "?", "cours", "qui", "ça", "alors", "au", "feu", "aide", "arrête"]
-
-
-def _vocabs():
-    src = Vocab([SRC_WORDS], reserved_tokens=["<pad>", "<bos>", "<eos>"])
-    tgt = Vocab([TGT_WORDS], reserved_tokens=["<pad>", "<bos>", "<eos>"])
-    return src, tgt
 
 
 def _nets(src_vocab, tgt_vocab, dtype, seed, layers=2, eos_bias=0.0):

@@ -18,10 +18,10 @@ from torch import nn
 
 import seq2seq_ext
 from seq2seq_ext import ops, reference
-from seq2seq_ext.data import Vocab
 from seq2seq_ext.models import context_projection
 
-from helpers import GreedySpy, Spy, decode_tol, devices, seeded_rand, seeded_randint
+from helpers import (SRC_WORDS, GreedySpy, Spy, decode_tol, devices, seeded_rand, seeded_randint,
+                     toy_vocabs as _vocabs)
 
 DEVICES = devices()
 VARIANTS = [("gru", True), ("lstm", False), ("lstm", True)]
@@ -336,17 +336,6 @@ def test_fixed_context_gru_training_ext_equals_reference(dtype, layers, monkeypa
 # ----------------------------------------------------------------------------------------------
 # greedy decoding of the variants
 # ----------------------------------------------------------------------------------------------
-
-SRC_WORDS = ["go", ".", "i", "lost", "he's", "calm", "i'm", "home", "run", "!", "who", "?",
-             "wow", "fire", "help", "stop", "wait", "hello", "hi", "we", "try"]
-TGT_WORDS = ["va", "!", "j'ai", "perdu", ".", "il", "est", "riche", "je", "suis", "en",
-             "retard", "?", "cours", "qui", "ça", "alors", "au", "feu", "aide", "arrête"]
-
-
-def _vocabs():
-    src = Vocab([SRC_WORDS], reserved_tokens=["<pad>", "<bos>", "<eos>"])
-    tgt = Vocab([TGT_WORDS], reserved_tokens=["<pad>", "<bos>", "<eos>"])
-    return src, tgt
 
 
 def _sentences(n, seed):
