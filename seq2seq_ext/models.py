@@ -13,13 +13,13 @@ every step, in training and at prediction alike). The decoder state formats are 
 import torch
 from torch import nn
 
-from . import ops, reference
+from . import _fastcall, ops, reference
 from .reference import Decoder, Encoder, EncoderDecoder
 
 __all__ = ["Encoder", "Decoder", "EncoderDecoder", "Seq2SeqEncoder", "Seq2SeqDecoder",
-           "fused_decoder_args", "supports_fused_decoding", "decoder_stepper", "context_projection"]
+           "fused_decoder_args", "supports_fused_decoding", "decoder_stepper", "context_projection",
+           "decode_path"]
 
-_STEPPER_ATTR = "_seq2seq_ext_stepper"
 _CTX_ATTR = "_seq2seq_ext_ctx_proj"
 _FLOATS = (torch.float32, torch.float64)
 
@@ -46,12 +46,12 @@ class Seq2SeqEncoder(reference.Seq2SeqEncoder):
 
     def forward(self, X, *args):
         X = self.embedding(X).permute(1, 0, 2)
-        rnn = self._modules["rnn"]
+        rnn = _fastcall.submodule(self, "rnn")
         if not _fused_layer_allowed(rnn, X):
             output, state = rnn(X)
             return output, state
         h0 = X.new_zeros((rnn.num_layers, X.shape[1], rnn.hidden_size))
-        return ops.gru(X, h0, rnn._flat_weights, rnn.dropout, self.training)
+        return ops.gru(X, h0, _fastcall.flat_weights(rnn), rnn.dropout, self.training)
 
 
 class Seq2SeqDecoder(reference.Seq2SeqDecoder):
@@ -81,7 +81,9 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
     Under the extension backend a one-step call (``X`` of shape (batch, 1)) that needs no
     gradient runs as one fused op for all layers and the output projection
     (``gru_decode_step``, with the context's projection ``ctx_proj`` when the context is fixed,
-    or ``lstm_decode_step``).
+    or ``lstm_decode_step``). :meth:`step` is that call without gradient, :meth:`greedy` a
+    batch's greedy decoding; :func:`decode_path` chooses their path (bound stepper, registered
+    op or plain PyTorch), and nothing else does.
 
     Multi-step GRU calls and GRU calls that need gradients run the GRU as the fused layer op. The
     context is the same vector at every step, so its share of layer 0's input projection,
@@ -112,51 +114,144 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
             return enc_outputs[1]
         return reference.variant_init_state(enc_outputs, self.cell, self.fixed_context)
 
-    def __call__(self, *args, **kwargs):
-        # The per-token inference call, straight to the bound stepper: nn.Module.__call__ and
-        # forward's frame cost as much as the step itself at the chapter's sizes. Taken only
-        # when nn.Module.__call__ would do nothing but call forward (no hooks of any kind, not
-        # compiled) and forward would call the stepper too (the stepper's try_step tests the
-        # tensors, grad mode and dispatch modes, and returns None when they rule it out); else
-        # the usual call.
-        attrs = self.__dict__
-        cached = attrs.get(_STEPPER_ATTR)
-        if (cached is not None and len(args) == 2 and not kwargs and cached[0] == _generation[0]
-                and not attrs["training"] and attrs.get("_chapter", True)
-                and not (attrs["_forward_hooks"] or attrs["_forward_pre_hooks"]
-                         or attrs["_backward_hooks"] or attrs["_backward_pre_hooks"]
-                         or attrs.get("_compiled_call_impl") is not None or _any_global_hook())
-                and ops.ext_shortcut_ok()):
-            out = cached[1].try_step(*args)
-            if out is not None:
-                return out
-        return super().__call__(*args, **kwargs)
+    # The per-token inference call skips nn.Module.__call__ when nothing would run but forward
+    # (see _fastcall.decoder_call, which says what that buys); a subclass with its own forward
+    # gets the usual __call__.
+    __call__ = _fastcall.decoder_call
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _fastcall.ordinary_call_for(cls, Seq2SeqDecoder.forward)
 
     def forward(self, X, state):
         # (the per-token inference call with bound weights usually never gets here: see __call__)
-        if not self.__dict__.get("_chapter", True):
-            return self._variant_forward(X, state)
+        chapter = self.__dict__.get("_chapter", True)
+        if not chapter:
+            rnn_state, context = self._split_state(state)
         if X.dim() == 2 and X.shape[1] == 1:
-            if _fused_step_allowed(self, state):
-                if ops.direct_cpu_call_ok(state):
-                    return decoder_stepper(self).step(X, state)
-                return ops.gru_decode_step(X, state, *fused_decoder_args(self))
-        rnn = self._modules["rnn"]
-        if not _fused_layer_allowed(rnn, state):
-            return super().forward(X, state)
-        output, state = self._fused_features(X, state, state[-1])
-        output = self.dense(output).permute(1, 0, 2)
-        return output, state
+            path = decode_path(self, state)
+            if path != "torch":
+                return self._fused_step(X, state, path)
+        rnn = _fastcall.submodule(self, "rnn")
+        if chapter:
+            if not _fused_layer_allowed(rnn, state):
+                return super().forward(X, state)
+            output, state = self._fused_features(X, state, state[-1])
+            return self.dense(output).permute(1, 0, 2), state
+        if self.fixed_context and self.cell == "gru" and _fused_layer_allowed(rnn, rnn_state):
+            # the fused GRU layer with the fixed context's projection computed once
+            output, new_state = self._fused_features(X, rnn_state, context)
+            return self.dense(output).permute(1, 0, 2), (new_state, context)
+        return reference.variant_decoder_forward(self, X, state, self.fixed_context)
+
+    def step(self, token, state):
+        """One decode step without gradient: ``token`` (batch,) or (batch, 1) ids, ``state`` in
+        :meth:`init_state`'s format. Returns (logits (batch, vocab), or (batch, 1, vocab) for a
+        (batch, 1) token, the new state): ``forward`` on one step, on the path
+        :func:`decode_path` chooses (module hooks run, as for any call of the module)."""
+        flat = token.dim() == 1
+        with torch.no_grad():
+            logits, new_state = self(token[:, None] if flat else token, state)
+        return (logits[:, 0] if flat else logits), new_state
+
+    def greedy(self, state, bos, eos, num_steps):
+        """Greedy decoding of a batch from ``state`` (:meth:`init_state`'s result), without
+        gradient: every row starts from ``bos`` and feeds its argmax back, as the chapter's
+        ``predict_seq2seq`` does for one sentence. Returns (tokens (batch, num_steps) int64,
+        ``eos`` at and after each row's end; lengths (batch,) int64, the tokens before the first
+        ``eos``, at most num_steps).
+
+        The GRU decoder on the ``"stepper"`` or ``"op"`` path of :func:`decode_path` runs the
+        whole loop in one call (the bound stepper's greedy loop, or the ``greedy_decode`` op);
+        otherwise (the LSTM decoder, the ``"torch"`` path) it is a loop of one-step calls of
+        the module, which ends once every row has produced ``eos``."""
+        bos, eos, num_steps = int(bos), int(eos), int(num_steps)
+        with torch.no_grad():
+            path = decode_path(self, state)
+            if self.cell == "gru" and path != "torch":
+                rnn_state, ctx_proj = state, None
+                if self.fixed_context:
+                    rnn_state, context = state
+                    ctx_proj = context_projection(self, context)
+                if path == "stepper":
+                    return decoder_stepper(self).greedy(rnn_state, ctx_proj, bos, eos, num_steps)
+                emb_proj, _, weights, dense_w, dense_b = fused_decoder_args(self)
+                return ops.greedy_decode(rnn_state, emb_proj, ctx_proj, weights, dense_w,
+                                         dense_b, bos, eos, num_steps)
+            return self._greedy_steps(state, bos, eos, num_steps)
+
+    def _greedy_steps(self, state, bos, eos, num_steps):
+        """:meth:`greedy` as a loop of one-step calls of the module (batched)."""
+        first = next(t for t in _tensors(state))
+        batch = first.shape[1] if first.dim() == 3 else first.shape[0]
+        X = torch.full((batch, 1), bos, dtype=torch.long, device=first.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=first.device)
+        steps = []
+        for _ in range(num_steps):
+            Y, state = self(X, state)
+            X = Y.argmax(dim=2)
+            steps.append(X[:, 0])
+            finished |= X[:, 0] == eos
+            if bool(finished.all()):
+                break
+        tokens = torch.full((batch, num_steps), eos, dtype=torch.long, device=first.device)
+        if steps:
+            tokens[:, :len(steps)] = torch.stack(steps, dim=1)
+        # a row's length: its first eos (argmax gives the first maximum), num_steps without one
+        ended = torch.cat((tokens, tokens.new_full((batch, 1), eos)), dim=1) == eos
+        lengths = ended.int().argmax(dim=1)
+        tokens[torch.arange(num_steps, device=first.device)[None, :] >= lengths[:, None]] = eos
+        return tokens, lengths
+
+    def _split_state(self, state):
+        """(rnn_state, context) of a variant decoder's state, checked (TypeError otherwise);
+        context is None with the chapter's context rule."""
+        if self.fixed_context:
+            if not (isinstance(state, (tuple, list)) and len(state) == 2):
+                raise TypeError("state: a fixed-context decoder expects (rnn_state, context) "
+                                f"from init_state, got {type(state).__name__}")
+            rnn_state, context = state
+        else:
+            rnn_state, context = state, None
+        return reference.check_rnn_state(rnn_state, self.cell), context
+
+    def _fused_step(self, X, state, path):
+        """One step (X (batch, 1)) on the ``"stepper"`` or ``"op"`` path of :func:`decode_path`."""
+        lstm, fixed = self.cell == "lstm", self.fixed_context
+        rnn_state, context, ctx_proj = state, None, None
+        if fixed:
+            rnn_state, context = state
+            ctx_proj = context_projection(self, context)
+        if path == "stepper":
+            stepper = decoder_stepper(self)
+            if lstm:
+                logits, h, c = stepper.lstm_step(X, rnn_state[0], rnn_state[1], ctx_proj)
+                new_state = (h, c)
+            elif ctx_proj is None:
+                logits, new_state = stepper.step(X, rnn_state)
+            else:
+                logits, new_state = stepper.step_with_context(X, rnn_state, ctx_proj)
+        else:
+            emb_proj, _, weights, dw, db = fused_decoder_args(self)
+            if lstm:
+                logits, h, c = ops.lstm_decode_step(X, rnn_state[0], rnn_state[1], emb_proj,
+                                                    ctx_proj, weights, dw, db)
+                new_state = (h, c)
+            else:
+                logits, new_state = ops.gru_decode_step(X, rnn_state, emb_proj, ctx_proj,
+                                                        weights, dw, db)
+        return logits, ((new_state, context) if fixed else new_state)
 
     def _fused_features(self, X, rnn_state, context):
         """The fused GRU layers over the sequence X (batch, steps), the context's share of layer
         0's input projection computed once: (top layer's output (steps, batch, hidden), state)."""
-        rnn = self._modules["rnn"]
+        rnn = _fastcall.submodule(self, "rnn")
         X = self.embedding(X).permute(1, 0, 2)
-        w_ih0 = rnn._flat_weights[0]
+        weights = _fastcall.flat_weights(rnn)
+        w_ih0 = weights[0]
         embed = X.shape[-1]
         extra = torch.mm(context, w_ih0[:, embed:].t())
-        return ops.gru(X, rnn_state, rnn._flat_weights, rnn.dropout, self.training,
+        return ops.gru(X, rnn_state, weights, rnn.dropout, self.training,
                        w_ih0=w_ih0[:, :embed], extra0=extra)
 
     def supports_features(self):
@@ -164,8 +259,8 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         backend with the fused layer op for its parameters' device and dtype."""
         if type(self).forward is not Seq2SeqDecoder.forward or self.cell != "gru":
             return False
-        rnn = self._modules["rnn"]
-        return _fused_layer_allowed(rnn, rnn._flat_weights[0])
+        rnn = _fastcall.submodule(self, "rnn")
+        return _fused_layer_allowed(rnn, _fastcall.flat_weights(rnn)[0])
 
     def forward_features(self, X, state):
         """``forward`` without the output projection: (the top layer's output (steps, batch,
@@ -177,61 +272,107 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
             return output, (new_state, context)
         return self._fused_features(X, state, state[-1])
 
-    def _variant_forward(self, X, state):
-        """forward for ``cell="lstm"`` or ``fixed_context=True`` (see the class docstring)."""
-        fixed, lstm = self.fixed_context, self.cell == "lstm"
-        if fixed:
-            if not (isinstance(state, (tuple, list)) and len(state) == 2):
-                raise TypeError("state: a fixed-context decoder expects (rnn_state, context) "
-                                f"from init_state, got {type(state).__name__}")
-            rnn_state, context = state
-        else:
-            rnn_state, context = state, None
-        reference.check_rnn_state(rnn_state, self.cell)
-        if X.dim() == 2 and X.shape[1] == 1 and _fused_variant_step_allowed(self, rnn_state,
-                                                                            context):
-            ctx_proj = context_projection(self, context) if fixed else None
-            direct = ops.direct_cpu_call_ok(rnn_state[0] if lstm else rnn_state)
-            if lstm:
-                h, c = rnn_state
-                if direct:
-                    logits, h, c = decoder_stepper(self).lstm_step(X, h, c, ctx_proj)
-                else:
-                    emb_proj, _, weights, dw, db = fused_decoder_args(self)
-                    logits, h, c = ops.lstm_decode_step(X, h, c, emb_proj, ctx_proj, weights,
-                                                        dw, db)
-                new_state = (h, c)
-            elif direct:
-                logits, new_state = decoder_stepper(self).step_with_context(X, rnn_state,
-                                                                            ctx_proj)
-            else:
-                emb_proj, _, weights, dw, db = fused_decoder_args(self)
-                logits, new_state = ops.gru_decode_step(X, rnn_state, emb_proj, ctx_proj,
-                                                        weights, dw, db)
-            return logits, ((new_state, context) if fixed else new_state)
-        rnn = self._modules["rnn"]
-        if fixed and not lstm and _fused_layer_allowed(rnn, rnn_state):
-            # the fused GRU layer with the fixed context's projection computed once
-            output, new_state = self._fused_features(X, rnn_state, context)
-            return self.dense(output).permute(1, 0, 2), (new_state, context)
-        return reference.variant_decoder_forward(self, X, state, fixed)
-
     def _apply(self, fn, *args, **kwargs):
         # .to(), .double(), .cuda() may swap parameter tensors: drop the bound weights
-        self.__dict__.pop(_STEPPER_ATTR, None)
+        self.__dict__.pop(_fastcall.STEPPER_ATTR, None)
         self.__dict__.pop(_CTX_ATTR, None)
         return super()._apply(fn, *args, **kwargs)
 
 
-_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, name) for name in (
-    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-    "_global_backward_pre_hooks", "_global_forward_hooks_always_called"))
+_STEP_OPS = {"gru": "gru_decode_step", "lstm": "lstm_decode_step"}
 
 
-def _any_global_hook():
-    """True when a global module hook is registered (``register_module_forward_hook`` etc.)."""
-    h = _GLOBAL_HOOKS
-    return bool(h[0] or h[1] or h[2] or h[3] or h[4])
+def decode_path(decoder, state=None):
+    """How ``decoder`` computes a decode step (and :meth:`Seq2SeqDecoder.greedy` its loop): the
+    one place where the fast path is chosen. ``state`` is the decoder state the step starts
+    from (:meth:`Seq2SeqDecoder.init_state`'s format); with None the decoder's parameters stand
+    for it (a state from ``init_state`` has their dtype and device).
+
+    ``"stepper"``: the decoder's weights bound once in a C++ stepper (:func:`decoder_stepper`),
+    whose kernels are called directly; ``"op"``: the registered ops (``gru_decode_step`` or
+    ``lstm_decode_step``, ``greedy_decode``) through ``torch.ops``, so that autograd's
+    inference checks, ``torch.compile``, dispatch modes and CUDA see them; ``"torch"``: the
+    module's plain PyTorch computation (d2l's, or the reference backend's).
+
+    The rules, in order (the first that applies decides):
+
+    ======================================================================  =========
+    ``decoder`` is not this package's ``Seq2SeqDecoder``, or its class       "torch"
+    overrides ``forward`` (the fused path would skip that ``forward``)
+    the backend in force is ``"reference"``                                 "torch"
+    ``_fastcall.submodule(decoder, "rnn")`` is not a plain ``nn.GRU`` / ``nn.LSTM`` of its cell      "torch"
+    (with biases, unidirectional, time first, no LSTM projection)
+    the state is not in the decoder's format, or its tensors (the context   "torch"
+    included) are not all float32 or all float64 on one device
+    the library has no kernel of the step op for that device (CPU or CUDA)  "torch"
+    training mode with dropout > 0                                          "torch"
+    grad mode on and a state tensor or a parameter requires grad            "torch"
+    a plain CPU tensor state, grad mode off, no ``torch.compile`` tracing,  "stepper"
+    no dispatch or function mode (``ops.direct_cpu_call_ok``)
+    otherwise                                                               "op"
+    ======================================================================  =========
+
+    ``Seq2SeqDecoder.__call__`` restates the ``"stepper"`` row cheaply for the per-token call
+    of the chapter's decoder once its weights are bound (``seq2seq_ext._fastcall``); the tests
+    check that it never takes a call this function would not send to the stepper.
+    """
+    if not isinstance(decoder, Seq2SeqDecoder) or type(decoder).forward is not _FORWARD:
+        return "torch"
+    if ops.get_backend() != "ext":
+        return "torch"
+    cell = decoder.cell
+    rnn = _fastcall.submodule(decoder, "rnn")
+    if not (_plain_lstm(rnn) if cell == "lstm" else _plain_gru(rnn)):
+        return "torch"
+    tensors = _state_tensors(decoder, state)
+    if not tensors:
+        return "torch"
+    first = tensors[0]
+    if first.dtype not in _FLOATS or any(t.dtype != first.dtype or t.device != first.device
+                                         for t in tensors):
+        return "torch"
+    if (first.device.type not in ("cpu", "cuda")
+            or not ops.has_kernel(_STEP_OPS[cell], first.device)):
+        return "torch"
+    if decoder.training and rnn.dropout > 0:
+        return "torch"
+    if torch.is_grad_enabled():
+        if any(t.requires_grad for t in tensors) or any(p.requires_grad
+                                                        for p in decoder.parameters()):
+            return "torch"
+    return "stepper" if ops.direct_cpu_call_ok(first) else "op"
+
+
+def _state_tensors(decoder, state):
+    """The tensors of a decoder state, the one the decode ops read first (h for an LSTM)
+    first; an empty list when the state is not in the decoder's format."""
+    if state is None:  # a tensor like the state init_state would give
+        return [_fastcall.flat_weights(_fastcall.submodule(decoder, "rnn"))[0].detach()]
+    context = None
+    if decoder.fixed_context:
+        if not (isinstance(state, (tuple, list)) and len(state) == 2):
+            return []
+        state, context = state
+        if not isinstance(context, torch.Tensor):
+            return []
+    if decoder.cell == "lstm":
+        if not (isinstance(state, (tuple, list)) and len(state) == 2):
+            return []
+        tensors = list(state)
+    else:
+        tensors = [state]
+    if context is not None:
+        tensors.append(context)
+    return tensors if all(isinstance(t, torch.Tensor) for t in tensors) else []
+
+
+def _tensors(state):
+    """The tensors of a (nested) state, in order."""
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, (tuple, list)):
+        for s in state:
+            yield from _tensors(s)
 
 
 def supports_fused_decoding(decoder):
@@ -245,44 +386,12 @@ def supports_fused_decoding(decoder):
         return False
     if getattr(decoder, "cell", "gru") != "gru":
         return False
-    return _plain_gru(decoder._modules["rnn"])
+    return _plain_gru(_fastcall.submodule(decoder, "rnn"))
 
 
 def _plain_lstm(rnn):
     return (type(rnn) is torch.nn.LSTM and rnn.bias and not rnn.bidirectional
             and not rnn.batch_first and rnn.proj_size == 0)
-
-
-def _fused_variant_step_allowed(decoder, rnn_state, context):
-    """The fused one-step path of a variant decoder applies: extension backend, plain cell, CPU
-    or CUDA kernel present, float32/float64 tensors of one dtype, no dropout in training and no
-    gradient needed."""
-    if ops.get_backend() != "ext":
-        return False
-    rnn = decoder._modules["rnn"]
-    lstm = decoder.cell == "lstm"
-    if not (_plain_lstm(rnn) if lstm else _plain_gru(rnn)):
-        return False
-    tensors = list(rnn_state) if lstm else [rnn_state]
-    if context is not None:
-        tensors.append(context)
-    if not all(isinstance(t, torch.Tensor) for t in tensors):
-        return False
-    first = tensors[0]
-    if first.dtype not in _FLOATS:
-        return False
-    if any(t.dtype != first.dtype or t.device != first.device for t in tensors):
-        return False
-    op_name = "lstm_decode_step" if lstm else "gru_decode_step"
-    if not ops.has_kernel(op_name, first.device):
-        return False
-    if decoder.training and rnn.dropout > 0:
-        return False
-    if torch.is_grad_enabled():
-        if any(t.requires_grad for t in tensors) or any(p.requires_grad
-                                                        for p in decoder.parameters()):
-            return False
-    return True
 
 
 def context_projection(decoder, context):
@@ -292,8 +401,8 @@ def context_projection(decoder, context):
     Cached on the decoder for the last context seen (the same tensor object, unmodified, with
     layer 0's input weights unchanged), so that a greedy loop passing the same context along
     computes it once per sentence batch."""
-    w_ih0 = decoder._modules["rnn"]._flat_weights[0]
-    embed = decoder._modules["embedding"].embedding_dim
+    w_ih0 = _fastcall.flat_weights(_fastcall.submodule(decoder, "rnn"))[0]
+    embed = _fastcall.submodule(decoder, "embedding").embedding_dim
     if torch.compiler.is_compiling():  # traced: no cache (version counters are not traceable)
         return torch.mm(context, w_ih0[:, embed:].t())
     if context.is_inference() or w_ih0.is_inference():
@@ -310,6 +419,9 @@ def context_projection(decoder, context):
     return proj
 
 
+_FORWARD = Seq2SeqDecoder.forward
+
+
 def _plain_gru(rnn):
     return (type(rnn) is torch.nn.GRU and rnn.bias and not rnn.bidirectional
             and not rnn.batch_first)
@@ -321,19 +433,6 @@ def _fused_layer_allowed(rnn, like):
             and ops.has_kernel("gru_layer", like.device))
 
 
-def _fused_step_allowed(decoder, state):
-    if ops.get_backend() != "ext" or not _plain_gru(decoder._modules["rnn"]):
-        return False
-    if not isinstance(state, torch.Tensor) or state.dtype not in (torch.float32, torch.float64):
-        return False
-    if decoder.training and decoder._modules["rnn"].dropout > 0:
-        return False
-    if torch.is_grad_enabled():
-        if state.requires_grad or any(p.requires_grad for p in decoder.parameters()):
-            return False
-    return True
-
-
 def fused_decoder_args(decoder):
     """The decoder's weights as the decode ops take them: ``(emb_proj, ctx_proj=None, flat RNN
     weights, dense weight, dense bias)`` (for a fixed-context decoder pass
@@ -343,42 +442,18 @@ def fused_decoder_args(decoder):
     0's input projection of every token, computed once per set of weights (see
     :func:`decoder_stepper`).
     """
-    mods = decoder._modules
-    dense = mods["dense"]._parameters
-    weights = mods["rnn"]._flat_weights
+    weights = _fastcall.flat_weights(_fastcall.submodule(decoder, "rnn"))
     if torch.compiler.is_compiling():
         # traced as torch ops (the C++ stepper is opaque to torch.compile)
-        table = mods["embedding"]._parameters["weight"]
+        table = decoder.embedding.weight
         emb_proj = torch.nn.functional.linear(table, weights[0][:, :table.shape[1]], weights[2])
     else:
         emb_proj = decoder_stepper(decoder).emb_proj()
-    return (emb_proj, None, weights, dense["weight"], dense["bias"])
-
-
-# Bumped whenever any module registers (or replaces) a parameter or a submodule, so that the
-# weights a decoder has bound (decoder_stepper) are rebound after such a change. In-place
-# updates (optimizer steps, load_state_dict) need no rebinding: the stepper holds the parameters
-# themselves and tracks their version counters.
-_generation = [0]
-
-
-def _bump_generation(*_):
-    _generation[0] += 1
-
-
-torch.nn.modules.module.register_module_parameter_registration_hook(_bump_generation)
-torch.nn.modules.module.register_module_module_registration_hook(_bump_generation)
+    dense = decoder.dense
+    return (emb_proj, None, weights, dense.weight, dense.bias)
 
 
 def decoder_stepper(decoder):
     """The decoder's :func:`seq2seq_ext.ops.decoder_stepper`, cached on the decoder (for a
     decoder that :func:`supports_fused_decoding`, or an LSTM decoder of this package)."""
-    cached = decoder.__dict__.get(_STEPPER_ATTR)
-    if cached is not None and cached[0] == _generation[0]:
-        return cached[1]
-    mods = decoder._modules
-    dense = mods["dense"]._parameters
-    stepper = ops.decoder_stepper(mods["embedding"]._parameters["weight"],
-                                  mods["rnn"]._flat_weights, dense["weight"], dense["bias"])
-    decoder.__dict__[_STEPPER_ATTR] = (_generation[0], stepper)
-    return stepper
+    return _fastcall.bound_stepper(decoder)

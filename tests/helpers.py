@@ -117,9 +117,9 @@ class GreedySpy:
     tensors)."""
 
     def __init__(self, monkeypatch):
-        from seq2seq_ext import decoding, ops
+        from seq2seq_ext import models, ops
         self.op_calls = self.stepper_calls = 0
-        op, bind, spy = ops.greedy_decode, decoding.decoder_stepper, self
+        op, bind, spy = ops.greedy_decode, models.decoder_stepper, self
 
         def op_spy(*args, **kwargs):
             spy.op_calls += 1
@@ -134,7 +134,7 @@ class GreedySpy:
                 return self._stepper.greedy(*args, **kwargs)
 
         monkeypatch.setattr(ops, "greedy_decode", op_spy)
-        monkeypatch.setattr(decoding, "decoder_stepper", lambda decoder: Bound(bind(decoder)))
+        monkeypatch.setattr(models, "decoder_stepper", lambda decoder: Bound(bind(decoder)))
 
     @property
     def calls(self):
