@@ -47,6 +47,7 @@ import numbers
 import torch
 
 from .decoding import _encode_sources
+from .models import _nested_tensors
 
 __all__ = ["beam_search", "reference_beam_search", "select_rows"]
 
@@ -100,21 +101,13 @@ def _select(state, index):
                     f"{type(state).__name__}")
 
 
-def _state_tensors(state):
-    if isinstance(state, torch.Tensor):
-        yield state
-    elif isinstance(state, (tuple, list)):
-        for s in state:
-            yield from _state_tensors(s)
-
-
 def _check_state_rows(state, rows):
     """Every tensor of the decoder's initial state must have ``rows`` (the number of
     sentences) along its batch dimension."""
     if state is None or not isinstance(state, (torch.Tensor, tuple, list)):
         raise TypeError("state: the decoder's init_state must return a tensor or a (nested) "
                         f"tuple or list of tensors, got {type(state).__name__}")
-    for t in _state_tensors(state):
+    for t in _nested_tensors(state):
         dim = _batch_dim(t)
         if t.shape[dim] != rows:
             raise ValueError(f"state: a tensor of shape {tuple(t.shape)} has {t.shape[dim]} rows "

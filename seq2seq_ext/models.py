@@ -182,7 +182,7 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
 
     def _greedy_steps(self, state, bos, eos, num_steps):
         """:meth:`greedy` as a loop of one-step calls of the module (batched)."""
-        first = next(t for t in _tensors(state))
+        first = next(t for t in _nested_tensors(state))
         batch = first.shape[1] if first.dim() == 3 else first.shape[0]
         X = torch.full((batch, 1), bos, dtype=torch.long, device=first.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=first.device)
@@ -324,7 +324,7 @@ def decode_path(decoder, state=None):
     rnn = _fastcall.submodule(decoder, "rnn")
     if not (_plain_lstm(rnn) if cell == "lstm" else _plain_gru(rnn)):
         return "torch"
-    tensors = _state_tensors(decoder, state)
+    tensors = _step_tensors(decoder, state)
     if not tensors:
         return "torch"
     first = tensors[0]
@@ -343,7 +343,7 @@ def decode_path(decoder, state=None):
     return "stepper" if ops.direct_cpu_call_ok(first) else "op"
 
 
-def _state_tensors(decoder, state):
+def _step_tensors(decoder, state):
     """The tensors of a decoder state, the one the decode ops read first (h for an LSTM)
     first; an empty list when the state is not in the decoder's format."""
     if state is None:  # a tensor like the state init_state would give
@@ -366,13 +366,13 @@ def _state_tensors(decoder, state):
     return tensors if all(isinstance(t, torch.Tensor) for t in tensors) else []
 
 
-def _tensors(state):
+def _nested_tensors(state):
     """The tensors of a (nested) state, in order."""
     if isinstance(state, torch.Tensor):
         yield state
     elif isinstance(state, (tuple, list)):
         for s in state:
-            yield from _tensors(s)
+            yield from _nested_tensors(s)
 
 
 def supports_fused_decoding(decoder):

@@ -94,7 +94,7 @@ class _Recorder:
 def _reference_greedy(ref, state, bos, eos, num_steps):
     """The chapter's loop, one row at a time (batch 1, one .item() per token)."""
     tokens, lengths = [], []
-    rows = next(t for t in models._tensors(state))
+    rows = next(t for t in models._nested_tensors(state))
     for b in range((rows.shape[1] if rows.dim() == 3 else rows.shape[0])):
         s, x, out = select_rows(state, [b]), torch.tensor([[bos]]), []
         with torch.no_grad():
@@ -110,7 +110,7 @@ def _reference_greedy(ref, state, bos, eos, num_steps):
 
 
 def _assert_state_close(got, want, tol):
-    got, want = list(models._tensors(got)), list(models._tensors(want))
+    got, want = list(models._nested_tensors(got)), list(models._nested_tensors(want))
     assert len(got) == len(want)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **tol)
