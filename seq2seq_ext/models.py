@@ -379,7 +379,9 @@ def supports_fused_decoding(decoder):
     """True when ``decoder`` computes exactly the chapter's ``Seq2SeqDecoder.forward`` with a
     plain GRU (with the chapter's context rule or, for this package's decoder, a fixed context),
     so that the fused GRU decode ops (``gru_decode_step``, ``greedy_decode``) can stand in for it.
-    LSTM decoders are not covered: they have their own fused step, ``lstm_decode_step``."""
+    LSTM decoders are not covered: they have their own fused step, ``lstm_decode_step``.
+    (A question about the weights' layout, for callers of the ops; the package's own decoding
+    asks :func:`decode_path`.)"""
     if not isinstance(decoder, reference.Seq2SeqDecoder):
         return False
     if type(decoder).forward not in (reference.Seq2SeqDecoder.forward, Seq2SeqDecoder.forward):
