@@ -331,8 +331,9 @@ def decode_path(decoder, state=None):
     if first.dtype not in _FLOATS or any(t.dtype != first.dtype or t.device != first.device
                                          for t in tensors):
         return "torch"
-    if (first.device.type not in ("cpu", "cuda")
-            or not ops.has_kernel(_STEP_OPS[cell], first.device)):
+    device_type = first.device.type
+    if device_type != "cpu" and (device_type != "cuda"  # (the CPU kernels are always built)
+                                 or not ops.has_kernel(_STEP_OPS[cell], first.device)):
         return "torch"
     if decoder.training and rnn.dropout > 0:
         return "torch"
