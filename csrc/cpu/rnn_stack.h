@@ -1,0 +1,241 @@
+// The CPU kernels of the stack ops (gru_stack, lstm_stack and their backward), one template over
+// the cell (csrc/rnn_cells.h): L layers over T steps, each layer's input projection over all T
+// steps one product, then per step one product with W_hh and one pointwise pass of the cell.
+//
+// Sizes here are what the seeds' models use (a batch of 1 to 128 rows, hidden 32 to 512): the
+// per-step products go through cpu::linear_nt (vector loops when small, BLAS when large) on raw
+// pointers, and the whole-sequence products of the backward through ATen.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../rnn_cells.h"
+#include "gru_math.h"
+
+namespace seq2seq_ext {
+namespace cpu {
+
+// Lane policies for the cells: AVX lanes for the body of a row, scalars for its tail.
+template <typename T>
+struct VecLanes {
+  using scalar = T;
+  using V = at::vec::Vectorized<T>;
+  static V load(const T* p) { return V::loadu(p); }
+  static void store(const V& v, T* p) { v.store(p); }
+  static V one() { return V(T(1)); }
+  static V sigmoid(const V& x) { return vsigmoid(x); }
+  static V tanh(const V& x) { return vtanh(x); }
+};
+
+template <typename T>
+struct ScalarLanes {
+  using scalar = T;
+  using V = T;
+  static T load(const T* p) { return *p; }
+  static void store(T v, T* p) { *p = v; }
+  static T one() { return T(1); }
+  static T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
+  static T tanh(T x) { return std::tanh(x); }
+};
+
+// Applies f(lanes_tag, j) over j in [0, H): vectors first, then scalars.
+template <typename T, typename F>
+inline void over_row(int64_t H, F&& f) {
+  constexpr int64_t W = at::vec::Vectorized<T>::size();
+  int64_t j = 0;
+  for (; j + W <= H; j += W) f(VecLanes<T>{}, j);
+  for (; j < H; ++j) f(ScalarLanes<T>{}, j);
+}
+
+// The pieces of one stack call: L layers of hidden size H over T steps of B rows.
+struct StackDims {
+  int64_t layers, steps, batch, input, hidden;
+  bool bias;
+};
+
+// weights: [w_ih, w_hh(, b_ih, b_hh)] per layer.
+inline const at::Tensor& stack_weight(at::TensorList w, const StackDims& d, int64_t layer,
+                                      int k) {
+  return w[(d.bias ? 4 : 2) * layer + k];
+}
+
+// Forward. input (T, B, I) contiguous; h0, c0 (L, B, H) contiguous (c0 undefined for the GRU);
+// mask (L-1, T, B, H) contiguous or undefined. Writes saved (L, T, B, S*H); output, h_n, c_n are
+// filled by the caller from saved.
+template <class Cell, typename T>
+void stack_forward(const StackDims& d, const at::Tensor& input, const at::Tensor& h0,
+                   const at::Tensor& c0, at::TensorList weights, const at::Tensor& mask,
+                   at::Tensor& saved) {
+  const int64_t L = d.layers, Ts = d.steps, B = d.batch, H = d.hidden;
+  const int64_t G = Cell::kGates * H, S = Cell::kSaved * H;
+  std::vector<T> gi(Ts * B * G), gh(B * G), dropped;
+  T* sv = saved.data_ptr<T>();
+  for (int64_t l = 0; l < L; ++l) {
+    // this layer's input, (T*B, K) with row stride ldx
+    const T* x;
+    int64_t K, ldx;
+    if (l == 0) {
+      x = input.const_data_ptr<T>();
+      K = ldx = d.input;
+    } else if (mask.defined()) {
+      dropped.resize(Ts * B * H);
+      const T* m = mask.const_data_ptr<T>() + (l - 1) * Ts * B * H;
+      const T* prev = sv + (l - 1) * Ts * B * S;
+      for (int64_t r = 0; r < Ts * B; ++r)
+        for (int64_t j = 0; j < H; ++j) dropped[r * H + j] = prev[r * S + j] * m[r * H + j];
+      x = dropped.data();
+      K = ldx = H;
+    } else {
+      x = sv + (l - 1) * Ts * B * S;
+      K = H;
+      ldx = S;
+    }
+    const at::Tensor& w_ih = stack_weight(weights, d, l, 0);
+    const at::Tensor& w_hh = stack_weight(weights, d, l, 1);
+    const T* b_ih = d.bias ? stack_weight(weights, d, l, 2).const_data_ptr<T>() : nullptr;
+    const T* b_hh = d.bias ? stack_weight(weights, d, l, 3).const_data_ptr<T>() : nullptr;
+    linear_nt<T>(x, ldx, Ts * B, K, w_ih.const_data_ptr<T>(), K, G, b_ih, gi.data(), false);
+    const T* h = h0.const_data_ptr<T>() + l * B * H;
+    const T* c = Cell::kHasCellState ? c0.const_data_ptr<T>() + l * B * H : nullptr;
+    int64_t ldh = H;
+    T* layer_saved = sv + l * Ts * B * S;
+    for (int64_t t = 0; t < Ts; ++t) {
+      linear_nt<T>(h, ldh, B, H, w_hh.const_data_ptr<T>(), H, G, b_hh, gh.data(), false);
+      T* s = layer_saved + t * B * S;
+      const T* git = gi.data() + t * B * G;
+      for (int64_t b = 0; b < B; ++b) {
+        const T* gib = git + b * G;
+        const T* ghb = gh.data() + b * G;
+        const T* hb = h + b * ldh;
+        const T* cb = c ? c + b * ldh : nullptr;
+        T* sb = s + b * S;
+        over_row<T>(H, [&](auto lanes, int64_t j) {
+          using Lanes = decltype(lanes);
+          Cell::template forward<Lanes>(gib + j, ghb + j, hb + j, cb ? cb + j : nullptr, sb + j,
+                                        H);
+        });
+      }
+      h = s;
+      c = Cell::kHasCellState ? s + H : nullptr;
+      ldh = S;
+    }
+  }
+}
+
+// Backward. grad_output (T, B, H) and grad_hn, grad_cn (L, B, H): contiguous or undefined (no
+// gradient). Returns (grad_input, grad_h0, grad_c0 (undefined for the GRU), weight gradients in
+// the order of `weights`).
+template <class Cell, typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_backward(
+    const StackDims& d, const at::Tensor& grad_output, const at::Tensor& grad_hn,
+    const at::Tensor& grad_cn, const at::Tensor& input, const at::Tensor& h0,
+    const at::Tensor& c0, at::TensorList weights, const at::Tensor& mask,
+    const at::Tensor& saved) {
+  const int64_t L = d.layers, Ts = d.steps, B = d.batch, H = d.hidden;
+  const int64_t G = Cell::kGates * H, S = Cell::kSaved * H;
+  constexpr bool kLstm = Cell::kHasCellState;
+  auto opts = input.options();
+  at::Tensor grad_h0 = at::empty({L, B, H}, opts);
+  at::Tensor grad_c0 = kLstm ? at::empty({L, B, H}, opts) : at::Tensor();
+  std::vector<at::Tensor> grad_w(weights.size());
+  // dy: the gradient reaching this layer's output, (T, B, H)
+  at::Tensor dy = grad_output.defined() ? grad_output.clone(at::MemoryFormat::Contiguous)
+                                        : at::zeros({Ts, B, H}, opts);
+  at::Tensor dgi = at::empty({Ts * B, G}, opts);
+  at::Tensor dgh = kLstm ? dgi : at::empty({Ts * B, G}, opts);
+  at::Tensor grad_input;
+  const T* sv = saved.const_data_ptr<T>();
+  std::vector<T> dh(B * H), dc(kLstm ? B * H : 0), dh_direct(B * H), w_hh_t(G * H);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const at::Tensor& w_ih = stack_weight(weights, d, l, 0);
+    const at::Tensor& w_hh = stack_weight(weights, d, l, 1);
+    // W_hh^T (H, G) contiguous: dh_prev = dgh W_hh as rows of (dgh, W_hh^T) dot products
+    {
+      const T* w = w_hh.const_data_ptr<T>();
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t j = 0; j < H; ++j) w_hh_t[j * G + g] = w[g * H + j];
+    }
+    const T* layer_saved = sv + l * Ts * B * S;
+    if (grad_hn.defined()) {
+      const T* p = grad_hn.const_data_ptr<T>() + l * B * H;
+      std::copy(p, p + B * H, dh.begin());
+    } else {
+      std::fill(dh.begin(), dh.end(), T(0));
+    }
+    if (kLstm) {
+      if (grad_cn.defined()) {
+        const T* p = grad_cn.const_data_ptr<T>() + l * B * H;
+        std::copy(p, p + B * H, dc.begin());
+      } else {
+        std::fill(dc.begin(), dc.end(), T(0));
+      }
+    }
+    const T* dyp = dy.const_data_ptr<T>();
+    T* dgi_p = dgi.data_ptr<T>();
+    T* dgh_p = dgh.data_ptr<T>();
+    const T* h0l = h0.const_data_ptr<T>() + l * B * H;
+    const T* c0l = kLstm ? c0.const_data_ptr<T>() + l * B * H : nullptr;
+    for (int64_t t = Ts - 1; t >= 0; --t) {
+      const T* s = layer_saved + t * B * S;
+      const T* hp = t > 0 ? layer_saved + (t - 1) * B * S : h0l;
+      const int64_t ldh = t > 0 ? S : H;
+      const T* cp = kLstm ? (t > 0 ? layer_saved + (t - 1) * B * S + H : c0l) : nullptr;
+      for (int64_t k = 0; k < B * H; ++k) dh[k] += dyp[t * B * H + k];
+      for (int64_t b = 0; b < B; ++b) {
+        T* dgib = dgi_p + (t * B + b) * G;
+        T* dghb = dgh_p + (t * B + b) * G;
+        over_row<T>(H, [&](auto lanes, int64_t j) {
+          using Lanes = decltype(lanes);
+          Cell::template backward<Lanes>(dh.data() + b * H + j,
+                                         kLstm ? dc.data() + b * H + j : nullptr,
+                                         hp + b * ldh + j, cp ? cp + b * ldh + j : nullptr,
+                                         s + b * S + j, dgib + j, dghb + j,
+                                         dh_direct.data() + b * H + j, H);
+        });
+      }
+      // dh_prev = dh_direct + dgh W_hh
+      std::copy(dh_direct.begin(), dh_direct.end(), dh.begin());
+      linear_nt<T>(dgh_p + t * B * G, G, B, G, w_hh_t.data(), G, H, nullptr, dh.data(),
+                   /*accumulate=*/true);
+    }
+    std::copy(dh.begin(), dh.end(), grad_h0.data_ptr<T>() + l * B * H);
+    if (kLstm) std::copy(dc.begin(), dc.end(), grad_c0.data_ptr<T>() + l * B * H);
+    // whole-sequence products: the weight and bias gradients, the input's gradient
+    const at::Tensor saved_l = saved.select(0, l);  // (T, B, S*H)
+    at::Tensor x;  // this layer's input (T*B, K)
+    if (l == 0) {
+      x = input.reshape({Ts * B, d.input});
+    } else {
+      x = saved.select(0, l - 1).narrow(2, 0, H).reshape({Ts * B, H});
+      if (mask.defined()) x = x * mask.select(0, l - 1).reshape({Ts * B, H});
+    }
+    at::Tensor h_prevs =
+        Ts > 0 ? at::cat({h0.select(0, l).unsqueeze(0), saved_l.narrow(0, 0, Ts - 1).narrow(2, 0, H)},
+                         0)
+                     .reshape({Ts * B, H})
+               : at::empty({0, H}, opts);
+    const int64_t base = (d.bias ? 4 : 2) * l;
+    grad_w[base] = at::mm(dgi.t(), x);
+    grad_w[base + 1] = at::mm(dgh.t(), h_prevs);
+    if (d.bias) {
+      grad_w[base + 2] = dgi.sum(0);
+      grad_w[base + 3] = dgh.sum(0);
+    }
+    at::Tensor dx = at::mm(dgi, w_ih);  // (T*B, K)
+    if (l == 0) {
+      grad_input = dx.view({Ts, B, d.input});
+    } else {
+      if (mask.defined()) dx.mul_(mask.select(0, l - 1).reshape({Ts * B, H}));
+      dy = dx.view({Ts, B, H});
+    }
+  }
+  return {grad_input, grad_h0, grad_c0, grad_w};
+}
+
+}  // namespace cpu
+}  // namespace seq2seq_ext
