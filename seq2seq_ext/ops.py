@@ -505,28 +505,7 @@ def _rnn_stack_backward_fake(cell, grad_output, grad_hn, grad_cn, input, h0, c0,
             [w.new_empty(w.shape) for w in weights])
 
 
-def _rnn_stack_setup_context(ctx, inputs, output):
-    cell, input, h0, c0, weights, dropout_mask = inputs
-    _, _, c_n, saved = output
-    ctx.cell = cell
-    ctx.num_weights = len(weights)
-    ctx.save_for_backward(input, h0, c0, dropout_mask, saved, *weights)
-    ctx.mark_non_differentiable(saved)
-    if cell != "lstm":
-        ctx.mark_non_differentiable(c_n)
-
-
-def _rnn_stack_backward(ctx, grad_output, grad_hn, grad_cn, _grad_saved):
-    input, h0, c0, dropout_mask, saved, *weights = ctx.saved_tensors
-    lstm = ctx.cell == "lstm"
-    grad_input, grad_h0, grad_c0, grad_weights = _ops.rnn_stack_backward(
-        ctx.cell, grad_output, grad_hn, grad_cn if lstm else None, input, h0, c0, weights,
-        dropout_mask, saved)
-    return (None, grad_input, grad_h0, grad_c0 if lstm else None, list(grad_weights), None)
-
-
-torch.library.register_autograd("seq2seq_ext::rnn_stack", _rnn_stack_backward,
-                                setup_context=_rnn_stack_setup_context)
+# Autograd: csrc/rnn_stack.cpp (RnnStackFunction, in C++ for its per-call cost).
 
 
 def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None):
