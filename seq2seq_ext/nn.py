@@ -30,7 +30,7 @@ and the scaling (``1 / (1 - p)``) are the same.
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-from . import ops
+from . import _C, ops
 
 __all__ = ["GRU", "LSTM", "accelerate"]
 
@@ -95,15 +95,31 @@ def _run(module, cell, input, hx):
     return output, h_n, c_n
 
 
+def _forward(module, cell, input, hx):
+    """(output, h_n, c_n) from the fused op, or None for torch.nn's own forward.
+
+    Eager calls go to ``_C.rnn_forward`` (the layout work and the op's dispatcher call in C++,
+    a fraction of the per-call cost of the same in Python: the one-step decoder loop pays it at
+    every token); traced calls and calls under a torch function mode take :func:`_run`, the
+    same in Python through ``torch.ops``."""
+    if (type(input) is not torch.Tensor or module.bidirectional
+            or getattr(module, "proj_size", 0) or ops.get_backend() != "ext"):
+        return None
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return _run(module, cell, input, hx) if _fused_ok(module, input) else None
+    return _C.rnn_forward(cell, input, hx, module._flat_weights, module.num_layers,
+                          module.hidden_size, module.batch_first, float(module.dropout),
+                          module.training)
+
+
 class GRU(torch.nn.GRU):
     """``torch.nn.GRU`` with the fused multi-layer op underneath (see the module docstring for
     what falls back to PyTorch's implementation). Same constructor, parameters and results."""
 
     def forward(self, input, hx=None):
-        if _fused_ok(self, input):
-            out = _run(self, "gru", input, hx)
-            if out is not None:
-                return out[0], out[1]
+        out = _forward(self, "gru", input, hx)
+        if out is not None:
+            return out[0], out[1]
         return super().forward(input, hx)
 
 
@@ -112,10 +128,9 @@ class LSTM(torch.nn.LSTM):
     what falls back to PyTorch's implementation). Same constructor, parameters and results."""
 
     def forward(self, input, hx=None):
-        if _fused_ok(self, input):
-            out = _run(self, "lstm", input, hx)
-            if out is not None:
-                return out[0], (out[1], out[2])
+        out = _forward(self, "lstm", input, hx)
+        if out is not None:
+            return out[0], (out[1], out[2])
         return super().forward(input, hx)
 
 

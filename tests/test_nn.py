@@ -22,15 +22,23 @@ CLASSES = {"gru": (nn.GRU, snn.GRU), "lstm": (nn.LSTM, snn.LSTM)}
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """Counts the calls of the fused op behind the drop-in layers."""
+    """The cells of the fused calls behind the drop-in layers: eager calls through
+    ``_C.rnn_forward``, traced ones through ``ops.rnn_stack``."""
     calls = []
-    real = ops.rnn_stack
+    real_op, real_forward = ops.rnn_stack, snn._C.rnn_forward
 
-    def spy(*args, **kwargs):
+    def op_spy(*args, **kwargs):
         calls.append(args[0])
-        return real(*args, **kwargs)
+        return real_op(*args, **kwargs)
 
-    monkeypatch.setattr(ops, "rnn_stack", spy)
+    def forward_spy(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        if out is not None:
+            calls.append(args[0])
+        return out
+
+    monkeypatch.setattr(ops, "rnn_stack", op_spy)
+    monkeypatch.setattr(snn._C, "rnn_forward", forward_spy)
     return calls
 
 
