@@ -84,8 +84,11 @@ pybind11::object rnn_forward(const std::string& cell, const at::Tensor& input,
   std::optional<at::Tensor> mask;
   if (dropout > 0 && training && layers > 1) {
     const std::vector<int64_t> shape{layers - 1, x.size(0), batch, hidden};
-    mask = dropout >= 1 ? at::zeros(shape, x.options())
-                        : at::empty(shape, x.options()).bernoulli_(1 - dropout).div_(1 - dropout);
+    // keep with probability 1 - p: uniform samples below 1 - p (bernoulli_ costs more than the
+    // whole step here: its CPU kernel sets up a random stream per call)
+    mask = dropout >= 1
+               ? at::zeros(shape, x.options())
+               : at::empty(shape, x.options()).uniform_().lt_(1 - dropout).div_(1 - dropout);
   }
   auto [output, h_n, c_n, saved] =
       stack_op().call(cell, x, h0, lstm ? std::optional<at::Tensor>(c0) : std::nullopt, weights,

@@ -23,9 +23,9 @@ on or off, ``torch.compile``, DDP          (``seq2seq_ext.set_backend("reference
                                            its error is raised)
 =========================================  ===================================================
 
-Dropout between layers draws its masks with ``torch.bernoulli`` from the default generator, so the
-masks differ from those ``nn.GRU`` / ``nn.LSTM`` would draw for the same seed; the distribution
-and the scaling (``1 / (1 - p)``) are the same.
+Dropout between layers keeps a unit when a uniform sample from the default generator falls
+below ``1 - p``, so the masks differ from those ``nn.GRU`` / ``nn.LSTM`` would draw for the same
+seed; the distribution (Bernoulli(1 - p)) and the scaling (``1 / (1 - p)``) are the same.
 """
 import torch
 from torch.nn.utils.rnn import PackedSequence
@@ -85,8 +85,9 @@ def _run(module, cell, input, hx):
     p = module.dropout
     if p and module.training and layers > 1:
         shape = (layers - 1, x.shape[0], batch, hidden)
-        mask = (x.new_zeros(shape) if p >= 1 else
-                torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p).div_(1 - p))
+        mask = (x.new_zeros(shape) if p >= 1 else  # as _C.rnn_forward draws it
+                torch.empty(shape, dtype=x.dtype, device=x.device).uniform_().lt_(1 - p)
+                .div_(1 - p))
     output, h_n, c_n = ops.rnn_stack(cell, x, h0, c0, module._flat_weights, mask)
     if not batched:
         return output.squeeze(1), h_n.squeeze(1), (c_n.squeeze(1) if c_n is not None else None)
