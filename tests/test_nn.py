@@ -315,6 +315,33 @@ class TestWholePrograms:
         assert op_calls
 
 
+@pytest.mark.skipif(not (torch.distributed.is_available()
+                         and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with the gloo backend is not available")
+def test_distributed_data_parallel(tmp_path):
+    """An accelerated model inside DistributedDataParallel (one gloo process): DDP's gradient
+    hooks see the fused op's gradients, and the update equals the unwrapped model's."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    torch.manual_seed(0)
+    base = seq2seq_ext.accelerate(seed_models.Seq2Seq(10, 12, 8, 16, 2, 0.0, cell="gru"))
+    alone = copy.deepcopy(base)
+    initial = base.decoder.rnn.weight_hh_l0.detach().clone()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        wrapped = DistributedDataParallel(base)
+        src, trg = seed_models.batch(6, 5, 10, 12)
+        for model in (wrapped, alone):
+            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            seed_models.train_step(model, opt, src, trg, random.Random(3))
+    finally:
+        dist.destroy_process_group()
+    for p, q in zip(base.parameters(), alone.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(base.decoder.rnn.weight_hh_l0, initial)
+
+
 def reference_vocab(size):
     """A Vocab whose tokens are 'a', 'b', ... plus the reserved ones, ``size`` entries in all."""
     letters = [chr(ord("a") + k) for k in range(size - 4)]
