@@ -11,9 +11,9 @@
 #include "checks.h"
 #include "cpu/rnn_stack.h"
 #include "rnn_cells.h"
+#include "rnn_stack.h"
 
 namespace seq2seq_ext {
-namespace {
 
 bool is_lstm(c10::string_view cell) {
   TORCH_CHECK(cell == "gru" || cell == "lstm", "cell: expected 'gru' or 'lstm', got '", cell,
@@ -21,19 +21,17 @@ bool is_lstm(c10::string_view cell) {
   return cell == "lstm";
 }
 
-// Checks every argument of rnn_stack (and the shared ones of its backward) before anything is
-// allocated. weights: nn.GRU's / nn.LSTM's flat weights, [w_ih, w_hh, b_ih, b_hh] per layer, or
-// [w_ih, w_hh] per layer without biases.
-cpu::StackDims check_rnn_stack_args(bool lstm, const at::Tensor& input, const at::Tensor& h0,
-                                    const std::optional<at::Tensor>& c0, at::TensorList weights,
-                                    const std::optional<at::Tensor>& mask) {
+// Declared in rnn_stack.h, shared with the CUDA entry.
+StackDims check_rnn_stack_args(bool lstm, const at::Tensor& input, const at::Tensor& h0,
+                               const std::optional<at::Tensor>& c0, at::TensorList weights,
+                               const std::optional<at::Tensor>& mask) {
   check_dim(input, 3, "input");
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
               "input: expected float32 or float64, got ", input.scalar_type());
   check_dim(h0, 3, "h0");
   check_same_device(h0, input, "h0", "input");
   check_same_dtype(h0, input, "h0", "input");
-  cpu::StackDims d{h0.size(0), input.size(0), input.size(1), input.size(2), h0.size(2), true};
+  StackDims d{h0.size(0), input.size(0), input.size(1), input.size(2), h0.size(2), true};
   const int64_t L = d.layers, H = d.hidden, G = (lstm ? 4 : 3) * H;
   TORCH_CHECK(L >= 1, "h0: expected at least one layer (size 0 of h0), got shape ",
               shape_str(h0));
@@ -82,6 +80,8 @@ cpu::StackDims check_rnn_stack_args(bool lstm, const at::Tensor& input, const at
   return d;
 }
 
+namespace {
+
 std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
   std::vector<at::Tensor> out;
   out.reserve(ts.size());
@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_cpu(
     const std::optional<at::Tensor>& c0, at::TensorList weights,
     const std::optional<at::Tensor>& dropout_mask) {
   const bool lstm = is_lstm(cell);
-  const cpu::StackDims d = check_rnn_stack_args(lstm, input, h0, c0, weights, dropout_mask);
+  const StackDims d = check_rnn_stack_args(lstm, input, h0, c0, weights, dropout_mask);
   const int64_t L = d.layers, T = d.steps, B = d.batch, H = d.hidden;
   const int64_t S = (lstm ? LstmCell::kSaved : GruCell::kSaved) * H;
   auto opts = input.options();
@@ -133,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_stac
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask,
     const at::Tensor& saved) {
   const bool lstm = is_lstm(cell);
-  const cpu::StackDims d = check_rnn_stack_args(lstm, input, h0, c0, weights, dropout_mask);
+  const StackDims d = check_rnn_stack_args(lstm, input, h0, c0, weights, dropout_mask);
   const int64_t L = d.layers, T = d.steps, B = d.batch, H = d.hidden;
   const int64_t S = (lstm ? LstmCell::kSaved : GruCell::kSaved) * H;
   const std::vector<int64_t> saved_shape{L, T, B, S};

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../rnn_cells.h"
+#include "../rnn_stack.h"
 #include "gru_math.h"
 
 namespace seq2seq_ext {
@@ -51,12 +52,6 @@ inline void over_row(int64_t H, F&& f) {
   for (; j + W <= H; j += W) f(VecLanes<T>{}, j);
   for (; j < H; ++j) f(ScalarLanes<T>{}, j);
 }
-
-// The pieces of one stack call: L layers of hidden size H over T steps of B rows.
-struct StackDims {
-  int64_t layers, steps, batch, input, hidden;
-  bool bias;
-};
 
 // weights: [w_ih, w_hh(, b_ih, b_hh)] per layer.
 inline const at::Tensor& stack_weight(at::TensorList w, const StackDims& d, int64_t layer,
