@@ -6,6 +6,9 @@
 // Schema, argument checks and the device-independent entry that allocates the outputs and calls
 // the device kernel (CPU: csrc/cpu/rnn_stack.h; CUDA: csrc/cuda/rnn_stack.cu). Python wrapper,
 // fake and autograd: seq2seq_ext/ops.py (section rnn_stack); tests: tests/ops/test_rnn_stack.py.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -167,6 +170,96 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_stac
   return out;
 }
 
+// Autograd, in C++ rather than through torch.library.register_autograd: a decoder called once
+// per token in a Python loop pays this per call, forward and backward, and a Python autograd
+// function costs several times the op itself at the seeds' sizes (batch 32, hidden 32).
+using StackSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    c10::string_view, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    at::TensorList, const std::optional<at::Tensor>&);
+using StackBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(
+    c10::string_view, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, at::TensorList, const std::optional<at::Tensor>&,
+    const at::Tensor&);
+
+const c10::TypedOperatorHandle<StackSig>& stack_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("seq2seq_ext::rnn_stack", "").typed<StackSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<StackBackwardSig>& stack_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("seq2seq_ext::rnn_stack_backward", "")
+                             .typed<StackBackwardSig>();
+  return op;
+}
+
+std::optional<at::Tensor> opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
+  // Variables, in order: input, h0, c0 (when given), the weights, dropout_mask (when given).
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                std::string cell, const at::Tensor& input,
+                                                const at::Tensor& h0,
+                                                const std::optional<at::Tensor>& c0,
+                                                at::TensorList weights,
+                                                const std::optional<at::Tensor>& mask) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [output, h_n, c_n, saved] = stack_op().call(cell, input, h0, c0, weights, mask);
+    std::vector<at::Tensor> keep{input, h0, c0.value_or(at::Tensor()), mask.value_or(at::Tensor()),
+                                 saved};
+    keep.insert(keep.end(), weights.begin(), weights.end());
+    ctx->save_for_backward(keep);
+    ctx->saved_data["cell"] = cell;
+    ctx->saved_data["has_c0"] = c0.has_value() && c0->defined();
+    ctx->saved_data["has_mask"] = mask.has_value() && mask->defined();
+    ctx->mark_non_differentiable({saved});
+    if (cell != "lstm") ctx->mark_non_differentiable({c_n});
+    return {output, h_n, c_n, saved};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto keep = ctx->get_saved_variables();
+    const std::string cell = ctx->saved_data["cell"].toStringRef();
+    const bool has_c0 = ctx->saved_data["has_c0"].toBool();
+    const bool has_mask = ctx->saved_data["has_mask"].toBool();
+    const bool lstm = cell == "lstm";
+    const std::vector<at::Tensor> weights(keep.begin() + 5, keep.end());
+    auto [grad_input, grad_h0, grad_c0, grad_w] = stack_backward_op().call(
+        cell, opt(grads[0]), opt(grads[1]), lstm ? opt(grads[2]) : std::nullopt, keep[0], keep[1],
+        opt(keep[2]), weights, opt(keep[3]), keep[4]);
+    // one gradient per argument of forward: cell, input, h0, c0, each weight, dropout_mask
+    torch::autograd::variable_list out{at::Tensor(), grad_input, grad_h0};
+    out.push_back(has_c0 && lstm ? grad_c0 : at::Tensor());
+    out.insert(out.end(), grad_w.begin(), grad_w.end());
+    out.push_back(at::Tensor());
+    (void)has_mask;
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_autograd(
+    c10::string_view cell, const at::Tensor& input, const at::Tensor& h0,
+    const std::optional<at::Tensor>& c0, at::TensorList weights,
+    const std::optional<at::Tensor>& dropout_mask) {
+  bool needs_grad = false;
+  if (at::GradMode::is_enabled()) {
+    needs_grad = input.requires_grad() || h0.requires_grad() ||
+                 (c0.has_value() && c0->defined() && c0->requires_grad());
+    for (const auto& w : weights) needs_grad = needs_grad || w.requires_grad();
+  }
+  if (!needs_grad) {  // nothing to record: straight to the kernel
+    at::AutoDispatchBelowADInplaceOrView below;
+    return stack_op().call(cell, input, h0, c0, weights, dropout_mask);
+  }
+  auto out = RnnStackFunction::apply(std::string(cell), input, h0, c0, weights, dropout_mask);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(seq2seq_ext, m) {
@@ -191,5 +284,7 @@ TORCH_LIBRARY_IMPL(seq2seq_ext, CPU, m) {
   m.impl("rnn_stack", &rnn_stack_cpu);
   m.impl("rnn_stack_backward", &rnn_stack_backward_cpu);
 }
+
+TORCH_LIBRARY_IMPL(seq2seq_ext, Autograd, m) { m.impl("rnn_stack", &rnn_stack_autograd); }
 
 }  // namespace seq2seq_ext

@@ -3,8 +3,9 @@
 // steps one product, then per step one product with W_hh and one pointwise pass of the cell.
 //
 // Sizes here are what the seeds' models use (a batch of 1 to 128 rows, hidden 32 to 512): the
-// per-step products go through cpu::linear_nt (vector loops when small, BLAS when large) on raw
-// pointers, and the whole-sequence products of the backward through ATen.
+// per-step products go through RowProduct (a weight laid out once per call for vector loops
+// without horizontal sums while it fits in L2, BLAS beyond), and the whole-sequence products of
+// the backward through ATen.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -53,6 +54,63 @@ inline void over_row(int64_t H, F&& f) {
   for (; j < H; ++j) f(ScalarLanes<T>{}, j);
 }
 
+// Y[m, :N] = X[m, :K] Wt (+ bias) for the rows m of X, with Wt a (K, N) matrix. While Wt fits
+// in L2 it is copied once per call into a (K, Np) block, Np a multiple of the vector width
+// padded with zeros (and the bias likewise), and each row is a run of vector FMAs with no
+// horizontal sums (linear_t_row): at the seeds' sizes (hidden 32, batch 32) this is several
+// times faster than BLAS, whose per-call cost dominates such products. Beyond, BLAS.
+// Y has row stride ldy >= padded(): the padding columns are written (zeros plus bias padding).
+template <typename T>
+struct RowProduct {
+  static constexpr int64_t kW = at::vec::Vectorized<T>::size();
+  int64_t K = 0, N = 0, Np = 0;
+  bool small = false;
+  std::vector<T> wt, bias;
+  at::Tensor w_kn;  // (K, N) view of the weight for BLAS
+  at::Tensor b;     // bias for BLAS, undefined when none
+
+  // w: the (K, N) matrix as a tensor (any strides), b: (N,) or undefined.
+  RowProduct(const at::Tensor& w, const at::Tensor& bias_t) : w_kn(w), b(bias_t) {
+    K = w.size(0);
+    N = w.size(1);
+    Np = (N + kW - 1) / kW * kW;
+    small = K * Np * static_cast<int64_t>(sizeof(T)) <= (256 << 10);
+    if (!small) return;
+    wt.assign(K * Np, T(0));
+    const at::Tensor wc = w.contiguous();
+    const T* src = wc.const_data_ptr<T>();
+    for (int64_t k = 0; k < K; ++k) std::copy(src + k * N, src + (k + 1) * N, wt.data() + k * Np);
+    if (bias_t.defined()) {
+      bias.assign(Np, T(0));
+      const T* bp = bias_t.const_data_ptr<T>();
+      std::copy(bp, bp + N, bias.data());
+    }
+  }
+  int64_t padded() const { return small ? Np : N; }
+
+  // Y = X Wt (+ bias); X (M, K) with row stride ldx, Y (M, padded()) with row stride ldy.
+  void operator()(const T* X, int64_t ldx, int64_t M, T* Y, int64_t ldy) const {
+    if (M == 0) return;
+    if (small) {
+      const T* bp = bias.empty() ? nullptr : bias.data();
+      at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * Np)),
+                       [&](int64_t m0, int64_t m1) {
+                         for (int64_t m = m0; m < m1; ++m)
+                           linear_t_row<T>(X + m * ldx, K, wt.data(), Np, bp, Y + m * ldy,
+                                           false);
+                       });
+      return;
+    }
+    auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    at::Tensor x = at::from_blob(const_cast<T*>(X), {M, K}, {ldx, 1}, opts);
+    at::Tensor y = at::from_blob(Y, {M, N}, {ldy, 1}, opts);
+    if (b.defined())
+      at::addmm_out(y, b, x, w_kn);
+    else
+      at::mm_out(y, x, w_kn);
+  }
+};
+
 // weights: [w_ih, w_hh(, b_ih, b_hh)] per layer.
 inline const at::Tensor& stack_weight(at::TensorList w, const StackDims& d, int64_t layer,
                                       int k) {
@@ -68,7 +126,7 @@ void stack_forward(const StackDims& d, const at::Tensor& input, const at::Tensor
                    at::Tensor& saved) {
   const int64_t L = d.layers, Ts = d.steps, B = d.batch, H = d.hidden;
   const int64_t G = Cell::kGates * H, S = Cell::kSaved * H;
-  std::vector<T> gi(Ts * B * G), gh(B * G), dropped;
+  std::vector<T> gi, gh, dropped;
   T* sv = saved.data_ptr<T>();
   for (int64_t l = 0; l < L; ++l) {
     // this layer's input, (T*B, K) with row stride ldx
@@ -92,20 +150,24 @@ void stack_forward(const StackDims& d, const at::Tensor& input, const at::Tensor
     }
     const at::Tensor& w_ih = stack_weight(weights, d, l, 0);
     const at::Tensor& w_hh = stack_weight(weights, d, l, 1);
-    const T* b_ih = d.bias ? stack_weight(weights, d, l, 2).const_data_ptr<T>() : nullptr;
-    const T* b_hh = d.bias ? stack_weight(weights, d, l, 3).const_data_ptr<T>() : nullptr;
-    linear_nt<T>(x, ldx, Ts * B, K, w_ih.const_data_ptr<T>(), K, G, b_ih, gi.data(), false);
+    const at::Tensor none;
+    const RowProduct<T> in_proj(w_ih.t(), d.bias ? stack_weight(weights, d, l, 2) : none);
+    const RowProduct<T> hid_proj(w_hh.t(), d.bias ? stack_weight(weights, d, l, 3) : none);
+    const int64_t ldi = in_proj.padded(), ldg = hid_proj.padded();
+    gi.resize(Ts * B * ldi);
+    gh.resize(B * ldg);
+    in_proj(x, ldx, Ts * B, gi.data(), ldi);
     const T* h = h0.const_data_ptr<T>() + l * B * H;
     const T* c = Cell::kHasCellState ? c0.const_data_ptr<T>() + l * B * H : nullptr;
     int64_t ldh = H;
     T* layer_saved = sv + l * Ts * B * S;
     for (int64_t t = 0; t < Ts; ++t) {
-      linear_nt<T>(h, ldh, B, H, w_hh.const_data_ptr<T>(), H, G, b_hh, gh.data(), false);
+      hid_proj(h, ldh, B, gh.data(), ldg);
       T* s = layer_saved + t * B * S;
-      const T* git = gi.data() + t * B * G;
+      const T* git = gi.data() + t * B * ldi;
       for (int64_t b = 0; b < B; ++b) {
-        const T* gib = git + b * G;
-        const T* ghb = gh.data() + b * G;
+        const T* gib = git + b * ldi;
+        const T* ghb = gh.data() + b * ldg;
         const T* hb = h + b * ldh;
         const T* cb = c ? c + b * ldh : nullptr;
         T* sb = s + b * S;
@@ -145,16 +207,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   at::Tensor dgh = kLstm ? dgi : at::empty({Ts * B, G}, opts);
   at::Tensor grad_input;
   const T* sv = saved.const_data_ptr<T>();
-  std::vector<T> dh(B * H), dc(kLstm ? B * H : 0), dh_direct(B * H), w_hh_t(G * H);
+  std::vector<T> dh(B * H), dc(kLstm ? B * H : 0), dh_direct(B * H), dh_rec;
   for (int64_t l = L - 1; l >= 0; --l) {
     const at::Tensor& w_ih = stack_weight(weights, d, l, 0);
     const at::Tensor& w_hh = stack_weight(weights, d, l, 1);
-    // W_hh^T (H, G) contiguous: dh_prev = dgh W_hh as rows of (dgh, W_hh^T) dot products
-    {
-      const T* w = w_hh.const_data_ptr<T>();
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t j = 0; j < H; ++j) w_hh_t[j * G + g] = w[g * H + j];
-    }
+    // dh_prev = dh_direct + dgh W_hh: W_hh is the (K, N) = (G, H) matrix of the product
+    const RowProduct<T> rec(w_hh, at::Tensor());
+    const int64_t ldr = rec.padded();
+    dh_rec.resize(B * ldr);
     const T* layer_saved = sv + l * Ts * B * S;
     if (grad_hn.defined()) {
       const T* p = grad_hn.const_data_ptr<T>() + l * B * H;
@@ -193,10 +253,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
                                          dh_direct.data() + b * H + j, H);
         });
       }
-      // dh_prev = dh_direct + dgh W_hh
-      std::copy(dh_direct.begin(), dh_direct.end(), dh.begin());
-      linear_nt<T>(dgh_p + t * B * G, G, B, G, w_hh_t.data(), G, H, nullptr, dh.data(),
-                   /*accumulate=*/true);
+      rec(dgh_p + t * B * G, G, B, dh_rec.data(), ldr);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < H; ++j)
+          dh[b * H + j] = dh_direct[b * H + j] + dh_rec[b * ldr + j];
     }
     std::copy(dh.begin(), dh.end(), grad_h0.data_ptr<T>() + l * B * H);
     if (kLstm) std::copy(dc.begin(), dc.end(), grad_c0.data_ptr<T>() + l * B * H);
