@@ -62,7 +62,7 @@ def _cpu_isa_flags():
 
 
 def _extension():
-    sources = ["csrc/ops.cpp", "csrc/inference_autograd.cpp"] + _rel("csrc/cpu/*.cpp")
+    sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-std=c++20"] + _cpu_isa_flags()
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
     define_macros = []

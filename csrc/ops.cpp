@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
+#include "rnn_forward.h"
 
 TORCH_LIBRARY(seq2seq_ext, m) {
   // Masked softmax cross-entropy, as d2l's MaskedSoftmaxCELoss: pred (B, T, V) with any strides,
@@ -149,6 +150,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("gru_layer_cpu", &seq2seq_ext::gru_layer_cpu, pybind11::arg("input"),
              pybind11::arg("h0"), pybind11::arg("w_ih"), pybind11::arg("w_hh"),
              pybind11::arg("b_ih"), pybind11::arg("b_hh"), pybind11::arg("extra") = pybind11::none());
+  // The drop-in nn.GRU / nn.LSTM forward (seq2seq_ext/nn.py) in one call: see rnn_forward.h.
+  module.def("rnn_forward", &seq2seq_ext::rnn_forward, pybind11::arg("cell"),
+             pybind11::arg("input"), pybind11::arg("hx"), pybind11::arg("weights"),
+             pybind11::arg("layers"), pybind11::arg("hidden"), pybind11::arg("batch_first"),
+             pybind11::arg("dropout"), pybind11::arg("training"));
 #if defined(TORCH_VERSION_MAJOR) && defined(TORCH_VERSION_MINOR)
   module.attr("torch_version") =
       std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);

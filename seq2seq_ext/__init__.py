@@ -13,6 +13,8 @@ from .losses import MaskedSoftmaxCELoss
 from .training import grad_clipping, train_seq2seq, xavier_init_weights
 from .decoding import predict_seq2seq, predict_seq2seq_batch
 from .beam import beam_search
+from . import nn
+from .nn import accelerate
 from .metrics import bleu, corpus_bleu
 from .utils import Accumulator, Animator, Timer, try_gpu
 from .data import (Vocab, build_array_nmt, load_array, load_data_nmt, load_data_numbers,
@@ -27,4 +29,5 @@ __all__ = [
     "try_gpu", "Timer", "Accumulator", "Animator", "load_array", "Vocab", "read_data_nmt",
     "preprocess_nmt", "tokenize_nmt", "truncate_pad", "build_array_nmt", "load_data_nmt",
     "load_data_numbers", "get_backend", "set_backend", "use_backend", "ops", "reference",
+    "nn", "accelerate",
 ]

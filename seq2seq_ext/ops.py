@@ -471,3 +471,54 @@ def lstm_decode_step(token, h, c, emb_proj, ctx_proj, weights, dense_weight, den
                                               dense_weight, dense_bias)
     return _ops.lstm_decode_step(token, h, c, emb_proj, ctx_proj, list(weights), dense_weight,
                                  dense_bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# rnn_stack (+ rnn_stack_backward): a multi-layer GRU or LSTM over a sequence, or one step
+# csrc/rnn_stack.cpp (schema and checks), csrc/rnn_cells.h (the cells), csrc/cpu/rnn_stack.h,
+# csrc/cuda/rnn_stack.cu, tests/ops/test_rnn_stack.py; the drop-in layers: seq2seq_ext/nn.py
+# ----------------------------------------------------------------------------------------------
+
+__all__ += ["rnn_stack"]
+
+_SAVED_WIDTH = {"gru": 5, "lstm": 6}  # a row of `saved`, in multiples of hidden (rnn_cells.h)
+
+
+@torch.library.register_fake("seq2seq_ext::rnn_stack")
+def _rnn_stack_fake(cell, input, h0, c0, weights, dropout_mask):
+    _same_device("input", input, h0=h0, c0=c0, weights=weights, dropout_mask=dropout_mask)
+    torch._check(cell in _SAVED_WIDTH, lambda: f"cell: expected 'gru' or 'lstm', got {cell!r}")
+    layers, batch, hidden = h0.shape
+    steps = input.shape[0]
+    c_n = h0.new_empty(h0.shape) if cell == "lstm" else input.new_empty((0,))
+    return (input.new_empty((steps, batch, hidden)), h0.new_empty(h0.shape), c_n,
+            input.new_empty((layers, steps, batch, _SAVED_WIDTH[cell] * hidden)))
+
+
+@torch.library.register_fake("seq2seq_ext::rnn_stack_backward")
+def _rnn_stack_backward_fake(cell, grad_output, grad_hn, grad_cn, input, h0, c0, weights,
+                             dropout_mask, saved):
+    _same_device("input", input, grad_output=grad_output, grad_hn=grad_hn, grad_cn=grad_cn,
+                 h0=h0, c0=c0, weights=weights, dropout_mask=dropout_mask, saved=saved)
+    grad_c0 = h0.new_empty(h0.shape) if cell == "lstm" else input.new_empty((0,))
+    return (input.new_empty(input.shape), h0.new_empty(h0.shape), grad_c0,
+            [w.new_empty(w.shape) for w in weights])
+
+
+# Autograd: csrc/rnn_stack.cpp (RnnStackFunction, in C++ for its per-call cost).
+
+
+def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None):
+    """A multi-layer ``nn.GRU`` (``cell="gru"``, ``c0`` None) or ``nn.LSTM`` (``cell="lstm"``)
+    over a sequence, unidirectional, time first: input (steps, batch, in), h0 and c0 (layers,
+    batch, hidden), weights the module's ``_flat_weights`` (with or without biases).
+    ``dropout_mask`` (layers - 1, steps, batch, hidden), already scaled by ``1 / (1 - p)``,
+    multiplies every layer's output but the top one's before it feeds the next layer.
+
+    Returns ``(output (steps, batch, hidden), h_n, c_n)`` with ``c_n`` None for the GRU.
+    Differentiable in input, h0, c0 and every weight. Under the reference backend it runs
+    ``nn.GRU`` / ``nn.LSTM``'s functional form."""
+    if get_backend() == "reference":
+        return reference.rnn_stack(cell, input, h0, c0, weights, dropout_mask)
+    output, h_n, c_n, _ = _ops.rnn_stack(cell, input, h0, c0, weights, dropout_mask)
+    return output, h_n, (c_n if cell == "lstm" else None)

@@ -350,3 +350,50 @@ def lstm_decode_step(token, h, c, emb_proj, ctx_proj, weights, dense_weight, den
 __all__ += ["CELLS", "check_cell", "make_rnn", "top_hidden_state", "check_rnn_state",
             "variant_init_state", "variant_decoder_forward", "VariantSeq2SeqEncoder",
             "VariantSeq2SeqDecoder", "lstm_decode_step"]
+
+
+def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None):
+    """``seq2seq_ext::rnn_stack`` in plain PyTorch: nn.GRU's (gate order r, z, n; b_hn inside
+    the reset product) or nn.LSTM's (i, f, g, o) equations over the layers and steps.
+
+    input (steps, batch, in); h0, c0 (layers, batch, hidden) (c0 None for the GRU); weights:
+    [w_ih, w_hh, b_ih, b_hh] per layer, or [w_ih, w_hh] without biases; dropout_mask (layers - 1,
+    steps, batch, hidden) multiplies each layer's output but the top one's before the next layer
+    reads it. Returns (output (steps, batch, hidden), h_n, c_n (None for the GRU))."""
+    check_cell(cell)
+    layers = h0.shape[0]
+    per = len(weights) // layers
+    x = input
+    hs, cs = [], []
+    for layer in range(layers):
+        w = weights[per * layer: per * layer + per]
+        w_ih, w_hh = w[0], w[1]
+        b_ih, b_hh = (w[2], w[3]) if per == 4 else (None, None)
+        h = h0[layer]
+        c = c0[layer] if cell == "lstm" else None
+        outs = []
+        for t in range(x.shape[0]):
+            gi = torch.nn.functional.linear(x[t], w_ih, b_ih)
+            gh = torch.nn.functional.linear(h, w_hh, b_hh)
+            if cell == "gru":
+                i_r, i_z, i_n = gi.chunk(3, dim=1)
+                h_r, h_z, h_n = gh.chunk(3, dim=1)
+                r = torch.sigmoid(i_r + h_r)
+                z = torch.sigmoid(i_z + h_z)
+                n = torch.tanh(i_n + r * h_n)
+                h = (1 - z) * n + z * h
+            else:
+                i, f, g, o = (gi + gh).chunk(4, dim=1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+            outs.append(h)
+        hs.append(h)
+        cs.append(c)
+        x = torch.stack(outs) if outs else x.new_empty((0,) + h.shape)
+        if dropout_mask is not None and layer < layers - 1:
+            x = x * dropout_mask[layer]
+    c_n = torch.stack(cs) if cell == "lstm" else None
+    return x, torch.stack(hs), c_n
+
+
+__all__ += ["rnn_stack"]

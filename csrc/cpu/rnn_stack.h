@@ -1,0 +1,296 @@
+// The CPU kernels of the stack ops (gru_stack, lstm_stack and their backward), one template over
+// the cell (csrc/rnn_cells.h): L layers over T steps, each layer's input projection over all T
+// steps one product, then per step one product with W_hh and one pointwise pass of the cell.
+//
+// Sizes here are what the seeds' models use (a batch of 1 to 128 rows, hidden 32 to 512): the
+// per-step products go through RowProduct (a weight laid out once per call for vector loops
+// without horizontal sums while it fits in L2, BLAS beyond), and the whole-sequence products of
+// the backward through ATen.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../rnn_cells.h"
+#include "../rnn_stack.h"
+#include "gru_math.h"
+
+namespace seq2seq_ext {
+namespace cpu {
+
+// Lane policies for the cells: AVX lanes for the body of a row, scalars for its tail.
+template <typename T>
+struct VecLanes {
+  using scalar = T;
+  using V = at::vec::Vectorized<T>;
+  static V load(const T* p) { return V::loadu(p); }
+  static void store(const V& v, T* p) { v.store(p); }
+  static V one() { return V(T(1)); }
+  static V sigmoid(const V& x) { return vsigmoid(x); }
+  static V tanh(const V& x) { return vtanh(x); }
+};
+
+template <typename T>
+struct ScalarLanes {
+  using scalar = T;
+  using V = T;
+  static T load(const T* p) { return *p; }
+  static void store(T v, T* p) { *p = v; }
+  static T one() { return T(1); }
+  static T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
+  static T tanh(T x) { return std::tanh(x); }
+};
+
+// Applies f(lanes_tag, j) over j in [0, H): vectors first, then scalars.
+template <typename T, typename F>
+inline void over_row(int64_t H, F&& f) {
+  constexpr int64_t W = at::vec::Vectorized<T>::size();
+  int64_t j = 0;
+  for (; j + W <= H; j += W) f(VecLanes<T>{}, j);
+  for (; j < H; ++j) f(ScalarLanes<T>{}, j);
+}
+
+// Y[m, :N] = X[m, :K] Wt (+ bias) for the rows m of X, with Wt a (K, N) matrix. While Wt fits
+// in L2 it is copied once per call into a (K, Np) block, Np a multiple of the vector width
+// padded with zeros (and the bias likewise), and each row is a run of vector FMAs with no
+// horizontal sums (linear_t_row): at the seeds' sizes (hidden 32, batch 32) this is several
+// times faster than BLAS, whose per-call cost dominates such products. Beyond, BLAS.
+// Y has row stride ldy >= padded(): the padding columns are written (zeros plus bias padding).
+template <typename T>
+struct RowProduct {
+  static constexpr int64_t kW = at::vec::Vectorized<T>::size();
+  int64_t K = 0, N = 0, Np = 0;
+  bool small = false;
+  std::vector<T> wt, bias;
+  at::Tensor w_kn;  // (K, N) view of the weight for BLAS
+  at::Tensor b;     // bias for BLAS, undefined when none
+
+  // w: the (K, N) matrix as a tensor (any strides), b: (N,) or undefined.
+  RowProduct(const at::Tensor& w, const at::Tensor& bias_t) : w_kn(w), b(bias_t) {
+    K = w.size(0);
+    N = w.size(1);
+    Np = (N + kW - 1) / kW * kW;
+    small = K * Np * static_cast<int64_t>(sizeof(T)) <= (256 << 10);
+    if (!small) return;
+    wt.assign(K * Np, T(0));
+    const at::Tensor wc = w.contiguous();
+    const T* src = wc.const_data_ptr<T>();
+    for (int64_t k = 0; k < K; ++k) std::copy(src + k * N, src + (k + 1) * N, wt.data() + k * Np);
+    if (bias_t.defined()) {
+      bias.assign(Np, T(0));
+      const T* bp = bias_t.const_data_ptr<T>();
+      std::copy(bp, bp + N, bias.data());
+    }
+  }
+  int64_t padded() const { return small ? Np : N; }
+
+  // Y = X Wt (+ bias); X (M, K) with row stride ldx, Y (M, padded()) with row stride ldy.
+  void operator()(const T* X, int64_t ldx, int64_t M, T* Y, int64_t ldy) const {
+    if (M == 0) return;
+    if (small) {
+      const T* bp = bias.empty() ? nullptr : bias.data();
+      at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * Np)),
+                       [&](int64_t m0, int64_t m1) {
+                         for (int64_t m = m0; m < m1; ++m)
+                           linear_t_row<T>(X + m * ldx, K, wt.data(), Np, bp, Y + m * ldy,
+                                           false);
+                       });
+      return;
+    }
+    auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    at::Tensor x = at::from_blob(const_cast<T*>(X), {M, K}, {ldx, 1}, opts);
+    at::Tensor y = at::from_blob(Y, {M, N}, {ldy, 1}, opts);
+    if (b.defined())
+      at::addmm_out(y, b, x, w_kn);
+    else
+      at::mm_out(y, x, w_kn);
+  }
+};
+
+// weights: [w_ih, w_hh(, b_ih, b_hh)] per layer.
+inline const at::Tensor& stack_weight(at::TensorList w, const StackDims& d, int64_t layer,
+                                      int k) {
+  return w[(d.bias ? 4 : 2) * layer + k];
+}
+
+// Forward. input (T, B, I) contiguous; h0, c0 (L, B, H) contiguous (c0 undefined for the GRU);
+// mask (L-1, T, B, H) contiguous or undefined. Writes saved (L, T, B, S*H); output, h_n, c_n are
+// filled by the caller from saved.
+template <class Cell, typename T>
+void stack_forward(const StackDims& d, const at::Tensor& input, const at::Tensor& h0,
+                   const at::Tensor& c0, at::TensorList weights, const at::Tensor& mask,
+                   at::Tensor& saved) {
+  const int64_t L = d.layers, Ts = d.steps, B = d.batch, H = d.hidden;
+  const int64_t G = Cell::kGates * H, S = Cell::kSaved * H;
+  std::vector<T> gi, gh, dropped;
+  T* sv = saved.data_ptr<T>();
+  for (int64_t l = 0; l < L; ++l) {
+    // this layer's input, (T*B, K) with row stride ldx
+    const T* x;
+    int64_t K, ldx;
+    if (l == 0) {
+      x = input.const_data_ptr<T>();
+      K = ldx = d.input;
+    } else if (mask.defined()) {
+      dropped.resize(Ts * B * H);
+      const T* m = mask.const_data_ptr<T>() + (l - 1) * Ts * B * H;
+      const T* prev = sv + (l - 1) * Ts * B * S;
+      for (int64_t r = 0; r < Ts * B; ++r)
+        for (int64_t j = 0; j < H; ++j) dropped[r * H + j] = prev[r * S + j] * m[r * H + j];
+      x = dropped.data();
+      K = ldx = H;
+    } else {
+      x = sv + (l - 1) * Ts * B * S;
+      K = H;
+      ldx = S;
+    }
+    const at::Tensor& w_ih = stack_weight(weights, d, l, 0);
+    const at::Tensor& w_hh = stack_weight(weights, d, l, 1);
+    const at::Tensor none;
+    const RowProduct<T> in_proj(w_ih.t(), d.bias ? stack_weight(weights, d, l, 2) : none);
+    const RowProduct<T> hid_proj(w_hh.t(), d.bias ? stack_weight(weights, d, l, 3) : none);
+    const int64_t ldi = in_proj.padded(), ldg = hid_proj.padded();
+    gi.resize(Ts * B * ldi);
+    gh.resize(B * ldg);
+    in_proj(x, ldx, Ts * B, gi.data(), ldi);
+    const T* h = h0.const_data_ptr<T>() + l * B * H;
+    const T* c = Cell::kHasCellState ? c0.const_data_ptr<T>() + l * B * H : nullptr;
+    int64_t ldh = H;
+    T* layer_saved = sv + l * Ts * B * S;
+    for (int64_t t = 0; t < Ts; ++t) {
+      hid_proj(h, ldh, B, gh.data(), ldg);
+      T* s = layer_saved + t * B * S;
+      const T* git = gi.data() + t * B * ldi;
+      for (int64_t b = 0; b < B; ++b) {
+        const T* gib = git + b * ldi;
+        const T* ghb = gh.data() + b * ldg;
+        const T* hb = h + b * ldh;
+        const T* cb = c ? c + b * ldh : nullptr;
+        T* sb = s + b * S;
+        over_row<T>(H, [&](auto lanes, int64_t j) {
+          using Lanes = decltype(lanes);
+          Cell::template forward<Lanes>(gib + j, ghb + j, hb + j, cb ? cb + j : nullptr, sb + j,
+                                        H);
+        });
+      }
+      h = s;
+      c = Cell::kHasCellState ? s + H : nullptr;
+      ldh = S;
+    }
+  }
+}
+
+// Backward. grad_output (T, B, H) and grad_hn, grad_cn (L, B, H): contiguous or undefined (no
+// gradient). Returns (grad_input, grad_h0, grad_c0 (undefined for the GRU), weight gradients in
+// the order of `weights`).
+template <class Cell, typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_backward(
+    const StackDims& d, const at::Tensor& grad_output, const at::Tensor& grad_hn,
+    const at::Tensor& grad_cn, const at::Tensor& input, const at::Tensor& h0,
+    const at::Tensor& c0, at::TensorList weights, const at::Tensor& mask,
+    const at::Tensor& saved) {
+  const int64_t L = d.layers, Ts = d.steps, B = d.batch, H = d.hidden;
+  const int64_t G = Cell::kGates * H, S = Cell::kSaved * H;
+  constexpr bool kLstm = Cell::kHasCellState;
+  auto opts = input.options();
+  at::Tensor grad_h0 = at::empty({L, B, H}, opts);
+  at::Tensor grad_c0 = kLstm ? at::empty({L, B, H}, opts) : at::Tensor();
+  std::vector<at::Tensor> grad_w(weights.size());
+  // dy: the gradient reaching this layer's output, (T, B, H)
+  at::Tensor dy = grad_output.defined() ? grad_output.clone(at::MemoryFormat::Contiguous)
+                                        : at::zeros({Ts, B, H}, opts);
+  at::Tensor dgi = at::empty({Ts * B, G}, opts);
+  at::Tensor dgh = kLstm ? dgi : at::empty({Ts * B, G}, opts);
+  at::Tensor grad_input;
+  const T* sv = saved.const_data_ptr<T>();
+  std::vector<T> dh(B * H), dc(kLstm ? B * H : 0), dh_direct(B * H), dh_rec;
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const at::Tensor& w_ih = stack_weight(weights, d, l, 0);
+    const at::Tensor& w_hh = stack_weight(weights, d, l, 1);
+    // dh_prev = dh_direct + dgh W_hh: W_hh is the (K, N) = (G, H) matrix of the product
+    const RowProduct<T> rec(w_hh, at::Tensor());
+    const int64_t ldr = rec.padded();
+    dh_rec.resize(B * ldr);
+    const T* layer_saved = sv + l * Ts * B * S;
+    if (grad_hn.defined()) {
+      const T* p = grad_hn.const_data_ptr<T>() + l * B * H;
+      std::copy(p, p + B * H, dh.begin());
+    } else {
+      std::fill(dh.begin(), dh.end(), T(0));
+    }
+    if (kLstm) {
+      if (grad_cn.defined()) {
+        const T* p = grad_cn.const_data_ptr<T>() + l * B * H;
+        std::copy(p, p + B * H, dc.begin());
+      } else {
+        std::fill(dc.begin(), dc.end(), T(0));
+      }
+    }
+    const T* dyp = dy.const_data_ptr<T>();
+    T* dgi_p = dgi.data_ptr<T>();
+    T* dgh_p = dgh.data_ptr<T>();
+    const T* h0l = h0.const_data_ptr<T>() + l * B * H;
+    const T* c0l = kLstm ? c0.const_data_ptr<T>() + l * B * H : nullptr;
+    for (int64_t t = Ts - 1; t >= 0; --t) {
+      const T* s = layer_saved + t * B * S;
+      const T* hp = t > 0 ? layer_saved + (t - 1) * B * S : h0l;
+      const int64_t ldh = t > 0 ? S : H;
+      const T* cp = kLstm ? (t > 0 ? layer_saved + (t - 1) * B * S + H : c0l) : nullptr;
+      for (int64_t k = 0; k < B * H; ++k) dh[k] += dyp[t * B * H + k];
+      for (int64_t b = 0; b < B; ++b) {
+        T* dgib = dgi_p + (t * B + b) * G;
+        T* dghb = dgh_p + (t * B + b) * G;
+        over_row<T>(H, [&](auto lanes, int64_t j) {
+          using Lanes = decltype(lanes);
+          Cell::template backward<Lanes>(dh.data() + b * H + j,
+                                         kLstm ? dc.data() + b * H + j : nullptr,
+                                         hp + b * ldh + j, cp ? cp + b * ldh + j : nullptr,
+                                         s + b * S + j, dgib + j, dghb + j,
+                                         dh_direct.data() + b * H + j, H);
+        });
+      }
+      rec(dgh_p + t * B * G, G, B, dh_rec.data(), ldr);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < H; ++j)
+          dh[b * H + j] = dh_direct[b * H + j] + dh_rec[b * ldr + j];
+    }
+    std::copy(dh.begin(), dh.end(), grad_h0.data_ptr<T>() + l * B * H);
+    if (kLstm) std::copy(dc.begin(), dc.end(), grad_c0.data_ptr<T>() + l * B * H);
+    // whole-sequence products: the weight and bias gradients, the input's gradient
+    const at::Tensor saved_l = saved.select(0, l);  // (T, B, S*H)
+    at::Tensor x;  // this layer's input (T*B, K)
+    if (l == 0) {
+      x = input.reshape({Ts * B, d.input});
+    } else {
+      x = saved.select(0, l - 1).narrow(2, 0, H).reshape({Ts * B, H});
+      if (mask.defined()) x = x * mask.select(0, l - 1).reshape({Ts * B, H});
+    }
+    at::Tensor h_prevs =
+        Ts > 0 ? at::cat({h0.select(0, l).unsqueeze(0), saved_l.narrow(0, 0, Ts - 1).narrow(2, 0, H)},
+                         0)
+                     .reshape({Ts * B, H})
+               : at::empty({0, H}, opts);
+    const int64_t base = (d.bias ? 4 : 2) * l;
+    grad_w[base] = at::mm(dgi.t(), x);
+    grad_w[base + 1] = at::mm(dgh.t(), h_prevs);
+    if (d.bias) {
+      grad_w[base + 2] = dgi.sum(0);
+      grad_w[base + 3] = dgh.sum(0);
+    }
+    at::Tensor dx = at::mm(dgi, w_ih);  // (T*B, K)
+    if (l == 0) {
+      grad_input = dx.view({Ts, B, d.input});
+    } else {
+      if (mask.defined()) dx.mul_(mask.select(0, l - 1).reshape({Ts * B, H}));
+      dy = dx.view({Ts, B, H});
+    }
+  }
+  return {grad_input, grad_h0, grad_c0, grad_w};
+}
+
+}  // namespace cpu
+}  // namespace seq2seq_ext

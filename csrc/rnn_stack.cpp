@@ -1,0 +1,290 @@
+// rnn_stack: a multi-layer GRU or LSTM (nn.GRU's / nn.LSTM's equations, unidirectional, any
+// number of layers, with or without biases, dropout between layers) over T time steps, forward
+// and backward. T = 1 is the one-step call of a decoder inside a Python loop: one op forward and
+// one op backward for all layers.
+//
+// Schema, argument checks and the device-independent entry that allocates the outputs and calls
+// the device kernel (CPU: csrc/cpu/rnn_stack.h; CUDA: csrc/cuda/rnn_stack.cu). Python wrapper,
+// fake and autograd: seq2seq_ext/ops.py (section rnn_stack); tests: tests/ops/test_rnn_stack.py.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/rnn_stack.h"
+#include "rnn_cells.h"
+#include "rnn_stack.h"
+
+namespace seq2seq_ext {
+
+bool is_lstm(c10::string_view cell) {
+  TORCH_CHECK(cell == "gru" || cell == "lstm", "cell: expected 'gru' or 'lstm', got '", cell,
+              "'");
+  return cell == "lstm";
+}
+
+// Declared in rnn_stack.h, shared with the CUDA entry.
+StackDims check_rnn_stack_args(bool lstm, const at::Tensor& input, const at::Tensor& h0,
+                               const std::optional<at::Tensor>& c0, at::TensorList weights,
+                               const std::optional<at::Tensor>& mask) {
+  check_dim(input, 3, "input");
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "input: expected float32 or float64, got ", input.scalar_type());
+  check_dim(h0, 3, "h0");
+  check_same_device(h0, input, "h0", "input");
+  check_same_dtype(h0, input, "h0", "input");
+  StackDims d{h0.size(0), input.size(0), input.size(1), input.size(2), h0.size(2), true};
+  const int64_t L = d.layers, H = d.hidden, G = (lstm ? 4 : 3) * H;
+  TORCH_CHECK(L >= 1, "h0: expected at least one layer (size 0 of h0), got shape ",
+              shape_str(h0));
+  check_size(h0, 1, d.batch, "h0", "the batch of input");
+  const int64_t n = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(n == 4 * L || n == 2 * L, "weights: expected 4 tensors per layer (w_ih, w_hh, b_ih, ",
+              "b_hh) or 2 without biases for the ", L, " layers of h0, got ", n);
+  d.bias = n == 4 * L;
+  const int64_t per = d.bias ? 4 : 2;
+  static const char* names[4] = {"weights (w_ih)", "weights (w_hh)", "weights (b_ih)",
+                                 "weights (b_hh)"};
+  for (int64_t l = 0; l < L; ++l) {
+    for (int64_t k = 0; k < per; ++k) {
+      const at::Tensor& w = weights[per * l + k];
+      const char* name = names[k];
+      check_dim(w, k < 2 ? 2 : 1, name);
+      check_same_device(w, input, name, "input");
+      check_same_dtype(w, input, name, "input");
+      TORCH_CHECK(w.size(0) == G, name, ": expected ", G, " rows (", lstm ? 4 : 3,
+                  " gates of hidden ", H, ") at layer ", l, ", got shape ", shape_str(w));
+      if (k < 2) {
+        const int64_t cols = k == 1 || l > 0 ? H : d.input;
+        TORCH_CHECK(w.size(1) == cols, name, ": expected ", cols, " columns at layer ", l,
+                    " (", k == 1 ? "hidden" : (l > 0 ? "hidden" : "the feature size of input"),
+                    "), got shape ", shape_str(w));
+      }
+    }
+  }
+  if (lstm) {
+    TORCH_CHECK(c0.has_value() && c0->defined(), "c0: expected the initial cell state of an LSTM");
+    check_same_device(*c0, input, "c0", "input");
+    check_same_dtype(*c0, input, "c0", "input");
+    TORCH_CHECK(c0->sizes() == h0.sizes(), "c0: expected the shape of h0 ", shape_str(h0),
+                ", got ", shape_str(*c0));
+  } else {
+    TORCH_CHECK(!(c0.has_value() && c0->defined()), "c0: a GRU has no cell state; pass None");
+  }
+  if (mask.has_value() && mask->defined()) {
+    check_same_device(*mask, input, "dropout_mask", "input");
+    check_same_dtype(*mask, input, "dropout_mask", "input");
+    const std::vector<int64_t> want{L - 1, d.steps, d.batch, H};
+    TORCH_CHECK(mask->sizes() == at::IntArrayRef(want), "dropout_mask: expected shape [", L - 1,
+                ", ", d.steps, ", ", d.batch, ", ", H, "] (layers - 1, steps, batch, hidden), got ",
+                shape_str(*mask));
+  }
+  return d;
+}
+
+namespace {
+
+std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_cpu(
+    c10::string_view cell, const at::Tensor& input, const at::Tensor& h0,
+    const std::optional<at::Tensor>& c0, at::TensorList weights,
+    const std::optional<at::Tensor>& dropout_mask) {
+  const bool lstm = is_lstm(cell);
+  const StackDims d = check_rnn_stack_args(lstm, input, h0, c0, weights, dropout_mask);
+  const int64_t L = d.layers, T = d.steps, B = d.batch, H = d.hidden;
+  const int64_t S = (lstm ? LstmCell::kSaved : GruCell::kSaved) * H;
+  auto opts = input.options();
+  at::Tensor saved = at::empty({L, T, B, S}, opts);
+  const at::Tensor x = input.contiguous(), h0c = h0.contiguous();
+  const at::Tensor c0c = contiguous_or_undefined(c0);
+  const at::Tensor mask = contiguous_or_undefined(dropout_mask);
+  const auto w = contiguous_all(weights);
+  if (T > 0 && B > 0) {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_stack_cpu", [&] {
+      if (lstm)
+        cpu::stack_forward<LstmCell, scalar_t>(d, x, h0c, c0c, w, mask, saved);
+      else
+        cpu::stack_forward<GruCell, scalar_t>(d, x, h0c, c0c, w, mask, saved);
+    });
+  }
+  if (T == 0) {
+    return {at::empty({0, B, H}, opts), h0.clone(at::MemoryFormat::Contiguous),
+            lstm ? c0c.clone() : at::empty({0}, opts), saved};
+  }
+  at::Tensor output = saved.select(0, L - 1).narrow(2, 0, H).contiguous();
+  at::Tensor last = saved.select(1, T - 1);  // (L, B, S)
+  at::Tensor h_n = last.narrow(2, 0, H).contiguous();
+  at::Tensor c_n = lstm ? last.narrow(2, H, H).contiguous() : at::empty({0}, opts);
+  return {output, h_n, c_n, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_stack_backward_cpu(
+    c10::string_view cell, const std::optional<at::Tensor>& grad_output,
+    const std::optional<at::Tensor>& grad_hn, const std::optional<at::Tensor>& grad_cn,
+    const at::Tensor& input, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask,
+    const at::Tensor& saved) {
+  const bool lstm = is_lstm(cell);
+  const StackDims d = check_rnn_stack_args(lstm, input, h0, c0, weights, dropout_mask);
+  const int64_t L = d.layers, T = d.steps, B = d.batch, H = d.hidden;
+  const int64_t S = (lstm ? LstmCell::kSaved : GruCell::kSaved) * H;
+  const std::vector<int64_t> saved_shape{L, T, B, S};
+  check_same_device(saved, input, "saved", "input");
+  check_same_dtype(saved, input, "saved", "input");
+  TORCH_CHECK(saved.sizes() == at::IntArrayRef(saved_shape), "saved: expected shape [", L, ", ",
+              T, ", ", B, ", ", S, "] (rnn_stack's fourth output), got ", shape_str(saved));
+  auto grad_like = [&](const std::optional<at::Tensor>& g, at::IntArrayRef shape,
+                       const char* name) -> at::Tensor {
+    if (!g.has_value() || !g->defined()) return at::Tensor();
+    check_same_device(*g, input, name, "input");
+    TORCH_CHECK(g->sizes() == shape, name, ": expected shape ", shape, ", got ", shape_str(*g));
+    return g->to(input.scalar_type()).contiguous();
+  };
+  const std::vector<int64_t> out_shape{T, B, H}, state_shape{L, B, H};
+  const at::Tensor go = grad_like(grad_output, out_shape, "grad_output");
+  const at::Tensor ghn = grad_like(grad_hn, state_shape, "grad_hn");
+  const at::Tensor gcn = lstm ? grad_like(grad_cn, state_shape, "grad_cn") : at::Tensor();
+  const at::Tensor x = input.contiguous(), h0c = h0.contiguous(), sv = saved.contiguous();
+  const at::Tensor c0c = contiguous_or_undefined(c0);
+  const at::Tensor mask = contiguous_or_undefined(dropout_mask);
+  const auto w = contiguous_all(weights);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> out;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_stack_backward_cpu", [&] {
+    if (lstm)
+      out = cpu::stack_backward<LstmCell, scalar_t>(d, go, ghn, gcn, x, h0c, c0c, w, mask, sv);
+    else
+      out = cpu::stack_backward<GruCell, scalar_t>(d, go, ghn, gcn, x, h0c, c0c, w, mask, sv);
+  });
+  if (!lstm) std::get<2>(out) = at::empty({0}, input.options());
+  return out;
+}
+
+// Autograd, in C++ rather than through torch.library.register_autograd: a decoder called once
+// per token in a Python loop pays this per call, forward and backward, and a Python autograd
+// function costs several times the op itself at the seeds' sizes (batch 32, hidden 32).
+using StackSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    c10::string_view, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    at::TensorList, const std::optional<at::Tensor>&);
+using StackBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(
+    c10::string_view, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, at::TensorList, const std::optional<at::Tensor>&,
+    const at::Tensor&);
+
+const c10::TypedOperatorHandle<StackSig>& stack_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("seq2seq_ext::rnn_stack", "").typed<StackSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<StackBackwardSig>& stack_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("seq2seq_ext::rnn_stack_backward", "")
+                             .typed<StackBackwardSig>();
+  return op;
+}
+
+std::optional<at::Tensor> opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
+  // Variables, in order: input, h0, c0 (when given), the weights, dropout_mask (when given).
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                std::string cell, const at::Tensor& input,
+                                                const at::Tensor& h0,
+                                                const std::optional<at::Tensor>& c0,
+                                                at::TensorList weights,
+                                                const std::optional<at::Tensor>& mask) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [output, h_n, c_n, saved] = stack_op().call(cell, input, h0, c0, weights, mask);
+    std::vector<at::Tensor> keep{input, h0, c0.value_or(at::Tensor()), mask.value_or(at::Tensor()),
+                                 saved};
+    keep.insert(keep.end(), weights.begin(), weights.end());
+    ctx->save_for_backward(keep);
+    ctx->saved_data["cell"] = cell;
+    ctx->saved_data["has_c0"] = c0.has_value() && c0->defined();
+    ctx->saved_data["has_mask"] = mask.has_value() && mask->defined();
+    ctx->mark_non_differentiable({saved});
+    if (cell != "lstm") ctx->mark_non_differentiable({c_n});
+    return {output, h_n, c_n, saved};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto keep = ctx->get_saved_variables();
+    const std::string cell = ctx->saved_data["cell"].toStringRef();
+    const bool has_c0 = ctx->saved_data["has_c0"].toBool();
+    const bool has_mask = ctx->saved_data["has_mask"].toBool();
+    const bool lstm = cell == "lstm";
+    const std::vector<at::Tensor> weights(keep.begin() + 5, keep.end());
+    auto [grad_input, grad_h0, grad_c0, grad_w] = stack_backward_op().call(
+        cell, opt(grads[0]), opt(grads[1]), lstm ? opt(grads[2]) : std::nullopt, keep[0], keep[1],
+        opt(keep[2]), weights, opt(keep[3]), keep[4]);
+    // one gradient per argument of forward: cell, input, h0, c0, each weight, dropout_mask
+    torch::autograd::variable_list out{at::Tensor(), grad_input, grad_h0};
+    out.push_back(has_c0 && lstm ? grad_c0 : at::Tensor());
+    out.insert(out.end(), grad_w.begin(), grad_w.end());
+    out.push_back(at::Tensor());
+    (void)has_mask;
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_autograd(
+    c10::string_view cell, const at::Tensor& input, const at::Tensor& h0,
+    const std::optional<at::Tensor>& c0, at::TensorList weights,
+    const std::optional<at::Tensor>& dropout_mask) {
+  bool needs_grad = false;
+  if (at::GradMode::is_enabled()) {
+    needs_grad = input.requires_grad() || h0.requires_grad() ||
+                 (c0.has_value() && c0->defined() && c0->requires_grad());
+    for (const auto& w : weights) needs_grad = needs_grad || w.requires_grad();
+  }
+  if (!needs_grad) {  // nothing to record: straight to the kernel
+    at::AutoDispatchBelowADInplaceOrView below;
+    return stack_op().call(cell, input, h0, c0, weights, dropout_mask);
+  }
+  auto out = RnnStackFunction::apply(std::string(cell), input, h0, c0, weights, dropout_mask);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(seq2seq_ext, m) {
+  // cell: "gru" or "lstm". input (T, B, I); h0 (L, B, H); c0 (L, B, H) for the LSTM, None for
+  // the GRU; weights: the module's flat weights, [w_ih, w_hh, b_ih, b_hh] per layer or
+  // [w_ih, w_hh] without biases; dropout_mask (L-1, T, B, H), when given, multiplies each
+  // layer's output but the last before it feeds the next layer (nn.GRU's inter-layer dropout,
+  // the mask already scaled by 1 / (1 - p)).
+  // Returns the top layer's output (T, B, H), h_n (L, B, H), c_n (L, B, H) (empty for the GRU)
+  // and what the backward needs, saved (L, T, B, S*H) (see csrc/rnn_cells.h).
+  m.def(
+      "rnn_stack(str cell, Tensor input, Tensor h0, Tensor? c0, Tensor[] weights, "
+      "Tensor? dropout_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of rnn_stack: (input, h0, c0 (empty for the GRU), weights in their order).
+  m.def(
+      "rnn_stack_backward(str cell, Tensor? grad_output, Tensor? grad_hn, Tensor? grad_cn, "
+      "Tensor input, Tensor h0, Tensor? c0, Tensor[] weights, Tensor? dropout_mask, "
+      "Tensor saved) -> (Tensor, Tensor, Tensor, Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(seq2seq_ext, CPU, m) {
+  m.impl("rnn_stack", &rnn_stack_cpu);
+  m.impl("rnn_stack_backward", &rnn_stack_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(seq2seq_ext, Autograd, m) { m.impl("rnn_stack", &rnn_stack_autograd); }
+
+}  // namespace seq2seq_ext

@@ -1,0 +1,199 @@
+"""The drop-in layers on programs the package did not write: the seeds' per-step
+teacher-forcing model (``seed_models``) and the chapter's model as a notebook defines it, plain
+PyTorch against the same program after ``seq2seq_ext.accelerate`` and against
+``torch.compile`` of the plain program, interleaved in one process, one thread by default.
+
+    python benchmarks/dropin.py                       # every case
+    python benchmarks/dropin.py --cases seed-lstm seed-gru-large --threads 1
+
+Each case also times the program with its recurrent layers replaced by a stub that costs nothing
+(the ceiling of what a faster recurrent layer can give) and reports the share of the ceiling's
+gain reached: (t_plain / t_fast - 1) / (t_plain / t_stub - 1).
+"""
+import argparse
+import copy
+import platform
+import random
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+import seq2seq_ext
+from seq2seq_ext import reference as R
+from seq2seq_ext.bench import common, seed_models
+
+# (src vocab, tgt vocab, embed, hidden, layers, dropout, batch, steps)
+SIZES = {
+    "seed": (10, 10, 16, 32, 2, 0.5, 32, 5),        # seed 004's own hyper-parameters
+    "chapter": (200, 200, 32, 32, 2, 0.5, 64, 10),  # the chapter's sizes
+    "large": (4000, 4000, 256, 512, 2, 0.5, 128, 12),
+}
+
+
+class StubRNN(nn.Module):
+    """A recurrent layer that costs nothing: the output is the input's first feature broadcast
+    to the hidden size (a gradient path, no work), the state passes through."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.hidden = rnn.hidden_size
+        self.layers = rnn.num_layers
+        self.lstm = isinstance(rnn, nn.LSTM)
+        self.batch_first = rnn.batch_first
+
+    def forward(self, x, hx=None):
+        out = x[..., :1].expand(*x.shape[:-1], self.hidden)
+        if hx is None:
+            h = x.new_zeros(self.layers, x.shape[0 if self.batch_first else 1], self.hidden)
+            hx = (h, h) if self.lstm else h
+        return out, hx
+
+
+def stubbed(model):
+    model = copy.deepcopy(model)
+    for holder in list(model.modules()):
+        for name, child in list(holder.named_children()):
+            if isinstance(child, (nn.GRU, nn.LSTM)):
+                setattr(holder, name, StubRNN(child))
+    return model
+
+
+def seed_case(cell, size, repeat):
+    src_v, tgt_v, embed, hidden, layers, dropout, batch, steps = SIZES[size]
+    torch.manual_seed(0)
+    plain = seed_models.Seq2Seq(src_v, tgt_v, embed, hidden, layers, dropout, cell=cell)
+    models = {"plain": plain,
+              "accelerated": seq2seq_ext.accelerate(copy.deepcopy(plain)),
+              "compiled": torch.compile(copy.deepcopy(plain)),
+              "stub": stubbed(plain)}
+    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items()}
+    src, trg = seed_models.batch(batch, steps, src_v, tgt_v)
+    coins = random.Random(0)
+
+    def step(k):
+        return lambda: seed_models.train_step(models[k], opts[k], src, trg, coins)
+
+    t0 = time.perf_counter()
+    step("compiled")()  # compile outside the timing
+    compile_s = time.perf_counter() - t0
+    return interleaved({k: step(k) for k in models}, repeat), dict(compile_s=compile_s)
+
+
+def decode_step_case(cell, size, repeat):
+    """One decoder call at batch 1 in inference (the seeds' decoder, greedy translation)."""
+    src_v, tgt_v, embed, hidden, layers, dropout, _, _ = SIZES[size]
+    torch.manual_seed(0)
+    plain = seed_models.Decoder(tgt_v, embed, hidden, layers, dropout, cell=cell).eval()
+    models = {"plain": plain, "accelerated": seq2seq_ext.accelerate(copy.deepcopy(plain)),
+              "stub": stubbed(plain)}
+    token = torch.tensor([1])
+    h = torch.randn(layers, 1, hidden)
+    state = (h, torch.randn_like(h)) if cell == "lstm" else h
+
+    def call(k):
+        def run():
+            with torch.no_grad():
+                for _ in range(50):
+                    models[k](token, state)
+        return run
+    times = interleaved({k: call(k) for k in models}, repeat)
+    return {k: v / 50 for k, v in times.items()}, {}
+
+
+def chapter_predict_case(repeat):
+    """predict_seq2seq of the chapter's model written by a user (the reference classes)."""
+    src_vocab, tgt_vocab = common.toy_vocabs()
+    _, plain = common.chapter_models(len(src_vocab), len(tgt_vocab))
+    plain.eval()
+    models = {"plain": plain, "accelerated": seq2seq_ext.accelerate(copy.deepcopy(plain)),
+              "stub": stubbed(plain)}
+
+    def run(k):
+        return lambda: [R.predict_seq2seq(models[k], s, src_vocab, tgt_vocab, 10, "cpu")
+                        for s in common.CHAPTER_SENTENCES]
+    assert [r[0] for r in run("plain")()] == [r[0] for r in run("accelerated")()]
+    return interleaved({k: run(k) for k in models}, repeat), {}
+
+
+def interleaved(fns, repeat):
+    """Median seconds per call of each function, rounds interleaved (see common.paired_times)."""
+    for fn in fns.values():
+        fn()
+    rounds = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            rounds[k].append(time.perf_counter() - t)
+    return {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
+
+
+CASES = {
+    "seed-lstm": lambda r: seed_case("lstm", "seed", r),
+    "seed-gru": lambda r: seed_case("gru", "seed", r),
+    "seed-lstm-chapter": lambda r: seed_case("lstm", "chapter", r),
+    "seed-gru-chapter": lambda r: seed_case("gru", "chapter", r),
+    "seed-lstm-large": lambda r: seed_case("lstm", "large", max(3, r // 4)),
+    "seed-gru-large": lambda r: seed_case("gru", "large", max(3, r // 4)),
+    "decode-step-lstm": lambda r: decode_step_case("lstm", "seed", r),
+    "decode-step-gru": lambda r: decode_step_case("gru", "seed", r),
+    "chapter-predict": chapter_predict_case,
+}
+
+
+def cpu_name():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def gemm_rates():
+    """1-thread GEMM rates (GFLOP/s) at 1024x1024: float32 (torch.mm) and bfloat16."""
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(1024, 1024, dtype=dtype)
+        t = common.median_time(lambda: torch.mm(a, a), repeat=5)
+        out[str(dtype).replace("torch.", "")] = 2 * 1024 ** 3 / t / 1e9
+    return out
+
+
+def fmt(t):
+    return f"{t * 1e3:.3f} ms" if t >= 1e-3 else f"{t * 1e6:.1f} us"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=15)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rates = gemm_rates()
+    print(f"CPU: {cpu_name()}, {args.threads} thread(s), torch {torch.__version__}; GEMM 1024^3: "
+          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()))
+    print()
+    print("| case | plain | accelerated | speed-up | torch.compile | stub (ceiling) "
+          "| ceiling speed-up | share of ceiling |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.cases:
+        print(f"running {name}...", file=sys.stderr, flush=True)
+        times, extra = CASES[name](args.repeat)
+        p, a, s = times["plain"], times["accelerated"], times["stub"]
+        c = times.get("compiled")
+        share = (p / a - 1) / (p / s - 1) if p > s else float("nan")
+        comp = f"{fmt(c)} ({p / c:.2f}x)" if c else "-"
+        print(f"| {name} | {fmt(p)} | {fmt(a)} | **{p / a:.2f}x** | {comp} | {fmt(s)} "
+              f"| {p / s:.2f}x | {share:.0%} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Drop-in recurrent layers: :class:`GRU` and :class:`LSTM` are ``torch.nn.GRU`` and
+``torch.nn.LSTM`` (subclasses: the same constructor, attributes, parameters, ``state_dict`` and
+``forward``) whose forward runs the fused ``rnn_stack`` op, and :func:`accelerate` puts them into
+any model in place.
+
+The whole stack of layers is one op forward and one op backward, over a whole sequence or over
+the single time step of a decoder called once per token in a Python loop (the teacher-forcing
+pattern), where the per-call cost of ``nn.GRU`` / ``nn.LSTM`` dominates at small sizes.
+
+What runs the fused op, and what runs PyTorch's own implementation (transparently: the same
+results and the same errors as ``torch.nn``):
+
+=========================================  ===================================================
+fused (``rnn_stack``)                      PyTorch's ``nn.GRU`` / ``nn.LSTM`` forward
+=========================================  ===================================================
+any ``num_layers``, ``bias`` either way,   ``bidirectional=True``, ``proj_size > 0``,
+``batch_first`` either way, unbatched      ``PackedSequence`` input,
+input, ``hx`` given or not, inter-layer    dtypes other than float32 / float64 (and float16 /
+dropout, float32 / float64 on the CPU      bfloat16 under ``torch.autocast``), devices without
+(and CUDA when built with it), grad mode   the kernel, the reference backend
+on or off, ``torch.compile``, DDP          (``seq2seq_ext.set_backend("reference")``), and any
+                                           input whose shapes ``nn.GRU`` would reject (so that
+                                           its error is raised)
+=========================================  ===================================================
+
+Dropout between layers keeps a unit when a uniform sample from the default generator falls
+below ``1 - p``, so the masks differ from those ``nn.GRU`` / ``nn.LSTM`` would draw for the same
+seed; the distribution (Bernoulli(1 - p)) and the scaling (``1 / (1 - p)``) are the same.
+"""
+import torch
+from torch.nn.utils.rnn import PackedSequence
+
+from . import _C, ops
+
+__all__ = ["GRU", "LSTM", "accelerate"]
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _fused_ok(module, input):
+    """The one place that decides whether ``module.forward(input, ...)`` runs the fused op."""
+    if type(input) is not torch.Tensor or input.dtype not in _FLOATS:
+        return False
+    if module.bidirectional or getattr(module, "proj_size", 0) or ops.get_backend() != "ext":
+        return False
+    if input.dim() not in (2, 3) or input.shape[-1] != module.input_size:
+        return False
+    device = input.device
+    if torch.is_autocast_enabled(device.type) or not ops.has_kernel("rnn_stack", device):
+        return False
+    w = module._flat_weights[0]  # nn.RNNBase's own list of the parameters, in the op's order
+    return w is not None and w.dtype == input.dtype and w.device == device
+
+
+def _run(module, cell, input, hx):
+    """The fused forward: (output, h_n, c_n) in the module's layout, or None when ``hx`` does
+    not have the shape nn.GRU / nn.LSTM expects (the caller then lets torch.nn raise)."""
+    layers, hidden = module.num_layers, module.hidden_size
+    batched = input.dim() == 3
+    if batched:
+        x = input.transpose(0, 1) if module.batch_first else input
+    else:
+        x = input.unsqueeze(1)
+    batch = x.shape[1]
+    want = (layers, batch, hidden) if batched else (layers, hidden)
+    if hx is None:
+        h0 = x.new_zeros((layers, batch, hidden))
+        c0 = h0 if cell == "lstm" else None
+    else:
+        if cell == "lstm":
+            if not (isinstance(hx, tuple) and len(hx) == 2):
+                return None
+            h0, c0 = hx
+            if tuple(c0.shape) != want:
+                return None
+        else:
+            h0, c0 = hx, None
+        if tuple(h0.shape) != want or any(
+                t.dtype != x.dtype or t.device != x.device for t in (h0, c0) if t is not None):
+            return None
+        if not batched:
+            h0 = h0.unsqueeze(1)
+            c0 = c0.unsqueeze(1) if c0 is not None else None
+    mask = None
+    p = module.dropout
+    if p and module.training and layers > 1:
+        shape = (layers - 1, x.shape[0], batch, hidden)
+        mask = (x.new_zeros(shape) if p >= 1 else  # as _C.rnn_forward draws it
+                torch.empty(shape, dtype=x.dtype, device=x.device).uniform_().lt_(1 - p)
+                .div_(1 - p))
+    output, h_n, c_n = ops.rnn_stack(cell, x, h0, c0, module._flat_weights, mask)
+    if not batched:
+        return output.squeeze(1), h_n.squeeze(1), (c_n.squeeze(1) if c_n is not None else None)
+    if module.batch_first:
+        output = output.transpose(0, 1)
+    return output, h_n, c_n
+
+
+def _forward(module, cell, input, hx):
+    """(output, h_n, c_n) from the fused op, or None for torch.nn's own forward.
+
+    Eager calls go to ``_C.rnn_forward`` (the layout work and the op's dispatcher call in C++,
+    a fraction of the per-call cost of the same in Python: the one-step decoder loop pays it at
+    every token); traced calls and calls under a torch function mode take :func:`_run`, the
+    same in Python through ``torch.ops``."""
+    if (type(input) is not torch.Tensor or module.bidirectional
+            or getattr(module, "proj_size", 0) or ops.get_backend() != "ext"):
+        return None
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return _run(module, cell, input, hx) if _fused_ok(module, input) else None
+    return _C.rnn_forward(cell, input, hx, module._flat_weights, module.num_layers,
+                          module.hidden_size, module.batch_first, float(module.dropout),
+                          module.training)
+
+
+class GRU(torch.nn.GRU):
+    """``torch.nn.GRU`` with the fused multi-layer op underneath (see the module docstring for
+    what falls back to PyTorch's implementation). Same constructor, parameters and results."""
+
+    def forward(self, input, hx=None):
+        out = _forward(self, "gru", input, hx)
+        if out is not None:
+            return out[0], out[1]
+        return super().forward(input, hx)
+
+
+class LSTM(torch.nn.LSTM):
+    """``torch.nn.LSTM`` with the fused multi-layer op underneath (see the module docstring for
+    what falls back to PyTorch's implementation). Same constructor, parameters and results."""
+
+    def forward(self, input, hx=None):
+        out = _forward(self, "lstm", input, hx)
+        if out is not None:
+            return out[0], (out[1], out[2])
+        return super().forward(input, hx)
+
+
+_DROP_IN = {torch.nn.GRU: GRU, torch.nn.LSTM: LSTM}
+
+
+def accelerate(module):
+    """Make every ``torch.nn.GRU`` and ``torch.nn.LSTM`` in ``module`` (``module`` itself
+    included) the drop-in :class:`GRU` / :class:`LSTM`, in place, and return ``module``.
+
+    Each layer keeps its ``Parameter`` objects (an optimizer built before still updates them),
+    its ``state_dict`` keys and its settings: only its class changes, to a subclass that adds no
+    state. Subclasses of ``nn.GRU`` / ``nn.LSTM`` (which may have a forward of their own) and the
+    layers inside this package's models (already fused) are left as they are."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+    from . import models  # the package's own models run fused layers already
+    todo = [module]
+    while todo:
+        m = todo.pop()
+        if isinstance(m, (models.Seq2SeqEncoder, models.Seq2SeqDecoder)):
+            continue
+        drop_in = _DROP_IN.get(type(m))
+        if drop_in is not None:
+            m.__class__ = drop_in
+        todo.extend(c for c in m.children())
+    return module

@@ -1,0 +1,222 @@
+"""The stack op: ``ops.rnn_stack`` / ``torch.ops.seq2seq_ext.rnn_stack`` and
+``rnn_stack_backward``, a multi-layer GRU or LSTM over a sequence (or one step), against
+``reference.rnn_stack`` (the equations written out) and ``nn.GRU`` / ``nn.LSTM``.
+
+float64 is compared tightly; float32 with ``gru_tol`` (the op's GEMM blocking, bias order and
+tanh formula round differently from PyTorch's).
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seq2seq_ext import ops, reference
+
+from helpers import devices, generator, gru_tol
+
+OP = torch.ops.seq2seq_ext.rnn_stack.default
+BACKWARD = torch.ops.seq2seq_ext.rnn_stack_backward.default
+DEVICES = devices()
+GATES = {"gru": 3, "lstm": 4}
+
+
+def make_args(cell, layers, steps, batch, in_size, hidden, *, bias=True, mask=False,
+              dtype=torch.float64, device="cpu", seed=0, requires_grad=False):
+    """Random (input, h0, c0, weights, dropout_mask) for rnn_stack."""
+    g = generator(seed)
+
+    def rand(*shape, scale=0.6):
+        t = ((torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1) * scale)
+        return t.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    G = GATES[cell] * hidden
+    weights = []
+    for layer in range(layers):
+        weights += [rand(G, in_size if layer == 0 else hidden), rand(G, hidden)]
+        if bias:
+            weights += [rand(G), rand(G)]
+    x = rand(steps, batch, in_size, scale=1.0)
+    h0 = rand(layers, batch, hidden, scale=1.0)
+    c0 = rand(layers, batch, hidden, scale=1.0) if cell == "lstm" else None
+    dropout_mask = None
+    if mask and layers > 1:
+        keep = torch.rand((layers - 1, steps, batch, hidden), generator=g) > 0.3
+        dropout_mask = (keep.to(torch.float64) / 0.7).to(device=device, dtype=dtype)
+    return x, h0, c0, weights, dropout_mask
+
+
+def grads_of(outputs, inputs, seed=5):
+    """Gradients of a random linear function of the outputs (None outputs skipped)."""
+    g = generator(seed)
+    outs = [o for o in outputs if o is not None]
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum()
+               for o in outs)
+    return torch.autograd.grad(loss, inputs, allow_unused=True)
+
+
+def differentiable(x, h0, c0, weights):
+    return [x, h0] + ([c0] if c0 is not None else []) + list(weights)
+
+
+class TestRnnStack:
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("layers,steps,batch,in_size,hidden,bias,mask", [
+        (1, 1, 1, 3, 5, True, False),     # one step of one layer, batch 1
+        (2, 1, 7, 13, 17, True, True),    # the decoder's one-step call, dropout between layers
+        (3, 6, 5, 9, 33, False, True),    # no biases, hidden past a vector width
+        (2, 11, 3, 40, 20, True, False),
+    ])
+    def test_matches_reference(self, cell, layers, steps, batch, in_size, hidden, bias, mask,
+                               dtype, device):
+        args = make_args(cell, layers, steps, batch, in_size, hidden, bias=bias, mask=mask,
+                         dtype=dtype, device=device, seed=layers * 100 + steps,
+                         requires_grad=True)
+        x, h0, c0, weights, dropout_mask = args
+        got = ops.rnn_stack(cell, *args)
+        want = reference.rnn_stack(cell, *args)
+        tol = gru_tol(dtype)
+        for g, w, name in zip(got, want, ("output", "h_n", "c_n")):
+            if w is None:
+                assert g is None
+                continue
+            torch.testing.assert_close(g, w, **tol, msg=lambda m: f"{name}: {m}")
+        inputs = differentiable(x, h0, c0, weights)
+        for k, (g, w) in enumerate(zip(grads_of(got, inputs), grads_of(want, inputs))):
+            torch.testing.assert_close(g, w, **tol, msg=lambda m: f"gradient {k}: {m}")
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_matches_torch_nn(self, cell):
+        """The layers of nn.GRU / nn.LSTM themselves, no dropout."""
+        torch.manual_seed(3)
+        rnn = getattr(torch.nn, cell.upper())(6, 10, 3).double()
+        x = torch.randn(4, 5, 6, dtype=torch.float64)
+        h0 = torch.randn(3, 5, 10, dtype=torch.float64)
+        c0 = torch.randn(3, 5, 10, dtype=torch.float64) if cell == "lstm" else None
+        out, h_n, c_n = ops.rnn_stack(cell, x, h0, c0, rnn._flat_weights)
+        want_out, want_state = rnn(x, (h0, c0) if cell == "lstm" else h0)
+        torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
+        if cell == "lstm":
+            torch.testing.assert_close(h_n, want_state[0], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(c_n, want_state[1], rtol=1e-12, atol=1e-12)
+        else:
+            torch.testing.assert_close(h_n, want_state, rtol=1e-12, atol=1e-12)
+
+    @settings(max_examples=12, deadline=None)
+    @given(cell=st.sampled_from(["gru", "lstm"]), layers=st.integers(1, 3),
+           steps=st.integers(0, 5), batch=st.integers(0, 4), in_size=st.integers(1, 19),
+           hidden=st.integers(1, 21), bias=st.booleans(), mask=st.booleans(),
+           seed=st.integers(0, 2 ** 16))
+    def test_fuzz_against_reference(self, cell, layers, steps, batch, in_size, hidden, bias,
+                                    mask, seed):
+        args = make_args(cell, layers, steps, batch, in_size, hidden, bias=bias, mask=mask,
+                         seed=seed, requires_grad=True)
+        x, h0, c0, weights, _ = args
+        got = ops.rnn_stack(cell, *args)
+        want = reference.rnn_stack(cell, *args)
+        for g, w in zip(got, want):
+            if w is not None:
+                torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+        inputs = differentiable(x, h0, c0, weights)
+        for g, w in zip(grads_of(got, inputs), grads_of(want, inputs)):
+            if w is None:  # no step: the weights take no part
+                assert g is None or not g.any()
+            else:
+                torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("bias", [True, False])
+    def test_gradcheck(self, cell, bias, device):
+        x, h0, c0, weights, mask = make_args(cell, 2, 3, 2, 3, 4, bias=bias, mask=True,
+                                             device=device, seed=7, requires_grad=True)
+        n_c = 1 if c0 is not None else 0
+
+        def f(x, h0, *rest):
+            c = rest[0] if n_c else None
+            out, h_n, c_n = ops.rnn_stack(cell, x, h0, c, list(rest[n_c:]), mask)
+            return (out, h_n) + ((c_n,) if n_c else ())
+
+        assert torch.autograd.gradcheck(f, differentiable(x, h0, c0, weights))
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("mask", [False, True])
+    def test_opcheck(self, cell, mask, device):
+        args = make_args(cell, 2, 3, 4, 5, 6, mask=mask, dtype=torch.float32, device=device,
+                         seed=11, requires_grad=True)
+        torch.library.opcheck(OP, (cell,) + args)
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_opcheck_backward(self, cell):
+        x, h0, c0, weights, mask = make_args(cell, 2, 3, 4, 5, 6, mask=True, seed=12)
+        out, h_n, c_n, saved = OP(cell, x, h0, c0, weights, mask)
+        g = generator(1)
+        grad_out = torch.randn(out.shape, generator=g, dtype=out.dtype)
+        grad_c = torch.randn(h_n.shape, generator=g, dtype=out.dtype) if cell == "lstm" else None
+        torch.library.opcheck(BACKWARD, (cell, grad_out, None, grad_c, x, h0, c0, weights, mask,
+                                         saved))
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_no_gradient_for_unused_outputs(self, cell):
+        """Only h_n used: the output's gradient is absent, the op still differentiates."""
+        x, h0, c0, weights, _ = make_args(cell, 2, 4, 3, 5, 6, requires_grad=True, seed=2)
+        got = ops.rnn_stack(cell, x, h0, c0, weights)
+        want = reference.rnn_stack(cell, x, h0, c0, weights)
+        inputs = differentiable(x, h0, c0, weights)
+        for g, w in zip(torch.autograd.grad(got[1].sum(), inputs),
+                        torch.autograd.grad(want[1].sum(), inputs)):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+    def test_deterministic(self):
+        args = make_args("lstm", 2, 5, 4, 7, 9, dtype=torch.float32, mask=True, seed=4)
+        a = ops.rnn_stack("lstm", *args)
+        b = ops.rnn_stack("lstm", *args)
+        for s, t in zip(a, b):
+            assert torch.equal(s, t)
+
+    @pytest.mark.parametrize("mutate,match", [
+        (lambda a: a.update(cell="rnn"), "cell: expected 'gru' or 'lstm'"),
+        (lambda a: a.update(x=a["x"][0]), "input: expected a 3-D tensor"),
+        (lambda a: a.update(x=a["x"].int()), "input: expected float32 or float64"),
+        (lambda a: a.update(h0=a["h0"][:, :1]), "h0: expected size 3 at dimension 1"),
+        (lambda a: a.update(h0=a["h0"].float()), "h0: expected dtype Double"),
+        (lambda a: a.update(c0=None), "c0: expected the initial cell state"),
+        (lambda a: a.update(c0=a["c0"][:1]), "c0: expected the shape of h0"),
+        (lambda a: a.update(weights=a["weights"][:3]), "weights: expected 4 tensors per layer"),
+        (lambda a: a["weights"].__setitem__(0, a["weights"][0][:, :2]),
+         "weights \\(w_ih\\): expected 5 columns at layer 0"),
+        (lambda a: a["weights"].__setitem__(5, a["weights"][5][:-1]),
+         "weights \\(w_hh\\): expected 24 rows"),
+        (lambda a: a.update(mask=torch.ones(1, 2, 3, 6, dtype=torch.float64)),
+         "dropout_mask: expected shape \\[1, 4, 3, 6\\]"),
+    ])
+    def test_bad_arguments_name_the_argument(self, mutate, match):
+        x, h0, c0, weights, _ = make_args("lstm", 2, 4, 3, 5, 6, seed=9)
+        a = dict(cell="lstm", x=x, h0=h0, c0=c0, weights=list(weights), mask=None)
+        before = [t.clone() for t in [x, h0, c0] + weights]
+        mutate(a)
+        with pytest.raises(RuntimeError, match=match):
+            OP(a["cell"], a["x"], a["h0"], a["c0"], a["weights"], a["mask"])
+        for t, b in zip([x, h0, c0] + weights, before):
+            assert torch.equal(t, b)
+
+    def test_gru_refuses_a_cell_state(self):
+        x, h0, _, weights, _ = make_args("gru", 1, 2, 2, 3, 4)
+        with pytest.raises(RuntimeError, match="c0: a GRU has no cell state"):
+            OP("gru", x, h0, h0, weights, None)
+
+    def test_backward_checks_saved(self):
+        x, h0, c0, weights, _ = make_args("gru", 1, 2, 2, 3, 4)
+        with pytest.raises(RuntimeError, match="saved: expected shape"):
+            BACKWARD("gru", None, None, None, x, h0, None, weights, None,
+                     torch.zeros(1, 2, 2, 4, dtype=torch.float64))
+
+    def test_reference_backend(self):
+        args = make_args("gru", 2, 3, 2, 4, 5, seed=13)
+        with ops.use_backend("reference"):
+            got = ops.rnn_stack("gru", *args)
+        want = reference.rnn_stack("gru", *args)
+        for g, w in zip(got[:2], want[:2]):
+            assert torch.equal(g, w)

@@ -1,0 +1,350 @@
+"""The drop-in layers ``seq2seq_ext.nn.GRU`` / ``LSTM`` and ``seq2seq_ext.accelerate`` against
+``torch.nn.GRU`` / ``LSTM``: outputs, states, every gradient, the fallbacks, and whole programs
+(the seeds' per-step teacher-forcing model, the chapter's decoder written by a user) run through
+``accelerate``."""
+import copy
+import random
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import seq2seq_ext
+from seq2seq_ext import nn as snn
+from seq2seq_ext import ops, reference
+from seq2seq_ext.bench import seed_models
+
+from helpers import generator, gru_tol
+
+CLASSES = {"gru": (nn.GRU, snn.GRU), "lstm": (nn.LSTM, snn.LSTM)}
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """The cells of the fused calls behind the drop-in layers: eager calls through
+    ``_C.rnn_forward``, traced ones through ``ops.rnn_stack``."""
+    calls = []
+    real_op, real_forward = ops.rnn_stack, snn._C.rnn_forward
+
+    def op_spy(*args, **kwargs):
+        calls.append(args[0])
+        return real_op(*args, **kwargs)
+
+    def forward_spy(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        if out is not None:
+            calls.append(args[0])
+        return out
+
+    monkeypatch.setattr(ops, "rnn_stack", op_spy)
+    monkeypatch.setattr(snn._C, "rnn_forward", forward_spy)
+    return calls
+
+
+def pair(cell, *args, dtype=torch.float64, seed=0, **kwargs):
+    """(torch.nn layer, drop-in layer) with the same weights."""
+    torch.manual_seed(seed)
+    ref_cls, new_cls = CLASSES[cell]
+    ref = ref_cls(*args, **kwargs).to(dtype)
+    new = new_cls(*args, **kwargs).to(dtype)
+    new.load_state_dict(ref.state_dict())
+    return ref, new
+
+
+def state_tensors(state):
+    return list(state) if isinstance(state, tuple) else [state]
+
+
+def run_and_grad(module, x, hx, seed=1):
+    out, state = module(x, hx)
+    outs = [out] + state_tensors(state)
+    g = generator(seed)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum()
+               for o in outs)
+    inputs = [x] + [t for t in state_tensors(hx) if t is not None] + list(module.parameters())
+    return outs, torch.autograd.grad(loss, inputs)
+
+
+def make_hx(cell, layers, batch, hidden, dtype, batched=True, seed=2):
+    if batch is None:
+        return None
+    g = generator(seed)
+    shape = (layers, batch, hidden) if batched else (layers, hidden)
+    h = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    if cell == "lstm":
+        return h, torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    return h
+
+
+class TestDropInParity:
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("layers,in_size,hidden,batch,steps,batch_first,bias,give_hx", [
+        (1, 3, 5, 1, 1, False, True, True),
+        (2, 16, 32, 7, 1, True, True, True),      # the seeds' decoder step
+        (3, 9, 17, 5, 6, True, False, False),
+        (2, 13, 33, 3, 9, False, True, False),
+    ])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_outputs_states_and_gradients(self, cell, layers, in_size, hidden, batch, steps,
+                                          batch_first, bias, give_hx, dtype, op_calls):
+        ref, new = pair(cell, in_size, hidden, layers, bias=bias, batch_first=batch_first,
+                        dtype=dtype, seed=layers + steps)
+        shape = (batch, steps, in_size) if batch_first else (steps, batch, in_size)
+        x = torch.randn(shape, generator=generator(3), dtype=torch.float64).to(dtype)
+        x.requires_grad_()
+        hx = make_hx(cell, layers, batch, hidden, dtype) if give_hx else None
+        want, want_grads = run_and_grad(ref, x, hx)
+        got, got_grads = run_and_grad(new, x, hx)
+        assert op_calls == [cell]
+        tol = gru_tol(dtype)
+        for g, w in zip(got + list(got_grads), want + list(want_grads)):
+            torch.testing.assert_close(g, w, **tol)
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_unbatched_input(self, cell, op_calls):
+        ref, new = pair(cell, 4, 6, 2)
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        for hx in (None, make_hx(cell, 2, 1, 6, torch.float64, batched=False)):
+            want, want_grads = run_and_grad(ref, x, hx)
+            got, got_grads = run_and_grad(new, x, hx)
+            for g, w in zip(got + list(got_grads), want + list(want_grads)):
+                assert g.shape == w.shape
+                torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+        assert op_calls == [cell, cell]
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_eval_mode_dropout_is_off(self, cell):
+        ref, new = pair(cell, 4, 6, 3, dropout=0.5)
+        ref.eval(), new.eval()
+        x = torch.randn(3, 2, 4, dtype=torch.float64)
+        torch.testing.assert_close(new(x)[0], ref(x)[0], rtol=1e-12, atol=1e-12)
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_training_dropout_masks_between_layers(self, cell, op_calls):
+        """Dropout in training: a fresh mask per call (two calls differ), the top layer's state
+        depends on it, the mean over many draws is the no-dropout result's neighbourhood, and
+        p = 1 feeds zeros to the layers above the first."""
+        _, new = pair(cell, 4, 8, 2, dropout=0.5)
+        x = torch.randn(3, 2, 4, dtype=torch.float64)
+        torch.manual_seed(0)
+        a, b = new(x)[0], new(x)[0]
+        assert not torch.equal(a, b)
+        torch.manual_seed(0)
+        torch.testing.assert_close(new(x)[0], a, rtol=0, atol=0)  # the default generator's stream
+        new.dropout = 1.0
+        zero_fed = new(x)[0]
+        ref_top = copy.deepcopy(new)
+        with torch.no_grad():  # a stack whose layer 1 reads zeros: only its biases matter
+            out, _, _ = reference.rnn_stack(cell, torch.zeros(3, 2, 8, dtype=torch.float64),
+                                            torch.zeros(1, 2, 8, dtype=torch.float64),
+                                            torch.zeros(1, 2, 8, dtype=torch.float64)
+                                            if cell == "lstm" else None,
+                                            ref_top._flat_weights[4:])
+        torch.testing.assert_close(zero_fed, out, rtol=1e-12, atol=1e-12)
+        assert len(op_calls) == 4
+
+    def test_double_and_inference_mode(self, op_calls):
+        ref, new = pair("lstm", 5, 7, 2, dtype=torch.float32)
+        ref.double(), new.double()
+        x = torch.randn(4, 3, 5, dtype=torch.float64)
+        with torch.inference_mode():
+            got = new(x)[0]
+            want = ref(x)[0]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert op_calls == ["lstm"]
+
+
+class TestFallbacks:
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("kwargs", [dict(bidirectional=True), dict(num_layers=2)])
+    def test_packed_sequence_and_bidirectional_run_torch(self, cell, kwargs, op_calls):
+        ref, new = pair(cell, 4, 6, **kwargs)
+        x = torch.randn(5, 3, 4, dtype=torch.float64)
+        packed = pack_padded_sequence(x, torch.tensor([5, 3, 2]))
+        for inp in (packed, x if "bidirectional" in kwargs else packed):
+            got, want = new(inp), ref(inp)
+            g0 = got[0].data if hasattr(got[0], "data") else got[0]
+            w0 = want[0].data if hasattr(want[0], "data") else want[0]
+            torch.testing.assert_close(g0, w0, rtol=0, atol=0)
+        assert op_calls == []
+
+    def test_proj_size_runs_torch(self, op_calls):
+        ref, new = pair("lstm", 4, 6, 2, proj_size=3)
+        x = torch.randn(5, 3, 4, dtype=torch.float64)
+        torch.testing.assert_close(new(x)[0], ref(x)[0], rtol=0, atol=0)
+        assert op_calls == []
+
+    def test_reference_backend_runs_torch(self, op_calls):
+        ref, new = pair("gru", 4, 6, 2)
+        x = torch.randn(5, 3, 4, dtype=torch.float64)
+        with ops.use_backend("reference"):
+            torch.testing.assert_close(new(x)[0], ref(x)[0], rtol=0, atol=0)
+        assert op_calls == []
+
+    def test_autocast_runs_torch(self, op_calls):
+        ref, new = pair("lstm", 8, 16, 2, dtype=torch.float32)
+        x = torch.randn(5, 3, 8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = new(x)[0], ref(x)[0]
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert op_calls == []
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("bad", ["input_size", "hx_shape", "hx_dtype", "input_dim"])
+    def test_bad_input_raises_torch_error(self, cell, bad):
+        ref, new = pair(cell, 4, 6, 2, dtype=torch.float32)
+        x = torch.randn(5, 3, 4)
+        hx = make_hx(cell, 2, 3, 6, torch.float32)
+        if bad == "input_size":
+            x = torch.randn(5, 3, 5)
+        elif bad == "hx_shape":
+            hx = make_hx(cell, 2, 2, 6, torch.float32)
+        elif bad == "hx_dtype":
+            hx = make_hx(cell, 2, 3, 6, torch.float64)
+        else:
+            x = torch.randn(2, 5, 3, 4)
+        with pytest.raises((RuntimeError, ValueError)) as want:
+            ref(x, hx)
+        with pytest.raises(type(want.value)) as got:
+            new(x, hx)
+        assert str(got.value) == str(want.value)
+
+
+class TestAccelerate:
+    def test_swaps_in_place_and_keeps_parameters(self):
+        torch.manual_seed(0)
+        model = seed_models.Seq2Seq(11, 13, 8, 16, 2, 0.0, cell="lstm")
+        params = {n: p for n, p in model.named_parameters()}
+        keys = list(model.state_dict())
+        opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        assert seq2seq_ext.accelerate(model) is model
+        assert type(model.encoder.rnn) is snn.LSTM and type(model.decoder.rnn) is snn.LSTM
+        assert list(model.state_dict()) == keys
+        for n, p in model.named_parameters():
+            assert p is params[n]
+        # the optimizer built before updates what the accelerated layers read
+        src, trg = seed_models.batch(4, 5, 11, 13)
+        before = model.decoder.rnn.weight_hh_l1.detach().clone()
+        seed_models.train_step(model, opt, src, trg, random.Random(0))
+        assert not torch.equal(before, model.decoder.rnn.weight_hh_l1)
+
+    def test_module_itself_and_subclasses(self):
+        layer = nn.GRU(3, 4)
+        assert type(seq2seq_ext.accelerate(layer)) is snn.GRU
+
+        class MyLSTM(nn.LSTM):
+            def forward(self, x, hx=None):
+                return super().forward(x * 2, hx)
+
+        holder = nn.Sequential(MyLSTM(3, 4))
+        seq2seq_ext.accelerate(holder)
+        assert type(holder[0]) is MyLSTM
+        with pytest.raises(TypeError, match="module: expected a torch.nn.Module"):
+            seq2seq_ext.accelerate("model")
+
+    def test_package_models_are_left_alone(self):
+        net = seq2seq_ext.EncoderDecoder(seq2seq_ext.Seq2SeqEncoder(10, 4, 6, 2),
+                                         seq2seq_ext.Seq2SeqDecoder(10, 4, 6, 2))
+        seq2seq_ext.accelerate(net)
+        assert type(net.encoder.rnn) is nn.GRU and type(net.decoder.rnn) is nn.GRU
+
+
+class TestWholePrograms:
+    @pytest.mark.parametrize("cell", ["lstm", "gru"])
+    def test_seed_training_loop_matches_plain_pytorch(self, cell, op_calls):
+        """The seeds' loop (teacher forcing 0.5, clipping, Adam) with dropout 0 and the same
+        coins: the accelerated model's losses equal plain PyTorch's."""
+        torch.manual_seed(0)
+        plain = seed_models.Seq2Seq(10, 12, 16, 32, 2, 0.0, cell=cell)
+        fast = seq2seq_ext.accelerate(copy.deepcopy(plain))
+        opt_plain = torch.optim.Adam(plain.parameters(), lr=0.01)
+        opt_fast = torch.optim.Adam(fast.parameters(), lr=0.01)
+        coins_plain, coins_fast = random.Random(7), random.Random(7)
+        for step in range(6):
+            src, trg = seed_models.batch(32, 5, 10, 12, seed=step)
+            want = seed_models.train_step(plain, opt_plain, src, trg, coins_plain)
+            got = seed_models.train_step(fast, opt_fast, src, trg, coins_fast)
+            assert got == pytest.approx(want, rel=1e-5)
+        assert op_calls and set(op_calls) == {cell}
+
+    def test_chapter_decoder_of_a_user(self, op_calls):
+        """The chapter's encoder-decoder as a notebook defines it (the reference classes, plain
+        nn.GRU): accelerated, the same training losses and translations."""
+        torch.manual_seed(1)
+        enc = reference.Seq2SeqEncoder(12, 8, 16, 2)
+        dec = reference.Seq2SeqDecoder(14, 8, 16, 2)
+        plain = reference.EncoderDecoder(enc, dec)
+        fast = seq2seq_ext.accelerate(copy.deepcopy(plain))
+        loss = reference.MaskedSoftmaxCELoss()
+        X = torch.randint(0, 12, (6, 7), generator=generator(0))
+        Y = torch.randint(0, 14, (6, 7), generator=generator(1))
+        valid = torch.tensor([7, 3, 5, 1, 6, 2])
+        for net in (plain, fast):
+            net.train()
+        opts = [torch.optim.Adam(m.parameters(), lr=0.01) for m in (plain, fast)]
+        for _ in range(3):
+            losses = []
+            for net, opt in zip((plain, fast), opts):
+                opt.zero_grad()
+                Y_hat, _ = net(X, Y, valid)
+                ls = loss(Y_hat, Y, valid).sum()
+                ls.backward()
+                opt.step()
+                losses.append(ls.item())
+            assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+        assert op_calls
+        src_vocab = reference_vocab(12)
+        tgt_vocab = reference_vocab(14)
+        for s in ["a b", "c d e", "b"]:
+            want = reference.predict_seq2seq(plain, s, src_vocab, tgt_vocab, 6, "cpu")[0]
+            got = reference.predict_seq2seq(fast, s, src_vocab, tgt_vocab, 6, "cpu")[0]
+            assert got == want
+
+    def test_under_torch_compile(self, op_calls):
+        """torch.compile of a model holding the drop-in layers: Dynamo does not trace into
+        recurrent modules (nn.GRU / nn.LSTM and their subclasses alike), so the layer runs
+        eagerly between compiled graphs, fused, with the eager results."""
+        torch.manual_seed(0)
+        model = seq2seq_ext.accelerate(seed_models.Seq2Seq(10, 12, 8, 16, 2, 0.0, cell="lstm"))
+        src, trg = seed_models.batch(4, 5, 10, 12)
+        want = model(src, trg, teacher_forcing_ratio=1.0)
+        got = torch.compile(model, backend="aot_eager")(src, trg, teacher_forcing_ratio=1.0)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert op_calls
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available()
+                         and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with the gloo backend is not available")
+def test_distributed_data_parallel(tmp_path):
+    """An accelerated model inside DistributedDataParallel (one gloo process): DDP's gradient
+    hooks see the fused op's gradients, and the update equals the unwrapped model's."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    torch.manual_seed(0)
+    base = seq2seq_ext.accelerate(seed_models.Seq2Seq(10, 12, 8, 16, 2, 0.0, cell="gru"))
+    alone = copy.deepcopy(base)
+    initial = base.decoder.rnn.weight_hh_l0.detach().clone()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        wrapped = DistributedDataParallel(base)
+        src, trg = seed_models.batch(6, 5, 10, 12)
+        for model in (wrapped, alone):
+            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            seed_models.train_step(model, opt, src, trg, random.Random(3))
+    finally:
+        dist.destroy_process_group()
+    for p, q in zip(base.parameters(), alone.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(base.decoder.rnn.weight_hh_l0, initial)
+
+
+def reference_vocab(size):
+    """A Vocab whose tokens are 'a', 'b', ... plus the reserved ones, ``size`` entries in all."""
+    letters = [chr(ord("a") + k) for k in range(size - 4)]
+    vocab = seq2seq_ext.Vocab([letters], reserved_tokens=["<pad>", "<bos>", "<eos>"])
+    assert len(vocab) == size
+    return vocab
