@@ -154,7 +154,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("rnn_forward", &seq2seq_ext::rnn_forward, pybind11::arg("cell"),
              pybind11::arg("input"), pybind11::arg("hx"), pybind11::arg("weights"),
              pybind11::arg("layers"), pybind11::arg("hidden"), pybind11::arg("batch_first"),
-             pybind11::arg("dropout"), pybind11::arg("training"));
+             pybind11::arg("dropout"), pybind11::arg("training"),
+             pybind11::arg("torch_masks") = false);
 #if defined(TORCH_VERSION_MAJOR) && defined(TORCH_VERSION_MINOR)
   module.attr("torch_version") =
       std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);

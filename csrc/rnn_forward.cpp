@@ -43,7 +43,7 @@ bool same_kind(const at::Tensor& t, const at::Tensor& like) {
 pybind11::object rnn_forward(const std::string& cell, const at::Tensor& input,
                              pybind11::handle hx, const std::vector<at::Tensor>& weights,
                              int64_t layers, int64_t hidden, bool batch_first, double dropout,
-                             bool training) {
+                             bool training, bool torch_masks) {
   const bool lstm = cell == "lstm";
   const auto dtype = input.scalar_type();
   if ((dtype != at::kFloat && dtype != at::kDouble) || (input.dim() != 2 && input.dim() != 3) ||
@@ -84,11 +84,19 @@ pybind11::object rnn_forward(const std::string& cell, const at::Tensor& input,
   std::optional<at::Tensor> mask;
   if (dropout > 0 && training && layers > 1) {
     const std::vector<int64_t> shape{layers - 1, x.size(0), batch, hidden};
-    // keep with probability 1 - p: uniform samples below 1 - p (bernoulli_ costs more than the
-    // whole step here: its CPU kernel sets up a random stream per call)
-    mask = dropout >= 1
-               ? at::zeros(shape, x.options())
-               : at::empty(shape, x.options()).uniform_().lt_(1 - dropout).div_(1 - dropout);
+    if (dropout >= 1) {
+      mask = at::zeros(shape, x.options());
+    } else if (torch_masks) {
+      // nn.GRU / nn.LSTM's own draws: one bernoulli_ per layer output, layer by layer
+      std::vector<at::Tensor> per_layer;
+      for (int64_t l = 0; l + 1 < layers; ++l)
+        per_layer.push_back(at::empty({x.size(0), batch, hidden}, x.options()).bernoulli_(1 - dropout));
+      mask = at::stack(per_layer).div_(1 - dropout);
+    } else {
+      // keep with probability 1 - p: uniform samples below 1 - p (bernoulli_ costs more than
+      // the whole step at the seeds' sizes: its CPU kernel sets up a random stream per call)
+      mask = at::empty(shape, x.options()).uniform_().lt_(1 - dropout).div_(1 - dropout);
+    }
   }
   auto [output, h_n, c_n, saved] =
       stack_op().call(cell, x, h0, lstm ? std::optional<at::Tensor>(c0) : std::nullopt, weights,

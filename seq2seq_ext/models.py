@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import _fastcall, ops, reference
+from . import nn as seq2seq_nn
 from .reference import Decoder, Encoder, EncoderDecoder
 
 __all__ = ["Encoder", "Decoder", "EncoderDecoder", "Seq2SeqEncoder", "Seq2SeqDecoder",
@@ -31,7 +32,7 @@ class Seq2SeqEncoder(reference.Seq2SeqEncoder):
     ``nn.LSTM`` and ``forward`` returns ``(output, (h_n, c_n))``); anything else raises
     ValueError. Under the extension backend the GRU runs as the fused layer op (forward and
     backward), with ``nn.GRU``'s parameters, equations and inter-layer dropout; the LSTM runs as
-    ``nn.LSTM``.
+    the fused stack op (``seq2seq_ext.nn.fused_forward``), with ``nn.LSTM``'s.
     """
 
     def __init__(self, vocab_size, embed_size, num_hiddens, num_layers, dropout=0, *,
@@ -48,8 +49,9 @@ class Seq2SeqEncoder(reference.Seq2SeqEncoder):
         X = self.embedding(X).permute(1, 0, 2)
         rnn = _fastcall.submodule(self, "rnn")
         if not _fused_layer_allowed(rnn, X):
-            output, state = rnn(X)
-            return output, state
+            fused = (seq2seq_nn.fused_forward(rnn, X, torch_masks=True) if self.cell == "lstm"
+                     else None)
+            return fused if fused is not None else rnn(X)
         h0 = X.new_zeros((rnn.num_layers, X.shape[1], rnn.hidden_size))
         return ops.gru(X, h0, _fastcall.flat_weights(rnn), rnn.dropout, self.training)
 
@@ -89,7 +91,8 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
     context is the same vector at every step, so its share of layer 0's input projection,
     ``context @ W_ih0[:, embed:]^T``, is computed once per sequence and added at each step instead
     of repeating the context ``steps`` times and concatenating it to the embeddings. LSTM calls
-    that are not fused steps run ``nn.LSTM`` (the loss stays the fused one).
+    that are not fused decode steps run the LSTM layers as the fused stack op (``rnn_stack``,
+    forward and backward; ``nn.LSTM`` where it does not apply).
     """
 
     def __init__(self, vocab_size, embed_size, num_hiddens, num_layers, dropout=0, *,
@@ -142,7 +145,8 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
             # the fused GRU layer with the fixed context's projection computed once
             output, new_state = self._fused_features(X, rnn_state, context)
             return self.dense(output).permute(1, 0, 2), (new_state, context)
-        return reference.variant_decoder_forward(self, X, state, self.fixed_context)
+        return reference.variant_decoder_forward(self, X, state, self.fixed_context,
+                                                 rnn=_lstm_layers(rnn))
 
     def step(self, token, state):
         """One decode step without gradient: ``token`` (batch,) or (batch, 1) ids, ``state`` in
@@ -423,6 +427,18 @@ def context_projection(decoder, context):
 
 
 _FORWARD = Seq2SeqDecoder.forward
+
+
+def _lstm_layers(rnn):
+    """The LSTM decoder's layers over a sequence: the fused stack op when it applies, else the
+    module (``nn.LSTM``), as a callable with ``nn.LSTM``'s signature; None for a GRU."""
+    if not isinstance(rnn, nn.LSTM):
+        return None
+
+    def run(X, state):
+        fused = seq2seq_nn.fused_forward(rnn, X, state, torch_masks=True)
+        return fused if fused is not None else rnn(X, state)
+    return run
 
 
 def _plain_gru(rnn):

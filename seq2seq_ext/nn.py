@@ -32,7 +32,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import _C, ops
 
-__all__ = ["GRU", "LSTM", "accelerate"]
+__all__ = ["GRU", "LSTM", "accelerate", "fused_forward"]
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -52,7 +52,7 @@ def _fused_ok(module, input):
     return w is not None and w.dtype == input.dtype and w.device == device
 
 
-def _run(module, cell, input, hx):
+def _run(module, cell, input, hx, torch_masks=False):
     """The fused forward: (output, h_n, c_n) in the module's layout, or None when ``hx`` does
     not have the shape nn.GRU / nn.LSTM expects (the caller then lets torch.nn raise)."""
     layers, hidden = module.num_layers, module.hidden_size
@@ -85,9 +85,14 @@ def _run(module, cell, input, hx):
     p = module.dropout
     if p and module.training and layers > 1:
         shape = (layers - 1, x.shape[0], batch, hidden)
-        mask = (x.new_zeros(shape) if p >= 1 else  # as _C.rnn_forward draws it
-                torch.empty(shape, dtype=x.dtype, device=x.device).uniform_().lt_(1 - p)
-                .div_(1 - p))
+        if p >= 1:
+            mask = x.new_zeros(shape)
+        elif torch_masks:  # as _C.rnn_forward draws them
+            mask = torch.stack([torch.empty_like(x[:, :, :1].expand(-1, -1, hidden))
+                                .bernoulli_(1 - p) for _ in range(layers - 1)]).div_(1 - p)
+        else:
+            mask = torch.empty(shape, dtype=x.dtype, device=x.device).uniform_().lt_(1 - p)
+            mask = mask.div_(1 - p)
     output, h_n, c_n = ops.rnn_stack(cell, x, h0, c0, module._flat_weights, mask)
     if not batched:
         return output.squeeze(1), h_n.squeeze(1), (c_n.squeeze(1) if c_n is not None else None)
@@ -96,7 +101,7 @@ def _run(module, cell, input, hx):
     return output, h_n, c_n
 
 
-def _forward(module, cell, input, hx):
+def _forward(module, cell, input, hx, torch_masks=False):
     """(output, h_n, c_n) from the fused op, or None for torch.nn's own forward.
 
     Eager calls go to ``_C.rnn_forward`` (the layout work and the op's dispatcher call in C++,
@@ -107,10 +112,23 @@ def _forward(module, cell, input, hx):
             or getattr(module, "proj_size", 0) or ops.get_backend() != "ext"):
         return None
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
-        return _run(module, cell, input, hx) if _fused_ok(module, input) else None
+        return _run(module, cell, input, hx, torch_masks) if _fused_ok(module, input) else None
     return _C.rnn_forward(cell, input, hx, module._flat_weights, module.num_layers,
                           module.hidden_size, module.batch_first, float(module.dropout),
-                          module.training)
+                          module.training, torch_masks)
+
+
+def fused_forward(module, input, hx=None, torch_masks=False):
+    """``module.forward(input, hx)`` of an ``nn.GRU`` or ``nn.LSTM`` (drop-in or not) on the fused
+    op: ``(output, h_n)`` or ``(output, (h_n, c_n))``, or None when the op does not apply (see
+    the table above) and the module's own forward must run. Module hooks are not run.
+    ``torch_masks``: draw the dropout masks exactly as ``nn.GRU`` / ``nn.LSTM`` do, so that a
+    seeded run gives their numbers (one ``bernoulli_`` per layer, slower than the default)."""
+    lstm = isinstance(module, torch.nn.LSTM)
+    out = _forward(module, "lstm" if lstm else "gru", input, hx, torch_masks)
+    if out is None:
+        return None
+    return (out[0], (out[1], out[2])) if lstm else (out[0], out[1])
 
 
 class GRU(torch.nn.GRU):
@@ -118,10 +136,8 @@ class GRU(torch.nn.GRU):
     what falls back to PyTorch's implementation). Same constructor, parameters and results."""
 
     def forward(self, input, hx=None):
-        out = _forward(self, "gru", input, hx)
-        if out is not None:
-            return out[0], out[1]
-        return super().forward(input, hx)
+        out = fused_forward(self, input, hx)
+        return out if out is not None else super().forward(input, hx)
 
 
 class LSTM(torch.nn.LSTM):
@@ -129,10 +145,8 @@ class LSTM(torch.nn.LSTM):
     what falls back to PyTorch's implementation). Same constructor, parameters and results."""
 
     def forward(self, input, hx=None):
-        out = _forward(self, "lstm", input, hx)
-        if out is not None:
-            return out[0], (out[1], out[2])
-        return super().forward(input, hx)
+        out = fused_forward(self, input, hx)
+        return out if out is not None else super().forward(input, hx)
 
 
 _DROP_IN = {torch.nn.GRU: GRU, torch.nn.LSTM: LSTM}

@@ -268,9 +268,10 @@ def variant_init_state(enc_outputs, cell="gru", fixed_context=False):
     return rnn_state
 
 
-def variant_decoder_forward(decoder, X, state, fixed_context=False):
+def variant_decoder_forward(decoder, X, state, fixed_context=False, rnn=None):
     """The chapter's decoder forward for either cell and either context rule, in plain PyTorch:
-    embedding, ``repeat`` of the context over the steps, ``cat``, the RNN, ``dense``."""
+    embedding, ``repeat`` of the context over the steps, ``cat``, the RNN, ``dense``. ``rnn``
+    (a callable with ``nn.LSTM``'s signature) stands in for ``decoder.rnn`` when given."""
     # X: (num_steps, batch_size, embed_size) after the embedding and permute
     X = decoder.embedding(X).permute(1, 0, 2)
     if fixed_context:
@@ -279,7 +280,7 @@ def variant_decoder_forward(decoder, X, state, fixed_context=False):
         rnn_state, context = state, top_hidden_state(state)
     context_steps = context.repeat(X.shape[0], 1, 1)
     X_and_context = torch.cat((X, context_steps), 2)
-    output, rnn_state = decoder.rnn(X_and_context, rnn_state)
+    output, rnn_state = (rnn or decoder.rnn)(X_and_context, rnn_state)
     output = decoder.dense(output).permute(1, 0, 2)
     if fixed_context:
         return output, (rnn_state, context)

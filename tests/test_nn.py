@@ -144,6 +144,33 @@ class TestDropInParity:
         torch.testing.assert_close(zero_fed, out, rtol=1e-12, atol=1e-12)
         assert len(op_calls) == 4
 
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_torch_masks_are_torch_nn_masks(self, cell, op_calls):
+        """fused_forward(..., torch_masks=True) in training draws nn.GRU / nn.LSTM's own
+        dropout masks: the same seed gives their outputs and gradients."""
+        ref, new = pair(cell, 4, 8, 3, dropout=0.4)
+        x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+        torch.manual_seed(11)
+        want = ref(x)
+        torch.manual_seed(11)
+        got = snn.fused_forward(new, x, torch_masks=True)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+        gw = torch.autograd.grad(want[0].sum(), [x] + list(ref.parameters()))
+        gg = torch.autograd.grad(got[0].sum(), [x] + list(new.parameters()))
+        for a, b in zip(gg, gw):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert op_calls == [cell]
+
+    def test_package_lstm_model_runs_the_stack_op(self, op_calls):
+        """The package's own cell="lstm" encoder and decoder run their LSTM layers fused in
+        training (the chapter's sequence calls)."""
+        net = seq2seq_ext.EncoderDecoder(seq2seq_ext.Seq2SeqEncoder(10, 4, 6, 2, cell="lstm"),
+                                         seq2seq_ext.Seq2SeqDecoder(10, 4, 6, 2, cell="lstm"))
+        X = torch.randint(0, 10, (3, 5))
+        Y_hat, _ = net(X, X, torch.tensor([5, 2, 3]))
+        Y_hat.sum().backward()
+        assert op_calls == ["lstm", "lstm"]
+
     def test_double_and_inference_mode(self, op_calls):
         ref, new = pair("lstm", 5, 7, 2, dtype=torch.float32)
         ref.double(), new.double()
