@@ -1,5 +1,6 @@
-"""Build seq2seq_ext._C: the op schemas (csrc/ops.cpp), the CPU kernels (csrc/cpu/*.cpp) and,
-when a CUDA build is possible, the CUDA kernels (csrc/cuda/*.cu).
+"""Build seq2seq_ext._C: each op's schema and entry (csrc/*.cpp, with the _C module in
+csrc/python_module.cpp), the CPU kernels (csrc/cpu/*.cpp) and, when a CUDA build is possible,
+the CUDA kernels (csrc/cuda/*.cu).
 
 SEQ2SEQ_EXT_CUDA=1 forces the CUDA kernels in (the build fails if it cannot make them),
 SEQ2SEQ_EXT_CUDA=0 leaves them out; unset, they are built when torch has CUDA and nvcc is found.

@@ -158,7 +158,8 @@ def _no_dispatch_hooks():
 
 # ----------------------------------------------------------------------------------------------
 # masked_softmax_ce (+ masked_softmax_ce_backward)
-# csrc/ops.cpp (schema), csrc/cpu/masked_softmax_ce.cpp, csrc/cuda/masked_softmax_ce.cu,
+# csrc/masked_softmax_ce.cpp (schema, entry), csrc/cpu/masked_softmax_ce.cpp,
+# csrc/cuda/masked_softmax_ce.cu,
 # tests/ops/test_masked_softmax_ce.py
 # ----------------------------------------------------------------------------------------------
 
@@ -207,7 +208,7 @@ def masked_softmax_ce(pred, label, valid_len):
 
 # ----------------------------------------------------------------------------------------------
 # sequence_mask (+ the in-place sequence_mask_)
-# csrc/ops.cpp (schema), csrc/cpu/sequence_mask.cpp, csrc/cuda/sequence_mask.cu,
+# csrc/sequence_mask.cpp (schema, entry), csrc/cpu/sequence_mask.cpp, csrc/cuda/sequence_mask.cu,
 # tests/ops/test_sequence_mask.py
 # ----------------------------------------------------------------------------------------------
 
@@ -259,7 +260,7 @@ def sequence_mask(X, valid_len, value=0):
 
 # ----------------------------------------------------------------------------------------------
 # gru_layer (+ gru_layer_backward): one GRU layer over a sequence
-# csrc/ops.cpp (schema), csrc/cpu/gru_layer.cpp, csrc/cuda/gru_layer.cu,
+# csrc/gru_layer.cpp (schema, entry), csrc/cpu/gru_layer.cpp, csrc/cuda/gru_layer.cu,
 # tests/ops/test_gru_layer.py; its CUDA-graph replay is seq2seq_ext/cuda_graphs.py
 # ----------------------------------------------------------------------------------------------
 
@@ -370,9 +371,9 @@ def gru(input, h0, flat_weights, dropout=0.0, training=False, w_ih0=None, extra0
 
 # ----------------------------------------------------------------------------------------------
 # gru_decode_step: one inference step of the GRU decoder (all layers + output layer)
-# csrc/ops.cpp (schema), csrc/cpu/gru_decode.cpp, csrc/cuda/gru_decode.cu,
-# tests/ops/test_gru_decode_step.py; the bound DecoderStepper (decoder_stepper) runs the
-# same step on a decoder's bound weights
+# csrc/gru_decode_step.cpp (schema, entry), csrc/cpu/gru_decode_step.cpp,
+# csrc/cuda/gru_decode_step.cu, tests/ops/test_gru_decode_step.py; the bound DecoderStepper
+# (decoder_stepper; csrc/decoder_stepper.h) runs the same step on a decoder's bound weights
 # ----------------------------------------------------------------------------------------------
 
 
@@ -415,7 +416,7 @@ def decoder_stepper(embedding, weights, dense_weight, dense_bias):
 
 # ----------------------------------------------------------------------------------------------
 # greedy_decode: the greedy loop of predict_seq2seq in one call
-# csrc/ops.cpp (schema), csrc/cpu/gru_decode.cpp, csrc/cuda/gru_decode.cu,
+# csrc/greedy_decode.cpp (schema, entry), csrc/cpu/greedy_decode.cpp, csrc/cuda/greedy_decode.cu,
 # tests/ops/test_greedy_decode.py
 # ----------------------------------------------------------------------------------------------
 
@@ -440,7 +441,8 @@ def greedy_decode(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias, 
 
 # ----------------------------------------------------------------------------------------------
 # lstm_decode_step: one inference step of an LSTM decoder
-# csrc/ops.cpp (schema), csrc/cpu/lstm_decode.cpp, csrc/cuda/lstm_decode.cu,
+# csrc/lstm_decode_step.cpp (schema, entry), csrc/cpu/lstm_decode_step.cpp,
+# csrc/cuda/lstm_decode_step.cu,
 # tests/ops/test_lstm_decode_step.py
 # ----------------------------------------------------------------------------------------------
 

@@ -9,33 +9,11 @@
 #endif
 
 #include <algorithm>
-#include <cmath>
+#include <list>
 #include <vector>
 
 namespace seq2seq_ext {
 namespace cpu {
-
-// For each sequence, the first masked step: position t is kept when t < valid_len[b] (the
-// reference compares a float arange with valid_len), so this is ceil(valid_len) clamped to
-// [0, steps]; NaN and negative lengths mask every step.
-inline std::vector<int64_t> first_masked_step(const at::Tensor& valid_len, int64_t steps) {
-  auto vl = valid_len.contiguous();
-  std::vector<int64_t> out(vl.numel());
-  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, vl.scalar_type(),
-                             "first_masked_step", [&] {
-    const scalar_t* p = vl.const_data_ptr<scalar_t>();
-    for (size_t i = 0; i < out.size(); ++i) {
-      double v = static_cast<double>(p[i]);
-      if (!(v > 0)) {  // also NaN
-        out[i] = 0;
-      } else {
-        double c = std::ceil(v);
-        out[i] = c >= static_cast<double>(steps) ? steps : static_cast<int64_t>(c);
-      }
-    }
-  });
-  return out;
-}
 
 // Asks the kernel to back a freshly allocated, not yet written buffer with transparent huge
 // pages (its 2 MiB-aligned interior; buffers of 4 MiB and more). A large output written once per
@@ -72,6 +50,18 @@ inline std::vector<int64_t> tokens_to_vector(const at::Tensor& token, int64_t tg
                 ") (the rows of emb_proj), got ", out[b], " at position ", b);
   return out;
 }
+
+// Contiguous versions of a kernel's inputs: the tensor itself when it already is contiguous
+// (nn.GRU's parameters are), else a copy made once per call and kept alive here (a list: the
+// references it hands out stay valid as it grows).
+struct Contig {
+  std::list<at::Tensor> keep;
+  const at::Tensor& operator()(const at::Tensor& t) {
+    if (t.is_contiguous()) return t;
+    keep.push_back(t.contiguous());
+    return keep.back();
+  }
+};
 
 }  // namespace cpu
 }  // namespace seq2seq_ext

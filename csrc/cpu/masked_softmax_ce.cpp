@@ -14,11 +14,13 @@
 
 #include <limits>
 
-#include "../checks.h"
+#include "../lengths.h"
+#include "../masked_softmax_ce.h"
 #include "common.h"
-#include "gru_math.h"
+#include "linear.h"
 
 namespace seq2seq_ext {
+namespace cpu {
 namespace {
 
 using at::vec::Vectorized;
@@ -82,7 +84,7 @@ acc_t row_lse(const acc_t* x, int64_t n, acc_t* log_sum) {
   const Vec vmax(m);
   i = 0;
   for (; i + W <= n; i += W) vs = vs + exp_nonpos(Vec::loadu(x + i) - vmax);
-  acc_t s = cpu::hsum(vs);
+  acc_t s = hsum(vs);
   for (; i < n; ++i) s += std::exp(x[i] - m);
   *log_sum = std::log(s);
   return m;
@@ -149,18 +151,13 @@ void store_row_grad(const acc_t* x, scalar_t* grow, int64_t gv, int64_t n, acc_t
   for (int64_t v = 0; v < n; ++v) grow[v * gv] = static_cast<scalar_t>(gbuf[v]);
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_softmax_ce_cpu(const at::Tensor& pred,
-                                                         const at::Tensor& label,
-                                                         const at::Tensor& valid_len) {
-  check_masked_ce_args(pred, label, valid_len);
+}  // namespace
+
+void masked_softmax_ce(const at::Tensor& pred, const at::Tensor& label,
+                       const at::Tensor& valid_len, at::Tensor& loss, at::Tensor& lse) {
   const int64_t B = pred.size(0), T = pred.size(1), V = pred.size(2);
   check_label_values(label, V);
-  const auto acc_type = at::toOpMathType(pred.scalar_type());
-  at::Tensor loss = at::empty({B}, pred.options());
-  at::Tensor lse = at::zeros({B, T}, pred.options().dtype(acc_type));
-  if (B == 0) return {loss, lse};
-  if (T == 0) return {loss.fill_(std::numeric_limits<double>::quiet_NaN()), lse};  // mean of nothing
-  const auto start = cpu::first_masked_step(valid_len, T);
+  const auto start = first_masked_steps(valid_len, T);
   const int64_t sb = pred.stride(0), st = pred.stride(1), sv = pred.stride(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
                                   "masked_softmax_ce_cpu", [&] {
@@ -173,7 +170,10 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_ce_cpu(const at::Tensor& pred,
       std::vector<acc_t> buf;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / T, t = r % T;
-        if (t >= start[b]) continue;
+        if (t >= start[b]) {
+          lse_p[r] = acc_t(0);
+          continue;
+        }
         const scalar_t* row = p + b * sb + t * st;
         const acc_t* x = load_row<scalar_t, acc_t>(row, V, sv, buf);
         acc_t log_sum;
@@ -189,20 +189,16 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_ce_cpu(const at::Tensor& pred,
       out[b] = static_cast<scalar_t>(s / static_cast<acc_t>(T));
     }
   });
-  return {loss, lse};
 }
 
-at::Tensor masked_softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& pred,
-                                          const at::Tensor& label, const at::Tensor& valid_len,
-                                          const at::Tensor& lse) {
-  check_masked_ce_args(pred, label, valid_len);
+void masked_softmax_ce_backward(const at::Tensor& grad_loss, const at::Tensor& pred,
+                                const at::Tensor& label, const at::Tensor& valid_len,
+                                const at::Tensor& lse, at::Tensor& grad) {
   const int64_t B = pred.size(0), T = pred.size(1), V = pred.size(2);
-  check_masked_ce_backward_args(grad_loss, pred, lse);
   check_label_values(label, V);
-  at::Tensor grad = at::empty_like(pred);
-  if (grad.numel() == 0) return grad;
-  cpu::advise_huge_pages(grad);
-  const auto start = cpu::first_masked_step(valid_len, T);
+  if (grad.numel() == 0) return;
+  advise_huge_pages(grad);
+  const auto start = first_masked_steps(valid_len, T);
   const at::Tensor lse_c = lse.contiguous();
   const at::Tensor g_up = grad_loss.to(lse.scalar_type());
   const int64_t sb = pred.stride(0), st = pred.stride(1), sv = pred.stride(2);
@@ -239,14 +235,7 @@ at::Tensor masked_softmax_ce_backward_cpu(const at::Tensor& grad_loss, const at:
 #endif
     });
   });
-  return grad;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(seq2seq_ext, CPU, m) {
-  m.impl("masked_softmax_ce", &masked_softmax_ce_cpu);
-  m.impl("masked_softmax_ce_backward", &masked_softmax_ce_backward_cpu);
-}
-
+}  // namespace cpu
 }  // namespace seq2seq_ext

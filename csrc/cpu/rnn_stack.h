@@ -17,7 +17,8 @@
 
 #include "../rnn_cells.h"
 #include "../rnn_stack.h"
-#include "gru_math.h"
+#include "cells.h"
+#include "linear.h"
 
 namespace seq2seq_ext {
 namespace cpu {

@@ -1,29 +1,14 @@
 // Sequence mask on the CPU: X[b, t, ...] = value for every step t at or after valid_len[b].
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
-#include "../checks.h"
-#include "common.h"
+#include "../lengths.h"
+#include "../sequence_mask.h"
 
 namespace seq2seq_ext {
-namespace {
-
-// Number of elements of one X[b, t] slice, when that slice is one contiguous run; -1 otherwise.
-int64_t contiguous_inner(const at::Tensor& X) {
-  int64_t expected = 1;
-  for (int64_t d = X.dim() - 1; d >= 2; --d) {
-    if (X.size(d) != 1 && X.stride(d) != expected) return -1;
-    expected *= X.size(d);
-  }
-  return expected;
-}
-
-void mask_cpu_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& value) {
+namespace cpu {
+void sequence_mask_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& value) {
   const int64_t batch = X.size(0), steps = X.size(1);
-  check_mask_value(X, value);
-  if (X.numel() == 0) return;
-  const auto start = cpu::first_masked_step(valid_len, steps);
+  const auto start = first_masked_steps(valid_len, steps);
   const int64_t inner = contiguous_inner(X);
   if (inner < 0) {  // rare layouts: fill through ATen, one sequence at a time
     for (int64_t b = 0; b < batch; ++b)
@@ -49,26 +34,5 @@ void mask_cpu_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& val
   });
 }
 
-void sequence_mask_inplace_cpu(at::Tensor& X, const at::Tensor& valid_len,
-                               const at::Scalar& value) {
-  check_sequence_mask_args(X, valid_len);
-  check_mask_writable(X);
-  mask_cpu_(X, valid_len, value);
-}
-
-at::Tensor sequence_mask_cpu(const at::Tensor& X, const at::Tensor& valid_len,
-                             const at::Scalar& value) {
-  check_sequence_mask_args(X, valid_len);
-  at::Tensor out = X.clone(at::MemoryFormat::Preserve);
-  mask_cpu_(out, valid_len, value);
-  return out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(seq2seq_ext, CPU, m) {
-  m.impl("sequence_mask", &sequence_mask_cpu);
-  m.impl("sequence_mask_", &sequence_mask_inplace_cpu);
-}
-
+}  // namespace cpu
 }  // namespace seq2seq_ext

@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <cstdio>
 
+#include "../lengths.h"
+
 namespace seq2seq_ext {
 
 // Prints the formatted message once per failing thread, then asserts (the kernel traps).
@@ -58,8 +60,7 @@ inline HostLengths device_lengths(const at::Tensor& valid_len) {
   return {v, {v.const_data_ptr(), v.numel() > 0 ? v.stride(0) : 1, kind}};
 }
 
-// cpu::first_masked_step for one sequence: ceil(valid_len[b]) clamped to [0, steps], NaN and
-// non-positive lengths giving 0, computed in float64.
+// The first masked step of sequence b (the rule of lengths.h), read in place.
 __device__ __forceinline__ int64_t first_masked_step(const DeviceLengths& len, int64_t b,
                                                      int64_t steps) {
   const int64_t i = b * len.stride;
@@ -70,9 +71,7 @@ __device__ __forceinline__ int64_t first_masked_step(const DeviceLengths& len, i
     case LenKind::kFloat: v = static_cast<double>(static_cast<const float*>(len.data)[i]); break;
     default: v = static_cast<const double*>(len.data)[i]; break;
   }
-  if (!(v > 0)) return 0;  // also NaN
-  const double c = ceil(v);
-  return c >= static_cast<double>(steps) ? steps : static_cast<int64_t>(c);
+  return first_masked_step_of(v, steps);
 }
 
 // A strided 2-D int64 or int32 index tensor (labels) as a kernel reads it.

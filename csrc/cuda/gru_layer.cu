@@ -12,6 +12,10 @@
 // gradient to the previous state: dh = dh * z + dgh_t W_hh. The weight, bias, input and extra
 // gradients are whole-sequence GEMMs and sums at the end.
 //
+// The kernels are the GRU's own rather than cell_kernel over cells.cuh's GruCell: the forward
+// saves the gates (r, z, n, W_hn h + b_hn) for the backward, and the backward is the GRU cell's
+// derivative; both compute through the same gru_unit / gru_gate_grads as the other GRU kernels.
+//
 // Both kernels are 2-D grid-stride loops: grid.y walks the batch rows, grid.x (blocks of up to
 // kThreads threads) the H hidden units of a row, so neighbouring threads touch neighbouring
 // elements of every gate and no thread divides. Offsets are int64. Nothing synchronises with
@@ -21,7 +25,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <cuda_runtime.h>
 
@@ -30,11 +33,12 @@
 #include <optional>
 #include <tuple>
 
-#include "../checks.h"
-#include "device_math.cuh"
 #include "../gru_grads.h"
+#include "../gru_layer.h"
+#include "device_math.cuh"
 
 namespace seq2seq_ext {
+namespace cuda {
 namespace {
 
 constexpr int kThreads = 128;
@@ -109,16 +113,15 @@ Launch launch_for(int64_t B, int64_t H) {
           dim3(static_cast<unsigned>(threads))};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cuda(
-    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const at::Tensor& b_ih, const at::Tensor& b_hh, const std::optional<at::Tensor>& extra) {
-  const GruLayerDims d = check_gru_layer_args(input, h0, w_ih, w_hh, b_ih, b_hh, extra);
+}  // namespace
+
+void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor& h0,
+               const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b_ih,
+               const at::Tensor& b_hh, const std::optional<at::Tensor>& extra,
+               at::Tensor& output, at::Tensor& saved) {
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
   auto opts = input.options();
-  at::Tensor output = at::empty({T, B, H}, opts);
-  at::Tensor saved = at::empty({T, B, 4 * H}, opts);
-  if (T == 0 || B == 0) return {output, h0.clone(at::MemoryFormat::Contiguous), saved};
   // the input projection of every step in one GEMM: (T*B, I) x (I, 3H) + b_ih
   at::Tensor gi = at::addmm(b_ih, input.reshape({T * B, d.input}), w_ih.t())
                       .contiguous()
@@ -145,41 +148,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return {output, output.select(0, T - 1).clone(at::MemoryFormat::Contiguous), saved};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-gru_layer_backward_cuda(const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_hn,
-                        const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
-                        const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& saved,
-                        bool has_extra) {
-  const GruLayerDims d = check_gru_layer_args(input, h0, w_ih, w_hh, w_hh.new_empty({w_hh.size(0)}),
-                                              w_hh.new_empty({w_hh.size(0)}), std::nullopt);
-  check_gru_layer_backward_tensors(grad_output, grad_hn, input, output, saved, d);
-  const c10::cuda::CUDAGuard guard(input.device());
+void gru_layer_backward(const GruLayerDims& d, const at::Tensor& grad_output,
+                        const at::Tensor& h0, const at::Tensor& w_hh, const at::Tensor& output,
+                        const at::Tensor& saved, at::Tensor& dgi, at::Tensor& dgh,
+                        at::Tensor& dh) {
+  const c10::cuda::CUDAGuard guard(dh.device());
   const int64_t T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
-  auto opts = input.options();
-  at::Tensor dgi = at::empty({T, B, G}, opts);
-  at::Tensor dgh = at::empty({T, B, G}, opts);
-  at::Tensor dh = at::empty({B, H}, opts);
-  if (grad_hn.has_value() && grad_hn->defined()) {
-    dh.copy_(*grad_hn);
-  } else {
-    dh.zero_();
-  }
-  at::Tensor dh_direct = at::empty({B, H}, opts);
-  const at::Tensor go = grad_output.to(input.scalar_type()).contiguous();
-  const at::Tensor out_c = output.contiguous();
+  at::Tensor dh_direct = at::empty({B, H}, dh.options());
+  const at::Tensor go = grad_output.to(dh.scalar_type()).contiguous();
   const at::Tensor saved_c = saved.contiguous();
-  const at::Tensor h0_c = h0.contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (B > 0) {
     const Launch launch = launch_for(B, H);
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_backward_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES(dh.scalar_type(), "gru_layer_backward_cuda", [&] {
       const scalar_t* go_p = go.const_data_ptr<scalar_t>();
-      const scalar_t* out_p = out_c.const_data_ptr<scalar_t>();
+      const scalar_t* out_p = output.const_data_ptr<scalar_t>();
       const scalar_t* saved_p = saved_c.const_data_ptr<scalar_t>();
-      const scalar_t* h0_p = h0_c.const_data_ptr<scalar_t>();
+      const scalar_t* h0_p = h0.const_data_ptr<scalar_t>();
       const scalar_t* dh_p = dh.const_data_ptr<scalar_t>();
       scalar_t* dgi_p = dgi.mutable_data_ptr<scalar_t>();
       scalar_t* dgh_p = dgh.mutable_data_ptr<scalar_t>();
@@ -196,14 +183,7 @@ gru_layer_backward_cuda(const at::Tensor& grad_output, const std::optional<at::T
       }
     });
   }
-  return gru_layer_sequence_grads(dgi, dgh, dh, input, h0_c, out_c, w_ih, has_extra);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(seq2seq_ext, CUDA, m) {
-  m.impl("gru_layer", &gru_layer_cuda);
-  m.impl("gru_layer_backward", &gru_layer_backward_cuda);
-}
-
+}  // namespace cuda
 }  // namespace seq2seq_ext

@@ -24,7 +24,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <cuda_runtime.h>
 
@@ -34,10 +33,11 @@
 #include <limits>
 #include <type_traits>
 
-#include "../checks.h"
+#include "../masked_softmax_ce.h"
 #include "device_index.cuh"
 
 namespace seq2seq_ext {
+namespace cuda {
 namespace {
 
 constexpr int kVecBytes = 16;
@@ -356,34 +356,23 @@ void launch_backward(const at::Tensor& pred, const at::Tensor& label, const Devi
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_softmax_ce_cuda(const at::Tensor& pred,
-                                                          const at::Tensor& label,
-                                                          const at::Tensor& valid_len) {
-  check_masked_ce_args(pred, label, valid_len);
-  const int64_t B = pred.size(0), T = pred.size(1);
+}  // namespace
+
+void masked_softmax_ce(const at::Tensor& pred, const at::Tensor& label,
+                       const at::Tensor& valid_len, at::Tensor& loss, at::Tensor& lse) {
   const c10::cuda::CUDAGuard guard(pred.device());
-  const auto acc_type = at::toOpMathType(pred.scalar_type());
-  at::Tensor loss = at::empty({B}, pred.options());
-  at::Tensor lse = at::empty({B, T}, pred.options().dtype(acc_type));
-  if (B == 0) return {loss, lse};
-  if (T == 0) return {loss.fill_(std::numeric_limits<double>::quiet_NaN()), lse};  // mean of nothing
   const HostLengths len = device_lengths(valid_len);
   const at::Tensor x = rows_contiguous(pred);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
                                   "masked_softmax_ce_cuda", [&] {
     launch_forward<scalar_t>(x, label, len.lengths, lse, loss);
   });
-  return {loss, lse};
 }
 
-at::Tensor masked_softmax_ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& pred,
-                                           const at::Tensor& label, const at::Tensor& valid_len,
-                                           const at::Tensor& lse) {
-  check_masked_ce_args(pred, label, valid_len);
-  check_masked_ce_backward_args(grad_loss, pred, lse);
+void masked_softmax_ce_backward(const at::Tensor& grad_loss, const at::Tensor& pred,
+                                const at::Tensor& label, const at::Tensor& valid_len,
+                                const at::Tensor& lse, at::Tensor& grad) {
   const c10::cuda::CUDAGuard guard(pred.device());
-  at::Tensor grad = at::empty_like(pred);
-  if (pred.size(0) * pred.size(1) == 0) return grad;
   const HostLengths len = device_lengths(valid_len);
   const at::Tensor x = rows_contiguous(pred);
   // the gradient has pred's layout; with another vocabulary stride it is computed contiguous
@@ -404,14 +393,7 @@ at::Tensor masked_softmax_ce_backward_cuda(const at::Tensor& grad_loss, const at
       launch_backward<scalar_t, acc_t>(x, label, len.lengths, lse, up, g);
   });
   if (!direct) grad.copy_(g);
-  return grad;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(seq2seq_ext, CUDA, m) {
-  m.impl("masked_softmax_ce", &masked_softmax_ce_cuda);
-  m.impl("masked_softmax_ce_backward", &masked_softmax_ce_backward_cuda);
-}
-
+}  // namespace cuda
 }  // namespace seq2seq_ext

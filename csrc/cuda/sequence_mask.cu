@@ -9,11 +9,9 @@
 // from valid_len inside the kernel: one launch, no host synchronisation.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <cuda_runtime.h>
 
@@ -21,25 +19,17 @@
 #include <cstdint>
 #include <vector>
 
-#include "../checks.h"
+#include "../lengths.h"
+#include "../sequence_mask.h"
 #include "device_index.cuh"
 
 namespace seq2seq_ext {
+namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kTargetBlocks = 1 << 16;
-
-// Number of elements of one X[b, t] slice, when that slice is one contiguous run; -1 otherwise.
-int64_t contiguous_inner(const at::Tensor& X) {
-  int64_t expected = 1;
-  for (int64_t d = X.dim() - 1; d >= 2; --d) {
-    if (X.size(d) != 1 && X.stride(d) != expected) return -1;
-    expected *= X.size(d);
-  }
-  return expected;
-}
 
 template <typename scalar_t, bool kStepsContiguous>
 __global__ void sequence_mask_kernel(scalar_t* __restrict__ X, int64_t B, int64_t T,
@@ -62,14 +52,14 @@ __global__ void sequence_mask_kernel(scalar_t* __restrict__ X, int64_t B, int64_
   }
 }
 
-void mask_cuda_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& value) {
+}  // namespace
+
+void sequence_mask_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& value) {
   const int64_t batch = X.size(0), steps = X.size(1);
-  check_mask_value(X, value);
-  if (X.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(X.device());
   const int64_t inner = contiguous_inner(X);
   if (inner < 0) {  // rare layouts: a broadcast mask through ATen, no host synchronisation
-    const at::Tensor start = first_masked_step_tensor(valid_len, steps);
+    const at::Tensor start = first_masked_steps_tensor(valid_len, steps);
     const at::Tensor t = at::arange(steps, start.options());
     std::vector<int64_t> shape(X.dim(), 1);
     shape[0] = batch;
@@ -101,27 +91,5 @@ void mask_cuda_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& va
   });
 }
 
-void sequence_mask_inplace_cuda(at::Tensor& X, const at::Tensor& valid_len,
-                                const at::Scalar& value) {
-  check_sequence_mask_args(X, valid_len);
-  check_mask_writable(X);
-  mask_cuda_(X, valid_len, value);
-}
-
-at::Tensor sequence_mask_cuda(const at::Tensor& X, const at::Tensor& valid_len,
-                              const at::Scalar& value) {
-  check_sequence_mask_args(X, valid_len);
-  const c10::cuda::CUDAGuard guard(X.device());
-  at::Tensor out = X.clone(at::MemoryFormat::Preserve);
-  mask_cuda_(out, valid_len, value);
-  return out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(seq2seq_ext, CUDA, m) {
-  m.impl("sequence_mask", &sequence_mask_cuda);
-  m.impl("sequence_mask_", &sequence_mask_inplace_cuda);
-}
-
+}  // namespace cuda
 }  // namespace seq2seq_ext

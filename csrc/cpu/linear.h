@@ -1,4 +1,5 @@
-// Small dense kernels shared by the CPU GRU ops: Y = X W^T (+ bias) and the fused GRU cell.
+// Small dense products shared by the CPU kernels: Y = X W^T (+ bias) with row-major weights,
+// one row against a weight stored transposed and padded, and the vector sums they use.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -152,117 +153,6 @@ void linear_t_row(const T* x, int64_t K, const T* Wt, int64_t Np, const T* bias,
     case 1: t_block<T, 1>(x, K, Wt + n, Np, at_n(n), y + n); break;
     default: break;
   }
-}
-
-template <typename T>
-inline T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
-}
-
-template <typename T>
-inline at::vec::Vectorized<T> vsigmoid(const at::vec::Vectorized<T>& x) {
-  const at::vec::Vectorized<T> one(T(1));
-  return one / (one + x.neg().exp());
-}
-
-// tanh(x) = expm1(2x) / (expm1(2x) + 2): one expm1 instead of Sleef's costlier tanh, accurate
-// near 0 (no cancellation) and saturating exactly: beyond the clamp tanh rounds to +-1 in T.
-template <typename T>
-inline at::vec::Vectorized<T> vtanh(const at::vec::Vectorized<T>& x) {
-  using Vec = at::vec::Vectorized<T>;
-  constexpr T lim = std::is_same_v<T, float> ? T(10) : T(20);
-  const Vec two(T(2));
-  const Vec m = (at::vec::clamp(x, Vec(-lim), Vec(lim)) * two).expm1();
-  return m / (m + two);
-}
-
-// nn.GRU's cell, gate order (r, z, n), b_hn inside the reset product (it is part of gh):
-//   r = s(gi_r + gh_r), z = s(gi_z + gh_z), n = tanh(gi_n + r * gh_n), h' = (1 - z) n + z h.
-// gi, gh are (B, 3H) contiguous; h and out are (B, H) with row strides ldh and ldo. When `saved`
-// is given it receives (B, 4H) = [r, z, n, gh_n] for the backward.
-template <typename T>
-void gru_cell(const T* gi, const T* gh, const T* h, int64_t ldh, T* out, int64_t ldo, int64_t B,
-              int64_t H, T* saved = nullptr) {
-  using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, H));
-  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const T* a = gi + b * 3 * H;
-      const T* c = gh + b * 3 * H;
-      const T* hp = h + b * ldh;
-      T* o = out + b * ldo;
-      T* s = saved ? saved + b * 4 * H : nullptr;
-      int64_t j = 0;
-      for (; j + W <= H; j += W) {
-        const Vec r = vsigmoid(Vec::loadu(a + j) + Vec::loadu(c + j));
-        const Vec z = vsigmoid(Vec::loadu(a + H + j) + Vec::loadu(c + H + j));
-        const Vec ghn = Vec::loadu(c + 2 * H + j);
-        const Vec n = vtanh(Vec::loadu(a + 2 * H + j) + r * ghn);
-        (n + z * (Vec::loadu(hp + j) - n)).store(o + j);
-        if (s) {
-          r.store(s + j);
-          z.store(s + H + j);
-          n.store(s + 2 * H + j);
-          ghn.store(s + 3 * H + j);
-        }
-      }
-      for (; j < H; ++j) {
-        const T r = sigmoid(a[j] + c[j]);
-        const T z = sigmoid(a[H + j] + c[H + j]);
-        const T ghn = c[2 * H + j];
-        const T n = std::tanh(a[2 * H + j] + r * ghn);
-        o[j] = n + z * (hp[j] - n);
-        if (s) {
-          s[j] = r;
-          s[H + j] = z;
-          s[2 * H + j] = n;
-          s[3 * H + j] = ghn;
-        }
-      }
-    }
-  });
-}
-
-// nn.LSTM's cell, gate order (i, f, g, o):
-//   i = s(gi_i + gh_i), f = s(gi_f + gh_f), g = tanh(gi_g + gh_g), o = s(gi_o + gh_o),
-//   c' = f c + i g, h' = o tanh(c').
-// gi, gh are (B, 4H) contiguous (each already holding its bias); c is (B, H) with row stride ldc;
-// h_out and c_out are (B, H) with row strides ldo.
-template <typename T>
-void lstm_cell(const T* gi, const T* gh, const T* c, int64_t ldc, T* h_out, T* c_out,
-               int64_t ldo, int64_t B, int64_t H) {
-  using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, H));
-  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const T* a = gi + b * 4 * H;
-      const T* r = gh + b * 4 * H;
-      const T* cp = c + b * ldc;
-      T* ho = h_out + b * ldo;
-      T* co = c_out + b * ldo;
-      int64_t j = 0;
-      for (; j + W <= H; j += W) {
-        const Vec i = vsigmoid(Vec::loadu(a + j) + Vec::loadu(r + j));
-        const Vec f = vsigmoid(Vec::loadu(a + H + j) + Vec::loadu(r + H + j));
-        const Vec g = vtanh(Vec::loadu(a + 2 * H + j) + Vec::loadu(r + 2 * H + j));
-        const Vec o = vsigmoid(Vec::loadu(a + 3 * H + j) + Vec::loadu(r + 3 * H + j));
-        const Vec cn = f * Vec::loadu(cp + j) + i * g;
-        cn.store(co + j);
-        (o * vtanh(cn)).store(ho + j);
-      }
-      for (; j < H; ++j) {
-        const T i = sigmoid(a[j] + r[j]);
-        const T f = sigmoid(a[H + j] + r[H + j]);
-        const T g = std::tanh(a[2 * H + j] + r[2 * H + j]);
-        const T o = sigmoid(a[3 * H + j] + r[3 * H + j]);
-        const T cn = f * cp[j] + i * g;
-        co[j] = cn;
-        ho[j] = o * std::tanh(cn);
-      }
-    }
-  });
 }
 
 }  // namespace cpu

@@ -1,4 +1,5 @@
-// CPU kernels that are also called directly (not only through the dispatcher).
+// DecoderStepper: a decoder's weights bound for repeated CPU decode steps (the _C module's
+// DecoderStepper, csrc/python_module.cpp; implementation: cpu/decoder_stepper.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,46 +8,22 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/decoder.h"
+#include "decoder.h"
+
 namespace seq2seq_ext {
-
-// The CPU kernel of seq2seq_ext::gru_decode_step (see csrc/ops.cpp for the contract).
-std::tuple<at::Tensor, at::Tensor> gru_decode_step_cpu(
-    const at::Tensor& token, const at::Tensor& state, const at::Tensor& emb_proj,
-    const std::optional<at::Tensor>& ctx_proj, at::TensorList weights,
-    const at::Tensor& dense_weight, const at::Tensor& dense_bias);
-
-// The CPU kernel of seq2seq_ext::lstm_decode_step (see csrc/ops.cpp for the contract).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_decode_step_cpu(
-    const at::Tensor& token, const at::Tensor& h, const at::Tensor& c, const at::Tensor& emb_proj,
-    const std::optional<at::Tensor>& ctx_proj, at::TensorList weights,
-    const at::Tensor& dense_weight, const at::Tensor& dense_bias);
-
-// The CPU kernel of seq2seq_ext::gru_layer (see csrc/ops.cpp for the contract).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
-    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const at::Tensor& b_ih, const at::Tensor& b_hh, const std::optional<at::Tensor>& extra);
-
-// Where DecoderStepper's packed weights lie (element offsets into one flat tensor): each
-// product's weight transposed to (K, Np), its output size N padded with zeros to Np (a multiple
-// of 64 bytes), then its bias padded likewise. ctx: the context columns of W_ih0 (no bias: it
-// is in emb_proj); ih and b_ih are unused for layer 0.
-struct DecoderDims;  // checks.h
-
-struct PackedLayout {
-  int64_t Gp = 0, Vp = 0, ctx = 0, dense = 0, dense_b = 0, total = 0;
-  std::vector<int64_t> ih, b_ih, hh, b_hh;
-};
 
 // A decoder's weights bound once for repeated decode steps. It keeps references to the
 // parameters themselves (so in-place updates and `.data` swaps are seen) and rebuilds what it
 // derives from them when the version counter, storage or shape of one of them changes:
 //  - the embedding projection table emb_proj = embedding @ W_ih0[:, :E]^T + b_ih0;
-//  - for a few rows at small sizes, the weights packed transposed (PackedLayout), so that a
-//    row's products need no horizontal sums: at the chapter's sizes the sums of row-major dot
-//    products cost more than the multiply-adds.
-// step() runs the CPU kernel directly. Nothing in it is specific to the GRU but step(): the
-// table and the bound weights serve an nn.LSTM decoder as well (its flat weights have the same
-// four tensors per layer).
+//  - for a few rows at small sizes, the weights packed transposed (cpu::PackedWeights), so
+//    that a row's products need no horizontal sums: at the chapter's sizes the sums of
+//    row-major dot products cost more than the multiply-adds.
+// step() and greedy() run the decoder of cpu/decoder.h over GruCell directly, with the packed
+// weights when there are some, else with the module's (the CPU kernels of gru_decode_step and
+// greedy_decode). The table and the bound weights serve an nn.LSTM decoder as well (its flat
+// weights have the same four tensors per layer).
 class DecoderStepper {
  public:
   DecoderStepper(at::Tensor embedding, std::vector<at::Tensor> weights, at::Tensor dense_weight,
@@ -87,7 +64,7 @@ class DecoderStepper {
   bool validated_ = false;
   int64_t v_layers_ = 0, v_hidden_ = 0, v_in0_ = 0, v_vocab_ = 0, v_tgt_vocab_ = 0;
   at::ScalarType v_dtype_ = at::kFloat;
-  PackedLayout layout_;
+  cpu::PackedLayout layout_;
 };
 
 }  // namespace seq2seq_ext

@@ -1,0 +1,277 @@
+// A decoder over a cell on the CPU (the model is PyTorch's RNN.cpp: a cell, a layer over it, a
+// stack of layers): one step of every layer and the output projection for n rows (step_rows),
+// and the greedy loop (greedy_rows), both templated on the cell (cells.h: GruCell, LstmCell) and
+// on how the weights are stored:
+//   RowMajorWeights  the module's own weights, as the ops take them (products: linear_nt);
+//   PackedWeights    DecoderStepper's copy, each weight transposed and padded to whole vectors
+//                    (products: linear_t_row, a row at a time, no horizontal sums).
+// Layer 0's input projection W_ih0 [emb; ctx] + b_ih0 is split by the algebra of the
+// concatenation: the embedding part (with b_ih0) is a row of emb_proj, precomputed once per set
+// of weights; the context part is ctx_proj when the context is fixed, else the incoming
+// top-layer hidden state times the context columns of W_ih0 (the reference's rule). Per layer one
+// product for the hidden side, one for the input side (layers > 0), then the cell's pointwise
+// update.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "../decoder.h"
+#include "cells.h"
+#include "common.h"
+#include "linear.h"
+
+namespace seq2seq_ext {
+namespace cpu {
+
+// The module's weights: [w_ih, w_hh, b_ih, b_hh] per layer (contiguous), the output layer.
+template <typename T>
+struct RowMajorWeights {
+  int64_t H, G, in0, V;
+  std::vector<const T*> w;
+  const T* dense_w;
+  const T* dense_b;
+
+  RowMajorWeights(const DecoderDims& d, int64_t gates, at::TensorList weights,
+                  const at::Tensor& dense_weight, const at::Tensor& dense_bias, Contig& c)
+      : H(d.hidden), G(gates * d.hidden), in0(d.in0), V(d.vocab) {
+    w.reserve(weights.size());
+    for (const auto& t : weights) w.push_back(c(t).template const_data_ptr<T>());
+    dense_w = c(dense_weight).template const_data_ptr<T>();
+    dense_b = c(dense_bias).template const_data_ptr<T>();
+  }
+  // the row stride of the gate buffers
+  int64_t gate_ld() const { return G; }
+  // gi (n, G) += h (n, H) times the context columns of W_ih0
+  void context(const T* h, int64_t n, T* gi) const {
+    linear_nt<T>(h, H, n, H, w[0] + (in0 - H), in0, G, nullptr, gi, /*accumulate=*/true);
+  }
+  // gi = x W_ih^T + b_ih for layer l > 0
+  void input(int64_t l, const T* x, int64_t n, T* gi) const {
+    linear_nt<T>(x, H, n, H, w[4 * l], H, G, w[4 * l + 2], gi, false);
+  }
+  // gh = h W_hh^T + b_hh for layer l
+  void hidden(int64_t l, const T* h, int64_t n, T* gh) const {
+    linear_nt<T>(h, H, n, H, w[4 * l + 1], H, G, w[4 * l + 3], gh, false);
+  }
+  // logits (n, V) = h W^T + b
+  void dense(const T* h, int64_t n, T* logits) {
+    linear_nt<T>(h, H, n, H, dense_w, H, V, dense_b, logits, false);
+  }
+};
+
+// Where PackedWeights lie (element offsets into one flat tensor): each product's weight
+// transposed to (K, Np), its output size N padded with zeros to Np (a multiple of 64 bytes),
+// then its bias padded likewise. ctx: the context columns of W_ih0 (no bias: it is in
+// emb_proj); ih and b_ih are unused for layer 0.
+struct PackedLayout {
+  int64_t Gp = 0, Vp = 0, ctx = 0, dense = 0, dense_b = 0, total = 0;
+  std::vector<int64_t> ih, b_ih, hh, b_hh;
+};
+
+inline PackedLayout packed_layout(int64_t gates, int64_t L, int64_t H, int64_t V,
+                                  int64_t elem_size) {
+  const int64_t P = 64 / elem_size;
+  auto pad = [&](int64_t n) { return (n + P - 1) / P * P; };
+  PackedLayout p;
+  p.Gp = pad(gates * H);
+  p.Vp = pad(V);
+  int64_t off = 0;
+  auto take = [&](int64_t n) {
+    const int64_t at = off;
+    off += n;
+    return at;
+  };
+  p.ctx = take(H * p.Gp);
+  for (int64_t l = 0; l < L; ++l) {
+    p.ih.push_back(l > 0 ? take(H * p.Gp) : 0);
+    p.b_ih.push_back(l > 0 ? take(p.Gp) : 0);
+    p.hh.push_back(take(H * p.Gp));
+    p.b_hh.push_back(take(p.Gp));
+  }
+  p.dense = take(H * p.Vp);
+  p.dense_b = take(p.Vp);
+  p.total = off;
+  return p;
+}
+
+// The packed weights: the same products, a row at a time; gate rows are padded to Gp.
+template <typename T>
+struct PackedWeights {
+  const PackedLayout& lay;
+  const T* P;
+  int64_t H, V;
+  std::vector<T> row;  // one padded row of logits
+
+  PackedWeights(const PackedLayout& layout, const T* packed, const DecoderDims& d)
+      : lay(layout), P(packed), H(d.hidden), V(d.vocab), row(layout.Vp) {}
+  int64_t gate_ld() const { return lay.Gp; }
+  void context(const T* h, int64_t n, T* gi) const {
+    for (int64_t b = 0; b < n; ++b)
+      linear_t_row<T>(h + b * H, H, P + lay.ctx, lay.Gp, nullptr, gi + b * lay.Gp, true);
+  }
+  void input(int64_t l, const T* x, int64_t n, T* gi) const {
+    for (int64_t b = 0; b < n; ++b)
+      linear_t_row<T>(x + b * H, H, P + lay.ih[l], lay.Gp, P + lay.b_ih[l], gi + b * lay.Gp,
+                      false);
+  }
+  void hidden(int64_t l, const T* h, int64_t n, T* gh) const {
+    for (int64_t b = 0; b < n; ++b)
+      linear_t_row<T>(h + b * H, H, P + lay.hh[l], lay.Gp, P + lay.b_hh[l], gh + b * lay.Gp,
+                      false);
+  }
+  void dense(const T* h, int64_t n, T* logits) {
+    for (int64_t b = 0; b < n; ++b) {
+      linear_t_row<T>(h + b * H, H, P + lay.dense, lay.Vp, P + lay.dense_b, row.data(), false);
+      std::copy(row.data(), row.data() + V, logits + b * V);
+    }
+  }
+};
+
+// Gate buffers of step_rows, kept across the steps of a loop.
+template <typename T>
+struct GateBuffers {
+  std::vector<T> gi, gh;
+};
+
+// One decoder step for n rows. Each state part of `state` and `next` is (L, n, H) contiguous;
+// tok (n,) ids of emb_proj's rows; ctx (n, kGates * H) or null; logits (n, V).
+template <typename Cell, typename Weights, typename T>
+void step_rows(Weights& w, const DecoderDims& d, const T* emb_proj, const int64_t* tok,
+               int64_t n, const T* ctx, Parts<const T, Cell::kParts> state,
+               Parts<T, Cell::kParts> next, T* logits, GateBuffers<T>& buf) {
+  const int64_t L = d.layers, H = d.hidden, G = Cell::kGates * H, ld = w.gate_ld();
+  buf.gi.resize(n * ld);
+  buf.gh.resize(n * ld);
+  T* gi = buf.gi.data();
+  T* gh = buf.gh.data();
+  for (int64_t b = 0; b < n; ++b) {
+    const T* e = emb_proj + tok[b] * G;
+    T* g = gi + b * ld;
+    if (ctx) {
+      const T* c = ctx + b * G;
+      for (int64_t j = 0; j < G; ++j) g[j] = e[j] + c[j];
+    } else {
+      std::copy(e, e + G, g);
+    }
+  }
+  if (!ctx) w.context(state[0] + (L - 1) * n * H, n, gi);
+  for (int64_t l = 0; l < L; ++l) {
+    Parts<const T, Cell::kParts> prev;
+    Parts<T, Cell::kParts> out;
+    for (int p = 0; p < Cell::kParts; ++p) {
+      prev[p] = state[p] + l * n * H;
+      out[p] = next[p] + l * n * H;
+    }
+    if (l > 0) w.input(l, next[0] + (l - 1) * n * H, n, gi);
+    w.hidden(l, prev[0], n, gh);
+    Cell::template update<T>(gi, gh, ld, prev, H, out, H, n, H);
+  }
+  w.dense(next[0] + (L - 1) * n * H, n, logits);
+}
+
+// The CPU kernel of a decode-step op over Cell, with the module's row-major weights: reads the
+// state parts `state` ((L, B, H) each, any layout), writes `next` ((L, B, H) contiguous each)
+// and logits (B, V) (or (B, 1, V)). Token ids are checked here, before anything is written.
+template <typename Cell>
+void decode_step(const DecoderDims& d, const at::Tensor& token,
+                 Parts<const at::Tensor, Cell::kParts> state, Parts<at::Tensor, Cell::kParts> next,
+                 const at::Tensor& emb_proj, const std::optional<at::Tensor>& ctx_proj,
+                 at::TensorList weights, const at::Tensor& dense_weight,
+                 const at::Tensor& dense_bias, at::Tensor& logits) {
+  const auto tok = tokens_to_vector(token, d.tgt_vocab);
+  const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
+  AT_DISPATCH_FLOATING_TYPES(state[0]->scalar_type(), "decode_step_cpu", [&] {
+    using T = scalar_t;
+    Contig c;
+    RowMajorWeights<T> w(d, Cell::kGates, weights, dense_weight, dense_bias, c);
+    Parts<const T, Cell::kParts> in;
+    Parts<T, Cell::kParts> out;
+    for (int p = 0; p < Cell::kParts; ++p) {
+      in[p] = c(*state[p]).template const_data_ptr<T>();
+      out[p] = next[p]->template data_ptr<T>();
+    }
+    GateBuffers<T> buf;
+    step_rows<Cell>(w, d, c(emb_proj).template const_data_ptr<T>(), tok.data(), d.batch,
+                    has_ctx ? c(*ctx_proj).template const_data_ptr<T>() : nullptr, in, out,
+                    logits.data_ptr<T>(), buf);
+  });
+}
+
+// torch.argmax's rule: the first maximum, NaN counting as the maximum.
+template <typename T>
+int64_t argmax_row(const T* x, int64_t n) {
+  int64_t best = 0;
+  for (int64_t v = 1; v < n; ++v) {
+    const bool best_nan = x[best] != x[best];
+    if (best_nan) break;
+    if (x[v] != x[v] || x[v] > x[best]) best = v;
+  }
+  return best;
+}
+
+// Greedy decoding of B > 0 rows for num_steps > 0 steps from the state parts `state` ((L, B, H)
+// each, contiguous) and the fixed context projection ctx (B, kGates * H) or null: every row
+// starts from bos and feeds back its argmax; a row stops at eos. tok_out (B, num_steps) and
+// len_out (B,) come filled with eos and num_steps; a row's tokens and length are written here.
+// The rows still decoding are kept compacted at the front of the working state.
+template <typename Cell, typename Weights, typename T>
+void greedy_rows(Weights& w, const DecoderDims& d, const T* emb_proj,
+                 Parts<const T, Cell::kParts> state, const T* ctx_proj, int64_t bos,
+                 int64_t eos, int64_t num_steps, int64_t* tok_out, int64_t* len_out) {
+  constexpr int P = Cell::kParts;
+  const int64_t B = d.batch, L = d.layers, H = d.hidden, G = Cell::kGates * H, V = d.vocab;
+  std::vector<T> cur[P], next[P];
+  for (int p = 0; p < P; ++p) {
+    cur[p].assign(state[p], state[p] + L * B * H);
+    next[p].resize(L * B * H);
+  }
+  std::vector<T> logits(B * V), ctx;
+  if (ctx_proj) ctx.assign(ctx_proj, ctx_proj + B * G);
+  std::vector<int64_t> row(B), tok(B, bos);
+  for (int64_t b = 0; b < B; ++b) row[b] = b;
+  GateBuffers<T> buf;
+  int64_t n = B;
+  for (int64_t step = 0; step < num_steps && n > 0; ++step) {
+    Parts<const T, P> in;
+    Parts<T, P> out;
+    for (int p = 0; p < P; ++p) {
+      in[p] = cur[p].data();
+      out[p] = next[p].data();
+    }
+    step_rows<Cell>(w, DecoderDims{L, n, H, d.tgt_vocab, V, d.in0}, emb_proj, tok.data(), n,
+                    ctx_proj ? ctx.data() : nullptr, in, out, logits.data(), buf);
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t y = argmax_row<T>(logits.data() + i * V, V);
+      const int64_t b = row[i];
+      if (y == eos) {
+        len_out[b] = step;
+        continue;
+      }
+      tok_out[b * num_steps + step] = y;
+      // compact row i into slot `kept` (kept <= i, so the copy never overwrites a live row)
+      row[kept] = b;
+      tok[kept] = y;
+      for (int p = 0; p < P; ++p)
+        for (int64_t l = 0; l < L; ++l)
+          std::copy(out[p] + (l * n + i) * H, out[p] + (l * n + i + 1) * H,
+                    out[p] + (l * n + kept) * H);
+      if (ctx_proj && kept != i)
+        std::copy(ctx.data() + i * G, ctx.data() + (i + 1) * G, ctx.data() + kept * G);
+      ++kept;
+    }
+    // next holds layer-major rows for n sentences; repack them for `kept`
+    for (int p = 0; p < P; ++p)
+      for (int64_t l = 0; l < L; ++l)
+        std::copy(out[p] + l * n * H, out[p] + (l * n + kept) * H, cur[p].data() + l * kept * H);
+    n = kept;
+  }
+}
+
+}  // namespace cpu
+}  // namespace seq2seq_ext

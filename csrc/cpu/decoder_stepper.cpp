@@ -1,0 +1,214 @@
+// DecoderStepper (csrc/decoder_stepper.h): a decoder's weights bound for repeated CPU decode
+// steps, the table and packed weights it derives from them, and its step and greedy loop (the
+// decoder of decoder.h over GruCell with the packed weights, or the CPU kernels of
+// gru_decode_step and greedy_decode with the module's weights).
+#include <ATen/EmptyTensor.h>
+
+#include <initializer_list>
+#include <vector>
+
+#include "../decoder_stepper.h"
+#include "../greedy_decode.h"
+#include "../gru_decode_step.h"
+
+namespace seq2seq_ext {
+namespace {
+
+// Stores the version counter, storage, dtype and shape of each tensor (and the extra values)
+// in key, and says whether they all equal what key held (false for an empty key, and always
+// false when one of them is an inference tensor).
+bool same_key(std::vector<int64_t>& key, std::initializer_list<const at::Tensor*> head,
+              const std::vector<at::Tensor>& tail, std::initializer_list<int64_t> extra = {}) {
+  size_t i = 0;
+  bool same = true;
+  auto put = [&](int64_t v) {
+    if (i == key.size()) {
+      key.push_back(v);
+      same = false;
+    } else if (key[i] != v) {
+      key[i] = v;
+      same = false;
+    }
+    ++i;
+  };
+  bool inference = false;
+  auto add = [&](const at::Tensor& t) {
+    // an inference tensor has no version counter: its in-place changes cannot be seen
+    inference = inference || t.is_inference();
+    put(t.is_inference() ? -1
+                         : static_cast<int64_t>(
+                               t.unsafeGetTensorImpl()->version_counter().current_version()));
+    put(reinterpret_cast<int64_t>(t.const_data_ptr()));
+    put(static_cast<int64_t>(t.scalar_type()));
+    put(t.dim());
+    for (const int64_t s : t.sizes()) put(s);
+  };
+  for (const at::Tensor* t : head) add(*t);
+  for (const at::Tensor& t : tail) add(t);
+  for (const int64_t v : extra) put(v);
+  if (i != key.size()) {
+    key.resize(i);
+    same = false;
+  }
+  return same && !inference;
+}
+
+// The packed weights are used for at most this many rows and this many bytes: beyond, a row at
+// a time re-reads weights that no longer stay in cache, and BLAS does better.
+constexpr int64_t kPackedMaxRows = 32;
+constexpr int64_t kPackedMaxBytes = 4 << 20;
+
+}  // namespace
+
+DecoderStepper::DecoderStepper(at::Tensor embedding, std::vector<at::Tensor> weights,
+                               at::Tensor dense_weight, at::Tensor dense_bias)
+    : embedding_(std::move(embedding)),
+      dense_weight_(std::move(dense_weight)),
+      dense_bias_(std::move(dense_bias)),
+      weights_(std::move(weights)) {
+  check_dim(embedding_, 2, "embedding");
+  TORCH_CHECK(weights_.size() >= 4 && weights_.size() % 4 == 0,
+              "weights: expected nn.GRU's flat weights (4 per layer), got ", weights_.size());
+  check_dim(weights_[0], 2, "weights (w_ih)");
+  TORCH_CHECK(weights_[0].size(1) > embedding_.size(1), "weights (w_ih of layer 0): expected ",
+              "more input columns than the embedding size ", embedding_.size(1), ", got ",
+              weights_[0].size(1));
+}
+
+bool DecoderStepper::refresh() {
+  if (same_key(key_, {&embedding_, &dense_weight_, &dense_bias_}, weights_)) return true;
+  emb_proj_ = at::Tensor();
+  packed_ = at::Tensor();
+  validated_ = false;
+  // weights made in inference mode: everything derived is rebuilt on every call, so the
+  // packed copy would cost more than it saves
+  bool inference = embedding_.is_inference() || dense_weight_.is_inference() ||
+                   dense_bias_.is_inference();
+  for (const auto& w : weights_) inference = inference || w.is_inference();
+  packed_built_ = inference;
+  return false;
+}
+
+const at::Tensor& DecoderStepper::emb_proj() {
+  refresh();
+  if (!emb_proj_.defined()) {
+    at::NoGradGuard no_grad;
+    emb_proj_ = at::addmm(weights_[2], embedding_,
+                          weights_[0].narrow(1, 0, embedding_.size(1)).t());
+  }
+  return emb_proj_;
+}
+
+const at::Tensor& DecoderStepper::packed() {
+  if (packed_built_) return packed_;
+  packed_built_ = true;
+  const int64_t L = v_layers_, H = v_hidden_, in0 = v_in0_;
+  const cpu::PackedLayout lay =
+      cpu::packed_layout(cpu::GruCell::kGates, L, H, v_vocab_, dense_weight_.element_size());
+  if (lay.total * dense_weight_.element_size() > kPackedMaxBytes) return packed_;
+  at::NoGradGuard no_grad;
+  at::Tensor flat = at::zeros({lay.total}, dense_weight_.options());
+  // w_t: a (K, N) view of a weight's transpose, stored at off as (K, Np)
+  auto put = [&](int64_t off, const at::Tensor& w_t, int64_t Np) {
+    flat.narrow(0, off, w_t.size(0) * Np).view({w_t.size(0), Np}).narrow(1, 0, w_t.size(1))
+        .copy_(w_t);
+  };
+  auto put_bias = [&](int64_t off, const at::Tensor& b) { flat.narrow(0, off, b.size(0)).copy_(b); };
+  put(lay.ctx, weights_[0].narrow(1, in0 - H, H).t(), lay.Gp);
+  for (int64_t l = 0; l < L; ++l) {
+    if (l > 0) {
+      put(lay.ih[l], weights_[4 * l].t(), lay.Gp);
+      put_bias(lay.b_ih[l], weights_[4 * l + 2]);
+    }
+    put(lay.hh[l], weights_[4 * l + 1].t(), lay.Gp);
+    put_bias(lay.b_hh[l], weights_[4 * l + 3]);
+  }
+  put(lay.dense, dense_weight_.t(), lay.Vp);
+  put_bias(lay.dense_b, dense_bias_);
+  packed_ = flat;
+  layout_ = lay;
+  return packed_;
+}
+
+DecoderDims DecoderStepper::checked_dims(const at::Tensor& state, const at::Tensor& table,
+                                         const std::optional<at::Tensor>& ctx_proj) {
+  TORCH_CHECK(state.device().is_cpu(), "state: DecoderStepper runs on the CPU, got a tensor on ",
+              state.device());
+  const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
+  if (validated_ && !has_ctx && state.dim() == 3 && state.size(0) == v_layers_ &&
+      state.size(2) == v_hidden_ && state.scalar_type() == v_dtype_)
+    return DecoderDims{v_layers_, state.size(1), v_hidden_, v_tgt_vocab_, v_vocab_, v_in0_};
+  const DecoderDims d = check_decoder_args(state, "state", cpu::GruCell::kGates, table, ctx_proj,
+                                           weights_, dense_weight_, dense_bias_);
+  validated_ = true;
+  v_layers_ = d.layers;
+  v_hidden_ = d.hidden;
+  v_in0_ = d.in0;
+  v_vocab_ = d.vocab;
+  v_tgt_vocab_ = d.tgt_vocab;
+  v_dtype_ = state.scalar_type();
+  return d;
+}
+
+std::tuple<at::Tensor, at::Tensor> DecoderStepper::step(const at::Tensor& token,
+                                                        const at::Tensor& state,
+                                                        const std::optional<at::Tensor>& ctx_proj) {
+  const at::Tensor& table = emb_proj();
+  const DecoderDims d = checked_dims(state, table, ctx_proj);
+  check_decode_token(token, state, d.batch);
+  at::Tensor logits = at::detail::empty_cpu(decode_logits_shape(token, d.vocab), v_dtype_);
+  at::Tensor new_state = at::detail::empty_cpu(state.sizes(), v_dtype_);
+  const at::Tensor& P = d.batch <= kPackedMaxRows ? packed() : at::Tensor();
+  if (d.batch == 0) return {logits, new_state};
+  if (!P.defined()) {
+    cpu::gru_decode_step(d, token, state, table, ctx_proj, weights_, dense_weight_, dense_bias_,
+                         logits, new_state);
+    return {logits, new_state};
+  }
+  const auto tok = cpu::tokens_to_vector(token, d.tgt_vocab);
+  const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
+  AT_DISPATCH_FLOATING_TYPES(v_dtype_, "DecoderStepper.step", [&] {
+    using T = scalar_t;
+    cpu::Contig c;
+    cpu::PackedWeights<T> w(layout_, P.const_data_ptr<T>(), d);
+    cpu::GateBuffers<T> buf;
+    cpu::step_rows<cpu::GruCell>(w, d, c(table).const_data_ptr<T>(), tok.data(), d.batch,
+                                 has_ctx ? c(*ctx_proj).const_data_ptr<T>() : nullptr,
+                                 {c(state).const_data_ptr<T>()}, {new_state.data_ptr<T>()},
+                                 logits.data_ptr<T>(), buf);
+  });
+  return {logits, new_state};
+}
+
+std::tuple<at::Tensor, at::Tensor> DecoderStepper::greedy(const at::Tensor& state,
+                                                          const std::optional<at::Tensor>& ctx_proj,
+                                                          int64_t bos, int64_t eos,
+                                                          int64_t num_steps) {
+  const at::Tensor& table = emb_proj();
+  const DecoderDims d = checked_dims(state, table, ctx_proj);
+  check_greedy_args(d, bos, num_steps);
+  const auto long_opts = state.options().dtype(at::kLong);
+  at::Tensor tokens = at::full({d.batch, num_steps}, eos, long_opts);
+  at::Tensor lengths = at::full({d.batch}, num_steps, long_opts);
+  if (d.batch == 0 || num_steps == 0) return {tokens, lengths};
+  const at::Tensor& P = d.batch <= kPackedMaxRows ? packed() : at::Tensor();
+  if (!P.defined()) {
+    cpu::greedy_decode(d, state, table, ctx_proj, weights_, dense_weight_, dense_bias_, bos, eos,
+                       num_steps, tokens, lengths);
+    return {tokens, lengths};
+  }
+  const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
+  AT_DISPATCH_FLOATING_TYPES(v_dtype_, "DecoderStepper.greedy", [&] {
+    using T = scalar_t;
+    cpu::Contig c;
+    cpu::PackedWeights<T> w(layout_, P.const_data_ptr<T>(), d);
+    cpu::greedy_rows<cpu::GruCell>(w, d, c(table).const_data_ptr<T>(),
+                                   {c(state).const_data_ptr<T>()},
+                                   has_ctx ? c(*ctx_proj).const_data_ptr<T>() : nullptr, bos,
+                                   eos, num_steps, tokens.data_ptr<int64_t>(),
+                                   lengths.data_ptr<int64_t>());
+  });
+  return {tokens, lengths};
+}
+
+}  // namespace seq2seq_ext

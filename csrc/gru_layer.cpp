@@ -1,0 +1,161 @@
+// seq2seq_ext::gru_layer and gru_layer_backward: schema, argument checks and the
+// device-independent entries. Kernels: cpu/gru_layer.cpp, cuda/gru_layer.cu; the
+// whole-sequence part of the backward: gru_grads.h.
+#include "checks.h"
+#include "entry.h"
+#include "gru_grads.h"
+#include "gru_layer.h"
+
+TORCH_LIBRARY_FRAGMENT(seq2seq_ext, m) {
+  // One GRU layer over a whole sequence, nn.GRU's equations and gate order (r, z, n; b_hn inside
+  // the reset product). input (T, B, I), h0 (B, H), w_ih (3H, I), w_hh (3H, H), b_ih, b_hh (3H);
+  // extra (B, 3H), when given, is added to the input projection at every step (the decoder's
+  // constant context: its share of W_ih x is computed once per sequence). Returns the output
+  // (T, B, H), the final state (B, H) and the activations the backward needs (T, B, 4H:
+  // r, z, n and W_hn h + b_hn).
+  m.def(
+      "gru_layer(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, "
+      "Tensor? extra) -> (Tensor, Tensor, Tensor)");
+  // Gradients of gru_layer: (input, h0, w_ih, w_hh, b_ih, b_hh, extra); grad_extra is empty
+  // unless has_extra.
+  m.def(
+      "gru_layer_backward(Tensor grad_output, Tensor? grad_hn, Tensor input, Tensor h0, "
+      "Tensor w_ih, Tensor w_hh, Tensor output, Tensor saved, bool has_extra) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace seq2seq_ext {
+namespace {
+
+// Checks the arguments of gru_layer (device independent).
+GruLayerDims check_gru_layer_args(const at::Tensor& input, const at::Tensor& h0,
+                                         const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                         const at::Tensor& b_ih, const at::Tensor& b_hh,
+                                         const std::optional<at::Tensor>& extra) {
+  check_dim(input, 3, "input");
+  check_floating(input, "input");
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "input: expected float32 or float64, got ", input.scalar_type());
+  check_dim(w_hh, 2, "w_hh");
+  GruLayerDims d{input.size(0), input.size(1), input.size(2), w_hh.size(1)};
+  const int64_t H = d.hidden, G = 3 * H;
+  check_same_device(w_hh, input, "w_hh", "input");
+  check_same_dtype(w_hh, input, "w_hh", "input");
+  check_size(w_hh, 0, G, "w_hh", "3 * hidden, hidden being w_hh's second size");
+  check_dim(w_ih, 2, "w_ih");
+  check_same_device(w_ih, input, "w_ih", "input");
+  check_same_dtype(w_ih, input, "w_ih", "input");
+  check_size(w_ih, 0, G, "w_ih", "3 * hidden");
+  check_size(w_ih, 1, d.input, "w_ih", "the feature size of input");
+  const at::Tensor* biases[2] = {&b_ih, &b_hh};
+  const char* bnames[2] = {"b_ih", "b_hh"};
+  for (int k = 0; k < 2; ++k) {
+    check_dim(*biases[k], 1, bnames[k]);
+    check_same_device(*biases[k], input, bnames[k], "input");
+    check_same_dtype(*biases[k], input, bnames[k], "input");
+    check_size(*biases[k], 0, G, bnames[k], "3 * hidden");
+  }
+  check_dim(h0, 2, "h0");
+  check_same_device(h0, input, "h0", "input");
+  check_same_dtype(h0, input, "h0", "input");
+  TORCH_CHECK(h0.size(0) == d.batch && h0.size(1) == H, "h0: expected shape [", d.batch, ", ", H,
+              "] (batch of input, hidden of w_hh), got ", shape_str(h0));
+  if (extra.has_value() && extra->defined()) {
+    check_dim(*extra, 2, "extra");
+    check_same_device(*extra, input, "extra", "input");
+    check_same_dtype(*extra, input, "extra", "input");
+    TORCH_CHECK(extra->size(0) == d.batch && extra->size(1) == G, "extra: expected shape [",
+                d.batch, ", ", G, "] (batch, 3 * hidden), got ", shape_str(*extra));
+  }
+  return d;
+}
+
+// The tensors gru_layer_backward takes besides the forward's arguments (device independent):
+// grad_output and output (T, B, H), saved (T, B, 4H) and grad_hn (B, H) when given, all on the
+// device of input; output and saved in input's dtype (grad_output and grad_hn may be of another
+// dtype: they are converted, as the CPU kernel's in-place add converts grad_output). The two
+// shape rules the CPU kernel checks come first, with its messages; the rest guards a device
+// kernel against reading through pointers of the wrong size, device or type.
+void check_gru_layer_backward_tensors(const at::Tensor& grad_output,
+                                             const std::optional<at::Tensor>& grad_hn,
+                                             const at::Tensor& input, const at::Tensor& output,
+                                             const at::Tensor& saved, const GruLayerDims& d) {
+  const int64_t T = d.steps, B = d.batch, H = d.hidden;
+  check_defined(grad_output, "grad_output");
+  check_defined(output, "output");
+  check_defined(saved, "saved");
+  TORCH_CHECK(grad_output.sizes() == output.sizes(), "grad_output: expected shape ",
+              shape_str(output), ", got ", shape_str(grad_output));
+  TORCH_CHECK(saved.dim() == 3 && saved.size(0) == T && saved.size(1) == B &&
+                  saved.size(2) == 4 * H,
+              "saved: expected shape [", T, ", ", B, ", ", 4 * H, "], got ", shape_str(saved));
+  TORCH_CHECK(output.dim() == 3 && output.size(0) == T && output.size(1) == B &&
+                  output.size(2) == H,
+              "output: expected shape [", T, ", ", B, ", ", H,
+              "] (steps and batch of input, hidden of w_hh), got ", shape_str(output));
+  check_same_device(output, input, "output", "input");
+  check_same_dtype(output, input, "output", "input");
+  check_same_device(saved, input, "saved", "input");
+  check_same_dtype(saved, input, "saved", "input");
+  check_same_device(grad_output, input, "grad_output", "input");
+  if (grad_hn.has_value() && grad_hn->defined()) {
+    TORCH_CHECK(grad_hn->dim() == 2 && grad_hn->size(0) == B && grad_hn->size(1) == H,
+                "grad_hn: expected shape [", B, ", ", H, "] (the final state's), got ",
+                shape_str(*grad_hn));
+    check_same_device(*grad_hn, input, "grad_hn", "input");
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& b_ih, const at::Tensor& b_hh, const std::optional<at::Tensor>& extra) {
+  const GruLayerDims d = check_gru_layer_args(input, h0, w_ih, w_hh, b_ih, b_hh, extra);
+  const int64_t T = d.steps, B = d.batch, H = d.hidden;
+  auto opts = input.options();
+  at::Tensor output = at::empty({T, B, H}, opts);
+  at::Tensor saved = at::empty({T, B, 4 * H}, opts);
+  if (T == 0 || B == 0) return {output, h0.clone(at::MemoryFormat::Contiguous), saved};
+  SEQ2SEQ_EXT_KERNEL(input, gru_layer)(d, input, h0, w_ih, w_hh, b_ih, b_hh, extra, output,
+                                       saved);
+  return {output, output.select(0, T - 1).clone(at::MemoryFormat::Contiguous), saved};
+}
+
+namespace {
+
+GruLayerGrads gru_layer_backward(const at::Tensor& grad_output,
+                                 const std::optional<at::Tensor>& grad_hn,
+                                 const at::Tensor& input, const at::Tensor& h0,
+                                 const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                 const at::Tensor& output, const at::Tensor& saved,
+                                 bool has_extra) {
+  const GruLayerDims d =
+      check_gru_layer_args(input, h0, w_ih, w_hh, w_hh.new_empty({w_hh.size(0)}),
+                           w_hh.new_empty({w_hh.size(0)}), std::nullopt);
+  // output and saved are read through raw pointers by the kernels: their shapes, dtypes and
+  // devices are checked first (an output narrower than (T, B, H) would be read past its end)
+  check_gru_layer_backward_tensors(grad_output, grad_hn, input, output, saved, d);
+  const int64_t T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
+  auto opts = input.options();
+  at::Tensor dgi = at::empty({T, B, G}, opts);
+  at::Tensor dgh = at::empty({T, B, G}, opts);
+  // a fresh (B, H) buffer in input's dtype: grad_hn of another dtype is converted
+  at::Tensor dh = (grad_hn.has_value() && grad_hn->defined())
+                      ? at::empty({B, H}, opts).copy_(*grad_hn)
+                      : at::zeros({B, H}, opts);
+  const at::Tensor out_c = output.contiguous();
+  const at::Tensor h0_c = h0.contiguous();
+  SEQ2SEQ_EXT_KERNEL(input, gru_layer_backward)(d, grad_output, h0_c, w_hh, out_c, saved, dgi,
+                                                dgh, dh);
+  return gru_layer_sequence_grads(dgi, dgh, dh, input, h0_c, out_c, w_ih, has_extra);
+}
+
+}  // namespace
+
+SEQ2SEQ_EXT_ENTRIES(m) {
+  m.impl("gru_layer", &gru_layer);
+  m.impl("gru_layer_backward", &gru_layer_backward);
+}
+
+}  // namespace seq2seq_ext

@@ -1,0 +1,42 @@
+// The kernels of seq2seq_ext::gru_layer and gru_layer_backward (contract and entry:
+// csrc/gru_layer.cpp). The entry has checked the arguments and allocated the outputs.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace seq2seq_ext {
+
+struct GruLayerDims {
+  int64_t steps, batch, input, hidden;
+};
+
+// Forward, T > 0 and B > 0: fills output (T, B, H) and saved (T, B, 4H) = [r, z, n, gh_n].
+// Backward, from the last step to the first: fills dgi and dgh (T, B, 3H), the gradients of the
+// input-side and hidden-side gate pre-activations, and carries dh (B, H), on entry the gradient
+// of the final state, to the gradient of h0. h0 and output are contiguous.
+using GruLayerKernel = void(const GruLayerDims& d, const at::Tensor& input,
+                           const at::Tensor& h0, const at::Tensor& w_ih,
+                           const at::Tensor& w_hh, const at::Tensor& b_ih,
+                           const at::Tensor& b_hh, const std::optional<at::Tensor>& extra,
+                           at::Tensor& output, at::Tensor& saved);
+using GruLayerBackwardKernel = void(const GruLayerDims& d, const at::Tensor& grad_output,
+                                   const at::Tensor& h0, const at::Tensor& w_hh,
+                                   const at::Tensor& output, const at::Tensor& saved,
+                                   at::Tensor& dgi, at::Tensor& dgh, at::Tensor& dh);
+namespace cpu {
+GruLayerKernel gru_layer;
+GruLayerBackwardKernel gru_layer_backward;
+}  // namespace cpu
+namespace cuda {
+GruLayerKernel gru_layer;
+GruLayerBackwardKernel gru_layer_backward;
+}  // namespace cuda
+
+// The entry of gru_layer, which the _C module also calls directly (CPU inference).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& b_ih, const at::Tensor& b_hh, const std::optional<at::Tensor>& extra);
+
+}  // namespace seq2seq_ext

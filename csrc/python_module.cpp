@@ -1,0 +1,105 @@
+// The small `_C` Python module: how the library was built, and the direct CPU paths of plain
+// inference (DecoderStepper, gru_layer_cpu) that skip the boxed dispatcher. Each op's schema and
+// entry live in csrc/<op>.cpp; fake (meta) kernels and autograd formulas are registered from
+// Python in seq2seq_ext/ops.py.
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/extension.h>
+
+#include "decoder_stepper.h"
+#include "gru_layer.h"
+#include "lstm_decode_step.h"
+#include "rnn_forward.h"
+
+namespace {
+
+bool built_with_cuda() {
+#ifdef SEQ2SEQ_EXT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "seq2seq_ext compiled library: registers torch.ops.seq2seq_ext.*";
+  module.def("built_with_cuda", &built_with_cuda,
+             "True when the CUDA kernels were compiled into this library.");
+  // A decoder's weights bound for repeated decode steps (see decoder_stepper.h). Its step() runs
+  // the CPU kernel of seq2seq_ext::gru_decode_step without the boxed dispatcher call, whose
+  // argument handling for a dozen tensors costs more than the step itself at the chapter's
+  // sizes. seq2seq_ext uses it only for plain CPU tensors in inference with no tracing or
+  // dispatch mode in force; everything else goes through torch.ops.seq2seq_ext.gru_decode_step.
+  pybind11::class_<seq2seq_ext::DecoderStepper>(module, "DecoderStepper")
+      .def(pybind11::init<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor>(),
+           pybind11::arg("embedding"), pybind11::arg("weights"), pybind11::arg("dense_weight"),
+           pybind11::arg("dense_bias"))
+      .def("emb_proj", &seq2seq_ext::DecoderStepper::emb_proj)
+      .def(
+          "step",
+          [](seq2seq_ext::DecoderStepper& s, const at::Tensor& token, const at::Tensor& state) {
+            return s.step(token, state);
+          },
+          pybind11::arg("token"), pybind11::arg("state"))
+      // greedy_decode's CPU kernel with the bound weights (ctx_proj (B, 3H) for a fixed context).
+      .def("greedy", &seq2seq_ext::DecoderStepper::greedy, pybind11::arg("state"),
+           pybind11::arg("ctx_proj"), pybind11::arg("bos"), pybind11::arg("eos"),
+           pybind11::arg("num_steps"))
+      // The per-token call of Seq2SeqDecoder (seq2seq_ext/models.py): step(token, state) when
+      // token is a (B, 1) tensor, state a CPU tensor, neither a subclass, grad mode off and no
+      // dispatch or torch function mode active; else None, and the caller takes the usual path.
+      // These tests cost a few hundred nanoseconds here against microseconds in Python.
+      .def(
+          "try_step",
+          [](seq2seq_ext::DecoderStepper& s, pybind11::handle token,
+             pybind11::handle state) -> pybind11::object {
+            if (!THPVariable_CheckExact(token.ptr()) || !THPVariable_CheckExact(state.ptr()))
+              return pybind11::none();
+            const at::Tensor& tok = THPVariable_Unpack(token.ptr());
+            const at::Tensor& st = THPVariable_Unpack(state.ptr());
+            if (!st.is_cpu() || tok.dim() != 2 || tok.size(1) != 1 ||
+                at::GradMode::is_enabled() || c10::impl::TorchDispatchModeTLS::stack_len() != 0 ||
+                at::impl::torch_function_mode_enabled())
+              return pybind11::none();
+            return pybind11::cast(s.step(tok, st));
+          },
+          pybind11::arg("token"), pybind11::arg("state"))
+      // gru_decode_step's CPU kernel with a fixed context's projection ctx_proj (B, 3H).
+      .def(
+          "step_with_context",
+          [](seq2seq_ext::DecoderStepper& s, const at::Tensor& token, const at::Tensor& state,
+             const at::Tensor& ctx_proj) { return s.step(token, state, ctx_proj); },
+          pybind11::arg("token"), pybind11::arg("state"), pybind11::arg("ctx_proj"))
+      // lstm_decode_step's CPU kernel with the bound weights of an nn.LSTM decoder; ctx_proj
+      // (B, 4H) for a fixed context, None for the context h[-1].
+      .def(
+          "lstm_step",
+          [](seq2seq_ext::DecoderStepper& s, const at::Tensor& token, const at::Tensor& h,
+             const at::Tensor& c, const std::optional<at::Tensor>& ctx_proj) {
+            TORCH_CHECK(h.device().is_cpu(),
+                        "h: DecoderStepper.lstm_step runs on the CPU, got a tensor on ",
+                        h.device());
+            return seq2seq_ext::lstm_decode_step(token, h, c, s.emb_proj(), ctx_proj,
+                                                 s.weights(), s.dense_weight(), s.dense_bias());
+          },
+          pybind11::arg("token"), pybind11::arg("h"), pybind11::arg("c"),
+          pybind11::arg("ctx_proj") = pybind11::none());
+  // gru_layer's entry for CPU inference (no graph to record), under the same conditions.
+  module.def("gru_layer_cpu", &seq2seq_ext::gru_layer, pybind11::arg("input"),
+             pybind11::arg("h0"), pybind11::arg("w_ih"), pybind11::arg("w_hh"),
+             pybind11::arg("b_ih"), pybind11::arg("b_hh"), pybind11::arg("extra") = pybind11::none());
+  // The drop-in nn.GRU / nn.LSTM forward (seq2seq_ext/nn.py) in one call: see rnn_forward.h.
+  module.def("rnn_forward", &seq2seq_ext::rnn_forward, pybind11::arg("cell"),
+             pybind11::arg("input"), pybind11::arg("hx"), pybind11::arg("weights"),
+             pybind11::arg("layers"), pybind11::arg("hidden"), pybind11::arg("batch_first"),
+             pybind11::arg("dropout"), pybind11::arg("training"),
+             pybind11::arg("torch_masks") = false);
+#if defined(TORCH_VERSION_MAJOR) && defined(TORCH_VERSION_MINOR)
+  module.attr("torch_version") =
+      std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
+#else
+  module.attr("torch_version") = "unknown";
+#endif
+}

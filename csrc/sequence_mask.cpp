@@ -1,0 +1,67 @@
+// seq2seq_ext::sequence_mask and sequence_mask_: schema, argument checks and the
+// device-independent entries. Kernels: cpu/sequence_mask.cpp, cuda/sequence_mask.cu.
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
+
+#include "checks.h"
+#include "entry.h"
+#include "sequence_mask.h"
+
+TORCH_LIBRARY_FRAGMENT(seq2seq_ext, m) {
+  // Sequence mask: X[b, t, ...] = value for t >= valid_len[b]. Out of place and in place (the
+  // in-place op returns nothing, so that torch.compile can functionalize it; the Python wrapper
+  // returns X as the reference does).
+  m.def("sequence_mask(Tensor X, Tensor valid_len, Scalar value=0) -> Tensor");
+  m.def("sequence_mask_(Tensor(a!) X, Tensor valid_len, Scalar value=0) -> ()");
+}
+
+namespace seq2seq_ext {
+namespace {
+
+// Arguments of sequence_mask and sequence_mask_.
+void check_sequence_mask_args(const at::Tensor& X, const at::Tensor& valid_len) {
+  check_min_dim(X, 2, "X");
+  check_valid_len(valid_len, X.size(0), X, "X");
+}
+
+// X of the in-place sequence mask must not have elements sharing memory (an expanded tensor).
+void check_mask_writable(const at::Tensor& X) {
+  TORCH_CHECK(at::has_internal_overlap(X) != at::MemOverlap::Yes,
+              "X: the in-place sequence mask cannot write into a tensor whose elements share "
+              "memory (for instance an expanded tensor); clone it first or use the out-of-place op");
+}
+
+// The reference converts the value even when nothing is masked (an empty X included): a value
+// X's dtype cannot hold is an error whatever the lengths.
+void check_mask_value(const at::Tensor& X, const at::Scalar& value) {
+  AT_DISPATCH_ALL_TYPES_AND_COMPLEX_AND3(at::kBool, at::kHalf, at::kBFloat16, X.scalar_type(),
+                                         "sequence_mask_value", [&] {
+    (void)mask_value<scalar_t>(value, X.scalar_type());
+  });
+}
+
+void sequence_mask_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& value) {
+  check_sequence_mask_args(X, valid_len);
+  check_mask_writable(X);
+  check_mask_value(X, value);
+  if (X.numel() == 0) return;
+  SEQ2SEQ_EXT_KERNEL(X, sequence_mask_)(X, valid_len, value);
+}
+
+at::Tensor sequence_mask(const at::Tensor& X, const at::Tensor& valid_len,
+                         const at::Scalar& value) {
+  check_sequence_mask_args(X, valid_len);
+  check_mask_value(X, value);
+  at::Tensor out = X.clone(at::MemoryFormat::Preserve);
+  if (out.numel() != 0) SEQ2SEQ_EXT_KERNEL(out, sequence_mask_)(out, valid_len, value);
+  return out;
+}
+
+}  // namespace
+
+SEQ2SEQ_EXT_ENTRIES(m) {
+  m.impl("sequence_mask", &sequence_mask);
+  m.impl("sequence_mask_", &sequence_mask_);
+}
+
+}  // namespace seq2seq_ext

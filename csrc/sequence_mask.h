@@ -1,0 +1,51 @@
+// The kernel of seq2seq_ext::sequence_mask and sequence_mask_ (contract and entry:
+// csrc/sequence_mask.cpp), and the fill value's conversion that the kernels share.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <type_traits>
+
+namespace seq2seq_ext {
+
+// The fill value converted as the reference's `X[~mask] = value` does: floating dtypes round
+// (and saturate to +-inf), other dtypes must represent it exactly in range.
+template <typename scalar_t>
+inline scalar_t mask_value(const at::Scalar& value, at::ScalarType dtype) {
+  if constexpr (std::is_floating_point_v<scalar_t> || std::is_same_v<scalar_t, at::Half> ||
+                std::is_same_v<scalar_t, at::BFloat16>) {
+    if (!value.isComplex()) {
+      if constexpr (std::is_same_v<scalar_t, double>) return value.toDouble();
+      return static_cast<scalar_t>(static_cast<float>(value.toDouble()));
+    }
+  }
+  try {
+    return value.to<scalar_t>();
+  } catch (const c10::Error&) {
+    TORCH_CHECK(false, "value: ", value, " cannot be converted to the dtype of X (", dtype,
+                ") without overflow");
+  }
+}
+
+// Number of elements of one X[b, t] slice, when that slice is one contiguous run; -1 otherwise.
+inline int64_t contiguous_inner(const at::Tensor& X) {
+  int64_t expected = 1;
+  for (int64_t d = X.dim() - 1; d >= 2; --d) {
+    if (X.size(d) != 1 && X.stride(d) != expected) return -1;
+    expected *= X.size(d);
+  }
+  return expected;
+}
+
+// X[b, t, ...] = value in place for t at or after valid_len[b]; the entry has checked the
+// arguments (the value included) and X is not empty.
+using SequenceMaskKernel = void(at::Tensor& X, const at::Tensor& valid_len,
+                                const at::Scalar& value);
+namespace cpu {
+SequenceMaskKernel sequence_mask_;
+}  // namespace cpu
+namespace cuda {
+SequenceMaskKernel sequence_mask_;
+}  // namespace cuda
+
+}  // namespace seq2seq_ext
