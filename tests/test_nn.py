@@ -341,6 +341,30 @@ class TestWholePrograms:
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         assert op_calls
 
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_full_graph_with_allow_rnn(self, cell):
+        """With allow_rnn, Dynamo traces the drop-in forward into one graph holding the
+        registered op (no graph break), forward and backward equal to eager."""
+        torch.manual_seed(1)
+        layer = CLASSES[cell][1](5, 7, 2, batch_first=True)
+        x = torch.randn(3, 4, 5, requires_grad=True)
+        want = layer(x)[0]
+        (gx_want,) = torch.autograd.grad(want.sum(), x)
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        with torch._dynamo.config.patch(allow_rnn=True):
+            torch._dynamo.reset()
+            got = torch.compile(layer, backend=backend, fullgraph=True)(x)[0]
+        (gx_got,) = torch.autograd.grad(got.sum(), x)
+        assert len(graphs) == 1
+        assert "rnn_stack" in graphs[0].code
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gx_got, gx_want, rtol=1e-6, atol=1e-6)
+
 
 @pytest.mark.skipif(not (torch.distributed.is_available()
                          and torch.distributed.is_gloo_available()),
