@@ -110,22 +110,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_cpu(
   const at::Tensor c0c = contiguous_or_undefined(c0);
   const at::Tensor mask = contiguous_or_undefined(dropout_mask);
   const auto w = contiguous_all(weights);
-  if (T > 0 && B > 0) {
+  if (T == 0) {
+    return {at::empty({0, B, H}, opts), h0.clone(at::MemoryFormat::Contiguous),
+            lstm ? c0c.clone() : at::empty({0}, opts), saved};
+  }
+  at::Tensor output = at::empty({T, B, H}, opts);
+  at::Tensor h_n = at::empty({L, B, H}, opts);
+  at::Tensor c_n = lstm ? at::empty({L, B, H}, opts) : at::Tensor();
+  if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_stack_cpu", [&] {
       if (lstm)
         cpu::stack_forward<LstmCell, scalar_t>(d, x, h0c, c0c, w, mask, saved);
       else
         cpu::stack_forward<GruCell, scalar_t>(d, x, h0c, c0c, w, mask, saved);
+      cpu::stack_outputs<scalar_t>(d, S, saved, output, h_n, c_n);
     });
   }
-  if (T == 0) {
-    return {at::empty({0, B, H}, opts), h0.clone(at::MemoryFormat::Contiguous),
-            lstm ? c0c.clone() : at::empty({0}, opts), saved};
-  }
-  at::Tensor output = saved.select(0, L - 1).narrow(2, 0, H).contiguous();
-  at::Tensor last = saved.select(1, T - 1);  // (L, B, S)
-  at::Tensor h_n = last.narrow(2, 0, H).contiguous();
-  at::Tensor c_n = lstm ? last.narrow(2, H, H).contiguous() : at::empty({0}, opts);
+  if (!lstm) c_n = at::empty({0}, opts);
   return {output, h_n, c_n, saved};
 }
 

@@ -55,60 +55,94 @@ inline void over_row(int64_t H, F&& f) {
   for (; j < H; ++j) f(ScalarLanes<T>{}, j);
 }
 
-// Y[m, :N] = X[m, :K] Wt (+ bias) for the rows m of X, with Wt a (K, N) matrix. While Wt fits
-// in L2 it is copied once per call into a (K, Np) block, Np a multiple of the vector width
-// padded with zeros (and the bias likewise), and each row is a run of vector FMAs with no
-// horizontal sums (linear_t_row): at the seeds' sizes (hidden 32, batch 32) this is several
-// times faster than BLAS, whose per-call cost dominates such products. Beyond, BLAS.
-// Y has row stride ldy >= padded(): the padding columns are written (zeros plus bias padding).
+// Y[m, :N] = X[m, :K] Wt (+ bias) for the rows m of X, with Wt a (K, N) matrix, by the cheapest
+// of four ways for the rows the call will multiply (`rows`, over all its time steps):
+//   kBlas    beyond L2 (K * N * sizeof(T) > 256 KiB): ATen's BLAS;
+//   kInPlace Wt row-major with N a whole number of vectors: each row a run of vector FMAs
+//            over Wt itself (linear_t_row), no horizontal sums and no copy;
+//   kDots    few rows (rows * 8 < K) and Wt the transpose of a row-major (N, K) weight: dot
+//            products over that weight (linear_nt), whose horizontal sums cost less than laying
+//            out the weight for so few rows (a decoder's one-step call at batch 1);
+//   kPacked  otherwise: Wt copied once per call into a (K, Np) block, Np padded to whole
+//            vectors with zeros (the bias likewise), then as kInPlace: at the seeds' sizes
+//            (hidden 32, batch 32) several times faster than BLAS, whose per-call cost
+//            dominates such products.
+// Y has row stride ldy == padded(): the padding columns are written (zeros plus bias padding).
 template <typename T>
 struct RowProduct {
   static constexpr int64_t kW = at::vec::Vectorized<T>::size();
+  enum Mode { kBlas, kInPlace, kDots, kPacked };
   int64_t K = 0, N = 0, Np = 0;
-  bool small = false;
-  std::vector<T> wt, bias;
+  Mode mode = kBlas;
+  const T* wt = nullptr;    // kInPlace, kPacked: (K, Np); kDots: the (N, K) weight, row stride ldw
+  const T* bias = nullptr;  // kInPlace, kDots: N entries; kPacked: Np entries
+  int64_t ldw = 0;
+  std::vector<T> packed, packed_bias;
   at::Tensor w_kn;  // (K, N) view of the weight for BLAS
   at::Tensor b;     // bias for BLAS, undefined when none
 
-  // w: the (K, N) matrix as a tensor (any strides), b: (N,) or undefined.
-  RowProduct(const at::Tensor& w, const at::Tensor& bias_t) : w_kn(w), b(bias_t) {
+  // w: the (K, N) matrix as a tensor (any strides), b: (N,) contiguous or undefined.
+  RowProduct(const at::Tensor& w, const at::Tensor& bias_t, int64_t rows) : w_kn(w), b(bias_t) {
     K = w.size(0);
     N = w.size(1);
     Np = (N + kW - 1) / kW * kW;
-    small = K * Np * static_cast<int64_t>(sizeof(T)) <= (256 << 10);
-    if (!small) return;
-    wt.assign(K * Np, T(0));
-    const at::Tensor wc = w.contiguous();
-    const T* src = wc.const_data_ptr<T>();
-    for (int64_t k = 0; k < K; ++k) std::copy(src + k * N, src + (k + 1) * N, wt.data() + k * Np);
-    if (bias_t.defined()) {
-      bias.assign(Np, T(0));
-      const T* bp = bias_t.const_data_ptr<T>();
-      std::copy(bp, bp + N, bias.data());
+    const T* src = w.const_data_ptr<T>();
+    const int64_t s0 = w.stride(0), s1 = w.stride(1);
+    const T* bp = bias_t.defined() ? bias_t.const_data_ptr<T>() : nullptr;
+    if (K * Np * static_cast<int64_t>(sizeof(T)) > (256 << 10)) {
+      mode = kBlas;
+    } else if (s1 == 1 && s0 == N && N == Np) {
+      mode = kInPlace;
+      wt = src;
+      bias = bp;
+    } else if (s0 == 1 && rows * 8 < K) {
+      mode = kDots;
+      wt = src;
+      ldw = s1;
+      bias = bp;
+      Np = N;
+    } else {
+      mode = kPacked;
+      packed.assign(K * Np, T(0));
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k) packed[k * Np + n] = src[k * s0 + n * s1];
+      wt = packed.data();
+      if (bp) {
+        packed_bias.assign(Np, T(0));
+        std::copy(bp, bp + N, packed_bias.data());
+        bias = packed_bias.data();
+      }
     }
   }
-  int64_t padded() const { return small ? Np : N; }
+  int64_t padded() const { return mode == kBlas ? N : Np; }
 
   // Y = X Wt (+ bias); X (M, K) with row stride ldx, Y (M, padded()) with row stride ldy.
   void operator()(const T* X, int64_t ldx, int64_t M, T* Y, int64_t ldy) const {
     if (M == 0) return;
-    if (small) {
-      const T* bp = bias.empty() ? nullptr : bias.data();
-      at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * Np)),
-                       [&](int64_t m0, int64_t m1) {
-                         for (int64_t m = m0; m < m1; ++m)
-                           linear_t_row<T>(X + m * ldx, K, wt.data(), Np, bp, Y + m * ldy,
-                                           false);
-                       });
-      return;
+    switch (mode) {
+      case kDots:
+        TORCH_INTERNAL_ASSERT(ldy == N);
+        linear_nt<T>(X, ldx, M, K, wt, ldw, N, bias, Y, false);
+        return;
+      case kInPlace:
+      case kPacked:
+        at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * Np)),
+                         [&](int64_t m0, int64_t m1) {
+                           for (int64_t m = m0; m < m1; ++m)
+                             linear_t_row<T>(X + m * ldx, K, wt, Np, bias, Y + m * ldy, false);
+                         });
+        return;
+      case kBlas: {
+        auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+        at::Tensor x = at::from_blob(const_cast<T*>(X), {M, K}, {ldx, 1}, opts);
+        at::Tensor y = at::from_blob(Y, {M, N}, {ldy, 1}, opts);
+        if (b.defined())
+          at::addmm_out(y, b, x, w_kn);
+        else
+          at::mm_out(y, x, w_kn);
+        return;
+      }
     }
-    auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-    at::Tensor x = at::from_blob(const_cast<T*>(X), {M, K}, {ldx, 1}, opts);
-    at::Tensor y = at::from_blob(Y, {M, N}, {ldy, 1}, opts);
-    if (b.defined())
-      at::addmm_out(y, b, x, w_kn);
-    else
-      at::mm_out(y, x, w_kn);
   }
 };
 
@@ -152,8 +186,9 @@ void stack_forward(const StackDims& d, const at::Tensor& input, const at::Tensor
     const at::Tensor& w_ih = stack_weight(weights, d, l, 0);
     const at::Tensor& w_hh = stack_weight(weights, d, l, 1);
     const at::Tensor none;
-    const RowProduct<T> in_proj(w_ih.t(), d.bias ? stack_weight(weights, d, l, 2) : none);
-    const RowProduct<T> hid_proj(w_hh.t(), d.bias ? stack_weight(weights, d, l, 3) : none);
+    const RowProduct<T> in_proj(w_ih.t(), d.bias ? stack_weight(weights, d, l, 2) : none, Ts * B);
+    const RowProduct<T> hid_proj(w_hh.t(), d.bias ? stack_weight(weights, d, l, 3) : none,
+                                 Ts * B);
     const int64_t ldi = in_proj.padded(), ldg = hid_proj.padded();
     gi.resize(Ts * B * ldi);
     gh.resize(B * ldg);
@@ -181,6 +216,28 @@ void stack_forward(const StackDims& d, const at::Tensor& input, const at::Tensor
       h = s;
       c = Cell::kHasCellState ? s + H : nullptr;
       ldh = S;
+    }
+  }
+}
+
+// The forward's outputs from `saved` (L, T, B, S): output (T, B, H), the top layer's h at every
+// step; h_n and c_n (L, B, H), every layer's last state (c_n undefined for the GRU). Plain row
+// copies: three ATen copies of strided views cost more than the step itself at batch 1.
+template <typename T>
+void stack_outputs(const StackDims& d, int64_t S, const at::Tensor& saved, at::Tensor& output,
+                   at::Tensor& h_n, at::Tensor& c_n) {
+  const int64_t L = d.layers, Ts = d.steps, B = d.batch, H = d.hidden;
+  const T* sv = saved.const_data_ptr<T>();
+  T* out = output.data_ptr<T>();
+  const T* top = sv + (L - 1) * Ts * B * S;
+  for (int64_t r = 0; r < Ts * B; ++r) std::copy(top + r * S, top + r * S + H, out + r * H);
+  T* hn = h_n.data_ptr<T>();
+  T* cn = c_n.defined() ? c_n.data_ptr<T>() : nullptr;
+  for (int64_t l = 0; l < L; ++l) {
+    const T* last = sv + ((l * Ts) + Ts - 1) * B * S;
+    for (int64_t b = 0; b < B; ++b) {
+      std::copy(last + b * S, last + b * S + H, hn + (l * B + b) * H);
+      if (cn) std::copy(last + b * S + H, last + b * S + 2 * H, cn + (l * B + b) * H);
     }
   }
 }
@@ -213,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     const at::Tensor& w_ih = stack_weight(weights, d, l, 0);
     const at::Tensor& w_hh = stack_weight(weights, d, l, 1);
     // dh_prev = dh_direct + dgh W_hh: W_hh is the (K, N) = (G, H) matrix of the product
-    const RowProduct<T> rec(w_hh, at::Tensor());
+    const RowProduct<T> rec(w_hh, at::Tensor(), Ts * B);
     const int64_t ldr = rec.padded();
     dh_rec.resize(B * ldr);
     const T* layer_saved = sv + l * Ts * B * S;

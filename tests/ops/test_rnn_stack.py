@@ -67,6 +67,11 @@ class TestRnnStack:
         (2, 1, 7, 13, 17, True, True),    # the decoder's one-step call, dropout between layers
         (3, 6, 5, 9, 33, False, True),    # no biases, hidden past a vector width
         (2, 11, 3, 40, 20, True, False),
+        # the per-step products' four ways (cpu/rnn_stack.h, RowProduct):
+        (2, 1, 1, 41, 9, True, False),    # one row, wide input: dot products over the weight
+        (2, 3, 4, 16, 32, True, True),    # hidden a whole number of vectors: the weight in place
+        (2, 2, 9, 7, 11, False, False),   # many rows, odd hidden: the weight laid out padded
+        (2, 2, 3, 150, 130, True, False),  # beyond L2: BLAS
     ])
     def test_matches_reference(self, cell, layers, steps, batch, in_size, hidden, bias, mask,
                                dtype, device):
