@@ -230,6 +230,11 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
     const bool has_mask = ctx->saved_data["has_mask"].toBool();
     const bool lstm = cell == "lstm";
     const std::vector<at::Tensor> weights(keep.begin() + 5, keep.end());
+    // Without create_graph nothing records the backward: skip autograd's not-implemented
+    // fallback (boxed, a large share of a small call). With it, the fallback stays and a double
+    // backward raises as for any op without a derivative formula.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+    if (!at::GradMode::is_enabled()) below.emplace();
     auto [grad_input, grad_h0, grad_c0, grad_w] = stack_backward_op().call(
         cell, opt(grads[0]), opt(grads[1]), lstm ? opt(grads[2]) : std::nullopt, keep[0], keep[1],
         opt(keep[2]), weights, opt(keep[3]), keep[4]);

@@ -12,7 +12,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../rnn_cells.h"
@@ -242,38 +244,98 @@ void stack_outputs(const StackDims& d, int64_t S, const at::Tensor& saved, at::T
   }
 }
 
+// out (N, K) += A^T X over M rows: A (M, N) with row stride lda, X (M, K) with row stride ldx,
+// out contiguous. The weight gradients of the backward. Small products (the seeds' sizes) as
+// rank-one updates, one vector of out per FMA and no horizontal sums; large ones through BLAS.
+template <typename T>
+void add_at_x(const T* A, int64_t lda, const T* X, int64_t ldx, int64_t M, int64_t N, int64_t K,
+              T* out) {
+  if (M == 0 || N == 0 || K == 0) return;
+  if (M * N * K >= (int64_t(1) << 18)) {
+    auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    at::Tensor a = at::from_blob(const_cast<T*>(A), {M, N}, {lda, 1}, opts);
+    at::Tensor x = at::from_blob(const_cast<T*>(X), {M, K}, {ldx, 1}, opts);
+    at::from_blob(out, {N, K}, opts).addmm_(a.t(), x);
+    return;
+  }
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  // NB rows of out at a time, one vector of each in a register over all M rows: NB
+  // independent FMA chains sharing each load of X
+  auto block = [&](auto nb, int64_t n) {
+    constexpr int NB = decltype(nb)::value;
+    for (int64_t k = 0; k < K; k += W) {
+      const int64_t kw = std::min<int64_t>(W, K - k);
+      Vec acc[NB];
+      for (int i = 0; i < NB; ++i) acc[i] = Vec::loadu(out + (n + i) * K + k, kw);
+      for (int64_t m = 0; m < M; ++m) {
+        const Vec xv = Vec::loadu(X + m * ldx + k, kw);
+        const T* a = A + m * lda + n;
+        for (int i = 0; i < NB; ++i) acc[i] = at::vec::fmadd(Vec(a[i]), xv, acc[i]);
+      }
+      for (int i = 0; i < NB; ++i) acc[i].store(out + (n + i) * K + k, kw);
+    }
+  };
+  const int64_t blocks = (N + 3) / 4;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, M * K)),
+                   [&](int64_t q0, int64_t q1) {
+                     for (int64_t q = q0; q < q1; ++q) {
+                       const int64_t n = 4 * q;
+                       if (n + 4 <= N) {
+                         block(std::integral_constant<int, 4>{}, n);
+                       } else {
+                         for (int64_t r = n; r < N; ++r) block(std::integral_constant<int, 1>{}, r);
+                       }
+                     }
+                   });
+}
+
+// out[n] += sum over the M rows of A (M, N), row stride lda: a bias gradient.
+template <typename T>
+void add_column_sums(const T* A, int64_t lda, int64_t M, int64_t N, T* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const T* a = A + m * lda;
+    for (int64_t n = 0; n < N; ++n) out[n] += a[n];
+  }
+}
+
 // Backward. grad_output (T, B, H) and grad_hn, grad_cn (L, B, H): contiguous or undefined (no
 // gradient). Returns (grad_input, grad_h0, grad_c0 (undefined for the GRU), weight gradients in
-// the order of `weights`).
+// the order of `weights`). Per layer, top down: the steps in reverse (the cell's backward and
+// the product with W_hh per step), then the weight gradients and the gradient of the layer's
+// input over all steps at once; no ATen operator runs below BLAS sizes (at batch 32 and hidden
+// 32 their per-call costs were most of the backward).
 template <class Cell, typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_backward(
     const StackDims& d, const at::Tensor& grad_output, const at::Tensor& grad_hn,
     const at::Tensor& grad_cn, const at::Tensor& input, const at::Tensor& h0,
     const at::Tensor& c0, at::TensorList weights, const at::Tensor& mask,
     const at::Tensor& saved) {
-  const int64_t L = d.layers, Ts = d.steps, B = d.batch, H = d.hidden;
+  const int64_t L = d.layers, Ts = d.steps, B = d.batch, H = d.hidden, M = Ts * B;
   const int64_t G = Cell::kGates * H, S = Cell::kSaved * H;
   constexpr bool kLstm = Cell::kHasCellState;
   auto opts = input.options();
+  at::Tensor grad_input = at::empty({Ts, B, d.input}, opts);
   at::Tensor grad_h0 = at::empty({L, B, H}, opts);
   at::Tensor grad_c0 = kLstm ? at::empty({L, B, H}, opts) : at::Tensor();
   std::vector<at::Tensor> grad_w(weights.size());
-  // dy: the gradient reaching this layer's output, (T, B, H)
-  at::Tensor dy = grad_output.defined() ? grad_output.clone(at::MemoryFormat::Contiguous)
-                                        : at::zeros({Ts, B, H}, opts);
-  at::Tensor dgi = at::empty({Ts * B, G}, opts);
-  at::Tensor dgh = kLstm ? dgi : at::empty({Ts * B, G}, opts);
-  at::Tensor grad_input;
+  for (size_t k = 0; k < weights.size(); ++k) grad_w[k] = at::zeros_like(weights[k]);
   const T* sv = saved.const_data_ptr<T>();
+  const T* msk = mask.defined() ? mask.const_data_ptr<T>() : nullptr;
+  // dy: the gradient reaching this layer's output (M, H), null when there is none
+  const T* dy = grad_output.defined() ? grad_output.const_data_ptr<T>() : nullptr;
+  std::vector<T> dgi(M * G), dgh(kLstm ? 0 : M * G), dy_below, dx, x_dropped;
+  T* dgh_p = kLstm ? dgi.data() : dgh.data();
   std::vector<T> dh(B * H), dc(kLstm ? B * H : 0), dh_direct(B * H), dh_rec;
   for (int64_t l = L - 1; l >= 0; --l) {
     const at::Tensor& w_ih = stack_weight(weights, d, l, 0);
     const at::Tensor& w_hh = stack_weight(weights, d, l, 1);
+    const int64_t K = l == 0 ? d.input : H;
     // dh_prev = dh_direct + dgh W_hh: W_hh is the (K, N) = (G, H) matrix of the product
-    const RowProduct<T> rec(w_hh, at::Tensor(), Ts * B);
+    const RowProduct<T> rec(w_hh, at::Tensor(), M);
     const int64_t ldr = rec.padded();
     dh_rec.resize(B * ldr);
-    const T* layer_saved = sv + l * Ts * B * S;
+    const T* layer_saved = sv + l * M * S;
     if (grad_hn.defined()) {
       const T* p = grad_hn.const_data_ptr<T>() + l * B * H;
       std::copy(p, p + B * H, dh.begin());
@@ -288,9 +350,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
         std::fill(dc.begin(), dc.end(), T(0));
       }
     }
-    const T* dyp = dy.const_data_ptr<T>();
-    T* dgi_p = dgi.data_ptr<T>();
-    T* dgh_p = dgh.data_ptr<T>();
     const T* h0l = h0.const_data_ptr<T>() + l * B * H;
     const T* c0l = kLstm ? c0.const_data_ptr<T>() + l * B * H : nullptr;
     for (int64_t t = Ts - 1; t >= 0; --t) {
@@ -298,9 +357,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       const T* hp = t > 0 ? layer_saved + (t - 1) * B * S : h0l;
       const int64_t ldh = t > 0 ? S : H;
       const T* cp = kLstm ? (t > 0 ? layer_saved + (t - 1) * B * S + H : c0l) : nullptr;
-      for (int64_t k = 0; k < B * H; ++k) dh[k] += dyp[t * B * H + k];
+      if (dy)
+        for (int64_t k = 0; k < B * H; ++k) dh[k] += dy[t * B * H + k];
       for (int64_t b = 0; b < B; ++b) {
-        T* dgib = dgi_p + (t * B + b) * G;
+        T* dgib = dgi.data() + (t * B + b) * G;
         T* dghb = dgh_p + (t * B + b) * G;
         over_row<T>(H, [&](auto lanes, int64_t j) {
           using Lanes = decltype(lanes);
@@ -318,34 +378,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     }
     std::copy(dh.begin(), dh.end(), grad_h0.data_ptr<T>() + l * B * H);
     if (kLstm) std::copy(dc.begin(), dc.end(), grad_c0.data_ptr<T>() + l * B * H);
-    // whole-sequence products: the weight and bias gradients, the input's gradient
-    const at::Tensor saved_l = saved.select(0, l);  // (T, B, S*H)
-    at::Tensor x;  // this layer's input (T*B, K)
+    // this layer's input (M, K): the input, or the layer below's output (times its mask)
+    const T* x;
+    int64_t ldx;
+    const T* layer_mask = msk && l > 0 ? msk + (l - 1) * M * H : nullptr;
     if (l == 0) {
-      x = input.reshape({Ts * B, d.input});
+      x = input.const_data_ptr<T>();
+      ldx = d.input;
+    } else if (layer_mask) {
+      x_dropped.resize(M * H);
+      const T* below = sv + (l - 1) * M * S;
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t j = 0; j < H; ++j) x_dropped[r * H + j] = below[r * S + j] * layer_mask[r * H + j];
+      x = x_dropped.data();
+      ldx = H;
     } else {
-      x = saved.select(0, l - 1).narrow(2, 0, H).reshape({Ts * B, H});
-      if (mask.defined()) x = x * mask.select(0, l - 1).reshape({Ts * B, H});
+      x = sv + (l - 1) * M * S;
+      ldx = S;
     }
-    at::Tensor h_prevs =
-        Ts > 0 ? at::cat({h0.select(0, l).unsqueeze(0), saved_l.narrow(0, 0, Ts - 1).narrow(2, 0, H)},
-                         0)
-                     .reshape({Ts * B, H})
-               : at::empty({0, H}, opts);
+    if (M == 0) continue;
     const int64_t base = (d.bias ? 4 : 2) * l;
-    grad_w[base] = at::mm(dgi.t(), x);
-    grad_w[base + 1] = at::mm(dgh.t(), h_prevs);
+    add_at_x<T>(dgi.data(), G, x, ldx, M, G, K, grad_w[base].data_ptr<T>());
+    // W_hh's gradient: the previous hidden state of step t is h0 for t = 0, else row t - 1
+    T* gw_hh = grad_w[base + 1].data_ptr<T>();
+    add_at_x<T>(dgh_p, G, h0l, H, B, G, H, gw_hh);
+    add_at_x<T>(dgh_p + B * G, G, layer_saved, S, M - B, G, H, gw_hh);
     if (d.bias) {
-      grad_w[base + 2] = dgi.sum(0);
-      grad_w[base + 3] = dgh.sum(0);
+      add_column_sums<T>(dgi.data(), G, M, G, grad_w[base + 2].data_ptr<T>());
+      add_column_sums<T>(dgh_p, G, M, G, grad_w[base + 3].data_ptr<T>());
     }
-    at::Tensor dx = at::mm(dgi, w_ih);  // (T*B, K)
+    // the input's gradient dgi W_ih: W_ih is the (K, N) = (G, K) matrix of the product
+    const RowProduct<T> back_in(w_ih, at::Tensor(), M);
+    const int64_t ldd = back_in.padded();
+    if (l == 0 && ldd == K) {
+      back_in(dgi.data(), G, M, grad_input.data_ptr<T>(), ldd);
+      continue;
+    }
+    dx.resize(M * ldd);
+    back_in(dgi.data(), G, M, dx.data(), ldd);
+    T* dst;
     if (l == 0) {
-      grad_input = dx.view({Ts, B, d.input});
+      dst = grad_input.data_ptr<T>();
     } else {
-      if (mask.defined()) dx.mul_(mask.select(0, l - 1).reshape({Ts * B, H}));
-      dy = dx.view({Ts, B, H});
+      dy_below.resize(M * H);
+      dst = dy_below.data();
     }
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t j = 0; j < K; ++j)
+        dst[r * K + j] = dx[r * ldd + j] * (layer_mask ? layer_mask[r * H + j] : T(1));
+    dy = dy_below.data();
   }
   return {grad_input, grad_h0, grad_c0, grad_w};
 }
