@@ -1,11 +1,18 @@
-// The recurrent cells of the stack ops (gru_stack, lstm_stack): nn.GRU's and nn.LSTM's pointwise
-// equations, forward and backward, written once for every lane type.
+// The recurrent cells: nn.GRU's and nn.LSTM's pointwise equations, forward and backward, written
+// once for every device and lane type. Every kernel with a cell in it computes through these:
+// rnn_stack (CPU and CUDA, forward and backward), the decoders' steps and greedy loops
+// (cpu/cells.h's row update, cuda/cells.cuh's unit) and the GRU sequence layer's forward.
 //
 // A cell sees one element j of a row of B rows at a time through a lane policy `L` (a scalar on
-// a GPU thread or in a CPU loop's tail, an at::vec::Vectorized<T> in a CPU loop's body):
+// a GPU thread or in a CPU loop's tail, an at::vec::Vectorized<T> in a CPU loop's body; the
+// policies are in cpu/cells.h and cuda/cells.cuh):
 //   L::V            the lane type;       L::load(p), L::store(v, p);
-//   L::sigmoid(v),  L::tanh(v),          L::one().
+//   L::sigmoid(v),  L::tanh(v),          L::one();
+//   L::blend(n, z, h)  n + z * (h - n), rounded after each operation (the GRU's new state).
 // Pointers point at element j of the row; offsets in multiples of H select a gate.
+//
+// `gates` returns the activations of one element (the new state first); `forward` stores them
+// as a row of `saved`; `backward` is the derivative, from a row of `saved`.
 //
 // A row of `saved` (width kSaved * H) keeps what the backward needs: the new hidden state first
 // (the layer's output), then for the LSTM the new cell state, then the gate activations.
@@ -25,22 +32,38 @@ struct GruCell {
   static constexpr bool kHasCellState = false;
   static constexpr const char* kName = "gru";
 
+  template <class V>
+  struct Act {
+    V h, r, z, n, ghn;  // h: the new state; ghn: W_hn h + b_hn
+  };
+
   // gi, gh: the input-side and hidden-side gate pre-activations (each with its bias); h: the
-  // previous state; c: unused. Writes the row of `saved`.
+  // previous state; c: unused.
+  template <class L>
+  C10_HOST_DEVICE static Act<typename L::V> gates(const typename L::scalar* gi,
+                                                  const typename L::scalar* gh,
+                                                  const typename L::scalar* h,
+                                                  const typename L::scalar*, int64_t H) {
+    Act<typename L::V> a;
+    a.r = L::sigmoid(L::load(gi) + L::load(gh));
+    a.z = L::sigmoid(L::load(gi + H) + L::load(gh + H));
+    a.ghn = L::load(gh + 2 * H);
+    a.n = L::tanh(L::load(gi + 2 * H) + a.r * a.ghn);
+    a.h = L::blend(a.n, a.z, L::load(h));
+    return a;
+  }
+
+  // gates(), stored as the row of `saved`.
   template <class L>
   C10_HOST_DEVICE static void forward(const typename L::scalar* gi, const typename L::scalar* gh,
-                                      const typename L::scalar* h, const typename L::scalar*,
+                                      const typename L::scalar* h, const typename L::scalar* c,
                                       typename L::scalar* s, int64_t H) {
-    using V = typename L::V;
-    const V r = L::sigmoid(L::load(gi) + L::load(gh));
-    const V z = L::sigmoid(L::load(gi + H) + L::load(gh + H));
-    const V ghn = L::load(gh + 2 * H);
-    const V n = L::tanh(L::load(gi + 2 * H) + r * ghn);
-    L::store(n + z * (L::load(h) - n), s);
-    L::store(r, s + H);
-    L::store(z, s + 2 * H);
-    L::store(n, s + 3 * H);
-    L::store(ghn, s + 4 * H);
+    const auto a = gates<L>(gi, gh, h, c, H);
+    L::store(a.h, s);
+    L::store(a.r, s + H);
+    L::store(a.z, s + 2 * H);
+    L::store(a.n, s + 3 * H);
+    L::store(a.ghn, s + 4 * H);
   }
 
   // dh: the gradient reaching h' (in); h: the previous state; s: the row of `saved`.
@@ -77,22 +100,39 @@ struct LstmCell {
   static constexpr bool kHasCellState = true;
   static constexpr const char* kName = "lstm";
 
+  template <class V>
+  struct Act {
+    V h, c, i, f, g, o;  // h, c: the new states
+  };
+
+  // gi, gh: the input-side and hidden-side gate pre-activations (each with its bias); c: the
+  // previous cell state (the previous h enters through gh only).
+  template <class L>
+  C10_HOST_DEVICE static Act<typename L::V> gates(const typename L::scalar* gi,
+                                                  const typename L::scalar* gh,
+                                                  const typename L::scalar*,
+                                                  const typename L::scalar* c, int64_t H) {
+    Act<typename L::V> a;
+    a.i = L::sigmoid(L::load(gi) + L::load(gh));
+    a.f = L::sigmoid(L::load(gi + H) + L::load(gh + H));
+    a.g = L::tanh(L::load(gi + 2 * H) + L::load(gh + 2 * H));
+    a.o = L::sigmoid(L::load(gi + 3 * H) + L::load(gh + 3 * H));
+    a.c = a.f * L::load(c) + a.i * a.g;
+    a.h = a.o * L::tanh(a.c);
+    return a;
+  }
+
   template <class L>
   C10_HOST_DEVICE static void forward(const typename L::scalar* gi, const typename L::scalar* gh,
-                                      const typename L::scalar*, const typename L::scalar* c,
+                                      const typename L::scalar* h, const typename L::scalar* c,
                                       typename L::scalar* s, int64_t H) {
-    using V = typename L::V;
-    const V i = L::sigmoid(L::load(gi) + L::load(gh));
-    const V f = L::sigmoid(L::load(gi + H) + L::load(gh + H));
-    const V g = L::tanh(L::load(gi + 2 * H) + L::load(gh + 2 * H));
-    const V o = L::sigmoid(L::load(gi + 3 * H) + L::load(gh + 3 * H));
-    const V cn = f * L::load(c) + i * g;
-    L::store(o * L::tanh(cn), s);
-    L::store(cn, s + H);
-    L::store(i, s + 2 * H);
-    L::store(f, s + 3 * H);
-    L::store(g, s + 4 * H);
-    L::store(o, s + 5 * H);
+    const auto a = gates<L>(gi, gh, h, c, H);
+    L::store(a.h, s);
+    L::store(a.c, s + H);
+    L::store(a.i, s + 2 * H);
+    L::store(a.f, s + 3 * H);
+    L::store(a.g, s + 4 * H);
+    L::store(a.o, s + 5 * H);
   }
 
   // dh: the gradient reaching h'; dc: in, the gradient reaching c' from the next step; out, the

@@ -1,14 +1,11 @@
-// The recurrent cells of the CPU kernels, one interface for nn.GRU and nn.LSTM (the model is
-// PyTorch's RNN.cpp: a Cell, a layer over a cell, a stack of layers). A cell has
+// The recurrent cells on the CPU: the lane policies under which the equations of rnn_cells.h run
+// on AVX vectors and scalars, and the row update through which the decoders (decoder.h) and the
+// GRU sequence layer (layer.h) use a cell (the model is PyTorch's RNN.cpp: a Cell, a layer over a
+// cell, a stack of layers). A cell here has
 //   kGates  gate blocks of H pre-activations per row, in its module's gate order;
-//   kParts  state parts of H values per row: part 0 is the hidden state h (the layer's output,
-//           the next layer's input, the input of the output projection); the LSTM's part 1 is
+//   kParts  state parts of H values per row: part 0 is the hidden state h; the LSTM's part 1 is
 //           its cell state c;
-//   update  the pointwise step: from the input-side and hidden-side pre-activations gi, gh
-//           ((B, kGates * H), rows of stride ldg, each already holding its bias) and the
-//           previous state parts (rows of stride ldp) to the next state parts (rows of stride
-//           ldn); a GRU cell can also save what its backward needs.
-// The decoders (decoder.h) and the sequence layer (gru_layer.cpp) are written over this interface.
+//   update  the pointwise step over B rows.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,6 +14,8 @@
 
 #include <array>
 #include <cmath>
+
+#include "../rnn_cells.h"
 
 namespace seq2seq_ext {
 namespace cpu {
@@ -56,95 +55,99 @@ inline void for_rows(int64_t B, int64_t H, const F& f) {
   });
 }
 
-// nn.GRU's cell, gate order (r, z, n), b_hn inside the reset product (it is part of gh):
-//   r = s(gi_r + gh_r), z = s(gi_z + gh_z), n = tanh(gi_n + r * gh_n), h' = (1 - z) n + z h.
-// When `saved` is given it receives (B, 4H) = [r, z, n, gh_n] for the backward.
+// The cells' lane policies on the CPU (rnn_cells.h): AVX lanes for the body of a row, scalars
+// for its tail.
+template <typename T>
+struct VecLanes {
+  using scalar = T;
+  using V = at::vec::Vectorized<T>;
+  static V load(const T* p) { return V::loadu(p); }
+  static void store(const V& v, T* p) { v.store(p); }
+  static V one() { return V(T(1)); }
+  static V sigmoid(const V& x) { return vsigmoid(x); }
+  static V tanh(const V& x) { return vtanh(x); }
+  static V blend(const V& n, const V& z, const V& h) { return n + z * (h - n); }
+};
+
+template <typename T>
+struct ScalarLanes {
+  using scalar = T;
+  using V = T;
+  static T load(const T* p) { return *p; }
+  static void store(T v, T* p) { *p = v; }
+  static T one() { return T(1); }
+  static T sigmoid(T x) { return cpu::sigmoid(x); }
+  static T tanh(T x) { return std::tanh(x); }
+  static T blend(T n, T z, T h) { return n + z * (h - n); }
+};
+
+// Applies f(lanes, j) over j in [0, H): vectors first, then scalars.
+template <typename T, typename F>
+inline void over_row(int64_t H, F&& f) {
+  constexpr int64_t W = at::vec::Vectorized<T>::size();
+  int64_t j = 0;
+  for (; j + W <= H; j += W) f(VecLanes<T>{}, j);
+  for (; j < H; ++j) f(ScalarLanes<T>{}, j);
+}
+
+// The decoders' and the GRU sequence layer's view of a cell: `update` runs the cell's equations
+// (rnn_cells.h) over B rows, from the input-side and hidden-side pre-activations gi, gh ((B,
+// kGates * H), rows of stride ldg, each already holding its bias) and the previous state parts
+// (rows of stride ldp) to the next state parts (rows of stride ldn).
+
+// nn.GRU, gate order (r, z, n). When `saved` is given it receives (B, 4H) = [r, z, n, gh_n],
+// what the GRU layer's backward reads.
 struct GruCell {
-  static constexpr int kGates = 3;
+  using Equations = seq2seq_ext::GruCell;
+  static constexpr int kGates = Equations::kGates;
   static constexpr int kParts = 1;
   static constexpr int kSaved = 4;  // r, z, n, gh_n
 
   template <typename T>
   static void update(const T* gi, const T* gh, int64_t ldg, Parts<const T, 1> prev, int64_t ldp,
                      Parts<T, 1> next, int64_t ldn, int64_t B, int64_t H, T* saved = nullptr) {
-    using Vec = at::vec::Vectorized<T>;
-    constexpr int64_t W = Vec::size();
     for_rows(B, H, [&](int64_t b) {
       const T* a = gi + b * ldg;
       const T* c = gh + b * ldg;
       const T* hp = prev[0] + b * ldp;
       T* o = next[0] + b * ldn;
       T* s = saved ? saved + b * 4 * H : nullptr;
-      int64_t j = 0;
-      for (; j + W <= H; j += W) {
-        const Vec r = vsigmoid(Vec::loadu(a + j) + Vec::loadu(c + j));
-        const Vec z = vsigmoid(Vec::loadu(a + H + j) + Vec::loadu(c + H + j));
-        const Vec ghn = Vec::loadu(c + 2 * H + j);
-        const Vec n = vtanh(Vec::loadu(a + 2 * H + j) + r * ghn);
-        (n + z * (Vec::loadu(hp + j) - n)).store(o + j);
+      over_row<T>(H, [&](auto lanes, int64_t j) {
+        using L = decltype(lanes);
+        const auto v = Equations::gates<L>(a + j, c + j, hp + j, nullptr, H);
+        L::store(v.h, o + j);
         if (s) {
-          r.store(s + j);
-          z.store(s + H + j);
-          n.store(s + 2 * H + j);
-          ghn.store(s + 3 * H + j);
+          L::store(v.r, s + j);
+          L::store(v.z, s + H + j);
+          L::store(v.n, s + 2 * H + j);
+          L::store(v.ghn, s + 3 * H + j);
         }
-      }
-      for (; j < H; ++j) {
-        const T r = sigmoid(a[j] + c[j]);
-        const T z = sigmoid(a[H + j] + c[H + j]);
-        const T ghn = c[2 * H + j];
-        const T n = std::tanh(a[2 * H + j] + r * ghn);
-        o[j] = n + z * (hp[j] - n);
-        if (s) {
-          s[j] = r;
-          s[H + j] = z;
-          s[2 * H + j] = n;
-          s[3 * H + j] = ghn;
-        }
-      }
+      });
     });
   }
 };
 
-// nn.LSTM's cell, gate order (i, f, g, o); state parts (h, c):
-//   i = s(gi_i + gh_i), f = s(gi_f + gh_f), g = tanh(gi_g + gh_g), o = s(gi_o + gh_o),
-//   c' = f c + i g, h' = o tanh(c').
-// The previous h enters through gh only: the pass reads the previous c. (A sequence layer over
-// this cell, layer.h, would add what its backward needs: kSaved and a `saved` output.)
+// nn.LSTM, gate order (i, f, g, o); state parts (h, c).
 struct LstmCell {
-  static constexpr int kGates = 4;
+  using Equations = seq2seq_ext::LstmCell;
+  static constexpr int kGates = Equations::kGates;
   static constexpr int kParts = 2;
 
   template <typename T>
   static void update(const T* gi, const T* gh, int64_t ldg, Parts<const T, 2> prev, int64_t ldp,
                      Parts<T, 2> next, int64_t ldn, int64_t B, int64_t H) {
-    using Vec = at::vec::Vectorized<T>;
-    constexpr int64_t W = Vec::size();
     for_rows(B, H, [&](int64_t b) {
       const T* a = gi + b * ldg;
       const T* r = gh + b * ldg;
       const T* cp = prev[1] + b * ldp;
       T* ho = next[0] + b * ldn;
       T* co = next[1] + b * ldn;
-      int64_t j = 0;
-      for (; j + W <= H; j += W) {
-        const Vec i = vsigmoid(Vec::loadu(a + j) + Vec::loadu(r + j));
-        const Vec f = vsigmoid(Vec::loadu(a + H + j) + Vec::loadu(r + H + j));
-        const Vec g = vtanh(Vec::loadu(a + 2 * H + j) + Vec::loadu(r + 2 * H + j));
-        const Vec o = vsigmoid(Vec::loadu(a + 3 * H + j) + Vec::loadu(r + 3 * H + j));
-        const Vec cn = f * Vec::loadu(cp + j) + i * g;
-        cn.store(co + j);
-        (o * vtanh(cn)).store(ho + j);
-      }
-      for (; j < H; ++j) {
-        const T i = sigmoid(a[j] + r[j]);
-        const T f = sigmoid(a[H + j] + r[H + j]);
-        const T g = std::tanh(a[2 * H + j] + r[2 * H + j]);
-        const T o = sigmoid(a[3 * H + j] + r[3 * H + j]);
-        const T cn = f * cp[j] + i * g;
-        co[j] = cn;
-        ho[j] = o * std::tanh(cn);
-      }
+      over_row<T>(H, [&](auto lanes, int64_t j) {
+        using L = decltype(lanes);
+        const auto v = Equations::gates<L>(a + j, r + j, nullptr, cp + j, H);
+        L::store(v.c, co + j);
+        L::store(v.h, ho + j);
+      });
     });
   }
 };

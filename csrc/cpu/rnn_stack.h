@@ -1,11 +1,11 @@
-// The CPU kernels of the stack ops (gru_stack, lstm_stack and their backward), one template over
-// the cell (csrc/rnn_cells.h): L layers over T steps, each layer's input projection over all T
-// steps one product, then per step one product with W_hh and one pointwise pass of the cell.
+// The CPU kernels of rnn_stack and rnn_stack_backward, one template over the cell's equations
+// (csrc/rnn_cells.h, under the lane policies of cells.h): L layers over T steps, each layer's
+// input projection over all T steps one product, then per step one product with W_hh and one
+// pointwise pass of the cell.
 //
 // Sizes here are what the seeds' models use (a batch of 1 to 128 rows, hidden 32 to 512): the
-// per-step products go through RowProduct (a weight laid out once per call for vector loops
-// without horizontal sums while it fits in L2, BLAS beyond), and the whole-sequence products of
-// the backward through ATen.
+// products go through RowProduct and add_at_x, which pick loops of vector FMAs without ATen at
+// small sizes (where an ATen call's fixed cost exceeds the arithmetic) and BLAS beyond.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,38 +24,6 @@
 
 namespace seq2seq_ext {
 namespace cpu {
-
-// Lane policies for the cells: AVX lanes for the body of a row, scalars for its tail.
-template <typename T>
-struct VecLanes {
-  using scalar = T;
-  using V = at::vec::Vectorized<T>;
-  static V load(const T* p) { return V::loadu(p); }
-  static void store(const V& v, T* p) { v.store(p); }
-  static V one() { return V(T(1)); }
-  static V sigmoid(const V& x) { return vsigmoid(x); }
-  static V tanh(const V& x) { return vtanh(x); }
-};
-
-template <typename T>
-struct ScalarLanes {
-  using scalar = T;
-  using V = T;
-  static T load(const T* p) { return *p; }
-  static void store(T v, T* p) { *p = v; }
-  static T one() { return T(1); }
-  static T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
-  static T tanh(T x) { return std::tanh(x); }
-};
-
-// Applies f(lanes_tag, j) over j in [0, H): vectors first, then scalars.
-template <typename T, typename F>
-inline void over_row(int64_t H, F&& f) {
-  constexpr int64_t W = at::vec::Vectorized<T>::size();
-  int64_t j = 0;
-  for (; j + W <= H; j += W) f(VecLanes<T>{}, j);
-  for (; j < H; ++j) f(ScalarLanes<T>{}, j);
-}
 
 // Y[m, :N] = X[m, :K] Wt (+ bias) for the rows m of X, with Wt a (K, N) matrix, by the cheapest
 // of four ways for the rows the call will multiply (`rows`, over all its time steps):

@@ -34,7 +34,7 @@
 #include "../checks.h"
 #include "../rnn_cells.h"
 #include "../rnn_stack.h"
-#include "device_math.cuh"
+#include "cells.cuh"
 
 namespace seq2seq_ext {
 namespace {
@@ -43,17 +43,7 @@ constexpr int kThreads = 128;
 constexpr int64_t kMaxGridX = 1 << 16;
 constexpr int64_t kMaxGridY = 65535;
 
-// The cells' lane policy on a GPU thread: one scalar, computed in the tensor's dtype.
-template <typename T>
-struct DeviceLanes {
-  using scalar = T;
-  using V = T;
-  static C10_DEVICE T load(const T* p) { return *p; }
-  static C10_DEVICE void store(T v, T* p) { *p = v; }
-  static C10_DEVICE T one() { return T(1); }
-  static C10_DEVICE T sigmoid(T x) { return dev_sigmoid(x); }
-  static C10_DEVICE T tanh(T x) { return dev_tanh(x); }
-};
+using cuda::DeviceLanes;
 
 // One step of one layer for B rows. gi: the step's input-side pre-activations (B, G)
 // contiguous; gh: the hidden-side ones (B, G) contiguous; h, c: the previous hidden and cell
