@@ -20,8 +20,17 @@ dropout, float32 / float64 on the CPU      bfloat16 under ``torch.autocast``), d
 (and CUDA when built with it), grad mode   the kernel, the reference backend
 on or off, ``torch.compile``, DDP          (``seq2seq_ext.set_backend("reference")``), and any
                                            input whose shapes ``nn.GRU`` would reject (so that
-                                           its error is raised)
+                                           its error is raised), and a float32 ``LSTM`` on the
+                                           CPU with ``hidden_size >= 128`` over more than one
+                                           time step (see below)
 =========================================  ===================================================
+
+PyTorch's CPU ``nn.LSTM`` runs float32 on oneDNN's fused RNN, whose products over a whole
+sequence reach a higher rate than the per-step BLAS products of ``rnn_stack`` once the hidden
+size makes them GEMM-bound (at hidden 128 and above; benchmarks/RESULTS.md): there the drop-in
+LSTM hands a sequence to PyTorch, and keeps the fused op for one-step calls (a decoder's step in
+a Python loop), whose per-call cost it cuts. ``nn.GRU`` has no oneDNN path: the GRU always runs
+fused.
 
 Dropout between layers keeps a unit when a uniform sample from the default generator falls
 below ``1 - p``, so the masks differ from those ``nn.GRU`` / ``nn.LSTM`` would draw for the same
@@ -35,6 +44,19 @@ from . import _C, ops
 __all__ = ["GRU", "LSTM", "accelerate", "fused_forward"]
 
 _FLOATS = (torch.float32, torch.float64)
+
+
+# hidden sizes from which PyTorch's oneDNN LSTM beats rnn_stack over a sequence (float32, CPU)
+_ONEDNN_LSTM_HIDDEN = 128
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def _onednn_lstm_faster(module, cell, input):
+    """True where PyTorch's own CPU LSTM (oneDNN) is the faster path (see the module docstring)."""
+    return (cell == "lstm" and _ONEDNN and module.hidden_size >= _ONEDNN_LSTM_HIDDEN
+            and input.dtype == torch.float32 and input.device.type == "cpu"
+            and input.dim() in (2, 3)
+            and input.shape[1 if module.batch_first and input.dim() == 3 else 0] > 1)
 
 
 def _fused_ok(module, input):
@@ -109,7 +131,8 @@ def _forward(module, cell, input, hx, torch_masks=False):
     every token); traced calls and calls under a torch function mode take :func:`_run`, the
     same in Python through ``torch.ops``."""
     if (type(input) is not torch.Tensor or module.bidirectional
-            or getattr(module, "proj_size", 0) or ops.get_backend() != "ext"):
+            or getattr(module, "proj_size", 0) or ops.get_backend() != "ext"
+            or _onednn_lstm_faster(module, cell, input)):
         return None
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
         return _run(module, cell, input, hx, torch_masks) if _fused_ok(module, input) else None

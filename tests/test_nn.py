@@ -218,6 +218,27 @@ class TestFallbacks:
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         assert op_calls == []
 
+    @pytest.mark.parametrize("cell,dtype,steps,batch_first,fused", [
+        ("lstm", torch.float32, 3, False, False),  # a sequence: PyTorch's oneDNN LSTM
+        ("lstm", torch.float32, 3, True, False),
+        ("lstm", torch.float32, 1, True, True),    # a decoder's one-step call stays fused
+        ("lstm", torch.float64, 3, False, True),   # no oneDNN path in float64
+        ("gru", torch.float32, 3, False, True),    # nn.GRU has no oneDNN path
+    ])
+    def test_large_lstm_sequence_runs_onednn(self, cell, dtype, steps, batch_first, fused,
+                                             op_calls):
+        hidden = snn._ONEDNN_LSTM_HIDDEN
+        ref, new = pair(cell, 8, hidden, 2, batch_first=batch_first, dtype=dtype)
+        shape = (2, steps, 8) if batch_first else (steps, 2, 8)
+        x = torch.randn(shape, dtype=dtype)
+        got, want = new(x)[0], ref(x)[0]
+        torch.testing.assert_close(got, want, **gru_tol(dtype))
+        assert op_calls == ([cell] if fused or not snn._ONEDNN else [])
+        # a hidden size below the threshold runs fused whatever the length
+        ref, new = pair(cell, 8, hidden - 1, 2, batch_first=batch_first, dtype=dtype)
+        new(x)
+        assert op_calls[-1] == cell
+
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     @pytest.mark.parametrize("bad", ["input_size", "hx_shape", "hx_dtype", "input_dim"])
     def test_bad_input_raises_torch_error(self, cell, bad):

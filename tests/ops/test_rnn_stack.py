@@ -72,6 +72,7 @@ class TestRnnStack:
         (2, 3, 4, 16, 32, True, True),    # hidden a whole number of vectors: the weight in place
         (2, 2, 9, 7, 11, False, False),   # many rows, odd hidden: the weight laid out padded
         (2, 2, 3, 150, 130, True, False),  # beyond L2: BLAS
+        (1, 12, 8, 48, 24, True, True),   # many rows in one call (the input projection): BLAS
     ])
     def test_matches_reference(self, cell, layers, steps, batch, in_size, hidden, bias, mask,
                                dtype, device):
