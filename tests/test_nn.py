@@ -317,6 +317,19 @@ class TestWholePrograms:
             assert got == pytest.approx(want, rel=1e-5)
         assert op_calls and set(op_calls) == {cell}
 
+    def test_dropout_convergence_runs_compare_like_with_like(self, op_calls):
+        """benchmarks/dropout_convergence.py: without dropout, the plain and the accelerated
+        run of a seed follow the same curve (same weights, data and coins), so the gap it
+        reports with dropout comes from the masks alone."""
+        from seq2seq_ext.bench import dropout_convergence
+        curves = dropout_convergence.run(cells=("lstm",), seeds=(3,), epochs=2, dropout=0.0,
+                                         threads=torch.get_num_threads())
+        plain, fast = curves["lstm", "plain", 3], curves["lstm", "accelerated", 3]
+        assert "lstm" in op_calls and len(plain) == 2
+        torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=1e-4, atol=0)
+        assert plain[1] < plain[0]  # it trains
+        assert "| lstm |" in dropout_convergence.table(curves)
+
     def test_chapter_decoder_of_a_user(self, op_calls):
         """The chapter's encoder-decoder as a notebook defines it (the reference classes, plain
         nn.GRU): accelerated, the same training losses and translations."""
