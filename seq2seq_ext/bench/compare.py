@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import seq2seq_ext as d2l
+from seq2seq_ext import ops
 from seq2seq_ext import reference as R
 from seq2seq_ext.bench import common
 from seq2seq_ext.utils import PLOT_ENV
@@ -101,6 +102,9 @@ def case_greedy_1000(repeat):
 TRAIN_CONFIGS = {
     "train-chapter": dict(num_examples=600, embed=32, hidden=32, layers=2, batch=64, steps=10,
                           epochs=10, max_batches=None),
+    # the package's cell="lstm" model; its reference is the same model on the reference backend
+    "train-chapter-lstm": dict(num_examples=600, embed=32, hidden=32, layers=2, batch=64,
+                               steps=10, epochs=10, max_batches=None, cell="lstm"),
     "train-large": dict(num_examples=20000, embed=256, hidden=512, layers=2, batch=128, steps=10,
                         epochs=1, max_batches=20),
 }
@@ -120,14 +124,18 @@ def _train_setup(cfg):
 
 
 def _train_once(impl, cfg, batches, src_vocab, tgt_vocab):
-    mod = R if impl == "reference" else d2l
+    cell = cfg.get("cell")
+    mod = R if impl == "reference" and cell is None else d2l
+    kw = dict(cell=cell) if cell else {}
     torch.manual_seed(0)
     net = mod.EncoderDecoder(
-        mod.Seq2SeqEncoder(len(src_vocab), cfg["embed"], cfg["hidden"], cfg["layers"], 0.1),
-        mod.Seq2SeqDecoder(len(tgt_vocab), cfg["embed"], cfg["hidden"], cfg["layers"], 0.1))
-    t0 = time.perf_counter()
-    mod.train_seq2seq(net, batches, 0.005, cfg["epochs"], tgt_vocab, 'cpu')
-    return time.perf_counter() - t0
+        mod.Seq2SeqEncoder(len(src_vocab), cfg["embed"], cfg["hidden"], cfg["layers"], 0.1, **kw),
+        mod.Seq2SeqDecoder(len(tgt_vocab), cfg["embed"], cfg["hidden"], cfg["layers"], 0.1, **kw))
+    backend = "reference" if impl == "reference" else "ext"
+    with ops.use_backend(backend):
+        t0 = time.perf_counter()
+        mod.train_seq2seq(net, batches, 0.005, cfg["epochs"], tgt_vocab, 'cpu')
+        return time.perf_counter() - t0
 
 
 def case_train(name, repeat):
@@ -177,6 +185,8 @@ CASES = {
                     case_greedy_1000),
     "train-chapter": ("train_seq2seq, chapter config, fra-eng 600, 10 epochs", ">=2x",
                       lambda r: case_train("train-chapter", r)),
+    "train-chapter-lstm": ("train_seq2seq, chapter config, cell=\"lstm\", fra-eng 600, 10 epochs",
+                           ">=1.2x", lambda r: case_train("train-chapter-lstm", r)),
     "train-large": ("train_seq2seq, embed 256 hidden 512 batch 128, 20k fra-eng, 20 batches",
                     ">=1.5x, peak mem <= ref", lambda r: case_train("train-large", r)),
 }
