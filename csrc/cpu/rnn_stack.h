@@ -367,7 +367,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       x_dropped.resize(M * H);
       const T* below = sv + (l - 1) * M * S;
       for (int64_t r = 0; r < M; ++r)
-        for (int64_t j = 0; j < H; ++j) x_dropped[r * H + j] = below[r * S + j] * layer_mask[r * H + j];
+        for (int64_t j = 0; j < H; ++j)
+          x_dropped[r * H + j] = below[r * S + j] * layer_mask[r * H + j];
       x = x_dropped.data();
       ldx = H;
     } else {

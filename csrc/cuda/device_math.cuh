@@ -23,23 +23,4 @@ __device__ __forceinline__ double gru_new_state(double n, double z, double h) {
   return __dadd_rn(n, __dmul_rn(z, __dsub_rn(h, n)));
 }
 
-// One hidden unit of nn.GRU's cell, gate order (r, z, n), b_hn inside the reset product:
-//   r = s(i_r + h_r), z = s(i_z + h_z), n = tanh(i_n + r * h_n), h' = n + z * (h - n),
-// where i_* are the input-side pre-activations (b_ih included) and h_* the hidden-side ones
-// (W_hh h + b_hh). Every CUDA GRU kernel computes its new state through this function.
-template <typename T>
-struct GruUnit {
-  T r, z, n, h_new;
-};
-
-template <typename T>
-__device__ __forceinline__ GruUnit<T> gru_unit(T i_r, T i_z, T i_n, T h_r, T h_z, T h_n, T h) {
-  GruUnit<T> u;
-  u.r = dev_sigmoid(i_r + h_r);
-  u.z = dev_sigmoid(i_z + h_z);
-  u.n = dev_tanh(i_n + u.r * h_n);
-  u.h_new = gru_new_state(u.n, u.z, h);
-  return u;
-}
-
 }  // namespace seq2seq_ext

@@ -14,7 +14,8 @@
 //
 // The kernels are the GRU's own rather than cell_kernel over cells.cuh's GruCell: the forward
 // saves the gates (r, z, n, W_hn h + b_hn) for the backward, and the backward is the GRU cell's
-// derivative; both compute through the same gru_unit / gru_gate_grads as the other GRU kernels.
+// derivative. The forward computes through the cells' equations (rnn_cells.h), the backward
+// through gru_gate_grads.
 //
 // Both kernels are 2-D grid-stride loops: grid.y walks the batch rows, grid.x (blocks of up to
 // kThreads threads) the H hidden units of a row, so neighbouring threads touch neighbouring
@@ -35,6 +36,7 @@
 
 #include "../gru_grads.h"
 #include "../gru_layer.h"
+#include "cells.cuh"
 #include "device_math.cuh"
 
 namespace seq2seq_ext {
@@ -61,13 +63,13 @@ __global__ void __launch_bounds__(kThreads)
     T* o = out + b * H;
     T* s = saved + b * 4 * H;
     for (int64_t j = j0; j < H; j += jstep) {
-      const T ghn = c[2 * H + j];
-      const GruUnit<T> u = gru_unit(a[j], a[H + j], a[2 * H + j], c[j], c[H + j], ghn, hp[j]);
-      o[j] = u.h_new;
+      const auto u = seq2seq_ext::GruCell::gates<cuda::DeviceLanes<T>>(a + j, c + j, hp + j,
+                                                                        nullptr, H);
+      o[j] = u.h;
       s[j] = u.r;
       s[H + j] = u.z;
       s[2 * H + j] = u.n;
-      s[3 * H + j] = ghn;
+      s[3 * H + j] = u.ghn;
     }
   }
 }
