@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <type_traits>
 
@@ -25,6 +26,17 @@ inline scalar_t mask_value(const at::Scalar& value, at::ScalarType dtype) {
     TORCH_CHECK(false, "value: ", value, " cannot be converted to the dtype of X (", dtype,
                 ") without overflow");
   }
+}
+
+// mask_value as a Scalar for ATen's fills (the rare layouts), which would otherwise refuse a
+// value that X's floating dtype rounds to +-inf where the reference saturates.
+inline at::Scalar mask_scalar(const at::Tensor& X, const at::Scalar& value) {
+  at::Scalar out;
+  AT_DISPATCH_ALL_TYPES_AND_COMPLEX_AND3(at::kBool, at::kHalf, at::kBFloat16, X.scalar_type(),
+                                         "sequence_mask_value", [&] {
+    out = at::Scalar(mask_value<scalar_t>(value, X.scalar_type()));
+  });
+  return out;
 }
 
 // Number of elements of one X[b, t] slice, when that slice is one contiguous run; -1 otherwise.

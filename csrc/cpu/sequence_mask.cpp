@@ -11,8 +11,9 @@ void sequence_mask_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar
   const auto start = first_masked_steps(valid_len, steps);
   const int64_t inner = contiguous_inner(X);
   if (inner < 0) {  // rare layouts: fill through ATen, one sequence at a time
+    const at::Scalar v = mask_scalar(X, value);
     for (int64_t b = 0; b < batch; ++b)
-      if (start[b] < steps) X.select(0, b).narrow(0, start[b], steps - start[b]).fill_(value);
+      if (start[b] < steps) X.select(0, b).narrow(0, start[b], steps - start[b]).fill_(v);
     return;
   }
   const int64_t sb = X.stride(0), st = X.stride(1);

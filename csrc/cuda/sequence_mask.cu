@@ -64,7 +64,7 @@ void sequence_mask_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar
     std::vector<int64_t> shape(X.dim(), 1);
     shape[0] = batch;
     shape[1] = steps;
-    X.masked_fill_(t.unsqueeze(0).ge(start.unsqueeze(1)).view(shape), value);
+    X.masked_fill_(t.unsqueeze(0).ge(start.unsqueeze(1)).view(shape), mask_scalar(X, value));
     return;
   }
   const int64_t sb = X.stride(0), st = X.stride(1);

@@ -215,6 +215,13 @@ def test_reduced_precision_value_saturates_like_reference(device, dtype, value):
     assert torch.equal(ops.sequence_mask(X, valid_len, value), expected)
     Y = X.clone()
     assert torch.equal(seq2seq_ext.sequence_mask(Y, valid_len, value), expected)
+    # a step's elements not one contiguous run: the kernels' ATen fill path saturates too
+    X = _random((2, 3, 2, 2), dtype, device, seed=9).transpose(2, 3)
+    expected = _expected(X, valid_len, value)
+    assert torch.equal(ops.sequence_mask(X, valid_len, value), expected)
+    Y = X.clone().transpose(2, 3).contiguous().transpose(2, 3)
+    seq2seq_ext.sequence_mask(Y, valid_len, value)
+    assert torch.equal(Y, expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)
