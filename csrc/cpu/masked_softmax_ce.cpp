@@ -58,8 +58,12 @@ inline acc_t nan_max(acc_t a, acc_t b) {
 }
 
 // exp of x <= 0 (logits minus their maximum or their log-sum-exp): PyTorch's fast polynomial
-// exp for float32 (at most 20 ULP, as its own softmax kernels use), Sleef's for float64.
-inline Vectorized<float> exp_nonpos(const Vectorized<float>& x) { return x.exp_u20(); }
+// exp for float32 (at most 20 ULP, as its own softmax kernels use), Sleef's for float64. The
+// polynomial's AVX2 form does not carry a NaN through (a row holding a NaN gave -inf gradients
+// there where the reference gives NaN): NaN lanes are passed on as they are.
+inline Vectorized<float> exp_nonpos(const Vectorized<float>& x) {
+  return Vectorized<float>::blendv(x.exp_u20(), x, x.isnan());
+}
 inline Vectorized<double> exp_nonpos(const Vectorized<double>& x) { return x.exp(); }
 
 // Log-sum-exp of a contiguous row, as its maximum and log(sum(exp(x - max))): the loss is

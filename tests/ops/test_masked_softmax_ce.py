@@ -310,6 +310,21 @@ def test_nan_in_kept_position_gives_nan_loss(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vocab", [8, 16, 67])  # whole vectors of 8 / 16 lanes, a streamed row
+def test_nan_in_kept_position_gives_nan_gradient_row(device, vocab):
+    """A NaN logit makes its position's whole gradient row NaN, as in the reference (the
+    vectorised exp must carry the NaN, also where a row is whole vectors)."""
+    pred, label, _ = random_ce_inputs(2, 3, vocab, device=device, seed=21)
+    valid_len = torch.tensor([3, 3], device=device)
+    pred[0, 1, 0] = math.nan
+    _, grad = _fused(pred, label, valid_len)
+    _, ref_grad = _oracle(pred, label, valid_len)
+    assert torch.isnan(ref_grad[0, 1]).all()
+    assert torch.isnan(grad[0, 1]).all()
+    torch.testing.assert_close(grad, ref_grad, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_masked_positions_get_exactly_zero_gradient(device):
     pred, label, _ = random_ce_inputs(4, 6, 9, device=device, seed=21)
     valid_len = torch.tensor([0, 2, 5, 6], device=device)
