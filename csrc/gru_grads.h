@@ -7,6 +7,9 @@
 #include <c10/macros/Macros.h>
 
 #include <tuple>
+#include <vector>
+
+#include "gru_layer.h"
 
 namespace seq2seq_ext {
 
@@ -32,27 +35,45 @@ C10_HOST_DEVICE inline void gru_gate_grads(T g, T h, T r, T z, T n, T ghn, T* dg
 using GruLayerGrads =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// dgi, dgh: (T, B, 3H) gradients of the input-side and hidden-side gate pre-activations;
-// dh: (B, H) gradient of h0; input (T, B, I); h0 (B, H) and output (T, B, H) contiguous.
-// Returns (input, h0, w_ih, w_hh, b_ih, b_hh, extra) gradients; extra's is empty unless has_extra.
-inline GruLayerGrads gru_layer_sequence_grads(const at::Tensor& dgi, const at::Tensor& dgh,
-                                              const at::Tensor& dh, const at::Tensor& input,
-                                              const at::Tensor& h0, const at::Tensor& output,
-                                              const at::Tensor& w_ih, bool has_extra) {
-  const int64_t T = dgi.size(0), B = dgi.size(1), G = dgi.size(2), H = h0.size(1);
-  const int64_t I = input.size(2);
-  const at::Tensor dgi2 = dgi.view({T * B, G});
-  const at::Tensor dgh2 = dgh.view({T * B, G});
-  at::Tensor grad_input = at::mm(dgi2, w_ih).view({T, B, I});
-  at::Tensor grad_w_ih = at::mm(dgi2.t(), input.reshape({T * B, I}));
+// dgi, dgh: (T, B, 3H) gradients of the input-side and hidden-side gate pre-activations (or
+// (N, 3H) over the rows of the packed layout, gru_layer.h); dh: (B, H) gradient of h0; input
+// (T, B, I) or (N, I); h0 (B, H) and output (T, B, H) or (N, H) contiguous. Returns (input, h0,
+// w_ih, w_hh, b_ih, b_hh, extra) gradients; extra's is empty unless has_extra.
+inline GruLayerGrads gru_layer_sequence_grads(const GruLayerDims& d, const at::Tensor& dgi,
+                                              const at::Tensor& dgh, const at::Tensor& dh,
+                                              const at::Tensor& input, const at::Tensor& h0,
+                                              const at::Tensor& output, const at::Tensor& w_ih,
+                                              bool has_extra) {
+  const int64_t T = d.steps, B = d.batch, G = 3 * d.hidden, H = d.hidden, I = d.input;
+  const at::Tensor dgi2 = dgi.view({-1, G});
+  const at::Tensor dgh2 = dgh.view({-1, G});
+  const int64_t N = dgi2.size(0);
+  at::Tensor grad_input = at::mm(dgi2, w_ih).view(input.sizes());
+  at::Tensor grad_w_ih = at::mm(dgi2.t(), input.reshape({N, I}));
   at::Tensor grad_b_ih = dgi2.sum(0);
-  // the state each step started from: h0, then the outputs of steps 0 .. T-2
-  at::Tensor h_prevs = T > 0 ? at::cat({h0.unsqueeze(0), output.narrow(0, 0, T - 1)}, 0)
-                                   .view({T * B, H})
-                             : at::empty({0, H}, h0.options());
+  // the state each row's step started from: h0, then the outputs of the step before
+  at::Tensor h_prevs, grad_extra = at::empty({0}, h0.options());
+  if (!d.packed()) {
+    h_prevs = T > 0 ? at::cat({h0.unsqueeze(0), output.narrow(0, 0, T - 1)}, 0).view({T * B, H})
+                    : at::empty({0, H}, h0.options());
+    if (has_extra) grad_extra = dgi.sum(0);
+  } else {
+    // row b of step t started from row b of step t - 1 (h0's row b at step 0); its batch row is b
+    const std::vector<int64_t> off = d.offsets();
+    std::vector<int64_t> prev(N), batch_row(N);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t b = 0; b < d.batch_sizes[t]; ++b) {
+        prev[off[t] + b] = t == 0 ? b : B + off[t - 1] + b;
+        batch_row[off[t] + b] = b;
+      }
+    auto index = [&](const std::vector<int64_t>& v) {
+      return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(h0.device());
+    };
+    h_prevs = at::cat({h0, output.view({N, H})}, 0).index_select(0, index(prev));
+    if (has_extra) grad_extra = at::zeros({B, G}, h0.options()).index_add_(0, index(batch_row), dgi2);
+  }
   at::Tensor grad_w_hh = at::mm(dgh2.t(), h_prevs);
   at::Tensor grad_b_hh = dgh2.sum(0);
-  at::Tensor grad_extra = has_extra ? dgi.sum(0) : at::empty({0}, h0.options());
   return {grad_input, dh, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_extra};
 }
 

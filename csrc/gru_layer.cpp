@@ -13,31 +13,58 @@ TORCH_LIBRARY_FRAGMENT(seq2seq_ext, m) {
   // constant context: its share of W_ih x is computed once per sequence). Returns the output
   // (T, B, H), the final state (B, H) and the activations the backward needs (T, B, 4H:
   // r, z, n and W_hn h + b_hn).
+  // batch_sizes (CPU), when given: input is the packed layout (N, I) of gru_layer.h (the rows
+  // of step t are the first batch_sizes[t] of the batch); output and saved are packed alike
+  // and each row's final state is its state after its last step (h0's row for a row in no step).
   m.def(
       "gru_layer(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, "
-      "Tensor? extra) -> (Tensor, Tensor, Tensor)");
+      "Tensor? extra, int[]? batch_sizes=None) -> (Tensor, Tensor, Tensor)");
   // Gradients of gru_layer: (input, h0, w_ih, w_hh, b_ih, b_hh, extra); grad_extra is empty
   // unless has_extra.
   m.def(
       "gru_layer_backward(Tensor grad_output, Tensor? grad_hn, Tensor input, Tensor h0, "
-      "Tensor w_ih, Tensor w_hh, Tensor output, Tensor saved, bool has_extra) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor w_ih, Tensor w_hh, Tensor output, Tensor saved, bool has_extra, "
+      "int[]? batch_sizes=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace seq2seq_ext {
 namespace {
 
+// The shape of a per-row tensor of `width` features: (T, B, width), or (N, width) packed.
+std::vector<int64_t> rows_shape(const GruLayerDims& d, int64_t width) {
+  if (d.packed()) return {d.offsets().back(), width};
+  return {d.steps, d.batch, width};
+}
+
 // Checks the arguments of gru_layer (device independent).
 GruLayerDims check_gru_layer_args(const at::Tensor& input, const at::Tensor& h0,
                                          const at::Tensor& w_ih, const at::Tensor& w_hh,
                                          const at::Tensor& b_ih, const at::Tensor& b_hh,
-                                         const std::optional<at::Tensor>& extra) {
-  check_dim(input, 3, "input");
+                                         const std::optional<at::Tensor>& extra,
+                                         at::OptionalIntArrayRef batch_sizes) {
+  const bool packed = batch_sizes.has_value();
+  check_dim(input, packed ? 2 : 3, "input");
   check_floating(input, "input");
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
               "input: expected float32 or float64, got ", input.scalar_type());
   check_dim(w_hh, 2, "w_hh");
-  GruLayerDims d{input.size(0), input.size(1), input.size(2), w_hh.size(1)};
+  check_dim(h0, 2, "h0");
+  GruLayerDims d = packed ? GruLayerDims{static_cast<int64_t>(batch_sizes->size()), h0.size(0),
+                                         input.size(1), w_hh.size(1), *batch_sizes, true}
+                          : GruLayerDims{input.size(0), input.size(1), input.size(2),
+                                         w_hh.size(1)};
+  if (packed) {
+    TORCH_CHECK(input.device().is_cpu(), "batch_sizes: the packed layout runs on the CPU; got "
+                "input on ", input.device());
+    int64_t rows = 0, prev = d.batch;
+    for (const int64_t n : *batch_sizes) {
+      TORCH_CHECK(n >= 0 && n <= prev, "batch_sizes: expected non-increasing sizes between 0 ",
+                  "and the batch of h0 (", d.batch, "), got ", *batch_sizes);
+      rows += prev = n;
+    }
+    TORCH_CHECK(input.size(0) == rows, "input: expected ", rows, " rows (the sum of ",
+                "batch_sizes) in the packed layout, got shape ", shape_str(input));
+  }
   const int64_t H = d.hidden, G = 3 * H;
   check_same_device(w_hh, input, "w_hh", "input");
   check_same_dtype(w_hh, input, "w_hh", "input");
@@ -55,7 +82,6 @@ GruLayerDims check_gru_layer_args(const at::Tensor& input, const at::Tensor& h0,
     check_same_dtype(*biases[k], input, bnames[k], "input");
     check_size(*biases[k], 0, G, bnames[k], "3 * hidden");
   }
-  check_dim(h0, 2, "h0");
   check_same_device(h0, input, "h0", "input");
   check_same_dtype(h0, input, "h0", "input");
   TORCH_CHECK(h0.size(0) == d.batch && h0.size(1) == H, "h0: expected shape [", d.batch, ", ", H,
@@ -80,19 +106,18 @@ void check_gru_layer_backward_tensors(const at::Tensor& grad_output,
                                              const std::optional<at::Tensor>& grad_hn,
                                              const at::Tensor& input, const at::Tensor& output,
                                              const at::Tensor& saved, const GruLayerDims& d) {
-  const int64_t T = d.steps, B = d.batch, H = d.hidden;
+  const int64_t B = d.batch, H = d.hidden;
   check_defined(grad_output, "grad_output");
   check_defined(output, "output");
   check_defined(saved, "saved");
   TORCH_CHECK(grad_output.sizes() == output.sizes(), "grad_output: expected shape ",
               shape_str(output), ", got ", shape_str(grad_output));
-  TORCH_CHECK(saved.dim() == 3 && saved.size(0) == T && saved.size(1) == B &&
-                  saved.size(2) == 4 * H,
-              "saved: expected shape [", T, ", ", B, ", ", 4 * H, "], got ", shape_str(saved));
-  TORCH_CHECK(output.dim() == 3 && output.size(0) == T && output.size(1) == B &&
-                  output.size(2) == H,
-              "output: expected shape [", T, ", ", B, ", ", H,
-              "] (steps and batch of input, hidden of w_hh), got ", shape_str(output));
+  const std::vector<int64_t> want_saved = rows_shape(d, 4 * H), want_out = rows_shape(d, H);
+  TORCH_CHECK(saved.sizes() == at::IntArrayRef(want_saved), "saved: expected shape ",
+              at::IntArrayRef(want_saved), ", got ", shape_str(saved));
+  TORCH_CHECK(output.sizes() == at::IntArrayRef(want_out), "output: expected shape ",
+              at::IntArrayRef(want_out), d.packed() ? " (the packed rows of input, " : " (steps and batch of input, ",
+              "hidden of w_hh), got ", shape_str(output));
   check_same_device(output, input, "output", "input");
   check_same_dtype(output, input, "output", "input");
   check_same_device(saved, input, "saved", "input");
@@ -110,16 +135,27 @@ void check_gru_layer_backward_tensors(const at::Tensor& grad_output,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const at::Tensor& b_ih, const at::Tensor& b_hh, const std::optional<at::Tensor>& extra) {
-  const GruLayerDims d = check_gru_layer_args(input, h0, w_ih, w_hh, b_ih, b_hh, extra);
+    const at::Tensor& b_ih, const at::Tensor& b_hh, const std::optional<at::Tensor>& extra,
+    at::OptionalIntArrayRef batch_sizes) {
+  const GruLayerDims d =
+      check_gru_layer_args(input, h0, w_ih, w_hh, b_ih, b_hh, extra, batch_sizes);
   const int64_t T = d.steps, B = d.batch, H = d.hidden;
   auto opts = input.options();
-  at::Tensor output = at::empty({T, B, H}, opts);
-  at::Tensor saved = at::empty({T, B, 4 * H}, opts);
-  if (T == 0 || B == 0) return {output, h0.clone(at::MemoryFormat::Contiguous), saved};
+  at::Tensor output = at::empty(rows_shape(d, H), opts);
+  at::Tensor saved = at::empty(rows_shape(d, 4 * H), opts);
+  if (T == 0 || B == 0 || output.numel() == 0)
+    return {output, h0.clone(at::MemoryFormat::Contiguous), saved};
   SEQ2SEQ_EXT_KERNEL(input, gru_layer)(d, input, h0, w_ih, w_hh, b_ih, b_hh, extra, output,
                                        saved);
-  return {output, output.select(0, T - 1).clone(at::MemoryFormat::Contiguous), saved};
+  if (!d.packed())
+    return {output, output.select(0, T - 1).clone(at::MemoryFormat::Contiguous), saved};
+  // each row's state after its last step: the rows of step t are a prefix of the batch
+  at::Tensor h_n = h0.clone(at::MemoryFormat::Contiguous);
+  const std::vector<int64_t> off = d.offsets();
+  for (int64_t t = 0; t < T; ++t)
+    if (d.batch_sizes[t] > 0)
+      h_n.narrow(0, 0, d.batch_sizes[t]).copy_(output.narrow(0, off[t], d.batch_sizes[t]));
+  return {output, h_n, saved};
 }
 
 namespace {
@@ -129,17 +165,17 @@ GruLayerGrads gru_layer_backward(const at::Tensor& grad_output,
                                  const at::Tensor& input, const at::Tensor& h0,
                                  const at::Tensor& w_ih, const at::Tensor& w_hh,
                                  const at::Tensor& output, const at::Tensor& saved,
-                                 bool has_extra) {
+                                 bool has_extra, at::OptionalIntArrayRef batch_sizes) {
   const GruLayerDims d =
       check_gru_layer_args(input, h0, w_ih, w_hh, w_hh.new_empty({w_hh.size(0)}),
-                           w_hh.new_empty({w_hh.size(0)}), std::nullopt);
+                           w_hh.new_empty({w_hh.size(0)}), std::nullopt, batch_sizes);
   // output and saved are read through raw pointers by the kernels: their shapes, dtypes and
   // devices are checked first (an output narrower than (T, B, H) would be read past its end)
   check_gru_layer_backward_tensors(grad_output, grad_hn, input, output, saved, d);
-  const int64_t T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
+  const int64_t B = d.batch, H = d.hidden, G = 3 * H;
   auto opts = input.options();
-  at::Tensor dgi = at::empty({T, B, G}, opts);
-  at::Tensor dgh = at::empty({T, B, G}, opts);
+  at::Tensor dgi = at::empty(rows_shape(d, G), opts);
+  at::Tensor dgh = at::empty(rows_shape(d, G), opts);
   // a fresh (B, H) buffer in input's dtype: grad_hn of another dtype is converted
   at::Tensor dh = (grad_hn.has_value() && grad_hn->defined())
                       ? at::empty({B, H}, opts).copy_(*grad_hn)
@@ -148,7 +184,7 @@ GruLayerGrads gru_layer_backward(const at::Tensor& grad_output,
   const at::Tensor h0_c = h0.contiguous();
   SEQ2SEQ_EXT_KERNEL(input, gru_layer_backward)(d, grad_output, h0_c, w_hh, out_c, saved, dgi,
                                                 dgh, dh);
-  return gru_layer_sequence_grads(dgi, dgh, dh, input, h0_c, out_c, w_ih, has_extra);
+  return gru_layer_sequence_grads(d, dgi, dgh, dh, input, h0_c, out_c, w_ih, has_extra);
 }
 
 }  // namespace

@@ -5,14 +5,30 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 
 namespace seq2seq_ext {
 
 struct GruLayerDims {
   int64_t steps, batch, input, hidden;
+  // The packed layout, when is_packed (else the dense (T, B) one): step t holds batch_sizes[t]
+  // rows, the first batch_sizes[t] of the batch (non-increasing, as torch.nn.utils.rnn packs a
+  // batch sorted by decreasing length), stored one step after the other; a row takes part in
+  // the steps before its length and no others. batch_sizes points into the op's argument,
+  // valid for the call.
+  c10::IntArrayRef batch_sizes = {};
+  bool is_packed = false;
+  bool packed() const { return is_packed; }
+  // the first packed row of each step, and the number of rows after the last (T + 1 entries)
+  std::vector<int64_t> offsets() const {
+    std::vector<int64_t> o(batch_sizes.size() + 1, 0);
+    for (size_t t = 0; t < batch_sizes.size(); ++t) o[t + 1] = o[t] + batch_sizes[t];
+    return o;
+  }
 };
 
-// Forward, T > 0 and B > 0: fills output (T, B, H) and saved (T, B, 4H) = [r, z, n, gh_n].
+// Forward, T > 0 and B > 0: fills output (T, B, H) and saved (T, B, 4H) = [r, z, n, gh_n]
+// ((N, H) and (N, 4H) over the N rows of the packed layout).
 // Backward, from the last step to the first: fills dgi and dgh (T, B, 3H), the gradients of the
 // input-side and hidden-side gate pre-activations, and carries dh (B, H), on entry the gradient
 // of the final state, to the gradient of h0. h0 and output are contiguous.
@@ -37,6 +53,7 @@ GruLayerBackwardKernel gru_layer_backward;
 // The entry of gru_layer, which the _C module also calls directly (CPU inference).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const at::Tensor& b_ih, const at::Tensor& b_hh, const std::optional<at::Tensor>& extra);
+    const at::Tensor& b_ih, const at::Tensor& b_hh, const std::optional<at::Tensor>& extra,
+    at::OptionalIntArrayRef batch_sizes = std::nullopt);
 
 }  // namespace seq2seq_ext

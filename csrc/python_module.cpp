@@ -87,7 +87,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
           pybind11::arg("token"), pybind11::arg("h"), pybind11::arg("c"),
           pybind11::arg("ctx_proj") = pybind11::none());
   // gru_layer's entry for CPU inference (no graph to record), under the same conditions.
-  module.def("gru_layer_cpu", &seq2seq_ext::gru_layer, pybind11::arg("input"),
+  module.def("gru_layer_cpu",
+             [](const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
+                const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh,
+                const std::optional<at::Tensor>& extra) {
+               return seq2seq_ext::gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra);
+             },
+             pybind11::arg("input"),
              pybind11::arg("h0"), pybind11::arg("w_ih"), pybind11::arg("w_hh"),
              pybind11::arg("b_ih"), pybind11::arg("b_hh"), pybind11::arg("extra") = pybind11::none());
   // The drop-in nn.GRU / nn.LSTM forward (seq2seq_ext/nn.py) in one call: see rnn_forward.h.

@@ -19,7 +19,7 @@ from .reference import Decoder, Encoder, EncoderDecoder
 
 __all__ = ["Encoder", "Decoder", "EncoderDecoder", "Seq2SeqEncoder", "Seq2SeqDecoder",
            "fused_decoder_args", "supports_fused_decoding", "decoder_stepper", "context_projection",
-           "decode_path"]
+           "decode_path", "packed_rows", "packed_positions"]
 
 _CTX_ATTR = "_seq2seq_ext_ctx_proj"
 _FLOATS = (torch.float32, torch.float64)
@@ -246,17 +246,31 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
                                                         weights, dw, db)
         return logits, ((new_state, context) if fixed else new_state)
 
-    def _fused_features(self, X, rnn_state, context):
+    def _fused_features(self, X, rnn_state, context, batch_sizes=None, order=None):
         """The fused GRU layers over the sequence X (batch, steps), the context's share of layer
-        0's input projection computed once: (top layer's output (steps, batch, hidden), state)."""
+        0's input projection computed once: (top layer's output (steps, batch, hidden), state).
+        With ``batch_sizes`` and ``order`` only the packed positions run (see
+        :meth:`forward_features`)."""
         rnn = _fastcall.submodule(self, "rnn")
-        X = self.embedding(X).permute(1, 0, 2)
+        positions = None
+        if batch_sizes is None:
+            X = self.embedding(X).permute(1, 0, 2)
+        else:
+            order = order.to(X.device)
+            positions = packed_positions(batch_sizes, order)
+            X = self.embedding(X.t().reshape(-1).index_select(0, positions))
+            rnn_state = rnn_state.index_select(1, order)
+            context = context.index_select(0, order)
         weights = _fastcall.flat_weights(rnn)
         w_ih0 = weights[0]
         embed = X.shape[-1]
         extra = torch.mm(context, w_ih0[:, embed:].t())
-        return ops.gru(X, rnn_state, weights, rnn.dropout, self.training,
-                       w_ih0=w_ih0[:, :embed], extra0=extra)
+        output, state = ops.gru(X, rnn_state, weights, rnn.dropout, self.training,
+                                w_ih0=w_ih0[:, :embed], extra0=extra, batch_sizes=batch_sizes,
+                                positions=positions)
+        if order is not None:  # the state back in the batch's order
+            state = torch.empty_like(state).index_copy(1, order, state)
+        return output, state
 
     def supports_features(self):
         """True when :meth:`forward_features` is available: a GRU decoder under the extension
@@ -266,21 +280,48 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         rnn = _fastcall.submodule(self, "rnn")
         return _fused_layer_allowed(rnn, _fastcall.flat_weights(rnn)[0])
 
-    def forward_features(self, X, state):
+    def forward_features(self, X, state, batch_sizes=None, order=None):
         """``forward`` without the output projection: (the top layer's output (steps, batch,
         hidden), the new state), for a decoder that :meth:`supports_features`. Training uses it
-        to project only the positions the loss reads (see ``training.fit``)."""
+        to project only the positions the loss reads (see ``training.fit``).
+
+        Packed (CPU): ``order`` (batch,) sorts the batch by decreasing length and ``batch_sizes``
+        (one per step of X) are the lengths' ``PackedSequence`` sizes for that order: step t
+        runs only the first ``batch_sizes[t]`` rows of the sorted batch. The output is then
+        (N, hidden), those positions one step after the other (:func:`packed_positions` gives
+        their places in X), and the state, in the batch's order, is each row's state after its
+        last step. The positions computed are the same as without packing, dropout masks
+        included (drawn for every position, as then, and the packed ones kept); the others cost
+        nothing."""
         if self.fixed_context:
             rnn_state, context = state
-            output, new_state = self._fused_features(X, rnn_state, context)
+            output, new_state = self._fused_features(X, rnn_state, context, batch_sizes, order)
             return output, (new_state, context)
-        return self._fused_features(X, state, state[-1])
+        return self._fused_features(X, state, state[-1], batch_sizes, order)
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .double(), .cuda() may swap parameter tensors: drop the bound weights
         self.__dict__.pop(_fastcall.STEPPER_ATTR, None)
         self.__dict__.pop(_CTX_ATTR, None)
         return super()._apply(fn, *args, **kwargs)
+
+
+def packed_rows(batch_sizes, batch):
+    """The positions of the packed layout of ``batch_sizes`` (the first ``batch_sizes[t]`` rows
+    of step t, step after step) as indices into the step-major (steps * batch) positions."""
+    sizes = torch.as_tensor(batch_sizes, dtype=torch.int64)
+    kept = torch.arange(batch, dtype=torch.int64)[None, :] < sizes[:, None]
+    return kept.reshape(-1).nonzero().squeeze(1)
+
+
+def packed_positions(batch_sizes, order):
+    """The packed layout's positions in the batch as given: ``order`` (batch,) sorts the batch
+    by decreasing length, ``batch_sizes`` are the packed sizes of the sorted batch; returns, for
+    each packed row, its index among the step-major (steps * batch) positions of the unsorted
+    batch."""
+    batch = order.shape[0]
+    rows = packed_rows(batch_sizes, batch).to(order.device)
+    return rows - rows % batch + order.index_select(0, rows % batch)
 
 
 _STEP_OPS = {"gru": "gru_decode_step", "lstm": "lstm_decode_step"}

@@ -266,17 +266,17 @@ def sequence_mask(X, valid_len, value=0):
 
 
 @torch.library.register_fake("seq2seq_ext::gru_layer")
-def _gru_layer_fake(input, h0, w_ih, w_hh, b_ih, b_hh, extra):
+def _gru_layer_fake(input, h0, w_ih, w_hh, b_ih, b_hh, extra, batch_sizes=None):
     _same_device("input", input, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, extra=extra)
-    steps, batch, _ = input.shape
+    rows = input.shape[:-1]  # (steps, batch), or (N,) in the packed layout
     hidden = w_hh.shape[1]
-    return (input.new_empty((steps, batch, hidden)), input.new_empty((batch, hidden)),
-            input.new_empty((steps, batch, 4 * hidden)))
+    return (input.new_empty((*rows, hidden)), input.new_empty((h0.shape[0], hidden)),
+            input.new_empty((*rows, 4 * hidden)))
 
 
 @torch.library.register_fake("seq2seq_ext::gru_layer_backward")
 def _gru_layer_backward_fake(grad_output, grad_hn, input, h0, w_ih, w_hh, output, saved,
-                             has_extra):
+                             has_extra, batch_sizes=None):
     _same_device("input", input, grad_output=grad_output, grad_hn=grad_hn, h0=h0, w_ih=w_ih,
                  w_hh=w_hh, output=output, saved=saved)
     gates = w_hh.shape[0]
@@ -286,10 +286,11 @@ def _gru_layer_backward_fake(grad_output, grad_hn, input, h0, w_ih, w_hh, output
 
 
 def _gru_setup_context(ctx, inputs, output):
-    input, h0, w_ih, w_hh, _, _, extra = inputs
+    input, h0, w_ih, w_hh, _, _, extra = inputs[:7]
     out, _, saved = output
     ctx.save_for_backward(input, h0, w_ih, w_hh, out, saved)
     ctx.has_extra = extra is not None
+    ctx.batch_sizes = inputs[7] if len(inputs) > 7 else None
     ctx.mark_non_differentiable(saved)
 
 
@@ -298,6 +299,9 @@ def _gru_backward(ctx, grad_out, grad_hn, grad_saved):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     args = (grad_out, grad_hn, input, h0, w_ih, w_hh, out, saved, ctx.has_extra)
+    if ctx.batch_sizes is not None:
+        grads = _ops.gru_layer_backward(*args, ctx.batch_sizes)
+        return (*grads[:6], grads[6] if ctx.has_extra else None, None)
     if cuda_graphs.eligible(*args[:8]):
         grads = cuda_graphs.gru_layer_backward(*args)  # eager or a replayed CUDA graph
     else:
@@ -328,11 +332,20 @@ def enable_autocast_rules(device_type):
             torch.library.register_autocast(qualname, device_type, torch.float32)
 
 
-def gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra=None):
+def gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra=None, batch_sizes=None):
     """One GRU layer over a sequence with ``nn.GRU``'s equations: input (steps, batch, in), h0
     (batch, hidden) -> (output (steps, batch, hidden), final state (batch, hidden)). ``extra``
     (batch, 3*hidden) is added to the input projection at every step. Differentiable in every
-    tensor argument."""
+    tensor argument.
+
+    ``batch_sizes`` (CPU): the packed layout of ``torch.nn.utils.rnn.PackedSequence`` (a list of
+    ints, non-increasing): input is (N, in), the rows of step t being the first
+    ``batch_sizes[t]`` of the batch, one step after the other; the output is packed alike and a
+    row's final state is its state after its last step. A padded position costs nothing."""
+    if batch_sizes is not None:
+        output, h_n, _ = _ops.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra,
+                                        [int(n) for n in batch_sizes])
+        return output, h_n
     if direct_cpu_call_ok(input):
         # inference on plain CPU tensors: no graph to record, so the kernel is called directly
         output, h_n, _ = _C.gru_layer_cpu(input, h0, w_ih, w_hh, b_ih, b_hh, extra)
@@ -344,7 +357,8 @@ def gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra=None):
     return output, h_n
 
 
-def gru(input, h0, flat_weights, dropout=0.0, training=False, w_ih0=None, extra0=None):
+def gru(input, h0, flat_weights, dropout=0.0, training=False, w_ih0=None, extra0=None,
+        batch_sizes=None, positions=None):
     """A multi-layer ``nn.GRU`` (unidirectional, with biases, time first) through the layer op.
 
     input (steps, batch, in), h0 (layers, batch, hidden), flat_weights: ``nn.GRU``'s
@@ -352,6 +366,13 @@ def gru(input, h0, flat_weights, dropout=0.0, training=False, w_ih0=None, extra0
     layer 0's input weights and ``extra0`` is added to its input projection at every step (the
     decoder's context trick). Returns (output (steps, batch, hidden), state (layers, batch,
     hidden)).
+
+    With ``batch_sizes`` (one per step) input and output are in the packed layout of
+    :func:`gru_layer` ((N, in) and (N, hidden)) and every layer skips the padded positions.
+    ``positions`` (N,): each packed row's index among the (steps * batch) positions of a padded
+    layout; dropout then draws that layout's masks, as the padded call would, and keeps the
+    packed rows' (the same seed gives the same masks). Without it the masks are drawn for the
+    packed rows.
     """
     if get_backend() == "reference":
         raise RuntimeError("ops.gru runs the compiled op; models use nn.GRU under the "
@@ -362,10 +383,16 @@ def gru(input, h0, flat_weights, dropout=0.0, training=False, w_ih0=None, extra0
         w_ih, w_hh, b_ih, b_hh = flat_weights[4 * layer: 4 * layer + 4]
         if layer == 0 and w_ih0 is not None:
             w_ih = w_ih0
-        x, h_n = gru_layer(x, h0[layer], w_ih, w_hh, b_ih, b_hh, extra0 if layer == 0 else None)
+        x, h_n = gru_layer(x, h0[layer], w_ih, w_hh, b_ih, b_hh, extra0 if layer == 0 else None,
+                           batch_sizes)
         states.append(h_n)
         if dropout and training and layer < layers - 1:
-            x = torch.nn.functional.dropout(x, dropout, True)
+            if positions is None:
+                x = torch.nn.functional.dropout(x, dropout, True)
+            else:  # the padded layout's masks, drawn as F.dropout draws them
+                padded = (len(batch_sizes), h0.shape[1], x.shape[-1])
+                noise = x.new_empty(padded).bernoulli_(1 - dropout).div_(1 - dropout)
+                x = x * noise.view(-1, x.shape[-1]).index_select(0, positions)
     return x, torch.stack(states)
 
 

@@ -398,3 +398,42 @@ def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None):
 
 
 __all__ += ["rnn_stack"]
+
+
+def gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra=None, batch_sizes=None):
+    """``seq2seq_ext::gru_layer`` in plain PyTorch: one layer of nn.GRU's equations; ``extra``
+    (batch, 3 * hidden) is added to the input projection at every step.
+
+    Dense: input (steps, batch, in) -> (output (steps, batch, hidden), h_n (batch, hidden)).
+    Packed (``batch_sizes``, non-increasing): input (N, in) holds the first ``batch_sizes[t]``
+    rows of step t, step after step; the output (N, hidden) likewise, and h_n is each row's
+    state after its last step (h0's row for a row in no step)."""
+    if batch_sizes is None:
+        batch_sizes = [input.shape[1]] * input.shape[0]
+        input = input.reshape(-1, input.shape[-1])
+        dense = True
+    else:
+        dense = False
+    h = h0
+    outs, start = [], 0
+    for n in batch_sizes:
+        x = input[start:start + n]
+        start += n
+        gi = torch.nn.functional.linear(x, w_ih, b_ih)
+        if extra is not None:
+            gi = gi + extra[:n]
+        gh = torch.nn.functional.linear(h[:n], w_hh, b_hh)
+        i_r, i_z, i_n = gi.chunk(3, dim=1)
+        h_r, h_z, h_n = gh.chunk(3, dim=1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        new = (1 - z) * torch.tanh(i_n + r * h_n) + z * h[:n]
+        outs.append(new)
+        h = torch.cat((new, h[n:]))
+    output = torch.cat(outs) if outs else input.new_empty((0, h0.shape[1]))
+    if dense:
+        output = output.reshape(len(batch_sizes), h0.shape[0], h0.shape[1])
+    return output, h
+
+
+__all__ += ["gru_layer"]

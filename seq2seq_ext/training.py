@@ -10,11 +10,12 @@ initialised (see :mod:`seq2seq_ext.distributed`).
 import contextlib
 import numbers
 import random
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import nn
 
-from . import ops, reference
+from . import models, ops, reference
 from .losses import MaskedSoftmaxCELoss
 from .ops import enable_autocast_rules  # the gru_layer op's autocast rule, kept with the op
 from .utils import Animator, Timer
@@ -107,10 +108,12 @@ class _TrainForward(nn.Module):
     wraps): the teacher-forced parallel call, or :func:`decode_teacher_forced` for a ratio below
     1, then the masked loss; returns the per-sequence loss.
 
-    With the package's GRU decoder under the extension backend the output projection and the
-    loss are computed for the kept positions only (``rows``, see :func:`_kept_rows`): a masked
-    position's logits are never read by the loss and its gradient is zero, so projecting it is
-    wasted work (about 40% of the positions of a fra-eng batch of 10 steps are padding). The
+    With the package's GRU decoder under the extension backend only the positions the loss
+    reads are computed (``kept``, see :func:`_kept_positions`): a masked position's logits are
+    never read by the loss and its gradient is zero, so projecting it is wasted work (about 40%
+    of the positions of a fra-eng batch of 10 steps are padding). On the CPU the decoder's GRU
+    layers skip those positions too: the decoder runs the batch sorted by decreasing target
+    length, packed as a ``PackedSequence`` is, with the dropout masks of the unpacked call. The
     loss and the gradients are the same (up to float rounding)."""
 
     def __init__(self, net, teacher_forcing_ratio, loss):
@@ -119,10 +122,10 @@ class _TrainForward(nn.Module):
         self.teacher_forcing_ratio = teacher_forcing_ratio
         self.loss = loss
 
-    def forward(self, X, dec_input, X_valid_len, Y, Y_valid_len, rows=None):
+    def forward(self, X, dec_input, X_valid_len, Y, Y_valid_len, kept=None):
         if self.teacher_forcing_ratio == 1.0:
-            if rows is not None and _projects_kept_rows(self.net):
-                return _kept_rows_loss(self.net, X, dec_input, X_valid_len, Y, rows)
+            if kept is not None and _projects_kept_rows(self.net):
+                return _kept_rows_loss(self.net, X, dec_input, X_valid_len, Y, kept)
             Y_hat, _ = self.net(X, dec_input, X_valid_len)
         else:
             Y_hat = decode_teacher_forced(self.net, X, dec_input, X_valid_len,
@@ -138,6 +141,14 @@ def _projects_kept_rows(net):
             and type(decoder._modules.get("dense")) is nn.Linear)
 
 
+class _Kept(NamedTuple):
+    """The positions the loss reads (see :func:`_kept_positions`)."""
+    rows: torch.Tensor  # their indices among the (steps * batch) step-major positions, in the
+    #                     packed layout's order when batch_sizes is given
+    order: Optional[torch.Tensor] = None  # packed: the batch sorted by decreasing length
+    batch_sizes: Optional[List[int]] = None  # packed: the layout's sizes, one per step
+
+
 def _kept_rows(Y_valid_len, batch, steps):
     """The positions the loss reads, as indices into the (steps * batch) rows of the decoder's
     output (step-major), computed on the host from the batch as the loader gives it (no device
@@ -146,13 +157,31 @@ def _kept_rows(Y_valid_len, batch, steps):
     return mask.reshape(-1).nonzero().squeeze(1)
 
 
-def _kept_rows_loss(net, X, dec_input, X_valid_len, Y, rows):
+def _kept_positions(Y_valid_len, batch, steps, packed):
+    """:class:`_Kept` for a batch, on the host. ``packed``: the packed layout of the kept
+    positions of the batch sorted by decreasing length (stable), for the decoder's GRU layers
+    to run those only; otherwise the kept rows of the batch."""
+    if not packed:
+        return _Kept(_kept_rows(Y_valid_len, batch, steps))
+    lengths = Y_valid_len.reshape(batch).clamp(0, steps).to(torch.int64)
+    order = torch.sort(lengths, descending=True, stable=True).indices
+    batch_sizes = (lengths[None, :] > torch.arange(steps)[:, None]).sum(1).tolist()
+    return _Kept(models.packed_positions(batch_sizes, order), order, batch_sizes)
+
+
+def _kept_rows_loss(net, X, dec_input, X_valid_len, Y, kept):
     """The per-sequence masked loss of the kept positions only (see :class:`_TrainForward`)."""
     batch, steps = Y.shape
+    rows = kept.rows.to(Y.device)
     state = net.decoder.init_state(net.encoder(X, X_valid_len), X_valid_len)
-    features, _ = net.decoder.forward_features(dec_input, state)  # (steps, batch, hidden)
-    kept = features.reshape(steps * batch, -1).index_select(0, rows)
-    logits = net.decoder.dense(kept)
+    if kept.batch_sizes is not None:
+        # (N, hidden): the kept positions only, in the order of rows
+        kept_features, _ = net.decoder.forward_features(
+            dec_input, state, batch_sizes=kept.batch_sizes, order=kept.order)
+    else:
+        features, _ = net.decoder.forward_features(dec_input, state)  # (steps, batch, hidden)
+        kept_features = features.reshape(steps * batch, -1).index_select(0, rows)
+    logits = net.decoder.dense(kept_features)
     labels = Y.t().reshape(-1).index_select(0, rows)
     ones = torch.ones(rows.shape[0], dtype=torch.int64, device=rows.device)
     row_loss = ops.masked_softmax_ce(logits.unsqueeze(1), labels.unsqueeze(1), ones)
@@ -268,15 +297,15 @@ def fit(net, data_iter, lr, num_epochs, tgt_vocab, device, on_epoch=None, plot=T
                 set_epoch(epoch)
             for batch in data_iter:
                 optimizer.zero_grad()
-                rows = None
+                kept = None
                 if (ratio == 1.0 and batch[3].device.type == "cpu" and batch[3].dim() == 1
                         and not batch[3].is_floating_point()):
-                    rows = _kept_rows(batch[3], *batch[2].shape).to(device)
+                    kept = _kept_positions(batch[3], *batch[2].shape, packed=device.type == "cpu")
                 X, X_valid_len, Y, Y_valid_len = [x.to(device) for x in batch]
                 bos = torch.full((Y.shape[0], 1), bos_id, dtype=Y.dtype, device=device)
                 dec_input = torch.cat([bos, Y[:, :-1]], 1)  # teacher forcing
                 with _autocast(amp, device):
-                    l = model(X, dec_input, X_valid_len, Y, Y_valid_len, rows)
+                    l = model(X, dec_input, X_valid_len, Y, Y_valid_len, kept)
                 if l.dtype not in (torch.float32, torch.float64):
                     l = l.float()  # bf16 logits give a bf16 loss: sum it in float32
                 if world > 1:

@@ -255,34 +255,42 @@ def test_ratio_below_one_uses_the_step_path():
     calls.clear()
     seen = []
     features = net.decoder.forward_features
-    net.decoder.forward_features = lambda X, state: (seen.append(X.shape[1]),
-                                                     features(X, state))[1]
+    net.decoder.forward_features = lambda X, state, **kw: (seen.append(X.shape[1]),
+                                                           features(X, state, **kw))[1]
     fit(net, train_iter, 0.01, 1, tgt_vocab, CPU, plot=False)
     assert not calls and seen and set(seen) == {10}
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
 @pytest.mark.parametrize("variant", [{}, {"fixed_context": True}], ids=["chapter", "fixed"])
-def test_projecting_only_kept_positions_gives_the_full_loss_and_gradients(variant):
-    """fit projects and scores only the positions the mask keeps; the per-sequence loss and
-    every gradient equal those of the full forward + MaskedSoftmaxCELoss."""
+def test_projecting_only_kept_positions_gives_the_full_loss_and_gradients(variant, packed):
+    """fit projects and scores only the positions the mask keeps (and, packed, runs the
+    decoder's GRU layers on those only, the batch sorted by length); with the same seed (the
+    same dropout masks) the per-sequence loss, in the batch's order, and every gradient equal
+    those of the full forward + MaskedSoftmaxCELoss."""
     from seq2seq_ext import training
     train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=200)
     torch.manual_seed(1)
     net = d2l.EncoderDecoder(
-        d2l.Seq2SeqEncoder(len(src_vocab), 8, 16, 2),
-        d2l.Seq2SeqDecoder(len(tgt_vocab), 8, 16, 2, **variant)).train()
+        d2l.Seq2SeqEncoder(len(src_vocab), 8, 16, 2, 0.3),
+        d2l.Seq2SeqDecoder(len(tgt_vocab), 8, 16, 2, 0.3, **variant)).train()
     X, X_valid_len, Y, Y_valid_len = next(iter(train_iter))
     Y_valid_len = Y_valid_len.clone()
     Y_valid_len[0], Y_valid_len[1] = 0, Y.shape[1] + 3  # nothing kept / all kept
     dec_input = torch.cat([torch.full((Y.shape[0], 1), tgt_vocab['<bos>']), Y[:, :-1]], 1)
     model = training._TrainForward(net, 1.0, d2l.MaskedSoftmaxCELoss())
-    rows = training._kept_rows(Y_valid_len, *Y.shape)
-    assert rows.numel() < Y.numel()
+    kept = training._kept_positions(Y_valid_len, *Y.shape, packed=packed)
+    assert kept.rows.numel() == int(Y_valid_len.clamp(max=Y.shape[1]).sum()) < Y.numel()
+    if packed:
+        assert len(kept.batch_sizes) == Y.shape[1]
+        assert kept.batch_sizes[0] == Y.shape[0] - 1 and sum(kept.batch_sizes) == kept.rows.numel()
+        assert not torch.equal(kept.order, torch.arange(Y.shape[0]))  # the batch was reordered
+        assert torch.equal(kept.rows.sort().values, training._kept_rows(Y_valid_len, *Y.shape))
     results = []
-    for r in (rows, None):
+    for k in (kept, None):
         net.zero_grad()
-        torch.manual_seed(2)  # the same dropout masks
-        loss = model(X, dec_input, X_valid_len, Y, Y_valid_len, r)
+        torch.manual_seed(2)  # the same dropout masks: packing keeps them
+        loss = model(X, dec_input, X_valid_len, Y, Y_valid_len, k)
         loss.sum().backward()
         results.append((loss.detach(), [p.grad.clone() for p in net.parameters()]))
     (kept_loss, kept_grads), (full_loss, full_grads) = results
@@ -290,6 +298,20 @@ def test_projecting_only_kept_positions_gives_the_full_loss_and_gradients(varian
     torch.testing.assert_close(kept_loss, full_loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(kept_grads, full_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_on_the_cpu_runs_the_decoder_packed():
+    """fit on the CPU hands the decoder's GRU layers the packed layout: the layers run only the
+    positions the loss reads."""
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=100)
+    net = _model(src_vocab, tgt_vocab)
+    seen = []
+    features = net.decoder.forward_features
+    net.decoder.forward_features = lambda X, state, **kw: (seen.append(kw.get("batch_sizes")),
+                                                           features(X, state, **kw))[1]
+    fit(net, train_iter, 0.01, 1, tgt_vocab, CPU, plot=False)
+    assert seen and all(b is not None and b == sorted(b, reverse=True) for b in seen)
+    assert sum(sum(b) for b in seen) < sum(len(b) * b[0] for b in seen)  # padding skipped
 
 
 # ----------------------------------------------------------------------------------------------

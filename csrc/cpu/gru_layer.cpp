@@ -69,23 +69,31 @@ void gru_layer_backward(const GruLayerDims& d, const at::Tensor& grad_output,
                         const at::Tensor& h0, const at::Tensor& w_hh, const at::Tensor& output,
                         const at::Tensor& saved, at::Tensor& dgi, at::Tensor& dgh,
                         at::Tensor& dh) {
-  const int64_t T = d.steps, B = d.batch, H = d.hidden;
+  const int64_t T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
   at::Tensor dh_direct = at::empty({B, H}, dh.options());
-  const at::Tensor go = grad_output.contiguous();
+  const at::Tensor go = grad_output.to(dh.scalar_type()).contiguous();
   const at::Tensor saved_c = saved.contiguous();
+  // the first row of each step in the (T * B) or packed rows; the rows of step t are the first
+  // batch_sizes[t] of the batch (all B when dense), and the others keep their gradient as it is
+  std::vector<int64_t> off(T + 1);
+  for (int64_t t = 0; t <= T; ++t) off[t] = d.packed() ? 0 : t * B;
+  if (d.packed()) off = d.offsets();
   AT_DISPATCH_FLOATING_TYPES(dh.scalar_type(), "gru_layer_backward_cpu", [&] {
     for (int64_t t = T - 1; t >= 0; --t) {
-      dh.add_(go.select(0, t));
-      const at::Tensor h_prev = t > 0 ? output.select(0, t - 1) : h0;
-      at::Tensor dgh_t = dgh.select(0, t);
-      gru_backward_pointwise<scalar_t>(dh.const_data_ptr<scalar_t>(),
-                                       h_prev.const_data_ptr<scalar_t>(),
-                                       saved_c.select(0, t).const_data_ptr<scalar_t>(),
-                                       dgi.select(0, t).data_ptr<scalar_t>(),
+      const int64_t rows = off[t + 1] - off[t];
+      if (rows == 0) continue;
+      at::Tensor dh_t = dh.narrow(0, 0, rows);
+      dh_t.add_(go.reshape({-1, H}).narrow(0, off[t], rows));
+      const scalar_t* h_prev = t > 0 ? output.const_data_ptr<scalar_t>() + off[t - 1] * H
+                                     : h0.const_data_ptr<scalar_t>();
+      at::Tensor dgh_t = dgh.reshape({-1, G}).narrow(0, off[t], rows);
+      gru_backward_pointwise<scalar_t>(dh.const_data_ptr<scalar_t>(), h_prev,
+                                       saved_c.const_data_ptr<scalar_t>() + off[t] * 4 * H,
+                                       dgi.data_ptr<scalar_t>() + off[t] * G,
                                        dgh_t.data_ptr<scalar_t>(), dh_direct.data_ptr<scalar_t>(),
-                                       B, H);
+                                       rows, H);
       // dh_prev = dh * z + dgh W_hh
-      at::addmm_out(dh, dh_direct, dgh_t, w_hh);
+      at::addmm_out(dh_t, dh_direct.narrow(0, 0, rows), dgh_t, w_hh);
     }
   });
 }
@@ -95,20 +103,31 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
                const at::Tensor& b_hh, const std::optional<at::Tensor>& extra,
                at::Tensor& output, at::Tensor& saved) {
   const int64_t T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
+  const int64_t N = d.packed() ? d.offsets().back() : T * B;  // rows over all steps
   auto opts = input.options();
-  // the input projection of every step in one GEMM: (T*B, I) x (I, 3H) + b_ih
-  at::Tensor gi = at::empty({T, B, G}, opts);
+  // the input projection of every step in one GEMM: (N, I) x (I, 3H) + b_ih
+  at::Tensor gi = at::empty({N, G}, opts);
   {
-    const at::Tensor x = input.reshape({T * B, d.input}).contiguous();
+    const at::Tensor x = input.reshape({N, d.input}).contiguous();
     const at::Tensor w = w_ih.stride(1) == 1 ? w_ih : w_ih.contiguous();
     const at::Tensor bias = b_ih.contiguous();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_cpu_input", [&] {
-      linear_nt<scalar_t>(x.const_data_ptr<scalar_t>(), d.input, T * B, d.input,
+      linear_nt<scalar_t>(x.const_data_ptr<scalar_t>(), d.input, N, d.input,
                           w.const_data_ptr<scalar_t>(), w.stride(0), G,
                           bias.const_data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), false);
     });
   }
-  if (extra.has_value() && extra->defined()) gi.add_(extra->unsqueeze(0));
+  if (extra.has_value() && extra->defined()) {
+    if (!d.packed()) {
+      gi.view({T, B, G}).add_(extra->unsqueeze(0));
+    } else {
+      int64_t row = 0;
+      for (const int64_t rows : d.batch_sizes) {
+        gi.narrow(0, row, rows).add_(extra->narrow(0, 0, rows));
+        row += rows;
+      }
+    }
+  }
   at::Tensor gh = at::empty({B, G}, opts);
   const at::Tensor h0_c = h0.contiguous();
   const at::Tensor w_hh_c = w_hh.contiguous();
@@ -117,7 +136,8 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
     layer_forward<GruCell>(gi.const_data_ptr<scalar_t>(), T, B, H,
                            w_hh_c.const_data_ptr<scalar_t>(), b_hh_c.const_data_ptr<scalar_t>(),
                            {h0_c.const_data_ptr<scalar_t>()}, output.data_ptr<scalar_t>(),
-                           saved.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>());
+                           saved.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(),
+                           d.packed() ? d.batch_sizes.data() : nullptr);
   });
 }
 

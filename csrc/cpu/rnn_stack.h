@@ -139,7 +139,7 @@ void stack_forward(const StackDims& d, const at::Tensor& input, const at::Tensor
                    const at::Tensor& c0, at::TensorList weights, const at::Tensor& mask,
                    at::Tensor& saved) {
   const int64_t L = d.layers, Ts = d.steps, B = d.batch, H = d.hidden;
-  const int64_t G = Cell::kGates * H, S = Cell::kSaved * H;
+  const int64_t S = Cell::kSaved * H;
   std::vector<T> gi, gh, dropped;
   T* sv = saved.data_ptr<T>();
   for (int64_t l = 0; l < L; ++l) {

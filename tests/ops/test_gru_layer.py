@@ -646,3 +646,144 @@ def test_bad_input_backward(device):
         LAYER_BACKWARD(out[:-1], None, x, h0, w_ih, w_hh, out, saved, False)
     with pytest.raises(RuntimeError, match=r"\bsaved\b"):
         LAYER_BACKWARD(out, None, x, h0, w_ih, w_hh, out, saved[..., :-1], False)
+
+
+# ----------------------------------------------------------------------------------------------
+# the packed layout (batch_sizes): the padded positions are skipped
+# ----------------------------------------------------------------------------------------------
+
+def _packed_case(lengths, in_size, hidden, *, dtype, seed, with_extra):
+    """Packed inputs for rows of the given (non-increasing) lengths: (args, batch_sizes)."""
+    steps = max(lengths, default=0)
+    batch_sizes = [sum(1 for n in lengths if n > t) for t in range(steps)]
+    args = _small_layer_args("cpu", with_extra=with_extra, seed=seed, steps=1,
+                             batch=len(lengths), in_size=in_size, hidden=hidden, dtype=dtype)
+    x = _normal((sum(batch_sizes), in_size), dtype=dtype, device="cpu", seed=seed + 7)
+    args[0] = x.requires_grad_()
+    return args, batch_sizes
+
+
+def _packed_loss(out, h_n, seed):
+    g_out = _normal(out.shape, dtype=out.dtype, device="cpu", seed=seed)
+    g_hn = _normal(h_n.shape, dtype=out.dtype, device="cpu", seed=seed + 1)
+    return (out * g_out).sum() + (h_n * g_hn).sum()
+
+
+class TestPackedLayer:
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("with_extra", [False, True])
+    @pytest.mark.parametrize("lengths", [[5, 5, 3, 2, 2, 1, 0], [4, 4, 4], [3], [1, 0, 0],
+                                         [0, 0], [7, 2]])
+    def test_matches_reference(self, dtype, with_extra, lengths):
+        seed = 300 + len(lengths) + sum(lengths)
+        args, batch_sizes = _packed_case(lengths, 5, 9, dtype=dtype, seed=seed,
+                                         with_extra=with_extra)
+        got = ops.gru_layer(*args, batch_sizes=batch_sizes)
+        ref_args = [None if a is None else a.detach().clone().requires_grad_() for a in args]
+        from seq2seq_ext import reference
+        want = reference.gru_layer(*ref_args, batch_sizes=batch_sizes)
+        tol = gru_tol(dtype)
+        torch.testing.assert_close(got[0], want[0], **tol)
+        torch.testing.assert_close(got[1], want[1], **tol)
+        leaves = [a for a in args if a is not None]
+        ref_leaves = [a for a in ref_args if a is not None]
+        grads = torch.autograd.grad(_packed_loss(*got, seed), leaves, allow_unused=True,
+                                    materialize_grads=True)
+        ref_grads = torch.autograd.grad(_packed_loss(*want, seed), ref_leaves, allow_unused=True,
+                                        materialize_grads=True)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, **tol)
+
+    def test_matches_nn_gru_on_a_packed_sequence(self):
+        """The layout is PackedSequence's: nn.GRU on the packed batch gives the same data and
+        final state."""
+        lengths = [6, 4, 4, 1]
+        rnn = _seeded_gru(3, 5, 1, dtype=torch.float64, device="cpu", seed=320)
+        padded = _normal((6, 4, 3), dtype=torch.float64, device="cpu", seed=321)
+        h0 = _normal((1, 4, 5), dtype=torch.float64, device="cpu", seed=322)
+        packed = nn.utils.rnn.pack_padded_sequence(padded, torch.tensor(lengths))
+        want_out, want_hn = rnn(packed, h0)
+        out, h_n = ops.gru_layer(packed.data, h0[0], *rnn._flat_weights,
+                                 batch_sizes=packed.batch_sizes.tolist())
+        torch.testing.assert_close(out, want_out.data, **GRU_F64_TOL)
+        torch.testing.assert_close(h_n, want_hn[0], **GRU_F64_TOL)
+
+    def test_equals_the_dense_layer_at_the_kept_positions(self):
+        """Packing changes which positions run, not what they compute (float32, odd sizes)."""
+        lengths = [9, 8, 8, 5, 3, 3, 3, 2, 1, 1, 0]
+        steps, batch = 9, len(lengths)
+        args = _small_layer_args("cpu", with_extra=True, seed=330, steps=steps, batch=batch,
+                                 in_size=13, hidden=19, dtype=torch.float32)
+        dense_out, _ = ops.gru_layer(*args)
+        batch_sizes = [sum(1 for n in lengths if n > t) for t in range(steps)]
+        from seq2seq_ext.models import packed_rows
+        rows = packed_rows(batch_sizes, batch)
+        x = args[0].detach().reshape(steps * batch, -1).index_select(0, rows)
+        out, _ = ops.gru_layer(x, *args[1:], batch_sizes=batch_sizes)
+        torch.testing.assert_close(out, dense_out.reshape(steps * batch, -1)[rows],
+                                   rtol=1e-6, atol=1e-6)
+
+    @pytest.mark.parametrize("dropout", [0.0, 0.4])
+    def test_multilayer_gru_packed(self, dropout):
+        """ops.gru packs every layer: two layers on the packed rows equal the dense stack at the
+        kept positions, gradients included; given the packed rows' positions, dropout draws the
+        dense call's masks for the same seed."""
+        rnn = _seeded_gru(4, 6, 2, dtype=torch.float64, device="cpu", seed=340)
+        lengths = [5, 3, 3, 1]
+        steps, batch = 5, 4
+        x, h0, _, _ = _gru_inputs(steps, batch, 4, 6, 2, dtype=torch.float64, device="cpu",
+                                  seed=341)
+        batch_sizes = [sum(1 for n in lengths if n > t) for t in range(steps)]
+        from seq2seq_ext.models import packed_rows
+        rows = packed_rows(batch_sizes, batch)
+        xd = _leaf(x)
+        torch.manual_seed(3)
+        out_d, _ = ops.gru(xd, h0, list(rnn._flat_weights), dropout, True)
+        xp = _leaf(x.reshape(steps * batch, -1).index_select(0, rows))
+        torch.manual_seed(3)
+        out_p, _ = ops.gru(xp, h0, list(rnn._flat_weights), dropout, True,
+                           batch_sizes=batch_sizes, positions=rows)
+        torch.testing.assert_close(out_p, out_d.reshape(steps * batch, -1)[rows], **GRU_F64_TOL)
+        g = _normal(out_p.shape, dtype=torch.float64, device="cpu", seed=342)
+        gd = torch.autograd.grad((out_d.reshape(steps * batch, -1)[rows] * g).sum(),
+                                 [xd, *rnn._flat_weights])
+        gp = torch.autograd.grad((out_p * g).sum(), [xp, *rnn._flat_weights])
+        torch.testing.assert_close(gp[0], gd[0].reshape(steps * batch, -1)[rows], **GRU_F64_TOL)
+        for a, b in zip(gp[1:], gd[1:]):
+            torch.testing.assert_close(a, b, **GRU_F64_TOL)
+
+    @pytest.mark.parametrize("with_extra", [False, True])
+    def test_gradcheck(self, with_extra):
+        args, batch_sizes = _packed_case([3, 2, 2, 0], 3, 2, dtype=torch.float64, seed=350,
+                                         with_extra=with_extra)
+        assert torch.autograd.gradcheck(
+            lambda *a: ops.gru_layer(*a, batch_sizes=batch_sizes), tuple(args))
+
+    def test_opcheck(self):
+        for i, (lengths, extra) in enumerate([([4, 2, 2, 1], True), ([3, 3], False),
+                                               ([2, 0], True)]):
+            args, batch_sizes = _packed_case(lengths, 3, 5, dtype=torch.float32,
+                                             seed=360 + i, with_extra=extra)
+            torch.library.opcheck(LAYER, (*args, batch_sizes))
+            detached = [None if a is None else a.detach() for a in args]
+            out, h_n, saved = LAYER(*detached, batch_sizes)
+            grad_out = _normal(out.shape, dtype=out.dtype, device="cpu", seed=370 + i)
+            x, h0, w_ih, w_hh = detached[:4]
+            torch.library.opcheck(LAYER_BACKWARD, (grad_out, h_n, x, h0, w_ih, w_hh, out,
+                                                   saved, extra, batch_sizes))
+
+    @pytest.mark.parametrize("batch_sizes, message", [
+        ([2, 3], "batch_sizes: expected non-increasing"),
+        ([5], "batch_sizes: expected non-increasing sizes between 0 and the batch"),
+        ([-1], "batch_sizes: expected non-increasing"),
+        ([3, 1], r"input: expected 4 rows \(the sum of batch_sizes\)"),
+    ])
+    def test_bad_batch_sizes_raise_naming_them(self, batch_sizes, message):
+        args, _ = _packed_case([2, 2, 1], 3, 4, dtype=torch.float32, seed=380, with_extra=False)
+        with pytest.raises(RuntimeError, match=message):
+            LAYER(*[None if a is None else a.detach() for a in args], batch_sizes)
+
+    def test_dense_input_with_batch_sizes_raises(self):
+        args = _small_layer_args("cpu", with_extra=False, seed=390, requires_grad=False)
+        with pytest.raises(RuntimeError, match="input: expected a 2-D tensor"):
+            LAYER(*args, [2, 2, 2])
