@@ -4,7 +4,6 @@
 ``accelerate``."""
 import copy
 import random
-
 import re
 
 import pytest
