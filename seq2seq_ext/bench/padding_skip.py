@@ -5,6 +5,10 @@ skip the padded positions) against the packed layout (``packed``: the layers ski
 interleaved in one process, beside the reference's own step (d2l's ``train_seq2seq`` body on
 the reference backend).
 
+Beside them, the floor: the step's GEMM work (:func:`step_flops`, forward and backward: three
+products per weight and position) over the best float32 rate of ``torch.mm`` measured in the
+same run at the step's product shapes, and the fraction of it each variant reaches.
+
 ``seq2seq-ext``'s fit takes the packed path on the CPU; the other two are what it did before
 and what the chapter does. The table gives the median milliseconds per batch over the same
 batches and the share of decoder positions that are padding.
@@ -65,6 +69,41 @@ def step_fn(variant, net, tgt_vocab):
     return step
 
 
+def step_flops(cfg, tgt_vocab, positions, kept, packed):
+    """The multiply-add FLOPs (x2) of one training step's GEMMs: encoder and decoder GRU layers
+    over their positions (the decoder's over the kept ones when packed; the context's share of
+    its first layer is once per sequence, not counted), the output projection over the kept
+    positions; the backward is twice the forward (the input's and the weight's gradients)."""
+    e, h, layers = cfg["embed"], cfg["hidden"], cfg["layers"]
+    per_position = 2 * 3 * h * (e + h + (layers - 1) * 2 * h)  # W_ih and W_hh of every layer
+    forward = (positions * per_position + (kept if packed else positions) * per_position
+               + kept * 2 * h * tgt_vocab)
+    return 3 * forward
+
+
+def gemm_rate(cfg, tgt_vocab, rows, repeat=5):
+    """The best float32 GFLOP/s of torch.mm (this build's BLAS) over the step's product shapes:
+    (rows, in) x (in, 3 hidden) for the input projections, (batch, hidden) x (hidden, 3 hidden)
+    per step, (rows, hidden) x (hidden, vocab)."""
+    h = cfg["hidden"]
+    shapes = [(rows, cfg["embed"], 3 * h), (rows, h, 3 * h), (cfg["batch"], h, 3 * h),
+              (rows, h, tgt_vocab)]
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        torch.mm(a, b)
+        t = min(_time(lambda: torch.mm(a, b)) for _ in range(repeat))
+        best = max(best, 2 * m * k * n / t / 1e9)
+    return best
+
+
+def _time(fn, number=5):
+    t0 = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - t0) / number
+
+
 def run(config="chapter", batches=8, rounds=3, threads=1):
     """{variant: median ms per batch}, the padding share and the sizes."""
     torch.set_num_threads(threads)
@@ -87,8 +126,13 @@ def run(config="chapter", batches=8, rounds=3, threads=1):
                     step(batch)
                     if r:
                         times[variant].append(time.perf_counter() - t0)
-    return ({v: 1e3 * statistics.median(t) for v, t in times.items()},
-            1 - kept / positions, dict(cfg, tgt_vocab=len(tgt_vocab)))
+    ms = {v: 1e3 * statistics.median(t) for v, t in times.items()}
+    rate = gemm_rate(cfg, len(tgt_vocab), cfg["batch"] * cfg["steps"])
+    floors = {v: 1e3 * step_flops(cfg, len(tgt_vocab), positions / len(data), kept / len(data),
+                                  v == "packed") / (rate * 1e9)
+              for v in ("rows", "packed")}
+    return ms, 1 - kept / positions, dict(cfg, tgt_vocab=len(tgt_vocab), gemm_gflops=rate,
+                                          floor_ms=floors)
 
 
 def main(argv=None):
@@ -99,13 +143,16 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     print("| config | padding | reference ms | rows ms | packed ms | packed vs rows "
-          "| packed vs reference |")
-    print("|---|---|---|---|---|---|---|")
+          "| packed vs reference | GEMM GFLOP/s | floor rows / packed ms | rows / packed at "
+          "% of floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.config:
         ms, pad, cfg = run(name, args.batches, args.rounds, args.threads)
         print(f"| {name} (embed {cfg['embed']}, hidden {cfg['hidden']}, batch {cfg['batch']}, "
               f"{cfg['steps']} steps, vocab {cfg['tgt_vocab']}) | {100 * pad:.0f}% "
               f"| {ms['reference']:.1f} | {ms['rows']:.1f} | {ms['packed']:.1f} "
-              f"| {ms['rows'] / ms['packed']:.2f}x | {ms['reference'] / ms['packed']:.2f}x |",
-              flush=True)
+              f"| {ms['rows'] / ms['packed']:.2f}x | {ms['reference'] / ms['packed']:.2f}x "
+              f"| {cfg['gemm_gflops']:.0f} | {cfg['floor_ms']['rows']:.1f} / "
+              f"{cfg['floor_ms']['packed']:.1f} | {100 * cfg['floor_ms']['rows'] / ms['rows']:.0f}%"
+              f" / {100 * cfg['floor_ms']['packed'] / ms['packed']:.0f}% |", flush=True)
     return 0
