@@ -12,13 +12,10 @@
 #include <torch/extension.h>
 
 #include "rnn_forward.h"
+#include "rnn_stack.h"
 
 namespace seq2seq_ext {
 namespace {
-
-using StackSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    c10::string_view, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    at::TensorList, const std::optional<at::Tensor>&);
 
 const c10::TypedOperatorHandle<StackSig>& stack_op() {
   static const auto op = c10::Dispatcher::singleton()
@@ -100,7 +97,7 @@ pybind11::object rnn_forward(const std::string& cell, const at::Tensor& input,
   }
   auto [output, h_n, c_n, saved] =
       stack_op().call(cell, x, h0, lstm ? std::optional<at::Tensor>(c0) : std::nullopt, weights,
-                      mask);
+                      mask, std::nullopt);
   (void)saved;
   if (!batched) {
     output = output.squeeze(1);

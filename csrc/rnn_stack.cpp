@@ -25,16 +25,46 @@ bool is_lstm(c10::string_view cell) {
 }
 
 // Declared in rnn_stack.h, shared with the CUDA entry.
+std::vector<int64_t> stack_rows_shape(const StackDims& d, std::vector<int64_t> lead,
+                                      int64_t width) {
+  if (d.is_packed) {
+    lead.push_back(d.offsets().back());
+  } else {
+    lead.push_back(d.steps);
+    lead.push_back(d.batch);
+  }
+  lead.push_back(width);
+  return lead;
+}
+
 StackDims check_rnn_stack_args(bool lstm, const at::Tensor& input, const at::Tensor& h0,
                                const std::optional<at::Tensor>& c0, at::TensorList weights,
-                               const std::optional<at::Tensor>& mask) {
-  check_dim(input, 3, "input");
+                               const std::optional<at::Tensor>& mask,
+                               at::OptionalIntArrayRef batch_sizes) {
+  const bool packed = batch_sizes.has_value();
+  check_dim(input, packed ? 2 : 3, "input");
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
               "input: expected float32 or float64, got ", input.scalar_type());
   check_dim(h0, 3, "h0");
   check_same_device(h0, input, "h0", "input");
   check_same_dtype(h0, input, "h0", "input");
-  StackDims d{h0.size(0), input.size(0), input.size(1), input.size(2), h0.size(2), true};
+  StackDims d = packed ? StackDims{h0.size(0), static_cast<int64_t>(batch_sizes->size()),
+                                   h0.size(1), input.size(1), h0.size(2), true, *batch_sizes,
+                                   true}
+                       : StackDims{h0.size(0), input.size(0), input.size(1), input.size(2),
+                                   h0.size(2), true};
+  if (packed) {
+    TORCH_CHECK(input.device().is_cpu(), "batch_sizes: the packed layout runs on the CPU; got "
+                "input on ", input.device());
+    int64_t rows = 0, prev = d.batch;
+    for (const int64_t n : *batch_sizes) {
+      TORCH_CHECK(n >= 0 && n <= prev, "batch_sizes: expected non-increasing sizes between 0 ",
+                  "and the batch of h0 (", d.batch, "), got ", *batch_sizes);
+      rows += prev = n;
+    }
+    TORCH_CHECK(input.size(0) == rows, "input: expected ", rows, " rows (the sum of ",
+                "batch_sizes) in the packed layout, got shape ", shape_str(input));
+  }
   const int64_t L = d.layers, H = d.hidden, G = (lstm ? 4 : 3) * H;
   TORCH_CHECK(L >= 1, "h0: expected at least one layer (size 0 of h0), got shape ",
               shape_str(h0));
@@ -75,10 +105,12 @@ StackDims check_rnn_stack_args(bool lstm, const at::Tensor& input, const at::Ten
   if (mask.has_value() && mask->defined()) {
     check_same_device(*mask, input, "dropout_mask", "input");
     check_same_dtype(*mask, input, "dropout_mask", "input");
-    const std::vector<int64_t> want{L - 1, d.steps, d.batch, H};
-    TORCH_CHECK(mask->sizes() == at::IntArrayRef(want), "dropout_mask: expected shape [", L - 1,
-                ", ", d.steps, ", ", d.batch, ", ", H, "] (layers - 1, steps, batch, hidden), got ",
-                shape_str(*mask));
+    const std::vector<int64_t> want = stack_rows_shape(d, {L - 1}, H);
+    TORCH_CHECK(mask->sizes() == at::IntArrayRef(want), "dropout_mask: expected shape ",
+                at::IntArrayRef(want),
+                d.is_packed ? " (layers - 1, the packed rows, hidden)"
+                            : " (layers - 1, steps, batch, hidden)",
+                ", got ", shape_str(*mask));
   }
   return d;
 }
@@ -99,22 +131,23 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_cpu(
     c10::string_view cell, const at::Tensor& input, const at::Tensor& h0,
     const std::optional<at::Tensor>& c0, at::TensorList weights,
-    const std::optional<at::Tensor>& dropout_mask) {
+    const std::optional<at::Tensor>& dropout_mask, at::OptionalIntArrayRef batch_sizes) {
   const bool lstm = is_lstm(cell);
-  const StackDims d = check_rnn_stack_args(lstm, input, h0, c0, weights, dropout_mask);
+  const StackDims d =
+      check_rnn_stack_args(lstm, input, h0, c0, weights, dropout_mask, batch_sizes);
   const int64_t L = d.layers, T = d.steps, B = d.batch, H = d.hidden;
   const int64_t S = (lstm ? LstmCell::kSaved : GruCell::kSaved) * H;
   auto opts = input.options();
-  at::Tensor saved = at::empty({L, T, B, S}, opts);
+  at::Tensor saved = at::empty(stack_rows_shape(d, {L}, S), opts);
   const at::Tensor x = input.contiguous(), h0c = h0.contiguous();
   const at::Tensor c0c = contiguous_or_undefined(c0);
   const at::Tensor mask = contiguous_or_undefined(dropout_mask);
   const auto w = contiguous_all(weights);
-  if (T == 0) {
-    return {at::empty({0, B, H}, opts), h0.clone(at::MemoryFormat::Contiguous),
+  if (T == 0 || (d.is_packed && d.offsets().back() == 0)) {
+    return {at::empty(stack_rows_shape(d, {}, H), opts), h0.clone(at::MemoryFormat::Contiguous),
             lstm ? c0c.clone() : at::empty({0}, opts), saved};
   }
-  at::Tensor output = at::empty({T, B, H}, opts);
+  at::Tensor output = at::empty(stack_rows_shape(d, {}, H), opts);
   at::Tensor h_n = at::empty({L, B, H}, opts);
   at::Tensor c_n = lstm ? at::empty({L, B, H}, opts) : at::Tensor();
   if (B > 0) {
@@ -123,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_cpu(
         cpu::stack_forward<LstmCell, scalar_t>(d, x, h0c, c0c, w, mask, saved);
       else
         cpu::stack_forward<GruCell, scalar_t>(d, x, h0c, c0c, w, mask, saved);
-      cpu::stack_outputs<scalar_t>(d, S, saved, output, h_n, c_n);
+      cpu::stack_outputs<scalar_t>(d, S, saved, h0c, c0c, output, h_n, c_n);
     });
   }
   if (!lstm) c_n = at::empty({0}, opts);
@@ -135,16 +168,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_stac
     const std::optional<at::Tensor>& grad_hn, const std::optional<at::Tensor>& grad_cn,
     const at::Tensor& input, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask,
-    const at::Tensor& saved) {
+    const at::Tensor& saved, at::OptionalIntArrayRef batch_sizes) {
   const bool lstm = is_lstm(cell);
-  const StackDims d = check_rnn_stack_args(lstm, input, h0, c0, weights, dropout_mask);
-  const int64_t L = d.layers, T = d.steps, B = d.batch, H = d.hidden;
+  const StackDims d =
+      check_rnn_stack_args(lstm, input, h0, c0, weights, dropout_mask, batch_sizes);
+  const int64_t L = d.layers, B = d.batch, H = d.hidden;
   const int64_t S = (lstm ? LstmCell::kSaved : GruCell::kSaved) * H;
-  const std::vector<int64_t> saved_shape{L, T, B, S};
+  const std::vector<int64_t> saved_shape = stack_rows_shape(d, {L}, S);
   check_same_device(saved, input, "saved", "input");
   check_same_dtype(saved, input, "saved", "input");
-  TORCH_CHECK(saved.sizes() == at::IntArrayRef(saved_shape), "saved: expected shape [", L, ", ",
-              T, ", ", B, ", ", S, "] (rnn_stack's fourth output), got ", shape_str(saved));
+  TORCH_CHECK(saved.sizes() == at::IntArrayRef(saved_shape), "saved: expected shape ",
+              at::IntArrayRef(saved_shape), " (rnn_stack's fourth output), got ",
+              shape_str(saved));
   auto grad_like = [&](const std::optional<at::Tensor>& g, at::IntArrayRef shape,
                        const char* name) -> at::Tensor {
     if (!g.has_value() || !g->defined()) return at::Tensor();
@@ -152,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_stac
     TORCH_CHECK(g->sizes() == shape, name, ": expected shape ", shape, ", got ", shape_str(*g));
     return g->to(input.scalar_type()).contiguous();
   };
-  const std::vector<int64_t> out_shape{T, B, H}, state_shape{L, B, H};
+  const std::vector<int64_t> out_shape = stack_rows_shape(d, {}, H), state_shape{L, B, H};
   const at::Tensor go = grad_like(grad_output, out_shape, "grad_output");
   const at::Tensor ghn = grad_like(grad_hn, state_shape, "grad_hn");
   const at::Tensor gcn = lstm ? grad_like(grad_cn, state_shape, "grad_cn") : at::Tensor();
@@ -174,14 +209,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_stac
 // Autograd, in C++ rather than through torch.library.register_autograd: a decoder called once
 // per token in a Python loop pays this per call, forward and backward, and a Python autograd
 // function costs several times the op itself at the seeds' sizes (batch 32, hidden 32).
-using StackSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    c10::string_view, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    at::TensorList, const std::optional<at::Tensor>&);
 using StackBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(
     c10::string_view, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
     const std::optional<at::Tensor>&, at::TensorList, const std::optional<at::Tensor>&,
-    const at::Tensor&);
+    const at::Tensor&, at::OptionalIntArrayRef);
 
 const c10::TypedOperatorHandle<StackSig>& stack_op() {
   static const auto op =
@@ -207,16 +239,19 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
                                                 const at::Tensor& h0,
                                                 const std::optional<at::Tensor>& c0,
                                                 at::TensorList weights,
-                                                const std::optional<at::Tensor>& mask) {
+                                                const std::optional<at::Tensor>& mask,
+                                                at::OptionalIntArrayRef batch_sizes) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [output, h_n, c_n, saved] = stack_op().call(cell, input, h0, c0, weights, mask);
+    auto [output, h_n, c_n, saved] =
+        stack_op().call(cell, input, h0, c0, weights, mask, batch_sizes);
     std::vector<at::Tensor> keep{input, h0, c0.value_or(at::Tensor()), mask.value_or(at::Tensor()),
                                  saved};
     keep.insert(keep.end(), weights.begin(), weights.end());
     ctx->save_for_backward(keep);
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["has_c0"] = c0.has_value() && c0->defined();
-    ctx->saved_data["has_mask"] = mask.has_value() && mask->defined();
+    ctx->saved_data["packed"] = batch_sizes.has_value();
+    if (batch_sizes.has_value()) ctx->saved_data["batch_sizes"] = batch_sizes->vec();
     ctx->mark_non_differentiable({saved});
     if (cell != "lstm") ctx->mark_non_differentiable({c_n});
     return {output, h_n, c_n, saved};
@@ -227,8 +262,10 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
     const auto keep = ctx->get_saved_variables();
     const std::string cell = ctx->saved_data["cell"].toStringRef();
     const bool has_c0 = ctx->saved_data["has_c0"].toBool();
-    const bool has_mask = ctx->saved_data["has_mask"].toBool();
     const bool lstm = cell == "lstm";
+    std::optional<std::vector<int64_t>> batch_sizes;
+    if (ctx->saved_data["packed"].toBool())
+      batch_sizes = ctx->saved_data["batch_sizes"].toIntVector();
     const std::vector<at::Tensor> weights(keep.begin() + 5, keep.end());
     // Without create_graph nothing records the backward: skip autograd's not-implemented
     // fallback (boxed, a large share of a small call). With it, the fallback stays and a double
@@ -237,13 +274,15 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
     if (!at::GradMode::is_enabled()) below.emplace();
     auto [grad_input, grad_h0, grad_c0, grad_w] = stack_backward_op().call(
         cell, opt(grads[0]), opt(grads[1]), lstm ? opt(grads[2]) : std::nullopt, keep[0], keep[1],
-        opt(keep[2]), weights, opt(keep[3]), keep[4]);
-    // one gradient per argument of forward: cell, input, h0, c0, each weight, dropout_mask
+        opt(keep[2]), weights, opt(keep[3]), keep[4],
+        batch_sizes ? at::OptionalIntArrayRef(*batch_sizes) : at::OptionalIntArrayRef());
+    // one gradient per argument of forward: cell, input, h0, c0, each weight, dropout_mask,
+    // batch_sizes
     torch::autograd::variable_list out{at::Tensor(), grad_input, grad_h0};
     out.push_back(has_c0 && lstm ? grad_c0 : at::Tensor());
     out.insert(out.end(), grad_w.begin(), grad_w.end());
     out.push_back(at::Tensor());
-    (void)has_mask;
+    out.push_back(at::Tensor());
     return out;
   }
 };
@@ -251,7 +290,7 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_autograd(
     c10::string_view cell, const at::Tensor& input, const at::Tensor& h0,
     const std::optional<at::Tensor>& c0, at::TensorList weights,
-    const std::optional<at::Tensor>& dropout_mask) {
+    const std::optional<at::Tensor>& dropout_mask, at::OptionalIntArrayRef batch_sizes) {
   bool needs_grad = false;
   if (at::GradMode::is_enabled()) {
     needs_grad = input.requires_grad() || h0.requires_grad() ||
@@ -260,9 +299,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_autograd(
   }
   if (!needs_grad) {  // nothing to record: straight to the kernel
     at::AutoDispatchBelowADInplaceOrView below;
-    return stack_op().call(cell, input, h0, c0, weights, dropout_mask);
+    return stack_op().call(cell, input, h0, c0, weights, dropout_mask, batch_sizes);
   }
-  auto out = RnnStackFunction::apply(std::string(cell), input, h0, c0, weights, dropout_mask);
+  auto out = RnnStackFunction::apply(std::string(cell), input, h0, c0, weights, dropout_mask,
+                                     batch_sizes);
   return {out[0], out[1], out[2], out[3]};
 }
 
@@ -276,14 +316,17 @@ TORCH_LIBRARY_FRAGMENT(seq2seq_ext, m) {
   // the mask already scaled by 1 / (1 - p)).
   // Returns the top layer's output (T, B, H), h_n (L, B, H), c_n (L, B, H) (empty for the GRU)
   // and what the backward needs, saved (L, T, B, S*H) (see csrc/rnn_cells.h).
+  // batch_sizes (CPU), when given: PackedSequence's layout (rnn_stack.h). input is (N, I) and
+  // output (N, H), dropout_mask (L-1, N, H) and saved (L, N, S*H) are packed alike; h_n and c_n
+  // hold each row's state after its last step (h0's / c0's row for a row in no step).
   m.def(
       "rnn_stack(str cell, Tensor input, Tensor h0, Tensor? c0, Tensor[] weights, "
-      "Tensor? dropout_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? dropout_mask, int[]? batch_sizes=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients of rnn_stack: (input, h0, c0 (empty for the GRU), weights in their order).
   m.def(
       "rnn_stack_backward(str cell, Tensor? grad_output, Tensor? grad_hn, Tensor? grad_cn, "
       "Tensor input, Tensor h0, Tensor? c0, Tensor[] weights, Tensor? dropout_mask, "
-      "Tensor saved) -> (Tensor, Tensor, Tensor, Tensor[])");
+      "Tensor saved, int[]? batch_sizes=None) -> (Tensor, Tensor, Tensor, Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(seq2seq_ext, CPU, m) {

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
+#include <vector>
 
 namespace seq2seq_ext {
 
@@ -15,6 +17,17 @@ namespace seq2seq_ext {
 struct StackDims {
   int64_t layers, steps, batch, input, hidden;
   bool bias;
+  // The packed layout (PackedSequence's), when is_packed: step t runs the first batch_sizes[t]
+  // rows of the batch (non-increasing), and the per-row tensors (input, output, dropout_mask,
+  // saved) hold the steps' rows one after the other. batch_sizes points into the op's argument.
+  c10::IntArrayRef batch_sizes = {};
+  bool is_packed = false;
+  // the first row of each step among the rows of all steps, and their number (T + 1 entries)
+  std::vector<int64_t> offsets() const {
+    std::vector<int64_t> o(steps + 1, 0);
+    for (int64_t t = 0; t < steps; ++t) o[t + 1] = o[t] + (is_packed ? batch_sizes[t] : batch);
+    return o;
+  }
 };
 
 // true for "lstm", false for "gru"; any other name fails with a message naming `cell`.
@@ -25,6 +38,16 @@ bool is_lstm(c10::string_view cell);
 // [w_ih, w_hh] per layer without biases. Defined in csrc/rnn_stack.cpp.
 StackDims check_rnn_stack_args(bool lstm, const at::Tensor& input, const at::Tensor& h0,
                                const std::optional<at::Tensor>& c0, at::TensorList weights,
-                               const std::optional<at::Tensor>& mask);
+                               const std::optional<at::Tensor>& mask,
+                               at::OptionalIntArrayRef batch_sizes = std::nullopt);
+
+// rnn_stack's signature, for typed calls through the dispatcher.
+using StackSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    c10::string_view, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    at::TensorList, const std::optional<at::Tensor>&, at::OptionalIntArrayRef);
+
+// The shape of a per-row tensor: {lead..., T, B, width}, or {lead..., N, width} packed.
+std::vector<int64_t> stack_rows_shape(const StackDims& d, std::vector<int64_t> lead,
+                                      int64_t width);
 
 }  // namespace seq2seq_ext

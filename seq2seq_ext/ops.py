@@ -514,19 +514,19 @@ _SAVED_WIDTH = {"gru": 5, "lstm": 6}  # a row of `saved`, in multiples of hidden
 
 
 @torch.library.register_fake("seq2seq_ext::rnn_stack")
-def _rnn_stack_fake(cell, input, h0, c0, weights, dropout_mask):
+def _rnn_stack_fake(cell, input, h0, c0, weights, dropout_mask, batch_sizes=None):
     _same_device("input", input, h0=h0, c0=c0, weights=weights, dropout_mask=dropout_mask)
     torch._check(cell in _SAVED_WIDTH, lambda: f"cell: expected 'gru' or 'lstm', got {cell!r}")
     layers, batch, hidden = h0.shape
-    steps = input.shape[0]
+    rows = input.shape[:-1]  # (steps, batch), or (N,) in the packed layout
     c_n = h0.new_empty(h0.shape) if cell == "lstm" else input.new_empty((0,))
-    return (input.new_empty((steps, batch, hidden)), h0.new_empty(h0.shape), c_n,
-            input.new_empty((layers, steps, batch, _SAVED_WIDTH[cell] * hidden)))
+    return (input.new_empty((*rows, hidden)), h0.new_empty(h0.shape), c_n,
+            input.new_empty((layers, *rows, _SAVED_WIDTH[cell] * hidden)))
 
 
 @torch.library.register_fake("seq2seq_ext::rnn_stack_backward")
 def _rnn_stack_backward_fake(cell, grad_output, grad_hn, grad_cn, input, h0, c0, weights,
-                             dropout_mask, saved):
+                             dropout_mask, saved, batch_sizes=None):
     _same_device("input", input, grad_output=grad_output, grad_hn=grad_hn, grad_cn=grad_cn,
                  h0=h0, c0=c0, weights=weights, dropout_mask=dropout_mask, saved=saved)
     grad_c0 = h0.new_empty(h0.shape) if cell == "lstm" else input.new_empty((0,))
@@ -537,7 +537,7 @@ def _rnn_stack_backward_fake(cell, grad_output, grad_hn, grad_cn, input, h0, c0,
 # Autograd: csrc/rnn_stack.cpp (RnnStackFunction, in C++ for its per-call cost).
 
 
-def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None):
+def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None, batch_sizes=None):
     """A multi-layer ``nn.GRU`` (``cell="gru"``, ``c0`` None) or ``nn.LSTM`` (``cell="lstm"``)
     over a sequence, unidirectional, time first: input (steps, batch, in), h0 and c0 (layers,
     batch, hidden), weights the module's ``_flat_weights`` (with or without biases).
@@ -546,8 +546,14 @@ def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None):
 
     Returns ``(output (steps, batch, hidden), h_n, c_n)`` with ``c_n`` None for the GRU.
     Differentiable in input, h0, c0 and every weight. Under the reference backend it runs
-    ``nn.GRU`` / ``nn.LSTM``'s functional form."""
+    ``nn.GRU`` / ``nn.LSTM``'s functional form.
+
+    ``batch_sizes`` (CPU; a list of ints, non-increasing): ``PackedSequence``'s layout. input
+    is then ``packed.data`` (N, in), the rows of step t being the first ``batch_sizes[t]`` of
+    the batch; output (N, hidden) and dropout_mask (layers - 1, N, hidden) are packed alike,
+    and h_n / c_n hold each row's state after its last step. Padded positions cost nothing."""
+    sizes = None if batch_sizes is None else [int(n) for n in batch_sizes]
     if get_backend() == "reference":
-        return reference.rnn_stack(cell, input, h0, c0, weights, dropout_mask)
-    output, h_n, c_n, _ = _ops.rnn_stack(cell, input, h0, c0, weights, dropout_mask)
+        return reference.rnn_stack(cell, input, h0, c0, weights, dropout_mask, sizes)
+    output, h_n, c_n, _ = _ops.rnn_stack(cell, input, h0, c0, weights, dropout_mask, sizes)
     return output, h_n, (c_n if cell == "lstm" else None)

@@ -353,17 +353,27 @@ __all__ += ["CELLS", "check_cell", "make_rnn", "top_hidden_state", "check_rnn_st
             "VariantSeq2SeqDecoder", "lstm_decode_step"]
 
 
-def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None):
+def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None, batch_sizes=None):
     """``seq2seq_ext::rnn_stack`` in plain PyTorch: nn.GRU's (gate order r, z, n; b_hn inside
     the reset product) or nn.LSTM's (i, f, g, o) equations over the layers and steps.
 
     input (steps, batch, in); h0, c0 (layers, batch, hidden) (c0 None for the GRU); weights:
     [w_ih, w_hh, b_ih, b_hh] per layer, or [w_ih, w_hh] without biases; dropout_mask (layers - 1,
     steps, batch, hidden) multiplies each layer's output but the top one's before the next layer
-    reads it. Returns (output (steps, batch, hidden), h_n, c_n (None for the GRU))."""
+    reads it. Returns (output (steps, batch, hidden), h_n, c_n (None for the GRU)).
+
+    Packed (``batch_sizes``, non-increasing): input (N, in) holds the first ``batch_sizes[t]``
+    rows of step t, step after step; output (N, hidden) and dropout_mask (layers - 1, N, hidden)
+    likewise, and h_n / c_n are each row's state after its last step."""
     check_cell(cell)
     layers = h0.shape[0]
     per = len(weights) // layers
+    dense = batch_sizes is None
+    if dense:
+        batch_sizes = [h0.shape[1]] * input.shape[0]
+        input = input.reshape(-1, input.shape[-1])
+        if dropout_mask is not None:
+            dropout_mask = dropout_mask.reshape(layers - 1, -1, h0.shape[2])
     x = input
     hs, cs = [], []
     for layer in range(layers):
@@ -372,28 +382,33 @@ def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None):
         b_ih, b_hh = (w[2], w[3]) if per == 4 else (None, None)
         h = h0[layer]
         c = c0[layer] if cell == "lstm" else None
-        outs = []
-        for t in range(x.shape[0]):
-            gi = torch.nn.functional.linear(x[t], w_ih, b_ih)
-            gh = torch.nn.functional.linear(h, w_hh, b_hh)
+        outs, start = [], 0
+        for n in batch_sizes:
+            gi = torch.nn.functional.linear(x[start:start + n], w_ih, b_ih)
+            start += n
+            gh = torch.nn.functional.linear(h[:n], w_hh, b_hh)
             if cell == "gru":
                 i_r, i_z, i_n = gi.chunk(3, dim=1)
                 h_r, h_z, h_n = gh.chunk(3, dim=1)
                 r = torch.sigmoid(i_r + h_r)
                 z = torch.sigmoid(i_z + h_z)
-                n = torch.tanh(i_n + r * h_n)
-                h = (1 - z) * n + z * h
+                n_ = torch.tanh(i_n + r * h_n)
+                new_h = (1 - z) * n_ + z * h[:n]
             else:
                 i, f, g, o = (gi + gh).chunk(4, dim=1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
-            outs.append(h)
+                new_c = torch.sigmoid(f) * c[:n] + torch.sigmoid(i) * torch.tanh(g)
+                new_h = torch.sigmoid(o) * torch.tanh(new_c)
+                c = torch.cat((new_c, c[n:]))
+            h = torch.cat((new_h, h[n:]))
+            outs.append(new_h)
         hs.append(h)
         cs.append(c)
-        x = torch.stack(outs) if outs else x.new_empty((0,) + h.shape)
+        x = torch.cat(outs) if outs else x.new_empty((0, h.shape[1]))
         if dropout_mask is not None and layer < layers - 1:
             x = x * dropout_mask[layer]
     c_n = torch.stack(cs) if cell == "lstm" else None
+    if dense:
+        x = x.reshape(len(batch_sizes), h0.shape[1], h0.shape[2])
     return x, torch.stack(hs), c_n
 
 

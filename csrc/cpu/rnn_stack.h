@@ -133,55 +133,58 @@ inline const at::Tensor& stack_weight(at::TensorList w, const StackDims& d, int6
 
 // Forward. input (T, B, I) contiguous; h0, c0 (L, B, H) contiguous (c0 undefined for the GRU);
 // mask (L-1, T, B, H) contiguous or undefined. Writes saved (L, T, B, S*H); output, h_n, c_n are
-// filled by the caller from saved.
+// filled by the caller from saved. Packed (d.is_packed), the (T, B) rows are the N rows of the
+// steps one after the other, step t running the first batch_sizes[t] rows of the batch.
 template <class Cell, typename T>
 void stack_forward(const StackDims& d, const at::Tensor& input, const at::Tensor& h0,
                    const at::Tensor& c0, at::TensorList weights, const at::Tensor& mask,
                    at::Tensor& saved) {
   const int64_t L = d.layers, Ts = d.steps, B = d.batch, H = d.hidden;
   const int64_t S = Cell::kSaved * H;
+  const std::vector<int64_t> off = d.offsets();
+  const int64_t M = off[Ts];  // rows over all steps
   std::vector<T> gi, gh, dropped;
   T* sv = saved.data_ptr<T>();
   for (int64_t l = 0; l < L; ++l) {
-    // this layer's input, (T*B, K) with row stride ldx
+    // this layer's input, (M, K) with row stride ldx
     const T* x;
     int64_t K, ldx;
     if (l == 0) {
       x = input.const_data_ptr<T>();
       K = ldx = d.input;
     } else if (mask.defined()) {
-      dropped.resize(Ts * B * H);
-      const T* m = mask.const_data_ptr<T>() + (l - 1) * Ts * B * H;
-      const T* prev = sv + (l - 1) * Ts * B * S;
-      for (int64_t r = 0; r < Ts * B; ++r)
+      dropped.resize(M * H);
+      const T* m = mask.const_data_ptr<T>() + (l - 1) * M * H;
+      const T* prev = sv + (l - 1) * M * S;
+      for (int64_t r = 0; r < M; ++r)
         for (int64_t j = 0; j < H; ++j) dropped[r * H + j] = prev[r * S + j] * m[r * H + j];
       x = dropped.data();
       K = ldx = H;
     } else {
-      x = sv + (l - 1) * Ts * B * S;
+      x = sv + (l - 1) * M * S;
       K = H;
       ldx = S;
     }
     const at::Tensor& w_ih = stack_weight(weights, d, l, 0);
     const at::Tensor& w_hh = stack_weight(weights, d, l, 1);
     const at::Tensor none;
-    const RowProduct<T> in_proj(w_ih.t(), d.bias ? stack_weight(weights, d, l, 2) : none, Ts * B,
-                                Ts * B);
-    const RowProduct<T> hid_proj(w_hh.t(), d.bias ? stack_weight(weights, d, l, 3) : none,
-                                 Ts * B, B);
+    const RowProduct<T> in_proj(w_ih.t(), d.bias ? stack_weight(weights, d, l, 2) : none, M, M);
+    const RowProduct<T> hid_proj(w_hh.t(), d.bias ? stack_weight(weights, d, l, 3) : none, M,
+                                 B);
     const int64_t ldi = in_proj.padded(), ldg = hid_proj.padded();
-    gi.resize(Ts * B * ldi);
+    gi.resize(M * ldi);
     gh.resize(B * ldg);
-    in_proj(x, ldx, Ts * B, gi.data(), ldi);
+    in_proj(x, ldx, M, gi.data(), ldi);
     const T* h = h0.const_data_ptr<T>() + l * B * H;
     const T* c = Cell::kHasCellState ? c0.const_data_ptr<T>() + l * B * H : nullptr;
     int64_t ldh = H;
-    T* layer_saved = sv + l * Ts * B * S;
+    T* layer_saved = sv + l * M * S;
     for (int64_t t = 0; t < Ts; ++t) {
-      hid_proj(h, ldh, B, gh.data(), ldg);
-      T* s = layer_saved + t * B * S;
-      const T* git = gi.data() + t * B * ldi;
-      for (int64_t b = 0; b < B; ++b) {
+      const int64_t rows = off[t + 1] - off[t];
+      hid_proj(h, ldh, rows, gh.data(), ldg);
+      T* s = layer_saved + off[t] * S;
+      const T* git = gi.data() + off[t] * ldi;
+      for (int64_t b = 0; b < rows; ++b) {
         const T* gib = git + b * ldi;
         const T* ghb = gh.data() + b * ldg;
         const T* hb = h + b * ldh;
@@ -193,6 +196,7 @@ void stack_forward(const StackDims& d, const at::Tensor& input, const at::Tensor
                                         H);
         });
       }
+      // the next step's rows are a prefix of this step's
       h = s;
       c = Cell::kHasCellState ? s + H : nullptr;
       ldh = S;
@@ -200,24 +204,34 @@ void stack_forward(const StackDims& d, const at::Tensor& input, const at::Tensor
   }
 }
 
-// The forward's outputs from `saved` (L, T, B, S): output (T, B, H), the top layer's h at every
-// step; h_n and c_n (L, B, H), every layer's last state (c_n undefined for the GRU). Plain row
-// copies: three ATen copies of strided views cost more than the step itself at batch 1.
+// The forward's outputs from `saved` (L, M, S) over the M rows of all steps: output (M, H), the
+// top layer's h at every row; h_n and c_n (L, B, H), every layer's state after each row's last
+// step (h0's / c0's row for a row in no step; c_n undefined for the GRU). Plain row copies:
+// three ATen copies of strided views cost more than the step itself at batch 1.
 template <typename T>
-void stack_outputs(const StackDims& d, int64_t S, const at::Tensor& saved, at::Tensor& output,
-                   at::Tensor& h_n, at::Tensor& c_n) {
+void stack_outputs(const StackDims& d, int64_t S, const at::Tensor& saved, const at::Tensor& h0,
+                   const at::Tensor& c0, at::Tensor& output, at::Tensor& h_n, at::Tensor& c_n) {
   const int64_t L = d.layers, Ts = d.steps, B = d.batch, H = d.hidden;
+  const std::vector<int64_t> off = d.offsets();
+  const int64_t M = off[Ts];
   const T* sv = saved.const_data_ptr<T>();
   T* out = output.data_ptr<T>();
-  const T* top = sv + (L - 1) * Ts * B * S;
-  for (int64_t r = 0; r < Ts * B; ++r) std::copy(top + r * S, top + r * S + H, out + r * H);
+  const T* top = sv + (L - 1) * M * S;
+  for (int64_t r = 0; r < M; ++r) std::copy(top + r * S, top + r * S + H, out + r * H);
   T* hn = h_n.data_ptr<T>();
   T* cn = c_n.defined() ? c_n.data_ptr<T>() : nullptr;
   for (int64_t l = 0; l < L; ++l) {
-    const T* last = sv + ((l * Ts) + Ts - 1) * B * S;
     for (int64_t b = 0; b < B; ++b) {
-      std::copy(last + b * S, last + b * S + H, hn + (l * B + b) * H);
-      if (cn) std::copy(last + b * S + H, last + b * S + 2 * H, cn + (l * B + b) * H);
+      // the row's last step: the last t whose rows include b
+      int64_t t = Ts - 1;
+      while (t >= 0 && off[t + 1] - off[t] <= b) --t;
+      const T* h_src = t >= 0 ? sv + (l * M + off[t] + b) * S : h0.const_data_ptr<T>() + (l * B + b) * H;
+      std::copy(h_src, h_src + H, hn + (l * B + b) * H);
+      if (cn) {
+        const T* c_src =
+            t >= 0 ? sv + (l * M + off[t] + b) * S + H : c0.const_data_ptr<T>() + (l * B + b) * H;
+        std::copy(c_src, c_src + H, cn + (l * B + b) * H);
+      }
     }
   }
 }
@@ -282,18 +296,21 @@ void add_column_sums(const T* A, int64_t lda, int64_t M, int64_t N, T* out) {
 // the order of `weights`). Per layer, top down: the steps in reverse (the cell's backward and
 // the product with W_hh per step), then the weight gradients and the gradient of the layer's
 // input over all steps at once; no ATen operator runs below BLAS sizes (at batch 32 and hidden
-// 32 their per-call costs were most of the backward).
+// 32 their per-call costs were most of the backward). Packed, the rows as in stack_forward: a
+// row's state gradient waits, untouched, in dh / dc until the steps reach its last one.
 template <class Cell, typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_backward(
     const StackDims& d, const at::Tensor& grad_output, const at::Tensor& grad_hn,
     const at::Tensor& grad_cn, const at::Tensor& input, const at::Tensor& h0,
     const at::Tensor& c0, at::TensorList weights, const at::Tensor& mask,
     const at::Tensor& saved) {
-  const int64_t L = d.layers, Ts = d.steps, B = d.batch, H = d.hidden, M = Ts * B;
+  const int64_t L = d.layers, Ts = d.steps, B = d.batch, H = d.hidden;
+  const std::vector<int64_t> off = d.offsets();
+  const int64_t M = off[Ts];
   const int64_t G = Cell::kGates * H, S = Cell::kSaved * H;
   constexpr bool kLstm = Cell::kHasCellState;
   auto opts = input.options();
-  at::Tensor grad_input = at::empty({Ts, B, d.input}, opts);
+  at::Tensor grad_input = at::empty(input.sizes(), opts);
   at::Tensor grad_h0 = at::empty({L, B, H}, opts);
   at::Tensor grad_c0 = kLstm ? at::empty({L, B, H}, opts) : at::Tensor();
   std::vector<at::Tensor> grad_w(weights.size());
@@ -302,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   const T* msk = mask.defined() ? mask.const_data_ptr<T>() : nullptr;
   // dy: the gradient reaching this layer's output (M, H), null when there is none
   const T* dy = grad_output.defined() ? grad_output.const_data_ptr<T>() : nullptr;
-  std::vector<T> dgi(M * G), dgh(kLstm ? 0 : M * G), dy_below, dx, x_dropped;
+  std::vector<T> dgi(M * G), dgh(kLstm ? 0 : M * G), dy_below, dx, x_dropped, h_prev;
   T* dgh_p = kLstm ? dgi.data() : dgh.data();
   std::vector<T> dh(B * H), dc(kLstm ? B * H : 0), dh_direct(B * H), dh_rec;
   for (int64_t l = L - 1; l >= 0; --l) {
@@ -331,15 +348,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     const T* h0l = h0.const_data_ptr<T>() + l * B * H;
     const T* c0l = kLstm ? c0.const_data_ptr<T>() + l * B * H : nullptr;
     for (int64_t t = Ts - 1; t >= 0; --t) {
-      const T* s = layer_saved + t * B * S;
-      const T* hp = t > 0 ? layer_saved + (t - 1) * B * S : h0l;
+      const int64_t rows = off[t + 1] - off[t];
+      const T* s = layer_saved + off[t] * S;
+      const T* hp = t > 0 ? layer_saved + off[t - 1] * S : h0l;
       const int64_t ldh = t > 0 ? S : H;
-      const T* cp = kLstm ? (t > 0 ? layer_saved + (t - 1) * B * S + H : c0l) : nullptr;
+      const T* cp = kLstm ? (t > 0 ? layer_saved + off[t - 1] * S + H : c0l) : nullptr;
       if (dy)
-        for (int64_t k = 0; k < B * H; ++k) dh[k] += dy[t * B * H + k];
-      for (int64_t b = 0; b < B; ++b) {
-        T* dgib = dgi.data() + (t * B + b) * G;
-        T* dghb = dgh_p + (t * B + b) * G;
+        for (int64_t k = 0; k < rows * H; ++k) dh[k] += dy[off[t] * H + k];
+      for (int64_t b = 0; b < rows; ++b) {
+        T* dgib = dgi.data() + (off[t] + b) * G;
+        T* dghb = dgh_p + (off[t] + b) * G;
         over_row<T>(H, [&](auto lanes, int64_t j) {
           using Lanes = decltype(lanes);
           Cell::template backward<Lanes>(dh.data() + b * H + j,
@@ -349,8 +367,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
                                          dh_direct.data() + b * H + j, H);
         });
       }
-      rec(dgh_p + t * B * G, G, B, dh_rec.data(), ldr);
-      for (int64_t b = 0; b < B; ++b)
+      rec(dgh_p + off[t] * G, G, rows, dh_rec.data(), ldr);
+      for (int64_t b = 0; b < rows; ++b)
         for (int64_t j = 0; j < H; ++j)
           dh[b * H + j] = dh_direct[b * H + j] + dh_rec[b * ldr + j];
     }
@@ -378,10 +396,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     if (M == 0) continue;
     const int64_t base = (d.bias ? 4 : 2) * l;
     add_at_x<T>(dgi.data(), G, x, ldx, M, G, K, grad_w[base].data_ptr<T>());
-    // W_hh's gradient: the previous hidden state of step t is h0 for t = 0, else row t - 1
+    // W_hh's gradient: the state row b of step t started from is h0's row b for t = 0, else
+    // row b of step t - 1: dense, the rows B earlier; packed, gathered first
     T* gw_hh = grad_w[base + 1].data_ptr<T>();
-    add_at_x<T>(dgh_p, G, h0l, H, B, G, H, gw_hh);
-    add_at_x<T>(dgh_p + B * G, G, layer_saved, S, M - B, G, H, gw_hh);
+    add_at_x<T>(dgh_p, G, h0l, H, off[1], G, H, gw_hh);
+    if (!d.is_packed) {
+      add_at_x<T>(dgh_p + B * G, G, layer_saved, S, M - B, G, H, gw_hh);
+    } else if (M > off[1]) {
+      h_prev.resize((M - off[1]) * H);
+      for (int64_t t = 1; t < Ts; ++t)
+        for (int64_t b = 0; b < off[t + 1] - off[t]; ++b)
+          std::copy(layer_saved + (off[t - 1] + b) * S, layer_saved + (off[t - 1] + b) * S + H,
+                    h_prev.data() + (off[t] - off[1] + b) * H);
+      add_at_x<T>(dgh_p + off[1] * G, G, h_prev.data(), H, M - off[1], G, H, gw_hh);
+    }
     if (d.bias) {
       add_column_sums<T>(dgi.data(), G, M, G, grad_w[base + 2].data_ptr<T>());
       add_column_sums<T>(dgh_p, G, M, G, grad_w[base + 3].data_ptr<T>());

@@ -295,9 +295,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_cuda(
     c10::string_view cell, const at::Tensor& input, const at::Tensor& h0,
     const std::optional<at::Tensor>& c0, at::TensorList weights,
-    const std::optional<at::Tensor>& dropout_mask) {
+    const std::optional<at::Tensor>& dropout_mask, at::OptionalIntArrayRef batch_sizes) {
   const bool lstm = is_lstm(cell);
-  const StackDims d = check_rnn_stack_args(lstm, input, h0, c0, weights, dropout_mask);
+  // the packed layout is the CPU's: the check raises naming batch_sizes
+  const StackDims d =
+      check_rnn_stack_args(lstm, input, h0, c0, weights, dropout_mask, batch_sizes);
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t L = d.layers, T = d.steps, B = d.batch, H = d.hidden;
   const int64_t S = (lstm ? LstmCell::kSaved : GruCell::kSaved) * H;
@@ -331,9 +333,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_stac
     const std::optional<at::Tensor>& grad_hn, const std::optional<at::Tensor>& grad_cn,
     const at::Tensor& input, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask,
-    const at::Tensor& saved) {
+    const at::Tensor& saved, at::OptionalIntArrayRef batch_sizes) {
   const bool lstm = is_lstm(cell);
-  const StackDims d = check_rnn_stack_args(lstm, input, h0, c0, weights, dropout_mask);
+  const StackDims d =
+      check_rnn_stack_args(lstm, input, h0, c0, weights, dropout_mask, batch_sizes);
   const int64_t L = d.layers, T = d.steps, B = d.batch, H = d.hidden;
   const int64_t S = (lstm ? LstmCell::kSaved : GruCell::kSaved) * H;
   const std::vector<int64_t> saved_shape{L, T, B, S};

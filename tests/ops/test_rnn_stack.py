@@ -226,3 +226,133 @@ class TestRnnStack:
         want = reference.rnn_stack("gru", *args)
         for g, w in zip(got[:2], want[:2]):
             assert torch.equal(g, w)
+
+
+def packed_args(cell, layers, lengths, in_size, hidden, *, bias=True, mask=False,
+                dtype=torch.float64, seed=0, requires_grad=False):
+    """make_args in PackedSequence's layout for rows of the given non-increasing lengths:
+    (input (N, in), h0, c0, weights, dropout_mask (layers - 1, N, hidden)), batch_sizes."""
+    steps = max(lengths, default=0)
+    batch_sizes = [sum(1 for n in lengths if n > t) for t in range(steps)]
+    rows = sum(batch_sizes)
+    x, h0, c0, weights, _ = make_args(cell, layers, 1, len(lengths), in_size, hidden, bias=bias,
+                                      dtype=dtype, seed=seed, requires_grad=requires_grad)
+    g = generator(seed + 1)
+    x = (torch.rand((rows, in_size), generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+    x.requires_grad_(requires_grad)
+    dropout_mask = None
+    if mask and layers > 1:
+        keep = torch.rand((layers - 1, rows, hidden), generator=g) > 0.3
+        dropout_mask = (keep.to(torch.float64) / 0.7).to(dtype)
+    return (x, h0, c0, weights, dropout_mask), batch_sizes
+
+
+class TestRnnStackPacked:
+    """batch_sizes: PackedSequence's layout, the padded positions skipped."""
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("layers,lengths,in_size,hidden,bias,mask", [
+        (1, [3], 3, 5, True, False),
+        (2, [5, 5, 3, 2, 2, 1, 0], 7, 11, True, True),   # a row in no step
+        (3, [4, 4, 4], 9, 16, False, True),               # no padding at all
+        (2, [6, 1], 13, 9, True, False),
+        (2, [0, 0], 3, 4, True, True),                    # nothing to run
+        (2, [12, 10, 9, 9, 7, 3, 3, 2, 1, 1] * 2, 48, 40, True, True),  # products through BLAS
+    ])
+    def test_matches_reference(self, cell, layers, lengths, in_size, hidden, bias, mask, dtype):
+        args, batch_sizes = packed_args(cell, layers, lengths, in_size, hidden, bias=bias,
+                                        mask=mask, dtype=dtype, seed=len(lengths) + hidden,
+                                        requires_grad=True)
+        x, h0, c0, weights, _ = args
+        got = ops.rnn_stack(cell, *args, batch_sizes=batch_sizes)
+        want = reference.rnn_stack(cell, *args, batch_sizes=batch_sizes)
+        tol = gru_tol(dtype)
+        for g, w, name in zip(got, want, ("output", "h_n", "c_n")):
+            if w is None:
+                assert g is None
+                continue
+            torch.testing.assert_close(g, w, **tol, msg=lambda m: f"{name}: {m}")
+        inputs = differentiable(x, h0, c0, weights)
+        for k, (g, w) in enumerate(zip(grads_of(got, inputs), grads_of(want, inputs))):
+            if w is None:  # unused by the reference (no rows): the op's gradient is zero
+                assert g is None or not g.any()
+                continue
+            torch.testing.assert_close(g, w, **tol, msg=lambda m: f"gradient {k}: {m}")
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_matches_torch_nn_on_a_packed_sequence(self, cell):
+        torch.manual_seed(5)
+        rnn = getattr(torch.nn, cell.upper())(6, 10, 2).double()
+        lengths = [5, 5, 3, 1]
+        padded = torch.randn(5, 4, 6, dtype=torch.float64)
+        packed = torch.nn.utils.rnn.pack_padded_sequence(padded, torch.tensor(lengths))
+        h0 = torch.randn(2, 4, 10, dtype=torch.float64)
+        c0 = torch.randn(2, 4, 10, dtype=torch.float64) if cell == "lstm" else None
+        want_out, want_state = rnn(packed, (h0, c0) if cell == "lstm" else h0)
+        out, h_n, c_n = ops.rnn_stack(cell, packed.data, h0, c0, rnn._flat_weights,
+                                      batch_sizes=packed.batch_sizes.tolist())
+        torch.testing.assert_close(out, want_out.data, rtol=1e-12, atol=1e-12)
+        want_h = want_state[0] if cell == "lstm" else want_state
+        torch.testing.assert_close(h_n, want_h, rtol=1e-12, atol=1e-12)
+        if cell == "lstm":
+            torch.testing.assert_close(c_n, want_state[1], rtol=1e-12, atol=1e-12)
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_equals_the_dense_op_at_the_kept_positions(self, cell):
+        """Packing changes which positions run, not what they compute (float32)."""
+        lengths = [7, 6, 6, 4, 2, 2, 1, 0]
+        steps, batch = 7, len(lengths)
+        x, h0, c0, weights, _ = make_args(cell, 2, steps, batch, 10, 19, dtype=torch.float32,
+                                          seed=21)
+        dense, _, _ = ops.rnn_stack(cell, x, h0, c0, weights)
+        kept = torch.arange(steps)[:, None] < torch.tensor(lengths)[None, :]
+        rows = kept.reshape(-1).nonzero().squeeze(1)
+        batch_sizes = kept.sum(1).tolist()
+        out, _, _ = ops.rnn_stack(cell, x.reshape(steps * batch, -1)[rows], h0, c0, weights,
+                                  batch_sizes=batch_sizes)
+        torch.testing.assert_close(out, dense.reshape(steps * batch, -1)[rows],
+                                   rtol=1e-6, atol=1e-6)
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_gradcheck(self, cell):
+        args, batch_sizes = packed_args(cell, 2, [3, 2, 2, 0], 3, 4, mask=True, seed=31,
+                                        requires_grad=True)
+        x, h0, c0, weights, mask = args
+        leaves = differentiable(x, h0, c0, weights)
+
+        def f(*t):
+            c = t[2] if cell == "lstm" else None
+            w = list(t[3:] if cell == "lstm" else t[2:])
+            return ops.rnn_stack(cell, t[0], t[1], c, w, mask, batch_sizes)[:2]
+
+        assert torch.autograd.gradcheck(f, tuple(leaves))
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_opcheck(self, cell):
+        args, batch_sizes = packed_args(cell, 2, [4, 3, 3, 1], 5, 6, mask=True,
+                                        dtype=torch.float32, seed=41, requires_grad=True)
+        torch.library.opcheck(OP, (cell, *args, batch_sizes))
+        plain = [t.detach() if isinstance(t, torch.Tensor) else
+                 ([w.detach() for w in t] if isinstance(t, list) else t) for t in args]
+        out, h_n, c_n, saved = OP(cell, *plain, batch_sizes)
+        g = generator(2)
+        grad_out = torch.randn(out.shape, generator=g, dtype=out.dtype)
+        torch.library.opcheck(BACKWARD, (cell, grad_out, h_n, None, *plain[:4], plain[4], saved,
+                                         batch_sizes))
+
+    @pytest.mark.parametrize("batch_sizes, match", [
+        ([2, 3], "batch_sizes: expected non-increasing"),
+        ([5, 1], "batch_sizes: expected non-increasing sizes between 0 and the batch"),
+        ([3, 1], r"input: expected 4 rows \(the sum of batch_sizes\)"),
+    ])
+    def test_bad_batch_sizes_name_them(self, batch_sizes, match):
+        args, _ = packed_args("lstm", 2, [2, 2, 1], 3, 4, seed=51)
+        with pytest.raises(RuntimeError, match=match):
+            OP("lstm", *args, batch_sizes)
+
+    def test_packed_mask_shape_is_checked(self):
+        args, batch_sizes = packed_args("gru", 2, [2, 1], 3, 4, seed=52)
+        x, h0, c0, weights, _ = args
+        with pytest.raises(RuntimeError, match=r"dropout_mask: expected shape \[1, 3, 4\]"):
+            OP("gru", x, h0, c0, weights, torch.ones(1, 2, 2, 4, dtype=x.dtype), batch_sizes)
