@@ -14,22 +14,23 @@ results and the same errors as ``torch.nn``):
 fused (``rnn_stack``)                      PyTorch's ``nn.GRU`` / ``nn.LSTM`` forward
 =========================================  ===================================================
 any ``num_layers``, ``bias`` either way,   ``bidirectional=True``, ``proj_size > 0``,
-``batch_first`` either way, unbatched      ``PackedSequence`` input,
-input, ``hx`` given or not, inter-layer    dtypes other than float32 / float64 (and float16 /
-dropout, float32 / float64 on the CPU      bfloat16 under ``torch.autocast``), devices without
-(and CUDA when built with it), grad mode   the kernel, the reference backend
-on or off, ``torch.compile``, DDP          (``seq2seq_ext.set_backend("reference")``), and any
-                                           input whose shapes ``nn.GRU`` would reject (so that
-                                           its error is raised), and a float32 ``LSTM`` on the
-                                           CPU with ``hidden_size >= 128`` over more than one
-                                           time step (see below)
+``batch_first`` either way, unbatched      a ``PackedSequence`` on CUDA or under
+input, ``hx`` given or not, inter-layer    ``torch.compile``, dtypes other than float32 /
+dropout, float32 / float64 on the CPU      float64 (and float16 / bfloat16 under
+(and CUDA when built with it), grad mode   ``torch.autocast``), devices without the kernel,
+on or off, ``torch.compile``, DDP; a       the reference backend
+``PackedSequence`` on the CPU (the         (``seq2seq_ext.set_backend("reference")``), and
+padded positions skipped, as PyTorch's     any input whose shapes ``nn.GRU`` would reject
+packed layers do)                          (so that its error is raised), and a float32
+                                           ``LSTM`` on the CPU with ``hidden_size >= 128``
+                                           over more than one time step (see below)
 =========================================  ===================================================
 
 PyTorch's CPU ``nn.LSTM`` runs float32 on oneDNN's fused RNN, whose products over a whole
 sequence reach a higher rate than the per-step BLAS products of ``rnn_stack`` once the hidden
 size makes them GEMM-bound (at hidden 128 and above; benchmarks/RESULTS.md): there the drop-in
-LSTM hands a sequence to PyTorch, and keeps the fused op for one-step calls (a decoder's step in
-a Python loop), whose per-call cost it cuts. ``nn.GRU`` has no oneDNN path: the GRU always runs
+LSTM hands a sequence (padded or packed) to PyTorch, and keeps the fused op for one-step calls
+(a decoder's step in a Python loop), whose per-call cost it cuts. ``nn.GRU`` has no oneDNN path: the GRU always runs
 fused.
 
 Dropout between layers keeps a unit when a uniform sample from the default generator falls
@@ -141,6 +142,59 @@ def _forward(module, cell, input, hx, torch_masks=False):
                           module.training, torch_masks)
 
 
+def _packed_forward(module, cell, packed, hx, torch_masks=False):
+    """The fused forward of a ``PackedSequence`` (the op's packed layout, CPU): (output packed,
+    h_n, c_n), or None for torch.nn's own forward. The padded positions are skipped."""
+    data, batch_sizes, sorted_indices, unsorted_indices = packed
+    if (type(data) is not torch.Tensor or data.dtype not in _FLOATS or data.dim() != 2
+            or data.shape[-1] != module.input_size or data.device.type != "cpu"
+            or module.bidirectional or getattr(module, "proj_size", 0)
+            or ops.get_backend() != "ext" or torch.is_autocast_enabled("cpu")
+            or torch.compiler.is_compiling() or batch_sizes.numel() == 0):
+        return None
+    if (cell == "lstm" and _ONEDNN and module.hidden_size >= _ONEDNN_LSTM_HIDDEN
+            and data.dtype == torch.float32 and batch_sizes.numel() > 1):
+        return None  # PyTorch's oneDNN LSTM, as for a padded sequence
+    w = module._flat_weights[0]
+    if w is None or w.dtype != data.dtype or w.device != data.device:
+        return None
+    layers, hidden, batch = module.num_layers, module.hidden_size, int(batch_sizes[0])
+    want = (layers, batch, hidden)
+    if hx is None:
+        h0 = data.new_zeros(want)
+        c0 = h0 if cell == "lstm" else None
+    else:
+        if cell == "lstm":
+            if not (isinstance(hx, tuple) and len(hx) == 2):
+                return None
+            h0, c0 = hx
+        else:
+            h0, c0 = hx, None
+        states = [t for t in (h0, c0) if t is not None]
+        if any(tuple(t.shape) != want or t.dtype != data.dtype or t.device != data.device
+               for t in states):
+            return None
+        if sorted_indices is not None:  # the state's rows in the packed batch's order
+            h0 = h0.index_select(1, sorted_indices)
+            c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
+    mask = None
+    p = module.dropout
+    if p and module.training and layers > 1:
+        shape = (layers - 1, data.shape[0], hidden)
+        if p >= 1:
+            mask = data.new_zeros(shape)
+        elif torch_masks:
+            mask = data.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
+        else:
+            mask = data.new_empty(shape).uniform_().lt_(1 - p).div_(1 - p)
+    output, h_n, c_n = ops.rnn_stack(cell, data, h0, c0, module._flat_weights, mask,
+                                     batch_sizes.tolist())
+    if unsorted_indices is not None:  # back to the caller's order
+        h_n = h_n.index_select(1, unsorted_indices)
+        c_n = c_n.index_select(1, unsorted_indices) if c_n is not None else None
+    return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), h_n, c_n
+
+
 def fused_forward(module, input, hx=None, torch_masks=False):
     """``module.forward(input, hx)`` of an ``nn.GRU`` or ``nn.LSTM`` (drop-in or not) on the fused
     op: ``(output, h_n)`` or ``(output, (h_n, c_n))``, or None when the op does not apply (see
@@ -148,7 +202,11 @@ def fused_forward(module, input, hx=None, torch_masks=False):
     ``torch_masks``: draw the dropout masks exactly as ``nn.GRU`` / ``nn.LSTM`` do, so that a
     seeded run gives their numbers (one ``bernoulli_`` per layer, slower than the default)."""
     lstm = isinstance(module, torch.nn.LSTM)
-    out = _forward(module, "lstm" if lstm else "gru", input, hx, torch_masks)
+    cell = "lstm" if lstm else "gru"
+    if isinstance(input, PackedSequence):
+        out = _packed_forward(module, cell, input, hx, torch_masks)
+    else:
+        out = _forward(module, cell, input, hx, torch_masks)
     if out is None:
         return None
     return (out[0], (out[1], out[2])) if lstm else (out[0], out[1])

@@ -185,12 +185,11 @@ class TestDropInParity:
 
 class TestFallbacks:
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
-    @pytest.mark.parametrize("kwargs", [dict(bidirectional=True), dict(num_layers=2)])
-    def test_packed_sequence_and_bidirectional_run_torch(self, cell, kwargs, op_calls):
-        ref, new = pair(cell, 4, 6, **kwargs)
+    def test_bidirectional_runs_torch(self, cell, op_calls):
+        ref, new = pair(cell, 4, 6, bidirectional=True)
         x = torch.randn(5, 3, 4, dtype=torch.float64)
         packed = pack_padded_sequence(x, torch.tensor([5, 3, 2]))
-        for inp in (packed, x if "bidirectional" in kwargs else packed):
+        for inp in (packed, x):
             got, want = new(inp), ref(inp)
             g0 = got[0].data if hasattr(got[0], "data") else got[0]
             w0 = want[0].data if hasattr(want[0], "data") else want[0]
@@ -444,3 +443,52 @@ def reference_vocab(size):
     vocab = seq2seq_ext.Vocab([letters], reserved_tokens=["<pad>", "<bos>", "<eos>"])
     assert len(vocab) == size
     return vocab
+
+
+class TestPackedSequence:
+    """A PackedSequence on the CPU runs the fused op in its packed layout (padding skipped)."""
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("layers", [1, 3])
+    @pytest.mark.parametrize("enforce_sorted", [True, False])
+    @pytest.mark.parametrize("with_hx", [False, True])
+    def test_matches_torch_nn(self, cell, layers, enforce_sorted, with_hx, op_calls):
+        ref, new = pair(cell, 5, 7, layers, seed=layers)
+        lengths = [6, 4, 4, 2, 1] if enforce_sorted else [2, 6, 1, 4, 4]
+        x = torch.randn(6, 5, 5, dtype=torch.float64)
+        packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=enforce_sorted)
+        hx = None
+        if with_hx:
+            h = torch.randn(layers, 5, 7, dtype=torch.float64)
+            hx = (h, torch.randn_like(h)) if cell == "lstm" else h
+        (got_out, got_state), (want_out, want_state) = new(packed, hx), ref(packed, hx)
+        assert isinstance(got_out, type(want_out))
+        assert torch.equal(got_out.batch_sizes, want_out.batch_sizes)
+        torch.testing.assert_close(got_out.data, want_out.data, rtol=1e-12, atol=1e-12)
+        for g, w in zip(state_tensors(got_state), state_tensors(want_state)):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+        assert op_calls == [cell]
+        params = list(new.parameters())
+        grads = torch.autograd.grad(got_out.data.sum() + state_tensors(got_state)[0].sum(),
+                                    params)
+        want_grads = torch.autograd.grad(
+            want_out.data.sum() + state_tensors(want_state)[0].sum(), list(ref.parameters()))
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+    def test_dropout_in_training_keeps_the_distribution(self):
+        _, new = pair("gru", 4, 50, 2, dropout=0.5, seed=3)
+        x = torch.randn(8, 6, 4, dtype=torch.float64)
+        packed = pack_padded_sequence(x, torch.tensor([8, 7, 5, 5, 2, 1]))
+        torch.manual_seed(0)
+        a = new(packed)[0].data
+        b = new(packed)[0].data
+        assert not torch.equal(a, b)  # masks drawn each call
+        new.eval()
+        assert torch.equal(new(packed)[0].data, new(packed)[0].data)
+
+    def test_large_float32_lstm_runs_onednn(self, op_calls):
+        ref, new = pair("lstm", 8, snn._ONEDNN_LSTM_HIDDEN, 1, dtype=torch.float32)
+        packed = pack_padded_sequence(torch.randn(3, 2, 8), torch.tensor([3, 2]))
+        torch.testing.assert_close(new(packed)[0].data, ref(packed)[0].data, rtol=0, atol=0)
+        assert op_calls == ([] if snn._ONEDNN else ["lstm"])
