@@ -77,4 +77,21 @@ inline void check_valid_len(const at::Tensor& valid_len, int64_t batch, const at
   check_same_device(valid_len, ref, "valid_len", ref_name);
 }
 
+// The batch_sizes of PackedSequence's layout, for an op whose packed input holds the rows of
+// every step one after the other: CPU only, non-increasing sizes in [0, batch], and input's
+// first size their sum.
+inline void check_batch_sizes(at::IntArrayRef batch_sizes, int64_t batch, const at::Tensor& input,
+                              const char* batch_of) {
+  TORCH_CHECK(input.device().is_cpu(), "batch_sizes: the packed layout runs on the CPU; got "
+              "input on ", input.device());
+  int64_t rows = 0, prev = batch;
+  for (const int64_t n : batch_sizes) {
+    TORCH_CHECK(n >= 0 && n <= prev, "batch_sizes: expected non-increasing sizes between 0 ",
+                "and the batch of ", batch_of, " (", batch, "), got ", batch_sizes);
+    rows += prev = n;
+  }
+  TORCH_CHECK(input.size(0) == rows, "input: expected ", rows, " rows (the sum of ",
+              "batch_sizes) in the packed layout, got shape ", shape_str(input));
+}
+
 }  // namespace seq2seq_ext

@@ -53,18 +53,7 @@ GruLayerDims check_gru_layer_args(const at::Tensor& input, const at::Tensor& h0,
                                          input.size(1), w_hh.size(1), *batch_sizes, true}
                           : GruLayerDims{input.size(0), input.size(1), input.size(2),
                                          w_hh.size(1)};
-  if (packed) {
-    TORCH_CHECK(input.device().is_cpu(), "batch_sizes: the packed layout runs on the CPU; got "
-                "input on ", input.device());
-    int64_t rows = 0, prev = d.batch;
-    for (const int64_t n : *batch_sizes) {
-      TORCH_CHECK(n >= 0 && n <= prev, "batch_sizes: expected non-increasing sizes between 0 ",
-                  "and the batch of h0 (", d.batch, "), got ", *batch_sizes);
-      rows += prev = n;
-    }
-    TORCH_CHECK(input.size(0) == rows, "input: expected ", rows, " rows (the sum of ",
-                "batch_sizes) in the packed layout, got shape ", shape_str(input));
-  }
+  if (packed) check_batch_sizes(*batch_sizes, d.batch, input, "h0");
   const int64_t H = d.hidden, G = 3 * H;
   check_same_device(w_hh, input, "w_hh", "input");
   check_same_dtype(w_hh, input, "w_hh", "input");

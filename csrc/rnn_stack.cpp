@@ -53,18 +53,7 @@ StackDims check_rnn_stack_args(bool lstm, const at::Tensor& input, const at::Ten
                                    true}
                        : StackDims{h0.size(0), input.size(0), input.size(1), input.size(2),
                                    h0.size(2), true};
-  if (packed) {
-    TORCH_CHECK(input.device().is_cpu(), "batch_sizes: the packed layout runs on the CPU; got "
-                "input on ", input.device());
-    int64_t rows = 0, prev = d.batch;
-    for (const int64_t n : *batch_sizes) {
-      TORCH_CHECK(n >= 0 && n <= prev, "batch_sizes: expected non-increasing sizes between 0 ",
-                  "and the batch of h0 (", d.batch, "), got ", *batch_sizes);
-      rows += prev = n;
-    }
-    TORCH_CHECK(input.size(0) == rows, "input: expected ", rows, " rows (the sum of ",
-                "batch_sizes) in the packed layout, got shape ", shape_str(input));
-  }
+  if (packed) check_batch_sizes(*batch_sizes, d.batch, input, "h0");
   const int64_t L = d.layers, H = d.hidden, G = (lstm ? 4 : 3) * H;
   TORCH_CHECK(L >= 1, "h0: expected at least one layer (size 0 of h0), got shape ",
               shape_str(h0));

@@ -75,6 +75,16 @@ def _fused_ok(module, input):
     return w is not None and w.dtype == input.dtype and w.device == device
 
 
+def _split_hx(cell, hx):
+    """(h0, c0) of a given ``hx`` (c0 None for the GRU), or (None, None) when an LSTM's is not
+    an (h0, c0) pair."""
+    if cell != "lstm":
+        return hx, None
+    if not (isinstance(hx, tuple) and len(hx) == 2):
+        return None, None
+    return hx
+
+
 def _run(module, cell, input, hx, torch_masks=False):
     """The fused forward: (output, h_n, c_n) in the module's layout, or None when ``hx`` does
     not have the shape nn.GRU / nn.LSTM expects (the caller then lets torch.nn raise)."""
@@ -90,14 +100,9 @@ def _run(module, cell, input, hx, torch_masks=False):
         h0 = x.new_zeros((layers, batch, hidden))
         c0 = h0 if cell == "lstm" else None
     else:
-        if cell == "lstm":
-            if not (isinstance(hx, tuple) and len(hx) == 2):
-                return None
-            h0, c0 = hx
-            if tuple(c0.shape) != want:
-                return None
-        else:
-            h0, c0 = hx, None
+        h0, c0 = _split_hx(cell, hx)
+        if h0 is None or (c0 is not None and tuple(c0.shape) != want):
+            return None
         if tuple(h0.shape) != want or any(
                 t.dtype != x.dtype or t.device != x.device for t in (h0, c0) if t is not None):
             return None
@@ -164,12 +169,9 @@ def _packed_forward(module, cell, packed, hx, torch_masks=False):
         h0 = data.new_zeros(want)
         c0 = h0 if cell == "lstm" else None
     else:
-        if cell == "lstm":
-            if not (isinstance(hx, tuple) and len(hx) == 2):
-                return None
-            h0, c0 = hx
-        else:
-            h0, c0 = hx, None
+        h0, c0 = _split_hx(cell, hx)
+        if h0 is None:
+            return None
         states = [t for t in (h0, c0) if t is not None]
         if any(tuple(t.shape) != want or t.dtype != data.dtype or t.device != data.device
                for t in states):
