@@ -6,7 +6,8 @@
 # build directory of this repository (never into torch's own directory).
 #
 # Environment: NVCC (default /usr/local/bin/nvcc), PYTHON (default python3),
-#              CUDA_CHECK_JOBS (parallel compiles, default 2).
+#              CUDA_CHECK_JOBS (parallel compiles, default 2),
+#              CUDA_CHECK_ARCHS (the SM versions to compile for, default "80 90").
 # Exit status: 0 when every file compiles (or there is nothing to compile), 1 otherwise.
 set -euo pipefail
 
@@ -45,7 +46,6 @@ if [ ! -f "$STANDIN/c10/cuda/impl/cuda_cmake_macros.h" ]; then
 fi
 
 flags=(-std=c++20 -O2 -c -o /dev/null
-  -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
   --expt-relaxed-constexpr
   # the defines torch.utils.cpp_extension adds to every nvcc command (COMMON_NVCC_FLAGS)
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
@@ -55,6 +55,10 @@ flags=(-std=c++20 -O2 -c -o /dev/null
   -I"$ROOT/csrc" -I"$STANDIN")
 for dir in $torch_includes; do
   flags+=(-isystem "$dir")
+done
+ARCHS="${CUDA_CHECK_ARCHS:-80 90}"
+for arch in $ARCHS; do
+  flags+=(-gencode "arch=compute_$arch,code=sm_$arch")
 done
 
 # Compile one file; its log goes to build/cuda-check/logs/<name>.log, its status to <name>.rc.
@@ -97,4 +101,4 @@ if [ "$failed" -ne 0 ]; then
   echo "cuda_check: some CUDA sources failed to compile (sm_80, sm_90)" >&2
   exit 1
 fi
-echo "cuda_check: all ${#sources[@]} CUDA sources compile for sm_80 and sm_90"
+echo "cuda_check: all ${#sources[@]} CUDA sources compile for $(printf "sm_%s " $ARCHS | sed "s/ $//")"
