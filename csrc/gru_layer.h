@@ -19,10 +19,10 @@ struct GruLayerDims {
   c10::IntArrayRef batch_sizes = {};
   bool is_packed = false;
   bool packed() const { return is_packed; }
-  // the first packed row of each step, and the number of rows after the last (T + 1 entries)
+  // the first row of each step among the rows of all steps, and their number (T + 1 entries)
   std::vector<int64_t> offsets() const {
-    std::vector<int64_t> o(batch_sizes.size() + 1, 0);
-    for (size_t t = 0; t < batch_sizes.size(); ++t) o[t + 1] = o[t] + batch_sizes[t];
+    std::vector<int64_t> o(steps + 1, 0);
+    for (int64_t t = 0; t < steps; ++t) o[t + 1] = o[t] + (is_packed ? batch_sizes[t] : batch);
     return o;
   }
 };

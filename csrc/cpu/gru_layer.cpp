@@ -75,9 +75,7 @@ void gru_layer_backward(const GruLayerDims& d, const at::Tensor& grad_output,
   const at::Tensor saved_c = saved.contiguous();
   // the first row of each step in the (T * B) or packed rows; the rows of step t are the first
   // batch_sizes[t] of the batch (all B when dense), and the others keep their gradient as it is
-  std::vector<int64_t> off(T + 1);
-  for (int64_t t = 0; t <= T; ++t) off[t] = d.packed() ? 0 : t * B;
-  if (d.packed()) off = d.offsets();
+  const std::vector<int64_t> off = d.offsets();
   AT_DISPATCH_FLOATING_TYPES(dh.scalar_type(), "gru_layer_backward_cpu", [&] {
     for (int64_t t = T - 1; t >= 0; --t) {
       const int64_t rows = off[t + 1] - off[t];
@@ -103,7 +101,7 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
                const at::Tensor& b_hh, const std::optional<at::Tensor>& extra,
                at::Tensor& output, at::Tensor& saved) {
   const int64_t T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
-  const int64_t N = d.packed() ? d.offsets().back() : T * B;  // rows over all steps
+  const int64_t N = d.offsets().back();  // rows over all steps
   auto opts = input.options();
   // the input projection of every step in one GEMM: (N, I) x (I, 3H) + b_ih
   at::Tensor gi = at::empty({N, G}, opts);

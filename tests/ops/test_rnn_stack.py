@@ -58,6 +58,21 @@ def differentiable(x, h0, c0, weights):
     return [x, h0] + ([c0] if c0 is not None else []) + list(weights)
 
 
+def assert_outputs_and_grads(got, want, inputs, tol):
+    """(output, h_n, c_n) and the gradients of grads_of close to the reference's; a gradient
+    the reference leaves unused (no rows to run) must be absent or zero."""
+    for g, w, name in zip(got, want, ("output", "h_n", "c_n")):
+        if w is None:
+            assert g is None
+            continue
+        torch.testing.assert_close(g, w, **tol, msg=lambda m: f"{name}: {m}")
+    for k, (g, w) in enumerate(zip(grads_of(got, inputs), grads_of(want, inputs))):
+        if w is None:
+            assert g is None or not g.any()
+            continue
+        torch.testing.assert_close(g, w, **tol, msg=lambda m: f"gradient {k}: {m}")
+
+
 class TestRnnStack:
     @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -82,15 +97,7 @@ class TestRnnStack:
         x, h0, c0, weights, dropout_mask = args
         got = ops.rnn_stack(cell, *args)
         want = reference.rnn_stack(cell, *args)
-        tol = gru_tol(dtype)
-        for g, w, name in zip(got, want, ("output", "h_n", "c_n")):
-            if w is None:
-                assert g is None
-                continue
-            torch.testing.assert_close(g, w, **tol, msg=lambda m: f"{name}: {m}")
-        inputs = differentiable(x, h0, c0, weights)
-        for k, (g, w) in enumerate(zip(grads_of(got, inputs), grads_of(want, inputs))):
-            torch.testing.assert_close(g, w, **tol, msg=lambda m: f"gradient {k}: {m}")
+        assert_outputs_and_grads(got, want, differentiable(x, h0, c0, weights), gru_tol(dtype))
 
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     def test_matches_torch_nn(self, cell):
@@ -267,18 +274,7 @@ class TestRnnStackPacked:
         x, h0, c0, weights, _ = args
         got = ops.rnn_stack(cell, *args, batch_sizes=batch_sizes)
         want = reference.rnn_stack(cell, *args, batch_sizes=batch_sizes)
-        tol = gru_tol(dtype)
-        for g, w, name in zip(got, want, ("output", "h_n", "c_n")):
-            if w is None:
-                assert g is None
-                continue
-            torch.testing.assert_close(g, w, **tol, msg=lambda m: f"{name}: {m}")
-        inputs = differentiable(x, h0, c0, weights)
-        for k, (g, w) in enumerate(zip(grads_of(got, inputs), grads_of(want, inputs))):
-            if w is None:  # unused by the reference (no rows): the op's gradient is zero
-                assert g is None or not g.any()
-                continue
-            torch.testing.assert_close(g, w, **tol, msg=lambda m: f"gradient {k}: {m}")
+        assert_outputs_and_grads(got, want, differentiable(x, h0, c0, weights), gru_tol(dtype))
 
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     def test_matches_torch_nn_on_a_packed_sequence(self, cell):
