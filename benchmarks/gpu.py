@@ -64,6 +64,9 @@ TEST_PHASES = {
     "tests": ["-k", "cuda", "tests"],        # the CUDA cases and tests/test_cuda_graphs.py
     "tests-cli": ["tests/test_cli.py"],      # the commands end to end (on cuda:0), time allowing
 }
+# The test phases run in several processes (pytest-xdist) when it is installed: faster, and a
+# test that crashes its process is reported as failed while the others go on.
+TEST_WORKERS = 8
 ROW_PREFIX = "GPU-ROW "  # a child's table row on stdout: GPU-ROW {json}
 
 
@@ -239,7 +242,14 @@ def stop_group(proc):
 
 
 def failure_of(line):
-    """The failing test a line of pytest -v output (or of its -rfE summary) names, or None."""
+    """The failing test a line of pytest -v output (or of its -rfE summary) names, or None;
+    pytest-xdist's lines start with the worker ("[gw3] [ 10%] FAILED tests/...")."""
+    if line.startswith("[gw"):
+        parts = line.split()
+        for i, word in enumerate(parts[:-1]):
+            if word in ("FAILED", "ERROR") and parts[i + 1].startswith("tests/"):
+                return parts[i + 1]
+        return None
     if line.startswith(("FAILED ", "ERROR ")):
         return line.split(" ")[1]
     if line.startswith("tests/") and (" FAILED" in line or " ERROR" in line):
@@ -626,9 +636,8 @@ def dry_run(report):
     env = build_env(find_cuda_home(), (9, 0), os.cpu_count() or 1)
     report.say(f"build settings (for a capability 9.0 device): CUDA_HOME={env.get('CUDA_HOME')} "
                f"TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']} MAX_JOBS={env['MAX_JOBS']}")
-    for name, selection in TEST_PHASES.items():
-        report.say(f"{name} command: " +
-                   " ".join([sys.executable, "-m", "pytest", *PYTEST_ARGS, *selection]))
+    for name in TEST_PHASES:
+        report.say(f"{name} command: " + " ".join(test_command(name)))
     py = [sys.executable, str(Path(__file__).resolve()), "--dry-run"]
     ok = not missing
     for name, child in (("sanitizer", "sanitize"), ("tables", "tables")):
@@ -709,9 +718,19 @@ def gpu_run(report, skip):
     return int(rc)
 
 
+def pytest_workers(cpus=os.cpu_count(), have_xdist=None):
+    """pytest-xdist's arguments for the test phases, or none when it is not installed."""
+    if have_xdist is None:
+        have_xdist = importlib.util.find_spec("xdist") is not None
+    return ["-n", str(max(1, min(TEST_WORKERS, cpus or 1)))] if have_xdist else []
+
+
+def test_command(name):
+    return [sys.executable, "-m", "pytest", *PYTEST_ARGS, *pytest_workers(), *TEST_PHASES[name]]
+
+
 def run_tests(report, name):
-    phase = run_phase(report, name,
-                      [sys.executable, "-m", "pytest", *PYTEST_ARGS, *TEST_PHASES[name]],
+    phase = run_phase(report, name, test_command(name),
                       PHASE_CAPS_S[name], child_env(), console_filter=pytest_summary_or_failure)
     return phase["status"] != "passed"
 

@@ -15,7 +15,8 @@ variable ``SEQ2SEQ_EXT_CUDA_GRAPHS`` (``auto``, the default; ``eager``; ``graph`
 
 The graph path is taken only for plain CUDA tensors in eager mode: never on the CPU, under
 ``torch.compile`` tracing, a dispatch or function mode (``opcheck``, FakeTensor), autocast, or
-while the current stream is itself being captured. Its autograd formula is the op's own.
+while the current stream is itself being captured, nor with PyTorch's caching allocator turned
+off (``PYTORCH_NO_CUDA_MEMORY_CACHING``: capture cannot allocate then). Its autograd formula is the op's own.
 """
 import collections
 import contextlib
@@ -46,6 +47,11 @@ class _ModeState(threading.local):
 _mode_state = _ModeState()
 _ENV_MODE = _check_mode(os.environ.get(MODE_ENV, "auto") or "auto")
 _default_mode = None
+
+# Capturing needs PyTorch's caching allocator: with PYTORCH_NO_CUDA_MEMORY_CACHING set, every
+# allocation inside a capture is a cudaMalloc, which stream capture forbids, so the graph path
+# is never taken (compute-sanitizer runs, for one, set it).
+_CACHING_DISABLED = os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "") not in ("", "0")
 
 
 def get_mode():
@@ -233,7 +239,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def eligible(*tensors):
     """True when the graph path may run for these arguments (None entries are ignored): plain
     CUDA tensors or parameters on one device, no torch.compile tracing, no dispatch or function mode, no
-    autocast, no capture in progress on the current stream, and a mode other than ``eager``."""
+    autocast, no capture in progress on the current stream, the caching allocator on, and a mode
+    other than ``eager``."""
     # is_compiling first: Dynamo folds it to True and traces none of the rest
     if torch.compiler.is_compiling():
         return False
@@ -247,7 +254,7 @@ def eligible(*tensors):
             first = t
         elif t.device != first.device:
             return False
-    if first is None or get_mode() == "eager":
+    if first is None or get_mode() == "eager" or _CACHING_DISABLED:
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False

@@ -156,6 +156,26 @@ def test_cpu_tensors_never_take_the_graph_path(monkeypatch):
     assert x.grad is not None and w[1].grad is not None
 
 
+@NEEDS_CUDA
+def test_no_graph_path_without_the_caching_allocator(monkeypatch):
+    """With PYTORCH_NO_CUDA_MEMORY_CACHING set a capture cannot allocate: the layer runs eager
+    even in the graph mode, and gives the eager results."""
+    monkeypatch.setattr(cuda_graphs, "_CACHING_DISABLED", True)
+    def refuse(*args, **kwargs):
+        raise AssertionError("the graph path was taken without the caching allocator")
+    monkeypatch.setattr(cuda_graphs, "gru_layer", refuse)
+    monkeypatch.setattr(cuda_graphs, "gru_layer_backward", refuse)
+    x = torch.randn(5, 3, 4, device="cuda", requires_grad=True)
+    h0 = torch.randn(3, 6, device="cuda")
+    w = [torch.randn(s, device="cuda", requires_grad=True)
+         for s in ((18, 4), (18, 6), (18,), (18,))]
+    with cuda_graphs.use_mode("graph"):
+        assert not cuda_graphs.eligible(x, h0, *w, None)
+        out, h_n = ops.gru_layer(x, h0, *w)
+        (out.sum() + h_n.sum()).backward()
+    assert torch.isfinite(x.grad).all() and w[1].grad.abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------------------------
 # every op in a CUDA graph
 # ----------------------------------------------------------------------------------------------

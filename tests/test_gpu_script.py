@@ -68,6 +68,16 @@ def test_pytest_failures_are_read_from_verbose_lines_and_the_summary(gpu):
     assert gpu.failure_of("ERROR tests/test_a.py::test_c - RuntimeError") == \
         "tests/test_a.py::test_c"
     assert gpu.failure_of("tests/test_a.py::test_b[cuda] PASSED    [ 10%]") is None
+    # pytest-xdist's verbose lines
+    assert gpu.failure_of("[gw3] [ 10%] FAILED tests/test_a.py::test_b[cuda] ") == \
+        "tests/test_a.py::test_b[cuda]"
+    assert gpu.failure_of("[gw0] [ 11%] PASSED tests/test_a.py::test_c[cuda] ") is None
+
+
+def test_tests_run_in_worker_processes_when_xdist_is_installed(gpu):
+    assert gpu.pytest_workers(cpus=16, have_xdist=True) == ["-n", str(gpu.TEST_WORKERS)]
+    assert gpu.pytest_workers(cpus=2, have_xdist=True) == ["-n", "2"]
+    assert gpu.pytest_workers(cpus=16, have_xdist=False) == []
 
 
 def test_arguments(gpu):
