@@ -8,14 +8,20 @@ SEQ2SEQ_EXT_CPU_ISA=avx512|avx2|generic picks the SIMD level of the CPU kernels;
 of AVX-512 (f, bw, vl, dq) and AVX2+FMA that the building machine has is used (an extension is
 built where it runs, like -march=native).
 SEQ2SEQ_EXT_SANITIZE=1 builds with -fsanitize=address,undefined (CPU only).
+
+The extension links the shared C++ runtime that torch runs on, whatever the compiler's default
+(tools/cxx_runtime.py).
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from cxx_runtime import cxx_runtime_link_args  # noqa: E402
 
 
 def _rel(pattern):
@@ -67,10 +73,10 @@ def _extension():
     cxx = ["-O3", "-std=c++20"] + _cpu_isa_flags()
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
     define_macros = []
-    extra_link = []
+    extra_link = cxx_runtime_link_args()
     if os.environ.get("SEQ2SEQ_EXT_SANITIZE") == "1":
         cxx = ["-O1", "-g", "-std=c++20"] + _cpu_isa_flags() + ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
-        extra_link = ["-fsanitize=address,undefined"]
+        extra_link += ["-fsanitize=address,undefined"]
     if _want_cuda():
         sources += _rel("csrc/cuda/*.cu")
         define_macros.append(("SEQ2SEQ_EXT_WITH_CUDA", None))
