@@ -291,6 +291,9 @@ def _gru_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, h0, w_ih, w_hh, out, saved)
     ctx.has_extra = extra is not None
     ctx.batch_sizes = inputs[7] if len(inputs) > 7 else None
+    # the backward replays a CUDA graph or not as the forward's caller asked: on a GPU it runs
+    # on autograd's device thread, which does not see the caller's thread-local use_mode
+    ctx.graph_mode = cuda_graphs.get_mode()
     ctx.mark_non_differentiable(saved)
 
 
@@ -302,10 +305,11 @@ def _gru_backward(ctx, grad_out, grad_hn, grad_saved):
     if ctx.batch_sizes is not None:
         grads = _ops.gru_layer_backward(*args, ctx.batch_sizes)
         return (*grads[:6], grads[6] if ctx.has_extra else None, None)
-    if cuda_graphs.eligible(*args[:8]):
-        grads = cuda_graphs.gru_layer_backward(*args)  # eager or a replayed CUDA graph
-    else:
-        grads = _ops.gru_layer_backward(*args)
+    with cuda_graphs.use_mode(ctx.graph_mode):
+        if cuda_graphs.eligible(*args[:8]):
+            grads = cuda_graphs.gru_layer_backward(*args)  # eager or a replayed CUDA graph
+        else:
+            grads = _ops.gru_layer_backward(*args)
     return (*grads[:6], grads[6] if ctx.has_extra else None)
 
 

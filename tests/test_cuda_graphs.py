@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,30 @@ def test_cpu_tensors_never_take_the_graph_path(monkeypatch):
         out, h_n = ops.gru_layer(x, h0, *w)
         (out.sum() + h_n.sum()).backward()
     assert x.grad is not None and w[1].grad is not None
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_backward_follows_the_forwards_mode_on_another_thread(monkeypatch, mode):
+    """On a GPU the backward runs on autograd's device thread, where the caller's thread-local
+    use_mode is not in force: the layer's backward takes the mode its forward ran under."""
+    seen = []
+    real = cuda_graphs.eligible
+
+    def spy(*tensors):
+        seen.append(cuda_graphs.get_mode())
+        return real(*tensors)
+    monkeypatch.setattr(cuda_graphs, "eligible", spy)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 5, dtype=torch.float64)
+    w = [torch.randn(s, dtype=torch.float64, requires_grad=True)
+         for s in ((15, 3), (15, 5), (15,), (15,))]
+    with cuda_graphs.use_mode(mode):
+        out, h_n = ops.gru_layer(x, h0, *w)
+    worker = threading.Thread(target=lambda: (out.sum() + h_n.sum()).backward())
+    worker.start()
+    worker.join()
+    assert seen == [mode, mode]  # forward, then backward on the other thread
+    assert x.grad is not None and cuda_graphs.get_mode() == "auto"
 
 
 @NEEDS_CUDA
