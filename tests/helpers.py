@@ -133,6 +133,9 @@ class GreedySpy:
                 spy.stepper_calls += 1
                 return self._stepper.greedy(*args, **kwargs)
 
+            def __getattr__(self, name):  # every other method is the stepper's own
+                return getattr(self._stepper, name)
+
         monkeypatch.setattr(ops, "greedy_decode", op_spy)
         monkeypatch.setattr(models, "decoder_stepper", lambda decoder: Bound(bind(decoder)))
 
@@ -160,10 +163,16 @@ class Spy:
 #: transcendental rounding differ from nn.GRU's, see tests/ops/test_gru_layer.py), float64 tight.
 GRU_F32_TOL = dict(rtol=1e-5, atol=1e-5)
 GRU_F64_TOL = dict(rtol=1e-10, atol=1e-12)
+#: Float32 on a GPU against cuDNN's nn.GRU: rtol 1e-4 / atol 1e-4. cuDNN's backward sums the
+#: gradients in its own order (up to 6e-5 apart from the package's on an H200); float64 stays
+#: tight on the GPU too, which is what shows the CUDA kernels' math is nn.GRU's.
+GRU_F32_CUDA_TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def gru_tol(dtype):
-    return GRU_F32_TOL if dtype == torch.float32 else GRU_F64_TOL
+def gru_tol(dtype, device="cpu"):
+    if dtype != torch.float32:
+        return GRU_F64_TOL
+    return GRU_F32_CUDA_TOL if torch.device(device).type == "cuda" else GRU_F32_TOL
 
 
 def assert_close_dict(got, want, tol, what=""):
