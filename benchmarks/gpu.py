@@ -10,8 +10,9 @@ compute capability) and stops at once if the build fails. Then each phase runs i
 process with its own time cap, and a phase that fails or runs out of time does not stop the
 next one; the whole run keeps under TOTAL_BUDGET_S:
 
-- tests: ``pytest -m "not slow" -k cuda`` (the CUDA cases of the op tests and
-  tests/test_cuda_graphs.py), PYTHONPATH set to the checkout, without -x;
+- tests: ``pytest -m "not slow" -k "cuda or test_build"`` (the CUDA cases of the op tests,
+  tests/test_cuda_graphs.py, and the check that the CUDA build links the shared libstdc++),
+  PYTHONPATH set to the checkout, without -x;
 - sanitizer: compute-sanitizer memcheck and racecheck on one small case per op
   (SANITIZE_CASES), with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that the caching allocator does not
   hide out-of-bounds accesses;
@@ -61,7 +62,8 @@ REQUIRED_MODULES = {
 # -v: one line per test as it ends, so that a phase cut off at its cap still names its failures
 PYTEST_ARGS = ["-m", "not slow", "-v", "--tb=short", "-rfE", "-p", "no:cacheprovider"]
 TEST_PHASES = {
-    "tests": ["-k", "cuda", "tests"],        # the CUDA cases and tests/test_cuda_graphs.py
+    # the CUDA cases, tests/test_cuda_graphs.py, and the C++ runtime the CUDA build links
+    "tests": ["-k", "cuda or test_build", "tests"],
     "tests-cli": ["tests/test_cli.py"],      # the commands end to end (on cuda:0), time allowing
 }
 # The test phases run in several processes (pytest-xdist) when it is installed: faster, and a
