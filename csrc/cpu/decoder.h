@@ -29,38 +29,49 @@ namespace seq2seq_ext {
 namespace cpu {
 
 // The module's weights: [w_ih, w_hh, b_ih, b_hh] per layer (contiguous), the output layer.
-template <typename T>
+// With WT = bfloat16 (T = float) the weight matrices are read from `low`, bfloat16 copies
+// [w_ih, w_hh per layer..., dense weight]; biases, state and sums stay float.
+template <typename T, typename WT = T>
 struct RowMajorWeights {
   int64_t H, G, in0, V;
-  std::vector<const T*> w;
-  const T* dense_w;
+  std::vector<const WT*> w_ih, w_hh;
+  std::vector<const T*> b_ih, b_hh;
+  const WT* dense_w;
   const T* dense_b;
 
   RowMajorWeights(const DecoderDims& d, int64_t gates, at::TensorList weights,
-                  const at::Tensor& dense_weight, const at::Tensor& dense_bias, Contig& c)
+                  const at::Tensor& dense_weight, const at::Tensor& dense_bias, Contig& c,
+                  at::TensorList low = {})
       : H(d.hidden), G(gates * d.hidden), in0(d.in0), V(d.vocab) {
-    w.reserve(weights.size());
-    for (const auto& t : weights) w.push_back(c(t).template const_data_ptr<T>());
-    dense_w = c(dense_weight).template const_data_ptr<T>();
-    dense_b = c(dense_bias).template const_data_ptr<T>();
+    const bool own = low.empty();
+    auto mat = [&](const at::Tensor& t) { return c(t).template const_data_ptr<WT>(); };
+    auto vec = [&](const at::Tensor& t) { return c(t).template const_data_ptr<T>(); };
+    for (size_t l = 0; l * 4 < weights.size(); ++l) {
+      w_ih.push_back(mat(own ? weights[4 * l] : low[2 * l]));
+      w_hh.push_back(mat(own ? weights[4 * l + 1] : low[2 * l + 1]));
+      b_ih.push_back(vec(weights[4 * l + 2]));
+      b_hh.push_back(vec(weights[4 * l + 3]));
+    }
+    dense_w = mat(own ? dense_weight : low.back());
+    dense_b = vec(dense_bias);
   }
   // the row stride of the gate buffers
   int64_t gate_ld() const { return G; }
   // gi (n, G) += h (n, H) times the context columns of W_ih0
   void context(const T* h, int64_t n, T* gi) const {
-    linear_nt<T>(h, H, n, H, w[0] + (in0 - H), in0, G, nullptr, gi, /*accumulate=*/true);
+    linear_nt<T, WT>(h, H, n, H, w_ih[0] + (in0 - H), in0, G, nullptr, gi, /*accumulate=*/true);
   }
   // gi = x W_ih^T + b_ih for layer l > 0
   void input(int64_t l, const T* x, int64_t n, T* gi) const {
-    linear_nt<T>(x, H, n, H, w[4 * l], H, G, w[4 * l + 2], gi, false);
+    linear_nt<T, WT>(x, H, n, H, w_ih[l], H, G, b_ih[l], gi, false);
   }
   // gh = h W_hh^T + b_hh for layer l
   void hidden(int64_t l, const T* h, int64_t n, T* gh) const {
-    linear_nt<T>(h, H, n, H, w[4 * l + 1], H, G, w[4 * l + 3], gh, false);
+    linear_nt<T, WT>(h, H, n, H, w_hh[l], H, G, b_hh[l], gh, false);
   }
   // logits (n, V) = h W^T + b
   void dense(const T* h, int64_t n, T* logits) {
-    linear_nt<T>(h, H, n, H, dense_w, H, V, dense_b, logits, false);
+    linear_nt<T, WT>(h, H, n, H, dense_w, H, V, dense_b, logits, false);
   }
 };
 

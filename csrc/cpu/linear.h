@@ -7,6 +7,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <type_traits>
 
 namespace seq2seq_ext {
 namespace cpu {
@@ -40,33 +41,56 @@ inline T hsum(const at::vec::Vectorized<T>& v) {
 }
 #endif
 
+// A vector of T from memory of T, or of float from bfloat16 weights (widened exactly: a
+// bfloat16 is the top half of a float), so that a product can read weights stored in bfloat16
+// (half the bytes) and compute in float.
 template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
+inline at::vec::Vectorized<T> load_vec(const T* p) {
+  return at::vec::Vectorized<T>::loadu(p);
+}
+inline at::vec::Vectorized<float> load_vec(const c10::BFloat16* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+#else
+  float lanes[at::vec::Vectorized<float>::size()];
+  for (int64_t k = 0; k < at::vec::Vectorized<float>::size(); ++k) lanes[k] = float(p[k]);
+  return at::vec::Vectorized<float>::loadu(lanes);
+#endif
+}
+
+// sum_i a[i] * b[i], b of T or (for float) bfloat16.
+template <typename T, typename WT = T>
+inline T dot(const T* a, const WT* b, int64_t n) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t W = Vec::size();
   int64_t i = 0;
   T s = 0;
   if (n >= W) {
     Vec acc(T(0));
-    for (; i + W <= n; i += W) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
+    for (; i + W <= n; i += W) acc = at::vec::fmadd(Vec::loadu(a + i), load_vec(b + i), acc);
     s = hsum(acc);
   }
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * static_cast<T>(b[i]);
   return s;
 }
 
 // Y[b, n] = (accumulate ? Y[b, n] : bias[n] or 0) + sum_k X[b, k] * W[n, k].
 // X is (B, K) with row stride ldx, W is (N, K) with row stride ldw, Y is (B, N) contiguous.
-// Small products use vectorised dot products; large ones go to ATen's BLAS.
-template <typename T>
-void linear_nt(const T* X, int64_t ldx, int64_t B, int64_t K, const T* W, int64_t ldw, int64_t N,
+// Small products use vectorised dot products; large ones go to ATen's BLAS. W may be bfloat16
+// for a float product (WT): always the dot products then, reading half the bytes.
+template <typename T, typename WT = T>
+void linear_nt(const T* X, int64_t ldx, int64_t B, int64_t K, const WT* W, int64_t ldw, int64_t N,
                const T* bias, T* Y, bool accumulate) {
   if (B == 0 || N == 0) return;
   const auto dtype = c10::CppTypeToScalarType<T>::value;
-  if (B >= 4 && B * N * K >= (1 << 17)) {
+  if (std::is_same_v<T, WT> && B >= 4 && B * N * K >= (1 << 17)) {
     auto opts = at::TensorOptions().dtype(dtype);
     at::Tensor x = at::from_blob(const_cast<T*>(X), {B, K}, {ldx, 1}, opts);
-    at::Tensor w = at::from_blob(const_cast<T*>(W), {N, K}, {ldw, 1}, opts);
+    at::Tensor w = at::from_blob(const_cast<WT*>(W), {N, K}, {ldw, 1}, opts);
     at::Tensor y = at::from_blob(Y, {B, N}, opts);
     if (accumulate) {
       y.addmm_(x, w.t());
@@ -89,24 +113,39 @@ void linear_nt(const T* X, int64_t ldx, int64_t B, int64_t K, const T* W, int64_
       int64_t n = 0;
       // four outputs at a time: the x loads are shared and the four FMA chains run in parallel
       for (; n + 4 <= N; n += 4) {
-        const T* w0 = W + n * ldw;
-        const T* w1 = w0 + ldw;
-        const T* w2 = w1 + ldw;
-        const T* w3 = w2 + ldw;
-        Vec a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
-        for (int64_t k = 0; k < K_vec; k += Wd) {
+        const WT* w0 = W + n * ldw;
+        const WT* w1 = w0 + ldw;
+        const WT* w2 = w1 + ldw;
+        const WT* w3 = w2 + ldw;
+        // two accumulators per output (even and odd vectors of k): eight independent FMA
+        // chains, enough to hide the FMA latency, which four chains alone do not
+        Vec a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0)), c0(T(0)), c1(T(0)), c2(T(0)), c3(T(0));
+        int64_t k = 0;
+        for (; k + 2 * Wd <= K_vec; k += 2 * Wd) {
           const Vec xv = Vec::loadu(x + k);
-          a0 = at::vec::fmadd(Vec::loadu(w0 + k), xv, a0);
-          a1 = at::vec::fmadd(Vec::loadu(w1 + k), xv, a1);
-          a2 = at::vec::fmadd(Vec::loadu(w2 + k), xv, a2);
-          a3 = at::vec::fmadd(Vec::loadu(w3 + k), xv, a3);
+          const Vec xw = Vec::loadu(x + k + Wd);
+          a0 = at::vec::fmadd(load_vec(w0 + k), xv, a0);
+          a1 = at::vec::fmadd(load_vec(w1 + k), xv, a1);
+          a2 = at::vec::fmadd(load_vec(w2 + k), xv, a2);
+          a3 = at::vec::fmadd(load_vec(w3 + k), xv, a3);
+          c0 = at::vec::fmadd(load_vec(w0 + k + Wd), xw, c0);
+          c1 = at::vec::fmadd(load_vec(w1 + k + Wd), xw, c1);
+          c2 = at::vec::fmadd(load_vec(w2 + k + Wd), xw, c2);
+          c3 = at::vec::fmadd(load_vec(w3 + k + Wd), xw, c3);
         }
-        T r[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+        if (k < K_vec) {
+          const Vec xv = Vec::loadu(x + k);
+          a0 = at::vec::fmadd(load_vec(w0 + k), xv, a0);
+          a1 = at::vec::fmadd(load_vec(w1 + k), xv, a1);
+          a2 = at::vec::fmadd(load_vec(w2 + k), xv, a2);
+          a3 = at::vec::fmadd(load_vec(w3 + k), xv, a3);
+        }
+        T r[4] = {hsum(a0 + c0), hsum(a1 + c1), hsum(a2 + c2), hsum(a3 + c3)};
         for (int64_t k = K_vec; k < K; ++k) {
-          r[0] += w0[k] * x[k];
-          r[1] += w1[k] * x[k];
-          r[2] += w2[k] * x[k];
-          r[3] += w3[k] * x[k];
+          r[0] += static_cast<T>(w0[k]) * x[k];
+          r[1] += static_cast<T>(w1[k]) * x[k];
+          r[2] += static_cast<T>(w2[k]) * x[k];
+          r[3] += static_cast<T>(w3[k]) * x[k];
         }
         for (int i = 0; i < 4; ++i) {
           const T init = accumulate ? y[n + i] : (bias ? bias[n + i] : T(0));
