@@ -21,7 +21,8 @@ namespace seq2seq_ext {
 //    that a row's products need no horizontal sums: at the chapter's sizes the sums of
 //    row-major dot products cost more than the multiply-adds.
 // step() and greedy() run the decoder of cpu/decoder.h over GruCell directly, with the packed
-// weights when there are some, else with the module's (the CPU kernels of gru_decode_step and
+// weights when there are some, else with the module's (greedy also with bfloat16 copies of
+// the weight matrices, when asked; the module's (the CPU kernels of gru_decode_step and
 // greedy_decode). The table and the bound weights serve an nn.LSTM decoder as well (its flat
 // weights have the same four tensors per layer).
 class DecoderStepper {
@@ -35,10 +36,14 @@ class DecoderStepper {
   std::tuple<at::Tensor, at::Tensor> step(const at::Tensor& token, const at::Tensor& state,
                                           const std::optional<at::Tensor>& ctx_proj = {});
   // Greedy decoding of a batch on CPU tensors: the contract of greedy_decode's CPU kernel with
-  // the bound weights.
+  // the bound weights. bf16_weights: decode with the weight matrices rounded to bfloat16 (the
+  // embedding, every W_ih and W_hh, the output layer's weight; biases, states and sums stay
+  // float32), reading half the bytes per token; the copies are made once per set of weights.
+  // Needs float32 weights and state.
   std::tuple<at::Tensor, at::Tensor> greedy(const at::Tensor& state,
                                             const std::optional<at::Tensor>& ctx_proj,
-                                            int64_t bos, int64_t eos, int64_t num_steps);
+                                            int64_t bos, int64_t eos, int64_t num_steps,
+                                            bool bf16_weights = false);
   // The bound weights, as the decode ops take them.
   const std::vector<at::Tensor>& weights() const { return weights_; }
   const at::Tensor& dense_weight() const { return dense_weight_; }
@@ -54,11 +59,17 @@ class DecoderStepper {
                            const std::optional<at::Tensor>& ctx_proj);
   // The packed weights for the validated dims, built when missing; undefined when too large.
   const at::Tensor& packed();
+  // emb_proj() from the embedding and W_ih0 rounded to bfloat16 (greedy's bf16_weights).
+  const at::Tensor& rounded_emb_proj();
+  // The bfloat16 weight matrices [w_ih, w_hh per layer..., dense weight], built when missing.
+  const std::vector<at::Tensor>& low();
 
   at::Tensor embedding_, dense_weight_, dense_bias_, emb_proj_, packed_;
   std::vector<at::Tensor> weights_;
   std::vector<int64_t> key_;
   bool packed_built_ = false;
+  std::vector<at::Tensor> low_;
+  at::Tensor emb_proj_low_;  // the table from the rounded embedding and W_ih0
   // The dims (batch aside) of the last state checked against the current weights, and its
   // dtype: a state that agrees needs no new check of the weights.
   bool validated_ = false;

@@ -46,7 +46,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       // greedy_decode's CPU kernel with the bound weights (ctx_proj (B, 3H) for a fixed context).
       .def("greedy", &seq2seq_ext::DecoderStepper::greedy, pybind11::arg("state"),
            pybind11::arg("ctx_proj"), pybind11::arg("bos"), pybind11::arg("eos"),
-           pybind11::arg("num_steps"))
+           pybind11::arg("num_steps"), pybind11::arg("bf16_weights") = false)
       // The per-token call of Seq2SeqDecoder (seq2seq_ext/models.py): step(token, state) when
       // token is a (B, 1) tensor, state a CPU tensor, neither a subclass, grad mode off and no
       // dispatch or torch function mode active; else None, and the caller takes the usual path.

@@ -333,6 +333,10 @@ def _add_model_args(p):
     p.add_argument('--device', default='cpu', help='e.g. cpu, cuda (default cpu)')
     p.add_argument('--threads', type=_positive(int), default=None, help='torch.set_num_threads')
     p.add_argument('--backend', choices=list(ops.BACKENDS), default=None)
+    p.add_argument('--dtype', choices=['float32', 'bf16'], default='float32',
+                   help="weights the greedy decoder reads: bf16 rounds the decoder's weight "
+                        "matrices to bfloat16 (half the bytes per token; states and sums stay "
+                        "float32). GRU models on the CPU, greedy only (default float32)")
 
 
 def _load_for_inference(args):
@@ -342,6 +346,8 @@ def _load_for_inference(args):
         ops.set_backend(args.backend)
     if args.alpha < 0:
         raise UsageError(f'--alpha must be >= 0, got {args.alpha}')
+    if args.dtype == 'bf16' and args.beam > 1:
+        raise UsageError('--dtype bf16 decodes greedily: leave out --beam')
     device = torch.device(args.device)
     net, src_vocab, tgt_vocab, saved = ckpt.load_model(args.checkpoint, device=device)
     num_steps = args.num_steps or saved['config']['num_steps']
@@ -360,6 +366,12 @@ def _decode(args, net, sentences, src_vocab, tgt_vocab, num_steps, device):
         from .beam import beam_search
         done = beam_search(net, batch, src_vocab, tgt_vocab, num_steps, device,
                            beam_size=args.beam, alpha=args.alpha, batch_size=args.batch_size)
+    elif args.dtype == 'bf16':
+        try:
+            done = predict_seq2seq_batch(net, batch, src_vocab, tgt_vocab, num_steps, device,
+                                         batch_size=args.batch_size, weight_dtype=torch.bfloat16)
+        except ValueError as exc:
+            raise UsageError(f'--dtype bf16: {exc}') from None
     else:
         done = predict_seq2seq_batch(net, batch, src_vocab, tgt_vocab, num_steps, device,
                                      batch_size=args.batch_size)

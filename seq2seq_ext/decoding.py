@@ -8,7 +8,7 @@ import torch
 
 from . import reference
 from .data import truncate_pad
-from .models import decode_path
+from .models import bf16_weights_requested, decode_path
 
 __all__ = ["predict_seq2seq", "predict_seq2seq_batch"]
 
@@ -40,49 +40,66 @@ def _chapter_loop(net):
         return decode_path(getattr(net, "decoder", None)) == "torch"
 
 
-def _greedy(net, sentences, src_vocab, tgt_vocab, num_steps, device):
+def _greedy(net, sentences, src_vocab, tgt_vocab, num_steps, device, weight_dtype=None):
     """The translations of a batch of sentences by the decoder's ``greedy``."""
     _eval(net)
     with torch.no_grad():
         enc_X, enc_valid_len = _encode_sources(sentences, src_vocab, num_steps, device)
         enc_outputs = net.encoder(enc_X, enc_valid_len)
         state = net.decoder.init_state(enc_outputs, enc_valid_len)
+        kwargs = {} if weight_dtype is None else {"weight_dtype": weight_dtype}
         tokens, lengths = net.decoder.greedy(state, tgt_vocab['<bos>'], tgt_vocab['<eos>'],
-                                             num_steps)
+                                             num_steps, **kwargs)
     tokens, lengths = tokens.tolist(), lengths.tolist()
     return [' '.join(tgt_vocab.to_tokens(row[:n])) for row, n in zip(tokens, lengths)]
 
 
+def _check_weight_dtype(weight_dtype, chapter_loop):
+    """ValueError (before anything runs) when bfloat16 weights are asked of a decoder that the
+    chapter's loop decodes: that loop has no such mode."""
+    if bf16_weights_requested(weight_dtype) and chapter_loop:
+        raise ValueError(
+            "weight_dtype: bfloat16 weights are decoded by this package's GRU decoder on the "
+            "CPU under the extension backend; this model decodes with the chapter's loop")
+
+
 def predict_seq2seq(net, src_sentence, src_vocab, tgt_vocab, num_steps, device,
-                    save_attention_weights=False):
+                    save_attention_weights=False, *, weight_dtype=None):
     """Predict for sequence to sequence (d2l's signature and output).
 
     Returns ``(translation, attention_weight_seq)``. For this package's decoders under the
     extension backend the decoder's ``greedy`` does the work: for the GRU decoder (either context
     rule) the whole greedy loop runs in one call (no per-token host sync), for the LSTM decoder
     one fused decode step per token; any other decoder, ``save_attention_weights=True`` or the
-    reference backend run the chapter's loop.
+    reference backend run the chapter's loop. ``weight_dtype=torch.bfloat16``: the decoder's
+    weight matrices rounded to bfloat16 (see :meth:`Seq2SeqDecoder.greedy`).
     """
-    if save_attention_weights or _chapter_loop(net):
+    chapter_loop = save_attention_weights or _chapter_loop(net)
+    _check_weight_dtype(weight_dtype, chapter_loop)
+    if chapter_loop:
         return reference.predict_seq2seq(net, src_sentence, src_vocab, tgt_vocab, num_steps,
                                          device, save_attention_weights)
-    return _greedy(net, [src_sentence], src_vocab, tgt_vocab, num_steps, device)[0], []
+    return _greedy(net, [src_sentence], src_vocab, tgt_vocab, num_steps, device,
+                   weight_dtype)[0], []
 
 
 def predict_seq2seq_batch(net, src_sentences, src_vocab, tgt_vocab, num_steps, device,
-                          batch_size=1024):
+                          batch_size=1024, *, weight_dtype=None):
     """Greedy translations of many sentences, batched: a list of strings, each equal to
     ``predict_seq2seq(net, sentence, ...)[0]``. Sentences are processed ``batch_size`` at a time;
-    each stops at ``<eos>`` or ``num_steps``."""
+    each stops at ``<eos>`` or ``num_steps``. ``weight_dtype``: as for :func:`predict_seq2seq`."""
     if isinstance(src_sentences, str):
         raise TypeError("src_sentences: expected a list of sentences, got one string")
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive number, got {batch_size}")
     sentences = list(src_sentences)
-    if _chapter_loop(net):
+    chapter_loop = _chapter_loop(net)
+    _check_weight_dtype(weight_dtype, chapter_loop)
+    if chapter_loop:
         return [reference.predict_seq2seq(net, s, src_vocab, tgt_vocab, num_steps, device)[0]
                 for s in sentences]
     out = []
     for i in range(0, len(sentences), batch_size):
-        out += _greedy(net, sentences[i:i + batch_size], src_vocab, tgt_vocab, num_steps, device)
+        out += _greedy(net, sentences[i:i + batch_size], src_vocab, tgt_vocab, num_steps, device,
+                       weight_dtype)
     return out

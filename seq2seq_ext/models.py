@@ -158,7 +158,7 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
             logits, new_state = self(token[:, None] if flat else token, state)
         return (logits[:, 0] if flat else logits), new_state
 
-    def greedy(self, state, bos, eos, num_steps):
+    def greedy(self, state, bos, eos, num_steps, *, weight_dtype=None):
         """Greedy decoding of a batch from ``state`` (:meth:`init_state`'s result), without
         gradient: every row starts from ``bos`` and feeds its argmax back, as the chapter's
         ``predict_seq2seq`` does for one sentence. Returns (tokens (batch, num_steps) int64,
@@ -168,17 +168,31 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         The GRU decoder on the ``"stepper"`` or ``"op"`` path of :func:`decode_path` runs the
         whole loop in one call (the bound stepper's greedy loop, or the ``greedy_decode`` op);
         otherwise (the LSTM decoder, the ``"torch"`` path) it is a loop of one-step calls of
-        the module, which ends once every row has produced ``eos``."""
+        the module, which ends once every row has produced ``eos``.
+
+        ``weight_dtype=torch.bfloat16`` decodes with the weight matrices rounded to bfloat16
+        (the embedding, every ``W_ih`` and ``W_hh``, the output layer's weight; biases, states
+        and sums stay float32): each token reads half the bytes, which is what batch-1 decoding
+        of a large model waits for. The result is that of a copy of the decoder whose matrices
+        were rounded to bfloat16. Only the GRU decoder on the ``"stepper"`` path (float32, CPU
+        tensors, the extension backend) decodes so; elsewhere it is a ValueError."""
         bos, eos, num_steps = int(bos), int(eos), int(num_steps)
+        bf16 = bf16_weights_requested(weight_dtype)
         with torch.no_grad():
             path = decode_path(self, state)
+            if bf16 and (self.cell != "gru" or path != "stepper"):
+                raise ValueError(
+                    "weight_dtype: bfloat16 weights are decoded by the GRU decoder's CPU stepper "
+                    f"(float32 CPU tensors, the extension backend); this decoder ({self.cell}) "
+                    f"decodes on the {path!r} path")
             if self.cell == "gru" and path != "torch":
                 rnn_state, ctx_proj = state, None
                 if self.fixed_context:
                     rnn_state, context = state
                     ctx_proj = context_projection(self, context)
                 if path == "stepper":
-                    return decoder_stepper(self).greedy(rnn_state, ctx_proj, bos, eos, num_steps)
+                    return decoder_stepper(self).greedy(rnn_state, ctx_proj, bos, eos, num_steps,
+                                                        bf16)
                 emb_proj, _, weights, dense_w, dense_b = fused_decoder_args(self)
                 return ops.greedy_decode(rnn_state, emb_proj, ctx_proj, weights, dense_w,
                                          dense_b, bos, eos, num_steps)
@@ -305,6 +319,14 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         self.__dict__.pop(_CTX_ATTR, None)
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self):
+        # pickle, torch.save and copy.deepcopy: the bound weights (a C++ object) and the cached
+        # context projection are derived data, rebuilt on the next decode
+        state = dict(super().__getstate__())
+        state.pop(_fastcall.STEPPER_ATTR, None)
+        state.pop(_CTX_ATTR, None)
+        return state
+
 
 def packed_rows(batch_sizes, batch):
     """The positions of the packed layout of ``batch_sizes`` (the first ``batch_sizes[t]`` rows
@@ -325,6 +347,17 @@ def packed_positions(batch_sizes, order):
 
 
 _STEP_OPS = {"gru": "gru_decode_step", "lstm": "lstm_decode_step"}
+
+
+def bf16_weights_requested(weight_dtype):
+    """True for ``torch.bfloat16``, False for None or ``torch.float32`` (decode with the weights
+    as they are); ValueError for anything else."""
+    if weight_dtype is None or weight_dtype == torch.float32:
+        return False
+    if weight_dtype == torch.bfloat16:
+        return True
+    raise ValueError(f"weight_dtype: expected None, torch.float32 or torch.bfloat16, got "
+                     f"{weight_dtype!r}")
 
 
 def decode_path(decoder, state=None):

@@ -435,6 +435,10 @@ def _error_cases(tmp_path, trained_path):
         (['evaluate', '--checkpoint', trained_path, '--dataset', 'pairs', '--data', latin1], 1,
          [str(latin1)]),
         (['train', '--resume', tmp_path / 'missing.pt'], 2, ['missing.pt']),
+        (['translate', '--checkpoint', trained_path, '--dtype', 'bf16', '--beam', '2', 'seven'], 2,
+         ['--dtype bf16', '--beam']),
+        (['translate', '--checkpoint', trained_path, '--dtype', 'bf16', '--backend',
+          'reference', 'seven'], 2, ['--dtype bf16', 'weight_dtype']),
     ]
 
 
@@ -480,6 +484,20 @@ def test_the_console_script_reports_one_line_or_the_traceback_with_debug(tmp_pat
 
 
 # --- translate: empty lines, unknown words -----------------------------------------------------
+
+def test_translate_with_bf16_weights(trained, capsys):
+    """--dtype bf16: the library's greedy translations with the decoder's matrices in bfloat16."""
+    path = trained[0]
+    sentences = ['one hundred twenty three', 'forty two', 'seven']
+    status, out, err = _main(['translate', '--checkpoint', path, '--dtype', 'bf16', *sentences],
+                             capsys)
+    assert status == 0, err
+    from seq2seq_ext import checkpoint, predict_seq2seq_batch
+    net, src_vocab, tgt_vocab, saved = checkpoint.load_model(path)
+    assert out.splitlines() == predict_seq2seq_batch(
+        net, sentences, src_vocab, tgt_vocab, saved['config']['num_steps'], 'cpu',
+        weight_dtype=torch.bfloat16)
+
 
 def test_empty_lines_translate_to_empty_lines(trained, tmp_path, capsys):
     path = trained[0]

@@ -79,6 +79,8 @@ bool DecoderStepper::refresh() {
   if (same_key(key_, {&embedding_, &dense_weight_, &dense_bias_}, weights_)) return true;
   emb_proj_ = at::Tensor();
   packed_ = at::Tensor();
+  low_.clear();
+  emb_proj_low_ = at::Tensor();
   validated_ = false;
   // weights made in inference mode: everything derived is rebuilt on every call, so the
   // packed copy would cost more than it saves
@@ -89,6 +91,17 @@ bool DecoderStepper::refresh() {
   return false;
 }
 
+const at::Tensor& DecoderStepper::rounded_emb_proj() {
+  refresh();
+  if (!emb_proj_low_.defined()) {
+    at::NoGradGuard no_grad;
+    auto rounded = [](const at::Tensor& t) { return t.to(at::kBFloat16).to(t.scalar_type()); };
+    emb_proj_low_ = at::addmm(weights_[2], rounded(embedding_),
+                              rounded(weights_[0].narrow(1, 0, embedding_.size(1))).t());
+  }
+  return emb_proj_low_;
+}
+
 const at::Tensor& DecoderStepper::emb_proj() {
   refresh();
   if (!emb_proj_.defined()) {
@@ -97,6 +110,19 @@ const at::Tensor& DecoderStepper::emb_proj() {
                           weights_[0].narrow(1, 0, embedding_.size(1)).t());
   }
   return emb_proj_;
+}
+
+const std::vector<at::Tensor>& DecoderStepper::low() {
+  if (!low_.empty()) return low_;
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> low;
+  for (size_t l = 0; l * 4 < weights_.size(); ++l) {
+    low.push_back(weights_[4 * l].to(at::kBFloat16).contiguous());
+    low.push_back(weights_[4 * l + 1].to(at::kBFloat16).contiguous());
+  }
+  low.push_back(dense_weight_.to(at::kBFloat16).contiguous());
+  low_ = std::move(low);
+  return low_;
 }
 
 const at::Tensor& DecoderStepper::packed() {
@@ -158,8 +184,8 @@ std::tuple<at::Tensor, at::Tensor> DecoderStepper::step(const at::Tensor& token,
   check_decode_token(token, state, d.batch);
   at::Tensor logits = at::detail::empty_cpu(decode_logits_shape(token, d.vocab), v_dtype_);
   at::Tensor new_state = at::detail::empty_cpu(state.sizes(), v_dtype_);
-  const at::Tensor& P = d.batch <= kPackedMaxRows ? packed() : at::Tensor();
   if (d.batch == 0) return {logits, new_state};
+  const at::Tensor& P = d.batch <= kPackedMaxRows ? packed() : at::Tensor();
   if (!P.defined()) {
     cpu::gru_decode_step(d, token, state, table, ctx_proj, weights_, dense_weight_, dense_bias_,
                          logits, new_state);
@@ -183,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> DecoderStepper::step(const at::Tensor& token,
 std::tuple<at::Tensor, at::Tensor> DecoderStepper::greedy(const at::Tensor& state,
                                                           const std::optional<at::Tensor>& ctx_proj,
                                                           int64_t bos, int64_t eos,
-                                                          int64_t num_steps) {
+                                                          int64_t num_steps, bool bf16_weights) {
   const at::Tensor& table = emb_proj();
   const DecoderDims d = checked_dims(state, table, ctx_proj);
   check_greedy_args(d, bos, num_steps);
@@ -191,6 +217,22 @@ std::tuple<at::Tensor, at::Tensor> DecoderStepper::greedy(const at::Tensor& stat
   at::Tensor tokens = at::full({d.batch, num_steps}, eos, long_opts);
   at::Tensor lengths = at::full({d.batch}, num_steps, long_opts);
   if (d.batch == 0 || num_steps == 0) return {tokens, lengths};
+  if (bf16_weights) {
+    TORCH_CHECK(v_dtype_ == at::kFloat && dense_weight_.scalar_type() == at::kFloat,
+                "bf16_weights: decoding with bfloat16 weights needs float32 weights and state, "
+                "got ", dense_weight_.scalar_type(), " weights and a ", v_dtype_, " state");
+    const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
+    const at::Tensor& rounded_table = rounded_emb_proj();
+    cpu::Contig c;
+    cpu::RowMajorWeights<float, c10::BFloat16> w(d, cpu::GruCell::kGates, weights_, dense_weight_,
+                                                 dense_bias_, c, low());
+    cpu::greedy_rows<cpu::GruCell>(w, d, c(rounded_table).const_data_ptr<float>(),
+                                   {c(state).const_data_ptr<float>()},
+                                   has_ctx ? c(*ctx_proj).const_data_ptr<float>() : nullptr, bos,
+                                   eos, num_steps, tokens.data_ptr<int64_t>(),
+                                   lengths.data_ptr<int64_t>());
+    return {tokens, lengths};
+  }
   const at::Tensor& P = d.batch <= kPackedMaxRows ? packed() : at::Tensor();
   if (!P.defined()) {
     cpu::greedy_decode(d, state, table, ctx_proj, weights_, dense_weight_, dense_bias_, bos, eos,

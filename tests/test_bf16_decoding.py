@@ -1,0 +1,148 @@
+"""Greedy decoding with the decoder's weight matrices rounded to bfloat16 (``weight_dtype`` of
+``Seq2SeqDecoder.greedy``, ``predict_seq2seq``, ``predict_seq2seq_batch``; ``translate --dtype
+bf16``): the result is the rounded decoder's, computed in float32 from half the bytes."""
+import copy
+
+import pytest
+import torch
+
+import seq2seq_ext
+from seq2seq_ext import ops
+from seq2seq_ext.bench import common
+
+from helpers import (ctx_projection, free_run, make_decoder, pick_eos, random_state,
+                     reference_decoder, reference_greedy)
+
+BF16 = torch.bfloat16
+
+
+def rounded(module):
+    """A copy of ``module`` whose decoder matrices (the embedding, every W_ih and W_hh, the
+    output layer's weight) are rounded to bfloat16; biases kept."""
+    out = copy.deepcopy(module)
+    decoder = getattr(out, "decoder", out)
+    with torch.no_grad():
+        for p in decoder.parameters():
+            if p.dim() == 2:
+                p.copy_(p.to(BF16).to(p.dtype))
+    return out
+
+
+# (vocab, embed, hidden, layers, batch): sizes that are no multiple of the vector width, one
+# sentence and a batch beyond the 32 rows the float32 stepper packs
+CONFIGS = [(41, 7, 13, 1, 1), (23, 6, 12, 3, 5), (301, 16, 40, 2, 40)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[f"V{v}-E{e}-H{h}-L{l}-B{b}"
+                                                 for v, e, h, l, b in CONFIGS])
+def test_bf16_greedy_equals_the_rounded_decoder(config):
+    vocab, embed, hidden, layers, batch = config
+    num_steps, bos = 9, 1
+    dec = make_decoder(vocab, embed, hidden, layers, seed=hidden, dense_scale=3.0)
+    low = rounded(dec)
+    state = random_state(layers, batch, hidden, seed=hidden)
+    context = random_state(1, batch, hidden, seed=hidden + 1)[0]
+    stepper = ops.decoder_stepper(dec.embedding.weight, dec.rnn._flat_weights, dec.dense.weight,
+                                  dec.dense.bias)
+    for ctx in (None, context):
+        eos = pick_eos(free_run(low, state, bos, num_steps, ctx), vocab, num_steps)
+        want = reference_greedy(reference_decoder(low) if ctx is None else low, state, bos, eos,
+                                num_steps, ctx)
+        ctx_proj = None if ctx is None else ctx_projection(low, ctx)
+        tokens, lengths = stepper.greedy(state, ctx_proj, bos, eos, num_steps, True)
+        assert (tokens.tolist(), lengths.tolist()) == want
+
+
+def _close_call_decoder():
+    """A decoder whose hidden state goes to about +1 whatever the input, and whose output layer
+    lets two tokens compete: token 2 scores h_0 and token 6 scores (1 + 2^-9) h_0. In float32
+    token 6 wins; rounded to bfloat16 the two weights are equal, and argmax takes the first
+    maximum, token 2."""
+    dec = make_decoder(9, 4, 8, 2, seed=3)
+    H = 8
+    with torch.no_grad():
+        for name, p in dec.rnn.named_parameters():
+            p.zero_()
+            if name.startswith("bias_ih"):
+                p[:H] = -20.0        # reset gate r ~ 0
+                p[H:2 * H] = -20.0   # update gate z ~ 0: h' = n
+                p[2 * H:] = 20.0     # n = tanh(20) ~ 1
+        dec.dense.weight.zero_()
+        dec.dense.bias.fill_(-1e4)
+        dec.dense.bias[[2, 6]] = 0.0
+        dec.dense.weight[2, 0] = 1.0
+        dec.dense.weight[6, 0] = 1.0 + 2.0 ** -9
+    return dec
+
+
+def test_bf16_weights_decide_a_close_call():
+    dec = _close_call_decoder()
+    state = random_state(2, 3, 8, seed=5)
+    tokens32, _ = dec.greedy(state, 1, 0, 4)
+    tokens16, _ = dec.greedy(state, 1, 0, 4, weight_dtype=BF16)
+    assert tokens32.unique().tolist() == [6]   # 1 + 2^-9 > 1 in float32
+    assert tokens16.unique().tolist() == [2]   # equal in bfloat16: the first maximum
+    assert dec.greedy(state, 1, 0, 4, weight_dtype=torch.float32)[0].equal(tokens32)
+
+
+def test_bf16_copies_follow_weight_updates():
+    dec = make_decoder(41, 7, 13, 2, seed=7, dense_scale=3.0)
+    state = random_state(2, 4, 13, seed=7)
+    first = dec.greedy(state, 1, 0, 6, weight_dtype=BF16)
+    with torch.no_grad():
+        dec.dense.weight.mul_(-1.0)          # an optimizer's in-place step, say
+    second = dec.greedy(state, 1, 0, 6, weight_dtype=BF16)
+    want = rounded(dec).greedy(state, 1, 0, 6)
+    assert second[0].equal(want[0]) and second[1].equal(want[1])
+    assert not second[0].equal(first[0])
+
+
+def test_predict_with_bf16_weights_is_the_rounded_models():
+    src_vocab, tgt_vocab = common.toy_vocabs()
+    net, _ = common.chapter_models(len(src_vocab), len(tgt_vocab), embed=24, hidden=40)
+    sentences = common.sentences(12, src_vocab, seed=4)
+    low = rounded(net)
+    want = seq2seq_ext.predict_seq2seq_batch(low, sentences, src_vocab, tgt_vocab, 10, "cpu")
+    assert seq2seq_ext.predict_seq2seq_batch(net, sentences, src_vocab, tgt_vocab, 10, "cpu",
+                                             weight_dtype=BF16) == want
+    assert [seq2seq_ext.predict_seq2seq(net, s, src_vocab, tgt_vocab, 10, "cpu",
+                                        weight_dtype=BF16)[0] for s in sentences[:3]] == want[:3]
+
+
+def test_bad_weight_dtype_names_the_argument_and_changes_nothing():
+    dec = make_decoder(41, 7, 13, 2, seed=7)
+    state = random_state(2, 4, 13, seed=7)
+    before = [p.detach().clone() for p in dec.parameters()]
+    for bad in (torch.float16, "bf16"):
+        with pytest.raises(ValueError, match=r"^weight_dtype\b"):
+            dec.greedy(state, 1, 0, 6, weight_dtype=bad)
+    lstm = make_decoder(41, 7, 13, 2, seed=7, cls=lambda *a: seq2seq_ext.Seq2SeqDecoder(
+        *a, cell="lstm"))
+    with pytest.raises(ValueError, match=r"^weight_dtype\b.*lstm"):
+        lstm.greedy(lstm.init_state((None, (state, state.clone())), None), 1, 0, 6,
+                    weight_dtype=BF16)
+    with pytest.raises(RuntimeError, match=r"^bf16_weights\b"):
+        make_decoder(41, 7, 13, 2, seed=7, dtype=torch.float64).greedy(
+            state.double(), 1, 0, 6, weight_dtype=BF16)
+    src_vocab, tgt_vocab = common.toy_vocabs()
+    net, _ = common.chapter_models(len(src_vocab), len(tgt_vocab))
+    with ops.use_backend("reference"), pytest.raises(ValueError, match=r"^weight_dtype\b"):
+        seq2seq_ext.predict_seq2seq(net, "one two", src_vocab, tgt_vocab, 10, "cpu",
+                                    weight_dtype=BF16)
+    assert all(torch.equal(p, b) for p, b in zip(dec.parameters(), before))
+
+
+def test_a_decoder_that_has_decoded_can_be_copied_and_pickled():
+    """The bound weights cached on the decoder are left out of copies and pickles."""
+    import io
+    dec = make_decoder(41, 7, 13, 2, seed=7)
+    state = random_state(2, 4, 13, seed=7)
+    want = dec.greedy(state, 1, 0, 6, weight_dtype=BF16)
+    twin = copy.deepcopy(dec)
+    buf = io.BytesIO()
+    torch.save(dec, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (twin, loaded):
+        got = other.greedy(state, 1, 0, 6, weight_dtype=BF16)
+        assert got[0].equal(want[0]) and got[1].equal(want[1])
