@@ -146,3 +146,18 @@ def test_a_decoder_that_has_decoded_can_be_copied_and_pickled():
     for other in (twin, loaded):
         got = other.greedy(state, 1, 0, 6, weight_dtype=BF16)
         assert got[0].equal(want[0]) and got[1].equal(want[1])
+
+
+def test_translation_benchmark_runs_and_counts_the_bytes():
+    from seq2seq_ext.bench import translate_large as tl
+    result = tl.run(sentences=3, rounds=1, embed=6, hidden=5, layers=2, src_size=20,
+                    tgt_size=30, num_steps=4)
+    assert set(result["per_1000"]) == {"reference", "package float32", "package bf16 weights"}
+    assert all(t > 0 for t in result["per_1000"].values()) and result["bandwidth"] > 0
+    assert "| reference |" in tl.format_table(result)
+    net, _ = common.chapter_models(25, 30, embed=6, hidden=5)
+    vocab = net.decoder.dense.weight.shape[0]
+    per_token = vocab * 5 + 15 * 5 + 15 * 5 + (15 * 5 + 15 * 5)  # dense, ctx, hh0, ih1 + hh1
+    assert tl.token_bytes(net, 2) == 2 * per_token
+    encoder = 4 * (15 * 6 + 3 * 15 * 5 + 15 * 5 + 3 * 15 * 5)  # W_ih once, W_hh at 3 steps
+    assert tl.sentence_bytes(net, 3, 2, 4) == encoder + 2 * 4 * per_token

@@ -1,0 +1,125 @@
+"""Translation one sentence at a time at a realistic size: ``predict_seq2seq`` over many
+sentences (the chapter's loop on the reference against the package's fused greedy loop, with
+the weights as they are and with ``weight_dtype=torch.bfloat16``), interleaved in one process.
+
+At batch 1 every product is a matrix-vector product: each token reads every weight matrix of
+the decoder once (the embedding and W_ih0's embedding columns excepted: they are a table
+lookup), so time per token is bounded by the bytes of those matrices over the memory bandwidth.
+The floor printed beside the times is that: the matrix bytes a sentence reads (the encoder's
+W_ih once per layer and W_hh per step, the decoder's matrices per token) over the read
+bandwidth of a float32 reduction over as many bytes as the decoder's matrices, measured in the
+same run (the rate a working set of that size streams at), for float32 and for bfloat16
+decoder matrices.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+import seq2seq_ext as d2l
+from seq2seq_ext import reference as R
+from seq2seq_ext.bench import common
+
+
+def read_bandwidth(nbytes, rounds=7):
+    """Bytes per second of ``torch.sum`` over a float32 tensor of ``nbytes`` (the best of
+    ``rounds``): the rate at which a working set of that size streams from wherever it stays."""
+    x = torch.ones(max(1, int(nbytes) // 4))
+    x.sum()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / min(times)
+
+
+def token_bytes(net, elem):
+    """Matrix bytes the decoder reads per token at ``elem`` bytes an entry: layer 0's context
+    columns of W_ih, the other layers' W_ih, every W_hh and the output weight."""
+    dec = net.decoder.rnn
+    entries = net.decoder.dense.weight.numel()
+    for layer in range(dec.num_layers):
+        w_ih = getattr(dec, f"weight_ih_l{layer}")
+        entries += w_ih[:, -dec.hidden_size:].numel() if layer == 0 else w_ih.numel()
+        entries += getattr(dec, f"weight_hh_l{layer}").numel()
+    return entries * elem
+
+
+def sentence_bytes(net, steps, tokens, decoder_elem):
+    """Matrix bytes one sentence reads: the encoder's W_ih once and W_hh at each of ``steps``
+    steps (float32), and :func:`token_bytes` at each of ``tokens`` tokens."""
+    enc = net.encoder.rnn
+    enc_bytes = 0
+    for layer in range(enc.num_layers):
+        enc_bytes += 4 * (getattr(enc, f"weight_ih_l{layer}").numel()
+                          + steps * getattr(enc, f"weight_hh_l{layer}").numel())
+    return enc_bytes + tokens * token_bytes(net, decoder_elem)
+
+
+def run(sentences=200, rounds=3, embed=256, hidden=256, layers=2, src_size=4000,
+        tgt_size=3880, num_steps=10, threads=1):
+    torch.set_num_threads(threads)
+    src_vocab, tgt_vocab = common.toy_vocabs(src_size, tgt_size)
+    net, ref = common.chapter_models(len(src_vocab), len(tgt_vocab), embed, hidden, layers)
+    sents = common.sentences(sentences, src_vocab)
+
+    def translate(mod, model, **kwargs):
+        return [mod.predict_seq2seq(model, s, src_vocab, tgt_vocab, num_steps, "cpu",
+                                    **kwargs)[0] for s in sents]
+
+    variants = {
+        "reference": lambda: translate(R, ref),
+        "package float32": lambda: translate(d2l, net),
+        "package bf16 weights": lambda: translate(d2l, net, weight_dtype=torch.bfloat16),
+    }
+    outputs = {name: fn() for name, fn in variants.items()}  # warm-up, and the outputs
+    assert outputs["package float32"] == outputs["reference"], "translations differ"
+    same_bf16 = sum(a == b for a, b in zip(outputs["package bf16 weights"], outputs["reference"]))
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    bandwidth = read_bandwidth(token_bytes(net, 4))
+    tokens = statistics.mean(len(o.split()) + 1 for o in outputs["reference"])
+    tokens = min(tokens, num_steps)
+    floors = {"package float32": sentence_bytes(net, num_steps, tokens, 4) / bandwidth,
+              "package bf16 weights": sentence_bytes(net, num_steps, tokens, 2) / bandwidth}
+    per_1000 = {name: statistics.median(ts) / sentences * 1000 for name, ts in times.items()}
+    return dict(per_1000=per_1000, floors=floors, bandwidth=bandwidth, tokens=tokens,
+                same_bf16=same_bf16, sentences=sentences,
+                config=dict(embed=embed, hidden=hidden, layers=layers,
+                            src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab),
+                            num_steps=num_steps, threads=threads))
+
+
+def format_table(result):
+    ref = result["per_1000"]["reference"]
+    lines = ["| variant | s per 1,000 sentences | vs reference | floor (s per 1,000) | "
+             "share of floor reached |", "|---|---|---|---|---|"]
+    for name, t in result["per_1000"].items():
+        floor = result["floors"].get(name)
+        floor_cells = (f"{floor * 1000:.2f} | {floor * 1000 / t:.0%}" if floor is not None
+                       else "- | -")
+        lines.append(f"| {name} | {t:.2f} | {ref / t:.2f}x | {floor_cells} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sentences", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    result = run(sentences=args.sentences, rounds=args.rounds, threads=args.threads)
+    cfg = result["config"]
+    print(f"embed {cfg['embed']}, hidden {cfg['hidden']}, {cfg['layers']} layers, vocabularies "
+          f"{cfg['src_vocab']}/{cfg['tgt_vocab']}, {cfg['num_steps']} steps, "
+          f"{result['tokens']:.1f} tokens a sentence, {cfg['threads']} thread(s); read bandwidth "
+          f"{result['bandwidth'] / 1e9:.1f} GB/s; bf16 weights give the reference's translation "
+          f"for {result['same_bf16']} of {result['sentences']} sentences")
+    print(format_table(result))
+    return 0
