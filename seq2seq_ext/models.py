@@ -189,7 +189,8 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
                 rnn_state, ctx_proj = state, None
                 if self.fixed_context:
                     rnn_state, context = state
-                    ctx_proj = context_projection(self, context)
+                    ctx_proj = (_rounded_context_projection(self, context) if bf16
+                                else context_projection(self, context))
                 if path == "stepper":
                     return decoder_stepper(self).greedy(rnn_state, ctx_proj, bos, eos, num_steps,
                                                         bf16)
@@ -473,6 +474,14 @@ def supports_fused_decoding(decoder):
 def _plain_lstm(rnn):
     return (type(rnn) is torch.nn.LSTM and rnn.bias and not rnn.bidirectional
             and not rnn.batch_first and rnn.proj_size == 0)
+
+
+def _rounded_context_projection(decoder, context):
+    """:func:`context_projection` with W_ih0 rounded to bfloat16 (greedy's bf16 weights)."""
+    w_ih0 = _fastcall.flat_weights(_fastcall.submodule(decoder, "rnn"))[0]
+    embed = _fastcall.submodule(decoder, "embedding").embedding_dim
+    with torch.no_grad():
+        return torch.mm(context, w_ih0[:, embed:].to(torch.bfloat16).float().t())
 
 
 def context_projection(decoder, context):

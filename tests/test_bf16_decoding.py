@@ -85,6 +85,16 @@ def test_bf16_weights_decide_a_close_call():
     assert dec.greedy(state, 1, 0, 4, weight_dtype=torch.float32)[0].equal(tokens32)
 
 
+def test_fixed_context_decoder_with_bf16_weights_is_the_rounded_decoders():
+    dec = make_decoder(41, 7, 13, 2, seed=9, dense_scale=3.0,
+                       cls=lambda *a: seq2seq_ext.Seq2SeqDecoder(*a, fixed_context=True))
+    low = rounded(dec)
+    state = (random_state(2, 6, 13, seed=9), random_state(1, 6, 13, seed=10)[0])
+    got = dec.greedy(state, 1, 0, 8, weight_dtype=BF16)
+    want = low.greedy(state, 1, 0, 8)
+    assert got[0].equal(want[0]) and got[1].equal(want[1])
+
+
 def test_bf16_copies_follow_weight_updates():
     dec = make_decoder(41, 7, 13, 2, seed=7, dense_scale=3.0)
     state = random_state(2, 4, 13, seed=7)
