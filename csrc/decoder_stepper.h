@@ -21,9 +21,8 @@ namespace seq2seq_ext {
 //    that a row's products need no horizontal sums: at the chapter's sizes the sums of
 //    row-major dot products cost more than the multiply-adds.
 // step() and greedy() run the decoder of cpu/decoder.h over GruCell directly, with the packed
-// weights when there are some, else with the module's (greedy also with bfloat16 copies of
-// the weight matrices, when asked; the module's (the CPU kernels of gru_decode_step and
-// greedy_decode). The table and the bound weights serve an nn.LSTM decoder as well (its flat
+// weights when there are some, else with the module's (the CPU kernels of gru_decode_step and
+// greedy_decode); greedy() also with bfloat16 copies of the weight matrices, when asked. The table and the bound weights serve an nn.LSTM decoder as well (its flat
 // weights have the same four tensors per layer).
 class DecoderStepper {
  public:

@@ -366,15 +366,16 @@ def _decode(args, net, sentences, src_vocab, tgt_vocab, num_steps, device):
         from .beam import beam_search
         done = beam_search(net, batch, src_vocab, tgt_vocab, num_steps, device,
                            beam_size=args.beam, alpha=args.alpha, batch_size=args.batch_size)
-    elif args.dtype == 'bf16':
+    else:
+        bf16 = args.dtype == 'bf16'
         try:
             done = predict_seq2seq_batch(net, batch, src_vocab, tgt_vocab, num_steps, device,
-                                         batch_size=args.batch_size, weight_dtype=torch.bfloat16)
+                                         batch_size=args.batch_size,
+                                         weight_dtype=torch.bfloat16 if bf16 else None)
         except ValueError as exc:
+            if not bf16:
+                raise
             raise UsageError(f'--dtype bf16: {exc}') from None
-    else:
-        done = predict_seq2seq_batch(net, batch, src_vocab, tgt_vocab, num_steps, device,
-                                     batch_size=args.batch_size)
     for i, out in zip(todo, done):
         outputs[i] = out
     return outputs

@@ -16,7 +16,8 @@ variable ``SEQ2SEQ_EXT_CUDA_GRAPHS`` (``auto``, the default; ``eager``; ``graph`
 The graph path is taken only for plain CUDA tensors in eager mode: never on the CPU, under
 ``torch.compile`` tracing, a dispatch or function mode (``opcheck``, FakeTensor), autocast, or
 while the current stream is itself being captured, nor with PyTorch's caching allocator turned
-off (``PYTORCH_NO_CUDA_MEMORY_CACHING``: capture cannot allocate then). Its autograd formula is the op's own.
+off (``PYTORCH_NO_CUDA_MEMORY_CACHING``: capture cannot allocate then). Its autograd formula
+is the op's own.
 """
 import collections
 import contextlib

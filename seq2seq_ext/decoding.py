@@ -47,6 +47,7 @@ def _greedy(net, sentences, src_vocab, tgt_vocab, num_steps, device, weight_dtyp
         enc_X, enc_valid_len = _encode_sources(sentences, src_vocab, num_steps, device)
         enc_outputs = net.encoder(enc_X, enc_valid_len)
         state = net.decoder.init_state(enc_outputs, enc_valid_len)
+        # weight_dtype only when asked: a subclass's own greedy need not take it
         kwargs = {} if weight_dtype is None else {"weight_dtype": weight_dtype}
         tokens, lengths = net.decoder.greedy(state, tgt_vocab['<bos>'], tgt_vocab['<eos>'],
                                              num_steps, **kwargs)
