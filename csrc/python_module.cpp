@@ -10,6 +10,7 @@
 #include "gru_layer.h"
 #include "lstm_decode_step.h"
 #include "rnn_forward.h"
+#include "rnn_stack.h"
 
 namespace {
 
@@ -102,6 +103,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("layers"), pybind11::arg("hidden"), pybind11::arg("batch_first"),
              pybind11::arg("dropout"), pybind11::arg("training"),
              pybind11::arg("torch_masks") = false);
+  // How rnn_stack's CPU kernels run products with bfloat16 weight matrices (csrc/rnn_stack.h);
+  // seq2seq_ext.ops.set_bf16_gemm is the Python side.
+  module.def("set_bf16_gemm", [](bool native) {
+    seq2seq_ext::set_bf16_gemm(native ? seq2seq_ext::Bf16Gemm::kNative
+                                      : seq2seq_ext::Bf16Gemm::kRounded);
+  }, pybind11::arg("native"));
+  module.def("bf16_gemm_native", [] {
+    return seq2seq_ext::bf16_gemm() == seq2seq_ext::Bf16Gemm::kNative;
+  });
 #if defined(TORCH_VERSION_MAJOR) && defined(TORCH_VERSION_MINOR)
   module.attr("torch_version") =
       std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);

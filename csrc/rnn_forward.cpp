@@ -31,6 +31,13 @@ bool has_kernel(const at::Device& device) {
   return device.is_cpu() ? cpu : (device.is_cuda() && cuda);
 }
 
+// CPU autocast to bfloat16 over a float32 input: the op's autocast rule (csrc/rnn_stack.cpp)
+// runs it with bf16 products. Other autocast settings leave the layer to torch.nn.
+bool bf16_autocast(const at::Tensor& input) {
+  return input.is_cpu() && input.scalar_type() == at::kFloat &&
+         at::autocast::get_autocast_dtype(at::kCPU) == at::kBFloat16;
+}
+
 bool same_kind(const at::Tensor& t, const at::Tensor& like) {
   return t.scalar_type() == like.scalar_type() && t.device() == like.device();
 }
@@ -45,7 +52,7 @@ pybind11::object rnn_forward(const std::string& cell, const at::Tensor& input,
   const auto dtype = input.scalar_type();
   if ((dtype != at::kFloat && dtype != at::kDouble) || (input.dim() != 2 && input.dim() != 3) ||
       weights.empty() || !has_kernel(input.device()) ||
-      at::autocast::is_autocast_enabled(input.device().type()))
+      (at::autocast::is_autocast_enabled(input.device().type()) && !bf16_autocast(input)))
     return pybind11::none();
   for (const auto& w : weights)
     if (!w.defined() || !same_kind(w, input)) return pybind11::none();

@@ -6,10 +6,13 @@
 // Schema, argument checks and the device-independent entry that allocates the outputs and calls
 // the device kernel (CPU: csrc/cpu/rnn_stack.h; CUDA: csrc/cuda/rnn_stack.cu). Python wrapper,
 // fake and autograd: seq2seq_ext/ops.py (section rnn_stack); tests: tests/ops/test_rnn_stack.py.
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include <atomic>
 
 #include "checks.h"
 #include "cpu/rnn_stack.h"
@@ -23,6 +26,13 @@ bool is_lstm(c10::string_view cell) {
               "'");
   return cell == "lstm";
 }
+
+namespace {
+std::atomic<Bf16Gemm> bf16_gemm_mode{Bf16Gemm::kRounded};
+}  // namespace
+
+Bf16Gemm bf16_gemm() { return bf16_gemm_mode.load(std::memory_order_relaxed); }
+void set_bf16_gemm(Bf16Gemm mode) { bf16_gemm_mode.store(mode, std::memory_order_relaxed); }
 
 // Declared in rnn_stack.h, shared with the CUDA entry.
 std::vector<int64_t> stack_rows_shape(const StackDims& d, std::vector<int64_t> lead,
@@ -65,13 +75,26 @@ StackDims check_rnn_stack_args(bool lstm, const at::Tensor& input, const at::Ten
   const int64_t per = d.bias ? 4 : 2;
   static const char* names[4] = {"weights (w_ih)", "weights (w_hh)", "weights (b_ih)",
                                  "weights (b_hh)"};
+  // the weight matrices: input's dtype, or all bfloat16 beside a float32 CPU input (the products
+  // then take bf16 operands: the op under CPU autocast, see csrc/cpu/rnn_stack.h)
+  const auto matrix_dtype = weights.empty() ? input.scalar_type() : weights[0].scalar_type();
+  if (matrix_dtype == at::kBFloat16) {
+    TORCH_CHECK(input.scalar_type() == at::kFloat && input.device().is_cpu(),
+                "weights (w_ih): bfloat16 weight matrices need a float32 input on the CPU (the "
+                "op's autocast rule), got input ", input.scalar_type(), " on ", input.device());
+  }
   for (int64_t l = 0; l < L; ++l) {
     for (int64_t k = 0; k < per; ++k) {
       const at::Tensor& w = weights[per * l + k];
       const char* name = names[k];
       check_dim(w, k < 2 ? 2 : 1, name);
       check_same_device(w, input, name, "input");
-      check_same_dtype(w, input, name, "input");
+      if (k < 2 && matrix_dtype == at::kBFloat16) {
+        TORCH_CHECK(w.scalar_type() == at::kBFloat16, name, ": expected bfloat16 like the other ",
+                    "weight matrices, got ", w.scalar_type(), " at layer ", l);
+      } else {
+        check_same_dtype(w, input, name, "input");
+      }
       TORCH_CHECK(w.size(0) == G, name, ": expected ", G, " rows (", lstm ? 4 : 3,
                   " gates of hidden ", H, ") at layer ", l, ", got shape ", shape_str(w));
       if (k < 2) {
@@ -295,6 +318,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_autograd(
   return {out[0], out[1], out[2], out[3]};
 }
 
+// Under CPU autocast: with bfloat16 as autocast's dtype, the weight matrices go to the kernel in
+// bfloat16 through autocast's own cast cache (a leaf parameter is cast once per autocast region,
+// however many steps call the op) and everything else in float32; with another dtype, every
+// floating argument in float32. float64 calls run as they are.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_autocast_cpu(
+    c10::string_view cell, const at::Tensor& input, const at::Tensor& h0,
+    const std::optional<at::Tensor>& c0, at::TensorList weights,
+    const std::optional<at::Tensor>& dropout_mask, at::OptionalIntArrayRef batch_sizes) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
+  if (input.scalar_type() == at::kDouble)
+    return stack_op().call(cell, input, h0, c0, weights, dropout_mask, batch_sizes);
+  auto f32 = [](const at::Tensor& t) {
+    return at::autocast::cached_cast(at::kFloat, t, c10::DeviceType::CPU);
+  };
+  auto f32_opt = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+    return t.has_value() && t->defined() ? std::optional<at::Tensor>(f32(*t)) : t;
+  };
+  const bool bf16 = at::autocast::get_autocast_dtype(at::kCPU) == at::kBFloat16;
+  const int64_t layers = h0.dim() == 3 ? h0.size(0) : 0;
+  const int64_t n = static_cast<int64_t>(weights.size());
+  // [w_ih, w_hh(, b_ih, b_hh)] per layer; any other list goes to the kernel's checks as it is
+  const int64_t per = layers > 0 && n == 4 * layers ? 4 : (layers > 0 && n == 2 * layers ? 2 : 0);
+  std::vector<at::Tensor> w;
+  w.reserve(n);
+  for (int64_t k = 0; k < n; ++k) {
+    const bool matrix = per > 0 && k % per < 2;
+    w.push_back(matrix && bf16 ? at::autocast::cached_cast(at::kBFloat16, weights[k],
+                                                           c10::DeviceType::CPU)
+                               : f32(weights[k]));
+  }
+  return stack_op().call(cell, f32(input), f32(h0), f32_opt(c0), w, f32_opt(dropout_mask),
+                         batch_sizes);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(seq2seq_ext, m) {
@@ -324,5 +381,7 @@ TORCH_LIBRARY_IMPL(seq2seq_ext, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(seq2seq_ext, Autograd, m) { m.impl("rnn_stack", &rnn_stack_autograd); }
+
+TORCH_LIBRARY_IMPL(seq2seq_ext, AutocastCPU, m) { m.impl("rnn_stack", &rnn_stack_autocast_cpu); }
 
 }  // namespace seq2seq_ext

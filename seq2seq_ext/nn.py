@@ -16,13 +16,13 @@ fused (``rnn_stack``)                      PyTorch's ``nn.GRU`` / ``nn.LSTM`` fo
 any ``num_layers``, ``bias`` either way,   ``bidirectional=True``, ``proj_size > 0``,
 ``batch_first`` either way, unbatched      a ``PackedSequence`` on CUDA or under
 input, ``hx`` given or not, inter-layer    ``torch.compile``, dtypes other than float32 /
-dropout, float32 / float64 on the CPU      float64 (and float16 / bfloat16 under
-(and CUDA when built with it), grad mode   ``torch.autocast``), devices without the kernel,
-on or off, ``torch.compile``, DDP; a       the reference backend
+dropout, float32 / float64 on the CPU      float64, ``torch.autocast`` on CUDA, to float16
+(and CUDA when built with it), grad mode   or under ``torch.compile``, devices without the
+on or off, ``torch.compile``, DDP; a       kernel, the reference backend
 ``PackedSequence`` on the CPU (the         (``seq2seq_ext.set_backend("reference")``), and
 padded positions skipped, as PyTorch's     any input whose shapes ``nn.GRU`` would reject
-packed layers do)                          (so that its error is raised), and a float32
-                                           ``LSTM`` on the CPU with ``hidden_size >= 128``
+packed layers do); CPU autocast to         (so that its error is raised), and a float32
+bfloat16 (bf16 products, see below)        ``LSTM`` on the CPU with ``hidden_size >= 128``
                                            over more than one time step (see below)
 =========================================  ===================================================
 
@@ -32,6 +32,13 @@ size makes them GEMM-bound (at hidden 128 and above; benchmarks/RESULTS.md): the
 LSTM hands a sequence (padded or packed) to PyTorch, and keeps the fused op for one-step calls
 (a decoder's step in a Python loop), whose per-call cost it cuts. ``nn.GRU`` has no oneDNN path: the GRU always runs
 fused.
+
+Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the op's autocast rule (csrc/rnn_stack.cpp)
+gives it the weight matrices in bfloat16, cast once per autocast region, and the rest in float32:
+every product takes bf16 operands with float32 sums; states, gates, outputs, biases and the
+parameters' gradients stay float32 (:func:`seq2seq_ext.ops.set_bf16_gemm` says how the products
+run). Where oneDNN has no bf16 products PyTorch's bf16 LSTM cannot run, so a large LSTM sequence
+stays fused there.
 
 Dropout between layers keeps a unit when a uniform sample from the default generator falls
 below ``1 - p``, so the masks differ from those ``nn.GRU`` / ``nn.LSTM`` would draw for the same
@@ -52,12 +59,30 @@ _ONEDNN_LSTM_HIDDEN = 128
 _ONEDNN = torch.backends.mkldnn.is_available()
 
 
-def _onednn_lstm_faster(module, cell, input):
-    """True where PyTorch's own CPU LSTM (oneDNN) is the faster path (see the module docstring)."""
+def _onednn_lstm_faster(module, cell, input, steps=None):
+    """True where PyTorch's own CPU LSTM (oneDNN) is the faster path over ``steps`` time steps
+    (by default those of a padded ``input``; see the module docstring). Under CPU autocast to
+    bfloat16 that holds only where oneDNN has bf16 products (elsewhere PyTorch's bf16 LSTM does
+    not run at all)."""
+    if steps is None:
+        if input.dim() not in (2, 3):
+            return False
+        steps = input.shape[1 if module.batch_first and input.dim() == 3 else 0]
     return (cell == "lstm" and _ONEDNN and module.hidden_size >= _ONEDNN_LSTM_HIDDEN
-            and input.dtype == torch.float32 and input.device.type == "cpu"
-            and input.dim() in (2, 3)
-            and input.shape[1 if module.batch_first and input.dim() == 3 else 0] > 1)
+            and input.dtype == torch.float32 and input.device.type == "cpu" and steps > 1
+            and (not torch.is_autocast_enabled("cpu") or ops.cpu_has_bf16_gemm()))
+
+
+def _autocast_ok(input):
+    """False under an autocast the fused op does not take: it runs CPU autocast to bfloat16
+    (bf16 products, see :func:`seq2seq_ext.ops.set_bf16_gemm`) over a float32 input, outside
+    ``torch.compile``."""
+    device = input.device.type
+    if not torch.is_autocast_enabled(device):
+        return True
+    return (device == "cpu" and input.dtype == torch.float32
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and not torch.compiler.is_compiling())
 
 
 def _fused_ok(module, input):
@@ -69,7 +94,7 @@ def _fused_ok(module, input):
     if input.dim() not in (2, 3) or input.shape[-1] != module.input_size:
         return False
     device = input.device
-    if torch.is_autocast_enabled(device.type) or not ops.has_kernel("rnn_stack", device):
+    if not _autocast_ok(input) or not ops.has_kernel("rnn_stack", device):
         return False
     w = module._flat_weights[0]  # nn.RNNBase's own list of the parameters, in the op's order
     return w is not None and w.dtype == input.dtype and w.device == device
@@ -154,11 +179,10 @@ def _packed_forward(module, cell, packed, hx, torch_masks=False):
     if (type(data) is not torch.Tensor or data.dtype not in _FLOATS or data.dim() != 2
             or data.shape[-1] != module.input_size or data.device.type != "cpu"
             or module.bidirectional or getattr(module, "proj_size", 0)
-            or ops.get_backend() != "ext" or torch.is_autocast_enabled("cpu")
+            or ops.get_backend() != "ext" or not _autocast_ok(data)
             or torch.compiler.is_compiling() or batch_sizes.numel() == 0):
         return None
-    if (cell == "lstm" and _ONEDNN and module.hidden_size >= _ONEDNN_LSTM_HIDDEN
-            and data.dtype == torch.float32 and batch_sizes.numel() > 1):
+    if _onednn_lstm_faster(module, cell, data, steps=batch_sizes.numel()):
         return None  # PyTorch's oneDNN LSTM, as for a padded sequence
     w = module._flat_weights[0]
     if w is None or w.dtype != data.dtype or w.device != data.device:

@@ -353,7 +353,45 @@ __all__ += ["CELLS", "check_cell", "make_rnn", "top_hidden_state", "check_rnn_st
             "VariantSeq2SeqDecoder", "lstm_decode_step"]
 
 
-def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None, batch_sizes=None):
+def _to_bf16_values(t):
+    return t.to(torch.bfloat16).to(t.dtype)
+
+
+class _Bf16Weight(torch.autograd.Function):
+    """The identity whose backward rounds the gradient to bfloat16: a weight matrix under CPU
+    autocast, whose gradient (summed over all its products first) is a bf16 weight's."""
+
+    @staticmethod
+    def forward(ctx, w):
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _to_bf16_values(grad)
+
+
+class _Bf16Linear(torch.autograd.Function):
+    """``linear(x, w, b)`` with bfloat16 operands and sums in x's dtype, forward and backward:
+    rnn_stack's products under CPU autocast. Backward: the incoming gradient rounded to bf16
+    before both products, their results not."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        x_low, w_low = _to_bf16_values(x), _to_bf16_values(w)
+        ctx.save_for_backward(x_low, w_low)
+        ctx.has_bias = b is not None
+        return torch.nn.functional.linear(x_low, w_low, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_low, w_low = ctx.saved_tensors
+        g_low = _to_bf16_values(grad)
+        grad_b = grad.sum(0) if ctx.has_bias else None
+        return g_low @ w_low, g_low.t() @ x_low, grad_b
+
+
+def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None, batch_sizes=None,
+              product_dtype=None):
     """``seq2seq_ext::rnn_stack`` in plain PyTorch: nn.GRU's (gate order r, z, n; b_hn inside
     the reset product) or nn.LSTM's (i, f, g, o) equations over the layers and steps.
 
@@ -364,8 +402,15 @@ def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None, batch_sizes=None)
 
     Packed (``batch_sizes``, non-increasing): input (N, in) holds the first ``batch_sizes[t]``
     rows of step t, step after step; output (N, hidden) and dropout_mask (layers - 1, N, hidden)
-    likewise, and h_n / c_n are each row's state after its last step."""
+    likewise, and h_n / c_n are each row's state after its last step.
+
+    ``product_dtype=torch.bfloat16``: the op under CPU autocast to bfloat16, every product's
+    operands rounded to bfloat16 and the sums in the input's dtype, forward and backward (see
+    :class:`_Bf16Linear`)."""
     check_cell(cell)
+    if product_dtype not in (None, torch.bfloat16):
+        raise ValueError(f"product_dtype: expected None or torch.bfloat16, got {product_dtype}")
+    linear = torch.nn.functional.linear if product_dtype is None else _Bf16Linear.apply
     layers = h0.shape[0]
     per = len(weights) // layers
     dense = batch_sizes is None
@@ -379,14 +424,16 @@ def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None, batch_sizes=None)
     for layer in range(layers):
         w = weights[per * layer: per * layer + per]
         w_ih, w_hh = w[0], w[1]
+        if product_dtype is not None:
+            w_ih, w_hh = _Bf16Weight.apply(w_ih), _Bf16Weight.apply(w_hh)
         b_ih, b_hh = (w[2], w[3]) if per == 4 else (None, None)
         h = h0[layer]
         c = c0[layer] if cell == "lstm" else None
         outs, start = [], 0
         for n in batch_sizes:
-            gi = torch.nn.functional.linear(x[start:start + n], w_ih, b_ih)
+            gi = linear(x[start:start + n], w_ih, b_ih)
             start += n
-            gh = torch.nn.functional.linear(h[:n], w_hh, b_hh)
+            gh = linear(h[:n], w_hh, b_hh)
             if cell == "gru":
                 i_r, i_z, i_n = gi.chunk(3, dim=1)
                 h_r, h_z, h_n = gh.chunk(3, dim=1)

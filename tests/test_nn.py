@@ -16,7 +16,7 @@ from seq2seq_ext import nn as snn
 from seq2seq_ext import ops, reference
 from seq2seq_ext.bench import seed_models
 
-from helpers import generator, gru_tol
+from helpers import assert_bf16_grads_close, generator, gru_tol
 
 CLASSES = {"gru": (nn.GRU, snn.GRU), "lstm": (nn.LSTM, snn.LSTM)}
 
@@ -209,13 +209,12 @@ class TestFallbacks:
             torch.testing.assert_close(new(x)[0], ref(x)[0], rtol=0, atol=0)
         assert op_calls == []
 
-    def test_autocast_runs_torch(self, op_calls):
-        """Under autocast the drop-in layer is nn.LSTM: the same result, or, where PyTorch's
-        own bf16 LSTM cannot run (oneDNN has no bf16 LSTM on a CPU without bf16 instructions),
-        the same error."""
-        ref, new = pair("lstm", 8, 16, 2, dtype=torch.float32)
+    def test_float16_autocast_runs_torch(self, op_calls):
+        """The fused op takes CPU autocast to bfloat16 only (TestBf16Autocast); under float16
+        the drop-in layer is nn.GRU: the same result, or the same error."""
+        ref, new = pair("gru", 8, 16, 2, dtype=torch.float32)
         x = torch.randn(5, 3, 8)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.float16):
             try:
                 want = ref(x)[0]
             except RuntimeError as e:
@@ -492,3 +491,115 @@ class TestPackedSequence:
         packed = pack_padded_sequence(torch.randn(3, 2, 8), torch.tensor([3, 2]))
         torch.testing.assert_close(new(packed)[0].data, ref(packed)[0].data, rtol=0, atol=0)
         assert op_calls == ([] if snn._ONEDNN else ["lstm"])
+
+
+def bf16_reference(module, x, hx=None):
+    """The drop-in layer under CPU autocast to bfloat16, written out: reference.rnn_stack with
+    bf16 products on the module's own (float32) parameters; time-first input, no packing."""
+    cell = "lstm" if isinstance(module, nn.LSTM) else "gru"
+    layers, batch, hidden = module.num_layers, x.shape[1], module.hidden_size
+    h0 = x.new_zeros(layers, batch, hidden) if hx is None else state_tensors(hx)[0]
+    c0 = None if cell == "gru" else (h0 if hx is None else hx[1])
+    return reference.rnn_stack(cell, x, h0, c0, module._flat_weights,
+                               product_dtype=torch.bfloat16)
+
+
+class TestBf16Autocast:
+    """Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the drop-in layers run the fused op
+    with bf16 products (float32 sums) while input, states, outputs, biases and the parameters'
+    gradients stay float32; the weight matrices are cast once per autocast region."""
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("steps", [1, 4])
+    def test_runs_the_op_with_bf16_products(self, cell, steps, op_calls):
+        _, new = pair(cell, 7, 9, 2, dtype=torch.float32)
+        x = torch.randn(steps, 3, 7, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, state = new(x)
+        assert op_calls == [cell]
+        assert out.dtype == torch.float32
+        assert all(t.dtype == torch.float32 for t in state_tensors(state))
+        x_ref = x.detach().clone().requires_grad_()
+        ref_w = [w.detach().clone().requires_grad_() for w in new._flat_weights]
+        want = reference.rnn_stack(cell, x_ref, x.new_zeros(2, 3, 9),
+                                   x.new_zeros(2, 3, 9) if cell == "lstm" else None, ref_w,
+                                   product_dtype=torch.bfloat16)
+        torch.testing.assert_close(out, want[0], rtol=1e-4, atol=1e-5)
+        g = torch.randn(out.shape, generator=generator(3))
+        (out * g).sum().backward()
+        (want[0] * g).sum().backward()
+        for p, w in zip([x] + list(new._flat_weights), [x_ref] + ref_w):
+            assert p.grad.dtype == torch.float32
+            assert_bf16_grads_close(p.grad, w.grad)
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_packed_sequence(self, cell, op_calls):
+        _, new = pair(cell, 5, 6, 2, dtype=torch.float32)
+        x = torch.randn(4, 3, 5)
+        packed = pack_padded_sequence(x, torch.tensor([4, 2, 1]))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = new(packed)[0].data
+        assert op_calls == [cell]
+        lengths = [4, 2, 1]
+        sizes = [sum(1 for n in lengths if n > t) for t in range(4)]
+        want = reference.rnn_stack(cell, packed.data, x.new_zeros(2, 3, 6),
+                                   x.new_zeros(2, 3, 6) if cell == "lstm" else None,
+                                   new._flat_weights, batch_sizes=sizes,
+                                   product_dtype=torch.bfloat16)[0]
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+    def test_weights_are_cast_once_per_autocast_region(self, op_calls):
+        """A decoder's one-step calls in a loop (the seeds' teacher forcing): every call uses
+        the same bf16 copy of each weight matrix, whose gradient reaches the float32 weight
+        once."""
+        _, new = pair("lstm", 4, 6, 2, dtype=torch.float32)
+        state = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = []
+            for _ in range(5):
+                out, state = new(torch.randn(1, 2, 4), state)
+                outs.append(out)
+        assert op_calls == ["lstm"] * 5
+        casts, seen, todo = set(), set(), [torch.cat(outs).sum().grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if type(node).__name__ == "ToCopyBackward0":
+                casts.add(node)
+            todo.extend(n for n, _ in node.next_functions)
+        assert len(casts) == 4  # w_ih and w_hh of two layers
+
+    def test_large_lstm_sequence(self, op_calls):
+        """An LSTM sequence at hidden >= 128 goes to PyTorch's oneDNN LSTM where oneDNN has bf16
+        products; elsewhere PyTorch's bf16 LSTM cannot run and the fused op does."""
+        _, new = pair("lstm", 8, snn._ONEDNN_LSTM_HIDDEN, 1, dtype=torch.float32)
+        x = torch.randn(3, 2, 8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = new(x)[0]
+        if snn._ONEDNN and ops.cpu_has_bf16_gemm():
+            assert op_calls == []
+        else:
+            assert op_calls == ["lstm"]
+            torch.testing.assert_close(out, bf16_reference(new, x)[0], rtol=1e-4, atol=1e-5)
+
+    def test_seed_training_step(self, op_calls):
+        """Seed 004's step through accelerate under autocast: every recurrent call fused, the
+        parameters' gradients float32 and close to the float32 step's."""
+        torch.manual_seed(0)
+        plain = seed_models.Seq2Seq(12, 12, 8, 16, 2, 0.0)
+        fast = seq2seq_ext.accelerate(copy.deepcopy(plain))
+        src, trg = seed_models.batch(4, 6, 12, 12)
+        losses = []
+        for model, amp in ((plain, False), (fast, True)):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                out = model(src, trg, 1.0)
+                losses.append(nn.functional.cross_entropy(out.reshape(-1, 12).float(),
+                                                          trg[:, 1:].reshape(-1)))
+            losses[-1].backward()
+        assert op_calls == ["lstm"] * 6  # the encoder, then five decoder steps
+        assert abs(losses[0].item() - losses[1].item()) < 2e-2 * losses[0].item()
+        for p, q in zip(plain.parameters(), fast.parameters()):
+            assert q.grad.dtype == torch.float32
+            assert (p.grad - q.grad).norm() <= 0.05 * p.grad.norm() + 1e-6

@@ -8,6 +8,7 @@ from torch import nn
 
 import seq2seq_ext as d2l
 from seq2seq_ext import data, reference
+from seq2seq_ext import nn as seq2seq_nn
 from seq2seq_ext.training import (decode_teacher_forced, enable_autocast_rules, fit,
                                   make_adam)
 
@@ -350,6 +351,28 @@ def test_what_runs_in_bf16_under_autocast():
     ref, _ = net(X, dec_input, X_valid_len)
     # bf16 has 8 significant bits: the logits agree with float32 to about 1e-2
     torch.testing.assert_close(Y_hat.float(), ref.detach(), rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_lstm_model_runs_its_layers_with_bf16_products(monkeypatch):
+    """cell="lstm": the LSTM layers run the fused op under autocast (bf16 products; PyTorch's
+    own bf16 LSTM needs a CPU with bf16 instructions), float32 out, the loss falls."""
+    calls = []
+    real = seq2seq_nn._C.rnn_forward
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append((args[0], torch.is_autocast_enabled("cpu"), out is not None))
+        return out
+    monkeypatch.setattr(seq2seq_nn._C, "rnn_forward", spy)
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=200)
+    torch.manual_seed(0)
+    net = d2l.EncoderDecoder(d2l.Seq2SeqEncoder(len(src_vocab), 16, 16, 2, cell="lstm"),
+                             d2l.Seq2SeqDecoder(len(tgt_vocab), 16, 16, 2, cell="lstm"))
+    losses = []
+    fit(net, train_iter, 0.02, 4, tgt_vocab, CPU, plot=False, amp="bf16",
+        on_epoch=lambda e, l, s: losses.append(l))
+    assert calls and all(c == ("lstm", True, True) for c in calls)
+    assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_bf16_with_scheduled_teacher_forcing_runs():

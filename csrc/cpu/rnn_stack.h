@@ -6,6 +6,15 @@
 // Sizes here are what the seeds' models use (a batch of 1 to 128 rows, hidden 32 to 512): the
 // products go through RowProduct and add_at_x, which pick loops of vector FMAs without ATen at
 // small sizes (where an ATen call's fixed cost exceeds the arithmetic) and BLAS beyond.
+//
+// bfloat16 products (rnn_stack under CPU autocast, csrc/rnn_stack.cpp: the weight matrices in
+// bfloat16; the input, states, gates, biases and gradients float32): every product's operands
+// are rounded to bfloat16 and its sums run in float32, as a bf16 GEMM with float32 accumulation.
+// A product of two bf16 values is exact in float32, so the float32 kernels on the rounded
+// operands (Bf16Gemm::kRounded) give a bf16 GEMM's products at float32's rate, on any CPU. With
+// Bf16Gemm::kNative (CPUs with bf16 instructions) the BLAS-sized products run as ATen bf16 GEMMs
+// on the bf16 matrices (oneDNN), their results rounded to bf16 before they meet the float32
+// gates; the smaller ones stay as kRounded. The matrices' gradients come back in bfloat16.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,6 +34,22 @@
 namespace seq2seq_ext {
 namespace cpu {
 
+// Whether the matrices of `weights` are bfloat16 (the products then run as the top of the file
+// says).
+inline bool bf16_matrices(at::TensorList weights) {
+  return !weights.empty() && weights[0].scalar_type() == at::kBFloat16;
+}
+
+// X (M, K), row stride ldx, rounded to bfloat16 values into buf (row stride K); returns buf.
+template <typename T>
+const T* rounded_to_bf16(const T* X, int64_t ldx, int64_t M, int64_t K, std::vector<T>& buf) {
+  buf.resize(M * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k)
+      buf[m * K + k] = static_cast<T>(static_cast<float>(c10::BFloat16(static_cast<float>(X[m * ldx + k]))));
+  return buf.data();
+}
+
 // Y[m, :N] = X[m, :K] Wt (+ bias) for the rows m of X, with Wt a (K, N) matrix, by the cheapest
 // of four ways for the rows the call will multiply (`rows`, over all its time steps):
 //   kBlas    beyond L2 (K * N * sizeof(T) > 256 KiB) or for many rows a call (kBlasWork):
@@ -39,6 +64,8 @@ namespace cpu {
 //            (hidden 32, batch 32) several times faster than BLAS, whose per-call cost
 //            dominates such products.
 // Y has row stride ldy == padded(): the padding columns are written (zeros plus bias padding).
+// A bfloat16 matrix: X is rounded to bf16 first and the product runs as the top of the file says
+// (kBlas on the bf16 matrix itself under Bf16Gemm::kNative, else on its float32 copy).
 template <typename T>
 struct RowProduct {
   static constexpr int64_t kW = at::vec::Vectorized<T>::size();
@@ -49,25 +76,41 @@ struct RowProduct {
   const T* bias = nullptr;  // kInPlace, kDots: N entries; kPacked: Np entries
   int64_t ldw = 0;
   std::vector<T> packed, packed_bias;
-  at::Tensor w_kn;  // (K, N) view of the weight for BLAS
+  at::Tensor w_kn;  // (K, N) view of the weight for BLAS (float32 copy of a bf16 matrix)
   at::Tensor b;     // bias for BLAS, undefined when none
+  bool round = false;   // a bf16 matrix: X rounded to bf16 before the product
+  bool native = false;  // kBlas on the bf16 matrix (w_low) as an ATen bf16 GEMM
+  at::Tensor w_low;     // the bf16 (K, N) matrix when native
+  mutable std::vector<T> x_low;  // X rounded
 
   // Products of at least this many multiply-adds in one call go to BLAS: their rows reuse each
   // block of the weight from registers (BLAS's tiling), where the row loops reload it per row
   // (a 12-step input projection at batch 64, hidden 128 ran 2x slower in them).
   static constexpr int64_t kBlasWork = int64_t(1) << 18;
 
-  // w: the (K, N) matrix as a tensor (any strides), b: (N,) contiguous or undefined; rows: the
-  // rows multiplied over all calls, call_rows: in one call.
+  // w: the (K, N) matrix as a tensor (any strides; T or bfloat16), b: (N,) contiguous or
+  // undefined; rows: the rows multiplied over all calls, call_rows: in one call.
   RowProduct(const at::Tensor& w, const at::Tensor& bias_t, int64_t rows, int64_t call_rows)
       : w_kn(w), b(bias_t) {
     K = w.size(0);
     N = w.size(1);
     Np = (N + kW - 1) / kW * kW;
-    const T* src = w.const_data_ptr<T>();
-    const int64_t s0 = w.stride(0), s1 = w.stride(1);
+    const bool blas =
+        K * Np * static_cast<int64_t>(sizeof(T)) > (256 << 10) || call_rows * K * N >= kBlasWork;
+    if (w.scalar_type() == at::kBFloat16) {
+      round = true;
+      native = blas && bf16_gemm() == Bf16Gemm::kNative;
+      if (native) {
+        w_low = w;
+        mode = kBlas;
+        return;
+      }
+      w_kn = w.to(c10::CppTypeToScalarType<T>::value);  // exact; keeps w's strides
+    }
+    const T* src = w_kn.const_data_ptr<T>();
+    const int64_t s0 = w_kn.stride(0), s1 = w_kn.stride(1);
     const T* bp = bias_t.defined() ? bias_t.const_data_ptr<T>() : nullptr;
-    if (K * Np * static_cast<int64_t>(sizeof(T)) > (256 << 10) || call_rows * K * N >= kBlasWork) {
+    if (blas) {
       mode = kBlas;
     } else if (s1 == 1 && s0 == N && N == Np) {
       mode = kInPlace;
@@ -98,6 +141,10 @@ struct RowProduct {
   // Y = X Wt (+ bias); X (M, K) with row stride ldx, Y (M, padded()) with row stride ldy.
   void operator()(const T* X, int64_t ldx, int64_t M, T* Y, int64_t ldy) const {
     if (M == 0) return;
+    if (round) {
+      X = rounded_to_bf16(X, ldx, M, K, x_low);
+      ldx = K;
+    }
     switch (mode) {
       case kDots:
         TORCH_INTERNAL_ASSERT(ldy == N);
@@ -115,7 +162,10 @@ struct RowProduct {
         auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
         at::Tensor x = at::from_blob(const_cast<T*>(X), {M, K}, {ldx, 1}, opts);
         at::Tensor y = at::from_blob(Y, {M, N}, {ldy, 1}, opts);
-        if (b.defined())
+        if (native) {
+          y.copy_(at::mm(x.to(at::kBFloat16), w_low));
+          if (b.defined()) y.add_(b);
+        } else if (b.defined())
           at::addmm_out(y, b, x, w_kn);
         else
           at::mm_out(y, x, w_kn);
@@ -239,15 +289,27 @@ void stack_outputs(const StackDims& d, int64_t S, const at::Tensor& saved, const
 // out (N, K) += A^T X over M rows: A (M, N) with row stride lda, X (M, K) with row stride ldx,
 // out contiguous. The weight gradients of the backward. Small products (the seeds' sizes) as
 // rank-one updates, one vector of out per FMA and no horizontal sums; large ones through BLAS.
+// low: the gradient of a bf16 matrix, A and X rounded to bf16 first (see the top of the file).
 template <typename T>
 void add_at_x(const T* A, int64_t lda, const T* X, int64_t ldx, int64_t M, int64_t N, int64_t K,
-              T* out) {
+              T* out, bool low = false) {
   if (M == 0 || N == 0 || K == 0) return;
+  std::vector<T> a_low, x_low;
+  if (low) {
+    A = rounded_to_bf16(A, lda, M, N, a_low);
+    X = rounded_to_bf16(X, ldx, M, K, x_low);
+    lda = N;
+    ldx = K;
+  }
   if (M * N * K >= (int64_t(1) << 18)) {
     auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
     at::Tensor a = at::from_blob(const_cast<T*>(A), {M, N}, {lda, 1}, opts);
     at::Tensor x = at::from_blob(const_cast<T*>(X), {M, K}, {ldx, 1}, opts);
-    at::from_blob(out, {N, K}, opts).addmm_(a.t(), x);
+    at::Tensor o = at::from_blob(out, {N, K}, opts);
+    if (low && bf16_gemm() == Bf16Gemm::kNative)
+      o.add_(at::mm(a.t().to(at::kBFloat16), x.to(at::kBFloat16)));
+    else
+      o.addmm_(a.t(), x);
     return;
   }
   using Vec = at::vec::Vectorized<T>;
@@ -314,7 +376,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   at::Tensor grad_h0 = at::empty({L, B, H}, opts);
   at::Tensor grad_c0 = kLstm ? at::empty({L, B, H}, opts) : at::Tensor();
   std::vector<at::Tensor> grad_w(weights.size());
-  for (size_t k = 0; k < weights.size(); ++k) grad_w[k] = at::zeros_like(weights[k]);
+  // float32 sums; a bf16 matrix's gradient is rounded to bf16 at the end
+  const bool low = bf16_matrices(weights);
+  for (size_t k = 0; k < weights.size(); ++k) grad_w[k] = at::zeros(weights[k].sizes(), opts);
   const T* sv = saved.const_data_ptr<T>();
   const T* msk = mask.defined() ? mask.const_data_ptr<T>() : nullptr;
   // dy: the gradient reaching this layer's output (M, H), null when there is none
@@ -395,20 +459,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     }
     if (M == 0) continue;
     const int64_t base = (d.bias ? 4 : 2) * l;
-    add_at_x<T>(dgi.data(), G, x, ldx, M, G, K, grad_w[base].data_ptr<T>());
+    add_at_x<T>(dgi.data(), G, x, ldx, M, G, K, grad_w[base].data_ptr<T>(), low);
     // W_hh's gradient: the state row b of step t started from is h0's row b for t = 0, else
     // row b of step t - 1: dense, the rows B earlier; packed, gathered first
     T* gw_hh = grad_w[base + 1].data_ptr<T>();
-    add_at_x<T>(dgh_p, G, h0l, H, off[1], G, H, gw_hh);
+    add_at_x<T>(dgh_p, G, h0l, H, off[1], G, H, gw_hh, low);
     if (!d.is_packed) {
-      add_at_x<T>(dgh_p + B * G, G, layer_saved, S, M - B, G, H, gw_hh);
+      add_at_x<T>(dgh_p + B * G, G, layer_saved, S, M - B, G, H, gw_hh, low);
     } else if (M > off[1]) {
       h_prev.resize((M - off[1]) * H);
       for (int64_t t = 1; t < Ts; ++t)
         for (int64_t b = 0; b < off[t + 1] - off[t]; ++b)
           std::copy(layer_saved + (off[t - 1] + b) * S, layer_saved + (off[t - 1] + b) * S + H,
                     h_prev.data() + (off[t] - off[1] + b) * H);
-      add_at_x<T>(dgh_p + off[1] * G, G, h_prev.data(), H, M - off[1], G, H, gw_hh);
+      add_at_x<T>(dgh_p + off[1] * G, G, h_prev.data(), H, M - off[1], G, H, gw_hh, low);
     }
     if (d.bias) {
       add_column_sums<T>(dgi.data(), G, M, G, grad_w[base + 2].data_ptr<T>());
@@ -435,6 +499,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
         dst[r * K + j] = dx[r * ldd + j] * (layer_mask ? layer_mask[r * H + j] : T(1));
     dy = dy_below.data();
   }
+  if (low)
+    for (size_t k = 0; k < weights.size(); ++k)
+      grad_w[k] = grad_w[k].to(weights[k].scalar_type());
   return {grad_input, grad_h0, grad_c0, grad_w};
 }
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from seq2seq_ext import ops, reference
 
-from helpers import devices, generator, gru_tol
+from helpers import assert_bf16_grads_close, devices, generator, gru_tol
 
 OP = torch.ops.seq2seq_ext.rnn_stack.default
 BACKWARD = torch.ops.seq2seq_ext.rnn_stack_backward.default
@@ -352,3 +352,122 @@ class TestRnnStackPacked:
         x, h0, c0, weights, _ = args
         with pytest.raises(RuntimeError, match=r"dropout_mask: expected shape \[1, 3, 4\]"):
             OP("gru", x, h0, c0, weights, torch.ones(1, 2, 2, 4, dtype=x.dtype), batch_sizes)
+
+
+@pytest.fixture(params=["rounded", "native"])
+def bf16_gemm(request):
+    """Each way of running bf16 products (ops.set_bf16_gemm), the process's own mode restored."""
+    before = ops.bf16_gemm()
+    ops.set_bf16_gemm(request.param)
+    yield request.param
+    ops.set_bf16_gemm(before)
+
+
+def with_bf16_matrices(weights):
+    """The weights as the op gets them under CPU autocast: matrices bf16, biases as they are."""
+    per = 4 if len(weights) % 4 == 0 and weights[2].dim() == 1 else 2
+    return [w.detach().to(torch.bfloat16).requires_grad_(w.requires_grad) if k % per < 2 else w
+            for k, w in enumerate(weights)]
+
+
+class TestRnnStackBf16Matrices:
+    """bfloat16 weight matrices beside a float32 input (the op under CPU autocast): every
+    product takes bf16 operands and sums in float32, forward and backward, as
+    ``reference.rnn_stack(..., product_dtype=torch.bfloat16)`` writes out; the matrices'
+    gradients come back in bf16."""
+
+    def run_both(self, cell, args, batch_sizes=None):
+        x, h0, c0, weights, mask = args
+        low = with_bf16_matrices(weights)
+        # the reference on float32 copies of the same (bf16) values
+        ref_w = [w.detach().float().requires_grad_() for w in low]
+        got = ops.rnn_stack(cell, x, h0, c0, low, mask, batch_sizes)
+        want = reference.rnn_stack(cell, x, h0, c0, ref_w, mask, batch_sizes,
+                                   product_dtype=torch.bfloat16)
+        state = [x, h0] + ([c0] if c0 is not None else [])
+        got_g = grads_of(got, state + low)
+        want_g = grads_of(want, state + ref_w)
+        return got, want, got_g, want_g, len(state)
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("layers,steps,batch,in_size,hidden,bias,mask", [
+        (2, 1, 7, 13, 17, True, True),   # a decoder's one-step call
+        (2, 1, 1, 41, 9, True, False),   # one row: dot products over the weight
+        (2, 3, 4, 16, 32, False, True),  # the weight in place, no biases
+        (2, 2, 9, 7, 11, True, False),   # the weight laid out padded
+        (1, 12, 8, 48, 24, True, True),  # many rows in one call: BLAS
+    ])
+    def test_matches_the_bf16_products_reference(self, cell, layers, steps, batch, in_size,
+                                                 hidden, bias, mask):
+        args = make_args(cell, layers, steps, batch, in_size, hidden, bias=bias, mask=mask,
+                         dtype=torch.float32, seed=300 + steps * 7 + batch, requires_grad=True)
+        got, want, got_g, want_g, n_state = self.run_both(cell, args)
+        for g, w in zip(got, want):
+            if w is not None:
+                assert g.dtype == torch.float32
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+        for k, (g, w) in enumerate(zip(got_g, want_g)):
+            matrix = k >= n_state and args[3][k - n_state].dim() == 2
+            assert g.dtype == (torch.bfloat16 if matrix else torch.float32)
+            assert_bf16_grads_close(g, w)
+
+    def test_float32_products_are_not_what_it_computes(self):
+        """The comparisons above tell bf16 products from float32 ones."""
+        args = make_args("lstm", 2, 3, 4, 16, 32, dtype=torch.float32, seed=5, requires_grad=True)
+        _, want, _, want_g, _ = self.run_both("lstm", args)
+        f32 = reference.rnn_stack("lstm", *args)
+        assert not torch.allclose(f32[0], want[0], rtol=1e-4, atol=1e-5)
+        x, h0, c0, weights, _ = args
+        for g, w in zip(grads_of(f32, [x, h0, c0] + weights), want_g):
+            with pytest.raises(AssertionError):
+                assert_bf16_grads_close(g, w)
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_packed(self, cell):
+        args, batch_sizes = packed_args(cell, 2, [5, 4, 2, 2, 1], 6, 10, mask=True,
+                                        dtype=torch.float32, seed=61, requires_grad=True)
+        got, want, got_g, want_g, _ = self.run_both(cell, args, batch_sizes)
+        for g, w in zip(got, want):
+            if w is not None:
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+        for g, w in zip(got_g, want_g):
+            assert_bf16_grads_close(g, w)
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_either_way_of_running_products(self, cell, bf16_gemm):
+        """Large enough for BLAS: "native" runs bf16 GEMMs whose results are rounded to bf16
+        (so it differs from the exact products, within bf16's precision), "rounded" computes the
+        reference's products."""
+        args = make_args(cell, 2, 8, 16, 64, 64, dtype=torch.float32, seed=71)
+        x, h0, c0, weights, mask = args
+        low = with_bf16_matrices(weights)
+        got = OP(cell, x, h0, c0, low, mask)[0]
+        want = reference.rnn_stack(cell, x, h0, c0, [w.float() for w in low], mask,
+                                   product_dtype=torch.bfloat16)[0]
+        if bf16_gemm == "rounded":
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=0.05)
+            assert not torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_opcheck(self, cell):
+        x, h0, c0, weights, mask = make_args(cell, 2, 3, 4, 5, 6, mask=True, dtype=torch.float32,
+                                             seed=81, requires_grad=True)
+        torch.library.opcheck(OP, (cell, x, h0, c0, with_bf16_matrices(weights), mask))
+
+    @pytest.mark.parametrize("mutate,match", [
+        (lambda a: a.update(x=a["x"].double(), h0=a["h0"].double(), c0=a["c0"].double()),
+         "weights \\(w_ih\\): bfloat16 weight matrices need a float32 input on the CPU"),
+        (lambda a: a["weights"].__setitem__(5, a["weights"][5].float()),
+         "weights \\(w_hh\\): expected bfloat16 like the other weight matrices, got Float at "
+         "layer 1"),
+        (lambda a: a["weights"].__setitem__(2, a["weights"][2].bfloat16()),
+         "weights \\(b_ih\\): expected dtype Float"),
+    ])
+    def test_bad_dtypes_name_the_argument(self, mutate, match):
+        x, h0, c0, weights, _ = make_args("lstm", 2, 4, 3, 5, 6, dtype=torch.float32, seed=9)
+        a = dict(x=x, h0=h0, c0=c0, weights=with_bf16_matrices(weights))
+        mutate(a)
+        with pytest.raises(RuntimeError, match=match):
+            OP("lstm", a["x"], a["h0"], a["c0"], a["weights"], None)
