@@ -5,6 +5,7 @@ PyTorch against the same program after ``seq2seq_ext.accelerate`` and against
 
     python benchmarks/dropin.py                       # every case
     python benchmarks/dropin.py --cases seed-lstm seed-gru-large --threads 1
+    python benchmarks/dropin.py --amp --cases seed-gru-large   # training under bf16 autocast
 
 Each case also times the program with its recurrent layers replaced by a stub that costs nothing
 (the ceiling of what a faster recurrent layer can give) and reports the share of the ceiling's
@@ -61,7 +62,10 @@ def stubbed(model):
     return model
 
 
-def seed_case(cell, size, repeat):
+def seed_case(cell, size, repeat, amp=False):
+    """The seeds' training step. ``amp``: every model under CPU autocast to bfloat16, beside the
+    plain model in float32 ("plain-f32"); a model whose step raises (PyTorch's bf16 LSTM on a
+    CPU without bf16 instructions) is reported as failing."""
     src_v, tgt_v, embed, hidden, layers, dropout, batch, steps = SIZES[size]
     torch.manual_seed(0)
     plain = seed_models.Seq2Seq(src_v, tgt_v, embed, hidden, layers, dropout, cell=cell)
@@ -69,17 +73,27 @@ def seed_case(cell, size, repeat):
               "accelerated": seq2seq_ext.accelerate(copy.deepcopy(plain)),
               "compiled": torch.compile(copy.deepcopy(plain)),
               "stub": stubbed(plain)}
+    if amp:
+        models["plain-f32"] = copy.deepcopy(plain)
     opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items()}
     src, trg = seed_models.batch(batch, steps, src_v, tgt_v)
     coins = random.Random(0)
 
     def step(k):
-        return lambda: seed_models.train_step(models[k], opts[k], src, trg, coins)
+        return lambda: seed_models.train_step(models[k], opts[k], src, trg, coins,
+                                              amp=amp and k != "plain-f32")
 
-    t0 = time.perf_counter()
-    step("compiled")()  # compile outside the timing
-    compile_s = time.perf_counter() - t0
-    return interleaved({k: step(k) for k in models}, repeat), dict(compile_s=compile_s)
+    failed, compile_s = {}, None
+    for k in list(models):
+        try:
+            t0 = time.perf_counter()
+            step(k)()  # compiles outside the timing
+            if k == "compiled":
+                compile_s = time.perf_counter() - t0
+        except RuntimeError as e:
+            failed[k] = str(e).splitlines()[0][:80]
+    times = interleaved({k: step(k) for k in models if k not in failed}, repeat)
+    return times, dict(compile_s=compile_s, failed=failed)
 
 
 def decode_step_case(cell, size, repeat):
@@ -174,7 +188,11 @@ def main(argv=None):
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--amp", action="store_true",
+                        help="the seeds' training steps under CPU autocast to bfloat16")
     args = parser.parse_args(argv)
+    if args.amp:
+        return main_amp(args)
     torch.set_num_threads(args.threads)
     rates = gemm_rates()
     print(f"CPU: {cpu_name()}, {args.threads} thread(s), torch {torch.__version__}; GEMM 1024^3: "
@@ -193,6 +211,46 @@ def main(argv=None):
         print(f"| {name} | {fmt(p)} | {fmt(a)} | **{p / a:.2f}x** | {comp} | {fmt(s)} "
               f"| {p / s:.2f}x | {share:.0%} |", flush=True)
     return 0
+
+
+def main_amp(args):
+    """The seeds' training steps under bf16 autocast: plain, accelerated, compiled and the stub
+    all under autocast, beside the plain model in float32."""
+    torch.set_num_threads(args.threads)
+    rates = gemm_rates()
+    print(f"CPU: {cpu_name()}, {args.threads} thread(s), torch {torch.__version__}; GEMM 1024^3: "
+          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items())
+          + f"; bf16 products: {seq2seq_ext.ops.bf16_gemm()}")
+    print()
+    print("| case (bf16 autocast) | plain float32 | plain bf16 | accelerated bf16 | vs plain bf16 "
+          "| vs plain float32 | torch.compile bf16 | stub bf16 (ceiling) | share of ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.cases:
+        cell, size = SEED_CASES.get(name, (None, None))
+        if cell is None:
+            print(f"skipping {name}: not a training case", file=sys.stderr)
+            continue
+        print(f"running {name}...", file=sys.stderr, flush=True)
+        repeat = max(3, args.repeat // 4) if size == "large" else args.repeat
+        times, extra = seed_case(cell, size, repeat, amp=True)
+        failed = extra["failed"]
+
+        def show(k):
+            return fmt(times[k]) if k in times else f"fails ({failed[k]})"
+        a, f32, s = times["accelerated"], times["plain-f32"], times["stub"]
+        p = times.get("plain")
+        vs_p = f"**{p / a:.2f}x**" if p else "-"
+        share = f"{(p / a - 1) / (p / s - 1):.0%}" if p and p > s else "-"
+        c = times.get("compiled")
+        comp = f"{fmt(c)} ({p / c:.2f}x)" if c and p else show("compiled")
+        print(f"| {name} | {fmt(f32)} | {show('plain')} | {fmt(a)} | {vs_p} | {f32 / a:.2f}x "
+              f"| {comp} | {fmt(s)} | {share} |", flush=True)
+    return 0
+
+
+SEED_CASES = {"seed-lstm": ("lstm", "seed"), "seed-gru": ("gru", "seed"),
+              "seed-lstm-chapter": ("lstm", "chapter"), "seed-gru-chapter": ("gru", "chapter"),
+              "seed-lstm-large": ("lstm", "large"), "seed-gru-large": ("gru", "large")}
 
 
 if __name__ == "__main__":

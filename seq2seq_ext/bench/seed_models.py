@@ -65,12 +65,15 @@ class Seq2Seq(nn.Module):
         return torch.stack(outputs, dim=1)  # (batch, steps - 1, vocab)
 
 
-def train_step(model, optimizer, src, trg, coins=None, clip=1.0, teacher_forcing_ratio=0.5):
-    """One step of the seeds' training: loss over the flattened outputs, clipped gradients."""
+def train_step(model, optimizer, src, trg, coins=None, clip=1.0, teacher_forcing_ratio=0.5,
+               amp=False):
+    """One step of the seeds' training: loss over the flattened outputs, clipped gradients;
+    ``amp``: the forward pass and the loss under CPU autocast to bfloat16."""
     optimizer.zero_grad()
-    output = model(src, trg, teacher_forcing_ratio, coins)
-    loss = nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]),
-                                       trg[:, 1:].reshape(-1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        output = model(src, trg, teacher_forcing_ratio, coins)
+        loss = nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]),
+                                           trg[:, 1:].reshape(-1))
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
