@@ -375,6 +375,17 @@ def test_bf16_lstm_model_runs_its_layers_with_bf16_products(monkeypatch):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_bf16_convergence_benchmark_compares_both_runs(capsys):
+    """benchmarks/bf16_convergence.py: float32 and bf16 runs of one seed, one row per epoch."""
+    from seq2seq_ext.bench import bf16_convergence
+    assert bf16_convergence.main(["--cells", "lstm", "--seeds", "0", "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| epoch | float32 seed 0 | bf16 seed 0 |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 2 |")]
+    f32, bf16 = (float(v) for v in rows[0].strip("| ").split(" | ")[1:])
+    assert abs(f32 - bf16) < 0.05 * f32
+
+
 def test_bf16_with_scheduled_teacher_forcing_runs():
     train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=100)
     net = _model(src_vocab, tgt_vocab)
