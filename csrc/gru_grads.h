@@ -9,6 +9,7 @@
 #include <tuple>
 #include <vector>
 
+#include "bf16_products.h"
 #include "gru_layer.h"
 
 namespace seq2seq_ext {
@@ -38,7 +39,9 @@ using GruLayerGrads =
 // dgi, dgh: (T, B, 3H) gradients of the input-side and hidden-side gate pre-activations (or
 // (N, 3H) over the rows of the packed layout, gru_layer.h); dh: (B, H) gradient of h0; input
 // (T, B, I) or (N, I); h0 (B, H) and output (T, B, H) or (N, H) contiguous. Returns (input, h0,
-// w_ih, w_hh, b_ih, b_hh, extra) gradients; extra's is empty unless has_extra.
+// w_ih, w_hh, b_ih, b_hh, extra) gradients; extra's is empty unless has_extra. A bfloat16 w_ih
+// (and w_hh: the op under CPU autocast) makes every product bf16 (bf16_products.h) and the two
+// matrices' gradients bfloat16.
 inline GruLayerGrads gru_layer_sequence_grads(const GruLayerDims& d, const at::Tensor& dgi,
                                               const at::Tensor& dgh, const at::Tensor& dh,
                                               const at::Tensor& input, const at::Tensor& h0,
@@ -48,8 +51,13 @@ inline GruLayerGrads gru_layer_sequence_grads(const GruLayerDims& d, const at::T
   const at::Tensor dgi2 = dgi.view({-1, G});
   const at::Tensor dgh2 = dgh.view({-1, G});
   const int64_t N = dgi2.size(0);
-  at::Tensor grad_input = at::mm(dgi2, w_ih).view(input.sizes());
-  at::Tensor grad_w_ih = at::mm(dgi2.t(), input.reshape({N, I}));
+  const bool low = w_ih.scalar_type() == at::kBFloat16;
+  auto mm = [low](const at::Tensor& a, const at::Tensor& b) {
+    return low ? bf16_mm(a, b) : at::mm(a, b);
+  };
+  auto matrix_grad = [low](const at::Tensor& g) { return low ? g.to(at::kBFloat16) : g; };
+  at::Tensor grad_input = mm(dgi2, w_ih).view(input.sizes());
+  at::Tensor grad_w_ih = matrix_grad(mm(dgi2.t(), input.reshape({N, I})));
   at::Tensor grad_b_ih = dgi2.sum(0);
   // the state each row's step started from: h0, then the outputs of the step before
   at::Tensor h_prevs, grad_extra = at::empty({0}, h0.options());
@@ -72,7 +80,7 @@ inline GruLayerGrads gru_layer_sequence_grads(const GruLayerDims& d, const at::T
     h_prevs = at::cat({h0, output.view({N, H})}, 0).index_select(0, index(prev));
     if (has_extra) grad_extra = at::zeros({B, G}, h0.options()).index_add_(0, index(batch_row), dgi2);
   }
-  at::Tensor grad_w_hh = at::mm(dgh2.t(), h_prevs);
+  at::Tensor grad_w_hh = matrix_grad(mm(dgh2.t(), h_prevs));
   at::Tensor grad_b_hh = dgh2.sum(0);
   return {grad_input, dh, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_extra};
 }

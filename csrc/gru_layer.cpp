@@ -1,6 +1,11 @@
 // seq2seq_ext::gru_layer and gru_layer_backward: schema, argument checks and the
 // device-independent entries. Kernels: cpu/gru_layer.cpp, cuda/gru_layer.cu; the
 // whole-sequence part of the backward: gru_grads.h.
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "bf16_products.h"
 #include "checks.h"
 #include "entry.h"
 #include "gru_grads.h"
@@ -49,6 +54,18 @@ GruLayerDims check_gru_layer_args(const at::Tensor& input, const at::Tensor& h0,
               "input: expected float32 or float64, got ", input.scalar_type());
   check_dim(w_hh, 2, "w_hh");
   check_dim(h0, 2, "h0");
+  // the weight matrices: input's dtype, or both bfloat16 beside a float32 CPU input (bf16
+  // products: the op under CPU autocast, bf16_products.h)
+  const bool low = w_ih.scalar_type() == at::kBFloat16 || w_hh.scalar_type() == at::kBFloat16;
+  if (low) check_bf16_matrices(input, w_ih.scalar_type() == at::kBFloat16 ? "w_ih" : "w_hh");
+  auto check_matrix_dtype = [&](const at::Tensor& w, const char* name) {
+    if (low) {
+      TORCH_CHECK(w.scalar_type() == at::kBFloat16, name, ": expected bfloat16 like the other ",
+                  "weight matrix, got ", w.scalar_type());
+    } else {
+      check_same_dtype(w, input, name, "input");
+    }
+  };
   GruLayerDims d = packed ? GruLayerDims{static_cast<int64_t>(batch_sizes->size()), h0.size(0),
                                          input.size(1), w_hh.size(1), *batch_sizes, true}
                           : GruLayerDims{input.size(0), input.size(1), input.size(2),
@@ -56,11 +73,11 @@ GruLayerDims check_gru_layer_args(const at::Tensor& input, const at::Tensor& h0,
   if (packed) check_batch_sizes(*batch_sizes, d.batch, input, "h0");
   const int64_t H = d.hidden, G = 3 * H;
   check_same_device(w_hh, input, "w_hh", "input");
-  check_same_dtype(w_hh, input, "w_hh", "input");
+  check_matrix_dtype(w_hh, "w_hh");
   check_size(w_hh, 0, G, "w_hh", "3 * hidden, hidden being w_hh's second size");
   check_dim(w_ih, 2, "w_ih");
   check_same_device(w_ih, input, "w_ih", "input");
-  check_same_dtype(w_ih, input, "w_ih", "input");
+  check_matrix_dtype(w_ih, "w_ih");
   check_size(w_ih, 0, G, "w_ih", "3 * hidden");
   check_size(w_ih, 1, d.input, "w_ih", "the feature size of input");
   const at::Tensor* biases[2] = {&b_ih, &b_hh};
@@ -156,8 +173,8 @@ GruLayerGrads gru_layer_backward(const at::Tensor& grad_output,
                                  const at::Tensor& output, const at::Tensor& saved,
                                  bool has_extra, at::OptionalIntArrayRef batch_sizes) {
   const GruLayerDims d =
-      check_gru_layer_args(input, h0, w_ih, w_hh, w_hh.new_empty({w_hh.size(0)}),
-                           w_hh.new_empty({w_hh.size(0)}), std::nullopt, batch_sizes);
+      check_gru_layer_args(input, h0, w_ih, w_hh, input.new_empty({w_hh.size(0)}),
+                           input.new_empty({w_hh.size(0)}), std::nullopt, batch_sizes);
   // output and saved are read through raw pointers by the kernels: their shapes, dtypes and
   // devices are checked first (an output narrower than (T, B, H) would be read past its end)
   check_gru_layer_backward_tensors(grad_output, grad_hn, input, output, saved, d);
@@ -176,11 +193,42 @@ GruLayerGrads gru_layer_backward(const at::Tensor& grad_output,
   return gru_layer_sequence_grads(d, dgi, dgh, dh, input, h0_c, out_c, w_ih, has_extra);
 }
 
+
+// Under CPU autocast: with bfloat16 as autocast's dtype, w_ih and w_hh go to the kernel in
+// bfloat16 through autocast's cast cache (bf16 products, bf16_products.h) and the other floating
+// arguments in float32; with another dtype, all of them in float32. float64 calls run as they
+// are. (On CUDA the op's autocast rule is float32 throughout: seq2seq_ext/ops.py.)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_autocast_cpu(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& b_ih, const at::Tensor& b_hh, const std::optional<at::Tensor>& extra,
+    at::OptionalIntArrayRef batch_sizes) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("seq2seq_ext::gru_layer", "")
+                             .typed<decltype(gru_layer)>();
+  if (input.scalar_type() == at::kDouble)
+    return op.call(input, h0, w_ih, w_hh, b_ih, b_hh, extra, batch_sizes);
+  auto f32 = [](const at::Tensor& t) {
+    return at::autocast::cached_cast(at::kFloat, t, c10::DeviceType::CPU);
+  };
+  auto matrix = [&](const at::Tensor& w) {
+    return at::autocast::get_autocast_dtype(at::kCPU) == at::kBFloat16
+               ? at::autocast::cached_cast(at::kBFloat16, w, c10::DeviceType::CPU)
+               : f32(w);
+  };
+  std::optional<at::Tensor> extra32 = extra;
+  if (extra.has_value() && extra->defined()) extra32 = f32(*extra);
+  return op.call(f32(input), f32(h0), matrix(w_ih), matrix(w_hh), f32(b_ih), f32(b_hh), extra32,
+                 batch_sizes);
+}
+
 }  // namespace
 
 SEQ2SEQ_EXT_ENTRIES(m) {
   m.impl("gru_layer", &gru_layer);
   m.impl("gru_layer_backward", &gru_layer_backward);
 }
+
+TORCH_LIBRARY_IMPL(seq2seq_ext, AutocastCPU, m) { m.impl("gru_layer", &gru_layer_autocast_cpu); }
 
 }  // namespace seq2seq_ext

@@ -9,8 +9,8 @@
 #include "decoder_stepper.h"
 #include "gru_layer.h"
 #include "lstm_decode_step.h"
+#include "bf16_products.h"
 #include "rnn_forward.h"
-#include "rnn_stack.h"
 
 namespace {
 
@@ -103,7 +103,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("layers"), pybind11::arg("hidden"), pybind11::arg("batch_first"),
              pybind11::arg("dropout"), pybind11::arg("training"),
              pybind11::arg("torch_masks") = false);
-  // How rnn_stack's CPU kernels run products with bfloat16 weight matrices (csrc/rnn_stack.h);
+  // How the CPU kernels run products with bfloat16 weight matrices (csrc/bf16_products.h);
   // seq2seq_ext.ops.set_bf16_gemm is the Python side.
   module.def("set_bf16_gemm", [](bool native) {
     seq2seq_ext::set_bf16_gemm(native ? seq2seq_ext::Bf16Gemm::kNative

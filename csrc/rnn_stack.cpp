@@ -12,8 +12,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <atomic>
-
+#include "bf16_products.h"
 #include "checks.h"
 #include "cpu/rnn_stack.h"
 #include "rnn_cells.h"
@@ -26,13 +25,6 @@ bool is_lstm(c10::string_view cell) {
               "'");
   return cell == "lstm";
 }
-
-namespace {
-std::atomic<Bf16Gemm> bf16_gemm_mode{Bf16Gemm::kRounded};
-}  // namespace
-
-Bf16Gemm bf16_gemm() { return bf16_gemm_mode.load(std::memory_order_relaxed); }
-void set_bf16_gemm(Bf16Gemm mode) { bf16_gemm_mode.store(mode, std::memory_order_relaxed); }
 
 // Declared in rnn_stack.h, shared with the CUDA entry.
 std::vector<int64_t> stack_rows_shape(const StackDims& d, std::vector<int64_t> lead,
@@ -78,11 +70,7 @@ StackDims check_rnn_stack_args(bool lstm, const at::Tensor& input, const at::Ten
   // the weight matrices: input's dtype, or all bfloat16 beside a float32 CPU input (the products
   // then take bf16 operands: the op under CPU autocast, see csrc/cpu/rnn_stack.h)
   const auto matrix_dtype = weights.empty() ? input.scalar_type() : weights[0].scalar_type();
-  if (matrix_dtype == at::kBFloat16) {
-    TORCH_CHECK(input.scalar_type() == at::kFloat && input.device().is_cpu(),
-                "weights (w_ih): bfloat16 weight matrices need a float32 input on the CPU (the "
-                "op's autocast rule), got input ", input.scalar_type(), " on ", input.device());
-  }
+  if (matrix_dtype == at::kBFloat16) check_bf16_matrices(input, "weights (w_ih)");
   for (int64_t l = 0; l < L; ++l) {
     for (int64_t k = 0; k < per; ++k) {
       const at::Tensor& w = weights[per * l + k];

@@ -41,13 +41,6 @@ StackDims check_rnn_stack_args(bool lstm, const at::Tensor& input, const at::Ten
                                const std::optional<at::Tensor>& mask,
                                at::OptionalIntArrayRef batch_sizes = std::nullopt);
 
-// How the CPU kernels run products with bfloat16 weight matrices (rnn_stack under CPU autocast;
-// csrc/cpu/rnn_stack.h says what each does): chosen once per process, from Python
-// (seq2seq_ext/ops.py, set_bf16_gemm). Defined in csrc/rnn_stack.cpp.
-enum class Bf16Gemm { kRounded, kNative };
-Bf16Gemm bf16_gemm();
-void set_bf16_gemm(Bf16Gemm mode);
-
 // rnn_stack's signature, for typed calls through the dispatcher.
 using StackSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     c10::string_view, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,

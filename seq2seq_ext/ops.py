@@ -317,16 +317,20 @@ torch.library.register_autograd("seq2seq_ext::gru_layer", _gru_backward,
                                 setup_context=_gru_setup_context)
 
 
-# The fused GRU layer computes in float32/float64 only; under autocast its floating inputs are
-# cast to float32 (float64 stays float64) and it runs with autocast disabled.
+# Autocast. CPU: csrc/gru_layer.cpp (gru_layer_autocast_cpu, in C++ for autocast's weight-cast
+# cache): under bfloat16, w_ih and w_hh reach the kernel in bfloat16 (bf16 products, float32
+# sums; see set_bf16_gemm) and everything else in float32. Elsewhere (CUDA) the layer computes in
+# float32: its floating inputs are cast to float32 (float64 stays) and it runs with autocast
+# disabled, by the rule below.
 _FLOAT32_UNDER_AUTOCAST = ("gru_layer",)
 
 
 def enable_autocast_rules(device_type):
-    """Make the extension's ops safe under ``torch.autocast`` on ``device_type``: the fused GRU
-    layer op gets a rule that casts its floating inputs to float32 (float64 stays) and runs it
-    with autocast disabled. Without it, autocast would hand the layer a bfloat16 context
-    projection beside float32 inputs. Idempotent; a rule the op already has is kept."""
+    """Make the extension's ops safe under ``torch.autocast`` on ``device_type``: where the fused
+    GRU layer op has no autocast rule of its own (every device but the CPU), a rule that casts
+    its floating inputs to float32 (float64 stays) and runs it with autocast disabled. Without
+    it, autocast would hand the layer a bfloat16 context projection beside float32 inputs.
+    Idempotent; a rule the op already has is kept."""
     if not torch.amp.is_autocast_available(device_type):
         return
     key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
@@ -350,7 +354,7 @@ def gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra=None, batch_sizes=None):
         output, h_n, _ = _ops.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra,
                                         [int(n) for n in batch_sizes])
         return output, h_n
-    if direct_cpu_call_ok(input):
+    if direct_cpu_call_ok(input) and not torch.is_autocast_enabled("cpu"):
         # inference on plain CPU tensors: no graph to record, so the kernel is called directly
         output, h_n, _ = _C.gru_layer_cpu(input, h0, w_ih, w_hh, b_ih, b_hh, extra)
     elif cuda_graphs.eligible(input, h0, w_ih, w_hh, b_ih, b_hh, extra):

@@ -408,9 +408,7 @@ def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None, batch_sizes=None,
     operands rounded to bfloat16 and the sums in the input's dtype, forward and backward (see
     :class:`_Bf16Linear`)."""
     check_cell(cell)
-    if product_dtype not in (None, torch.bfloat16):
-        raise ValueError(f"product_dtype: expected None or torch.bfloat16, got {product_dtype}")
-    linear = torch.nn.functional.linear if product_dtype is None else _Bf16Linear.apply
+    linear, weight = _product_rule(product_dtype)
     layers = h0.shape[0]
     per = len(weights) // layers
     dense = batch_sizes is None
@@ -423,9 +421,7 @@ def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None, batch_sizes=None,
     hs, cs = [], []
     for layer in range(layers):
         w = weights[per * layer: per * layer + per]
-        w_ih, w_hh = w[0], w[1]
-        if product_dtype is not None:
-            w_ih, w_hh = _Bf16Weight.apply(w_ih), _Bf16Weight.apply(w_hh)
+        w_ih, w_hh = weight(w[0]), weight(w[1])
         b_ih, b_hh = (w[2], w[3]) if per == 4 else (None, None)
         h = h0[layer]
         c = c0[layer] if cell == "lstm" else None
@@ -462,14 +458,30 @@ def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None, batch_sizes=None,
 __all__ += ["rnn_stack"]
 
 
-def gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra=None, batch_sizes=None):
+def _product_rule(product_dtype):
+    """(linear, weight) of the products of a layer: plain, or ``product_dtype=torch.bfloat16``'s
+    bf16 operands with float32 sums and a bf16 gradient for each weight matrix."""
+    if product_dtype is None:
+        return torch.nn.functional.linear, lambda w: w
+    if product_dtype != torch.bfloat16:
+        raise ValueError(f"product_dtype: expected None or torch.bfloat16, got {product_dtype}")
+    return _Bf16Linear.apply, _Bf16Weight.apply
+
+
+def gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra=None, batch_sizes=None,
+              product_dtype=None):
     """``seq2seq_ext::gru_layer`` in plain PyTorch: one layer of nn.GRU's equations; ``extra``
     (batch, 3 * hidden) is added to the input projection at every step.
 
     Dense: input (steps, batch, in) -> (output (steps, batch, hidden), h_n (batch, hidden)).
     Packed (``batch_sizes``, non-increasing): input (N, in) holds the first ``batch_sizes[t]``
     rows of step t, step after step; the output (N, hidden) likewise, and h_n is each row's
-    state after its last step (h0's row for a row in no step)."""
+    state after its last step (h0's row for a row in no step).
+
+    ``product_dtype=torch.bfloat16``: the op under CPU autocast to bfloat16, as in
+    :func:`rnn_stack`."""
+    linear, weight = _product_rule(product_dtype)
+    w_ih, w_hh = weight(w_ih), weight(w_hh)
     if batch_sizes is None:
         batch_sizes = [input.shape[1]] * input.shape[0]
         input = input.reshape(-1, input.shape[-1])
@@ -481,10 +493,10 @@ def gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra=None, batch_sizes=None):
     for n in batch_sizes:
         x = input[start:start + n]
         start += n
-        gi = torch.nn.functional.linear(x, w_ih, b_ih)
+        gi = linear(x, w_ih, b_ih)
         if extra is not None:
             gi = gi + extra[:n]
-        gh = torch.nn.functional.linear(h[:n], w_hh, b_hh)
+        gh = linear(h[:n], w_hh, b_hh)
         i_r, i_z, i_n = gi.chunk(3, dim=1)
         h_r, h_z, h_n = gh.chunk(3, dim=1)
         r = torch.sigmoid(i_r + h_r)

@@ -362,12 +362,12 @@ def toy_vocabs():
     return src, tgt
 
 
-def assert_bf16_grads_close(got, want):
-    """Gradients through bf16 products: the backward rounds computed values (the gates'
-    gradients) to bf16, so where two float32 sums differ in their last bit a rounding can land
-    one bf16 step apart and move a few elements by ~1e-3 relative. Most elements agree to
-    float32's precision and the whole to well within bf16's; float32 products do neither (about
-    all of their elements differ: tests/ops/test_rnn_stack.py,
+def assert_bf16_close(got, want):
+    """Values through bf16 products (outputs or gradients). Each product rounds computed values
+    (the state, the gates' gradients) to bf16, so where two float32 sums differ in their last bit
+    a rounding can land one bf16 step apart and move a few elements by ~1e-3 relative. Most
+    elements agree to float32's precision and the whole to well within bf16's; float32 products
+    do neither (about all of their elements differ: tests/ops/test_rnn_stack.py,
     test_float32_products_are_not_what_it_computes)."""
     got = got.float()
     off = (got - want).abs() > 1e-5 + 1e-4 * want.abs()

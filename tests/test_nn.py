@@ -16,7 +16,7 @@ from seq2seq_ext import nn as snn
 from seq2seq_ext import ops, reference
 from seq2seq_ext.bench import seed_models
 
-from helpers import assert_bf16_grads_close, generator, gru_tol
+from helpers import assert_bf16_close, generator, gru_tol
 
 CLASSES = {"gru": (nn.GRU, snn.GRU), "lstm": (nn.LSTM, snn.LSTM)}
 
@@ -524,13 +524,13 @@ class TestBf16Autocast:
         want = reference.rnn_stack(cell, x_ref, x.new_zeros(2, 3, 9),
                                    x.new_zeros(2, 3, 9) if cell == "lstm" else None, ref_w,
                                    product_dtype=torch.bfloat16)
-        torch.testing.assert_close(out, want[0], rtol=1e-4, atol=1e-5)
+        assert_bf16_close(out, want[0])
         g = torch.randn(out.shape, generator=generator(3))
         (out * g).sum().backward()
         (want[0] * g).sum().backward()
         for p, w in zip([x] + list(new._flat_weights), [x_ref] + ref_w):
             assert p.grad.dtype == torch.float32
-            assert_bf16_grads_close(p.grad, w.grad)
+            assert_bf16_close(p.grad, w.grad)
 
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     def test_packed_sequence(self, cell, op_calls):
@@ -546,7 +546,7 @@ class TestBf16Autocast:
                                    x.new_zeros(2, 3, 6) if cell == "lstm" else None,
                                    new._flat_weights, batch_sizes=sizes,
                                    product_dtype=torch.bfloat16)[0]
-        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+        assert_bf16_close(out, want)
 
     def test_weights_are_cast_once_per_autocast_region(self, op_calls):
         """A decoder's one-step calls in a loop (the seeds' teacher forcing): every call uses
@@ -582,7 +582,7 @@ class TestBf16Autocast:
             assert op_calls == []
         else:
             assert op_calls == ["lstm"]
-            torch.testing.assert_close(out, bf16_reference(new, x)[0], rtol=1e-4, atol=1e-5)
+            assert_bf16_close(out, bf16_reference(new, x)[0])
 
     def test_seed_training_step(self, op_calls):
         """Seed 004's step through accelerate under autocast: every recurrent call fused, the

@@ -12,6 +12,8 @@ from seq2seq_ext import nn as seq2seq_nn
 from seq2seq_ext.training import (decode_teacher_forced, enable_autocast_rules, fit,
                                   make_adam)
 
+from helpers import assert_bf16_close
+
 CPU = torch.device("cpu")
 
 
@@ -333,8 +335,9 @@ def test_bf16_training_converges_and_runs_the_projection_in_bf16():
 
 
 def test_what_runs_in_bf16_under_autocast():
-    """Under CPU autocast: the output projection and the loss input in bf16, the GRU layers
-    (fused op, cast to float32 by the autocast rule) and the parameters' gradients float32."""
+    """Under CPU autocast: the output projection and the loss input in bf16; the GRU layers
+    (fused op) with bf16 products and float32 states and outputs; the parameters' gradients
+    float32."""
     enable_autocast_rules("cpu")
     enable_autocast_rules("cpu")  # idempotent
     train_iter, src_vocab, tgt_vocab, _ = _corpus(batch_size=8, num_steps=7, stop=100)
@@ -346,6 +349,10 @@ def test_what_runs_in_bf16_under_autocast():
         l = d2l.MaskedSoftmaxCELoss()(Y_hat, Y, Y_valid_len)
     assert enc_out.dtype == torch.float32 and state.dtype == torch.float32
     assert Y_hat.dtype == torch.bfloat16
+    emb = net.encoder.embedding(X).permute(1, 0, 2)
+    want, _, _ = reference.rnn_stack("gru", emb, emb.new_zeros(2, X.shape[0], 16), None,
+                                     net.encoder.rnn._flat_weights, product_dtype=torch.bfloat16)
+    assert_bf16_close(enc_out, want)
     l.float().sum().backward()
     assert all(p.grad.dtype == torch.float32 for p in net.parameters())
     ref, _ = net(X, dec_input, X_valid_len)

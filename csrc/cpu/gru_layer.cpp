@@ -9,11 +9,15 @@
 // the previous state. The weight gradients are four GEMMs over the whole sequence at the end
 // (gru_grads.h). The backward is written for the GRU: its pointwise pass is the GRU cell's
 // derivative and its state has one part; an LSTM layer's would also carry the gradient of c.
+// With w_ih and w_hh in bfloat16 (the op under CPU autocast) every product takes bf16 operands
+// and sums in float32 (csrc/bf16_products.h); the pointwise passes are unchanged.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "../bf16_products.h"
 #include "../gru_grads.h"
 #include "../gru_layer.h"
+#include "bf16.h"
 #include "cells.h"
 #include "layer.h"
 #include "linear.h"
@@ -76,6 +80,10 @@ void gru_layer_backward(const GruLayerDims& d, const at::Tensor& grad_output,
   // the first row of each step in the (T * B) or packed rows; the rows of step t are the first
   // batch_sizes[t] of the batch (all B when dense), and the others keep their gradient as it is
   const std::vector<int64_t> off = d.offsets();
+  // bf16 products: W_hh's float32 values made once, not per step (Bf16Gemm::kRounded)
+  const bool low = w_hh.scalar_type() == at::kBFloat16;
+  const at::Tensor w_hh_values =
+      low && bf16_gemm() == Bf16Gemm::kRounded ? w_hh.to(at::kFloat) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(dh.scalar_type(), "gru_layer_backward_cpu", [&] {
     for (int64_t t = T - 1; t >= 0; --t) {
       const int64_t rows = off[t + 1] - off[t];
@@ -91,7 +99,12 @@ void gru_layer_backward(const GruLayerDims& d, const at::Tensor& grad_output,
                                        dgh_t.data_ptr<scalar_t>(), dh_direct.data_ptr<scalar_t>(),
                                        rows, H);
       // dh_prev = dh * z + dgh W_hh
-      at::addmm_out(dh_t, dh_direct.narrow(0, 0, rows), dgh_t, w_hh);
+      if (low)
+        at::add_out(dh_t, dh_direct.narrow(0, 0, rows),
+                    w_hh_values.defined() ? at::mm(bf16_values(dgh_t), w_hh_values)
+                                          : bf16_mm(dgh_t, w_hh));
+      else
+        at::addmm_out(dh_t, dh_direct.narrow(0, 0, rows), dgh_t, w_hh);
     }
   });
 }
@@ -105,7 +118,10 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
   auto opts = input.options();
   // the input projection of every step in one GEMM: (N, I) x (I, 3H) + b_ih
   at::Tensor gi = at::empty({N, G}, opts);
-  {
+  const bool low = w_ih.scalar_type() == at::kBFloat16;
+  if (low) {
+    at::add_out(gi, bf16_mm(input.reshape({N, d.input}), w_ih.t()), b_ih);
+  } else {
     const at::Tensor x = input.reshape({N, d.input}).contiguous();
     const at::Tensor w = w_ih.stride(1) == 1 ? w_ih : w_ih.contiguous();
     const at::Tensor bias = b_ih.contiguous();
@@ -130,12 +146,34 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
   const at::Tensor h0_c = h0.contiguous();
   const at::Tensor w_hh_c = w_hh.contiguous();
   const at::Tensor b_hh_c = b_hh.contiguous();
+  const int64_t* sizes = d.packed() ? d.batch_sizes.data() : nullptr;
+  if (low) {
+    // gh = round(h) W_hh^T + b_hh: the float32 kernel on a float32 copy of the bf16 W_hh, or,
+    // under Bf16Gemm::kNative and at BLAS sizes, a bf16 GEMM
+    const at::Tensor w32 = w_hh_c.to(at::kFloat);
+    std::vector<float> h_low;
+    auto product = [&](const float* h, int64_t rows, float* out) {
+      if (bf16_gemm() == Bf16Gemm::kNative && rows * H * G >= (int64_t(1) << 17)) {
+        const at::Tensor hv = at::from_blob(const_cast<float*>(h), {rows, H}, opts);
+        at::Tensor gh_rows = at::from_blob(out, {rows, G}, opts);
+        at::add_out(gh_rows, bf16_mm(hv, w_hh_c.t()), b_hh_c);
+        return;
+      }
+      linear_nt<float>(rounded_to_bf16(h, H, rows, H, h_low), H, rows, H,
+                       w32.const_data_ptr<float>(), H, G, b_hh_c.const_data_ptr<float>(), out,
+                       false);
+    };
+    layer_forward<GruCell, float>(gi.const_data_ptr<float>(), T, B, H, w32.const_data_ptr<float>(),
+                                  b_hh_c.const_data_ptr<float>(), {h0_c.const_data_ptr<float>()},
+                                  output.data_ptr<float>(), saved.data_ptr<float>(),
+                                  gh.data_ptr<float>(), sizes, product);
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_cpu", [&] {
     layer_forward<GruCell>(gi.const_data_ptr<scalar_t>(), T, B, H,
                            w_hh_c.const_data_ptr<scalar_t>(), b_hh_c.const_data_ptr<scalar_t>(),
                            {h0_c.const_data_ptr<scalar_t>()}, output.data_ptr<scalar_t>(),
-                           saved.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(),
-                           d.packed() ? d.batch_sizes.data() : nullptr);
+                           saved.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), sizes);
   });
 }
 

@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstddef>
+#include <type_traits>
 #include <vector>
 
 #include "cells.h"
@@ -21,11 +23,13 @@ namespace cpu {
 // step's saved activations (B, Cell::kSaved * H) to saved; the other state parts (the LSTM's c)
 // are carried in work rows. gh: a (B, G) work buffer. With `batch_sizes` (T entries, the packed
 // layout of gru_layer.h) step t runs the first batch_sizes[t] rows only, and gi, output and saved
-// hold the steps' rows one after the other.
-template <typename Cell, typename T>
+// hold the steps' rows one after the other. `hidden_product(h, rows, gh)`, when given, replaces
+// the step's product gh = h W_hh^T + b_hh (the bf16 products of gru_layer under autocast).
+template <typename Cell, typename T, typename HiddenProduct = std::nullptr_t>
 void layer_forward(const T* gi, int64_t steps, int64_t B, int64_t H, const T* w_hh,
                    const T* b_hh, Parts<const T, Cell::kParts> h0, T* output, T* saved, T* gh,
-                   const int64_t* batch_sizes = nullptr) {
+                   const int64_t* batch_sizes = nullptr,
+                   const HiddenProduct& hidden_product = nullptr) {
   constexpr int P = Cell::kParts;
   const int64_t G = Cell::kGates * H;
   std::vector<T> carry[2][P];  // parts 1.. of the state, written alternately
@@ -35,7 +39,10 @@ void layer_forward(const T* gi, int64_t steps, int64_t B, int64_t H, const T* w_
   int64_t row = 0;  // the first row of step t
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t rows = batch_sizes ? batch_sizes[t] : B;
-    linear_nt<T>(prev[0], H, rows, H, w_hh, H, G, b_hh, gh, false);
+    if constexpr (std::is_same_v<HiddenProduct, std::nullptr_t>)
+      linear_nt<T>(prev[0], H, rows, H, w_hh, H, G, b_hh, gh, false);
+    else
+      hidden_product(prev[0], rows, gh);
     Parts<T, P> next;
     next[0] = output + row * H;
     for (int p = 1; p < P; ++p) next[p] = carry[t & 1][p].data();

@@ -7,14 +7,9 @@
 // products go through RowProduct and add_at_x, which pick loops of vector FMAs without ATen at
 // small sizes (where an ATen call's fixed cost exceeds the arithmetic) and BLAS beyond.
 //
-// bfloat16 products (rnn_stack under CPU autocast, csrc/rnn_stack.cpp: the weight matrices in
-// bfloat16; the input, states, gates, biases and gradients float32): every product's operands
-// are rounded to bfloat16 and its sums run in float32, as a bf16 GEMM with float32 accumulation.
-// A product of two bf16 values is exact in float32, so the float32 kernels on the rounded
-// operands (Bf16Gemm::kRounded) give a bf16 GEMM's products at float32's rate, on any CPU. With
-// Bf16Gemm::kNative (CPUs with bf16 instructions) the BLAS-sized products run as ATen bf16 GEMMs
-// on the bf16 matrices (oneDNN), their results rounded to bf16 before they meet the float32
-// gates; the smaller ones stay as kRounded. The matrices' gradients come back in bfloat16.
+// bfloat16 matrices (csrc/bf16_products.h): X is rounded to bf16 before each product, the
+// matrices are used through float32 copies or, for BLAS-sized products under
+// Bf16Gemm::kNative, as bf16 GEMMs; their gradients are summed in float32 and returned in bf16.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -23,49 +18,22 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "../rnn_cells.h"
+#include "../bf16_products.h"
 #include "../rnn_stack.h"
+#include "bf16.h"
 #include "cells.h"
 #include "linear.h"
 
 namespace seq2seq_ext {
 namespace cpu {
 
-// Whether the matrices of `weights` are bfloat16 (the products then run as the top of the file
-// says).
+// Whether the matrices of `weights` are bfloat16 (bf16 products, see the top of the file).
 inline bool bf16_matrices(at::TensorList weights) {
   return !weights.empty() && weights[0].scalar_type() == at::kBFloat16;
-}
-
-// v rounded to the nearest bfloat16 value (ties to even), as c10::BFloat16 rounds, in a form
-// the compiler vectorizes (the backward rounds millions of values per call at hidden 512).
-inline float round_to_bf16(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
-  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-  float out;
-  std::memcpy(&out, &r, sizeof out);
-  return v != v ? v : out;  // NaN stays NaN
-}
-inline double round_to_bf16(double v) {
-  return static_cast<float>(c10::BFloat16(static_cast<float>(v)));
-}
-
-// X (M, K), row stride ldx, rounded to bfloat16 values into buf (row stride K); returns buf.
-template <typename T>
-const T* rounded_to_bf16(const T* X, int64_t ldx, int64_t M, int64_t K, std::vector<T>& buf) {
-  buf.resize(M * K);
-  T* out = buf.data();
-  for (int64_t m = 0; m < M; ++m) {
-    const T* x = X + m * ldx;
-    T* o = out + m * K;
-    for (int64_t k = 0; k < K; ++k) o[k] = round_to_bf16(x[k]);
-  }
-  return out;
 }
 
 // Y[m, :N] = X[m, :K] Wt (+ bias) for the rows m of X, with Wt a (K, N) matrix, by the cheapest

@@ -3,9 +3,8 @@
 ``amp="bf16"`` from the same initial weights, for several seeds; the mean training loss per epoch
 of every run, and the held-out corpus BLEU (greedy, float32 weights) at the end.
 
-Under ``amp="bf16"`` the output projection and the loss's input are bf16 for both cells; the
-LSTM layers run bf16 products (``rnn_stack`` under CPU autocast), the GRU layers stay float32
-(their op's autocast rule).
+Under ``amp="bf16"`` the output projection and the loss's input are bf16, and the recurrent
+layers (``gru_layer`` / ``rnn_stack``) run bf16 products with float32 states.
 """
 import argparse
 import statistics

@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from seq2seq_ext import ops
+from seq2seq_ext import ops, reference
 
-from helpers import GRU_F64_TOL, assert_close_dict, devices, generator, gru_tol
+from helpers import (GRU_F64_TOL, assert_bf16_close, assert_close_dict, devices, generator,
+                     gru_tol)
 
 LAYER = torch.ops.seq2seq_ext.gru_layer.default
 LAYER_BACKWARD = torch.ops.seq2seq_ext.gru_layer_backward.default
@@ -791,3 +792,99 @@ class TestPackedLayer:
         args = _small_layer_args("cpu", with_extra=False, seed=390, requires_grad=False)
         with pytest.raises(RuntimeError, match="input: expected a 2-D tensor"):
             LAYER(*args, [2, 2, 2])
+
+
+@pytest.fixture(params=["rounded", "native"])
+def bf16_gemm(request):
+    """Each way of running bf16 products (ops.set_bf16_gemm), the process's own mode restored."""
+    before = ops.bf16_gemm()
+    ops.set_bf16_gemm(request.param)
+    yield request.param
+    ops.set_bf16_gemm(before)
+
+
+class TestGruLayerBf16Matrices:
+    """w_ih and w_hh in bfloat16 beside a float32 input (the op under CPU autocast): every
+    product takes bf16 operands and sums in float32, forward and backward, as
+    ``reference.gru_layer(..., product_dtype=torch.bfloat16)`` writes out; the matrices'
+    gradients come back in bf16, the others in float32."""
+
+    def run_both(self, steps, batch, in_size, hidden, *, seed, with_extra, lengths=None):
+        params = _layer_params(in_size, hidden, dtype=torch.float32, device="cpu", seed=seed,
+                               scale=0.4)
+        params[0], params[1] = params[0].bfloat16(), params[1].bfloat16()
+        sizes = None
+        if lengths is None:
+            x = _normal((steps, batch, in_size), dtype=torch.float32, device="cpu", seed=seed + 1)
+        else:
+            sizes = [sum(1 for n in lengths if n > t) for t in range(max(lengths))]
+            x = _normal((sum(sizes), in_size), dtype=torch.float32, device="cpu", seed=seed + 1)
+        h0 = _normal((batch, hidden), dtype=torch.float32, device="cpu", seed=seed + 2, scale=0.5)
+        extra = (_normal((batch, 3 * hidden), dtype=torch.float32, device="cpu", seed=seed + 3,
+                         scale=0.3) if with_extra else None)
+        leaves = [_leaf(t) for t in [x, h0, *params] + ([extra] if with_extra else [])]
+        ref = [_leaf(t.detach().float()) for t in leaves]
+        got = ops.gru_layer(*leaves[:6], leaves[6] if with_extra else None, sizes)
+        want = reference.gru_layer(*ref[:6], ref[6] if with_extra else None, sizes,
+                                   product_dtype=torch.bfloat16)
+        g = _normal(got[0].shape, dtype=torch.float32, device="cpu", seed=seed + 4)
+        got_g = torch.autograd.grad((got[0] * g).sum() + got[1].sum(), leaves)
+        want_g = torch.autograd.grad((want[0] * g).sum() + want[1].sum(), ref)
+        return got, want, got_g, want_g
+
+    @pytest.mark.parametrize("steps,batch,in_size,hidden,with_extra", [
+        (1, 1, 5, 7, False),
+        (5, 3, 7, 9, True),     # the decoder's context projection as extra
+        (4, 16, 32, 32, True),
+        (9, 8, 48, 24, False),  # the input projection through BLAS
+    ])
+    def test_matches_the_bf16_products_reference(self, steps, batch, in_size, hidden,
+                                                 with_extra):
+        got, want, got_g, want_g = self.run_both(steps, batch, in_size, hidden, seed=steps + 40,
+                                                 with_extra=with_extra)
+        for g, w in zip(got, want):
+            assert g.dtype == torch.float32
+            assert_bf16_close(g, w)
+        for k, (g, w) in enumerate(zip(got_g, want_g)):
+            assert g.dtype == (torch.bfloat16 if k in (2, 3) else torch.float32)
+            assert_bf16_close(g, w)
+
+    def test_packed(self):
+        got, want, got_g, want_g = self.run_both(0, 4, 6, 10, seed=90, with_extra=True,
+                                                 lengths=[5, 3, 3, 1])
+        for g, w in zip(got, want):
+            assert_bf16_close(g, w)
+        for g, w in zip(got_g, want_g):
+            assert_bf16_close(g, w)
+
+    def test_either_way_of_running_products(self, bf16_gemm):
+        """Large enough for BLAS: "native" rounds its GEMMs' results to bf16, within bf16's
+        precision of the exact products that "rounded" computes."""
+        got, want, got_g, want_g = self.run_both(6, 64, 64, 64, seed=7, with_extra=False)
+        if bf16_gemm == "rounded":
+            assert_bf16_close(got[0], want[0])
+        else:
+            torch.testing.assert_close(got[0], want[0], rtol=0, atol=0.05)
+            assert not torch.allclose(got[0], want[0], rtol=1e-4, atol=1e-5)
+            for g, w in zip(got_g, want_g):
+                assert (g.float() - w).norm() <= 2e-2 * w.norm()
+
+    def test_opcheck(self):
+        args = _small_layer_args("cpu", with_extra=True, seed=5, dtype=torch.float32)
+        args = [t.detach().bfloat16().requires_grad_() if k in (2, 3) else t
+                for k, t in enumerate(args)]
+        torch.library.opcheck(LAYER, tuple(args))
+
+    @pytest.mark.parametrize("change,match", [
+        (lambda a: a.__setitem__(3, a[3].float()),
+         "w_hh: expected bfloat16 like the other weight matrix, got Float"),
+        (lambda a: [a.__setitem__(k, a[k].double()) for k in (0, 1, 4, 5)],
+         "w_ih: bfloat16 weight matrices need a float32 input on the CPU"),
+    ])
+    def test_bad_dtypes_name_the_argument(self, change, match):
+        args = _small_layer_args("cpu", with_extra=False, seed=6, dtype=torch.float32,
+                                 requires_grad=False)
+        args[2], args[3] = args[2].bfloat16(), args[3].bfloat16()
+        change(args)
+        with pytest.raises(RuntimeError, match=match):
+            LAYER(*args)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from seq2seq_ext import ops, reference
 
-from helpers import assert_bf16_grads_close, devices, generator, gru_tol
+from helpers import assert_bf16_close, devices, generator, gru_tol
 
 OP = torch.ops.seq2seq_ext.rnn_stack.default
 BACKWARD = torch.ops.seq2seq_ext.rnn_stack_backward.default
@@ -405,22 +405,23 @@ class TestRnnStackBf16Matrices:
         for g, w in zip(got, want):
             if w is not None:
                 assert g.dtype == torch.float32
-                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+                assert_bf16_close(g, w)
         for k, (g, w) in enumerate(zip(got_g, want_g)):
             matrix = k >= n_state and args[3][k - n_state].dim() == 2
             assert g.dtype == (torch.bfloat16 if matrix else torch.float32)
-            assert_bf16_grads_close(g, w)
+            assert_bf16_close(g, w)
 
     def test_float32_products_are_not_what_it_computes(self):
         """The comparisons above tell bf16 products from float32 ones."""
         args = make_args("lstm", 2, 3, 4, 16, 32, dtype=torch.float32, seed=5, requires_grad=True)
         _, want, _, want_g, _ = self.run_both("lstm", args)
         f32 = reference.rnn_stack("lstm", *args)
-        assert not torch.allclose(f32[0], want[0], rtol=1e-4, atol=1e-5)
+        with pytest.raises(AssertionError):
+            assert_bf16_close(f32[0], want[0])
         x, h0, c0, weights, _ = args
         for g, w in zip(grads_of(f32, [x, h0, c0] + weights), want_g):
             with pytest.raises(AssertionError):
-                assert_bf16_grads_close(g, w)
+                assert_bf16_close(g, w)
 
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     def test_packed(self, cell):
@@ -429,9 +430,9 @@ class TestRnnStackBf16Matrices:
         got, want, got_g, want_g, _ = self.run_both(cell, args, batch_sizes)
         for g, w in zip(got, want):
             if w is not None:
-                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+                assert_bf16_close(g, w)
         for g, w in zip(got_g, want_g):
-            assert_bf16_grads_close(g, w)
+            assert_bf16_close(g, w)
 
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     def test_either_way_of_running_products(self, cell, bf16_gemm):
@@ -445,7 +446,7 @@ class TestRnnStackBf16Matrices:
         want = reference.rnn_stack(cell, x, h0, c0, [w.float() for w in low], mask,
                                    product_dtype=torch.bfloat16)[0]
         if bf16_gemm == "rounded":
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            assert_bf16_close(got, want)
         else:
             torch.testing.assert_close(got, want, rtol=0, atol=0.05)
             assert not torch.allclose(got, want, rtol=1e-4, atol=1e-5)

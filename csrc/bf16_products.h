@@ -1,0 +1,32 @@
+// bf16 products: the weight matrices of the recurrent layer ops in bfloat16 beside float32
+// activations (the ops under CPU autocast to bfloat16). Every product takes bf16 operands and
+// sums in float32, as a bf16 GEMM with float32 accumulation does; gate arithmetic, states,
+// biases and gradients stay float32 (a matrix's gradient is rounded to bf16 once, at the end).
+//
+// A product of two bf16 values is exact in float32, so float32 kernels on operands rounded to
+// bf16 values (Bf16Gemm::kRounded) give a bf16 GEMM's products at float32's rate, on any CPU;
+// Bf16Gemm::kNative (CPUs with bf16 instructions) runs the large products as ATen bf16 GEMMs
+// (oneDNN), whose results are rounded to bf16 before they meet the float32 gates. The mode is
+// chosen once per process, from Python (seq2seq_ext/ops.py, set_bf16_gemm).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace seq2seq_ext {
+
+enum class Bf16Gemm { kRounded, kNative };
+Bf16Gemm bf16_gemm();
+void set_bf16_gemm(Bf16Gemm mode);
+
+// t's values rounded to bfloat16, as a float32 tensor (t float32 or bfloat16).
+at::Tensor bf16_values(const at::Tensor& t);
+
+// a @ b (2-D, float32 or bfloat16) with both operands rounded to bf16 and float32 sums: a
+// float32 result, computed as bf16_gemm() says.
+at::Tensor bf16_mm(const at::Tensor& a, const at::Tensor& b);
+
+// The check every recurrent op runs on its weight matrices: bfloat16 matrices only beside a
+// float32 input on the CPU (the ops' autocast rules); `name` names the first matrix.
+void check_bf16_matrices(const at::Tensor& input, const char* name);
+
+}  // namespace seq2seq_ext
