@@ -127,3 +127,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["rounded", "native"])
+def bf16_gemm(request):
+    """Each way of running bf16 products (ops.set_bf16_gemm), the process's own mode restored."""
+    before = ops.bf16_gemm()
+    ops.set_bf16_gemm(request.param)
+    yield request.param
+    ops.set_bf16_gemm(before)

@@ -794,15 +794,6 @@ class TestPackedLayer:
             LAYER(*args, [2, 2, 2])
 
 
-@pytest.fixture(params=["rounded", "native"])
-def bf16_gemm(request):
-    """Each way of running bf16 products (ops.set_bf16_gemm), the process's own mode restored."""
-    before = ops.bf16_gemm()
-    ops.set_bf16_gemm(request.param)
-    yield request.param
-    ops.set_bf16_gemm(before)
-
-
 class TestGruLayerBf16Matrices:
     """w_ih and w_hh in bfloat16 beside a float32 input (the op under CPU autocast): every
     product takes bf16 operands and sums in float32, forward and backward, as

@@ -354,15 +354,6 @@ class TestRnnStackPacked:
             OP("gru", x, h0, c0, weights, torch.ones(1, 2, 2, 4, dtype=x.dtype), batch_sizes)
 
 
-@pytest.fixture(params=["rounded", "native"])
-def bf16_gemm(request):
-    """Each way of running bf16 products (ops.set_bf16_gemm), the process's own mode restored."""
-    before = ops.bf16_gemm()
-    ops.set_bf16_gemm(request.param)
-    yield request.param
-    ops.set_bf16_gemm(before)
-
-
 def with_bf16_matrices(weights):
     """The weights as the op gets them under CPU autocast: matrices bf16, biases as they are."""
     per = 4 if len(weights) % 4 == 0 and weights[2].dim() == 1 else 2
