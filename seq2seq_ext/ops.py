@@ -280,8 +280,9 @@ def _gru_layer_backward_fake(grad_output, grad_hn, input, h0, w_ih, w_hh, output
     _same_device("input", input, grad_output=grad_output, grad_hn=grad_hn, h0=h0, w_ih=w_ih,
                  w_hh=w_hh, output=output, saved=saved)
     gates = w_hh.shape[0]
+    # the matrices' gradients in their dtype (bfloat16 under CPU autocast), the rest in input's
     return (input.new_empty(input.shape), h0.new_empty(h0.shape), w_ih.new_empty(w_ih.shape),
-            w_hh.new_empty(w_hh.shape), w_hh.new_empty((gates,)), w_hh.new_empty((gates,)),
+            w_hh.new_empty(w_hh.shape), input.new_empty((gates,)), input.new_empty((gates,)),
             h0.new_empty((h0.shape[0], gates) if has_extra else (0,)))
 
 

@@ -866,6 +866,18 @@ class TestGruLayerBf16Matrices:
                 for k, t in enumerate(args)]
         torch.library.opcheck(LAYER, tuple(args))
 
+    def test_opcheck_backward(self):
+        """The backward's fake gives the real kernel's dtypes: bf16 for the matrices' gradients,
+        float32 for the biases' (a wrong one made compiled training read garbage)."""
+        args = _small_layer_args("cpu", with_extra=True, seed=8, dtype=torch.float32,
+                                 requires_grad=False)
+        args[2], args[3] = args[2].bfloat16(), args[3].bfloat16()
+        out, _, saved = LAYER(*args)
+        grad_out = _normal(out.shape, dtype=torch.float32, device="cpu", seed=9)
+        x, h0, w_ih, w_hh = args[:4]
+        torch.library.opcheck(LAYER_BACKWARD, (grad_out, None, x, h0, w_ih, w_hh, out, saved,
+                                               True))
+
     @pytest.mark.parametrize("change,match", [
         (lambda a: a.__setitem__(3, a[3].float()),
          "w_hh: expected bfloat16 like the other weight matrix, got Float"),
