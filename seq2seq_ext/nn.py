@@ -16,9 +16,9 @@ fused (``rnn_stack``)                      PyTorch's ``nn.GRU`` / ``nn.LSTM`` fo
 any ``num_layers``, ``bias`` either way,   ``bidirectional=True``, ``proj_size > 0``,
 ``batch_first`` either way, unbatched      a ``PackedSequence`` on CUDA or under
 input, ``hx`` given or not, inter-layer    ``torch.compile``, dtypes other than float32 /
-dropout, float32 / float64 on the CPU      float64, ``torch.autocast`` on CUDA, to float16
-(and CUDA when built with it), grad mode   or under ``torch.compile``, devices without the
-on or off, ``torch.compile``, DDP; a       kernel, the reference backend
+dropout, float32 / float64 on the CPU      float64, ``torch.autocast`` on CUDA or to
+(and CUDA when built with it), grad mode   float16, devices without the kernel, the
+on or off, ``torch.compile``, DDP; a       reference backend
 ``PackedSequence`` on the CPU (the         (``seq2seq_ext.set_backend("reference")``), and
 padded positions skipped, as PyTorch's     any input whose shapes ``nn.GRU`` would reject
 packed layers do); CPU autocast to         (so that its error is raised), and a float32
@@ -75,14 +75,13 @@ def _onednn_lstm_faster(module, cell, input, steps=None):
 
 def _autocast_ok(input):
     """False under an autocast the fused op does not take: it runs CPU autocast to bfloat16
-    (bf16 products, see :func:`seq2seq_ext.ops.set_bf16_gemm`) over a float32 input, outside
-    ``torch.compile``."""
+    (bf16 products, see :func:`seq2seq_ext.ops.set_bf16_gemm`) over a float32 input, eager or
+    under ``torch.compile`` (the op's autocast rule runs as the graph is traced)."""
     device = input.device.type
     if not torch.is_autocast_enabled(device):
         return True
     return (device == "cpu" and input.dtype == torch.float32
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            and not torch.compiler.is_compiling())
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
 def _fused_ok(module, input):
