@@ -287,13 +287,49 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
             state = torch.empty_like(state).index_copy(1, order, state)
         return output, state
 
+    def _lstm_features(self, X, rnn_state, context, batch_sizes=None, order=None):
+        """The LSTM layers over the sequence X, the context concatenated to every step's
+        embedding (the reference's rule): (top layer's output, (h_n, c_n)). With
+        ``batch_sizes`` and ``order`` only the packed positions run, as in
+        :meth:`_fused_features`, through ``rnn_stack``'s packed layout; the dropout masks are
+        those of the unpacked call (``nn.LSTM``'s draws for every position), the packed ones
+        kept."""
+        rnn = _fastcall.submodule(self, "rnn")
+        emb = self.embedding(X).permute(1, 0, 2)
+        steps, batch = emb.shape[:2]
+        x = torch.cat((emb, context.expand(steps, batch, context.shape[-1])), 2)
+        if batch_sizes is None:
+            return _lstm_layers(rnn)(x, rnn_state)
+        order = order.to(X.device)
+        positions = packed_positions(batch_sizes, order)
+        h0, c0 = (t.index_select(1, order) for t in rnn_state)
+        layers, hidden, p = rnn.num_layers, rnn.hidden_size, rnn.dropout
+        mask = None
+        if p and self.training and layers > 1:
+            dense = x.new_empty((steps, batch, hidden))
+            mask = torch.stack([dense.bernoulli_(1 - p).clone() for _ in range(layers - 1)])
+            mask = mask.div_(1 - p).view(layers - 1, steps * batch, hidden)
+            mask = mask.index_select(1, positions)
+        output, h_n, c_n = ops.rnn_stack(
+            "lstm", x.reshape(steps * batch, -1).index_select(0, positions), h0, c0,
+            _fastcall.flat_weights(rnn), mask, batch_sizes)
+        # the state back in the batch's order
+        h_n, c_n = (torch.empty_like(t).index_copy(1, order, t) for t in (h_n, c_n))
+        return output, (h_n, c_n)
+
     def supports_features(self):
-        """True when :meth:`forward_features` is available: a GRU decoder under the extension
-        backend with the fused layer op for its parameters' device and dtype."""
-        if type(self).forward is not Seq2SeqDecoder.forward or self.cell != "gru":
+        """True when :meth:`forward_features` is available: the package's own decoder under the
+        extension backend whose layers have their fused op for the parameters' device and
+        dtype (``gru_layer`` for the GRU, ``rnn_stack`` for the LSTM)."""
+        if type(self).forward is not Seq2SeqDecoder.forward:
             return False
         rnn = _fastcall.submodule(self, "rnn")
-        return _fused_layer_allowed(rnn, _fastcall.flat_weights(rnn)[0])
+        like = _fastcall.flat_weights(rnn)[0]
+        if self.cell == "lstm":
+            return (ops.get_backend() == "ext" and _plain_lstm(rnn)
+                    and like.dtype in (torch.float32, torch.float64)
+                    and ops.has_kernel("rnn_stack", like.device))
+        return _fused_layer_allowed(rnn, like)
 
     def forward_features(self, X, state, batch_sizes=None, order=None):
         """``forward`` without the output projection: (the top layer's output (steps, batch,
@@ -310,9 +346,11 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         nothing."""
         if self.fixed_context:
             rnn_state, context = state
-            output, new_state = self._fused_features(X, rnn_state, context, batch_sizes, order)
-            return output, (new_state, context)
-        return self._fused_features(X, state, state[-1], batch_sizes, order)
+        else:
+            rnn_state, context = state, reference.top_hidden_state(state)
+        features = self._lstm_features if self.cell == "lstm" else self._fused_features
+        output, new_state = features(X, rnn_state, context, batch_sizes, order)
+        return output, ((new_state, context) if self.fixed_context else new_state)
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .double(), .cuda() may swap parameter tensors: drop the bound weights

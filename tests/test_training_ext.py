@@ -265,18 +265,21 @@ def test_ratio_below_one_uses_the_step_path():
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
-@pytest.mark.parametrize("variant", [{}, {"fixed_context": True}], ids=["chapter", "fixed"])
+@pytest.mark.parametrize("variant", [{}, {"fixed_context": True}, {"cell": "lstm"},
+                                     {"cell": "lstm", "fixed_context": True}],
+                         ids=["chapter", "fixed", "lstm", "lstm-fixed"])
 def test_projecting_only_kept_positions_gives_the_full_loss_and_gradients(variant, packed):
     """fit projects and scores only the positions the mask keeps (and, packed, runs the
-    decoder's GRU layers on those only, the batch sorted by length); with the same seed (the
-    same dropout masks) the per-sequence loss, in the batch's order, and every gradient equal
-    those of the full forward + MaskedSoftmaxCELoss."""
+    decoder's recurrent layers on those only, the batch sorted by length); with the same seed
+    (the same dropout masks) the per-sequence loss, in the batch's order, and every gradient
+    equal those of the full forward + MaskedSoftmaxCELoss."""
     from seq2seq_ext import training
     train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=200)
     torch.manual_seed(1)
     net = d2l.EncoderDecoder(
-        d2l.Seq2SeqEncoder(len(src_vocab), 8, 16, 2, 0.3),
+        d2l.Seq2SeqEncoder(len(src_vocab), 8, 16, 2, 0.3, cell=variant.get("cell", "gru")),
         d2l.Seq2SeqDecoder(len(tgt_vocab), 8, 16, 2, 0.3, **variant)).train()
+    assert training._projects_kept_rows(net)
     X, X_valid_len, Y, Y_valid_len = next(iter(train_iter))
     Y_valid_len = Y_valid_len.clone()
     Y_valid_len[0], Y_valid_len[1] = 0, Y.shape[1] + 3  # nothing kept / all kept
@@ -303,11 +306,14 @@ def test_projecting_only_kept_positions_gives_the_full_loss_and_gradients(varian
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_fit_on_the_cpu_runs_the_decoder_packed():
-    """fit on the CPU hands the decoder's GRU layers the packed layout: the layers run only the
-    positions the loss reads."""
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_fit_on_the_cpu_runs_the_decoder_packed(cell):
+    """fit on the CPU hands the decoder's recurrent layers the packed layout: the layers run
+    only the positions the loss reads."""
     train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=100)
-    net = _model(src_vocab, tgt_vocab)
+    torch.manual_seed(0)
+    net = d2l.EncoderDecoder(d2l.Seq2SeqEncoder(len(src_vocab), 16, 32, 2, 0.1, cell=cell),
+                             d2l.Seq2SeqDecoder(len(tgt_vocab), 16, 32, 2, 0.1, cell=cell))
     seen = []
     features = net.decoder.forward_features
     net.decoder.forward_features = lambda X, state, **kw: (seen.append(kw.get("batch_sizes")),

@@ -1,7 +1,8 @@
-"""The decoder's GRU layers skip the padding: one training step of the chapter's model (the
-package's ``fit`` step: forward, loss, backward, clipping, Adam) on fra-eng batches, with the
-decoder's layers run over every position (``rows``: only the output projection and the loss
-skip the padded positions) against the packed layout (``packed``: the layers skip them too),
+"""The decoder's recurrent layers skip the padding: one training step of the chapter's model
+(``--cell gru``, the chapter's, or ``lstm``; the package's ``fit`` step: forward, loss, backward,
+clipping, Adam) on fra-eng batches, with every position projected and scored (``full``), with
+the decoder's layers run over every position (``rows``: only the output projection and the loss
+skip the padded positions) and in the packed layout (``packed``: the layers skip them too),
 interleaved in one process, beside the reference's own step (d2l's ``train_seq2seq`` body on
 the reference backend).
 
@@ -29,18 +30,25 @@ CONFIGS = {
 }
 
 
-def _models(cfg, src_vocab, tgt_vocab, mod):
+def _models(cfg, src_vocab, tgt_vocab, mod, cell="gru"):
     torch.manual_seed(0)
-    net = mod.EncoderDecoder(
-        mod.Seq2SeqEncoder(len(src_vocab), cfg["embed"], cfg["hidden"], cfg["layers"], 0.1),
-        mod.Seq2SeqDecoder(len(tgt_vocab), cfg["embed"], cfg["hidden"], cfg["layers"], 0.1))
+    if cell == "gru":
+        net = mod.EncoderDecoder(
+            mod.Seq2SeqEncoder(len(src_vocab), cfg["embed"], cfg["hidden"], cfg["layers"], 0.1),
+            mod.Seq2SeqDecoder(len(tgt_vocab), cfg["embed"], cfg["hidden"], cfg["layers"], 0.1))
+    else:
+        enc = (R.VariantSeq2SeqEncoder if mod is R else d2l.Seq2SeqEncoder)
+        dec = (R.VariantSeq2SeqDecoder if mod is R else d2l.Seq2SeqDecoder)
+        net = mod.EncoderDecoder(
+            enc(len(src_vocab), cfg["embed"], cfg["hidden"], cfg["layers"], 0.1, cell=cell),
+            dec(len(tgt_vocab), cfg["embed"], cfg["hidden"], cfg["layers"], 0.1, cell=cell))
     net.apply(R.xavier_init_weights)
     return net.train()
 
 
 def step_fn(variant, net, tgt_vocab):
-    """One training step on a batch, as ``fit`` (``rows`` / ``packed``) or the reference runs
-    it."""
+    """One training step on a batch, as ``fit`` (``full`` / ``rows`` / ``packed``) or the
+    reference runs it."""
     opt = torch.optim.Adam(net.parameters(), lr=0.005)
     bos_id = tgt_vocab['<bos>']
     if variant == "reference":
@@ -60,7 +68,8 @@ def step_fn(variant, net, tgt_vocab):
     def step(batch):
         X, X_valid_len, Y, Y_valid_len = batch
         opt.zero_grad()
-        kept = training._kept_positions(Y_valid_len, *Y.shape, packed=variant == "packed")
+        kept = (None if variant == "full" else
+                training._kept_positions(Y_valid_len, *Y.shape, packed=variant == "packed"))
         bos = torch.full((Y.shape[0], 1), bos_id, dtype=Y.dtype)
         l = model(X, torch.cat([bos, Y[:, :-1]], 1), X_valid_len, Y, Y_valid_len, kept)
         l.sum().backward()
@@ -69,14 +78,17 @@ def step_fn(variant, net, tgt_vocab):
     return step
 
 
-def step_flops(cfg, tgt_vocab, positions, kept, packed):
-    """The multiply-add FLOPs (x2) of one training step's GEMMs: encoder and decoder GRU layers
-    over their positions (the decoder's over the kept ones when packed; the context's share of
-    its first layer is once per sequence, not counted), the output projection over the kept
+def step_flops(cfg, tgt_vocab, positions, kept, packed, cell="gru"):
+    """The multiply-add FLOPs (x2) of one training step's GEMMs: encoder and decoder layers
+    over their positions (the decoder's over the kept ones when packed; the GRU decoder's
+    context share of its first layer is once per sequence, not counted; the LSTM decoder reads
+    the context at every position, as the reference does), the output projection over the kept
     positions; the backward is twice the forward (the input's and the weight's gradients)."""
     e, h, layers = cfg["embed"], cfg["hidden"], cfg["layers"]
-    per_position = 2 * 3 * h * (e + h + (layers - 1) * 2 * h)  # W_ih and W_hh of every layer
-    forward = (positions * per_position + (kept if packed else positions) * per_position
+    gates = 3 if cell == "gru" else 4
+    per_position = 2 * gates * h * (e + h + (layers - 1) * 2 * h)  # W_ih, W_hh of every layer
+    decoder = per_position + (2 * gates * h * h if cell == "lstm" else 0)
+    forward = (positions * per_position + (kept if packed else positions) * decoder
                + kept * 2 * h * tgt_vocab)
     return 3 * forward
 
@@ -104,7 +116,7 @@ def _time(fn, number=5):
     return (time.perf_counter() - t0) / number
 
 
-def run(config="chapter", batches=8, rounds=3, threads=1):
+def run(config="chapter", batches=8, rounds=3, threads=1, cell="gru"):
     """{variant: median ms per batch}, the padding share and the sizes."""
     torch.set_num_threads(threads)
     cfg = CONFIGS[config]
@@ -114,8 +126,8 @@ def run(config="chapter", batches=8, rounds=3, threads=1):
     kept = sum(int(b[3].clamp(max=cfg["steps"]).sum()) for b in data)
     positions = sum(b[2].numel() for b in data)
     steps = {}
-    for variant in ("reference", "rows", "packed"):
-        net = _models(cfg, src_vocab, tgt_vocab, R if variant == "reference" else d2l)
+    for variant in ("reference", "full", "rows", "packed"):
+        net = _models(cfg, src_vocab, tgt_vocab, R if variant == "reference" else d2l, cell)
         steps[variant] = step_fn(variant, net, tgt_vocab)
     times = {v: [] for v in steps}
     for r in range(rounds + 1):  # the first round warms up
@@ -129,7 +141,7 @@ def run(config="chapter", batches=8, rounds=3, threads=1):
     ms = {v: 1e3 * statistics.median(t) for v, t in times.items()}
     rate = gemm_rate(cfg, len(tgt_vocab), cfg["batch"] * cfg["steps"])
     floors = {v: 1e3 * step_flops(cfg, len(tgt_vocab), positions / len(data), kept / len(data),
-                                  v == "packed") / (rate * 1e9)
+                                  v == "packed", cell) / (rate * 1e9)
               for v in ("rows", "packed")}
     return ms, 1 - kept / positions, dict(cfg, tgt_vocab=len(tgt_vocab), gemm_gflops=rate,
                                           floor_ms=floors)
@@ -141,16 +153,19 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cell", choices=["gru", "lstm"], default="gru")
     args = parser.parse_args(argv)
-    print("| config | padding | reference ms | rows ms | packed ms | packed vs rows "
+    print(f"cell {args.cell}")
+    print("| config | padding | reference ms | full ms | rows ms | packed ms | packed vs rows "
           "| packed vs reference | GEMM GFLOP/s | floor rows / packed ms | rows / packed at "
           "% of floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.config:
-        ms, pad, cfg = run(name, args.batches, args.rounds, args.threads)
+        ms, pad, cfg = run(name, args.batches, args.rounds, args.threads, args.cell)
         print(f"| {name} (embed {cfg['embed']}, hidden {cfg['hidden']}, batch {cfg['batch']}, "
               f"{cfg['steps']} steps, vocab {cfg['tgt_vocab']}) | {100 * pad:.0f}% "
-              f"| {ms['reference']:.1f} | {ms['rows']:.1f} | {ms['packed']:.1f} "
+              f"| {ms['reference']:.1f} | {ms['full']:.1f} | {ms['rows']:.1f} "
+              f"| {ms['packed']:.1f} "
               f"| {ms['rows'] / ms['packed']:.2f}x | {ms['reference'] / ms['packed']:.2f}x "
               f"| {cfg['gemm_gflops']:.0f} | {cfg['floor_ms']['rows']:.1f} / "
               f"{cfg['floor_ms']['packed']:.1f} | {100 * cfg['floor_ms']['rows'] / ms['rows']:.0f}%"
