@@ -95,8 +95,58 @@ _ops = torch.ops.seq2seq_ext
 
 # ----------------------------------------------------------------------------------------------
 # shared by the ops: device rule of the fakes, which kernels exist, when a CPU kernel
-# may be called directly
+# may be called directly, how bf16 products run
 # ----------------------------------------------------------------------------------------------
+
+
+# The bf16 products of the recurrent layer ops under CPU autocast (csrc/bf16_products.h): how
+# their CPU kernels run them, chosen once here.
+
+__all__ += ["set_bf16_gemm", "bf16_gemm", "cpu_has_bf16_gemm"]
+
+_BF16_GEMMS = ("native", "rounded")
+
+
+_cpu_bf16 = None
+
+
+def cpu_has_bf16_gemm():
+    """Whether oneDNN runs bf16 products natively on this CPU (AVX512-BF16 or AMX): PyTorch's
+    own check (a private op: the public API has none), made once."""
+    global _cpu_bf16
+    if _cpu_bf16 is None:
+        try:
+            _cpu_bf16 = bool(torch.backends.mkldnn.is_available()
+                             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+            _cpu_bf16 = False
+    return _cpu_bf16
+
+
+def set_bf16_gemm(mode):
+    """How the CPU kernels of the recurrent layer ops (``gru_layer``, ``rnn_stack``) run their
+    products when the weight matrices are bfloat16 (under CPU autocast to bfloat16). Both give a
+    bf16 GEMM's products (bf16 operands, float32 sums):
+
+    * ``"native"``: the large products as bf16 GEMMs (oneDNN; fast on CPUs with bf16
+      instructions), whose results are rounded to bf16 before they meet the float32 gates;
+    * ``"rounded"``: every product on float32 copies of the bf16 values, at float32's rate (a
+      product of two bf16 values is exact in float32): the fast way on CPUs without bf16
+      instructions, where a bf16 GEMM is emulated and several times slower than float32.
+
+    The default, chosen once at import, is ``"native"`` where oneDNN reports bf16 support and
+    ``"rounded"`` elsewhere."""
+    if mode not in _BF16_GEMMS:
+        raise ValueError(f"mode: expected one of {_BF16_GEMMS}, got {mode!r}")
+    _C.set_bf16_gemm(mode == "native")
+
+
+def bf16_gemm():
+    """The current :func:`set_bf16_gemm` mode, ``"native"`` or ``"rounded"``."""
+    return "native" if _C.bf16_gemm_native() else "rounded"
+
+
+set_bf16_gemm("native" if cpu_has_bf16_gemm() else "rounded")
 
 
 def _acc_dtype(dtype):
@@ -549,52 +599,6 @@ def _rnn_stack_backward_fake(cell, grad_output, grad_hn, grad_cn, input, h0, c0,
 # cache). Under torch.autocast("cpu", dtype=torch.bfloat16) the weight matrices reach the kernel
 # in bfloat16, cast once per autocast region, and every product takes bf16 operands with float32
 # sums; input, states, gates, biases and the parameters' gradients stay float32.
-
-__all__ += ["set_bf16_gemm", "bf16_gemm", "cpu_has_bf16_gemm"]
-
-_BF16_GEMMS = ("native", "rounded")
-
-
-_cpu_bf16 = None
-
-
-def cpu_has_bf16_gemm():
-    """Whether oneDNN runs bf16 products natively on this CPU (AVX512-BF16 or AMX): PyTorch's
-    own check (a private op: the public API has none), made once."""
-    global _cpu_bf16
-    if _cpu_bf16 is None:
-        try:
-            _cpu_bf16 = bool(torch.backends.mkldnn.is_available()
-                             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
-            _cpu_bf16 = False
-    return _cpu_bf16
-
-
-def set_bf16_gemm(mode):
-    """How ``rnn_stack``'s CPU kernels run their products when the weight matrices are bfloat16
-    (under CPU autocast to bfloat16). Both give a bf16 GEMM's products (bf16 operands, float32
-    sums):
-
-    * ``"native"``: the large products as bf16 GEMMs (oneDNN; fast on CPUs with bf16
-      instructions), whose results are rounded to bf16 before they meet the float32 gates;
-    * ``"rounded"``: every product on float32 copies of the bf16 values, at float32's rate (a
-      product of two bf16 values is exact in float32): the fast way on CPUs without bf16
-      instructions, where a bf16 GEMM is emulated and several times slower than float32.
-
-    The default, chosen once at import, is ``"native"`` where oneDNN reports bf16 support and
-    ``"rounded"`` elsewhere."""
-    if mode not in _BF16_GEMMS:
-        raise ValueError(f"mode: expected one of {_BF16_GEMMS}, got {mode!r}")
-    _C.set_bf16_gemm(mode == "native")
-
-
-def bf16_gemm():
-    """The current :func:`set_bf16_gemm` mode, ``"native"`` or ``"rounded"``."""
-    return "native" if _C.bf16_gemm_native() else "rounded"
-
-
-set_bf16_gemm("native" if cpu_has_bf16_gemm() else "rounded")
 
 
 def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None, batch_sizes=None):

@@ -442,6 +442,12 @@ class TestRnnStackBf16Matrices:
             torch.testing.assert_close(got, want, rtol=0, atol=0.05)
             assert not torch.allclose(got, want, rtol=1e-4, atol=1e-5)
 
+    def test_the_mode_is_chosen_by_the_cpu_and_checked(self):
+        assert ops.bf16_gemm() == ("native" if ops.cpu_has_bf16_gemm() else "rounded")
+        with pytest.raises(ValueError, match="mode: expected one of"):
+            ops.set_bf16_gemm("bf16")
+        assert ops.bf16_gemm() == ("native" if ops.cpu_has_bf16_gemm() else "rounded")
+
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     def test_opcheck(self, cell):
         x, h0, c0, weights, mask = make_args(cell, 2, 3, 4, 5, 6, mask=True, dtype=torch.float32,
