@@ -31,9 +31,12 @@ bool has_kernel(const at::Device& device) {
   return device.is_cpu() ? cpu : (device.is_cuda() && cuda);
 }
 
-// CPU autocast to bfloat16 over a float32 input: the op's autocast rule (csrc/rnn_stack.cpp)
-// runs it with bf16 products. Other autocast settings leave the layer to torch.nn.
-bool bf16_autocast(const at::Tensor& input) {
+// Whether the fused op takes the input under the autocast in force: CPU autocast to bfloat16
+// over a float32 input (the op's autocast rule, csrc/rnn_stack.cpp, runs it with bf16 products)
+// or a float64 input (which autocast leaves alone). Other settings leave the layer to torch.nn.
+bool autocast_ok(const at::Tensor& input) {
+  if (!at::autocast::is_autocast_enabled(input.device().type())) return true;
+  if (input.scalar_type() == at::kDouble) return true;
   return input.is_cpu() && input.scalar_type() == at::kFloat &&
          at::autocast::get_autocast_dtype(at::kCPU) == at::kBFloat16;
 }
@@ -51,8 +54,7 @@ pybind11::object rnn_forward(const std::string& cell, const at::Tensor& input,
   const bool lstm = cell == "lstm";
   const auto dtype = input.scalar_type();
   if ((dtype != at::kFloat && dtype != at::kDouble) || (input.dim() != 2 && input.dim() != 3) ||
-      weights.empty() || !has_kernel(input.device()) ||
-      (at::autocast::is_autocast_enabled(input.device().type()) && !bf16_autocast(input)))
+      weights.empty() || !has_kernel(input.device()) || !autocast_ok(input))
     return pybind11::none();
   for (const auto& w : weights)
     if (!w.defined() || !same_kind(w, input)) return pybind11::none();

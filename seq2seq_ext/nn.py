@@ -76,9 +76,10 @@ def _onednn_lstm_faster(module, cell, input, steps=None):
 def _autocast_ok(input):
     """False under an autocast the fused op does not take: it runs CPU autocast to bfloat16
     (bf16 products, see :func:`seq2seq_ext.ops.set_bf16_gemm`) over a float32 input, eager or
-    under ``torch.compile`` (the op's autocast rule runs as the graph is traced)."""
+    under ``torch.compile`` (the op's autocast rule runs as the graph is traced), and float64
+    input under any autocast (which leaves float64 alone)."""
     device = input.device.type
-    if not torch.is_autocast_enabled(device):
+    if not torch.is_autocast_enabled(device) or input.dtype == torch.float64:
         return True
     return (device == "cpu" and input.dtype == torch.float32
             and torch.get_autocast_dtype("cpu") == torch.bfloat16)

@@ -628,3 +628,14 @@ class TestBf16Autocast:
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(gx_got, gx_want, rtol=1e-6, atol=1e-6)
+
+    def test_float64_is_left_as_it_is(self, op_calls):
+        """Autocast does not touch float64: the fused op runs in float64, as without it."""
+        _, new = pair("gru", 4, 6, 2, dtype=torch.float64)
+        x = torch.randn(3, 2, 4, dtype=torch.float64)
+        want = new(x)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = new(x)[0]
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert op_calls == ["gru", "gru"]
