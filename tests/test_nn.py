@@ -384,14 +384,17 @@ class TestWholePrograms:
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         assert op_calls
 
+    @pytest.mark.parametrize("amp", [False, True], ids=["float32", "bf16-autocast"])
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
-    def test_full_graph_with_allow_rnn(self, cell):
+    def test_full_graph_with_allow_rnn(self, cell, amp):
         """With allow_rnn, Dynamo traces the drop-in forward into one graph holding the
-        registered op (no graph break), forward and backward equal to eager."""
+        registered op (no graph break), forward and backward equal to eager; under CPU bf16
+        autocast too (the op's autocast rule runs as the graph is traced: bf16 products)."""
         torch.manual_seed(1)
         layer = CLASSES[cell][1](5, 7, 2, batch_first=True)
         x = torch.randn(3, 4, 5, requires_grad=True)
-        want = layer(x)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            want = layer(x)[0]
         (gx_want,) = torch.autograd.grad(want.sum(), x)
         graphs = []
 
@@ -401,10 +404,12 @@ class TestWholePrograms:
 
         with torch._dynamo.config.patch(allow_rnn=True):
             torch._dynamo.reset()
-            got = torch.compile(layer, backend=backend, fullgraph=True)(x)[0]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                got = torch.compile(layer, backend=backend, fullgraph=True)(x)[0]
         (gx_got,) = torch.autograd.grad(got.sum(), x)
         assert len(graphs) == 1
         assert "rnn_stack" in graphs[0].code
+        assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(gx_got, gx_want, rtol=1e-6, atol=1e-6)
 
@@ -603,31 +608,6 @@ class TestBf16Autocast:
         for p, q in zip(plain.parameters(), fast.parameters()):
             assert q.grad.dtype == torch.float32
             assert (p.grad - q.grad).norm() <= 0.05 * p.grad.norm() + 1e-6
-
-    def test_full_graph_under_compile(self):
-        """With allow_rnn, Dynamo traces the drop-in forward under autocast into one graph
-        holding the op; the op's autocast rule runs as it is traced (bf16 products)."""
-        torch.manual_seed(1)
-        layer = snn.LSTM(5, 7, 2, batch_first=True)
-        x = torch.randn(3, 4, 5, requires_grad=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            want = layer(x)[0]
-        (gx_want,) = torch.autograd.grad(want.sum(), x)
-        graphs = []
-
-        def backend(gm, example_inputs):
-            graphs.append(gm)
-            return gm.forward
-
-        with torch._dynamo.config.patch(allow_rnn=True):
-            torch._dynamo.reset()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                got = torch.compile(layer, backend=backend, fullgraph=True)(x)[0]
-        (gx_got,) = torch.autograd.grad(got.sum(), x)
-        assert len(graphs) == 1 and "rnn_stack" in graphs[0].code
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(gx_got, gx_want, rtol=1e-6, atol=1e-6)
 
     def test_float64_is_left_as_it_is(self, op_calls):
         """Autocast does not touch float64: the fused op runs in float64, as without it."""
