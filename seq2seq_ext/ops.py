@@ -111,13 +111,17 @@ _cpu_bf16 = None
 
 
 def cpu_has_bf16_gemm():
-    """Whether oneDNN runs bf16 products natively on this CPU (AVX512-BF16 or AMX): PyTorch's
-    own check (a private op: the public API has none), made once."""
+    """Whether oneDNN runs bf16 products on bf16 instructions of this CPU (AVX512-BF16 or AMX):
+    PyTorch's own checks (private: the public API has none), made once. oneDNN also takes bf16
+    on AVX-512 CPUs without those instructions, converting as it goes; there, as on CPUs without
+    AVX-512, this is False."""
     global _cpu_bf16
     if _cpu_bf16 is None:
         try:
             _cpu_bf16 = bool(torch.backends.mkldnn.is_available()
-                             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+                             and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                             and (torch.cpu._is_avx512_bf16_supported()
+                                  or torch.cpu._is_amx_tile_supported()))
         except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
             _cpu_bf16 = False
     return _cpu_bf16
