@@ -1,6 +1,8 @@
 // bf16 products (bf16_products.h): the process-wide mode and the tensor-level product.
 #include "bf16_products.h"
 
+#include <ATen/autocast_mode.h>
+
 #include <atomic>
 
 namespace seq2seq_ext {
@@ -19,6 +21,20 @@ at::Tensor bf16_mm(const at::Tensor& a, const at::Tensor& b) {
   if (bf16_gemm() == Bf16Gemm::kNative)
     return at::mm(a.to(at::kBFloat16), b.to(at::kBFloat16)).to(at::kFloat);
   return at::mm(bf16_values(a), bf16_values(b));
+}
+
+at::Tensor autocast_cpu_float(const at::Tensor& t) {
+  return at::autocast::cached_cast(at::kFloat, t, c10::DeviceType::CPU);
+}
+
+std::optional<at::Tensor> autocast_cpu_float(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? std::optional<at::Tensor>(autocast_cpu_float(*t)) : t;
+}
+
+at::Tensor autocast_cpu_matrix(const at::Tensor& w) {
+  return at::autocast::get_autocast_dtype(at::kCPU) == at::kBFloat16
+             ? at::autocast::cached_cast(at::kBFloat16, w, c10::DeviceType::CPU)
+             : autocast_cpu_float(w);
 }
 
 void check_bf16_matrices(const at::Tensor& input, const char* name) {

@@ -12,6 +12,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace seq2seq_ext {
 
 enum class Bf16Gemm { kRounded, kNative };
@@ -24,6 +26,13 @@ at::Tensor bf16_values(const at::Tensor& t);
 // a @ b (2-D, float32 or bfloat16) with both operands rounded to bf16 and float32 sums: a
 // float32 result, computed as bf16_gemm() says.
 at::Tensor bf16_mm(const at::Tensor& a, const at::Tensor& b);
+
+// The layer ops' CPU autocast rules, through autocast's cast cache: a floating argument in
+// float32 (float64 stays), a weight matrix in bfloat16 when autocast's dtype is bfloat16 (else
+// as a floating argument).
+at::Tensor autocast_cpu_float(const at::Tensor& t);
+std::optional<at::Tensor> autocast_cpu_float(const std::optional<at::Tensor>& t);
+at::Tensor autocast_cpu_matrix(const at::Tensor& w);
 
 // The check every recurrent op runs on its weight matrices: bfloat16 matrices only beside a
 // float32 input on the CPU (the ops' autocast rules); `name` names the first matrix.

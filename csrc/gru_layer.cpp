@@ -1,7 +1,6 @@
 // seq2seq_ext::gru_layer and gru_layer_backward: schema, argument checks and the
 // device-independent entries. Kernels: cpu/gru_layer.cpp, cuda/gru_layer.cu; the
 // whole-sequence part of the backward: gru_grads.h.
-#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -193,7 +192,6 @@ GruLayerGrads gru_layer_backward(const at::Tensor& grad_output,
   return gru_layer_sequence_grads(d, dgi, dgh, dh, input, h0_c, out_c, w_ih, has_extra);
 }
 
-
 // Under CPU autocast: with bfloat16 as autocast's dtype, w_ih and w_hh go to the kernel in
 // bfloat16 through autocast's cast cache (bf16 products, bf16_products.h) and the other floating
 // arguments in float32; with another dtype, all of them in float32. float64 calls run as they
@@ -208,18 +206,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_autocast_cpu(
                              .typed<decltype(gru_layer)>();
   if (input.scalar_type() == at::kDouble)
     return op.call(input, h0, w_ih, w_hh, b_ih, b_hh, extra, batch_sizes);
-  auto f32 = [](const at::Tensor& t) {
-    return at::autocast::cached_cast(at::kFloat, t, c10::DeviceType::CPU);
-  };
-  auto matrix = [&](const at::Tensor& w) {
-    return at::autocast::get_autocast_dtype(at::kCPU) == at::kBFloat16
-               ? at::autocast::cached_cast(at::kBFloat16, w, c10::DeviceType::CPU)
-               : f32(w);
-  };
-  std::optional<at::Tensor> extra32 = extra;
-  if (extra.has_value() && extra->defined()) extra32 = f32(*extra);
-  return op.call(f32(input), f32(h0), matrix(w_ih), matrix(w_hh), f32(b_ih), f32(b_hh), extra32,
-                 batch_sizes);
+  return op.call(autocast_cpu_float(input), autocast_cpu_float(h0), autocast_cpu_matrix(w_ih),
+                 autocast_cpu_matrix(w_hh), autocast_cpu_float(b_ih), autocast_cpu_float(b_hh),
+                 autocast_cpu_float(extra), batch_sizes);
 }
 
 }  // namespace

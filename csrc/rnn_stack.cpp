@@ -6,7 +6,6 @@
 // Schema, argument checks and the device-independent entry that allocates the outputs and calls
 // the device kernel (CPU: csrc/cpu/rnn_stack.h; CUDA: csrc/cuda/rnn_stack.cu). Python wrapper,
 // fake and autograd: seq2seq_ext/ops.py (section rnn_stack); tests: tests/ops/test_rnn_stack.py.
-#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
@@ -317,13 +316,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_autocast_cp
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
   if (input.scalar_type() == at::kDouble)
     return stack_op().call(cell, input, h0, c0, weights, dropout_mask, batch_sizes);
-  auto f32 = [](const at::Tensor& t) {
-    return at::autocast::cached_cast(at::kFloat, t, c10::DeviceType::CPU);
-  };
-  auto f32_opt = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
-    return t.has_value() && t->defined() ? std::optional<at::Tensor>(f32(*t)) : t;
-  };
-  const bool bf16 = at::autocast::get_autocast_dtype(at::kCPU) == at::kBFloat16;
   const int64_t layers = h0.dim() == 3 ? h0.size(0) : 0;
   const int64_t n = static_cast<int64_t>(weights.size());
   // [w_ih, w_hh(, b_ih, b_hh)] per layer; any other list goes to the kernel's checks as it is
@@ -332,11 +324,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_autocast_cp
   w.reserve(n);
   for (int64_t k = 0; k < n; ++k) {
     const bool matrix = per > 0 && k % per < 2;
-    w.push_back(matrix && bf16 ? at::autocast::cached_cast(at::kBFloat16, weights[k],
-                                                           c10::DeviceType::CPU)
-                               : f32(weights[k]));
+    w.push_back(matrix ? autocast_cpu_matrix(weights[k]) : autocast_cpu_float(weights[k]));
   }
-  return stack_op().call(cell, f32(input), f32(h0), f32_opt(c0), w, f32_opt(dropout_mask),
+  return stack_op().call(cell, autocast_cpu_float(input), autocast_cpu_float(h0),
+                         autocast_cpu_float(c0), w, autocast_cpu_float(dropout_mask),
                          batch_sizes);
 }
 

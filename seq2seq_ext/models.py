@@ -306,10 +306,8 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         layers, hidden, p = rnn.num_layers, rnn.hidden_size, rnn.dropout
         mask = None
         if p and self.training and layers > 1:
-            dense = x.new_empty((steps, batch, hidden))
-            mask = torch.stack([dense.bernoulli_(1 - p).clone() for _ in range(layers - 1)])
-            mask = mask.div_(1 - p).view(layers - 1, steps * batch, hidden)
-            mask = mask.index_select(1, positions)
+            mask = seq2seq_nn.torch_dropout_masks(x, layers, steps, batch, hidden, p)
+            mask = mask.view(layers - 1, steps * batch, hidden).index_select(1, positions)
         output, h_n, c_n = ops.rnn_stack(
             "lstm", x.reshape(steps * batch, -1).index_select(0, positions), h0, c0,
             _fastcall.flat_weights(rnn), mask, batch_sizes)

@@ -100,6 +100,14 @@ def _fused_ok(module, input):
     return w is not None and w.dtype == input.dtype and w.device == device
 
 
+def torch_dropout_masks(like, layers, steps, batch, hidden, p):
+    """The inter-layer dropout masks nn.GRU / nn.LSTM draw in training (one ``bernoulli_`` per
+    layer output, layer by layer, as ``_C.rnn_forward`` also draws them), scaled by
+    ``1 / (1 - p)``: (layers - 1, steps, batch, hidden), like ``like``'s dtype and device."""
+    return torch.stack([like.new_empty((steps, batch, hidden)).bernoulli_(1 - p)
+                        for _ in range(layers - 1)]).div_(1 - p)
+
+
 def _split_hx(cell, hx):
     """(h0, c0) of a given ``hx`` (c0 None for the GRU), or (None, None) when an LSTM's is not
     an (h0, c0) pair."""
@@ -140,9 +148,8 @@ def _run(module, cell, input, hx, torch_masks=False):
         shape = (layers - 1, x.shape[0], batch, hidden)
         if p >= 1:
             mask = x.new_zeros(shape)
-        elif torch_masks:  # as _C.rnn_forward draws them
-            mask = torch.stack([torch.empty_like(x[:, :, :1].expand(-1, -1, hidden))
-                                .bernoulli_(1 - p) for _ in range(layers - 1)]).div_(1 - p)
+        elif torch_masks:
+            mask = torch_dropout_masks(x, layers, x.shape[0], batch, hidden, p)
         else:
             mask = torch.empty(shape, dtype=x.dtype, device=x.device).uniform_().lt_(1 - p)
             mask = mask.div_(1 - p)

@@ -149,7 +149,7 @@ struct RowProduct {
         at::Tensor x = at::from_blob(const_cast<T*>(X), {M, K}, {ldx, 1}, opts);
         at::Tensor y = at::from_blob(Y, {M, N}, {ldy, 1}, opts);
         if (native) {
-          y.copy_(at::mm(x.to(at::kBFloat16), w_low));
+          y.copy_(bf16_mm(x, w_low));
           if (b.defined()) y.add_(b);
         } else if (b.defined())
           at::addmm_out(y, b, x, w_kn);
@@ -293,7 +293,7 @@ void add_at_x(const T* A, int64_t lda, const T* X, int64_t ldx, int64_t M, int64
     at::Tensor x = at::from_blob(const_cast<T*>(X), {M, K}, {ldx, 1}, opts);
     at::Tensor o = at::from_blob(out, {N, K}, opts);
     if (low && bf16_gemm() == Bf16Gemm::kNative)
-      o.add_(at::mm(a.t().to(at::kBFloat16), x.to(at::kBFloat16)));
+      o.add_(bf16_mm(a.t(), x));
     else
       o.addmm_(a.t(), x);
     return;

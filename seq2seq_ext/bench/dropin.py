@@ -183,6 +183,14 @@ def fmt(t):
     return f"{t * 1e3:.3f} ms" if t >= 1e-3 else f"{t * 1e6:.1f} us"
 
 
+def print_machine(args, extra=""):
+    """The CPU, the thread count, torch's version and the GEMM rates, then a blank line."""
+    rates = gemm_rates()
+    print(f"CPU: {cpu_name()}, {args.threads} thread(s), torch {torch.__version__}; GEMM 1024^3: "
+          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()) + extra)
+    print()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
@@ -191,13 +199,10 @@ def main(argv=None):
     parser.add_argument("--amp", action="store_true",
                         help="the seeds' training steps under CPU autocast to bfloat16")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.amp:
         return main_amp(args)
-    torch.set_num_threads(args.threads)
-    rates = gemm_rates()
-    print(f"CPU: {cpu_name()}, {args.threads} thread(s), torch {torch.__version__}; GEMM 1024^3: "
-          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()))
-    print()
+    print_machine(args)
     print("| case | plain | accelerated | speed-up | torch.compile | stub (ceiling) "
           "| ceiling speed-up | share of ceiling |")
     print("|---|---|---|---|---|---|---|---|")
@@ -216,12 +221,7 @@ def main(argv=None):
 def main_amp(args):
     """The seeds' training steps under bf16 autocast: plain, accelerated, compiled and the stub
     all under autocast, beside the plain model in float32."""
-    torch.set_num_threads(args.threads)
-    rates = gemm_rates()
-    print(f"CPU: {cpu_name()}, {args.threads} thread(s), torch {torch.__version__}; GEMM 1024^3: "
-          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items())
-          + f"; bf16 products: {seq2seq_ext.ops.bf16_gemm()}")
-    print()
+    print_machine(args, f"; bf16 products: {seq2seq_ext.ops.bf16_gemm()}")
     print("| case (bf16 autocast) | plain float32 | plain bf16 | accelerated bf16 | vs plain bf16 "
           "| vs plain float32 | torch.compile bf16 | stub bf16 (ceiling) | share of ceiling |")
     print("|---|---|---|---|---|---|---|---|---|")
