@@ -253,6 +253,10 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
     if (batch_sizes.has_value()) ctx->saved_data["batch_sizes"] = batch_sizes->vec();
     ctx->mark_non_differentiable({saved});
     if (cell != "lstm") ctx->mark_non_differentiable({c_n});
+    // an output without a gradient (saved, always; often the encoder's output or the decoder's
+    // c_n) reaches backward undefined, which the kernel reads as zero, instead of as a zero
+    // tensor autograd would allocate and fill (saved is the op's largest tensor)
+    ctx->set_materialize_grads(false);
     return {output, h_n, c_n, saved};
   }
 

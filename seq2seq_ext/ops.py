@@ -350,6 +350,8 @@ def _gru_setup_context(ctx, inputs, output):
     # on autograd's device thread, which does not see the caller's thread-local use_mode
     ctx.graph_mode = cuda_graphs.get_mode()
     ctx.mark_non_differentiable(saved)
+    # no zero tensors for outputs without a gradient (saved, always: the op's largest output)
+    ctx.set_materialize_grads(False)
 
 
 def _gru_backward(ctx, grad_out, grad_hn, grad_saved):
