@@ -194,5 +194,58 @@ void linear_t_row(const T* x, int64_t K, const T* Wt, int64_t Np, const T* bias,
   }
 }
 
+// MR rows of a product with a weight stored transposed and padded (as linear_t_row), NV output
+// vectors wide: MR * NV accumulators in registers over k, so that each vector of Wt loaded
+// serves MR rows (linear_t_row loads it once per row) and MR * NV independent FMA chains hide
+// the FMA latency. init: rows of stride ldinit (0: one row for all, a bias), or null (zero).
+template <typename T, int MR, int NV>
+inline void t_block_rows(const T* X, int64_t ldx, int64_t K, const T* Wt, int64_t ldw,
+                         const T* init, int64_t ldinit, T* Y, int64_t ldy) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  Vec a[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int u = 0; u < NV; ++u)
+      a[r][u] = init ? Vec::loadu(init + r * ldinit + u * W) : Vec(T(0));
+  for (int64_t k = 0; k < K; ++k) {
+    const T* w = Wt + k * ldw;
+    Vec wv[NV];
+    for (int u = 0; u < NV; ++u) wv[u] = Vec::loadu(w + u * W);
+    for (int r = 0; r < MR; ++r) {
+      const Vec xv(X[r * ldx + k]);
+      for (int u = 0; u < NV; ++u) a[r][u] = at::vec::fmadd(wv[u], xv, a[r][u]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int u = 0; u < NV; ++u) a[r][u].store(Y + r * ldy + u * W);
+}
+
+// Y[m, :Np] = init + X[m, :K] Wt for the M rows of X (row stride ldx) into Y (row stride ldy),
+// Wt (K, Np) as for linear_t_row: blocks of four rows through t_block_rows, the rest a row at a
+// time.
+template <typename T>
+void linear_t_rows(const T* X, int64_t ldx, int64_t M, int64_t K, const T* Wt, int64_t Np,
+                   const T* bias, T* Y, int64_t ldy, bool accumulate) {
+  constexpr int64_t W = at::vec::Vectorized<T>::size();
+  constexpr int MR = 4;
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) {
+    const T* x = X + m * ldx;
+    T* y = Y + m * ldy;
+    const T* init = accumulate ? y : bias;
+    const int64_t ldi = accumulate ? ldy : 0;
+    auto at_n = [&](int64_t n) { return init ? init + n : nullptr; };
+    int64_t n = 0;
+    for (; n + 3 * W <= Np; n += 3 * W)
+      t_block_rows<T, MR, 3>(x, ldx, K, Wt + n, Np, at_n(n), ldi, y + n, ldy);
+    switch ((Np - n) / W) {
+      case 2: t_block_rows<T, MR, 2>(x, ldx, K, Wt + n, Np, at_n(n), ldi, y + n, ldy); break;
+      case 1: t_block_rows<T, MR, 1>(x, ldx, K, Wt + n, Np, at_n(n), ldi, y + n, ldy); break;
+      default: break;
+    }
+  }
+  for (; m < M; ++m) linear_t_row<T>(X + m * ldx, K, Wt, Np, bias, Y + m * ldy, accumulate);
+}
+
 }  // namespace cpu
 }  // namespace seq2seq_ext

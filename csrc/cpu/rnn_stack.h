@@ -138,10 +138,10 @@ struct RowProduct {
         return;
       case kInPlace:
       case kPacked:
-        at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * Np)),
+        at::parallel_for(0, M, std::max<int64_t>(4, 65536 / std::max<int64_t>(1, K * Np)),
                          [&](int64_t m0, int64_t m1) {
-                           for (int64_t m = m0; m < m1; ++m)
-                             linear_t_row<T>(X + m * ldx, K, wt, Np, bias, Y + m * ldy, false);
+                           linear_t_rows<T>(X + m0 * ldx, ldx, m1 - m0, K, wt, Np, bias,
+                                            Y + m0 * ldy, ldy, false);
                          });
         return;
       case kBlas: {
@@ -300,11 +300,32 @@ void add_at_x(const T* A, int64_t lda, const T* X, int64_t ldx, int64_t M, int64
   }
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  // NB rows of out at a time, one vector of each in a register over all M rows: NB
-  // independent FMA chains sharing each load of X
+  // NB rows of out at a time, two vectors (then one) of each in registers over all M rows:
+  // 2 * NB independent FMA chains sharing each load of X and each broadcast of A
   auto block = [&](auto nb, int64_t n) {
     constexpr int NB = decltype(nb)::value;
-    for (int64_t k = 0; k < K; k += W) {
+    int64_t k = 0;
+    for (; k + 2 * W <= K; k += 2 * W) {
+      Vec acc[NB][2];
+      for (int i = 0; i < NB; ++i) {
+        acc[i][0] = Vec::loadu(out + (n + i) * K + k);
+        acc[i][1] = Vec::loadu(out + (n + i) * K + k + W);
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        const Vec x0 = Vec::loadu(X + m * ldx + k), x1 = Vec::loadu(X + m * ldx + k + W);
+        const T* a = A + m * lda + n;
+        for (int i = 0; i < NB; ++i) {
+          const Vec av(a[i]);
+          acc[i][0] = at::vec::fmadd(av, x0, acc[i][0]);
+          acc[i][1] = at::vec::fmadd(av, x1, acc[i][1]);
+        }
+      }
+      for (int i = 0; i < NB; ++i) {
+        acc[i][0].store(out + (n + i) * K + k);
+        acc[i][1].store(out + (n + i) * K + k + W);
+      }
+    }
+    for (; k < K; k += W) {
       const int64_t kw = std::min<int64_t>(W, K - k);
       Vec acc[NB];
       for (int i = 0; i < NB; ++i) acc[i] = Vec::loadu(out + (n + i) * K + k, kw);
