@@ -64,12 +64,14 @@ def _onednn_lstm_faster(module, cell, input, steps=None):
     (by default those of a padded ``input``; see the module docstring). Under CPU autocast to
     bfloat16 that holds only where oneDNN has bf16 products (elsewhere PyTorch's bf16 LSTM does
     not run at all)."""
+    # the module's settings first: a small layer's one-step call pays for every test here
+    if cell != "lstm" or not _ONEDNN or module.hidden_size < _ONEDNN_LSTM_HIDDEN:
+        return False
     if steps is None:
         if input.dim() not in (2, 3):
             return False
         steps = input.shape[1 if module.batch_first and input.dim() == 3 else 0]
-    return (cell == "lstm" and _ONEDNN and module.hidden_size >= _ONEDNN_LSTM_HIDDEN
-            and input.dtype == torch.float32 and input.device.type == "cpu" and steps > 1
+    return (input.dtype == torch.float32 and input.device.type == "cpu" and steps > 1
             and (not torch.is_autocast_enabled("cpu") or ops.cpu_has_bf16_gemm()))
 
 

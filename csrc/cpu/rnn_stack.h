@@ -74,27 +74,40 @@ struct RowProduct {
   // (a 12-step input projection at batch 64, hidden 128 ran 2x slower in them).
   static constexpr int64_t kBlasWork = int64_t(1) << 18;
 
-  // w: the (K, N) matrix as a tensor (any strides; T or bfloat16), b: (N,) contiguous or
-  // undefined; rows: the rows multiplied over all calls, call_rows: in one call.
-  RowProduct(const at::Tensor& w, const at::Tensor& bias_t, int64_t rows, int64_t call_rows)
-      : w_kn(w), b(bias_t) {
-    K = w.size(0);
-    N = w.size(1);
+  // The (K, N) matrix is w, or its transpose when `transposed` (read through w's strides: no
+  // view is made unless BLAS needs one, a view costing more than a small product); w is T or
+  // bfloat16. bias_t: (N,) contiguous or undefined; rows: the rows multiplied over all calls,
+  // call_rows: in one call.
+  RowProduct(const at::Tensor& w, bool transposed, const at::Tensor& bias_t, int64_t rows,
+             int64_t call_rows)
+      : b(bias_t) {
+    const int d0 = transposed ? 1 : 0, d1 = 1 - d0;
+    K = w.size(d0);
+    N = w.size(d1);
     Np = (N + kW - 1) / kW * kW;
     const bool blas =
         K * Np * static_cast<int64_t>(sizeof(T)) > (256 << 10) || call_rows * K * N >= kBlasWork;
+    auto as_kn = [&](const at::Tensor& m) { return transposed ? m.t() : m; };
+    const T* src;
+    int64_t s0, s1;
     if (w.scalar_type() == at::kBFloat16) {
       round = true;
       native = blas && bf16_gemm() == Bf16Gemm::kNative;
       if (native) {
-        w_low = w;
+        w_low = as_kn(w);
         mode = kBlas;
         return;
       }
-      w_kn = w.to(c10::CppTypeToScalarType<T>::value);  // exact; keeps w's strides
+      w_kn = as_kn(w.to(c10::CppTypeToScalarType<T>::value));  // exact; keeps w's strides
+      src = w_kn.const_data_ptr<T>();
+      s0 = w_kn.stride(0);
+      s1 = w_kn.stride(1);
+    } else {
+      if (blas) w_kn = as_kn(w);
+      src = w.const_data_ptr<T>();
+      s0 = w.stride(d0);
+      s1 = w.stride(d1);
     }
-    const T* src = w_kn.const_data_ptr<T>();
-    const int64_t s0 = w_kn.stride(0), s1 = w_kn.stride(1);
     const T* bp = bias_t.defined() ? bias_t.const_data_ptr<T>() : nullptr;
     if (blas) {
       mode = kBlas;
@@ -204,8 +217,9 @@ void stack_forward(const StackDims& d, const at::Tensor& input, const at::Tensor
     const at::Tensor& w_ih = stack_weight(weights, d, l, 0);
     const at::Tensor& w_hh = stack_weight(weights, d, l, 1);
     const at::Tensor none;
-    const RowProduct<T> in_proj(w_ih.t(), d.bias ? stack_weight(weights, d, l, 2) : none, M, M);
-    const RowProduct<T> hid_proj(w_hh.t(), d.bias ? stack_weight(weights, d, l, 3) : none, M,
+    const RowProduct<T> in_proj(w_ih, true, d.bias ? stack_weight(weights, d, l, 2) : none, M,
+                                M);
+    const RowProduct<T> hid_proj(w_hh, true, d.bias ? stack_weight(weights, d, l, 3) : none, M,
                                  B);
     const int64_t ldi = in_proj.padded(), ldg = hid_proj.padded();
     gi.resize(M * ldi);
@@ -385,7 +399,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   std::vector<at::Tensor> grad_w(weights.size());
   // float32 sums; a bf16 matrix's gradient is rounded to bf16 at the end
   const bool low = bf16_matrices(weights);
-  for (size_t k = 0; k < weights.size(); ++k) grad_w[k] = at::zeros(weights[k].sizes(), opts);
+  for (size_t k = 0; k < weights.size(); ++k) {  // zeroed here: at::zeros is an op call each
+    grad_w[k] = at::empty(weights[k].sizes(), opts);
+    std::fill_n(grad_w[k].data_ptr<T>(), grad_w[k].numel(), T(0));
+  }
   const T* sv = saved.const_data_ptr<T>();
   const T* msk = mask.defined() ? mask.const_data_ptr<T>() : nullptr;
   // dy: the gradient reaching this layer's output (M, H), null when there is none
@@ -398,7 +415,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     const at::Tensor& w_hh = stack_weight(weights, d, l, 1);
     const int64_t K = l == 0 ? d.input : H;
     // dh_prev = dh_direct + dgh W_hh: W_hh is the (K, N) = (G, H) matrix of the product
-    const RowProduct<T> rec(w_hh, at::Tensor(), M, B);
+    const RowProduct<T> rec(w_hh, false, at::Tensor(), M, B);
     const int64_t ldr = rec.padded();
     dh_rec.resize(B * ldr);
     const T* layer_saved = sv + l * M * S;
@@ -486,7 +503,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       add_column_sums<T>(dgh_p, G, M, G, grad_w[base + 3].data_ptr<T>());
     }
     // the input's gradient dgi W_ih: W_ih is the (K, N) = (G, K) matrix of the product
-    const RowProduct<T> back_in(w_ih, at::Tensor(), M, M);
+    const RowProduct<T> back_in(w_ih, false, at::Tensor(), M, M);
     const int64_t ldd = back_in.padded();
     if (l == 0 && ldd == K) {
       back_in(dgi.data(), G, M, grad_input.data_ptr<T>(), ldd);
