@@ -4,7 +4,7 @@
 // on how the weights are stored:
 //   RowMajorWeights  the module's own weights, as the ops take them (products: linear_nt);
 //   PackedWeights    DecoderStepper's copy, each weight transposed and padded to whole vectors
-//                    (products: linear_t_row, a row at a time, no horizontal sums).
+//                    (products: linear_t_rows, four rows a block, no horizontal sums).
 // Layer 0's input projection W_ih0 [emb; ctx] + b_ih0 is split by the algebra of the
 // concatenation: the embedding part (with b_ih0) is a row of emb_proj, precomputed once per set
 // of weights; the context part is ctx_proj when the context is fixed, else the incoming
@@ -116,30 +116,26 @@ struct PackedWeights {
   const PackedLayout& lay;
   const T* P;
   int64_t H, V;
-  std::vector<T> row;  // one padded row of logits
+  std::vector<T> row;  // padded rows of logits
 
   PackedWeights(const PackedLayout& layout, const T* packed, const DecoderDims& d)
       : lay(layout), P(packed), H(d.hidden), V(d.vocab), row(layout.Vp) {}
   int64_t gate_ld() const { return lay.Gp; }
   void context(const T* h, int64_t n, T* gi) const {
-    for (int64_t b = 0; b < n; ++b)
-      linear_t_row<T>(h + b * H, H, P + lay.ctx, lay.Gp, nullptr, gi + b * lay.Gp, true);
+    linear_t_rows<T>(h, H, n, H, P + lay.ctx, lay.Gp, nullptr, gi, lay.Gp, true);
   }
   void input(int64_t l, const T* x, int64_t n, T* gi) const {
-    for (int64_t b = 0; b < n; ++b)
-      linear_t_row<T>(x + b * H, H, P + lay.ih[l], lay.Gp, P + lay.b_ih[l], gi + b * lay.Gp,
-                      false);
+    linear_t_rows<T>(x, H, n, H, P + lay.ih[l], lay.Gp, P + lay.b_ih[l], gi, lay.Gp, false);
   }
   void hidden(int64_t l, const T* h, int64_t n, T* gh) const {
-    for (int64_t b = 0; b < n; ++b)
-      linear_t_row<T>(h + b * H, H, P + lay.hh[l], lay.Gp, P + lay.b_hh[l], gh + b * lay.Gp,
-                      false);
+    linear_t_rows<T>(h, H, n, H, P + lay.hh[l], lay.Gp, P + lay.b_hh[l], gh, lay.Gp, false);
   }
   void dense(const T* h, int64_t n, T* logits) {
-    for (int64_t b = 0; b < n; ++b) {
-      linear_t_row<T>(h + b * H, H, P + lay.dense, lay.Vp, P + lay.dense_b, row.data(), false);
-      std::copy(row.data(), row.data() + V, logits + b * V);
-    }
+    row.resize(n * lay.Vp);
+    linear_t_rows<T>(h, H, n, H, P + lay.dense, lay.Vp, P + lay.dense_b, row.data(), lay.Vp,
+                     false);
+    for (int64_t b = 0; b < n; ++b)
+      std::copy(row.data() + b * lay.Vp, row.data() + b * lay.Vp + V, logits + b * V);
   }
 };
 
