@@ -149,8 +149,9 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
   const int64_t* sizes = d.packed() ? d.batch_sizes.data() : nullptr;
   if (low) {
     // gh = round(h) W_hh^T + b_hh: the float32 kernel on a float32 copy of the bf16 W_hh, or,
-    // under Bf16Gemm::kNative and at BLAS sizes, a bf16 GEMM
-    const at::Tensor w32 = w_hh_c.to(at::kFloat);
+    // under Bf16Gemm::kNative and at BLAS sizes, a bf16 GEMM. The copy is made on first use: a
+    // layer whose every step is a bf16 GEMM never needs it.
+    at::Tensor w32;
     std::vector<float> h_low;
     auto product = [&](const float* h, int64_t rows, float* out) {
       if (bf16_gemm() == Bf16Gemm::kNative && rows * H * G >= (int64_t(1) << 17)) {
@@ -159,11 +160,13 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
         at::add_out(gh_rows, bf16_mm(hv, w_hh_c.t()), b_hh_c);
         return;
       }
+      if (!w32.defined()) w32 = w_hh_c.to(at::kFloat);
       linear_nt<float>(rounded_to_bf16(h, H, rows, H, h_low), H, rows, H,
                        w32.const_data_ptr<float>(), H, G, b_hh_c.const_data_ptr<float>(), out,
                        false);
     };
-    layer_forward<GruCell, float>(gi.const_data_ptr<float>(), T, B, H, w32.const_data_ptr<float>(),
+    // w_hh null: `product` replaces layer_forward's own product
+    layer_forward<GruCell, float>(gi.const_data_ptr<float>(), T, B, H, nullptr,
                                   b_hh_c.const_data_ptr<float>(), {h0_c.const_data_ptr<float>()},
                                   output.data_ptr<float>(), saved.data_ptr<float>(),
                                   gh.data_ptr<float>(), sizes, product);
