@@ -40,8 +40,8 @@ inline bool bf16_matrices(at::TensorList weights) {
 // of four ways for the rows the call will multiply (`rows`, over all its time steps):
 //   kBlas    beyond L2 (K * N * sizeof(T) > 256 KiB) or for many rows a call (kBlasWork):
 //            ATen's BLAS;
-//   kInPlace Wt row-major with N a whole number of vectors: each row a run of vector FMAs
-//            over Wt itself (linear_t_row), no horizontal sums and no copy;
+//   kInPlace Wt row-major with N a whole number of vectors: runs of vector FMAs over Wt
+//            itself, four rows a block (linear_t_rows), no horizontal sums and no copy;
 //   kDots    few rows (rows * 8 < K) and Wt the transpose of a row-major (N, K) weight: dot
 //            products over that weight (linear_nt), whose horizontal sums cost less than laying
 //            out the weight for so few rows (a decoder's one-step call at batch 1);
@@ -76,7 +76,7 @@ struct RowProduct {
 
   // The (K, N) matrix is w, or its transpose when `transposed` (read through w's strides: no
   // view is made unless BLAS needs one, a view costing more than a small product); w is T or
-  // bfloat16. bias_t: (N,) contiguous or undefined; rows: the rows multiplied over all calls,
+  // bfloat16 and must outlive the RowProduct (kInPlace and kDots read its data). bias_t: (N,) contiguous or undefined; rows: the rows multiplied over all calls,
   // call_rows: in one call.
   RowProduct(const at::Tensor& w, bool transposed, const at::Tensor& bias_t, int64_t rows,
              int64_t call_rows)
