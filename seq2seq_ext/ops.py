@@ -138,8 +138,8 @@ def set_bf16_gemm(mode):
       product of two bf16 values is exact in float32): the fast way on CPUs without bf16
       instructions, where a bf16 GEMM is emulated and several times slower than float32.
 
-    The default, chosen once at import, is ``"native"`` where oneDNN reports bf16 support and
-    ``"rounded"`` elsewhere."""
+    The default, chosen once at import, is ``"native"`` where the CPU has bf16 instructions
+    (:func:`cpu_has_bf16_gemm`) and ``"rounded"`` elsewhere."""
     if mode not in _BF16_GEMMS:
         raise ValueError(f"mode: expected one of {_BF16_GEMMS}, got {mode!r}")
     _C.set_bf16_gemm(mode == "native")

@@ -76,8 +76,8 @@ struct RowProduct {
 
   // The (K, N) matrix is w, or its transpose when `transposed` (read through w's strides: no
   // view is made unless BLAS needs one, a view costing more than a small product); w is T or
-  // bfloat16 and must outlive the RowProduct (kInPlace and kDots read its data). bias_t: (N,) contiguous or undefined; rows: the rows multiplied over all calls,
-  // call_rows: in one call.
+  // bfloat16 and must outlive the RowProduct (kInPlace and kDots read its data). bias_t: (N,)
+  // contiguous or undefined; rows: the rows multiplied over all calls, call_rows: in one call.
   RowProduct(const at::Tensor& w, bool transposed, const at::Tensor& bias_t, int64_t rows,
              int64_t call_rows)
       : b(bias_t) {
@@ -140,7 +140,7 @@ struct RowProduct {
   // Y = X Wt (+ bias); X (M, K) with row stride ldx, Y (M, padded()) with row stride ldy.
   void operator()(const T* X, int64_t ldx, int64_t M, T* Y, int64_t ldy) const {
     if (M == 0) return;
-    if (round) {
+    if (round && !native) {  // a native bf16 GEMM rounds X itself
       X = rounded_to_bf16(X, ldx, M, K, x_low);
       ldx = K;
     }
@@ -294,19 +294,21 @@ template <typename T>
 void add_at_x(const T* A, int64_t lda, const T* X, int64_t ldx, int64_t M, int64_t N, int64_t K,
               T* out, bool low = false) {
   if (M == 0 || N == 0 || K == 0) return;
+  const bool blas = M * N * K >= (int64_t(1) << 18);
+  const bool native = low && blas && bf16_gemm() == Bf16Gemm::kNative;
   std::vector<T> a_low, x_low;
-  if (low) {
+  if (low && !native) {  // a native bf16 GEMM rounds its operands itself
     A = rounded_to_bf16(A, lda, M, N, a_low);
     X = rounded_to_bf16(X, ldx, M, K, x_low);
     lda = N;
     ldx = K;
   }
-  if (M * N * K >= (int64_t(1) << 18)) {
+  if (blas) {
     auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
     at::Tensor a = at::from_blob(const_cast<T*>(A), {M, N}, {lda, 1}, opts);
     at::Tensor x = at::from_blob(const_cast<T*>(X), {M, K}, {ldx, 1}, opts);
     at::Tensor o = at::from_blob(out, {N, K}, opts);
-    if (low && bf16_gemm() == Bf16Gemm::kNative)
+    if (native)
       o.add_(bf16_mm(a.t(), x));
     else
       o.addmm_(a.t(), x);
