@@ -19,7 +19,7 @@ from .reference import Decoder, Encoder, EncoderDecoder
 
 __all__ = ["Encoder", "Decoder", "EncoderDecoder", "Seq2SeqEncoder", "Seq2SeqDecoder",
            "fused_decoder_args", "supports_fused_decoding", "decoder_stepper", "context_projection",
-           "decode_path", "packed_rows", "packed_positions"]
+           "decode_path", "packed_rows", "packed_positions", "project"]
 
 _CTX_ATTR = "_seq2seq_ext_ctx_proj"
 _FLOATS = (torch.float32, torch.float64)
@@ -140,11 +140,11 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
             if not _fused_layer_allowed(rnn, state):
                 return super().forward(X, state)
             output, state = self._fused_features(X, state, state[-1])
-            return self.dense(output).permute(1, 0, 2), state
+            return project(self, output).permute(1, 0, 2), state
         if self.fixed_context and self.cell == "gru" and _fused_layer_allowed(rnn, rnn_state):
             # the fused GRU layer with the fixed context's projection computed once
             output, new_state = self._fused_features(X, rnn_state, context)
-            return self.dense(output).permute(1, 0, 2), (new_state, context)
+            return project(self, output).permute(1, 0, 2), (new_state, context)
         return reference.variant_decoder_forward(self, X, state, self.fixed_context,
                                                  rnn=_lstm_layers(rnn))
 
@@ -279,7 +279,7 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         weights = _fastcall.flat_weights(rnn)
         w_ih0 = weights[0]
         embed = X.shape[-1]
-        extra = torch.mm(context, w_ih0[:, embed:].t())
+        extra = ops.autocast_linear(context, w_ih0[:, embed:])
         output, state = ops.gru(X, rnn_state, weights, rnn.dropout, self.training,
                                 w_ih0=w_ih0[:, :embed], extra0=extra, batch_sizes=batch_sizes,
                                 positions=positions)
@@ -510,6 +510,18 @@ def supports_fused_decoding(decoder):
 def _plain_lstm(rnn):
     return (type(rnn) is torch.nn.LSTM and rnn.bias and not rnn.bidirectional
             and not rnn.batch_first and rnn.proj_size == 0)
+
+
+def project(decoder, features):
+    """``decoder.dense(features)``, the output projection. An ``nn.Linear`` without hooks runs
+    as :func:`ops.autocast_linear` (under CPU bf16 autocast its products follow
+    ``ops.set_bf16_gemm``); any other module, or one with hooks, is called."""
+    dense = _fastcall.submodule(decoder, "dense")
+    if (type(dense) is nn.Linear
+            and not (dense._forward_hooks or dense._forward_pre_hooks or dense._backward_hooks
+                     or dense._backward_pre_hooks or _fastcall.any_global_hook())):
+        return ops.autocast_linear(features, dense.weight, dense.bias)
+    return dense(features)
 
 
 def _rounded_context_projection(decoder, context):

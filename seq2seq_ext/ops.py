@@ -153,6 +153,37 @@ def bf16_gemm():
 set_bf16_gemm("native" if cpu_has_bf16_gemm() else "rounded")
 
 
+__all__ += ["autocast_linear"]
+
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _rounded_bf16_autocast(*tensors):
+    """True when CPU autocast to bfloat16 is active, products are ``"rounded"`` and every tensor
+    is one autocast would cast (a floating CPU tensor that is not float64)."""
+    return (torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and not _C.bf16_gemm_native()
+            and all(t.device.type == "cpu" and t.dtype in _AUTOCAST_CASTS for t in tensors))
+
+
+def autocast_linear(input, weight, bias=None):
+    """``torch.nn.functional.linear(input, weight, bias)`` whose bf16 products under CPU autocast
+    follow :func:`set_bf16_gemm`. Under ``"rounded"`` (CPUs without bf16 instructions, where
+    autocast's bf16 GEMM is emulated and tens of times slower than float32) the operands are
+    rounded to bfloat16 and multiplied by a float32 GEMM, and the result is rounded to bfloat16:
+    autocast's bf16 linear (bf16 operands, float32 sums, a bf16 result; the gradients are
+    rounded to bfloat16 as autocast's are), at float32's rate. Anywhere else, and under the
+    ``"reference"`` backend, ``linear`` itself. The package's models call it for the output
+    projection and the context's projection."""
+    tensors = (input, weight) if bias is None else (input, weight, bias)
+    if get_backend() == "reference" or not _rounded_bf16_autocast(*tensors):
+        return torch.nn.functional.linear(input, weight, bias)
+    with torch.autocast("cpu", enabled=False):
+        rounded = [t.to(torch.bfloat16).float() for t in tensors]
+        return torch.nn.functional.linear(*rounded).to(torch.bfloat16)
+
+
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 

@@ -181,7 +181,7 @@ def _kept_rows_loss(net, X, dec_input, X_valid_len, Y, kept):
     else:
         features, _ = net.decoder.forward_features(dec_input, state)  # (steps, batch, hidden)
         kept_features = features.reshape(steps * batch, -1).index_select(0, rows)
-    logits = net.decoder.dense(kept_features)
+    logits = models.project(net.decoder, kept_features)
     labels = Y.t().reshape(-1).index_select(0, rows)
     ones = torch.ones(rows.shape[0], dtype=torch.int64, device=rows.device)
     row_loss = ops.masked_softmax_ce(logits.unsqueeze(1), labels.unsqueeze(1), ones)
@@ -256,10 +256,12 @@ def fit(net, data_iter, lr, num_epochs, tgt_vocab, device, on_epoch=None, plot=T
       ratio`` (:func:`decode_teacher_forced`).
     * ``amp``: ``None`` or ``"bf16"``: forward and loss under ``torch.autocast(device.type,
       dtype=torch.bfloat16)``. Then the output projection (``nn.Linear``) and the decoder's
-      context projection run in bfloat16, the loss op reads bfloat16 logits (accumulating in
-      float32), and the embeddings, the GRU layers (float32 by an autocast rule, see
-      :func:`enable_autocast_rules`), the weights, the gradients and the optimizer stay
-      float32.
+      context projection run in bfloat16 (on the CPU through ``ops.autocast_linear``, whose
+      products follow ``ops.set_bf16_gemm``), the recurrent layers' products take bf16
+      operands with float32 sums (on the CPU; on CUDA an autocast rule keeps the GRU layers
+      float32, see :func:`enable_autocast_rules`), the loss op reads bfloat16 logits
+      (accumulating in float32), and the embeddings, the layers' states, the weights, the
+      gradients and the optimizer stay float32.
     * Distributed: when ``torch.distributed`` is initialised with a world size above 1, the model
       is wrapped in ``DistributedDataParallel`` after the weight initialisation (every rank
       starts from rank 0's weights), ``data_iter.sampler.set_epoch(epoch)`` is called each epoch

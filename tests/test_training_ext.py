@@ -399,6 +399,90 @@ def test_bf16_convergence_benchmark_compares_both_runs(capsys):
     assert abs(f32 - bf16) < 0.05 * f32
 
 
+class _GemmLog(torch.overrides.TorchFunctionMode):
+    """Every matrix product called, with whether CPU autocast was on and its operands' dtypes."""
+    PRODUCTS = {torch.nn.functional.linear, torch.mm, torch.matmul, torch.addmm, torch.bmm,
+                torch.Tensor.mm, torch.Tensor.matmul, torch.Tensor.__matmul__}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.PRODUCTS:
+            dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+            self.calls.append((func.__name__, torch.is_autocast_enabled("cpu"), dtypes))
+        return func(*args, **(kwargs or {}))
+
+
+class TestAutocastLinear:
+    """ops.autocast_linear: F.linear whose bf16 products under CPU autocast follow
+    ops.set_bf16_gemm ("rounded": float32 GEMMs on bf16-rounded operands)."""
+
+    @staticmethod
+    def _run(fn, shape, seed, bias=True):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(*shape, generator=g, requires_grad=True)
+        w = torch.randn(11, shape[-1], generator=g, requires_grad=True)
+        b = torch.randn(11, generator=g, requires_grad=True) if bias else None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x, w, b)
+        y.backward(torch.randn(y.shape, generator=g).to(y.dtype))
+        return [y] + [t.grad for t in (x, w, b) if t is not None]
+
+    @pytest.mark.parametrize("shape, bias", [((7, 13), True), ((5, 3, 13), False),
+                                             ((1, 13), True)])
+    def test_matches_autocasts_linear(self, bf16_gemm, shape, bias):
+        seed = random.randrange(2 ** 31)
+        got = self._run(d2l.ops.autocast_linear, shape, seed, bias)
+        want = self._run(torch.nn.functional.linear, shape, seed, bias)
+        assert got[0].dtype == torch.bfloat16
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype
+            if bf16_gemm == "native":  # autocast's own linear
+                assert torch.equal(a, b)
+            else:  # the same bf16 products; a sum's last bit may move one rounding
+                assert_bf16_close(a, b.float())
+
+    def test_rounded_runs_float32_products_outside_autocast(self, bf16_gemm):
+        with _GemmLog() as log:
+            self._run(d2l.ops.autocast_linear, (4, 6), 0)
+        # forward only: backward's products are not torch functions
+        if bf16_gemm == "rounded":
+            assert log.calls == [("linear", False, (torch.float32,) * 3)]
+        else:
+            assert log.calls == [("linear", True, (torch.float32,) * 3)]
+
+    def test_is_linear_without_autocast_float64_or_the_reference_backend(self, bf16_gemm):
+        x, w, b = torch.randn(3, 5), torch.randn(4, 5), torch.randn(4)
+        assert torch.equal(d2l.ops.autocast_linear(x, w, b), torch.nn.functional.linear(x, w, b))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x64, w64 = x.double(), w.double()
+            out = d2l.ops.autocast_linear(x64, w64)
+            assert out.dtype == torch.float64 and torch.equal(out, x64 @ w64.t())
+            with d2l.ops.use_backend("reference"):
+                assert torch.equal(d2l.ops.autocast_linear(x, w, b),
+                                   torch.nn.functional.linear(x, w, b))
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_rounded_bf16_training_step_runs_no_emulated_bf16_gemm(bf16_gemm, cell):
+    """Under "rounded" the whole forward of the chapter model's fit step (the kept rows'
+    projection, the context's projection, the layers) calls no matrix product that autocast
+    would run as a bf16 GEMM; under "native" the projections are autocast's bf16 GEMMs."""
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(batch_size=8, num_steps=7, stop=100)
+    torch.manual_seed(0)
+    net = d2l.EncoderDecoder(d2l.Seq2SeqEncoder(len(src_vocab), 8, 16, 2, cell=cell),
+                             d2l.Seq2SeqDecoder(len(tgt_vocab), 8, 16, 2, cell=cell))
+    with _GemmLog() as log:
+        fit(net, [next(iter(train_iter))], 0.01, 1, tgt_vocab, CPU, plot=False, amp="bf16")
+    autocast_products = [c for c in log.calls if c[1]]
+    if bf16_gemm == "rounded":
+        assert log.calls and not autocast_products, log.calls
+    else:
+        assert autocast_products
+
+
 def test_bf16_with_scheduled_teacher_forcing_runs():
     train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=100)
     net = _model(src_vocab, tgt_vocab)
