@@ -399,6 +399,19 @@ def test_bf16_convergence_benchmark_compares_both_runs(capsys):
     assert abs(f32 - bf16) < 0.05 * f32
 
 
+def test_padding_skip_benchmark_times_the_bf16_step(capsys, monkeypatch, fra_eng_path):
+    """benchmarks/padding_skip.py --amp: the packed step under bf16 autocast beside float32."""
+    from seq2seq_ext.bench import common, padding_skip
+    monkeypatch.setattr(common, "FRA_ENG", fra_eng_path)
+    assert padding_skip.main(["--amp", "--config", "chapter", "--batches", "1",
+                              "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"bf16 products: {d2l.ops.bf16_gemm()}" in out
+    cells = next(line for line in out.splitlines() if line.startswith("| chapter |")).split("|")
+    ms = [float(v) for v in cells[2:5]]  # reference, packed float32, packed bf16
+    assert all(v > 0 for v in ms)
+
+
 class _GemmLog(torch.overrides.TorchFunctionMode):
     """Every matrix product called, with whether CPU autocast was on and its operands' dtypes."""
     PRODUCTS = {torch.nn.functional.linear, torch.mm, torch.matmul, torch.addmm, torch.bmm,

@@ -13,6 +13,10 @@ same run at the step's product shapes, and the fraction of it each variant reach
 ``seq2seq-ext``'s fit takes the packed path on the CPU; the other two are what it did before
 and what the chapter does. The table gives the median milliseconds per batch over the same
 batches and the share of decoder positions that are padding.
+
+``--amp``: the reference's float32 step, the packed step in float32 and the packed step under
+``fit(amp="bf16")``'s autocast (``packed-bf16``), with the bf16 products as
+``ops.set_bf16_gemm`` runs them on this CPU, named in the output.
 """
 import argparse
 import statistics
@@ -47,8 +51,8 @@ def _models(cfg, src_vocab, tgt_vocab, mod, cell="gru"):
 
 
 def step_fn(variant, net, tgt_vocab):
-    """One training step on a batch, as ``fit`` (``full`` / ``rows`` / ``packed``) or the
-    reference runs it."""
+    """One training step on a batch, as ``fit`` (``full`` / ``rows`` / ``packed`` /
+    ``packed-bf16``) or the reference runs it."""
     opt = torch.optim.Adam(net.parameters(), lr=0.005)
     bos_id = tgt_vocab['<bos>']
     if variant == "reference":
@@ -64,15 +68,17 @@ def step_fn(variant, net, tgt_vocab):
             opt.step()
         return step
     model = training._TrainForward(net, 1.0, d2l.MaskedSoftmaxCELoss())
+    amp = "bf16" if variant.endswith("-bf16") else None
 
     def step(batch):
         X, X_valid_len, Y, Y_valid_len = batch
         opt.zero_grad()
-        kept = (None if variant == "full" else
-                training._kept_positions(Y_valid_len, *Y.shape, packed=variant == "packed"))
+        kept = (None if variant == "full" else training._kept_positions(
+            Y_valid_len, *Y.shape, packed=variant.startswith("packed")))
         bos = torch.full((Y.shape[0], 1), bos_id, dtype=Y.dtype)
-        l = model(X, torch.cat([bos, Y[:, :-1]], 1), X_valid_len, Y, Y_valid_len, kept)
-        l.sum().backward()
+        with training._autocast(amp, torch.device("cpu")):
+            l = model(X, torch.cat([bos, Y[:, :-1]], 1), X_valid_len, Y, Y_valid_len, kept)
+        l.float().sum().backward()
         d2l.grad_clipping(net, 1)
         opt.step()
     return step
@@ -116,7 +122,8 @@ def _time(fn, number=5):
     return (time.perf_counter() - t0) / number
 
 
-def run(config="chapter", batches=8, rounds=3, threads=1, cell="gru"):
+def run(config="chapter", batches=8, rounds=3, threads=1, cell="gru",
+        variants=("reference", "full", "rows", "packed")):
     """{variant: median ms per batch}, the padding share and the sizes."""
     torch.set_num_threads(threads)
     cfg = CONFIGS[config]
@@ -126,7 +133,7 @@ def run(config="chapter", batches=8, rounds=3, threads=1, cell="gru"):
     kept = sum(int(b[3].clamp(max=cfg["steps"]).sum()) for b in data)
     positions = sum(b[2].numel() for b in data)
     steps = {}
-    for variant in ("reference", "full", "rows", "packed"):
+    for variant in variants:
         net = _models(cfg, src_vocab, tgt_vocab, R if variant == "reference" else d2l, cell)
         steps[variant] = step_fn(variant, net, tgt_vocab)
     times = {v: [] for v in steps}
@@ -143,6 +150,7 @@ def run(config="chapter", batches=8, rounds=3, threads=1, cell="gru"):
     floors = {v: 1e3 * step_flops(cfg, len(tgt_vocab), positions / len(data), kept / len(data),
                                   v == "packed", cell) / (rate * 1e9)
               for v in ("rows", "packed")}
+    floors["packed-bf16"] = floors["packed"]  # bf16 products at float32's rate ("rounded")
     return ms, 1 - kept / positions, dict(cfg, tgt_vocab=len(tgt_vocab), gemm_gflops=rate,
                                           floor_ms=floors)
 
@@ -154,8 +162,12 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cell", choices=["gru", "lstm"], default="gru")
+    parser.add_argument("--amp", action="store_true",
+                        help="reference float32, packed float32 and packed under bf16 autocast")
     args = parser.parse_args(argv)
     print(f"cell {args.cell}")
+    if args.amp:
+        return _main_amp(args)
     print("| config | padding | reference ms | full ms | rows ms | packed ms | packed vs rows "
           "| packed vs reference | GEMM GFLOP/s | floor rows / packed ms | rows / packed at "
           "% of floor |")
@@ -170,4 +182,21 @@ def main(argv=None):
               f"| {cfg['gemm_gflops']:.0f} | {cfg['floor_ms']['rows']:.1f} / "
               f"{cfg['floor_ms']['packed']:.1f} | {100 * cfg['floor_ms']['rows'] / ms['rows']:.0f}%"
               f" / {100 * cfg['floor_ms']['packed'] / ms['packed']:.0f}% |", flush=True)
+    return 0
+
+
+def _main_amp(args):
+    print(f"bf16 products: {ops.bf16_gemm()}")
+    print("| config | reference float32 ms | packed float32 ms | packed bf16 ms | bf16 vs float32 "
+          "| bf16 vs reference | GEMM GFLOP/s | floor ms (float32 rate) | bf16 at % of floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.config:
+        ms, _, cfg = run(name, args.batches, args.rounds, args.threads, args.cell,
+                         ("reference", "packed", "packed-bf16"))
+        floor = cfg["floor_ms"]["packed-bf16"]
+        print(f"| {name} | {ms['reference']:.1f} | {ms['packed']:.1f} | {ms['packed-bf16']:.1f} "
+              f"| {ms['packed'] / ms['packed-bf16']:.2f}x "
+              f"| {ms['reference'] / ms['packed-bf16']:.2f}x | {cfg['gemm_gflops']:.0f} "
+              f"| {floor:.1f} "
+              f"| {100 * floor / ms['packed-bf16']:.0f}% |", flush=True)
     return 0
