@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include "decoder_stepper.h"
+#include "dropout_mask.h"
 #include "gru_layer.h"
 #include "lstm_decode_step.h"
 #include "bf16_products.h"
@@ -28,6 +29,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "seq2seq_ext compiled library: registers torch.ops.seq2seq_ext.*";
   module.def("built_with_cuda", &built_with_cuda,
              "True when the CUDA kernels were compiled into this library.");
+  module.def(
+      "dropout_keep_mask",
+      [](const std::vector<int64_t>& shape, double p, const at::Tensor& like) {
+        return seq2seq_ext::dropout_keep_mask(shape, p, like.options());
+      },
+      pybind11::arg("shape"), pybind11::arg("p"), pybind11::arg("like"),
+      "A dropout mask of shape: 1 / (1 - p) with probability 1 - p, else 0, for 0 < p < 1, in "
+      "like's dtype and device, from the default generator (csrc/dropout_mask.h).");
   // A decoder's weights bound for repeated decode steps (see decoder_stepper.h). Its step() runs
   // the CPU kernel of seq2seq_ext::gru_decode_step without the boxed dispatcher call, whose
   // argument handling for a dozen tensors costs more than the step itself at the chapter's

@@ -11,6 +11,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
+#include "dropout_mask.h"
 #include "rnn_forward.h"
 #include "rnn_stack.h"
 
@@ -99,9 +100,9 @@ pybind11::object rnn_forward(const std::string& cell, const at::Tensor& input,
         per_layer.push_back(at::empty({x.size(0), batch, hidden}, x.options()).bernoulli_(1 - dropout));
       mask = at::stack(per_layer).div_(1 - dropout);
     } else {
-      // keep with probability 1 - p: uniform samples below 1 - p (bernoulli_ costs more than
-      // the whole step at the seeds' sizes: its CPU kernel sets up a random stream per call)
-      mask = at::empty(shape, x.options()).uniform_().lt_(1 - dropout).div_(1 - dropout);
+      // keep with probability 1 - p (bernoulli_ costs more than the whole step at the seeds'
+      // sizes: its CPU kernel sets up a random stream per call)
+      mask = dropout_keep_mask(shape, dropout, x.options());
     }
   }
   auto [output, h_n, c_n, saved] =

@@ -221,7 +221,7 @@ def _packed_forward(module, cell, packed, hx, torch_masks=False):
         elif torch_masks:
             mask = data.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
         else:
-            mask = data.new_empty(shape).uniform_().lt_(1 - p).div_(1 - p)
+            mask = _C.dropout_keep_mask(shape, p, data)
     output, h_n, c_n = ops.rnn_stack(cell, data, h0, c0, module._flat_weights, mask,
                                      batch_sizes.tolist())
     if unsorted_indices is not None:  # back to the caller's order

@@ -183,6 +183,49 @@ class TestDropInParity:
         assert op_calls == ["lstm"]
 
 
+class TestDropoutKeepMask:
+    """_C.dropout_keep_mask, the drop-in layers' masks on the CPU (csrc/dropout_mask.cpp)."""
+
+    @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_values_and_keep_rate(self, p, dtype):
+        torch.manual_seed(random.randrange(2 ** 31))
+        m = snn._C.dropout_keep_mask([3, 401, 333], p, torch.empty(0, dtype=dtype))
+        assert m.shape == (3, 401, 333) and m.dtype == dtype
+        scale = torch.tensor(1, dtype=dtype) / torch.tensor(1 - p, dtype=dtype)
+        kept = m != 0
+        assert torch.equal(m[kept], scale.expand(int(kept.sum())))
+        n, rate = m.numel(), kept.double().mean().item()
+        assert abs(rate - (1 - p)) < 5 * ((p * (1 - p) / n) ** 0.5), rate
+        # neighbours (the two halves of one draw) and rows are independent
+        pairs = (kept.reshape(-1)[:-1:2] & kept.reshape(-1)[1::2]).double().mean().item()
+        assert abs(pairs - (1 - p) ** 2) < 5 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / (n / 2)) ** 0.5
+        rows = kept[:, :-1] & kept[:, 1:]
+        assert abs(rows.double().mean().item() - (1 - p) ** 2) < 0.01
+
+    def test_seeded_by_the_default_generator(self):
+        like = torch.empty(0)
+        torch.manual_seed(5)
+        a = snn._C.dropout_keep_mask([7, 9], 0.5, like)
+        b = snn._C.dropout_keep_mask([7, 9], 0.5, like)
+        assert not torch.equal(a, b)  # each call advances the generator
+        torch.manual_seed(5)
+        assert torch.equal(snn._C.dropout_keep_mask([7, 9], 0.5, like), a)
+        torch.manual_seed(5)
+        assert not torch.equal(snn._C.dropout_keep_mask([7, 9], 0.5, like),
+                               snn._C.dropout_keep_mask([7, 9], 0.5, like))
+
+    @pytest.mark.parametrize("shape", [[1], [3], [0, 4], [2, 1, 5]])
+    def test_odd_and_empty_shapes(self, shape):
+        m = snn._C.dropout_keep_mask(shape, 0.5, torch.empty(0))
+        assert list(m.shape) == shape and bool(((m == 0) | (m == 2)).all())
+
+    @pytest.mark.parametrize("p", [0.0, 1.0, -0.5, float("nan")])
+    def test_p_outside_the_open_interval_is_refused(self, p):
+        with pytest.raises(RuntimeError, match="p must be in"):
+            snn._C.dropout_keep_mask([4], p, torch.empty(0))
+
+
 class TestFallbacks:
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     def test_bidirectional_runs_torch(self, cell, op_calls):
