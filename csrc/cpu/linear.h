@@ -132,22 +132,21 @@ inline void linear_nt_bf16(const float* X, int64_t ldx, int64_t B, int64_t K,
         const c10::BFloat16* w1 = w0 + ldw;
         const c10::BFloat16* w2 = w1 + ldw;
         const c10::BFloat16* w3 = w2 + ldw;
-        Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f), c0(0.f), c1(0.f), c2(0.f), c3(0.f), e, o;
+        Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f), c0(0.f), c1(0.f), c2(0.f), c3(0.f);
         for (int64_t k = 0; k < Kb; k += P) {
           const Vec xv = Vec::loadu(xe + k);
           const Vec xw = Vec::loadu(xe + k + Wd);
-          load_bf16_pair(w0 + k, e, o);
-          a0 = at::vec::fmadd(e, xv, a0);
-          c0 = at::vec::fmadd(o, xw, c0);
-          load_bf16_pair(w1 + k, e, o);
-          a1 = at::vec::fmadd(e, xv, a1);
-          c1 = at::vec::fmadd(o, xw, c1);
-          load_bf16_pair(w2 + k, e, o);
-          a2 = at::vec::fmadd(e, xv, a2);
-          c2 = at::vec::fmadd(o, xw, c2);
-          load_bf16_pair(w3 + k, e, o);
-          a3 = at::vec::fmadd(e, xv, a3);
-          c3 = at::vec::fmadd(o, xw, c3);
+          // one weight row's block: its even values against xv, its odd ones against xw
+          auto fma_row = [&](const c10::BFloat16* w, Vec& even_acc, Vec& odd_acc) {
+            Vec e, o;
+            load_bf16_pair(w + k, e, o);
+            even_acc = at::vec::fmadd(e, xv, even_acc);
+            odd_acc = at::vec::fmadd(o, xw, odd_acc);
+          };
+          fma_row(w0, a0, c0);
+          fma_row(w1, a1, c1);
+          fma_row(w2, a2, c2);
+          fma_row(w3, a3, c3);
         }
         const float r[4] = {hsum(a0 + c0) + tail(w0), hsum(a1 + c1) + tail(w1),
                             hsum(a2 + c2) + tail(w2), hsum(a3 + c3) + tail(w3)};
