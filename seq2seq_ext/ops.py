@@ -173,11 +173,12 @@ def autocast_linear(input, weight, bias=None):
     autocast's bf16 GEMM is emulated and tens of times slower than float32) the operands are
     rounded to bfloat16 and multiplied by a float32 GEMM, and the result is rounded to bfloat16:
     autocast's bf16 linear (bf16 operands, float32 sums, a bf16 result; the gradients are
-    rounded to bfloat16 as autocast's are), at float32's rate. Anywhere else, and under the
-    ``"reference"`` backend, ``linear`` itself. The package's models call it for the output
-    projection and the context's projection."""
+    rounded to bfloat16 as autocast's are), at float32's rate. Anywhere else, under the
+    ``"reference"`` backend and while ``torch.compile`` traces, ``linear`` itself. The
+    package's models call it for the output projection and the context's projection."""
     tensors = (input, weight) if bias is None else (input, weight, bias)
-    if get_backend() == "reference" or not _rounded_bf16_autocast(*tensors):
+    if (torch.compiler.is_compiling() or get_backend() == "reference"
+            or not _rounded_bf16_autocast(*tensors)):
         return torch.nn.functional.linear(input, weight, bias)
     with torch.autocast("cpu", enabled=False):
         rounded = [t.to(torch.bfloat16).float() for t in tensors]

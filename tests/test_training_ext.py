@@ -478,6 +478,15 @@ class TestAutocastLinear:
                                    torch.nn.functional.linear(x, w, b))
 
 
+    def test_traces_as_linear_under_torch_compile(self):
+        """Compiled (one graph, no break), it is autocast's linear, whatever the mode."""
+        x, w, b = torch.randn(3, 5), torch.randn(4, 5), torch.randn(4)
+        compiled = torch.compile(d2l.ops.autocast_linear, fullgraph=True, backend="eager")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = compiled(x, w, b), torch.nn.functional.linear(x, w, b)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_rounded_bf16_training_step_runs_no_emulated_bf16_gemm(bf16_gemm, cell):
     """Under "rounded" the whole forward of the chapter model's fit step (the kept rows'
