@@ -165,11 +165,7 @@ struct RowProduct {
           y.copy_(bf16_mm(x, w_low));
           if (b.defined()) y.add_(b);
         } else if (b.defined()) {
-          // the bias rows written here and accumulated into in place: the same sums as
-          // addmm_out(y, b, ...), without its expand and copy ops (a few us a call)
-          const T* bp = b.const_data_ptr<T>();
-          for (int64_t m = 0; m < M; ++m) std::copy(bp, bp + N, Y + m * ldy);
-          y.addmm_(x, w_kn);
+          addmm_over_bias_rows<T>(y, Y, ldy, b.const_data_ptr<T>(), x, w_kn);
         } else
           at::mm_out(y, x, w_kn);
         return;
