@@ -129,6 +129,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def rounded_bf16_gemm():
+    """bf16 products as ``reference``'s ``product_dtype=torch.bfloat16`` writes them out (the
+    ``"rounded"`` mode: float32 sums of exact bf16 products), for the tests that compare with it
+    on any CPU. ``"native"``, the default where the CPU has bf16 instructions, rounds its GEMMs'
+    results to bf16 and is checked against the reference within bf16's precision
+    (``test_either_way_of_running_products``). The process's own mode is restored."""
+    before = ops.bf16_gemm()
+    ops.set_bf16_gemm("rounded")
+    yield
+    ops.set_bf16_gemm(before)
+
+
 @pytest.fixture(params=["rounded", "native"])
 def bf16_gemm(request):
     """Each way of running bf16 products (ops.set_bf16_gemm), the process's own mode restored."""

@@ -340,6 +340,7 @@ def test_bf16_training_converges_and_runs_the_projection_in_bf16():
     assert all(p.dtype == torch.float32 for p in net.parameters())
 
 
+@pytest.mark.usefixtures("rounded_bf16_gemm")
 def test_what_runs_in_bf16_under_autocast():
     """Under CPU autocast: the output projection and the loss input in bf16; the GRU layers
     (fused op) with bf16 products and float32 states and outputs; the parameters' gradients

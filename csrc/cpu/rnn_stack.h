@@ -161,9 +161,12 @@ struct RowProduct {
         auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
         at::Tensor x = at::from_blob(const_cast<T*>(X), {M, K}, {ldx, 1}, opts);
         at::Tensor y = at::from_blob(Y, {M, N}, {ldy, 1}, opts);
-        if (native) {
-          y.copy_(bf16_mm(x, w_low));
-          if (b.defined()) y.add_(b);
+        if (native) {  // the bf16 result widened in the bias's addition (or the copy)
+          const at::Tensor r = at::mm(x.to(at::kBFloat16), w_low);
+          if (b.defined())
+            at::add_out(y, b, r);
+          else
+            y.copy_(r);
         } else if (b.defined()) {
           addmm_over_bias_rows<T>(y, Y, ldy, b.const_data_ptr<T>(), x, w_kn);
         } else
@@ -367,6 +370,28 @@ void add_at_x(const T* A, int64_t lda, const T* X, int64_t ldx, int64_t M, int64
                    });
 }
 
+// Whether the gradient of a bf16 matrix (`low`) over M rows of an (N, K) product is one bf16
+// GEMM (Bf16Gemm::kNative at BLAS sizes, as add_at_x decides): its result is the bf16
+// gradient itself, summed in float32 inside the GEMM, with no float32 buffer to zero, add
+// into and round afterwards.
+inline bool native_matrix_grad(bool low, int64_t M, int64_t N, int64_t K) {
+  return low && bf16_gemm() == Bf16Gemm::kNative && M * N * K >= (int64_t(1) << 18);
+}
+
+// M rows of `cols` values, row stride ld, as a bf16 (M, cols) tensor (float32 rows, rounded).
+template <typename T>
+at::Tensor bf16_rows(const T* p, int64_t M, int64_t cols, int64_t ld) {
+  static_assert(std::is_floating_point_v<T>);
+  return at::from_blob(const_cast<T*>(p), {M, cols}, {ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value))
+      .to(at::kBFloat16);
+}
+
+// A^T X for bf16 A (M, N) and X (M, K): the (N, K) gradient of a matrix, in bf16.
+inline at::Tensor bf16_grad_gemm(const at::Tensor& a, const at::Tensor& x) {
+  return at::mm(a.t(), x);
+}
+
 // out[n] += sum over the M rows of A (M, N), row stride lda: a bias gradient.
 template <typename T>
 void add_column_sums(const T* A, int64_t lda, int64_t M, int64_t N, T* out) {
@@ -401,7 +426,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   std::vector<at::Tensor> grad_w(weights.size());
   // float32 sums; a bf16 matrix's gradient is rounded to bf16 at the end
   const bool low = bf16_matrices(weights);
+  const int64_t per = d.bias ? 4 : 2;
   for (size_t k = 0; k < weights.size(); ++k) {  // zeroed here: at::zeros is an op call each
+    // a matrix whose gradient is one bf16 GEMM (native_matrix_grad) gets it there
+    const int64_t layer = static_cast<int64_t>(k) / per;
+    if (static_cast<int64_t>(k) % per < 2 &&
+        native_matrix_grad(low, M, G, k % per == 0 && layer == 0 ? d.input : H))
+      continue;
     grad_w[k] = at::empty(weights[k].sizes(), opts);
     std::fill_n(grad_w[k].data_ptr<T>(), grad_w[k].numel(), T(0));
   }
@@ -485,20 +516,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     }
     if (M == 0) continue;
     const int64_t base = (d.bias ? 4 : 2) * l;
-    add_at_x<T>(dgi.data(), G, x, ldx, M, G, K, grad_w[base].data_ptr<T>(), low);
+    at::Tensor dgi_low;  // dgi in bf16, made once for the gradients that are bf16 GEMMs
+    auto low_dgi = [&]() -> const at::Tensor& {
+      if (!dgi_low.defined()) dgi_low = bf16_rows(dgi.data(), M, G, G);
+      return dgi_low;
+    };
+    if (native_matrix_grad(low, M, G, K))
+      grad_w[base] = bf16_grad_gemm(low_dgi(), bf16_rows(x, M, K, ldx));
+    else
+      add_at_x<T>(dgi.data(), G, x, ldx, M, G, K, grad_w[base].data_ptr<T>(), low);
     // W_hh's gradient: the state row b of step t started from is h0's row b for t = 0, else
     // row b of step t - 1: dense, the rows B earlier; packed, gathered first
-    T* gw_hh = grad_w[base + 1].data_ptr<T>();
-    add_at_x<T>(dgh_p, G, h0l, H, off[1], G, H, gw_hh, low);
-    if (!d.is_packed) {
-      add_at_x<T>(dgh_p + B * G, G, layer_saved, S, M - B, G, H, gw_hh, low);
-    } else if (M > off[1]) {
+    if (d.is_packed && M > off[1]) {
       h_prev.resize((M - off[1]) * H);
       for (int64_t t = 1; t < Ts; ++t)
         for (int64_t b = 0; b < off[t + 1] - off[t]; ++b)
           std::copy(layer_saved + (off[t - 1] + b) * S, layer_saved + (off[t - 1] + b) * S + H,
                     h_prev.data() + (off[t] - off[1] + b) * H);
-      add_at_x<T>(dgh_p + off[1] * G, G, h_prev.data(), H, M - off[1], G, H, gw_hh, low);
+    }
+    // the rows after step 0's: dense, layer_saved's with row stride S; packed, h_prev's
+    const T* later = d.is_packed ? h_prev.data() : layer_saved;
+    const int64_t ld_later = d.is_packed ? H : S;
+    if (native_matrix_grad(low, M, G, H)) {
+      at::Tensor h_rows = at::empty({M, H}, opts.dtype(at::kBFloat16));
+      h_rows.narrow(0, 0, off[1]).copy_(bf16_rows(h0l, off[1], H, H));
+      if (M > off[1]) h_rows.narrow(0, off[1], M - off[1]).copy_(
+          bf16_rows(later, M - off[1], H, ld_later));
+      // the LSTM's hidden-side gate gradients are its input-side ones (dgh_p is dgi)
+      grad_w[base + 1] =
+          bf16_grad_gemm(kLstm ? low_dgi() : bf16_rows(dgh_p, M, G, G), h_rows);
+    } else {
+      T* gw_hh = grad_w[base + 1].data_ptr<T>();
+      add_at_x<T>(dgh_p, G, h0l, H, off[1], G, H, gw_hh, low);
+      if (M > off[1]) add_at_x<T>(dgh_p + off[1] * G, G, later, ld_later, M - off[1], G, H, gw_hh, low);
     }
     if (d.bias) {
       add_column_sums<T>(dgi.data(), G, M, G, grad_w[base + 2].data_ptr<T>());

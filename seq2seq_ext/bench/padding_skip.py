@@ -14,7 +14,7 @@ same run at the step's product shapes, and the fraction of it each variant reach
 and what the chapter does. The table gives the median milliseconds per batch over the same
 batches and the share of decoder positions that are padding.
 
-``--amp``: the reference's float32 step, the packed step in float32 and the packed step under
+``--amp``: the reference's step in float32 and under bf16 autocast, the packed step in float32 and under
 ``fit(amp="bf16")``'s autocast (``packed-bf16``), with the bf16 products as
 ``ops.set_bf16_gemm`` runs them on this CPU, named in the output.
 """
@@ -55,20 +55,22 @@ def step_fn(variant, net, tgt_vocab):
     ``packed-bf16``) or the reference runs it."""
     opt = torch.optim.Adam(net.parameters(), lr=0.005)
     bos_id = tgt_vocab['<bos>']
-    if variant == "reference":
+    amp = "bf16" if variant.endswith("-bf16") else None
+    if variant.startswith("reference"):
         loss = R.MaskedSoftmaxCELoss()
 
         def step(batch):
             X, X_valid_len, Y, Y_valid_len = batch
             opt.zero_grad()
             bos = torch.full((Y.shape[0], 1), bos_id, dtype=Y.dtype)
-            Y_hat, _ = net(X, torch.cat([bos, Y[:, :-1]], 1), X_valid_len)
-            loss(Y_hat, Y, Y_valid_len).sum().backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
+                Y_hat, _ = net(X, torch.cat([bos, Y[:, :-1]], 1), X_valid_len)
+                l = loss(Y_hat, Y, Y_valid_len)
+            l.float().sum().backward()
             R.grad_clipping(net, 1)
             opt.step()
         return step
     model = training._TrainForward(net, 1.0, d2l.MaskedSoftmaxCELoss())
-    amp = "bf16" if variant.endswith("-bf16") else None
 
     def step(batch):
         X, X_valid_len, Y, Y_valid_len = batch
@@ -99,8 +101,9 @@ def step_flops(cfg, tgt_vocab, positions, kept, packed, cell="gru"):
     return 3 * forward
 
 
-def gemm_rate(cfg, tgt_vocab, rows, repeat=5):
-    """The best float32 GFLOP/s of torch.mm (this build's BLAS) over the step's product shapes:
+def gemm_rate(cfg, tgt_vocab, rows, repeat=5, dtype=torch.float32):
+    """The best GFLOP/s of torch.mm in ``dtype`` (float32: this build's BLAS; bfloat16: oneDNN)
+    over the step's product shapes:
     (rows, in) x (in, 3 hidden) for the input projections, (batch, hidden) x (hidden, 3 hidden)
     per step, (rows, hidden) x (hidden, vocab)."""
     h = cfg["hidden"]
@@ -108,7 +111,7 @@ def gemm_rate(cfg, tgt_vocab, rows, repeat=5):
               (rows, h, tgt_vocab)]
     best = 0.0
     for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         torch.mm(a, b)
         t = min(_time(lambda: torch.mm(a, b)) for _ in range(repeat))
         best = max(best, 2 * m * k * n / t / 1e9)
@@ -134,25 +137,32 @@ def run(config="chapter", batches=8, rounds=3, threads=1, cell="gru",
     positions = sum(b[2].numel() for b in data)
     steps = {}
     for variant in variants:
-        net = _models(cfg, src_vocab, tgt_vocab, R if variant == "reference" else d2l, cell)
+        ref = variant.startswith("reference")
+        net = _models(cfg, src_vocab, tgt_vocab, R if ref else d2l, cell)
         steps[variant] = step_fn(variant, net, tgt_vocab)
     times = {v: [] for v in steps}
     for r in range(rounds + 1):  # the first round warms up
         for variant, step in steps.items():
-            with ops.use_backend("reference" if variant == "reference" else "ext"):
+            with ops.use_backend("reference" if variant.startswith("reference") else "ext"):
                 for batch in data:
                     t0 = time.perf_counter()
                     step(batch)
                     if r:
                         times[variant].append(time.perf_counter() - t0)
     ms = {v: 1e3 * statistics.median(t) for v, t in times.items()}
-    rate = gemm_rate(cfg, len(tgt_vocab), cfg["batch"] * cfg["steps"])
-    floors = {v: 1e3 * step_flops(cfg, len(tgt_vocab), positions / len(data), kept / len(data),
-                                  v == "packed", cell) / (rate * 1e9)
-              for v in ("rows", "packed")}
-    floors["packed-bf16"] = floors["packed"]  # bf16 products at float32's rate ("rounded")
-    return ms, 1 - kept / positions, dict(cfg, tgt_vocab=len(tgt_vocab), gemm_gflops=rate,
-                                          floor_ms=floors)
+    rows = cfg["batch"] * cfg["steps"]
+    rate = gemm_rate(cfg, len(tgt_vocab), rows)
+    flops = {v: step_flops(cfg, len(tgt_vocab), positions / len(data), kept / len(data),
+                           v == "packed", cell) for v in ("rows", "packed")}
+    floors = {v: 1e3 * f / (rate * 1e9) for v, f in flops.items()}
+    extra = dict(cfg, tgt_vocab=len(tgt_vocab), gemm_gflops=rate, floor_ms=floors,
+                 gflop=flops["packed"] / 1e9)
+    if any(v.endswith("-bf16") for v in variants):
+        # under "rounded" the bf16 products run at float32's rate, under "native" at bf16's
+        bf16_rate = (gemm_rate(cfg, len(tgt_vocab), rows, dtype=torch.bfloat16)
+                     if ops.bf16_gemm() == "native" else rate)
+        extra.update(bf16_gflops=bf16_rate, bf16_floor_ms=1e3 * flops["packed"] / (bf16_rate * 1e9))
+    return ms, 1 - kept / positions, extra
 
 
 def main(argv=None):
@@ -187,16 +197,21 @@ def main(argv=None):
 
 def _main_amp(args):
     print(f"bf16 products: {ops.bf16_gemm()}")
-    print("| config | reference float32 ms | packed float32 ms | packed bf16 ms | bf16 vs float32 "
-          "| bf16 vs reference | GEMM GFLOP/s | floor ms (float32 rate) | bf16 at % of floor |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| config | reference float32 ms | reference bf16 ms | package float32 ms "
+          "| package bf16 ms | float32: package vs reference | bf16: package vs reference "
+          "| package bf16 vs reference float32 | GFLOP a step | float32 GFLOP/s, floor ms, "
+          "share | bf16 GFLOP/s, floor ms, share |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.config:
         ms, _, cfg = run(name, args.batches, args.rounds, args.threads, args.cell,
-                         ("reference", "packed", "packed-bf16"))
-        floor = cfg["floor_ms"]["packed-bf16"]
-        print(f"| {name} | {ms['reference']:.1f} | {ms['packed']:.1f} | {ms['packed-bf16']:.1f} "
-              f"| {ms['packed'] / ms['packed-bf16']:.2f}x "
-              f"| {ms['reference'] / ms['packed-bf16']:.2f}x | {cfg['gemm_gflops']:.0f} "
-              f"| {floor:.1f} "
-              f"| {100 * floor / ms['packed-bf16']:.0f}% |", flush=True)
+                         ("reference", "reference-bf16", "packed", "packed-bf16"))
+        floor, bf16_floor = cfg["floor_ms"]["packed"], cfg["bf16_floor_ms"]
+        print(f"| {name} | {ms['reference']:.1f} | {ms['reference-bf16']:.1f} "
+              f"| {ms['packed']:.1f} | {ms['packed-bf16']:.1f} "
+              f"| {ms['reference'] / ms['packed']:.2f}x "
+              f"| {ms['reference-bf16'] / ms['packed-bf16']:.2f}x "
+              f"| {ms['reference'] / ms['packed-bf16']:.2f}x | {cfg['gflop']:.1f} "
+              f"| {cfg['gemm_gflops']:.0f}, {floor:.1f}, {100 * floor / ms['packed']:.0f}% "
+              f"| {cfg['bf16_gflops']:.0f}, {bf16_floor:.1f}, "
+              f"{100 * bf16_floor / ms['packed-bf16']:.0f}% |", flush=True)
     return 0

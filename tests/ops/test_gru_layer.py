@@ -823,6 +823,7 @@ class TestGruLayerBf16Matrices:
         want_g = torch.autograd.grad((want[0] * g).sum() + want[1].sum(), ref)
         return got, want, got_g, want_g
 
+    @pytest.mark.usefixtures("rounded_bf16_gemm")
     @pytest.mark.parametrize("steps,batch,in_size,hidden,with_extra", [
         (1, 1, 5, 7, False),
         (5, 3, 7, 9, True),     # the decoder's context projection as extra
@@ -840,6 +841,7 @@ class TestGruLayerBf16Matrices:
             assert g.dtype == (torch.bfloat16 if k in (2, 3) else torch.float32)
             assert_bf16_close(g, w)
 
+    @pytest.mark.usefixtures("rounded_bf16_gemm")
     def test_packed(self):
         got, want, got_g, want_g = self.run_both(0, 4, 6, 10, seed=90, with_extra=True,
                                                  lengths=[5, 3, 3, 1])

@@ -402,6 +402,7 @@ class TestRnnStackBf16Matrices:
         want_g = grads_of(want, state + ref_w)
         return got, want, got_g, want_g, len(state)
 
+    @pytest.mark.usefixtures("rounded_bf16_gemm")
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     @pytest.mark.parametrize("layers,steps,batch,in_size,hidden,bias,mask", [
         (2, 1, 7, 13, 17, True, True),   # a decoder's one-step call
@@ -436,6 +437,7 @@ class TestRnnStackBf16Matrices:
             with pytest.raises(AssertionError):
                 assert_bf16_close(g, w)
 
+    @pytest.mark.usefixtures("rounded_bf16_gemm")
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     def test_packed(self, cell):
         args, batch_sizes = packed_args(cell, 2, [5, 4, 2, 2, 1], 6, 10, mask=True,
@@ -452,17 +454,32 @@ class TestRnnStackBf16Matrices:
         """Large enough for BLAS: "native" runs bf16 GEMMs whose results are rounded to bf16
         (so it differs from the exact products, within bf16's precision), "rounded" computes the
         reference's products."""
-        args = make_args(cell, 2, 8, 16, 64, 64, dtype=torch.float32, seed=71)
+        args = make_args(cell, 2, 8, 16, 64, 64, dtype=torch.float32, seed=71,
+                         requires_grad=True)
         x, h0, c0, weights, mask = args
         low = with_bf16_matrices(weights)
+        ref_w = [w.detach().float().requires_grad_() for w in low]
         got = OP(cell, x, h0, c0, low, mask)[0]
-        want = reference.rnn_stack(cell, x, h0, c0, [w.float() for w in low], mask,
+        want = reference.rnn_stack(cell, x, h0, c0, ref_w, mask,
                                    product_dtype=torch.bfloat16)[0]
+        # the gradients too: under "native" each matrix's is one bf16 GEMM over all rows
+        state = [x, h0] + ([c0] if c0 is not None else [])
+        got_g = torch.autograd.grad(got.sum(), state + low)
+        want_g = torch.autograd.grad(want.sum(), state + ref_w)
+        for g, w, a in zip(got_g, want_g, state + low):
+            assert g.dtype == a.dtype
+        # a gradient summed over 128 rows gathers the one-step-apart roundings of assert_bf16_close
+        # from many of them: "rounded" matches the reference to 1e-3 in norm, "native" (whose
+        # results are rounded once more) to bf16's precision
         if bf16_gemm == "rounded":
             assert_bf16_close(got, want)
+            for g, w in zip(got_g, want_g):
+                assert (g.float() - w).norm() <= 1e-3 * w.norm()
         else:
             torch.testing.assert_close(got, want, rtol=0, atol=0.05)
             assert not torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+            for g, w in zip(got_g, want_g):
+                assert (g.float() - w).norm() <= 2e-2 * w.norm()
 
     def test_the_mode_is_chosen_by_the_cpu_and_checked(self):
         assert ops.bf16_gemm() == ("native" if ops.cpu_has_bf16_gemm() else "rounded")
