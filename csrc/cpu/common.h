@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <list>
+#include <memory>
 #include <vector>
 
 namespace seq2seq_ext {
@@ -61,6 +62,27 @@ struct Contig {
     keep.push_back(t.contiguous());
     return keep.back();
   }
+};
+
+// A kernel's scratch buffer whose every element is written before it is read: unlike
+// std::vector's, resize() leaves new elements unset (no memset of megabytes that the next pass
+// overwrites anyway) and keeps the storage when shrinking.
+template <typename T>
+class Scratch {
+ public:
+  void resize(size_t n) {
+    if (n > capacity_) {
+      data_.reset(new T[n]);
+      capacity_ = n;
+    }
+  }
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
+  T& operator[](size_t i) { return data_[i]; }
+
+ private:
+  std::unique_ptr<T[]> data_;
+  size_t capacity_ = 0;
 };
 
 }  // namespace cpu

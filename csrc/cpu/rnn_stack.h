@@ -26,6 +26,7 @@
 #include "../rnn_stack.h"
 #include "bf16.h"
 #include "cells.h"
+#include "common.h"
 #include "linear.h"
 
 namespace seq2seq_ext {
@@ -195,7 +196,7 @@ void stack_forward(const StackDims& d, const at::Tensor& input, const at::Tensor
   const int64_t S = Cell::kSaved * H;
   const std::vector<int64_t> off = d.offsets();
   const int64_t M = off[Ts];  // rows over all steps
-  std::vector<T> gi, gh, dropped;
+  Scratch<T> gi, gh, dropped;
   T* sv = saved.data_ptr<T>();
   for (int64_t l = 0; l < L; ++l) {
     // this layer's input, (M, K) with row stride ldx
@@ -440,9 +441,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   const T* msk = mask.defined() ? mask.const_data_ptr<T>() : nullptr;
   // dy: the gradient reaching this layer's output (M, H), null when there is none
   const T* dy = grad_output.defined() ? grad_output.const_data_ptr<T>() : nullptr;
-  std::vector<T> dgi(M * G), dgh(kLstm ? 0 : M * G), dy_below, dx, x_dropped, h_prev;
+  Scratch<T> dgi, dgh, dy_below, dx, x_dropped, h_prev;  // every element written before read
+  dgi.resize(M * G);
+  if (!kLstm) dgh.resize(M * G);
   T* dgh_p = kLstm ? dgi.data() : dgh.data();
-  std::vector<T> dh(B * H), dc(kLstm ? B * H : 0), dh_direct(B * H), dh_rec;
+  std::vector<T> dh(B * H), dc(kLstm ? B * H : 0), dh_direct(B * H);
+  Scratch<T> dh_rec;
   for (int64_t l = L - 1; l >= 0; --l) {
     const at::Tensor& w_ih = stack_weight(weights, d, l, 0);
     const at::Tensor& w_hh = stack_weight(weights, d, l, 1);
