@@ -23,6 +23,21 @@ at::Tensor bf16_mm(const at::Tensor& a, const at::Tensor& b) {
   return at::mm(bf16_values(a), bf16_values(b));
 }
 
+void bf16_addmm_out(at::Tensor& out, const at::Tensor& c, const at::Tensor& a,
+                    const at::Tensor& b) {
+  if (bf16_gemm() == Bf16Gemm::kNative)
+    at::add_out(out, c, at::mm(a.to(at::kBFloat16), b.to(at::kBFloat16)));
+  else
+    at::addmm_out(out, c, bf16_values(a), bf16_values(b));
+}
+
+at::Tensor bf16_matrix_grad(const at::Tensor& a, const at::Tensor& x) {
+  if (bf16_gemm() == Bf16Gemm::kNative)
+    return at::mm(a.to(at::kBFloat16, false, false, at::MemoryFormat::Contiguous).t(),
+                  x.to(at::kBFloat16, false, false, at::MemoryFormat::Contiguous));
+  return at::mm(bf16_values(a).t(), bf16_values(x)).to(at::kBFloat16);
+}
+
 at::Tensor autocast_cpu_float(const at::Tensor& t) {
   return at::autocast::cached_cast(at::kFloat, t, c10::DeviceType::CPU);
 }

@@ -27,6 +27,17 @@ at::Tensor bf16_values(const at::Tensor& t);
 // float32 result, computed as bf16_gemm() says.
 at::Tensor bf16_mm(const at::Tensor& a, const at::Tensor& b);
 
+// out = c + a @ b with a @ b as bf16_mm computes it (c broadcast like a bias, or a matrix of
+// out's shape); under Bf16Gemm::kNative the bf16 GEMM's result is widened inside the addition
+// instead of in a pass of its own.
+void bf16_addmm_out(at::Tensor& out, const at::Tensor& c, const at::Tensor& a,
+                    const at::Tensor& b);
+
+// a^T @ x (a (M, N), x (M, K), float32 or bfloat16), both rounded to bf16 with float32 sums:
+// the (N, K) gradient of a bf16 weight matrix over M rows, in bfloat16, rounded once. Under
+// Bf16Gemm::kNative one bf16 GEMM on contiguous bf16 copies (the transpose a view of one).
+at::Tensor bf16_matrix_grad(const at::Tensor& a, const at::Tensor& x);
+
 // The layer ops' CPU autocast rules, through autocast's cast cache: a floating argument in
 // float32 (float64 stays), a weight matrix in bfloat16 when autocast's dtype is bfloat16 (else
 // as a floating argument).

@@ -55,9 +55,12 @@ inline GruLayerGrads gru_layer_sequence_grads(const GruLayerDims& d, const at::T
   auto mm = [low](const at::Tensor& a, const at::Tensor& b) {
     return low ? bf16_mm(a, b) : at::mm(a, b);
   };
-  auto matrix_grad = [low](const at::Tensor& g) { return low ? g.to(at::kBFloat16) : g; };
+  // a^T x: a weight matrix's gradient over all rows (bf16 for a bf16 matrix)
+  auto matrix_grad = [low](const at::Tensor& a, const at::Tensor& x) {
+    return low ? bf16_matrix_grad(a, x) : at::mm(a.t(), x);
+  };
   at::Tensor grad_input = mm(dgi2, w_ih).view(input.sizes());
-  at::Tensor grad_w_ih = matrix_grad(mm(dgi2.t(), input.reshape({N, I})));
+  at::Tensor grad_w_ih = matrix_grad(dgi2, input.reshape({N, I}));
   at::Tensor grad_b_ih = dgi2.sum(0);
   // the state each row's step started from: h0, then the outputs of the step before
   at::Tensor h_prevs, grad_extra = at::empty({0}, h0.options());
@@ -80,7 +83,7 @@ inline GruLayerGrads gru_layer_sequence_grads(const GruLayerDims& d, const at::T
     h_prevs = at::cat({h0, output.view({N, H})}, 0).index_select(0, index(prev));
     if (has_extra) grad_extra = at::zeros({B, G}, h0.options()).index_add_(0, index(batch_row), dgi2);
   }
-  at::Tensor grad_w_hh = matrix_grad(mm(dgh2.t(), h_prevs));
+  at::Tensor grad_w_hh = matrix_grad(dgh2, h_prevs);
   at::Tensor grad_b_hh = dgh2.sum(0);
   return {grad_input, dh, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_extra};
 }

@@ -99,10 +99,10 @@ void gru_layer_backward(const GruLayerDims& d, const at::Tensor& grad_output,
                                        dgh_t.data_ptr<scalar_t>(), dh_direct.data_ptr<scalar_t>(),
                                        rows, H);
       // dh_prev = dh * z + dgh W_hh
-      if (low)
-        at::add_out(dh_t, dh_direct.narrow(0, 0, rows),
-                    w_hh_values.defined() ? at::mm(bf16_values(dgh_t), w_hh_values)
-                                          : bf16_mm(dgh_t, w_hh));
+      if (low && w_hh_values.defined())
+        at::addmm_out(dh_t, dh_direct.narrow(0, 0, rows), bf16_values(dgh_t), w_hh_values);
+      else if (low)
+        bf16_addmm_out(dh_t, dh_direct.narrow(0, 0, rows), dgh_t, w_hh);
       else
         at::addmm_out(dh_t, dh_direct.narrow(0, 0, rows), dgh_t, w_hh);
     }
@@ -120,7 +120,7 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
   at::Tensor gi = at::empty({N, G}, opts);
   const bool low = w_ih.scalar_type() == at::kBFloat16;
   if (low) {
-    at::add_out(gi, bf16_mm(input.reshape({N, d.input}), w_ih.t()), b_ih);
+    bf16_addmm_out(gi, b_ih, input.reshape({N, d.input}), w_ih.t());
   } else {
     const at::Tensor x = input.reshape({N, d.input}).contiguous();
     const at::Tensor w = w_ih.stride(1) == 1 ? w_ih : w_ih.contiguous();
@@ -157,7 +157,7 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
       if (bf16_gemm() == Bf16Gemm::kNative && rows * H * G >= (int64_t(1) << 17)) {
         const at::Tensor hv = at::from_blob(const_cast<float*>(h), {rows, H}, opts);
         at::Tensor gh_rows = at::from_blob(out, {rows, G}, opts);
-        at::add_out(gh_rows, bf16_mm(hv, w_hh_c.t()), b_hh_c);
+        bf16_addmm_out(gh_rows, b_hh_c, hv, w_hh_c.t());
         return;
       }
       if (!w32.defined()) w32 = w_hh_c.to(at::kFloat);

@@ -290,18 +290,36 @@ void stack_outputs(const StackDims& d, int64_t S, const at::Tensor& saved, const
   }
 }
 
+// Weight-gradient products of at least this many multiply-adds go to BLAS (add_at_x).
+constexpr int64_t kGradBlasWork = int64_t(1) << 18;
+
+// Whether the gradient of a bf16 matrix (`low`) over M rows of an (N, K) product is one bf16
+// GEMM (Bf16Gemm::kNative at BLAS sizes, as add_at_x decides): its result is the bf16
+// gradient itself, summed in float32 inside the GEMM, with no float32 buffer to zero, add
+// into and round afterwards.
+inline bool native_matrix_grad(bool low, int64_t M, int64_t N, int64_t K) {
+  return low && bf16_gemm() == Bf16Gemm::kNative && M * N * K >= kGradBlasWork;
+}
+
+// M rows of `cols` values, row stride ld, as an (M, cols) tensor over that memory (no copy).
+template <typename T>
+at::Tensor rows_view(const T* p, int64_t M, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(p), {M, cols}, {ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
 // out (N, K) += A^T X over M rows: A (M, N) with row stride lda, X (M, K) with row stride ldx,
 // out contiguous. The weight gradients of the backward. Small products (the seeds' sizes) as
 // rank-one updates, one vector of out per FMA and no horizontal sums; large ones through BLAS.
-// low: the gradient of a bf16 matrix, A and X rounded to bf16 first (see the top of the file).
+// low: the gradient of a bf16 matrix, A and X rounded to bf16 first (see the top of the file;
+// under Bf16Gemm::kNative a BLAS-sized one is a bf16 GEMM instead, native_matrix_grad).
 template <typename T>
 void add_at_x(const T* A, int64_t lda, const T* X, int64_t ldx, int64_t M, int64_t N, int64_t K,
               T* out, bool low = false) {
   if (M == 0 || N == 0 || K == 0) return;
-  const bool blas = M * N * K >= (int64_t(1) << 18);
-  const bool native = low && blas && bf16_gemm() == Bf16Gemm::kNative;
+  const bool blas = M * N * K >= kGradBlasWork;
   std::vector<T> a_low, x_low;
-  if (low && !native) {  // a native bf16 GEMM rounds its operands itself
+  if (low) {
     A = rounded_to_bf16(A, lda, M, N, a_low);
     X = rounded_to_bf16(X, ldx, M, K, x_low);
     lda = N;
@@ -312,10 +330,7 @@ void add_at_x(const T* A, int64_t lda, const T* X, int64_t ldx, int64_t M, int64
     at::Tensor a = at::from_blob(const_cast<T*>(A), {M, N}, {lda, 1}, opts);
     at::Tensor x = at::from_blob(const_cast<T*>(X), {M, K}, {ldx, 1}, opts);
     at::Tensor o = at::from_blob(out, {N, K}, opts);
-    if (native)
-      o.add_(bf16_mm(a.t(), x));
-    else
-      o.addmm_(a.t(), x);
+    o.addmm_(a.t(), x);
     return;
   }
   using Vec = at::vec::Vectorized<T>;
@@ -369,28 +384,6 @@ void add_at_x(const T* A, int64_t lda, const T* X, int64_t ldx, int64_t M, int64
                        }
                      }
                    });
-}
-
-// Whether the gradient of a bf16 matrix (`low`) over M rows of an (N, K) product is one bf16
-// GEMM (Bf16Gemm::kNative at BLAS sizes, as add_at_x decides): its result is the bf16
-// gradient itself, summed in float32 inside the GEMM, with no float32 buffer to zero, add
-// into and round afterwards.
-inline bool native_matrix_grad(bool low, int64_t M, int64_t N, int64_t K) {
-  return low && bf16_gemm() == Bf16Gemm::kNative && M * N * K >= (int64_t(1) << 18);
-}
-
-// M rows of `cols` values, row stride ld, as a bf16 (M, cols) tensor (float32 rows, rounded).
-template <typename T>
-at::Tensor bf16_rows(const T* p, int64_t M, int64_t cols, int64_t ld) {
-  static_assert(std::is_floating_point_v<T>);
-  return at::from_blob(const_cast<T*>(p), {M, cols}, {ld, 1},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value))
-      .to(at::kBFloat16);
-}
-
-// A^T X for bf16 A (M, N) and X (M, K): the (N, K) gradient of a matrix, in bf16.
-inline at::Tensor bf16_grad_gemm(const at::Tensor& a, const at::Tensor& x) {
-  return at::mm(a.t(), x);
 }
 
 // out[n] += sum over the M rows of A (M, N), row stride lda: a bias gradient.
@@ -522,11 +515,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     const int64_t base = (d.bias ? 4 : 2) * l;
     at::Tensor dgi_low;  // dgi in bf16, made once for the gradients that are bf16 GEMMs
     auto low_dgi = [&]() -> const at::Tensor& {
-      if (!dgi_low.defined()) dgi_low = bf16_rows(dgi.data(), M, G, G);
+      if (!dgi_low.defined()) dgi_low = rows_view(dgi.data(), M, G, G).to(at::kBFloat16);
       return dgi_low;
     };
     if (native_matrix_grad(low, M, G, K))
-      grad_w[base] = bf16_grad_gemm(low_dgi(), bf16_rows(x, M, K, ldx));
+      grad_w[base] = bf16_matrix_grad(low_dgi(), rows_view(x, M, K, ldx));
     else
       add_at_x<T>(dgi.data(), G, x, ldx, M, G, K, grad_w[base].data_ptr<T>(), low);
     // W_hh's gradient: the state row b of step t started from is h0's row b for t = 0, else
@@ -543,12 +536,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     const int64_t ld_later = d.is_packed ? H : S;
     if (native_matrix_grad(low, M, G, H)) {
       at::Tensor h_rows = at::empty({M, H}, opts.dtype(at::kBFloat16));
-      h_rows.narrow(0, 0, off[1]).copy_(bf16_rows(h0l, off[1], H, H));
-      if (M > off[1]) h_rows.narrow(0, off[1], M - off[1]).copy_(
-          bf16_rows(later, M - off[1], H, ld_later));
+      h_rows.narrow(0, 0, off[1]).copy_(rows_view(h0l, off[1], H, H));
+      if (M > off[1])
+        h_rows.narrow(0, off[1], M - off[1]).copy_(rows_view(later, M - off[1], H, ld_later));
       // the LSTM's hidden-side gate gradients are its input-side ones (dgh_p is dgi)
-      grad_w[base + 1] =
-          bf16_grad_gemm(kLstm ? low_dgi() : bf16_rows(dgh_p, M, G, G), h_rows);
+      grad_w[base + 1] = bf16_matrix_grad(kLstm ? low_dgi() : rows_view(dgh_p, M, G, G), h_rows);
     } else {
       T* gw_hh = grad_w[base + 1].data_ptr<T>();
       add_at_x<T>(dgh_p, G, h0l, H, off[1], G, H, gw_hh, low);
