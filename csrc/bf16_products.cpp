@@ -11,6 +11,10 @@ std::atomic<Bf16Gemm> bf16_gemm_mode{Bf16Gemm::kRounded};
 }  // namespace
 
 Bf16Gemm bf16_gemm() { return bf16_gemm_mode.load(std::memory_order_relaxed); }
+
+bool native_product(int64_t m, int64_t k, int64_t n) {
+  return bf16_gemm() == Bf16Gemm::kNative && m * k * n >= kNativeProductWork;
+}
 void set_bf16_gemm(Bf16Gemm mode) { bf16_gemm_mode.store(mode, std::memory_order_relaxed); }
 
 at::Tensor bf16_values(const at::Tensor& t) {
@@ -18,21 +22,21 @@ at::Tensor bf16_values(const at::Tensor& t) {
 }
 
 at::Tensor bf16_mm(const at::Tensor& a, const at::Tensor& b) {
-  if (bf16_gemm() == Bf16Gemm::kNative)
+  if (native_product(a.size(0), a.size(1), b.size(1)))
     return at::mm(a.to(at::kBFloat16), b.to(at::kBFloat16)).to(at::kFloat);
   return at::mm(bf16_values(a), bf16_values(b));
 }
 
 void bf16_addmm_out(at::Tensor& out, const at::Tensor& c, const at::Tensor& a,
                     const at::Tensor& b) {
-  if (bf16_gemm() == Bf16Gemm::kNative)
+  if (native_product(a.size(0), a.size(1), b.size(1)))
     at::add_out(out, c, at::mm(a.to(at::kBFloat16), b.to(at::kBFloat16)));
   else
     at::addmm_out(out, c, bf16_values(a), bf16_values(b));
 }
 
 at::Tensor bf16_matrix_grad(const at::Tensor& a, const at::Tensor& x) {
-  if (bf16_gemm() == Bf16Gemm::kNative)
+  if (native_product(a.size(1), a.size(0), x.size(1)))
     return at::mm(a.to(at::kBFloat16, false, false, at::MemoryFormat::Contiguous).t(),
                   x.to(at::kBFloat16, false, false, at::MemoryFormat::Contiguous));
   return at::mm(bf16_values(a).t(), bf16_values(x)).to(at::kBFloat16);

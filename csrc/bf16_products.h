@@ -20,6 +20,14 @@ enum class Bf16Gemm { kRounded, kNative };
 Bf16Gemm bf16_gemm();
 void set_bf16_gemm(Bf16Gemm mode);
 
+// Under kNative, the products of at least this many multiply-adds run as bf16 GEMMs; smaller
+// ones as under kRounded, where an ATen bf16 GEMM's fixed cost and conversions exceed the
+// arithmetic (measured with AMX, one thread: 64 x 128 x 512 breaks even at about 40 us; at
+// 64 x 32 x 128, the chapter's sizes, float32 takes 5 us and bf16 23). native_product(m, k, n):
+// an (m, k) x (k, n) one.
+constexpr int64_t kNativeProductWork = int64_t(1) << 22;
+bool native_product(int64_t m, int64_t k, int64_t n);
+
 // t's values rounded to bfloat16, as a float32 tensor (t float32 or bfloat16).
 at::Tensor bf16_values(const at::Tensor& t);
 

@@ -80,10 +80,10 @@ void gru_layer_backward(const GruLayerDims& d, const at::Tensor& grad_output,
   // the first row of each step in the (T * B) or packed rows; the rows of step t are the first
   // batch_sizes[t] of the batch (all B when dense), and the others keep their gradient as it is
   const std::vector<int64_t> off = d.offsets();
-  // bf16 products: W_hh's float32 values made once, not per step (Bf16Gemm::kRounded)
+  // bf16 products: a step's product is a bf16 GEMM (native_product) or the float32 kernel on
+  // W_hh's float32 values, made once, not per step
   const bool low = w_hh.scalar_type() == at::kBFloat16;
-  const at::Tensor w_hh_values =
-      low && bf16_gemm() == Bf16Gemm::kRounded ? w_hh.to(at::kFloat) : at::Tensor();
+  at::Tensor w_hh_values;
   AT_DISPATCH_FLOATING_TYPES(dh.scalar_type(), "gru_layer_backward_cpu", [&] {
     for (int64_t t = T - 1; t >= 0; --t) {
       const int64_t rows = off[t + 1] - off[t];
@@ -99,11 +99,12 @@ void gru_layer_backward(const GruLayerDims& d, const at::Tensor& grad_output,
                                        dgh_t.data_ptr<scalar_t>(), dh_direct.data_ptr<scalar_t>(),
                                        rows, H);
       // dh_prev = dh * z + dgh W_hh
-      if (low && w_hh_values.defined())
-        at::addmm_out(dh_t, dh_direct.narrow(0, 0, rows), bf16_values(dgh_t), w_hh_values);
-      else if (low)
+      if (low && native_product(rows, G, H)) {
         bf16_addmm_out(dh_t, dh_direct.narrow(0, 0, rows), dgh_t, w_hh);
-      else
+      } else if (low) {
+        if (!w_hh_values.defined()) w_hh_values = w_hh.to(at::kFloat);
+        at::addmm_out(dh_t, dh_direct.narrow(0, 0, rows), bf16_values(dgh_t), w_hh_values);
+      } else
         at::addmm_out(dh_t, dh_direct.narrow(0, 0, rows), dgh_t, w_hh);
     }
   });
@@ -154,7 +155,7 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
     at::Tensor w32;
     std::vector<float> h_low;
     auto product = [&](const float* h, int64_t rows, float* out) {
-      if (bf16_gemm() == Bf16Gemm::kNative && rows * H * G >= (int64_t(1) << 17)) {
+      if (native_product(rows, H, G)) {
         const at::Tensor hv = at::from_blob(const_cast<float*>(h), {rows, H}, opts);
         at::Tensor gh_rows = at::from_blob(out, {rows, G}, opts);
         bf16_addmm_out(gh_rows, b_hh_c, hv, w_hh_c.t());

@@ -8,8 +8,9 @@
 // small sizes (where an ATen call's fixed cost exceeds the arithmetic) and BLAS beyond.
 //
 // bfloat16 matrices (csrc/bf16_products.h): X is rounded to bf16 before each product, the
-// matrices are used through float32 copies or, for BLAS-sized products under
-// Bf16Gemm::kNative, as bf16 GEMMs; their gradients are summed in float32 and returned in bf16.
+// matrices are used through float32 copies or, for products large enough for a bf16 GEMM
+// under Bf16Gemm::kNative (native_product), as bf16 GEMMs; their gradients are summed in
+// float32 and returned in bf16.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -52,7 +53,8 @@ inline bool bf16_matrices(at::TensorList weights) {
 //            dominates such products.
 // Y has row stride ldy == padded(): the padding columns are written (zeros plus bias padding).
 // A bfloat16 matrix: X is rounded to bf16 first and the product runs as the top of the file says
-// (kBlas on the bf16 matrix itself under Bf16Gemm::kNative, else on its float32 copy).
+// (kBlas on the bf16 matrix itself under Bf16Gemm::kNative for a large enough product,
+// native_product; else on its float32 copy).
 template <typename T>
 struct RowProduct {
   static constexpr int64_t kW = at::vec::Vectorized<T>::size();
@@ -93,7 +95,7 @@ struct RowProduct {
     int64_t s0, s1;
     if (w.scalar_type() == at::kBFloat16) {
       round = true;
-      native = blas && bf16_gemm() == Bf16Gemm::kNative;
+      native = blas && native_product(call_rows, K, N);
       if (native) {
         w_low = as_kn(w);
         mode = kBlas;
@@ -294,11 +296,11 @@ void stack_outputs(const StackDims& d, int64_t S, const at::Tensor& saved, const
 constexpr int64_t kGradBlasWork = int64_t(1) << 18;
 
 // Whether the gradient of a bf16 matrix (`low`) over M rows of an (N, K) product is one bf16
-// GEMM (Bf16Gemm::kNative at BLAS sizes, as add_at_x decides): its result is the bf16
+// GEMM (Bf16Gemm::kNative, large enough: native_product): its result is the bf16
 // gradient itself, summed in float32 inside the GEMM, with no float32 buffer to zero, add
 // into and round afterwards.
 inline bool native_matrix_grad(bool low, int64_t M, int64_t N, int64_t K) {
-  return low && bf16_gemm() == Bf16Gemm::kNative && M * N * K >= kGradBlasWork;
+  return low && native_product(N, M, K);
 }
 
 // M rows of `cols` values, row stride ld, as an (M, cols) tensor over that memory (no copy).
@@ -312,7 +314,7 @@ at::Tensor rows_view(const T* p, int64_t M, int64_t cols, int64_t ld) {
 // out contiguous. The weight gradients of the backward. Small products (the seeds' sizes) as
 // rank-one updates, one vector of out per FMA and no horizontal sums; large ones through BLAS.
 // low: the gradient of a bf16 matrix, A and X rounded to bf16 first (see the top of the file;
-// under Bf16Gemm::kNative a BLAS-sized one is a bf16 GEMM instead, native_matrix_grad).
+// under Bf16Gemm::kNative a large one is a bf16 GEMM instead, native_matrix_grad).
 template <typename T>
 void add_at_x(const T* A, int64_t lda, const T* X, int64_t ldx, int64_t M, int64_t N, int64_t K,
               T* out, bool low = false) {
@@ -544,7 +546,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     } else {
       T* gw_hh = grad_w[base + 1].data_ptr<T>();
       add_at_x<T>(dgh_p, G, h0l, H, off[1], G, H, gw_hh, low);
-      if (M > off[1]) add_at_x<T>(dgh_p + off[1] * G, G, later, ld_later, M - off[1], G, H, gw_hh, low);
+      if (M > off[1])
+        add_at_x<T>(dgh_p + off[1] * G, G, later, ld_later, M - off[1], G, H, gw_hh, low);
     }
     if (d.bias) {
       add_column_sums<T>(dgi.data(), G, M, G, grad_w[base + 2].data_ptr<T>());

@@ -14,12 +14,18 @@ same run at the step's product shapes, and the fraction of it each variant reach
 and what the chapter does. The table gives the median milliseconds per batch over the same
 batches and the share of decoder positions that are padding.
 
-``--amp``: the reference's step in float32 and under bf16 autocast, the packed step in float32 and under
-``fit(amp="bf16")``'s autocast (``packed-bf16``), with the bf16 products as
-``ops.set_bf16_gemm`` runs them on this CPU, named in the output.
+``--amp``: the reference's step in float32 and under bf16 autocast (``reference-bf16``), the
+packed step in float32 and under ``fit(amp="bf16")``'s autocast (``packed-bf16``), with the
+bf16 products as ``ops.set_bf16_gemm`` runs them on this CPU, named in the output; beside them
+the float32 floor and the bf16 floor (the same FLOPs over the best bf16 ``torch.mm`` rate at the
+step's shapes, under ``"native"``; under ``"rounded"`` the products run at float32's rate) and
+each variant's peak resident memory, measured in a process of its own (:func:`peak_rss_mb`).
 """
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -165,6 +171,38 @@ def run(config="chapter", batches=8, rounds=3, threads=1, cell="gru",
     return ms, 1 - kept / positions, extra
 
 
+def peak_rss_mb(config, cell, variant, batches=2):
+    """The peak resident memory (MB) of `batches` training steps of `variant`, in a process of
+    its own: the kernel's high-water mark is reset after the data, the model and its optimizer
+    are set up (Linux: /proc/self/clear_refs), so the figure is the steps' own plus what was
+    resident before them, the same for every variant."""
+    out = subprocess.run([sys.executable, "-m", "seq2seq_ext.bench.padding_skip", "--peak-rss",
+                          variant, "--config", config, "--cell", cell,
+                          "--batches", str(batches)],
+                         capture_output=True, text=True, check=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _peak_rss_child(config, cell, variant, batches):
+    torch.set_num_threads(1)
+    cfg = CONFIGS[config]
+    data_iter, src_vocab, tgt_vocab = d2l.load_data_nmt(cfg["batch"], cfg["steps"],
+                                                        cfg["num_examples"], path=common.FRA_ENG)
+    data = list(data_iter)[:batches]
+    ref = variant.startswith("reference")
+    step = step_fn(variant, _models(cfg, src_vocab, tgt_vocab, R if ref else d2l, cell),
+                   tgt_vocab)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    with ops.use_backend("reference" if ref else "ext"):
+        for batch in data:
+            step(batch)
+    with open("/proc/self/status") as f:
+        hwm = next(line for line in f if line.startswith("VmHWM:"))
+    print(int(hwm.split()[1]) / 1024.0)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=list(CONFIGS), nargs="*", default=list(CONFIGS))
@@ -173,8 +211,12 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cell", choices=["gru", "lstm"], default="gru")
     parser.add_argument("--amp", action="store_true",
-                        help="reference float32, packed float32 and packed under bf16 autocast")
+                        help="the reference and the packed step, float32 and under bf16 "
+                             "autocast, with each one's peak memory")
+    parser.add_argument("--peak-rss", metavar="VARIANT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.peak_rss:
+        return _peak_rss_child(args.config[0], args.cell, args.peak_rss, args.batches)
     print(f"cell {args.cell}")
     if args.amp:
         return _main_amp(args)
@@ -200,12 +242,16 @@ def _main_amp(args):
     print("| config | reference float32 ms | reference bf16 ms | package float32 ms "
           "| package bf16 ms | float32: package vs reference | bf16: package vs reference "
           "| package bf16 vs reference float32 | GFLOP a step | float32 GFLOP/s, floor ms, "
-          "share | bf16 GFLOP/s, floor ms, share |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "share | bf16 GFLOP/s, floor ms, share | peak MB: reference f32 / bf16, package "
+          "f32 / bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.config:
         ms, _, cfg = run(name, args.batches, args.rounds, args.threads, args.cell,
                          ("reference", "reference-bf16", "packed", "packed-bf16"))
         floor, bf16_floor = cfg["floor_ms"]["packed"], cfg["bf16_floor_ms"]
+        peak = (" / ".join(f"{peak_rss_mb(name, args.cell, v):.0f}" for v in
+                           ("reference", "reference-bf16", "packed", "packed-bf16"))
+                if os.path.exists("/proc/self/clear_refs") else "-")
         print(f"| {name} | {ms['reference']:.1f} | {ms['reference-bf16']:.1f} "
               f"| {ms['packed']:.1f} | {ms['packed-bf16']:.1f} "
               f"| {ms['reference'] / ms['packed']:.2f}x "
@@ -213,5 +259,9 @@ def _main_amp(args):
               f"| {ms['reference'] / ms['packed-bf16']:.2f}x | {cfg['gflop']:.1f} "
               f"| {cfg['gemm_gflops']:.0f}, {floor:.1f}, {100 * floor / ms['packed']:.0f}% "
               f"| {cfg['bf16_gflops']:.0f}, {bf16_floor:.1f}, "
-              f"{100 * bf16_floor / ms['packed-bf16']:.0f}% |", flush=True)
+              f"{100 * bf16_floor / ms['packed-bf16']:.0f}% | {peak} |", flush=True)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

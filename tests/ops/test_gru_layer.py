@@ -851,8 +851,8 @@ class TestGruLayerBf16Matrices:
             assert_bf16_close(g, w)
 
     def test_either_way_of_running_products(self, bf16_gemm):
-        """Large enough for BLAS: "native" rounds its GEMMs' results to bf16, within bf16's
-        precision of the exact products that "rounded" computes."""
+        """Large enough for bf16 GEMMs (native_product): "native" rounds their results to bf16,
+        within bf16's precision of the exact products that "rounded" computes."""
         got, want, got_g, want_g = self.run_both(6, 64, 64, 64, seed=7, with_extra=False)
         if bf16_gemm == "rounded":
             assert_bf16_close(got[0], want[0])

@@ -451,10 +451,10 @@ class TestRnnStackBf16Matrices:
 
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     def test_either_way_of_running_products(self, cell, bf16_gemm):
-        """Large enough for BLAS: "native" runs bf16 GEMMs whose results are rounded to bf16
-        (so it differs from the exact products, within bf16's precision), "rounded" computes the
-        reference's products."""
-        args = make_args(cell, 2, 8, 16, 64, 64, dtype=torch.float32, seed=71,
+        """Large enough for bf16 GEMMs (native_product): "native" runs them, their results
+        rounded to bf16 (so it differs from the exact products, within bf16's precision),
+        "rounded" computes the reference's products."""
+        args = make_args(cell, 2, 4, 64, 128, 128, dtype=torch.float32, seed=71,
                          requires_grad=True)
         x, h0, c0, weights, mask = args
         low = with_bf16_matrices(weights)
@@ -468,7 +468,7 @@ class TestRnnStackBf16Matrices:
         want_g = torch.autograd.grad(want.sum(), state + ref_w)
         for g, w, a in zip(got_g, want_g, state + low):
             assert g.dtype == a.dtype
-        # a gradient summed over 128 rows gathers the one-step-apart roundings of assert_bf16_close
+        # a gradient summed over 256 rows gathers the one-step-apart roundings of assert_bf16_close
         # from many of them: "rounded" matches the reference to 1e-3 in norm, "native" (whose
         # results are rounded once more) to bf16's precision
         if bf16_gemm == "rounded":
@@ -476,7 +476,8 @@ class TestRnnStackBf16Matrices:
             for g, w in zip(got_g, want_g):
                 assert (g.float() - w).norm() <= 1e-3 * w.norm()
         else:
-            torch.testing.assert_close(got, want, rtol=0, atol=0.05)
+            torch.testing.assert_close(got, want, rtol=0, atol=0.1)
+            assert (got - want).norm() <= 1e-2 * want.norm()
             assert not torch.allclose(got, want, rtol=1e-4, atol=1e-5)
             for g, w in zip(got_g, want_g):
                 assert (g.float() - w).norm() <= 2e-2 * w.norm()
