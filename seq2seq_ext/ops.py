@@ -132,8 +132,10 @@ def set_bf16_gemm(mode):
     products when the weight matrices are bfloat16 (under CPU autocast to bfloat16). Both give a
     bf16 GEMM's products (bf16 operands, float32 sums):
 
-    * ``"native"``: the large products as bf16 GEMMs (oneDNN; fast on CPUs with bf16
-      instructions), whose results are rounded to bf16 before they meet the float32 gates;
+    * ``"native"``: products of at least 2^22 multiply-adds as bf16 GEMMs (oneDNN; fast on
+      CPUs with bf16 instructions), whose results are rounded to bf16 before they meet the
+      float32 gates, and a matrix's gradient one bf16 GEMM over all rows; smaller products as
+      under ``"rounded"`` (an ATen bf16 GEMM's fixed cost exceeds their arithmetic);
     * ``"rounded"``: every product on float32 copies of the bf16 values, at float32's rate (a
       product of two bf16 values is exact in float32): the fast way on CPUs without bf16
       instructions, where a bf16 GEMM is emulated and several times slower than float32.
