@@ -59,9 +59,12 @@ def _models(cfg, src_vocab, tgt_vocab, mod, cell="gru"):
 def step_fn(variant, net, tgt_vocab):
     """One training step on a batch, as ``fit`` (``full`` / ``rows`` / ``packed`` /
     ``packed-bf16``) or the reference runs it."""
-    opt = torch.optim.Adam(net.parameters(), lr=0.005)
     bos_id = tgt_vocab['<bos>']
     amp = "bf16" if variant.endswith("-bf16") else None
+    # each side's optimizer: d2l's Adam for the reference, fit's (training.make_adam: PyTorch's
+    # fused Adam, the same update rule) for the package
+    opt = (torch.optim.Adam(net.parameters(), lr=0.005) if variant.startswith("reference")
+           else training.make_adam(net.parameters(), 0.005))
     if variant.startswith("reference"):
         loss = R.MaskedSoftmaxCELoss()
 
