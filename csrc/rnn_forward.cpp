@@ -46,6 +46,18 @@ bool same_kind(const at::Tensor& t, const at::Tensor& like) {
   return t.scalar_type() == like.scalar_type() && t.device() == like.device();
 }
 
+// A given state the fused op takes beside `input`: of its kind, or, under CPU autocast to
+// bfloat16 over a float32 input, a bfloat16 one (PyTorch's own oneDNN LSTM returns its states
+// so: an encoder that ran it hands them to the decoder), which the op's autocast rule casts to
+// float32 like any other floating argument.
+bool state_ok(const at::Tensor& s, const at::Tensor& input) {
+  if (same_kind(s, input)) return true;
+  return s.scalar_type() == at::kBFloat16 && s.device() == input.device() &&
+         at::autocast::is_autocast_enabled(at::kCPU) && input.is_cpu() &&
+         input.scalar_type() == at::kFloat &&
+         at::autocast::get_autocast_dtype(at::kCPU) == at::kBFloat16;
+}
+
 }  // namespace
 
 pybind11::object rnn_forward(const std::string& cell, const at::Tensor& input,
@@ -74,7 +86,7 @@ pybind11::object rnn_forward(const std::string& cell, const at::Tensor& input,
     auto take = [&](pybind11::handle obj, at::Tensor& out) {
       if (!THPVariable_Check(obj.ptr())) return false;
       out = THPVariable_Unpack(obj.ptr());
-      return out.sizes() == at::IntArrayRef(want) && same_kind(out, input);
+      return out.sizes() == at::IntArrayRef(want) && state_ok(out, input);
     };
     if (lstm) {
       if (!pybind11::isinstance<pybind11::tuple>(hx)) return pybind11::none();

@@ -110,6 +110,17 @@ def torch_dropout_masks(like, layers, steps, batch, hidden, p):
                         for _ in range(layers - 1)]).div_(1 - p)
 
 
+def _state_ok(state, x):
+    """A given state the fused op takes beside the input ``x``: of its dtype and device, or,
+    under CPU autocast to bfloat16 over a float32 input, a bfloat16 one (PyTorch's own oneDNN
+    LSTM returns its states so), which the op's autocast rule casts to float32."""
+    if state.device != x.device:
+        return False
+    return state.dtype == x.dtype or (
+        state.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
 def _split_hx(cell, hx):
     """(h0, c0) of a given ``hx`` (c0 None for the GRU), or (None, None) when an LSTM's is not
     an (h0, c0) pair."""
@@ -138,8 +149,8 @@ def _run(module, cell, input, hx, torch_masks=False):
         h0, c0 = _split_hx(cell, hx)
         if h0 is None or (c0 is not None and tuple(c0.shape) != want):
             return None
-        if tuple(h0.shape) != want or any(
-                t.dtype != x.dtype or t.device != x.device for t in (h0, c0) if t is not None):
+        if tuple(h0.shape) != want or not all(
+                _state_ok(t, x) for t in (h0, c0) if t is not None):
             return None
         if not batched:
             h0 = h0.unsqueeze(1)

@@ -632,6 +632,31 @@ class TestBf16Autocast:
             assert op_calls == ["lstm"]
             assert_bf16_close(out, bf16_reference(new, x)[0])
 
+    @pytest.mark.parametrize("path", ["eager", "traced"])
+    def test_takes_a_bf16_state(self, op_calls, path, monkeypatch):
+        """A decoder's one-step call given the bfloat16 (h, c) that PyTorch's own oneDNN LSTM
+        returns under autocast (an encoder at hidden >= 128 on a CPU with bf16 products) still
+        runs fused: the op's autocast rule casts the state to float32, the gradient reaches the
+        bf16 state through that cast."""
+        if path == "traced":  # the Python path that torch.compile and torch function modes take
+            monkeypatch.setattr(snn.torch.compiler, "is_compiling", lambda: True)
+        _, new = pair("lstm", 5, 6, 2, dtype=torch.float32)
+        x = torch.randn(1, 3, 5)
+        h = torch.randn(2, 3, 6).bfloat16().requires_grad_()
+        c = torch.randn(2, 3, 6).bfloat16().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, (h_n, c_n) = new(x, (h, c))
+        assert op_calls == ["lstm"]
+        assert out.dtype == h_n.dtype == c_n.dtype == torch.float32
+        want = reference.rnn_stack("lstm", x, h.detach().float(), c.detach().float(),
+                                   new._flat_weights, product_dtype=torch.bfloat16)
+        assert_bf16_close(out, want[0])
+        out.sum().backward()
+        assert h.grad is not None and h.grad.dtype == torch.bfloat16
+        # outside autocast a bf16 state beside a float32 input is torch.nn's to reject
+        with pytest.raises(RuntimeError):
+            new(x, (h.detach(), c.detach()))
+
     def test_seed_training_step(self, op_calls):
         """Seed 004's step through accelerate under autocast: every recurrent call fused, the
         parameters' gradients float32 and close to the float32 step's."""
