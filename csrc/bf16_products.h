@@ -36,8 +36,8 @@ at::Tensor bf16_values(const at::Tensor& t);
 at::Tensor bf16_mm(const at::Tensor& a, const at::Tensor& b);
 
 // out = c + a @ b with a @ b as bf16_mm computes it (c broadcast like a bias, or a matrix of
-// out's shape); under Bf16Gemm::kNative the bf16 GEMM's result is widened inside the addition
-// instead of in a pass of its own.
+// out's shape, not overlapping out); under Bf16Gemm::kNative the bf16 GEMM's result is widened
+// into out itself, with no float32 temporary.
 void bf16_addmm_out(at::Tensor& out, const at::Tensor& c, const at::Tensor& a,
                     const at::Tensor& b);
 

@@ -139,6 +139,14 @@ struct RowProduct {
   }
   int64_t padded() const { return mode == kBlas ? N : Np; }
 
+  // Under `native`: y (M, N) = x_low W (+ bias) for rows already in bf16 (the backward's gate
+  // gradients, converted once for several products); the bf16 result widened into y in place,
+  // then the bias added (faster than one mixed-dtype addition).
+  void native_into(const at::Tensor& x_low, at::Tensor& y) const {
+    y.copy_(at::mm(x_low, w_low));
+    if (b.defined()) y.add_(b);
+  }
+
 
   // Y = X Wt (+ bias); X (M, K) with row stride ldx, Y (M, padded()) with row stride ldy.
   void operator()(const T* X, int64_t ldx, int64_t M, T* Y, int64_t ldy) const {
@@ -164,12 +172,8 @@ struct RowProduct {
         auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
         at::Tensor x = at::from_blob(const_cast<T*>(X), {M, K}, {ldx, 1}, opts);
         at::Tensor y = at::from_blob(Y, {M, N}, {ldy, 1}, opts);
-        if (native) {  // the bf16 result widened in the bias's addition (or the copy)
-          const at::Tensor r = at::mm(x.to(at::kBFloat16), w_low);
-          if (b.defined())
-            at::add_out(y, b, r);
-          else
-            y.copy_(r);
+        if (native) {
+          native_into(x.to(at::kBFloat16), y);
         } else if (b.defined()) {
           addmm_over_bias_rows<T>(y, Y, ldy, b.const_data_ptr<T>(), x, w_kn);
         } else
@@ -553,15 +557,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       add_column_sums<T>(dgi.data(), G, M, G, grad_w[base + 2].data_ptr<T>());
       add_column_sums<T>(dgh_p, G, M, G, grad_w[base + 3].data_ptr<T>());
     }
-    // the input's gradient dgi W_ih: W_ih is the (K, N) = (G, K) matrix of the product
+    // the input's gradient dgi W_ih: W_ih is the (K, N) = (G, K) matrix of the product; a
+    // native bf16 product reads the bf16 dgi made for the gradients above, when there is one
     const RowProduct<T> back_in(w_ih, false, at::Tensor(), M, M);
     const int64_t ldd = back_in.padded();
+    auto product = [&](T* out) {
+      if (back_in.native && dgi_low.defined()) {
+        at::Tensor y = rows_view(out, M, K, ldd);
+        back_in.native_into(dgi_low, y);
+      } else {
+        back_in(dgi.data(), G, M, out, ldd);
+      }
+    };
     if (l == 0 && ldd == K) {
-      back_in(dgi.data(), G, M, grad_input.data_ptr<T>(), ldd);
+      product(grad_input.data_ptr<T>());
       continue;
     }
     dx.resize(M * ldd);
-    back_in(dgi.data(), G, M, dx.data(), ldd);
+    product(dx.data());
     T* dst;
     if (l == 0) {
       dst = grad_input.data_ptr<T>();
