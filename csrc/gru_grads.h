@@ -59,8 +59,10 @@ inline GruLayerGrads gru_layer_sequence_grads(const GruLayerDims& d, const at::T
   auto matrix_grad = [low](const at::Tensor& a, const at::Tensor& x) {
     return low ? bf16_matrix_grad(a, x) : at::mm(a.t(), x);
   };
-  at::Tensor grad_input = mm(dgi2, w_ih).view(input.sizes());
-  at::Tensor grad_w_ih = matrix_grad(dgi2, input.reshape({N, I}));
+  // under native bf16 GEMMs, dgi's bf16 copy is made once for its two products
+  const at::Tensor dgi_x = low && native_product(N, G, I) ? dgi2.to(at::kBFloat16) : dgi2;
+  at::Tensor grad_input = mm(dgi_x, w_ih).view(input.sizes());
+  at::Tensor grad_w_ih = matrix_grad(dgi_x, input.reshape({N, I}));
   at::Tensor grad_b_ih = dgi2.sum(0);
   // the state each row's step started from: h0, then the outputs of the step before
   at::Tensor h_prevs, grad_extra = at::empty({0}, h0.options());
