@@ -6,6 +6,7 @@
 
 #include "bf16_products.h"
 #include "checks.h"
+#include "cpu/common.h"
 #include "entry.h"
 #include "gru_grads.h"
 #include "gru_layer.h"
@@ -146,8 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer(
       check_gru_layer_args(input, h0, w_ih, w_hh, b_ih, b_hh, extra, batch_sizes);
   const int64_t T = d.steps, B = d.batch, H = d.hidden;
   auto opts = input.options();
-  at::Tensor output = at::empty(rows_shape(d, H), opts);
-  at::Tensor saved = at::empty(rows_shape(d, 4 * H), opts);
+  at::Tensor output = cpu::empty_written_once(rows_shape(d, H), opts);
+  at::Tensor saved = cpu::empty_written_once(rows_shape(d, 4 * H), opts);
   if (T == 0 || B == 0 || output.numel() == 0)
     return {output, h0.clone(at::MemoryFormat::Contiguous), saved};
   SEQ2SEQ_EXT_KERNEL(input, gru_layer)(d, input, h0, w_ih, w_hh, b_ih, b_hh, extra, output,
@@ -179,8 +180,8 @@ GruLayerGrads gru_layer_backward(const at::Tensor& grad_output,
   check_gru_layer_backward_tensors(grad_output, grad_hn, input, output, saved, d);
   const int64_t B = d.batch, H = d.hidden, G = 3 * H;
   auto opts = input.options();
-  at::Tensor dgi = at::empty(rows_shape(d, G), opts);
-  at::Tensor dgh = at::empty(rows_shape(d, G), opts);
+  at::Tensor dgi = cpu::empty_written_once(rows_shape(d, G), opts);
+  at::Tensor dgh = cpu::empty_written_once(rows_shape(d, G), opts);
   // a fresh (B, H) buffer in input's dtype: grad_hn of another dtype is converted
   at::Tensor dh = (grad_hn.has_value() && grad_hn->defined())
                       ? at::empty({B, H}, opts).copy_(*grad_hn)

@@ -19,6 +19,7 @@
 #include "../gru_layer.h"
 #include "bf16.h"
 #include "cells.h"
+#include "common.h"
 #include "layer.h"
 #include "linear.h"
 
@@ -118,7 +119,7 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
   const int64_t N = d.offsets().back();  // rows over all steps
   auto opts = input.options();
   // the input projection of every step in one GEMM: (N, I) x (I, 3H) + b_ih
-  at::Tensor gi = at::empty({N, G}, opts);
+  at::Tensor gi = empty_written_once({N, G}, opts);
   const bool low = w_ih.scalar_type() == at::kBFloat16;
   if (low) {
     bf16_addmm_out(gi, b_ih, input.reshape({N, d.input}), w_ih.t());

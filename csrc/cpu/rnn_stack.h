@@ -433,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     if (static_cast<int64_t>(k) % per < 2 &&
         native_matrix_grad(low, M, G, k % per == 0 && layer == 0 ? d.input : H))
       continue;
-    grad_w[k] = at::empty(weights[k].sizes(), opts);
+    grad_w[k] = empty_written_once(weights[k].sizes(), opts);
     std::fill_n(grad_w[k].data_ptr<T>(), grad_w[k].numel(), T(0));
   }
   const T* sv = saved.const_data_ptr<T>();
@@ -454,6 +454,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     const RowProduct<T> rec(w_hh, false, at::Tensor(), M, B);
     const int64_t ldr = rec.padded();
     dh_rec.resize(B * ldr);
+    // a native bf16 product rounds each step's gate gradients to bf16: into one buffer over all
+    // rows, which W_hh's gradient (and the LSTM's W_ih's: the same gradients) then reads
+    at::Tensor dgh_low = rec.native ? at::empty({M, G}, opts.dtype(at::kBFloat16)) : at::Tensor();
     const T* layer_saved = sv + l * M * S;
     if (grad_hn.defined()) {
       const T* p = grad_hn.const_data_ptr<T>() + l * B * H;
@@ -491,7 +494,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
                                          dh_direct.data() + b * H + j, H);
         });
       }
-      rec(dgh_p + off[t] * G, G, rows, dh_rec.data(), ldr);
+      if (dgh_low.defined() && rows > 0) {
+        at::Tensor step_low = dgh_low.narrow(0, off[t], rows);
+        step_low.copy_(rows_view(dgh_p + off[t] * G, rows, G, G));
+        at::Tensor y = rows_view(dh_rec.data(), rows, H, ldr);
+        rec.native_into(step_low, y);
+      } else {
+        rec(dgh_p + off[t] * G, G, rows, dh_rec.data(), ldr);
+      }
       for (int64_t b = 0; b < rows; ++b)
         for (int64_t j = 0; j < H; ++j)
           dh[b * H + j] = dh_direct[b * H + j] + dh_rec[b * ldr + j];
@@ -519,7 +529,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     }
     if (M == 0) continue;
     const int64_t base = (d.bias ? 4 : 2) * l;
-    at::Tensor dgi_low;  // dgi in bf16, made once for the gradients that are bf16 GEMMs
+    // dgi in bf16, made once for the gradients that are bf16 GEMMs (the LSTM's: dgh_low)
+    at::Tensor dgi_low = kLstm ? dgh_low : at::Tensor();
     auto low_dgi = [&]() -> const at::Tensor& {
       if (!dgi_low.defined()) dgi_low = rows_view(dgi.data(), M, G, G).to(at::kBFloat16);
       return dgi_low;
@@ -546,7 +557,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       if (M > off[1])
         h_rows.narrow(0, off[1], M - off[1]).copy_(rows_view(later, M - off[1], H, ld_later));
       // the LSTM's hidden-side gate gradients are its input-side ones (dgh_p is dgi)
-      grad_w[base + 1] = bf16_matrix_grad(kLstm ? low_dgi() : rows_view(dgh_p, M, G, G), h_rows);
+      grad_w[base + 1] = bf16_matrix_grad(
+          kLstm ? low_dgi() : (dgh_low.defined() ? dgh_low : rows_view(dgh_p, M, G, G)), h_rows);
     } else {
       T* gw_hh = grad_w[base + 1].data_ptr<T>();
       add_at_x<T>(dgh_p, G, h0l, H, off[1], G, H, gw_hh, low);
