@@ -3,6 +3,8 @@
 
 #include <ATen/autocast_mode.h>
 
+#include "cpu/bf16.h"
+
 #include <atomic>
 
 namespace seq2seq_ext {
@@ -36,8 +38,8 @@ void bf16_addmm_out(at::Tensor& out, const at::Tensor& c, const at::Tensor& a,
 }
 
 at::Tensor bf16_matrix_grad(const at::Tensor& a, const at::Tensor& x) {
-  if (native_product(a.size(1), a.size(0), x.size(1)))
-    return at::mm(a.to(at::kBFloat16, false, false, at::MemoryFormat::Contiguous).t(),
+  if (native_product(a.size(1), a.size(0), x.size(1)) && a.is_cpu())  // a^T laid out
+    return at::mm(cpu::transposed_bf16(a.stride(1) == 1 ? a : a.contiguous()),
                   x.to(at::kBFloat16, false, false, at::MemoryFormat::Contiguous));
   return at::mm(bf16_values(a).t(), bf16_values(x)).to(at::kBFloat16);
 }

@@ -43,7 +43,8 @@ void bf16_addmm_out(at::Tensor& out, const at::Tensor& c, const at::Tensor& a,
 
 // a^T @ x (a (M, N), x (M, K), float32 or bfloat16), both rounded to bf16 with float32 sums:
 // the (N, K) gradient of a bf16 weight matrix over M rows, in bfloat16, rounded once. Under
-// Bf16Gemm::kNative one bf16 GEMM on contiguous bf16 copies (the transpose a view of one).
+// Bf16Gemm::kNative one bf16 GEMM on bf16 copies: a^T laid out (cpu::transposed_bf16), x
+// contiguous.
 at::Tensor bf16_matrix_grad(const at::Tensor& a, const at::Tensor& x);
 
 // The layer ops' CPU autocast rules, through autocast's cast cache: a floating argument in

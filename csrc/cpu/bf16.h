@@ -2,11 +2,16 @@
 // the activations of a product are rounded into a float32 buffer that the float32 kernels read.
 #pragma once
 
+#include <ATen/ATen.h>
+#include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "common.h"
 
 namespace seq2seq_ext {
 namespace cpu {
@@ -25,6 +30,15 @@ inline double round_to_bf16(double v) {
   return static_cast<float>(c10::BFloat16(static_cast<float>(v)));
 }
 
+// v as a bfloat16, rounded as c10::BFloat16 rounds (the top half of round_to_bf16's result).
+inline c10::BFloat16 to_bf16(float v) {
+  if (v != v) return c10::BFloat16(v);
+  const float r = round_to_bf16(v);
+  uint32_t u;
+  std::memcpy(&u, &r, sizeof u);
+  return c10::BFloat16(static_cast<uint16_t>(u >> 16), c10::BFloat16::from_bits());
+}
+
 // X (M, K), row stride ldx, rounded to bfloat16 values into buf (row stride K); returns buf.
 template <typename T>
 const T* rounded_to_bf16(const T* X, int64_t ldx, int64_t M, int64_t K, std::vector<T>& buf) {
@@ -34,6 +48,40 @@ const T* rounded_to_bf16(const T* X, int64_t ldx, int64_t M, int64_t K, std::vec
     const T* x = X + m * ldx;
     T* o = out + m * K;
     for (int64_t k = 0; k < K; ++k) o[k] = round_to_bf16(x[k]);
+  }
+  return out;
+}
+
+// The (N, M) bfloat16 transpose of a (M, N) float32 or bfloat16 matrix with unit column stride:
+// the left operand of a weight gradient's bf16 GEMM (A^T X over M rows) laid out as oneDNN
+// multiplies fastest (with AMX, one thread: 1536 x 1536 x 512 in 1.7 ms against 3.7 ms on the
+// transposed view), converted as c10::BFloat16 rounds. 32 x 32 blocks: a float32 block rounded
+// into a local bf16 block first, then at::vec::transpose_mxn (AVX-512 shuffles).
+inline at::Tensor transposed_bf16(const at::Tensor& a) {
+  TORCH_INTERNAL_ASSERT(a.dim() == 2 && a.stride(1) == 1);
+  const int64_t M = a.size(0), N = a.size(1), lda = a.stride(0);
+  at::Tensor out = empty_written_once({N, M}, a.options().dtype(at::kBFloat16));
+  c10::BFloat16* dst = out.mutable_data_ptr<c10::BFloat16>();
+  constexpr int64_t kB = 32;
+  const bool low = a.scalar_type() == at::kBFloat16;
+  const float* src32 = low ? nullptr : a.const_data_ptr<float>();
+  const c10::BFloat16* src16 = low ? a.const_data_ptr<c10::BFloat16>() : nullptr;
+  c10::BFloat16 block[kB * kB];
+  for (int64_t m0 = 0; m0 < M; m0 += kB) {
+    const int mb = static_cast<int>(std::min(kB, M - m0));
+    for (int64_t n0 = 0; n0 < N; n0 += kB) {
+      const int nb = static_cast<int>(std::min(kB, N - n0));
+      const c10::BFloat16* from = src16 ? src16 + m0 * lda + n0 : block;
+      int64_t ld_from = lda;
+      if (!src16) {
+        for (int i = 0; i < mb; ++i) {
+          const float* row = src32 + (m0 + i) * lda + n0;
+          for (int j = 0; j < nb; ++j) block[i * kB + j] = to_bf16(row[j]);
+        }
+        ld_from = kB;
+      }
+      at::vec::transpose_mxn<c10::BFloat16>(from, ld_from, dst + n0 * M + m0, M, mb, nb);
+    }
   }
   return out;
 }

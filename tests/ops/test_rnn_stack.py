@@ -449,19 +449,23 @@ class TestRnnStackBf16Matrices:
         for g, w in zip(got_g, want_g):
             assert_bf16_close(g, w)
 
-    @pytest.mark.parametrize("layout", ["dense", "packed"])
+    @pytest.mark.parametrize("layout", ["dense", "packed", "odd"])
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     def test_either_way_of_running_products(self, cell, layout, bf16_gemm):
         """Large enough for bf16 GEMMs (native_product), each step's product with W_hh too (96
-        rows; packed, the steps' rows shrink to 70 and 0): "native" runs them, their results
-        rounded to bf16 (so it differs from the exact products, within bf16's precision),
-        "rounded" computes the reference's products."""
+        rows; packed, the steps' rows shrink to 70 and 0; odd: sizes off the 32 x 32 blocks of
+        the gradients' transposes): "native" runs them, their results rounded to bf16 (so it
+        differs from the exact products, within bf16's precision), "rounded" computes the
+        reference's products."""
         if layout == "dense":
             args, batch_sizes = make_args(cell, 2, 4, 96, 128, 128, dtype=torch.float32,
                                           seed=71, requires_grad=True), None
-        else:
+        elif layout == "packed":
             args, batch_sizes = packed_args(cell, 2, [4] * 70 + [2] * 26, 128, 128,
                                             dtype=torch.float32, seed=71, requires_grad=True)
+        else:
+            args, batch_sizes = make_args(cell, 2, 3, 161, 72, 100, dtype=torch.float32,
+                                          seed=72, requires_grad=True), None
         x, h0, c0, weights, mask = args
         low = with_bf16_matrices(weights)
         ref_w = [w.detach().float().requires_grad_() for w in low]
