@@ -22,16 +22,17 @@ on or off, ``torch.compile``, DDP; a       reference backend
 ``PackedSequence`` on the CPU (the         (``seq2seq_ext.set_backend("reference")``), and
 padded positions skipped, as PyTorch's     any input whose shapes ``nn.GRU`` would reject
 packed layers do); CPU autocast to         (so that its error is raised), and a float32
-bfloat16 (bf16 products, see below)        ``LSTM`` on the CPU with ``hidden_size >= 128``
-                                           over more than one time step (see below)
+bfloat16 (bf16 products, see below)        ``LSTM`` on a non-Intel CPU with ``hidden_size
+                                           >= 128`` over more than one time step (see below)
 =========================================  ===================================================
 
 PyTorch's CPU ``nn.LSTM`` runs float32 on oneDNN's fused RNN, whose products over a whole
 sequence reach a higher rate than the per-step BLAS products of ``rnn_stack`` once the hidden
-size makes them GEMM-bound (at hidden 128 and above; benchmarks/RESULTS.md): there the drop-in
-LSTM hands a sequence (padded or packed) to PyTorch, and keeps the fused op for one-step calls
-(a decoder's step in a Python loop), whose per-call cost it cuts. ``nn.GRU`` has no oneDNN path: the GRU always runs
-fused.
+size makes them GEMM-bound on CPUs where that BLAS (MKL) runs float32 at half oneDNN's rate (AMD;
+at hidden 128 and above; benchmarks/RESULTS.md): there the drop-in LSTM hands a float32
+sequence (padded or packed) to PyTorch, and keeps the fused op for one-step calls (a decoder's
+step in a Python loop), whose per-call cost it cuts. On Intel CPUs the fused op is the faster
+one for sequences too and runs them. ``nn.GRU`` has no oneDNN path: the GRU always runs fused.
 
 Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the op's autocast rule (csrc/rnn_stack.cpp)
 gives it the weight matrices in bfloat16, cast once per autocast region, and the rest in float32:
@@ -59,11 +60,30 @@ _ONEDNN_LSTM_HIDDEN = 128
 _ONEDNN = torch.backends.mkldnn.is_available()
 
 
+def _cpu_vendor():
+    """The CPU's vendor string (Linux: /proc/cpuinfo's vendor_id; elsewhere empty)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+# Whether a float32 LSTM sequence runs fused whatever its size: on Intel CPUs, where MKL (behind
+# rnn_stack's float32 GEMMs) runs at oneDNN's rate, the fused op is the faster one there too
+# (1.07-2.1x oneDNN's LSTM, hidden 128-1024, forward and backward; benchmarks/RESULTS.md); on
+# AMD CPUs MKL runs float32 at half oneDNN's rate and oneDNN's LSTM wins from hidden 128.
+_FUSED_FLOAT32_LSTM = _cpu_vendor() == "GenuineIntel" and torch.backends.mkl.is_available()
+
+
 def _onednn_lstm_faster(module, cell, input, steps=None):
     """True where PyTorch's own CPU LSTM (oneDNN) is the faster path over ``steps`` time steps
     (by default those of a padded ``input``; see the module docstring). Under CPU autocast to
     bfloat16 that holds only where oneDNN has bf16 products (elsewhere PyTorch's bf16 LSTM does
-    not run at all)."""
+    not run at all); in float32, not on Intel CPUs (``_FUSED_FLOAT32_LSTM``)."""
     # the module's settings first: a small layer's one-step call pays for every test here
     if cell != "lstm" or not _ONEDNN or module.hidden_size < _ONEDNN_LSTM_HIDDEN:
         return False
@@ -71,8 +91,11 @@ def _onednn_lstm_faster(module, cell, input, steps=None):
         if input.dim() not in (2, 3):
             return False
         steps = input.shape[1 if module.batch_first and input.dim() == 3 else 0]
-    return (input.dtype == torch.float32 and input.device.type == "cpu" and steps > 1
-            and (not torch.is_autocast_enabled("cpu") or ops.cpu_has_bf16_gemm()))
+    if input.dtype != torch.float32 or input.device.type != "cpu" or steps <= 1:
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return ops.cpu_has_bf16_gemm()
+    return not _FUSED_FLOAT32_LSTM
 
 
 def _autocast_ok(input):

@@ -270,22 +270,26 @@ class TestFallbacks:
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         assert op_calls == []
 
+    @pytest.mark.parametrize("fused_float32", [False, True], ids=["amd", "intel"])
     @pytest.mark.parametrize("cell,dtype,steps,batch_first,fused", [
-        ("lstm", torch.float32, 3, False, False),  # a sequence: PyTorch's oneDNN LSTM
+        ("lstm", torch.float32, 3, False, False),  # a sequence: PyTorch's oneDNN LSTM (AMD)
         ("lstm", torch.float32, 3, True, False),
         ("lstm", torch.float32, 1, True, True),    # a decoder's one-step call stays fused
         ("lstm", torch.float64, 3, False, True),   # no oneDNN path in float64
         ("gru", torch.float32, 3, False, True),    # nn.GRU has no oneDNN path
     ])
     def test_large_lstm_sequence_runs_onednn(self, cell, dtype, steps, batch_first, fused,
-                                             op_calls):
+                                             fused_float32, op_calls, monkeypatch):
+        """The rule of each CPU kind (_FUSED_FLOAT32_LSTM: on Intel CPUs a float32 sequence
+        runs fused too), whichever this one is."""
+        monkeypatch.setattr(snn, "_FUSED_FLOAT32_LSTM", fused_float32)
         hidden = snn._ONEDNN_LSTM_HIDDEN
         ref, new = pair(cell, 8, hidden, 2, batch_first=batch_first, dtype=dtype)
         shape = (2, steps, 8) if batch_first else (steps, 2, 8)
         x = torch.randn(shape, dtype=dtype)
         got, want = new(x)[0], ref(x)[0]
         torch.testing.assert_close(got, want, **gru_tol(dtype))
-        assert op_calls == ([cell] if fused or not snn._ONEDNN else [])
+        assert op_calls == ([cell] if fused or fused_float32 or not snn._ONEDNN else [])
         # a hidden size below the threshold runs fused whatever the length
         ref, new = pair(cell, 8, hidden - 1, 2, batch_first=batch_first, dtype=dtype)
         new(x)
@@ -534,11 +538,17 @@ class TestPackedSequence:
         new.eval()
         assert torch.equal(new(packed)[0].data, new(packed)[0].data)
 
-    def test_large_float32_lstm_runs_onednn(self, op_calls):
+    def test_large_float32_lstm_runs_onednn(self, op_calls, monkeypatch):
+        """Packed, as padded: PyTorch's oneDNN LSTM by AMD's rule, fused by Intel's."""
         ref, new = pair("lstm", 8, snn._ONEDNN_LSTM_HIDDEN, 1, dtype=torch.float32)
         packed = pack_padded_sequence(torch.randn(3, 2, 8), torch.tensor([3, 2]))
+        monkeypatch.setattr(snn, "_FUSED_FLOAT32_LSTM", False)
         torch.testing.assert_close(new(packed)[0].data, ref(packed)[0].data, rtol=0, atol=0)
         assert op_calls == ([] if snn._ONEDNN else ["lstm"])
+        monkeypatch.setattr(snn, "_FUSED_FLOAT32_LSTM", True)
+        torch.testing.assert_close(new(packed)[0].data, ref(packed)[0].data,
+                                   **gru_tol(torch.float32))
+        assert op_calls[-1:] == ["lstm"]
 
 
 def bf16_reference(module, x, hx=None):
