@@ -556,9 +556,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       h_rows.narrow(0, 0, off[1]).copy_(rows_view(h0l, off[1], H, H));
       if (M > off[1])
         h_rows.narrow(0, off[1], M - off[1]).copy_(rows_view(later, M - off[1], H, ld_later));
-      // the LSTM's hidden-side gate gradients are its input-side ones (dgh_p is dgi)
-      grad_w[base + 1] = bf16_matrix_grad(
-          kLstm ? low_dgi() : (dgh_low.defined() ? dgh_low : rows_view(dgh_p, M, G, G)), h_rows);
+      // the hidden-side gate gradients in bf16 as the steps made them, else converted here (the
+      // LSTM's are its input-side ones: dgh_p is dgi)
+      const at::Tensor a_hh =
+          dgh_low.defined() ? dgh_low : kLstm ? low_dgi() : rows_view(dgh_p, M, G, G);
+      grad_w[base + 1] = bf16_matrix_grad(a_hh, h_rows);
     } else {
       T* gw_hh = grad_w[base + 1].data_ptr<T>();
       add_at_x<T>(dgh_p, G, h0l, H, off[1], G, H, gw_hh, low);
