@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include "decoder_stepper.h"
+#include "deferred_weight_grads.h"
 #include "dropout_mask.h"
 #include "gru_layer.h"
 #include "lstm_decode_step.h"
@@ -121,6 +122,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("bf16_gemm_native", [] {
     return seq2seq_ext::bf16_gemm() == seq2seq_ext::Bf16Gemm::kNative;
   });
+  // When rnn_stack's one-step calls defer their matrices' gradients (deferred_weight_grads.h):
+  // 0 never, 1 for large matrices, 2 always; seq2seq_ext.ops.set_deferred_grads is the Python side.
+  module.def("set_deferred_grads", [](int mode) {
+    TORCH_CHECK(mode >= 0 && mode <= 2, "mode: expected 0, 1 or 2, got ", mode);
+    seq2seq_ext::set_deferred_grads(static_cast<seq2seq_ext::DeferGrads>(mode));
+  }, pybind11::arg("mode"));
+  module.def("deferred_grads", [] { return static_cast<int>(seq2seq_ext::deferred_grads()); });
 #if defined(TORCH_VERSION_MAJOR) && defined(TORCH_VERSION_MINOR)
   module.attr("torch_version") =
       std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);

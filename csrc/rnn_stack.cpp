@@ -7,6 +7,7 @@
 // the device kernel (CPU: csrc/cpu/rnn_stack.h; CUDA: csrc/cuda/rnn_stack.cu). Python wrapper,
 // fake and autograd: seq2seq_ext/ops.py (section rnn_stack); tests: tests/ops/test_rnn_stack.py.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -14,6 +15,7 @@
 #include "bf16_products.h"
 #include "checks.h"
 #include "cpu/rnn_stack.h"
+#include "deferred_weight_grads.h"
 #include "rnn_cells.h"
 #include "rnn_stack.h"
 
@@ -163,12 +165,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_cpu(
   return {output, h_n, c_n, saved};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_stack_backward_cpu(
+// rnn_stack_backward's CPU kernel; defer and rows as cpu::stack_backward's (the autograd's
+// deferred weight gradients, csrc/deferred_weight_grads.h; null for the op).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_backward_cpu(
     c10::string_view cell, const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hn, const std::optional<at::Tensor>& grad_cn,
     const at::Tensor& input, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
     at::TensorList weights, const std::optional<at::Tensor>& dropout_mask,
-    const at::Tensor& saved, at::OptionalIntArrayRef batch_sizes) {
+    const at::Tensor& saved, at::OptionalIntArrayRef batch_sizes,
+    const std::vector<bool>* defer, std::vector<at::Tensor>* rows) {
   const bool lstm = is_lstm(cell);
   const StackDims d =
       check_rnn_stack_args(lstm, input, h0, c0, weights, dropout_mask, batch_sizes);
@@ -198,12 +203,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_stac
   std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_stack_backward_cpu", [&] {
     if (lstm)
-      out = cpu::stack_backward<LstmCell, scalar_t>(d, go, ghn, gcn, x, h0c, c0c, w, mask, sv);
+      out = cpu::stack_backward<LstmCell, scalar_t>(d, go, ghn, gcn, x, h0c, c0c, w, mask, sv,
+                                                    defer, rows);
     else
-      out = cpu::stack_backward<GruCell, scalar_t>(d, go, ghn, gcn, x, h0c, c0c, w, mask, sv);
+      out = cpu::stack_backward<GruCell, scalar_t>(d, go, ghn, gcn, x, h0c, c0c, w, mask, sv,
+                                                   defer, rows);
   });
   if (!lstm) std::get<2>(out) = at::empty({0}, input.options());
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_stack_backward_cpu(
+    c10::string_view cell, const std::optional<at::Tensor>& grad_output,
+    const std::optional<at::Tensor>& grad_hn, const std::optional<at::Tensor>& grad_cn,
+    const at::Tensor& input, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+    at::TensorList weights, const std::optional<at::Tensor>& dropout_mask,
+    const at::Tensor& saved, at::OptionalIntArrayRef batch_sizes) {
+  return stack_backward_cpu(cell, grad_output, grad_hn, grad_cn, input, h0, c0, weights,
+                            dropout_mask, saved, batch_sizes, nullptr, nullptr);
+}
+
+// The number of weights per layer in a weights list for h0's layers: 4 ([w_ih, w_hh, b_ih,
+// b_hh]), 2 (no biases), or 0 for a list of neither length (left to the kernel's checks); the
+// first two of each layer's are its matrices.
+int64_t weights_per_layer(const at::Tensor& h0, size_t n) {
+  const int64_t layers = h0.dim() == 3 ? h0.size(0) : 0;
+  const auto count = static_cast<int64_t>(n);
+  return layers > 0 && count == 4 * layers ? 4 : (layers > 0 && count == 2 * layers ? 2 : 0);
 }
 
 // Autograd, in C++ rather than through torch.library.register_autograd: a decoder called once
@@ -276,10 +302,34 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
     // backward raises as for any op without a derivative formula.
     std::optional<at::AutoDispatchBelowADInplaceOrView> below;
     if (!at::GradMode::is_enabled()) below.emplace();
-    auto [grad_input, grad_h0, grad_c0, grad_w] = stack_backward_op().call(
-        cell, opt(grads[0]), opt(grads[1]), lstm ? opt(grads[2]) : std::nullopt, keep[0], keep[1],
-        opt(keep[2]), weights, opt(keep[3]), keep[4],
-        batch_sizes ? at::OptionalIntArrayRef(*batch_sizes) : at::OptionalIntArrayRef());
+    // the matrices whose gradients a WeightGradSum sums over the calls (deferred_weight_grads.h)
+    std::vector<bool> defer(weights.size(), false);
+    bool deferring = false;
+    const size_t first_weight_edge = has_c0 ? 3 : 2;  // after input, h0 (and c0)
+    if (!at::GradMode::is_enabled()) {
+      for (size_t k = 0; k < weights.size(); ++k) {
+        defer[k] = weight_grad_sum(weights[k]) != nullptr &&
+                   ctx->needs_input_grad(first_weight_edge + k);
+        deferring = deferring || defer[k];
+      }
+    }
+    const auto sizes = batch_sizes ? at::OptionalIntArrayRef(*batch_sizes) : at::OptionalIntArrayRef();
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> result;
+    if (deferring) {  // deferring calls are CPU ones (defers_grad): the kernel itself
+      RECORD_FUNCTION("seq2seq_ext::rnn_stack_backward", std::vector<c10::IValue>());
+      std::vector<at::Tensor> rows;
+      result = stack_backward_cpu(cell, opt(grads[0]), opt(grads[1]),
+                                  lstm ? opt(grads[2]) : std::nullopt, keep[0], keep[1],
+                                  opt(keep[2]), weights, opt(keep[3]), keep[4], sizes, &defer,
+                                  &rows);
+      for (size_t k = 0; k < weights.size(); ++k)
+        if (defer[k]) weight_grad_sum(weights[k])->add_rows(rows[2 * k], rows[2 * k + 1]);
+    } else {
+      result = stack_backward_op().call(cell, opt(grads[0]), opt(grads[1]),
+                                        lstm ? opt(grads[2]) : std::nullopt, keep[0], keep[1],
+                                        opt(keep[2]), weights, opt(keep[3]), keep[4], sizes);
+    }
+    auto& [grad_input, grad_h0, grad_c0, grad_w] = result;
     // one gradient per argument of forward: cell, input, h0, c0, each weight, dropout_mask,
     // batch_sizes
     torch::autograd::variable_list out{at::Tensor(), grad_input, grad_h0};
@@ -305,7 +355,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_autograd(
     at::AutoDispatchBelowADInplaceOrView below;
     return stack_op().call(cell, input, h0, c0, weights, dropout_mask, batch_sizes);
   }
-  auto out = RnnStackFunction::apply(std::string(cell), input, h0, c0, weights, dropout_mask,
+  // a one-step call's large matrices through their deferring aliases (deferred_weight_grads.h)
+  std::vector<at::Tensor> w(weights.begin(), weights.end());
+  const int64_t per = weights_per_layer(h0, w.size());
+  for (size_t k = 0; per > 0 && k < w.size(); ++k)
+    if (static_cast<int64_t>(k) % per < 2 && defers_grad(input, batch_sizes.has_value(), w[k]))
+      w[k] = deferring_alias(w[k]);
+  auto out = RnnStackFunction::apply(std::string(cell), input, h0, c0, at::TensorList(w), dropout_mask,
                                      batch_sizes);
   return {out[0], out[1], out[2], out[3]};
 }
@@ -321,10 +377,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_autocast_cp
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
   if (input.scalar_type() == at::kDouble)
     return stack_op().call(cell, input, h0, c0, weights, dropout_mask, batch_sizes);
-  const int64_t layers = h0.dim() == 3 ? h0.size(0) : 0;
   const int64_t n = static_cast<int64_t>(weights.size());
-  // [w_ih, w_hh(, b_ih, b_hh)] per layer; any other list goes to the kernel's checks as it is
-  const int64_t per = layers > 0 && n == 4 * layers ? 4 : (layers > 0 && n == 2 * layers ? 2 : 0);
+  const int64_t per = weights_per_layer(h0, weights.size());
   std::vector<at::Tensor> w;
   w.reserve(n);
   for (int64_t k = 0; k < n; ++k) {

@@ -633,7 +633,38 @@ def _rnn_stack_backward_fake(cell, grad_output, grad_hn, grad_cn, input, h0, c0,
             [w.new_empty(w.shape) for w in weights])
 
 
-# Autograd: csrc/rnn_stack.cpp (RnnStackFunction, in C++ for its per-call cost).
+# Autograd: csrc/rnn_stack.cpp (RnnStackFunction, in C++ for its per-call cost), with the
+# one-step calls' deferred weight gradients of csrc/deferred_weight_grads.h.
+
+__all__ += ["set_deferred_grads", "deferred_grads"]
+
+_DEFERRED_GRADS = ("off", "auto", "always")
+
+
+def set_deferred_grads(mode):
+    """How the backward of ``rnn_stack``'s one-step calls on the CPU (a decoder called once per
+    token in a Python loop, as the drop-in layers run it) gives its weight matrices' gradients:
+
+    * ``"auto"`` (the default): a matrix of at least 65,536 elements gets one gradient per
+      autograd graph, one product over the rows of all the graph's calls (their gate gradients
+      and inputs), instead of a full gradient per call that autograd adds up: at hidden 512 and
+      batch 128 that per-call write and sum cost about 1 ms a matrix a call;
+    * ``"always"``: every matrix so (the same gradients up to rounding; tests use it at small
+      sizes);
+    * ``"off"``: every call returns its own gradients.
+
+    The gradients are the same up to the order of the float32 sums. A ``torch.autograd.grad``
+    that does not ask for the matrices, and a backward with ``create_graph=True``, take the
+    per-call path."""
+    if mode not in _DEFERRED_GRADS:
+        raise ValueError(f"mode: expected one of {_DEFERRED_GRADS}, got {mode!r}")
+    _C.set_deferred_grads(_DEFERRED_GRADS.index(mode))
+
+
+def deferred_grads():
+    """The current :func:`set_deferred_grads` mode."""
+    return _DEFERRED_GRADS[_C.deferred_grads()]
+
 
 # Autocast (CPU): csrc/rnn_stack.cpp (rnn_stack_autocast_cpu, in C++ for autocast's weight-cast
 # cache). Under torch.autocast("cpu", dtype=torch.bfloat16) the weight matrices reach the kernel

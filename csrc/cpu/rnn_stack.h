@@ -392,6 +392,20 @@ void add_at_x(const T* A, int64_t lda, const T* X, int64_t ldx, int64_t M, int64
                    });
 }
 
+// The (N, K) gradient A^T X of a weight matrix over the M rows of a (M, N) and x (M, K)
+// (contiguous, T): BLAS's product, or for a bf16 matrix (`low`, returned in bfloat16) as the
+// backward computes it, one bf16 GEMM (native_matrix_grad) or add_at_x into a zeroed sum.
+template <typename T>
+at::Tensor matrix_grad(const at::Tensor& a, const at::Tensor& x, bool low) {
+  const int64_t M = a.size(0), N = a.size(1), K = x.size(1);
+  if (!low) return at::mm(a.t(), x);
+  if (native_matrix_grad(low, M, N, K)) return bf16_matrix_grad(a, x);
+  at::Tensor out = at::zeros({N, K}, a.options());
+  add_at_x<T>(a.const_data_ptr<T>(), N, x.const_data_ptr<T>(), K, M, N, K, out.data_ptr<T>(),
+              low);
+  return low ? out.to(at::kBFloat16) : out;
+}
+
 // out[n] += sum over the M rows of A (M, N), row stride lda: a bias gradient.
 template <typename T>
 void add_column_sums(const T* A, int64_t lda, int64_t M, int64_t N, T* out) {
@@ -408,12 +422,18 @@ void add_column_sums(const T* A, int64_t lda, int64_t M, int64_t N, T* out) {
 // input over all steps at once; no ATen operator runs below BLAS sizes (at batch 32 and hidden
 // 32 their per-call costs were most of the backward). Packed, the rows as in stack_forward: a
 // row's state gradient waits, untouched, in dh / dc until the steps reach its last one.
+// defer (one flag per weight, or null): the matrices whose gradient A^T X is not computed here;
+// their operands go to rows[2k] and rows[2k + 1] instead, and their entry of the weight
+// gradients stays undefined (csrc/deferred_weight_grads.h sums them over the calls of a graph):
+// A (M, G) and X (M, K) in T (X possibly a view of input or saved), or, for bf16 matrices under
+// Bf16Gemm::kNative, the operands of the bf16 GEMM: A^T (G, M) and X (M, K) in bfloat16.
 template <class Cell, typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_backward(
     const StackDims& d, const at::Tensor& grad_output, const at::Tensor& grad_hn,
     const at::Tensor& grad_cn, const at::Tensor& input, const at::Tensor& h0,
     const at::Tensor& c0, at::TensorList weights, const at::Tensor& mask,
-    const at::Tensor& saved) {
+    const at::Tensor& saved, const std::vector<bool>* defer = nullptr,
+    std::vector<at::Tensor>* rows = nullptr) {
   const int64_t L = d.layers, Ts = d.steps, B = d.batch, H = d.hidden;
   const std::vector<int64_t> off = d.offsets();
   const int64_t M = off[Ts];
@@ -427,9 +447,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   // float32 sums; a bf16 matrix's gradient is rounded to bf16 at the end
   const bool low = bf16_matrices(weights);
   const int64_t per = d.bias ? 4 : 2;
+  auto deferred = [&](int64_t k) { return defer != nullptr && (*defer)[k]; };
+  if (defer != nullptr) rows->assign(2 * weights.size(), at::Tensor());
+  const bool gemm_rows = low && bf16_gemm() == Bf16Gemm::kNative;  // deferred rows in bf16
+  auto deferred_a = [&](const T* p, int64_t M) {
+    return gemm_rows ? transposed_bf16(rows_view(p, M, G, G)) : rows_view(p, M, G, G).clone();
+  };
+  auto deferred_x = [&](const at::Tensor& x, bool fresh) {
+    if (gemm_rows) return x.to(at::kBFloat16, false, false, at::MemoryFormat::Contiguous);
+    return fresh ? x : x.clone();
+  };
   for (size_t k = 0; k < weights.size(); ++k) {  // zeroed here: at::zeros is an op call each
     // a matrix whose gradient is one bf16 GEMM (native_matrix_grad) gets it there
     const int64_t layer = static_cast<int64_t>(k) / per;
+    if (deferred(k)) continue;
     if (static_cast<int64_t>(k) % per < 2 &&
         native_matrix_grad(low, M, G, k % per == 0 && layer == 0 ? d.input : H))
       continue;
@@ -535,7 +566,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       if (!dgi_low.defined()) dgi_low = rows_view(dgi.data(), M, G, G).to(at::kBFloat16);
       return dgi_low;
     };
-    if (native_matrix_grad(low, M, G, K))
+    // a deferred matrix's A: the gate gradients, copied out of the scratch (the LSTM's W_ih and
+    // W_hh share them)
+    at::Tensor dgi_rows;
+    if (deferred(base) || (kLstm && deferred(base + 1))) dgi_rows = deferred_a(dgi.data(), M);
+    if (deferred(base)) {
+      (*rows)[2 * base] = dgi_rows;
+      (*rows)[2 * base + 1] =
+          l == 0       ? deferred_x(input.view({M, K}), true)
+          : layer_mask ? deferred_x(rows_view(x, M, K, ldx), false)
+                       : deferred_x(saved.select(0, l - 1).view({M, S}).narrow(1, 0, H), true);
+    } else if (native_matrix_grad(low, M, G, K))
       grad_w[base] = bf16_matrix_grad(low_dgi(), rows_view(x, M, K, ldx));
     else
       add_at_x<T>(dgi.data(), G, x, ldx, M, G, K, grad_w[base].data_ptr<T>(), low);
@@ -551,7 +592,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     // the rows after step 0's: dense, layer_saved's with row stride S; packed, h_prev's
     const T* later = d.is_packed ? h_prev.data() : layer_saved;
     const int64_t ld_later = d.is_packed ? H : S;
-    if (native_matrix_grad(low, M, G, H)) {
+    if (deferred(base + 1)) {
+      (*rows)[2 * (base + 1)] = kLstm ? dgi_rows : deferred_a(dgh_p, M);
+      at::Tensor h_rows = h0.select(0, l).narrow(0, 0, off[1]);
+      if (M > off[1]) {
+        h_rows = at::empty({M, H}, opts);
+        h_rows.narrow(0, 0, off[1]).copy_(rows_view(h0l, off[1], H, H));
+        h_rows.narrow(0, off[1], M - off[1]).copy_(rows_view(later, M - off[1], H, ld_later));
+      }
+      (*rows)[2 * (base + 1) + 1] = deferred_x(h_rows, true);
+    } else if (native_matrix_grad(low, M, G, H)) {
       at::Tensor h_rows = at::empty({M, H}, opts.dtype(at::kBFloat16));
       h_rows.narrow(0, 0, off[1]).copy_(rows_view(h0l, off[1], H, H));
       if (M > off[1])
@@ -603,7 +653,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   }
   if (low)
     for (size_t k = 0; k < weights.size(); ++k)
-      grad_w[k] = grad_w[k].to(weights[k].scalar_type());
+      if (grad_w[k].defined()) grad_w[k] = grad_w[k].to(weights[k].scalar_type());
   return {grad_input, grad_h0, grad_c0, grad_w};
 }
 

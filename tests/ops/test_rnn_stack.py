@@ -521,3 +521,222 @@ class TestRnnStackBf16Matrices:
         mutate(a)
         with pytest.raises(RuntimeError, match=match):
             OP("lstm", a["x"], a["h0"], a["c0"], a["weights"], None)
+
+
+@pytest.fixture
+def deferred(request):
+    """The deferred-gradient mode of ``request.param`` (``ops.set_deferred_grads``), restored."""
+    before = ops.deferred_grads()
+    ops.set_deferred_grads(request.param)
+    yield request.param
+    ops.set_deferred_grads(before)
+
+
+def step_loop(cell, args, steps, weights=None):
+    """A decoder's loop: ``steps`` one-step calls of rnn_stack, each on the next row block of
+    ``x`` and the state the previous call left. Returns the stacked outputs and the last state."""
+    x, h0, c0, base_weights, mask = args
+    weights = base_weights if weights is None else weights
+    h, c, outs = h0, c0, []
+    for t in range(steps):
+        out, h, c_n = ops.rnn_stack(cell, x[t:t + 1], h, c, weights,
+                                    None if mask is None else mask[:, t:t + 1])
+        c = c_n if cell == "lstm" else None
+        outs.append(out)
+    return torch.cat(outs), h, c
+
+
+def node_names(tensor):
+    """The names of every node of ``tensor``'s autograd graph."""
+    names, todo, seen = set(), [tensor.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(fn.name())
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+SUM_NODE = "RnnStackWeightGradSum"
+
+
+class TestRnnStackDeferredGrads:
+    """One-step calls (a decoder's loop) hand their weight matrices' gate gradients and inputs
+    to one RnnStackWeightGradSum node per matrix and graph, which gives each matrix its gradient
+    as one product over the rows of all the calls (csrc/deferred_weight_grads.h); the
+    gradients are those of the per-call path and of the reference."""
+
+    @pytest.mark.parametrize("deferred", ["always"], indirect=True)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("layers,steps,batch,in_size,hidden,bias,mask", [
+        (1, 1, 1, 3, 5, True, False),     # one call
+        (2, 5, 7, 13, 17, True, True),    # dropout between layers
+        (3, 4, 1, 41, 9, False, False),   # batch 1, no biases
+        (2, 3, 6, 150, 130, True, True),  # beyond L2: BLAS products
+    ])
+    def test_matches_reference(self, deferred, cell, layers, steps, batch, in_size, hidden,
+                               bias, mask, dtype):
+        args = make_args(cell, layers, steps, batch, in_size, hidden, bias=bias, mask=mask,
+                         dtype=dtype, seed=900 + layers * 10 + steps, requires_grad=True)
+        x, h0, c0, weights, dropout_mask = args
+        got = step_loop(cell, args, steps)
+        assert SUM_NODE in node_names(got[0])
+        want = reference.rnn_stack(cell, *args)
+        # float32: a loop of calls sums the state's gradient in another order than one call
+        tol = gru_tol(dtype) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+        assert_outputs_and_grads(got, want, differentiable(x, h0, c0, weights), tol)
+
+    @pytest.mark.parametrize("deferred", ["always"], indirect=True)
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_gradcheck(self, deferred, cell):
+        x, h0, c0, weights, mask = make_args(cell, 2, 3, 2, 3, 4, mask=True, seed=17,
+                                             requires_grad=True)
+        n_c = 1 if c0 is not None else 0
+
+        def f(x, h0, *rest):
+            c = rest[0] if n_c else None
+            out, h_n, c_n = step_loop(cell, (x, h0, c, list(rest[n_c:]), mask), 3)
+            return (out, h_n) + ((c_n,) if n_c else ())
+
+        assert torch.autograd.gradcheck(f, differentiable(x, h0, c0, weights))
+
+    @pytest.mark.parametrize("deferred", ["always"], indirect=True)
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_equals_the_per_call_path(self, deferred, cell):
+        """float32 at the chapter's decoder sizes, with and without deferring."""
+        args = make_args(cell, 2, 6, 16, 32, 32, mask=True, dtype=torch.float32, seed=23,
+                         requires_grad=True)
+        inputs = differentiable(*args[:4])
+        got = grads_of(step_loop(cell, args, 6), inputs)
+        ops.set_deferred_grads("off")
+        out = step_loop(cell, args, 6)
+        assert SUM_NODE not in node_names(out[0])
+        want = grads_of(out, inputs)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+    @pytest.mark.parametrize("deferred", ["auto"], indirect=True)
+    def test_auto_defers_large_matrices_only(self, deferred):
+        """hidden 128: the LSTM's (512, 128) matrices (65,536 elements) defer; the GRU's
+        (384, 128) do not; a sequence call never does."""
+        for cell, large in (("lstm", True), ("gru", False)):
+            args = make_args(cell, 1, 2, 3, 128, 128, dtype=torch.float32, seed=5,
+                             requires_grad=True)
+            assert (SUM_NODE in node_names(step_loop(cell, args, 2)[0])) == large
+            assert SUM_NODE not in node_names(ops.rnn_stack(cell, *args)[0])
+
+    @pytest.mark.parametrize("deferred", ["always"], indirect=True)
+    def test_not_in_no_grad_or_for_frozen_weights(self, deferred):
+        args = make_args("lstm", 2, 2, 3, 4, 5, requires_grad=True, seed=29)
+        x, h0, c0, weights, _ = args
+        with torch.no_grad():
+            assert step_loop("lstm", args, 2)[0].grad_fn is None
+        frozen = [w.detach() if k % 4 == 1 else w for k, w in enumerate(weights)]
+        out = step_loop("lstm", args, 2, frozen)
+        want = reference.rnn_stack("lstm", x, h0, c0, frozen)
+        inputs = [x, h0, c0] + [w for w in frozen if w.requires_grad]
+        for g, w in zip(grads_of(out, inputs), grads_of(want, inputs)):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+    @pytest.mark.parametrize("deferred", ["always"], indirect=True)
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_partial_backward_leaves_no_rows_behind(self, deferred, cell):
+        """A torch.autograd.grad for the state alone hands no rows over (the sum node does not
+        run there): a later backward through the same graph gives the weights their gradient
+        once."""
+        args = make_args(cell, 2, 3, 4, 5, 6, requires_grad=True, seed=31)
+        x, h0, c0, weights, _ = args
+        out = step_loop(cell, args, 3)
+        want = reference.rnn_stack(cell, *args)
+        loss, want_loss = (out[0] ** 2).sum(), (want[0] ** 2).sum()
+        torch.testing.assert_close(torch.autograd.grad(loss, [h0], retain_graph=True)[0],
+                                   torch.autograd.grad(want_loss, [h0], retain_graph=True)[0],
+                                   rtol=1e-10, atol=1e-10)
+        got_w = torch.autograd.grad(loss, weights, retain_graph=True)
+        want_w = torch.autograd.grad(want_loss, weights)
+        for g, w in zip(got_w, want_w):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+        # and once more through the retained graph: the same again, nothing left over
+        for g, w in zip(torch.autograd.grad(loss, weights), want_w):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+    @pytest.mark.parametrize("deferred", ["always"], indirect=True)
+    def test_graphs_between_optimizer_steps(self, deferred):
+        """Two graphs over the same weights (one sum node), each backward on its own, then an
+        optimizer step (a new version: the next graph gets a new node): every .grad is the
+        reference's."""
+        torch.manual_seed(37)
+        rnn = torch.nn.LSTM(5, 6, 2).double()
+        ref = torch.nn.LSTM(5, 6, 2).double()
+        ref.load_state_dict(rnn.state_dict())
+        opt = torch.optim.SGD(rnn.parameters(), lr=0.1)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+        xs = [torch.randn(3, 4, 5, dtype=torch.float64) for _ in range(4)]
+
+        def loop(module, x, fused):
+            h, outs = None, []
+            for t in range(x.shape[0]):
+                if fused:
+                    h0, c0 = h if h is not None else (x.new_zeros(2, 4, 6),) * 2
+                    out, h_n, c_n = ops.rnn_stack("lstm", x[t:t + 1], h0, c0,
+                                                  module._flat_weights)
+                    h = (h_n, c_n)
+                else:
+                    out, h = module(x[t:t + 1], h)
+                outs.append(out)
+            return (torch.cat(outs) ** 2).sum()
+
+        for step in range(2):
+            opt.zero_grad()
+            ref_opt.zero_grad()
+            losses = [loop(rnn, x, True) for x in xs[2 * step:2 * step + 2]]
+            for loss in losses:
+                loss.backward()
+            for x in xs[2 * step:2 * step + 2]:
+                loop(ref, x, False).backward()
+            for p, q in zip(rnn.parameters(), ref.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-10)
+            opt.step()
+            ref_opt.step()
+
+    @pytest.mark.parametrize("deferred", ["always"], indirect=True)
+    def test_create_graph_takes_the_per_call_path(self, deferred):
+        args = make_args("gru", 2, 3, 4, 5, 6, requires_grad=True, seed=41)
+        x, h0, c0, weights, _ = args
+        got = torch.autograd.grad(step_loop("gru", args, 3)[0].sum(), weights,
+                                  create_graph=True)
+        want = torch.autograd.grad(reference.rnn_stack("gru", *args)[0].sum(), weights)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+    @pytest.mark.parametrize("deferred", ["always"], indirect=True)
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_bf16_matrices(self, deferred, cell, bf16_gemm):
+        """The matrices in bf16 (the op under CPU autocast), either way of running products:
+        their gradients come back in bf16, as close to the exact float64 ones as the per-call
+        path's (which rounds each call's gradient to bf16 before autograd sums them)."""
+        args = make_args(cell, 2, 6, 40, 64, 64, dtype=torch.float32, seed=43,
+                         requires_grad=True)
+        x, h0, c0, weights, mask = args
+        low = with_bf16_matrices(weights)
+        exact_w = [w.detach().double().requires_grad_() for w in low]
+        exact = reference.rnn_stack(cell, x.double(), h0.double(),
+                                    None if c0 is None else c0.double(), exact_w)
+        want = torch.autograd.grad(exact[0].sum(), exact_w)
+        got = torch.autograd.grad(step_loop(cell, (x, h0, c0, low, None), 6)[0].sum(), low)
+        ops.set_deferred_grads("off")
+        per_call = torch.autograd.grad(step_loop(cell, (x, h0, c0, low, None), 6)[0].sum(), low)
+        for g, p, w in zip(got, per_call, want):
+            assert g.dtype == p.dtype
+            err, err_per_call = (g.double() - w).norm(), (p.double() - w).norm()
+            assert err <= 1e-2 * w.norm()
+            assert err <= err_per_call * 1.1 + 1e-3 * w.norm()
+
+    def test_the_mode_is_checked(self):
+        assert ops.deferred_grads() == "auto"
+        with pytest.raises(ValueError, match="mode: expected one of"):
+            ops.set_deferred_grads("on")
+        assert ops.deferred_grads() == "auto"

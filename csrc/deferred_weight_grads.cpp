@@ -1,0 +1,109 @@
+#include "deferred_weight_grads.h"
+
+#include <ATen/TensorSubclassLikeUtils.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <atomic>
+
+#include "cpu/rnn_stack.h"
+
+namespace seq2seq_ext {
+namespace {
+
+std::atomic<DeferGrads> g_mode{DeferGrads::kAuto};
+
+using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+// A matrix and its current alias, held weakly: the alias lives as long as a graph saved it.
+struct AliasEntry {
+  WeakImpl weight, alias;
+  uint32_t version;
+};
+
+std::vector<AliasEntry>& alias_entries() {
+  thread_local std::vector<AliasEntry> entries;
+  return entries;
+}
+
+}  // namespace
+
+DeferGrads deferred_grads() { return g_mode.load(std::memory_order_relaxed); }
+
+void set_deferred_grads(DeferGrads mode) { g_mode.store(mode, std::memory_order_relaxed); }
+
+bool defers_grad(const at::Tensor& input, bool packed, const at::Tensor& w) {
+  const DeferGrads mode = deferred_grads();
+  if (mode == DeferGrads::kOff || packed || !w.defined() || !w.requires_grad()) return false;
+  if (!input.is_cpu() || !w.is_cpu() || input.dim() != 3 || input.size(0) != 1 || w.dim() != 2)
+    return false;
+  if (w.layout() != at::kStrided || at::isTensorSubclassLike(input) ||
+      at::isTensorSubclassLike(w))
+    return false;  // fake and functional tensors (torch.compile's tracing) record the op as is
+  return mode == DeferGrads::kAlways || w.numel() >= kDeferMinElements;
+}
+
+WeightGradSum::WeightGradSum(const at::Tensor& w)
+    : Node(torch::autograd::collect_next_edges(w)), dtype_(w.scalar_type()) {}
+
+void WeightGradSum::add_rows(at::Tensor a, at::Tensor x) {
+  if (!a.defined() || x.size(0) == 0) return;
+  std::lock_guard<std::mutex> lock(mutex_);
+  a_.push_back(std::move(a));
+  x_.push_back(std::move(x));
+}
+
+torch::autograd::variable_list WeightGradSum::apply(torch::autograd::variable_list&& grads) {
+  std::vector<at::Tensor> a, x;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    a.swap(a_);
+    x.swap(x_);
+  }
+  at::Tensor grad;
+  if (!a.empty()) {
+    const at::Tensor x_all = x.size() == 1 ? x[0].contiguous() : at::cat(x);
+    if (a[0].scalar_type() == at::kBFloat16) {  // A^T (G, M) and X, a bf16 GEMM's operands
+      grad = at::mm(a.size() == 1 ? a[0] : at::cat(a, 1), x_all);
+    } else {
+      const at::Tensor a_all = a.size() == 1 ? a[0].contiguous() : at::cat(a);
+      AT_DISPATCH_FLOATING_TYPES(a_all.scalar_type(), "rnn_stack_weight_grad_sum", [&] {
+        grad = cpu::matrix_grad<scalar_t>(a_all, x_all, dtype_ == at::kBFloat16);
+      });
+    }
+    if (grad.scalar_type() != dtype_) grad = grad.to(dtype_);
+  }
+  // calls that returned their gradient (under create_graph), summed by autograd
+  if (!grads.empty() && grads[0].defined()) grad = grad.defined() ? grad + grads[0] : grads[0];
+  return {grad};
+}
+
+at::Tensor deferring_alias(const at::Tensor& w) {
+  auto& entries = alias_entries();
+  const uint32_t version = w._version();
+  for (auto it = entries.begin(); it != entries.end();) {
+    auto weight = it->weight.lock();
+    auto alias = it->alias.lock();
+    if (!weight || !alias) {
+      it = entries.erase(it);
+    } else if (weight.get() != w.unsafeGetTensorImpl()) {
+      ++it;
+    } else if (it->version == version) {
+      return at::Tensor(std::move(alias));
+    } else {  // w changed in place (an optimizer step): the next graph gets a new alias
+      it = entries.erase(it);
+    }
+  }
+  // w's values and version counter, without its autograd history
+  at::Tensor alias = w.tensor_data();
+  torch::autograd::create_gradient_edge(alias, c10::make_intrusive<WeightGradSum>(w));
+  entries.push_back({WeakImpl(w.getIntrusivePtr()), WeakImpl(alias.getIntrusivePtr()), version});
+  return alias;
+}
+
+WeightGradSum* weight_grad_sum(const at::Tensor& t) {
+  if (!t.defined()) return nullptr;
+  const auto& fn = t.grad_fn();
+  return fn ? dynamic_cast<WeightGradSum*>(fn.get()) : nullptr;
+}
+
+}  // namespace seq2seq_ext

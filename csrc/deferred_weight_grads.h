@@ -1,0 +1,63 @@
+// Deferred weight gradients of rnn_stack's one-step calls.
+//
+// A decoder called once per token in a Python loop (the teacher-forcing pattern) runs rnn_stack
+// once per step, and each call's backward would return a full (G, K) gradient of every weight
+// matrix: a product over only the call's B rows, written out whole, which autograd then adds
+// into the running sum (at hidden 512 and batch 128, about 1 ms a matrix a call, most of it
+// memory traffic). Instead, such a call runs over an alias of each large matrix: the same
+// values, whose gradient edge leads to one WeightGradSum node per matrix and graph. Each call's
+// backward hands that node its rows (the gate gradients A and the layer inputs X) and no
+// gradient; the node runs once all of them have (autograd runs a node after every node feeding
+// it) and gives the matrix sum_calls A^T X as one product over the rows of all calls, where a
+// GEMM's rate is highest.
+//
+// Rows are handed over only by a backward that will run the node (needs_input_grad: a
+// torch.autograd.grad for other inputs leaves them out), and only without create_graph (then
+// the call returns its gradient as before, which the node passes on).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/function.h>
+
+#include <memory>
+#include <mutex>
+#include <vector>
+
+namespace seq2seq_ext {
+
+// When one-step calls defer their matrices' gradients: kAuto for matrices of at least
+// kDeferMinElements elements (smaller ones stay in cache, where the per-call sum costs little),
+// kAlways for any (tests), kOff never. Chosen from Python (seq2seq_ext.ops.set_deferred_grads).
+enum class DeferGrads { kOff, kAuto, kAlways };
+constexpr int64_t kDeferMinElements = int64_t(1) << 16;
+DeferGrads deferred_grads();
+void set_deferred_grads(DeferGrads mode);
+
+// Whether a call of rnn_stack with this input and batch_sizes defers the gradient of the weight
+// matrix w (a dense one-step call on the CPU, grad mode on, w requiring a gradient, the mode).
+bool defers_grad(const at::Tensor& input, bool packed, const at::Tensor& w);
+
+// The node that sums a matrix's gradient over the calls of a graph.
+class WeightGradSum : public torch::autograd::Node {
+ public:
+  explicit WeightGradSum(const at::Tensor& w);
+  // One call's rows, as cpu::stack_backward gives them: a (M, G) and x (M, K) in float32 or
+  // float64, or a^T (G, M) and x in bfloat16 (a bf16 GEMM's operands).
+  void add_rows(at::Tensor a, at::Tensor x);
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override;
+  std::string name() const override { return "RnnStackWeightGradSum"; }
+
+ private:
+  std::mutex mutex_;
+  std::vector<at::Tensor> a_, x_;
+  at::ScalarType dtype_;  // the matrix's
+};
+
+// The alias a call uses in place of w (see the top of the file): the same one while w is alive
+// and unchanged (its version) and an earlier call's alias is still alive, else a new one.
+at::Tensor deferring_alias(const at::Tensor& w);
+
+// The WeightGradSum behind an alias from deferring_alias, or null for any other tensor.
+WeightGradSum* weight_grad_sum(const at::Tensor& t);
+
+}  // namespace seq2seq_ext
