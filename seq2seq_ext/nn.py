@@ -41,6 +41,11 @@ parameters' gradients stay float32 (:func:`seq2seq_ext.ops.set_bf16_gemm` says h
 run). Where oneDNN has no bf16 products PyTorch's bf16 LSTM cannot run, so a large LSTM sequence
 stays fused there.
 
+A one-step call's backward on the CPU hands the large weight matrices' gate gradients and inputs
+to one node per matrix and graph, which sums the gradient over all the loop's calls in one
+product (:func:`seq2seq_ext.ops.set_deferred_grads`), instead of a full gradient per call that
+autograd adds up.
+
 Dropout between layers keeps a unit when a uniform sample from the default generator falls
 below ``1 - p``, so the masks differ from those ``nn.GRU`` / ``nn.LSTM`` would draw for the same
 seed; the distribution (Bernoulli(1 - p)) and the scaling (``1 / (1 - p)``) are the same.

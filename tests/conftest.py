@@ -142,6 +142,16 @@ def rounded_bf16_gemm():
     ops.set_bf16_gemm(before)
 
 
+@pytest.fixture
+def deferred(request):
+    """The deferred weight-gradient mode ``request.param`` (``ops.set_deferred_grads``; tests
+    parametrize it indirectly), the process's own mode restored."""
+    before = ops.deferred_grads()
+    ops.set_deferred_grads(request.param)
+    yield request.param
+    ops.set_deferred_grads(before)
+
+
 @pytest.fixture(params=["rounded", "native"])
 def bf16_gemm(request):
     """Each way of running bf16 products (ops.set_bf16_gemm), the process's own mode restored."""

@@ -523,15 +523,6 @@ class TestRnnStackBf16Matrices:
             OP("lstm", a["x"], a["h0"], a["c0"], a["weights"], None)
 
 
-@pytest.fixture
-def deferred(request):
-    """The deferred-gradient mode of ``request.param`` (``ops.set_deferred_grads``), restored."""
-    before = ops.deferred_grads()
-    ops.set_deferred_grads(request.param)
-    yield request.param
-    ops.set_deferred_grads(before)
-
-
 def step_loop(cell, args, steps, weights=None):
     """A decoder's loop: ``steps`` one-step calls of rnn_stack, each on the next row block of
     ``x`` and the state the previous call left. Returns the stacked outputs and the last state."""
