@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -37,6 +38,67 @@ inline c10::BFloat16 to_bf16(float v) {
   uint32_t u;
   std::memcpy(&u, &r, sizeof u);
   return c10::BFloat16(static_cast<uint16_t>(u >> 16), c10::BFloat16::from_bits());
+}
+
+// out (M, K) bfloat16, contiguous = x (M, K, row stride ldx) rounded as c10::BFloat16 rounds.
+// Under AVX-512 16 lanes at a time (ATen's own conversion runs its AVX2 kernel here, at about
+// half the rate on the one-step calls' rows); elsewhere ATen's copy.
+template <typename T>
+void narrow_rows(const T* x, int64_t ldx, int64_t M, int64_t K, c10::BFloat16* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * ldx;
+      c10::BFloat16* o = out + m * K;
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k),
+                            at::vec::cvtfp32_bf16(_mm512_loadu_ps(xr + k)));
+      for (; k < K; ++k) o[k] = c10::BFloat16(xr[k]);
+    }
+    return;
+  }
+#endif
+  const auto f = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::from_blob(out, {M, K}, at::TensorOptions().dtype(at::kBFloat16))
+      .copy_(at::from_blob(const_cast<T*>(x), {M, K}, {ldx, 1}, f));
+}
+
+// y (M, N, row stride ldy) = r (M, N) bfloat16, contiguous, widened (exact) + bias (N entries,
+// or null): a bf16 GEMM's result into float32 rows in one pass, as ATen's copy then add give it.
+template <typename T>
+void widen_rows(const c10::BFloat16* r, int64_t M, int64_t N, const T* bias, T* y,
+                int64_t ldy) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t m = 0; m < M; ++m) {
+      const c10::BFloat16* rr = r + m * N;
+      float* yr = y + m * ldy;
+      int64_t n = 0;
+      for (; n + 16 <= N; n += 16) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rr + n));
+        __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n));
+        _mm512_storeu_ps(yr + n, v);
+      }
+      for (; n < N; ++n) yr[n] = static_cast<float>(rr[n]) + (bias ? bias[n] : 0.0f);
+    }
+    return;
+  }
+#endif
+  const auto f = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor yt = at::from_blob(y, {M, N}, {ldy, 1}, f);
+  yt.copy_(at::from_blob(const_cast<c10::BFloat16*>(r), {M, N},
+                         at::TensorOptions().dtype(at::kBFloat16)));
+  if (bias) yt.add_(at::from_blob(const_cast<T*>(bias), {N}, f));
+}
+
+// A (M, K) bfloat16 tensor of x's rows (narrow_rows).
+template <typename T>
+at::Tensor narrowed_rows(const T* x, int64_t ldx, int64_t M, int64_t K) {
+  at::Tensor out = at::empty({M, K}, at::TensorOptions().dtype(at::kBFloat16));
+  narrow_rows(x, ldx, M, K, out.mutable_data_ptr<c10::BFloat16>());
+  return out;
 }
 
 // X (M, K), row stride ldx, rounded to bfloat16 values into buf (row stride K); returns buf.

@@ -143,8 +143,10 @@ struct RowProduct {
   // gradients, converted once for several products); the bf16 result widened into y in place,
   // then the bias added (faster than one mixed-dtype addition).
   void native_into(const at::Tensor& x_low, at::Tensor& y) const {
-    y.copy_(at::mm(x_low, w_low));
-    if (b.defined()) y.add_(b);
+    const at::Tensor r = at::mm(x_low, w_low).contiguous();
+    widen_rows<T>(r.const_data_ptr<c10::BFloat16>(), y.size(0), y.size(1),
+                  b.defined() ? b.const_data_ptr<T>() : nullptr, y.mutable_data_ptr<T>(),
+                  y.stride(0));
   }
 
 
@@ -173,7 +175,7 @@ struct RowProduct {
         at::Tensor x = at::from_blob(const_cast<T*>(X), {M, K}, {ldx, 1}, opts);
         at::Tensor y = at::from_blob(Y, {M, N}, {ldy, 1}, opts);
         if (native) {
-          native_into(x.to(at::kBFloat16), y);
+          native_into(narrowed_rows(X, ldx, M, K), y);
         } else if (b.defined()) {
           addmm_over_bias_rows<T>(y, Y, ldy, b.const_data_ptr<T>(), x, w_kn);
         } else
@@ -450,11 +452,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   auto deferred = [&](int64_t k) { return defer != nullptr && (*defer)[k]; };
   if (defer != nullptr) rows->assign(2 * weights.size(), at::Tensor());
   const bool gemm_rows = low && bf16_gemm() == Bf16Gemm::kNative;  // deferred rows in bf16
-  auto deferred_a = [&](const T* p, int64_t M) {
-    return gemm_rows ? transposed_bf16(rows_view(p, M, G, G)) : rows_view(p, M, G, G).clone();
+  // A from the (M, G) gate gradients at p, or from their bf16 rounding `low` when the steps'
+  // products made one (the same values: transposed without rounding again)
+  auto deferred_a = [&](const T* p, const at::Tensor& low) {
+    if (!gemm_rows) return rows_view(p, M, G, G).clone();
+    return transposed_bf16(low.defined() ? low : rows_view(p, M, G, G));
   };
   auto deferred_x = [&](const at::Tensor& x, bool fresh) {
-    if (gemm_rows) return x.to(at::kBFloat16, false, false, at::MemoryFormat::Contiguous);
+    if (gemm_rows) return narrowed_rows(x.const_data_ptr<T>(), x.stride(0), x.size(0), x.size(1));
     return fresh ? x : x.clone();
   };
   for (size_t k = 0; k < weights.size(); ++k) {  // zeroed here: at::zeros is an op call each
@@ -527,7 +532,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       }
       if (dgh_low.defined() && rows > 0) {
         at::Tensor step_low = dgh_low.narrow(0, off[t], rows);
-        step_low.copy_(rows_view(dgh_p + off[t] * G, rows, G, G));
+        narrow_rows(dgh_p + off[t] * G, G, rows, G,
+                    step_low.mutable_data_ptr<c10::BFloat16>());
         at::Tensor y = rows_view(dh_rec.data(), rows, H, ldr);
         rec.native_into(step_low, y);
       } else {
@@ -563,13 +569,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     // dgi in bf16, made once for the gradients that are bf16 GEMMs (the LSTM's: dgh_low)
     at::Tensor dgi_low = kLstm ? dgh_low : at::Tensor();
     auto low_dgi = [&]() -> const at::Tensor& {
-      if (!dgi_low.defined()) dgi_low = rows_view(dgi.data(), M, G, G).to(at::kBFloat16);
+      if (!dgi_low.defined()) dgi_low = narrowed_rows(dgi.data(), G, M, G);
       return dgi_low;
     };
     // a deferred matrix's A: the gate gradients, copied out of the scratch (the LSTM's W_ih and
     // W_hh share them)
     at::Tensor dgi_rows;
-    if (deferred(base) || (kLstm && deferred(base + 1))) dgi_rows = deferred_a(dgi.data(), M);
+    if (deferred(base) || (kLstm && deferred(base + 1)))
+      dgi_rows = deferred_a(dgi.data(), kLstm ? dgh_low : at::Tensor());
     if (deferred(base)) {
       (*rows)[2 * base] = dgi_rows;
       (*rows)[2 * base + 1] =
@@ -593,7 +600,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     const T* later = d.is_packed ? h_prev.data() : layer_saved;
     const int64_t ld_later = d.is_packed ? H : S;
     if (deferred(base + 1)) {
-      (*rows)[2 * (base + 1)] = kLstm ? dgi_rows : deferred_a(dgh_p, M);
+      (*rows)[2 * (base + 1)] = kLstm ? dgi_rows : deferred_a(dgh_p, dgh_low);
       at::Tensor h_rows = h0.select(0, l).narrow(0, 0, off[1]);
       if (M > off[1]) {
         h_rows = at::empty({M, H}, opts);
