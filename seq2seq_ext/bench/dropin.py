@@ -62,10 +62,12 @@ def stubbed(model):
     return model
 
 
-def seed_case(cell, size, repeat, amp=False):
+def seed_case(cell, size, repeat, amp=False, per_call=False):
     """The seeds' training step. ``amp``: every model under CPU autocast to bfloat16, beside the
     plain model in float32 ("plain-f32"); a model whose step raises (PyTorch's bf16 LSTM on a
-    CPU without bf16 instructions) is reported as failing."""
+    CPU without bf16 instructions) is reported as failing. ``per_call``: also the accelerated
+    model with per-call weight gradients ("per-call": ``ops.set_deferred_grads("off")`` for its
+    steps), interleaved with the rest."""
     src_v, tgt_v, embed, hidden, layers, dropout, batch, steps = SIZES[size]
     torch.manual_seed(0)
     plain = seed_models.Seq2Seq(src_v, tgt_v, embed, hidden, layers, dropout, cell=cell)
@@ -75,13 +77,23 @@ def seed_case(cell, size, repeat, amp=False):
               "stub": stubbed(plain)}
     if amp:
         models["plain-f32"] = copy.deepcopy(plain)
+    if per_call:
+        models["per-call"] = seq2seq_ext.accelerate(copy.deepcopy(plain))
     opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items()}
     src, trg = seed_models.batch(batch, steps, src_v, tgt_v)
     coins = random.Random(0)
 
     def step(k):
-        return lambda: seed_models.train_step(models[k], opts[k], src, trg, coins,
+        def run():
+            before = seq2seq_ext.ops.deferred_grads()
+            if k == "per-call":
+                seq2seq_ext.ops.set_deferred_grads("off")
+            try:
+                return seed_models.train_step(models[k], opts[k], src, trg, coins,
                                               amp=amp and k != "plain-f32")
+            finally:
+                seq2seq_ext.ops.set_deferred_grads(before)
+        return run
 
     failed, compile_s = {}, None
     for k in list(models):
@@ -146,12 +158,12 @@ def interleaved(fns, repeat):
 
 
 CASES = {
-    "seed-lstm": lambda r: seed_case("lstm", "seed", r),
-    "seed-gru": lambda r: seed_case("gru", "seed", r),
-    "seed-lstm-chapter": lambda r: seed_case("lstm", "chapter", r),
-    "seed-gru-chapter": lambda r: seed_case("gru", "chapter", r),
-    "seed-lstm-large": lambda r: seed_case("lstm", "large", max(3, r // 4)),
-    "seed-gru-large": lambda r: seed_case("gru", "large", max(3, r // 4)),
+    "seed-lstm": lambda r, **kw: seed_case("lstm", "seed", r, **kw),
+    "seed-gru": lambda r, **kw: seed_case("gru", "seed", r, **kw),
+    "seed-lstm-chapter": lambda r, **kw: seed_case("lstm", "chapter", r, **kw),
+    "seed-gru-chapter": lambda r, **kw: seed_case("gru", "chapter", r, **kw),
+    "seed-lstm-large": lambda r, **kw: seed_case("lstm", "large", max(3, r // 4), **kw),
+    "seed-gru-large": lambda r, **kw: seed_case("gru", "large", max(3, r // 4), **kw),
     "decode-step-lstm": lambda r: decode_step_case("lstm", "seed", r),
     "decode-step-gru": lambda r: decode_step_case("gru", "seed", r),
     "chapter-predict": chapter_predict_case,
@@ -198,6 +210,9 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--amp", action="store_true",
                         help="the seeds' training steps under CPU autocast to bfloat16")
+    parser.add_argument("--per-call", action="store_true",
+                        help="the seeds' training steps also with per-call weight gradients "
+                             "(ops.set_deferred_grads('off')), interleaved; a second table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.amp:
@@ -206,16 +221,35 @@ def main(argv=None):
     print("| case | plain | accelerated | speed-up | torch.compile | stub (ceiling) "
           "| ceiling speed-up | share of ceiling |")
     print("|---|---|---|---|---|---|---|---|")
+    per_call = []
     for name in args.cases:
         print(f"running {name}...", file=sys.stderr, flush=True)
-        times, extra = CASES[name](args.repeat)
+        if args.per_call and name in SEED_CASES:
+            times, extra = CASES[name](args.repeat, per_call=True)
+            per_call.append((name, times))
+        else:
+            times, extra = CASES[name](args.repeat)
         p, a, s = times["plain"], times["accelerated"], times["stub"]
         c = times.get("compiled")
         share = (p / a - 1) / (p / s - 1) if p > s else float("nan")
         comp = f"{fmt(c)} ({p / c:.2f}x)" if c else "-"
         print(f"| {name} | {fmt(p)} | {fmt(a)} | **{p / a:.2f}x** | {comp} | {fmt(s)} "
               f"| {p / s:.2f}x | {share:.0%} |", flush=True)
+    print_per_call(per_call)
     return 0
+
+
+def print_per_call(rows):
+    """The second table of --per-call: the accelerated step with per-call weight gradients
+    against one per matrix and graph (the default), from the same interleaved runs."""
+    if not rows:
+        return
+    print("\n| case | plain | accelerated, per-call gradients | accelerated | change |")
+    print("|---|---|---|---|---|")
+    for name, times in rows:
+        p, o, a = times["plain"], times["per-call"], times["accelerated"]
+        print(f"| {name} | {fmt(p)} | {fmt(o)} ({p / o:.2f}x) | {fmt(a)} ({p / a:.2f}x) "
+              f"| **{o / a:.2f}x** |", flush=True)
 
 
 def main_amp(args):
@@ -225,6 +259,7 @@ def main_amp(args):
     print("| case (bf16 autocast) | plain float32 | plain bf16 | accelerated bf16 | vs plain bf16 "
           "| vs plain float32 | torch.compile bf16 | stub bf16 (ceiling) | share of ceiling |")
     print("|---|---|---|---|---|---|---|---|---|")
+    per_call = []
     for name in args.cases:
         cell, size = SEED_CASES.get(name, (None, None))
         if cell is None:
@@ -232,7 +267,9 @@ def main_amp(args):
             continue
         print(f"running {name}...", file=sys.stderr, flush=True)
         repeat = max(3, args.repeat // 4) if size == "large" else args.repeat
-        times, extra = seed_case(cell, size, repeat, amp=True)
+        times, extra = seed_case(cell, size, repeat, amp=True, per_call=args.per_call)
+        if args.per_call:
+            per_call.append((name, times))
         failed = extra["failed"]
 
         def show(k):
@@ -245,6 +282,7 @@ def main_amp(args):
         comp = f"{fmt(c)} ({p / c:.2f}x)" if c and p else show("compiled")
         print(f"| {name} | {fmt(f32)} | {show('plain')} | {fmt(a)} | {vs_p} | {f32 / a:.2f}x "
               f"| {comp} | {fmt(s)} | {share} |", flush=True)
+    print_per_call([(n, t) for n, t in per_call if "plain" in t])
     return 0
 
 
