@@ -3,7 +3,10 @@
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include <algorithm>
 #include <atomic>
+#include <iterator>
+#include <unordered_map>
 
 #include "cpu/rnn_stack.h"
 
@@ -14,14 +17,21 @@ std::atomic<DeferGrads> g_mode{DeferGrads::kAuto};
 
 using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
 
-// A matrix and its current alias, held weakly: the alias lives as long as a graph saved it.
+// A matrix's current alias, held weakly (it lives as long as a graph saved it), and the
+// matrix (held weakly too: its key's address may be reused once it is gone).
 struct AliasEntry {
   WeakImpl weight, alias;
   uint32_t version;
 };
 
-std::vector<AliasEntry>& alias_entries() {
-  thread_local std::vector<AliasEntry> entries;
+// The entries of this thread by matrix, and the size above which the dead ones are swept.
+struct AliasEntries {
+  std::unordered_map<const c10::TensorImpl*, AliasEntry> by_weight;
+  size_t sweep_at = 64;
+};
+
+AliasEntries& alias_entries() {
+  thread_local AliasEntries entries;
   return entries;
 }
 
@@ -80,23 +90,26 @@ torch::autograd::variable_list WeightGradSum::apply(torch::autograd::variable_li
 at::Tensor deferring_alias(const at::Tensor& w) {
   auto& entries = alias_entries();
   const uint32_t version = w._version();
-  for (auto it = entries.begin(); it != entries.end();) {
-    auto weight = it->weight.lock();
-    auto alias = it->alias.lock();
-    if (!weight || !alias) {
-      it = entries.erase(it);
-    } else if (weight.get() != w.unsafeGetTensorImpl()) {
-      ++it;
-    } else if (it->version == version) {
+  const c10::TensorImpl* key = w.unsafeGetTensorImpl();
+  auto it = entries.by_weight.find(key);
+  if (it != entries.by_weight.end()) {
+    const AliasEntry& e = it->second;
+    auto weight = e.weight.lock();
+    auto alias = e.alias.lock();
+    // the same matrix, unchanged since (an optimizer step changes its version), its alias alive
+    if (weight && weight.get() == key && alias && e.version == version)
       return at::Tensor(std::move(alias));
-    } else {  // w changed in place (an optimizer step): the next graph gets a new alias
-      it = entries.erase(it);
-    }
+  }
+  if (entries.by_weight.size() >= entries.sweep_at) {  // drop the entries of dead matrices
+    for (auto e = entries.by_weight.begin(); e != entries.by_weight.end();)
+      e = e->second.weight.expired() ? entries.by_weight.erase(e) : std::next(e);
+    entries.sweep_at = std::max<size_t>(64, 2 * entries.by_weight.size());
   }
   // w's values and version counter, without its autograd history
   at::Tensor alias = w.tensor_data();
   torch::autograd::create_gradient_edge(alias, c10::make_intrusive<WeightGradSum>(w));
-  entries.push_back({WeakImpl(w.getIntrusivePtr()), WeakImpl(alias.getIntrusivePtr()), version});
+  entries.by_weight.insert_or_assign(
+      key, AliasEntry{WeakImpl(w.getIntrusivePtr()), WeakImpl(alias.getIntrusivePtr()), version});
   return alias;
 }
 

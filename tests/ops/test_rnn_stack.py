@@ -726,6 +726,18 @@ class TestRnnStackDeferredGrads:
             assert err <= 1e-2 * w.norm()
             assert err <= err_per_call * 1.1 + 1e-3 * w.norm()
 
+    @pytest.mark.parametrize("deferred", ["always"], indirect=True)
+    def test_many_weights_coming_and_going(self, deferred):
+        """More matrices than the per-thread table of aliases keeps before it sweeps out the
+        dead ones (64), each freed after its graph: every gradient is still the reference's."""
+        for k in range(80):
+            args = make_args("gru", 1, 2, 3, 4, 5, requires_grad=True, seed=1000 + k)
+            x, h0, c0, weights, _ = args
+            got = grads_of(step_loop("gru", args, 2), weights)
+            want = grads_of(reference.rnn_stack("gru", *args), weights)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
     def test_the_mode_is_checked(self):
         assert ops.deferred_grads() == "auto"
         with pytest.raises(ValueError, match="mode: expected one of"):
