@@ -481,7 +481,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   if (!kLstm) dgh.resize(M * G);
   T* dgh_p = kLstm ? dgi.data() : dgh.data();
   std::vector<T> dh(B * H), dc(kLstm ? B * H : 0), dh_direct(B * H);
-  Scratch<T> dh_rec;
+  Scratch<T> dh_rec, step_gi, step_gh;
   for (int64_t l = L - 1; l >= 0; --l) {
     const at::Tensor& w_ih = stack_weight(weights, d, l, 0);
     const at::Tensor& w_hh = stack_weight(weights, d, l, 1);
@@ -493,6 +493,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     // a native bf16 product rounds each step's gate gradients to bf16: into one buffer over all
     // rows, which W_hh's gradient (and the LSTM's W_ih's: the same gradients) then reads
     at::Tensor dgh_low = rec.native ? at::empty({M, G}, opts.dtype(at::kBFloat16)) : at::Tensor();
+    const int64_t base = (d.bias ? 4 : 2) * l;
+    // the input's gradient dgi W_ih: W_ih is the (K, N) = (G, K) matrix of the product
+    const RowProduct<T> back_in(w_ih, false, at::Tensor(), M, M);
+    // Every product of the layer a native bf16 GEMM: each step's gate gradients go to bf16 rows
+    // (and into the biases' sums) while in cache, and no float32 buffer over all rows is
+    // written, then read again
+    const bool full = rec.native && back_in.native &&
+                      (deferred(base) || native_matrix_grad(low, M, G, K)) &&
+                      (deferred(base + 1) || native_matrix_grad(low, M, G, H));
+    if (full) {
+      step_gi.resize(B * G);
+      if (!kLstm) step_gh.resize(B * G);
+    }
+    // dgi in bf16, made once for the gradients that are bf16 GEMMs (the LSTM's: dgh_low)
+    at::Tensor dgi_low = kLstm ? dgh_low
+                         : full ? at::empty({M, G}, opts.dtype(at::kBFloat16))
+                                : at::Tensor();
+    T* gb_ih = full && d.bias ? grad_w[base + 2].data_ptr<T>() : nullptr;
+    T* gb_hh = full && d.bias ? grad_w[base + 3].data_ptr<T>() : nullptr;
     const T* layer_saved = sv + l * M * S;
     if (grad_hn.defined()) {
       const T* p = grad_hn.const_data_ptr<T>() + l * B * H;
@@ -518,9 +537,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       const T* cp = kLstm ? (t > 0 ? layer_saved + off[t - 1] * S + H : c0l) : nullptr;
       if (dy)
         for (int64_t k = 0; k < rows * H; ++k) dh[k] += dy[off[t] * H + k];
+      // this step's gate gradients: in the buffers over all rows, or, full, in a step's scratch
+      T* gi_rows = full ? step_gi.data() : dgi.data() + off[t] * G;
+      T* gh_rows = kLstm ? gi_rows : full ? step_gh.data() : dgh_p + off[t] * G;
       for (int64_t b = 0; b < rows; ++b) {
-        T* dgib = dgi.data() + (off[t] + b) * G;
-        T* dghb = dgh_p + (off[t] + b) * G;
+        T* dgib = gi_rows + b * G;
+        T* dghb = gh_rows + b * G;
         over_row<T>(H, [&](auto lanes, int64_t j) {
           using Lanes = decltype(lanes);
           Cell::template backward<Lanes>(dh.data() + b * H + j,
@@ -532,12 +554,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       }
       if (dgh_low.defined() && rows > 0) {
         at::Tensor step_low = dgh_low.narrow(0, off[t], rows);
-        narrow_rows(dgh_p + off[t] * G, G, rows, G,
-                    step_low.mutable_data_ptr<c10::BFloat16>());
+        narrow_rows(gh_rows, G, rows, G, step_low.mutable_data_ptr<c10::BFloat16>());
+        if (full && !kLstm)
+          narrow_rows(gi_rows, G, rows, G, dgi_low.mutable_data_ptr<c10::BFloat16>() + off[t] * G);
+        if (gb_ih) {
+          add_column_sums<T>(gi_rows, G, rows, G, gb_ih);
+          add_column_sums<T>(gh_rows, G, rows, G, gb_hh);
+        }
         at::Tensor y = rows_view(dh_rec.data(), rows, H, ldr);
         rec.native_into(step_low, y);
       } else {
-        rec(dgh_p + off[t] * G, G, rows, dh_rec.data(), ldr);
+        rec(gh_rows, G, rows, dh_rec.data(), ldr);
       }
       for (int64_t b = 0; b < rows; ++b)
         for (int64_t j = 0; j < H; ++j)
@@ -565,9 +592,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       ldx = S;
     }
     if (M == 0) continue;
-    const int64_t base = (d.bias ? 4 : 2) * l;
-    // dgi in bf16, made once for the gradients that are bf16 GEMMs (the LSTM's: dgh_low)
-    at::Tensor dgi_low = kLstm ? dgh_low : at::Tensor();
     auto low_dgi = [&]() -> const at::Tensor& {
       if (!dgi_low.defined()) dgi_low = narrowed_rows(dgi.data(), G, M, G);
       return dgi_low;
@@ -576,7 +600,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     // W_hh share them)
     at::Tensor dgi_rows;
     if (deferred(base) || (kLstm && deferred(base + 1)))
-      dgi_rows = deferred_a(dgi.data(), kLstm ? dgh_low : at::Tensor());
+      dgi_rows = deferred_a(dgi.data(), dgi_low);
     if (deferred(base)) {
       (*rows)[2 * base] = dgi_rows;
       (*rows)[2 * base + 1] =
@@ -624,13 +648,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       if (M > off[1])
         add_at_x<T>(dgh_p + off[1] * G, G, later, ld_later, M - off[1], G, H, gw_hh, low);
     }
-    if (d.bias) {
+    if (d.bias && !full) {
       add_column_sums<T>(dgi.data(), G, M, G, grad_w[base + 2].data_ptr<T>());
       add_column_sums<T>(dgh_p, G, M, G, grad_w[base + 3].data_ptr<T>());
     }
-    // the input's gradient dgi W_ih: W_ih is the (K, N) = (G, K) matrix of the product; a
-    // native bf16 product reads the bf16 dgi made for the gradients above, when there is one
-    const RowProduct<T> back_in(w_ih, false, at::Tensor(), M, M);
+    // the input's gradient: a native bf16 product reads the bf16 dgi made for the gradients
+    // above, when there is one
     const int64_t ldd = back_in.padded();
     auto product = [&](T* out) {
       if (back_in.native && dgi_low.defined()) {
