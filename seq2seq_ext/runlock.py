@@ -10,6 +10,7 @@ blocks a later run.
 On systems without ``fcntl`` (Windows) the lock is a no-op.
 """
 import os
+import time
 
 try:
     import fcntl
@@ -17,6 +18,10 @@ except ImportError:  # pragma: no cover - not on Linux
     fcntl = None
 
 __all__ = ['RunLock', 'RunLockError', 'lock_path']
+
+# How long a run refused the lock waits for the holder's pid to appear in the file (written
+# right after the holder locks it), so that the error can name it.
+_NAME_WAIT_S = 1.0
 
 
 class RunLockError(RuntimeError):
@@ -54,7 +59,11 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                pid = _holder(fd)
+                # the holder writes its pid just after it takes the lock: give it a moment
+                pid, deadline = _holder(fd), time.monotonic() + _NAME_WAIT_S
+                while pid is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    pid = _holder(fd)
                 os.close(fd)
                 who = f'pid {pid}' if pid is not None else 'another process'
                 raise RunLockError(

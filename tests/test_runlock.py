@@ -24,6 +24,24 @@ def test_a_second_holder_fails_at_once_naming_the_first(tmp_path):
         pass
 
 
+def test_a_holder_yet_to_write_its_pid_is_still_named(tmp_path):
+    """Between the holder's flock and its pid's write, a second run waits for the pid (briefly)
+    rather than failing without naming the holder."""
+    import fcntl
+    import threading
+    path = tmp_path / 'run.pt'
+    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked, nothing written yet
+        writer = threading.Timer(0.2, lambda: os.pwrite(fd, b'4242\n', 0))
+        writer.start()
+        with pytest.raises(RunLockError, match='pid 4242'):
+            RunLock(path).acquire()
+        writer.join()
+    finally:
+        os.close(fd)
+
+
 def test_the_lock_is_held_against_another_process(tmp_path):
     path = tmp_path / 'run.pt'
     probe = ('import sys\nfrom seq2seq_ext.runlock import RunLock, RunLockError\n'
