@@ -313,7 +313,8 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
         deferring = deferring || defer[k];
       }
     }
-    const auto sizes = batch_sizes ? at::OptionalIntArrayRef(*batch_sizes) : at::OptionalIntArrayRef();
+    const auto sizes =
+        batch_sizes ? at::OptionalIntArrayRef(*batch_sizes) : at::OptionalIntArrayRef();
     std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> result;
     if (deferring) {  // deferring calls are CPU ones (defers_grad): the kernel itself
       RECORD_FUNCTION("seq2seq_ext::rnn_stack_backward", std::vector<c10::IValue>());
@@ -361,8 +362,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_autograd(
   for (size_t k = 0; per > 0 && k < w.size(); ++k)
     if (static_cast<int64_t>(k) % per < 2 && defers_grad(input, batch_sizes.has_value(), w[k]))
       w[k] = deferring_alias(w[k]);
-  auto out = RnnStackFunction::apply(std::string(cell), input, h0, c0, at::TensorList(w), dropout_mask,
-                                     batch_sizes);
+  auto out = RnnStackFunction::apply(std::string(cell), input, h0, c0, at::TensorList(w),
+                                     dropout_mask, batch_sizes);
   return {out[0], out[1], out[2], out[3]};
 }
 

@@ -140,10 +140,10 @@ struct RowProduct {
   int64_t padded() const { return mode == kBlas ? N : Np; }
 
   // Under `native`: y (M, N) = x_low W (+ bias) for rows already in bf16 (the backward's gate
-  // gradients, converted once for several products); the bf16 result widened into y in place,
-  // then the bias added (faster than one mixed-dtype addition).
+  // gradients, converted once for several products); the bf16 result widened into y with the
+  // bias added, in one pass (widen_rows).
   void native_into(const at::Tensor& x_low, at::Tensor& y) const {
-    const at::Tensor r = at::mm(x_low, w_low).contiguous();
+    const at::Tensor r = at::mm(x_low, w_low);
     widen_rows<T>(r.const_data_ptr<c10::BFloat16>(), y.size(0), y.size(1),
                   b.defined() ? b.const_data_ptr<T>() : nullptr, y.mutable_data_ptr<T>(),
                   y.stride(0));
@@ -405,7 +405,7 @@ at::Tensor matrix_grad(const at::Tensor& a, const at::Tensor& x, bool low) {
   at::Tensor out = at::zeros({N, K}, a.options());
   add_at_x<T>(a.const_data_ptr<T>(), N, x.const_data_ptr<T>(), K, M, N, K, out.data_ptr<T>(),
               low);
-  return low ? out.to(at::kBFloat16) : out;
+  return out.to(at::kBFloat16);
 }
 
 // out[n] += sum over the M rows of A (M, N), row stride lda: a bias gradient.
@@ -453,10 +453,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   if (defer != nullptr) rows->assign(2 * weights.size(), at::Tensor());
   const bool gemm_rows = low && bf16_gemm() == Bf16Gemm::kNative;  // deferred rows in bf16
   // A from the (M, G) gate gradients at p, or from their bf16 rounding `low` when the steps'
-  // products made one (the same values: transposed without rounding again)
-  auto deferred_a = [&](const T* p, const at::Tensor& low) {
+  // products made one, `rounded` (the same values: transposed without rounding again)
+  auto deferred_a = [&](const T* p, const at::Tensor& rounded) {
     if (!gemm_rows) return rows_view(p, M, G, G).clone();
-    return transposed_bf16(low.defined() ? low : rows_view(p, M, G, G));
+    return transposed_bf16(rounded.defined() ? rounded : rows_view(p, M, G, G));
   };
   auto deferred_x = [&](const at::Tensor& x, bool fresh) {
     if (gemm_rows) return narrowed_rows(x.const_data_ptr<T>(), x.stride(0), x.size(0), x.size(1));
@@ -623,20 +623,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     // the rows after step 0's: dense, layer_saved's with row stride S; packed, h_prev's
     const T* later = d.is_packed ? h_prev.data() : layer_saved;
     const int64_t ld_later = d.is_packed ? H : S;
-    if (deferred(base + 1)) {
-      (*rows)[2 * (base + 1)] = kLstm ? dgi_rows : deferred_a(dgh_p, dgh_low);
-      at::Tensor h_rows = h0.select(0, l).narrow(0, 0, off[1]);
-      if (M > off[1]) {
-        h_rows = at::empty({M, H}, opts);
-        h_rows.narrow(0, 0, off[1]).copy_(rows_view(h0l, off[1], H, H));
-        h_rows.narrow(0, off[1], M - off[1]).copy_(rows_view(later, M - off[1], H, ld_later));
-      }
-      (*rows)[2 * (base + 1) + 1] = deferred_x(h_rows, true);
-    } else if (native_matrix_grad(low, M, G, H)) {
-      at::Tensor h_rows = at::empty({M, H}, opts.dtype(at::kBFloat16));
+    // the (M, H) states the rows started from, in `dtype`: h0's rows themselves (a view) when
+    // every row is step 0's and no conversion is asked
+    auto start_states = [&](at::ScalarType dtype) {
+      if (M == off[1] && dtype == opts.dtype().toScalarType())
+        return h0.select(0, l).narrow(0, 0, off[1]);
+      at::Tensor h_rows = at::empty({M, H}, opts.dtype(dtype));
       h_rows.narrow(0, 0, off[1]).copy_(rows_view(h0l, off[1], H, H));
       if (M > off[1])
         h_rows.narrow(0, off[1], M - off[1]).copy_(rows_view(later, M - off[1], H, ld_later));
+      return h_rows;
+    };
+    if (deferred(base + 1)) {
+      (*rows)[2 * (base + 1)] = kLstm ? dgi_rows : deferred_a(dgh_p, dgh_low);
+      (*rows)[2 * (base + 1) + 1] = deferred_x(start_states(opts.dtype().toScalarType()), true);
+    } else if (native_matrix_grad(low, M, G, H)) {
+      const at::Tensor h_rows = start_states(at::kBFloat16);
       // the hidden-side gate gradients in bf16 as the steps made them, else converted here (the
       // LSTM's are its input-side ones: dgh_p is dgi)
       const at::Tensor a_hh =
