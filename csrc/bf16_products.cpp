@@ -3,6 +3,7 @@
 
 #include <ATen/autocast_mode.h>
 
+#include "cpu/amx_gemm.h"
 #include "cpu/bf16.h"
 
 #include <atomic>
@@ -10,6 +11,7 @@
 namespace seq2seq_ext {
 namespace {
 std::atomic<Bf16Gemm> bf16_gemm_mode{Bf16Gemm::kRounded};
+std::atomic<bool> amx_mode{false};
 }  // namespace
 
 Bf16Gemm bf16_gemm() { return bf16_gemm_mode.load(std::memory_order_relaxed); }
@@ -18,6 +20,19 @@ bool native_product(int64_t m, int64_t k, int64_t n) {
   return bf16_gemm() == Bf16Gemm::kNative && m * k * n >= kNativeProductWork;
 }
 void set_bf16_gemm(Bf16Gemm mode) { bf16_gemm_mode.store(mode, std::memory_order_relaxed); }
+
+bool amx_products() { return amx_mode.load(std::memory_order_relaxed); }
+
+void set_amx_products(bool on) {
+  TORCH_CHECK(!on || cpu::amx_usable(),
+              "set_amx_products: this CPU or OS does not run AMX-BF16 (cpuid's AMX-TILE and "
+              "AMX-BF16, and Linux's permission for tile data)");
+  amx_mode.store(on, std::memory_order_relaxed);
+}
+
+bool amx_product(int64_t m, int64_t k, int64_t n) {
+  return amx_products() && m <= kAmxRows && native_product(m, k, n) && cpu::amx_shape(k, n);
+}
 
 at::Tensor bf16_values(const at::Tensor& t) {
   return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t.to(at::kBFloat16).to(at::kFloat);
@@ -31,6 +46,17 @@ at::Tensor bf16_mm(const at::Tensor& a, const at::Tensor& b) {
 
 void bf16_addmm_out(at::Tensor& out, const at::Tensor& c, const at::Tensor& a,
                     const at::Tensor& b) {
+  const bool c_ok = c.scalar_type() == at::kFloat &&
+                    (c.dim() == 1 ? c.is_contiguous() : c.dim() == 2 && c.stride(1) == 1);
+  if (amx_product(a.size(0), a.size(1), b.size(1)) && out.is_cpu() &&
+      out.scalar_type() == at::kFloat && out.stride(1) == 1 && b.scalar_type() == at::kBFloat16 &&
+      c_ok) {
+    const at::Tensor a_low = a.to(at::kBFloat16, false, false, at::MemoryFormat::Contiguous);
+    cpu::amx_gemm(a_low.const_data_ptr<c10::BFloat16>(), a_low.stride(0), a_low.size(0),
+                  *cpu::amx_matrix(b), c.const_data_ptr<float>(), c.dim() == 1 ? 0 : c.stride(0),
+                  out.mutable_data_ptr<float>(), out.stride(0));
+    return;
+  }
   if (native_product(a.size(0), a.size(1), b.size(1)))  // widened in place, then c added:
     out.copy_(at::mm(a.to(at::kBFloat16), b.to(at::kBFloat16))).add_(c);  // 0.7x a mixed add
   else

@@ -28,6 +28,18 @@ void set_bf16_gemm(Bf16Gemm mode);
 constexpr int64_t kNativeProductWork = int64_t(1) << 22;
 bool native_product(int64_t m, int64_t k, int64_t n);
 
+// Under kNative, whether the products of few rows (at most kAmxRows: a time step's or a one-step
+// call's) with a matrix both of whose sizes are multiples of 32 run on AMX tiles over the matrix
+// laid out once per matrix and version (cpu/amx_gemm.h), float32 results, instead of ATen bf16
+// GEMMs that lay the matrix out at every call. On by default where the CPU and OS run AMX-BF16
+// (seq2seq_ext/ops.py, set_amx_products); set_amx_products(true) needs cpu::amx_usable().
+constexpr int64_t kAmxRows = 256;
+bool amx_products();
+void set_amx_products(bool on);
+// amx_products() and an (m, k) x (k, n) product that takes them (native_product, m <= kAmxRows,
+// cpu::amx_shape(k, n)).
+bool amx_product(int64_t m, int64_t k, int64_t n);
+
 // t's values rounded to bfloat16, as a float32 tensor (t float32 or bfloat16).
 at::Tensor bf16_values(const at::Tensor& t);
 
@@ -37,7 +49,8 @@ at::Tensor bf16_mm(const at::Tensor& a, const at::Tensor& b);
 
 // out = c + a @ b with a @ b as bf16_mm computes it (c broadcast like a bias, or a matrix of
 // out's shape, not overlapping out); under Bf16Gemm::kNative the bf16 GEMM's result is widened
-// into out itself, with no float32 temporary.
+// into out itself, with no float32 temporary, or, for an amx_product, the AMX sums are added to
+// c into out (b laid out once, cached).
 void bf16_addmm_out(at::Tensor& out, const at::Tensor& c, const at::Tensor& a,
                     const at::Tensor& b);
 

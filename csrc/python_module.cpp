@@ -12,6 +12,7 @@
 #include "gru_layer.h"
 #include "lstm_decode_step.h"
 #include "bf16_products.h"
+#include "cpu/amx_gemm.h"
 #include "rnn_forward.h"
 
 namespace {
@@ -129,6 +130,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     seq2seq_ext::set_deferred_grads(static_cast<seq2seq_ext::DeferGrads>(mode));
   }, pybind11::arg("mode"));
   module.def("deferred_grads", [] { return static_cast<int>(seq2seq_ext::deferred_grads()); });
+  // The AMX-BF16 products of the recurrent layers' bf16 matrices (cpu/amx_gemm.h): whether they
+  // run here, and one product on its own (a (M, K) bf16 times the (K, N) matrix w, or w^T when
+  // `transposed`, plus bias), for the tests.
+  module.def("amx_usable", &seq2seq_ext::cpu::amx_usable);
+  module.def("set_amx_products", &seq2seq_ext::set_amx_products, pybind11::arg("on"));
+  module.def("amx_products", &seq2seq_ext::amx_products);
+  module.def("amx_mm", [](const at::Tensor& a, const at::Tensor& w, bool transposed,
+                          const std::optional<at::Tensor>& bias) {
+    TORCH_CHECK(seq2seq_ext::cpu::amx_usable(), "amx_mm: this CPU or OS does not run AMX-BF16");
+    TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && a.scalar_type() == at::kBFloat16 &&
+                w.scalar_type() == at::kBFloat16 && a.is_cpu() && w.is_cpu(),
+                "amx_mm: expected 2-D bfloat16 CPU tensors a and w");
+    const at::Tensor w_kn = transposed ? w.t() : w;
+    TORCH_CHECK(a.size(1) == w_kn.size(0) && seq2seq_ext::cpu::amx_shape(w_kn.size(0), w_kn.size(1)),
+                "amx_mm: expected a (M, K) and a (K, N) matrix with K and N multiples of 32, got ",
+                a.sizes(), " and ", w_kn.sizes());
+    const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    TORCH_CHECK(!b.defined() || b.numel() == w_kn.size(1), "amx_mm: bias: expected ",
+                w_kn.size(1), " values, got ", b.numel());
+    const at::Tensor ac = a.stride(1) == 1 ? a : a.contiguous();
+    at::Tensor out = at::empty({a.size(0), w_kn.size(1)}, a.options().dtype(at::kFloat));
+    const auto m = seq2seq_ext::cpu::amx_matrix(w_kn);
+    seq2seq_ext::cpu::amx_gemm(ac.const_data_ptr<c10::BFloat16>(), ac.stride(0), ac.size(0), *m,
+                               b.defined() ? b.const_data_ptr<float>() : nullptr, 0,
+                               out.mutable_data_ptr<float>(), out.stride(0));
+    return out;
+  }, pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("transposed"),
+     pybind11::arg("bias") = std::nullopt);
 #if defined(TORCH_VERSION_MAJOR) && defined(TORCH_VERSION_MINOR)
   module.attr("torch_version") =
       std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);

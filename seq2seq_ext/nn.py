@@ -38,8 +38,10 @@ Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the op's autocast rule (cs
 gives it the weight matrices in bfloat16, cast once per autocast region, and the rest in float32:
 every product takes bf16 operands with float32 sums; states, gates, outputs, biases and the
 parameters' gradients stay float32 (:func:`seq2seq_ext.ops.set_bf16_gemm` says how the products
-run). Where oneDNN has no bf16 products PyTorch's bf16 LSTM cannot run, so a large LSTM sequence
-stays fused there.
+run). A large LSTM sequence goes to PyTorch's bf16 LSTM (oneDNN) only where oneDNN has bf16
+products and the fused op's per-step products do not run on AMX tiles
+(:func:`seq2seq_ext.ops.set_amx_products`); with them the fused op is the faster one, and
+without oneDNN's bf16 products PyTorch's bf16 LSTM cannot run.
 
 A one-step call's backward on the CPU hands the large weight matrices' gate gradients and inputs
 to one node per matrix and graph, which sums the gradient over all the loop's calls in one
@@ -99,7 +101,10 @@ def _onednn_lstm_faster(module, cell, input, steps=None):
     if input.dtype != torch.float32 or input.device.type != "cpu" or steps <= 1:
         return False
     if torch.is_autocast_enabled("cpu"):
-        return ops.cpu_has_bf16_gemm()
+        # with its per-step products on AMX tiles the fused op is the faster one (1.14-2.5x
+        # oneDNN's LSTM, hidden 128-1024, forward and backward; benchmarks/RESULTS.md)
+        return ops.cpu_has_bf16_gemm() and not (ops.amx_products()
+                                                and ops.bf16_gemm() == "native")
     return not _FUSED_FLOAT32_LSTM
 
 

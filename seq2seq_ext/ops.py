@@ -102,7 +102,8 @@ _ops = torch.ops.seq2seq_ext
 # The bf16 products of the recurrent layer ops under CPU autocast (csrc/bf16_products.h): how
 # their CPU kernels run them, chosen once here.
 
-__all__ += ["set_bf16_gemm", "bf16_gemm", "cpu_has_bf16_gemm"]
+__all__ += ["set_bf16_gemm", "bf16_gemm", "cpu_has_bf16_gemm", "set_amx_products",
+            "amx_products"]
 
 _BF16_GEMMS = ("native", "rounded")
 
@@ -153,6 +154,28 @@ def bf16_gemm():
 
 
 set_bf16_gemm("native" if cpu_has_bf16_gemm() else "rounded")
+
+
+def set_amx_products(enabled):
+    """Under ``"native"`` bf16 products (:func:`set_bf16_gemm`), whether the products of few rows
+    (at most 256: one time step's, or a one-step call's) with a bf16 matrix whose both sizes are
+    multiples of 32 run on the CPU's AMX tiles over a copy of the matrix laid out once per matrix
+    and version (csrc/cpu/amx_gemm.h). The ATen bf16 GEMM they replace lays the matrix out at
+    every call, and rounds its result to bf16; these return float32 sums. The copy is found by
+    the matrix's memory and version counter: a matrix changed in place through ``.data`` (which
+    does not count as a change) must be given to the op anew. On by default where the CPU and
+    the OS run AMX-BF16 (``_C.amx_usable()``); ``True`` elsewhere raises."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    _C.set_amx_products(enabled)
+
+
+def amx_products():
+    """Whether :func:`set_amx_products` is on."""
+    return _C.amx_products()
+
+
+set_amx_products(_C.amx_usable())
 
 
 __all__ += ["autocast_linear"]

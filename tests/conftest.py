@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import seq2seq_ext
-from seq2seq_ext import ops
+from seq2seq_ext import _C, ops
 from seq2seq_ext.data import number_pairs
 from seq2seq_ext.utils import PLOT_ENV
 
@@ -159,3 +159,16 @@ def bf16_gemm(request):
     ops.set_bf16_gemm(request.param)
     yield request.param
     ops.set_bf16_gemm(before)
+
+
+@pytest.fixture(params=[False, True], ids=["amx-off", "amx-on"])
+def amx_products(request):
+    """Each way of running the few-row bf16 products (ops.set_amx_products: on AMX tiles or as
+    ATen bf16 GEMMs); on skips where the CPU or OS does not run AMX-BF16. The process's own mode
+    is restored."""
+    if request.param and not _C.amx_usable():
+        pytest.skip("needs a CPU and OS that run AMX-BF16")
+    before = ops.amx_products()
+    ops.set_amx_products(request.param)
+    yield request.param
+    ops.set_amx_products(before)

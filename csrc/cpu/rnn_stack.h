@@ -25,6 +25,7 @@
 #include "../rnn_cells.h"
 #include "../bf16_products.h"
 #include "../rnn_stack.h"
+#include "amx_gemm.h"
 #include "bf16.h"
 #include "cells.h"
 #include "common.h"
@@ -70,6 +71,7 @@ struct RowProduct {
   bool round = false;   // a bf16 matrix: X rounded to bf16 before the product
   bool native = false;  // kBlas on the bf16 matrix (w_low) as an ATen bf16 GEMM
   at::Tensor w_low;     // the bf16 (K, N) matrix when native
+  std::shared_ptr<const AmxMatrix> amx;  // w_low laid out for AMX tiles (amx_product)
   mutable std::vector<T> x_low;  // X rounded
 
   // Products of at least this many multiply-adds in one call go to BLAS: their rows reuse each
@@ -99,6 +101,9 @@ struct RowProduct {
       if (native) {
         w_low = as_kn(w);
         mode = kBlas;
+        if constexpr (std::is_same_v<T, float>) {
+          if (amx_product(call_rows, K, N)) amx = amx_matrix(w_low);
+        }
         return;
       }
       w_kn = as_kn(w.to(c10::CppTypeToScalarType<T>::value));  // exact; keeps w's strides
@@ -140,9 +145,18 @@ struct RowProduct {
   int64_t padded() const { return mode == kBlas ? N : Np; }
 
   // Under `native`: y (M, N) = x_low W (+ bias) for rows already in bf16 (the backward's gate
-  // gradients, converted once for several products); the bf16 result widened into y with the
-  // bias added, in one pass (widen_rows).
+  // gradients, converted once for several products): on AMX tiles over the laid-out matrix, or
+  // the ATen bf16 GEMM's result widened into y with the bias added, in one pass (widen_rows).
   void native_into(const at::Tensor& x_low, at::Tensor& y) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (amx) {
+        TORCH_INTERNAL_ASSERT(x_low.stride(1) == 1 && y.stride(1) == 1);
+        amx_gemm(x_low.const_data_ptr<c10::BFloat16>(), x_low.stride(0), x_low.size(0), *amx,
+                 b.defined() ? b.const_data_ptr<float>() : nullptr, 0, y.mutable_data_ptr<float>(),
+                 y.stride(0));
+        return;
+      }
+    }
     const at::Tensor r = at::mm(x_low, w_low);
     widen_rows<T>(r.const_data_ptr<c10::BFloat16>(), y.size(0), y.size(1),
                   b.defined() ? b.const_data_ptr<T>() : nullptr, y.mutable_data_ptr<T>(),
