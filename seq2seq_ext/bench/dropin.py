@@ -62,12 +62,19 @@ def stubbed(model):
     return model
 
 
-def seed_case(cell, size, repeat, amp=False, per_call=False):
+# the accelerated model's variants --per-call and --amx-off add: the setting each changes for
+# its steps (an ops setter and its value) and the getter that restores it
+VARIANTS = {"per-call": ("set_deferred_grads", "off", "deferred_grads"),
+            "amx-off": ("set_amx_products", False, "amx_products")}
+
+
+def seed_case(cell, size, repeat, amp=False, per_call=False, amx_off=False):
     """The seeds' training step. ``amp``: every model under CPU autocast to bfloat16, beside the
     plain model in float32 ("plain-f32"); a model whose step raises (PyTorch's bf16 LSTM on a
     CPU without bf16 instructions) is reported as failing. ``per_call``: also the accelerated
     model with per-call weight gradients ("per-call": ``ops.set_deferred_grads("off")`` for its
-    steps), interleaved with the rest."""
+    steps); ``amx_off``: also with its bf16 products of few rows as ATen GEMMs ("amx-off":
+    ``ops.set_amx_products(False)``); interleaved with the rest."""
     src_v, tgt_v, embed, hidden, layers, dropout, batch, steps = SIZES[size]
     torch.manual_seed(0)
     plain = seed_models.Seq2Seq(src_v, tgt_v, embed, hidden, layers, dropout, cell=cell)
@@ -77,22 +84,26 @@ def seed_case(cell, size, repeat, amp=False, per_call=False):
               "stub": stubbed(plain)}
     if amp:
         models["plain-f32"] = copy.deepcopy(plain)
-    if per_call:
-        models["per-call"] = seq2seq_ext.accelerate(copy.deepcopy(plain))
+    for name, wanted in (("per-call", per_call), ("amx-off", amx_off)):
+        if wanted:
+            models[name] = seq2seq_ext.accelerate(copy.deepcopy(plain))
     opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items()}
     src, trg = seed_models.batch(batch, steps, src_v, tgt_v)
     coins = random.Random(0)
 
     def step(k):
+        setter, value, getter = VARIANTS.get(k, (None, None, None))
+
         def run():
-            before = seq2seq_ext.ops.deferred_grads()
-            if k == "per-call":
-                seq2seq_ext.ops.set_deferred_grads("off")
+            before = getattr(seq2seq_ext.ops, getter)() if setter else None
+            if setter:
+                getattr(seq2seq_ext.ops, setter)(value)
             try:
                 return seed_models.train_step(models[k], opts[k], src, trg, coins,
                                               amp=amp and k != "plain-f32")
             finally:
-                seq2seq_ext.ops.set_deferred_grads(before)
+                if setter:
+                    getattr(seq2seq_ext.ops, setter)(before)
         return run
 
     failed, compile_s = {}, None
@@ -213,7 +224,14 @@ def main(argv=None):
     parser.add_argument("--per-call", action="store_true",
                         help="the seeds' training steps also with per-call weight gradients "
                              "(ops.set_deferred_grads('off')), interleaved; a second table")
+    parser.add_argument("--amx-off", action="store_true",
+                        help="with --amp: the seeds' training steps also with the bf16 products "
+                             "of few rows as ATen GEMMs (ops.set_amx_products(False)), "
+                             "interleaved; a table of their own")
     args = parser.parse_args(argv)
+    if args.amx_off and not seq2seq_ext.ops.amx_products():
+        parser.error("--amx-off: the bf16 products do not run on AMX tiles here "
+                     "(seq2seq_ext.ops.amx_products() is False)")
     torch.set_num_threads(args.threads)
     if args.amp:
         return main_amp(args)
@@ -242,12 +260,18 @@ def main(argv=None):
 def print_per_call(rows):
     """The second table of --per-call: the accelerated step with per-call weight gradients
     against one per matrix and graph (the default), from the same interleaved runs."""
+    print_variant(rows, "per-call", "accelerated, per-call gradients")
+
+
+def print_variant(rows, variant, title):
+    """A table of the accelerated step with one of VARIANTS against the default, from the same
+    interleaved runs."""
     if not rows:
         return
-    print("\n| case | plain | accelerated, per-call gradients | accelerated | change |")
+    print(f"\n| case | plain | {title} | accelerated | change |")
     print("|---|---|---|---|---|")
     for name, times in rows:
-        p, o, a = times["plain"], times["per-call"], times["accelerated"]
+        p, o, a = times["plain"], times[variant], times["accelerated"]
         print(f"| {name} | {fmt(p)} | {fmt(o)} ({p / o:.2f}x) | {fmt(a)} ({p / a:.2f}x) "
               f"| **{o / a:.2f}x** |", flush=True)
 
@@ -259,7 +283,7 @@ def main_amp(args):
     print("| case (bf16 autocast) | plain float32 | plain bf16 | accelerated bf16 | vs plain bf16 "
           "| vs plain float32 | torch.compile bf16 | stub bf16 (ceiling) | share of ceiling |")
     print("|---|---|---|---|---|---|---|---|---|")
-    per_call = []
+    runs = []
     for name in args.cases:
         cell, size = SEED_CASES.get(name, (None, None))
         if cell is None:
@@ -267,9 +291,9 @@ def main_amp(args):
             continue
         print(f"running {name}...", file=sys.stderr, flush=True)
         repeat = max(3, args.repeat // 4) if size == "large" else args.repeat
-        times, extra = seed_case(cell, size, repeat, amp=True, per_call=args.per_call)
-        if args.per_call:
-            per_call.append((name, times))
+        times, extra = seed_case(cell, size, repeat, amp=True, per_call=args.per_call,
+                                 amx_off=args.amx_off)
+        runs.append((name, times))
         failed = extra["failed"]
 
         def show(k):
@@ -282,7 +306,11 @@ def main_amp(args):
         comp = f"{fmt(c)} ({p / c:.2f}x)" if c and p else show("compiled")
         print(f"| {name} | {fmt(f32)} | {show('plain')} | {fmt(a)} | {vs_p} | {f32 / a:.2f}x "
               f"| {comp} | {fmt(s)} | {share} |", flush=True)
-    print_per_call([(n, t) for n, t in per_call if "plain" in t])
+    rows = [(n, t) for n, t in runs if "plain" in t]
+    if args.per_call:
+        print_per_call(rows)
+    if args.amx_off:
+        print_variant(rows, "amx-off", "accelerated, products as ATen GEMMs")
     return 0
 
 
