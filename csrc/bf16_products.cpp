@@ -63,10 +63,16 @@ void bf16_addmm_out(at::Tensor& out, const at::Tensor& c, const at::Tensor& a,
     at::addmm_out(out, c, bf16_values(a), bf16_values(b));
 }
 
-at::Tensor bf16_matrix_grad(const at::Tensor& a, const at::Tensor& x) {
-  if (native_product(a.size(1), a.size(0), x.size(1)) && a.is_cpu())  // a^T laid out
-    return at::mm(cpu::transposed_bf16(a.stride(1) == 1 ? a : a.contiguous()),
-                  x.to(at::kBFloat16, false, false, at::MemoryFormat::Contiguous));
+at::Tensor bf16_matrix_grad(const at::Tensor& a, const at::Tensor& x, at::Tensor* a_t) {
+  if (native_product(a.size(1), a.size(0), x.size(1)) && a.is_cpu()) {  // a^T laid out
+    at::Tensor own;
+    at::Tensor& t = a_t ? *a_t : own;
+    if (!t.defined()) t = cpu::transposed_bf16(a.stride(1) == 1 ? a : a.contiguous());
+    if (x.scalar_type() == at::kFloat && x.stride(1) == 1)  // rounded in one AVX-512 pass
+      return at::mm(t, cpu::narrowed_rows(x.const_data_ptr<float>(), x.stride(0), x.size(0),
+                                          x.size(1)));
+    return at::mm(t, x.to(at::kBFloat16, false, false, at::MemoryFormat::Contiguous));
+  }
   return at::mm(bf16_values(a).t(), bf16_values(x)).to(at::kBFloat16);
 }
 

@@ -58,7 +58,9 @@ void bf16_addmm_out(at::Tensor& out, const at::Tensor& c, const at::Tensor& a,
 // the (N, K) gradient of a bf16 weight matrix over M rows, in bfloat16, rounded once. Under
 // Bf16Gemm::kNative one bf16 GEMM on bf16 copies: a^T laid out (cpu::transposed_bf16), x
 // contiguous.
-at::Tensor bf16_matrix_grad(const at::Tensor& a, const at::Tensor& x);
+// a_t, when given, keeps a^T laid out for another gradient over the same a (the LSTM's W_ih and
+// W_hh): made by the first call, reused by the next.
+at::Tensor bf16_matrix_grad(const at::Tensor& a, const at::Tensor& x, at::Tensor* a_t = nullptr);
 
 // The layer ops' CPU autocast rules, through autocast's cast cache: a floating argument in
 // float32 (float64 stays), a weight matrix in bfloat16 when autocast's dtype is bfloat16 (else

@@ -8,6 +8,8 @@
 #include <iterator>
 #include <unordered_map>
 
+#include "cpu/bf16.h"
+#include "cpu/common.h"
 #include "cpu/rnn_stack.h"
 
 namespace seq2seq_ext {
@@ -72,8 +74,18 @@ torch::autograd::variable_list WeightGradSum::apply(torch::autograd::variable_li
   at::Tensor grad;
   if (!a.empty()) {
     const at::Tensor x_all = x.size() == 1 ? x[0].contiguous() : at::cat(x);
-    if (a[0].scalar_type() == at::kBFloat16) {  // A^T (G, M) and X, a bf16 GEMM's operands
-      grad = at::mm(a.size() == 1 ? a[0] : at::cat(a, 1), x_all);
+    if (a[0].scalar_type() == at::kBFloat16) {
+      // one bf16 GEMM: A^T (G, all rows) laid out straight from the calls' A (rows, G), each
+      // call's rows a block of columns (cpu::transpose_bf16_into), then times X
+      int64_t rows = 0;
+      for (const at::Tensor& p : a) rows += p.size(0);
+      at::Tensor a_t = cpu::empty_written_once({a[0].size(1), rows}, a[0].options());
+      int64_t col = 0;
+      for (const at::Tensor& p : a) {
+        cpu::transpose_bf16_into(p, a_t.mutable_data_ptr<c10::BFloat16>() + col, rows);
+        col += p.size(0);
+      }
+      grad = at::mm(a_t, x_all);
     } else {
       const at::Tensor a_all = a.size() == 1 ? a[0].contiguous() : at::cat(a);
       AT_DISPATCH_FLOATING_TYPES(a_all.scalar_type(), "rnn_stack_weight_grad_sum", [&] {

@@ -42,7 +42,7 @@ class WeightGradSum : public torch::autograd::Node {
  public:
   explicit WeightGradSum(const at::Tensor& w);
   // One call's rows, as cpu::stack_backward gives them: a (M, G) and x (M, K) in float32 or
-  // float64, or a^T (G, M) and x in bfloat16 (a bf16 GEMM's operands).
+  // float64, or in bfloat16 (the operands of a bf16 GEMM; a^T is laid out once, over all calls).
   void add_rows(at::Tensor a, at::Tensor x);
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override;
   std::string name() const override { return "RnnStackWeightGradSum"; }

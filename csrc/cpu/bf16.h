@@ -114,16 +114,13 @@ const T* rounded_to_bf16(const T* X, int64_t ldx, int64_t M, int64_t K, std::vec
   return out;
 }
 
-// The (N, M) bfloat16 transpose of a (M, N) float32 or bfloat16 matrix with unit column stride:
-// the left operand of a weight gradient's bf16 GEMM (A^T X over M rows) laid out as oneDNN
-// multiplies fastest (with AMX, one thread: 1536 x 1536 x 512 in 1.7 ms against 3.7 ms on the
-// transposed view), converted as c10::BFloat16 rounds. 32 x 32 blocks: a float32 block rounded
+// The (N, M) bfloat16 transpose of a (M, N) float32 or bfloat16 matrix with unit column stride,
+// written to dst with row stride ld_dst (columns 0 to M of an (N, ld_dst) matrix: a part of a
+// larger transpose), converted as c10::BFloat16 rounds. 32 x 32 blocks: a float32 block rounded
 // into a local bf16 block first, then at::vec::transpose_mxn (AVX-512 shuffles).
-inline at::Tensor transposed_bf16(const at::Tensor& a) {
+inline void transpose_bf16_into(const at::Tensor& a, c10::BFloat16* dst, int64_t ld_dst) {
   TORCH_INTERNAL_ASSERT(a.dim() == 2 && a.stride(1) == 1);
   const int64_t M = a.size(0), N = a.size(1), lda = a.stride(0);
-  at::Tensor out = empty_written_once({N, M}, a.options().dtype(at::kBFloat16));
-  c10::BFloat16* dst = out.mutable_data_ptr<c10::BFloat16>();
   constexpr int64_t kB = 32;
   const bool low = a.scalar_type() == at::kBFloat16;
   const float* src32 = low ? nullptr : a.const_data_ptr<float>();
@@ -142,9 +139,19 @@ inline at::Tensor transposed_bf16(const at::Tensor& a) {
         }
         ld_from = kB;
       }
-      at::vec::transpose_mxn<c10::BFloat16>(from, ld_from, dst + n0 * M + m0, M, mb, nb);
+      at::vec::transpose_mxn<c10::BFloat16>(from, ld_from, dst + n0 * ld_dst + m0, ld_dst, mb,
+                                            nb);
     }
   }
+}
+
+// The (N, M) bfloat16 transpose of a (M, N) float32 or bfloat16 matrix with unit column stride:
+// the left operand of a weight gradient's bf16 GEMM (A^T X over M rows) laid out as oneDNN
+// multiplies fastest (with AMX, one thread: 1536 x 1536 x 512 in 1.7 ms against 3.7 ms on the
+// transposed view).
+inline at::Tensor transposed_bf16(const at::Tensor& a) {
+  at::Tensor out = empty_written_once({a.size(1), a.size(0)}, a.options().dtype(at::kBFloat16));
+  transpose_bf16_into(a, out.mutable_data_ptr<c10::BFloat16>(), a.size(0));
   return out;
 }
 

@@ -442,7 +442,7 @@ void add_column_sums(const T* A, int64_t lda, int64_t M, int64_t N, T* out) {
 // their operands go to rows[2k] and rows[2k + 1] instead, and their entry of the weight
 // gradients stays undefined (csrc/deferred_weight_grads.h sums them over the calls of a graph):
 // A (M, G) and X (M, K) in T (X possibly a view of input or saved), or, for bf16 matrices under
-// Bf16Gemm::kNative, the operands of the bf16 GEMM: A^T (G, M) and X (M, K) in bfloat16.
+// Bf16Gemm::kNative, in bfloat16 (the node lays out A^T for the bf16 GEMM over all calls).
 template <class Cell, typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_backward(
     const StackDims& d, const at::Tensor& grad_output, const at::Tensor& grad_hn,
@@ -466,11 +466,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   auto deferred = [&](int64_t k) { return defer != nullptr && (*defer)[k]; };
   if (defer != nullptr) rows->assign(2 * weights.size(), at::Tensor());
   const bool gemm_rows = low && bf16_gemm() == Bf16Gemm::kNative;  // deferred rows in bf16
-  // A from the (M, G) gate gradients at p, or from their bf16 rounding `low` when the steps'
-  // products made one, `rounded` (the same values: transposed without rounding again)
+  // A from the (M, G) gate gradients at p, or their bf16 rounding when the steps' products made
+  // one, `rounded` (the same values, kept as they are)
   auto deferred_a = [&](const T* p, const at::Tensor& rounded) {
     if (!gemm_rows) return rows_view(p, M, G, G).clone();
-    return transposed_bf16(rounded.defined() ? rounded : rows_view(p, M, G, G));
+    return rounded.defined() ? rounded : narrowed_rows(p, G, M, G);
   };
   auto deferred_x = [&](const at::Tensor& x, bool fresh) {
     if (gemm_rows) return narrowed_rows(x.const_data_ptr<T>(), x.stride(0), x.size(0), x.size(1));
@@ -613,6 +613,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     // a deferred matrix's A: the gate gradients, copied out of the scratch (the LSTM's W_ih and
     // W_hh share them)
     at::Tensor dgi_rows;
+    at::Tensor a_t;  // the LSTM's gate gradients laid out once for both matrices' gradients
     if (deferred(base) || (kLstm && deferred(base + 1)))
       dgi_rows = deferred_a(dgi.data(), dgi_low);
     if (deferred(base)) {
@@ -622,7 +623,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
           : layer_mask ? deferred_x(rows_view(x, M, K, ldx), false)
                        : deferred_x(saved.select(0, l - 1).view({M, S}).narrow(1, 0, H), true);
     } else if (native_matrix_grad(low, M, G, K))
-      grad_w[base] = bf16_matrix_grad(low_dgi(), rows_view(x, M, K, ldx));
+      grad_w[base] = bf16_matrix_grad(low_dgi(), rows_view(x, M, K, ldx), kLstm ? &a_t : nullptr);
     else
       add_at_x<T>(dgi.data(), G, x, ldx, M, G, K, grad_w[base].data_ptr<T>(), low);
     // W_hh's gradient: the state row b of step t started from is h0's row b for t = 0, else
@@ -657,7 +658,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       // LSTM's are its input-side ones: dgh_p is dgi)
       const at::Tensor a_hh =
           dgh_low.defined() ? dgh_low : kLstm ? low_dgi() : rows_view(dgh_p, M, G, G);
-      grad_w[base + 1] = bf16_matrix_grad(a_hh, h_rows);
+      grad_w[base + 1] = bf16_matrix_grad(a_hh, h_rows, kLstm ? &a_t : nullptr);
     } else {
       T* gw_hh = grad_w[base + 1].data_ptr<T>();
       add_at_x<T>(dgh_p, G, h0l, H, off[1], G, H, gw_hh, low);
