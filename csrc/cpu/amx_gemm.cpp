@@ -56,9 +56,11 @@ __attribute__((target("amx-tile,amx-bf16"))) void configure_tiles() {
 // One block of 32 rows and 32 columns: C (ldc floats) = init + A (32 rows, lda values) x panel
 // (the K / 32 pairs of B tiles of these columns); init: 32 rows, row stride ld_init (0: one row
 // for all, a bias), or null for zeros.
+// pf: pf_lines cache lines of B to prefetch per block of K, from there on (the next chunk's).
 __attribute__((target("amx-tile,amx-bf16"))) inline void block_32x32(
     const c10::BFloat16* A, int64_t lda, const c10::BFloat16* panel, int64_t kblocks,
-    const float* init, int64_t ld_init, float* C, int64_t ldc) {
+    const float* init, int64_t ld_init, float* C, int64_t ldc, const char* pf,
+    int64_t pf_lines) {
   if (init) {
     const int64_t s = ld_init * static_cast<int64_t>(sizeof(float));
     _tile_loadd(0, init, s);
@@ -73,12 +75,15 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void block_32x32(
   }
   const int64_t a_stride = lda * static_cast<int64_t>(sizeof(c10::BFloat16));
   for (int64_t kb = 0; kb < kblocks; ++kb) {
+    for (int64_t i = 0; i < pf_lines; ++i)
+      _mm_prefetch(pf + (kb * pf_lines + i) * 64, _MM_HINT_T0);
+    // each load just before the first product that reads it
     _tile_loadd(4, A + kb * 32, a_stride);
-    _tile_loadd(5, A + 16 * lda + kb * 32, a_stride);
     _tile_loadd(6, panel + kb * 1024, 64);
-    _tile_loadd(7, panel + kb * 1024 + 512, 64);
     _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, panel + kb * 1024 + 512, 64);
     _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, A + 16 * lda + kb * 32, a_stride);
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
   }
@@ -95,7 +100,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void gemm(const c10::BFloat16* A, i
                                                         int64_t M, const AmxMatrix& B,
                                                         const float* init, int64_t ld_init,
                                                         float* C, int64_t ldc) {
-  const int64_t K = B.K, N = B.N, kblocks = K / 32, full = M / 32 * 32;
+  const int64_t K = B.K, N = B.N, full = M / 32 * 32, blocks = (M + 31) / 32;
   const c10::BFloat16* packed = B.data.const_data_ptr<c10::BFloat16>();
   // the last M % 32 rows: copied into 32 zero-padded rows, their sums into a 32 x 32 block
   std::vector<c10::BFloat16> a_tail(full < M ? 32 * K : 0, c10::BFloat16(0.0f));
@@ -116,14 +121,21 @@ __attribute__((target("amx-tile,amx-bf16"))) void gemm(const c10::BFloat16* A, i
     for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
       const int64_t kb = std::min(kChunk, K - k0) / 32;
       const c10::BFloat16* chunk = panel + k0 * 32;
-      for (int64_t m0 = 0; m0 < full; m0 += 32) {
+      // the blocks of rows share the prefetching of the next chunk of B (it follows this one
+      // in memory, in this panel or the next), 32 lines per block of K over all of them
+      const char* next = reinterpret_cast<const char*>(chunk + kb * 1024);
+      const int64_t pf_lines = std::max<int64_t>(1, 32 / blocks);
+      int64_t block = 0;
+      for (int64_t m0 = 0; m0 < full; m0 += 32, ++block) {
         float* c = C + m0 * ldc + n0;
         const float* start = k0 > 0 ? c : i0 ? i0 + m0 * ld_init : nullptr;
-        block_32x32(A + m0 * lda + k0, lda, chunk, kb, start, k0 > 0 ? ldc : ld_init, c, ldc);
+        block_32x32(A + m0 * lda + k0, lda, chunk, kb, start, k0 > 0 ? ldc : ld_init, c, ldc,
+                    next + block * kb * pf_lines * 64, pf_lines);
       }
       if (full < M) {
         const float* start = k0 > 0 || i0 ? c_tail : nullptr;
-        block_32x32(a_tail.data() + k0, K, chunk, kb, start, 32, c_tail, 32);
+        block_32x32(a_tail.data() + k0, K, chunk, kb, start, 32, c_tail, 32,
+                    next + block * kb * pf_lines * 64, pf_lines);
       }
     }
     for (int64_t m = full; m < M; ++m)
