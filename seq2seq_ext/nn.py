@@ -101,7 +101,7 @@ def _onednn_lstm_faster(module, cell, input, steps=None):
     if input.dtype != torch.float32 or input.device.type != "cpu" or steps <= 1:
         return False
     if torch.is_autocast_enabled("cpu"):
-        # with its per-step products on AMX tiles the fused op is the faster one (1.14-2.5x
+        # with its per-step products on AMX tiles the fused op is the faster one (1.15-2.4x
         # oneDNN's LSTM, hidden 128-1024, forward and backward; benchmarks/RESULTS.md)
         return ops.cpu_has_bf16_gemm() and not (ops.amx_products()
                                                 and ops.bf16_gemm() == "native")
