@@ -37,6 +37,40 @@ AliasEntries& alias_entries() {
   return entries;
 }
 
+// A^T (G, all rows) for one bf16 GEMM, laid out straight from the calls' A (rows, G), each
+// call's rows a block of columns (cpu::transpose_bf16_into).
+at::Tensor transpose_pieces(const std::vector<at::Tensor>& a) {
+  int64_t rows = 0;
+  for (const at::Tensor& p : a) rows += p.size(0);
+  at::Tensor a_t = cpu::empty_written_once({a[0].size(1), rows}, a[0].options());
+  int64_t col = 0;
+  for (const at::Tensor& p : a) {
+    cpu::transpose_bf16_into(p, a_t.mutable_data_ptr<c10::BFloat16>() + col, rows);
+    col += p.size(0);
+  }
+  return a_t;
+}
+
+// transpose_pieces for pieces two nodes received (the LSTM's W_ih and W_hh of a layer, which
+// autograd runs one after the other on this thread): the first lays A^T out and keeps it with
+// the pieces (held, so that no other tensor can take their place), the second takes it.
+at::Tensor shared_transpose(const std::vector<at::Tensor>& a) {
+  thread_local std::vector<at::Tensor> pieces;
+  thread_local at::Tensor laid_out;
+  const bool same = pieces.size() == a.size() &&
+                    std::equal(a.begin(), a.end(), pieces.begin(),
+                               [](const at::Tensor& x, const at::Tensor& y) { return x.is_same(y); });
+  if (same) {
+    at::Tensor out = std::move(laid_out);
+    laid_out = at::Tensor();
+    pieces.clear();
+    return out;
+  }
+  laid_out = transpose_pieces(a);
+  pieces = a;
+  return laid_out;
+}
+
 }  // namespace
 
 DeferGrads deferred_grads() { return g_mode.load(std::memory_order_relaxed); }
@@ -57,9 +91,10 @@ bool defers_grad(const at::Tensor& input, bool packed, const at::Tensor& w) {
 WeightGradSum::WeightGradSum(const at::Tensor& w)
     : Node(torch::autograd::collect_next_edges(w)), dtype_(w.scalar_type()) {}
 
-void WeightGradSum::add_rows(at::Tensor a, at::Tensor x) {
+void WeightGradSum::add_rows(at::Tensor a, at::Tensor x, bool shared) {
   if (!a.defined() || x.size(0) == 0) return;
   std::lock_guard<std::mutex> lock(mutex_);
+  shared_ = shared_ || shared;
   a_.push_back(std::move(a));
   x_.push_back(std::move(x));
 }
@@ -75,17 +110,7 @@ torch::autograd::variable_list WeightGradSum::apply(torch::autograd::variable_li
   if (!a.empty()) {
     const at::Tensor x_all = x.size() == 1 ? x[0].contiguous() : at::cat(x);
     if (a[0].scalar_type() == at::kBFloat16) {
-      // one bf16 GEMM: A^T (G, all rows) laid out straight from the calls' A (rows, G), each
-      // call's rows a block of columns (cpu::transpose_bf16_into), then times X
-      int64_t rows = 0;
-      for (const at::Tensor& p : a) rows += p.size(0);
-      at::Tensor a_t = cpu::empty_written_once({a[0].size(1), rows}, a[0].options());
-      int64_t col = 0;
-      for (const at::Tensor& p : a) {
-        cpu::transpose_bf16_into(p, a_t.mutable_data_ptr<c10::BFloat16>() + col, rows);
-        col += p.size(0);
-      }
-      grad = at::mm(a_t, x_all);
+      grad = at::mm(shared_ ? shared_transpose(a) : transpose_pieces(a), x_all);
     } else {
       const at::Tensor a_all = a.size() == 1 ? a[0].contiguous() : at::cat(a);
       AT_DISPATCH_FLOATING_TYPES(a_all.scalar_type(), "rnn_stack_weight_grad_sum", [&] {

@@ -323,8 +323,13 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
                                   lstm ? opt(grads[2]) : std::nullopt, keep[0], keep[1],
                                   opt(keep[2]), weights, opt(keep[3]), keep[4], sizes, &defer,
                                   &rows);
-      for (size_t k = 0; k < weights.size(); ++k)
-        if (defer[k]) weight_grad_sum(weights[k])->add_rows(rows[2 * k], rows[2 * k + 1]);
+      for (size_t k = 0; k < weights.size(); ++k) {
+        if (!defer[k]) continue;
+        bool shared = false;  // the LSTM's W_ih and W_hh of a layer: the same gate gradients
+        for (size_t j = 0; j < weights.size(); ++j)
+          shared = shared || (j != k && defer[j] && rows[2 * j].is_same(rows[2 * k]));
+        weight_grad_sum(weights[k])->add_rows(rows[2 * k], rows[2 * k + 1], shared);
+      }
     } else {
       result = stack_backward_op().call(cell, opt(grads[0]), opt(grads[1]),
                                         lstm ? opt(grads[2]) : std::nullopt, keep[0], keep[1],
