@@ -6,7 +6,8 @@
 // A product of two bf16 values is exact in float32, so float32 kernels on operands rounded to
 // bf16 values (Bf16Gemm::kRounded) give a bf16 GEMM's products at float32's rate, on any CPU;
 // Bf16Gemm::kNative (CPUs with bf16 instructions) runs the large products as ATen bf16 GEMMs
-// (oneDNN), whose results are rounded to bf16 before they meet the float32 gates. The mode is
+// (oneDNN), whose results are rounded to bf16 before they meet the float32 gates, or, those of
+// few rows on CPUs with AMX, on AMX tiles with float32 results (amx_products). The mode is
 // chosen once per process, from Python (seq2seq_ext/ops.py, set_bf16_gemm).
 #pragma once
 

@@ -135,8 +135,10 @@ def set_bf16_gemm(mode):
 
     * ``"native"``: products of at least 2^22 multiply-adds as bf16 GEMMs (oneDNN; fast on
       CPUs with bf16 instructions), whose results are rounded to bf16 before they meet the
-      float32 gates, and a matrix's gradient one bf16 GEMM over all rows; smaller products as
-      under ``"rounded"`` (an ATen bf16 GEMM's fixed cost exceeds their arithmetic);
+      float32 gates (those of few rows on AMX tiles, with float32 results, where
+      :func:`set_amx_products` is on), and a matrix's gradient one bf16 GEMM over all rows;
+      smaller products as under ``"rounded"`` (an ATen bf16 GEMM's fixed cost exceeds their
+      arithmetic);
     * ``"rounded"``: every product on float32 copies of the bf16 values, at float32's rate (a
       product of two bf16 values is exact in float32): the fast way on CPUs without bf16
       instructions, where a bf16 GEMM is emulated and several times slower than float32.
