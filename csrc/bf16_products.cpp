@@ -46,8 +46,10 @@ at::Tensor bf16_mm(const at::Tensor& a, const at::Tensor& b) {
 
 void bf16_addmm_out(at::Tensor& out, const at::Tensor& c, const at::Tensor& a,
                     const at::Tensor& b) {
-  const bool c_ok = c.scalar_type() == at::kFloat &&
-                    (c.dim() == 1 ? c.is_contiguous() : c.dim() == 2 && c.stride(1) == 1);
+  // the AMX sums start from c: a bias of out's width, or a matrix of out's shape
+  const bool c_ok = c.scalar_type() == at::kFloat && out.dim() == 2 &&
+                    (c.dim() == 1 ? c.is_contiguous() && c.size(0) == out.size(1)
+                                  : c.dim() == 2 && c.sizes() == out.sizes() && c.stride(1) == 1);
   if (amx_product(a.size(0), a.size(1), b.size(1)) && out.is_cpu() &&
       out.scalar_type() == at::kFloat && out.stride(1) == 1 && b.scalar_type() == at::kBFloat16 &&
       c_ok) {

@@ -175,6 +175,51 @@ class TestAmxProductsInTheOps:
             assert a < b / 3
 
 
+def gru_layer_errors(steps, amx):
+    """gru_layer with bf16 matrices, batch 96, input and hidden 128, an `extra` term, with
+    ops.set_amx_products(amx): the relative errors of the output, the state and every gradient
+    against the bf16 products reference (as relative_errors)."""
+    g = generator(31)
+
+    def rand(*shape, scale=0.5):
+        return ((torch.rand(shape, generator=g) * 2 - 1) * scale)
+
+    x, h0 = rand(steps, 96, 128, scale=1.0), rand(96, 128, scale=1.0)
+    w_ih, w_hh = rand(384, 128).bfloat16(), rand(384, 128).bfloat16()
+    b_ih, b_hh, extra = rand(384), rand(384), rand(96, 384, scale=0.3)
+    leaves = [t.requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh, extra)]
+    ref = [t.detach().float().requires_grad_() for t in leaves]
+    before = ops.amx_products()
+    ops.set_amx_products(amx)
+    try:
+        got = ops.gru_layer(*leaves)
+        got_g = torch.autograd.grad(got[0].sum() + got[1].sum(), leaves)
+    finally:
+        ops.set_amx_products(before)
+    want = reference.gru_layer(*ref, product_dtype=torch.bfloat16)
+    want_g = torch.autograd.grad(want[0].sum() + want[1].sum(), ref)
+    return [((a.float() - b).norm() / b.norm()).item()
+            for a, b in [(got[0], want[0]), (got[1], want[1])] + list(zip(got_g, want_g))]
+
+
+@needs_amx
+class TestAmxProductsInTheGruLayer:
+    """gru_layer (the package's chapter models under CPU autocast): its per-step products, and
+    at one step its input projection (96 rows), on AMX tiles with float32 results; the input
+    projection of 3 steps (288 rows, more than AMX takes) stays an ATen GEMM."""
+
+    @pytest.mark.parametrize("steps", [1, 3])
+    def test_closer_than_bf16_gemms(self, steps):
+        if ops.bf16_gemm() != "native":
+            pytest.skip("bf16 GEMMs run only where the CPU has bf16 instructions")
+        on, off = gru_layer_errors(steps, True), gru_layer_errors(steps, False)
+        assert max(off) < 2e-2 and max(on) < 1e-2
+        if steps == 1:  # every product float32 sums
+            assert max(on[:2]) < 1e-4 < min(off[:2])
+        for a, b in zip(on, off):
+            assert a < b
+
+
 class TestSetAmxProducts:
     def test_on_where_the_cpu_runs_amx(self):
         assert ops.amx_products() == _C.amx_usable()
