@@ -139,10 +139,25 @@ inline void transpose_bf16_into(const at::Tensor& a, c10::BFloat16* dst, int64_t
         }
         ld_from = kB;
       }
-      at::vec::transpose_mxn<c10::BFloat16>(from, ld_from, dst + n0 * ld_dst + m0, ld_dst, mb,
-                                            nb);
+      c10::BFloat16* to = dst + n0 * ld_dst + m0;
+#if defined(CPU_CAPABILITY_AVX512)
+      // full rows of 64 aligned bytes are written with streaming stores: the transpose's rows
+      // land far apart, and a plain store would first read each line it fills
+      if (mb == kB && reinterpret_cast<uintptr_t>(to) % 64 == 0 && (ld_dst * 2) % 64 == 0) {
+        alignas(64) c10::BFloat16 t[kB * kB];
+        at::vec::transpose_mxn<c10::BFloat16>(from, ld_from, t, kB, mb, nb);
+        for (int j = 0; j < nb; ++j)
+          _mm512_stream_si512(reinterpret_cast<__m512i*>(to + j * ld_dst),
+                              _mm512_load_si512(t + j * kB));
+        continue;
+      }
+#endif
+      at::vec::transpose_mxn<c10::BFloat16>(from, ld_from, to, ld_dst, mb, nb);
     }
   }
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();  // the streaming stores are visible before the transpose is read
+#endif
 }
 
 // The (N, M) bfloat16 transpose of a (M, N) float32 or bfloat16 matrix with unit column stride:
