@@ -91,25 +91,37 @@ bool defers_grad(const at::Tensor& input, bool packed, const at::Tensor& w) {
 WeightGradSum::WeightGradSum(const at::Tensor& w)
     : Node(torch::autograd::collect_next_edges(w)), dtype_(w.scalar_type()) {}
 
-void WeightGradSum::add_rows(at::Tensor a, at::Tensor x, bool shared) {
+void WeightGradSum::add_rows(at::Tensor a, at::Tensor x, bool shared, at::Tensor a_n) {
   if (!a.defined() || x.size(0) == 0) return;
   std::lock_guard<std::mutex> lock(mutex_);
   shared_ = shared_ || shared;
+  // every call of a graph hands over the same kind of rows (the same matrices deferred)
+  TORCH_INTERNAL_ASSERT(a_.empty() || a_n.defined() == !a_n_.empty());
+  if (a_n.defined()) a_n_.push_back(std::move(a_n));
   a_.push_back(std::move(a));
   x_.push_back(std::move(x));
 }
 
 torch::autograd::variable_list WeightGradSum::apply(torch::autograd::variable_list&& grads) {
-  std::vector<at::Tensor> a, x;
+  std::vector<at::Tensor> a, x, a_n;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     a.swap(a_);
     x.swap(x_);
+    a_n.swap(a_n_);
   }
   at::Tensor grad;
   if (!a.empty()) {
     const at::Tensor x_all = x.size() == 1 ? x[0].contiguous() : at::cat(x);
-    if (a[0].scalar_type() == at::kBFloat16) {
+    if (a[0].scalar_type() == at::kBFloat16 && !a_n.empty()) {
+      // the GRU's W_hh: its first rows from the A^T shared with W_ih, its n rows its own
+      const at::Tensor a_t = shared_ ? shared_transpose(a) : transpose_pieces(a);
+      const int64_t G = a_t.size(0), n = a_n[0].size(1);
+      grad = at::empty({G, x_all.size(1)}, x_all.options());
+      at::Tensor first = grad.narrow(0, 0, G - n), last = grad.narrow(0, G - n, n);
+      at::mm_out(first, a_t.narrow(0, 0, G - n), x_all);
+      at::mm_out(last, transpose_pieces(a_n), x_all);
+    } else if (a[0].scalar_type() == at::kBFloat16) {
       grad = at::mm(shared_ ? shared_transpose(a) : transpose_pieces(a), x_all);
     } else {
       const at::Tensor a_all = a.size() == 1 ? a[0].contiguous() : at::cat(a);

@@ -43,15 +43,16 @@ class WeightGradSum : public torch::autograd::Node {
   explicit WeightGradSum(const at::Tensor& w);
   // One call's rows, as cpu::stack_backward gives them: a (M, G) and x (M, K) in float32 or
   // float64, or in bfloat16 (the operands of a bf16 GEMM; a^T is laid out once, over all calls).
-  // shared: another node of the graph receives the same a (the LSTM's W_ih and W_hh of a layer),
-  // so the two lay out a^T once between them.
-  void add_rows(at::Tensor a, at::Tensor x, bool shared = false);
+  // shared: another node of the graph receives the same a (the LSTM's W_ih and W_hh of a layer,
+  // or the GRU's), so the two lay out a^T once between them. a_n (bf16, the GRU's W_hh): the
+  // matrix's own last columns of A, whose first ones are those of the shared a.
+  void add_rows(at::Tensor a, at::Tensor x, bool shared = false, at::Tensor a_n = {});
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override;
   std::string name() const override { return "RnnStackWeightGradSum"; }
 
  private:
   std::mutex mutex_;
-  std::vector<at::Tensor> a_, x_;
+  std::vector<at::Tensor> a_, x_, a_n_;
   bool shared_ = false;
   at::ScalarType dtype_;  // the matrix's
 };

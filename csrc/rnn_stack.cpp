@@ -325,10 +325,11 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
                                   &rows);
       for (size_t k = 0; k < weights.size(); ++k) {
         if (!defer[k]) continue;
-        bool shared = false;  // the LSTM's W_ih and W_hh of a layer: the same gate gradients
+        bool shared = false;  // W_ih and W_hh of a layer handed the same gate gradients
         for (size_t j = 0; j < weights.size(); ++j)
-          shared = shared || (j != k && defer[j] && rows[2 * j].is_same(rows[2 * k]));
-        weight_grad_sum(weights[k])->add_rows(rows[2 * k], rows[2 * k + 1], shared);
+          shared = shared || (j != k && defer[j] && rows[3 * j].is_same(rows[3 * k]));
+        weight_grad_sum(weights[k])->add_rows(rows[3 * k], rows[3 * k + 1], shared,
+                                              rows[3 * k + 2]);
       }
     } else {
       result = stack_backward_op().call(cell, opt(grads[0]), opt(grads[1]),

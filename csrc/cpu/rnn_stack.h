@@ -439,10 +439,12 @@ void add_column_sums(const T* A, int64_t lda, int64_t M, int64_t N, T* out) {
 // 32 their per-call costs were most of the backward). Packed, the rows as in stack_forward: a
 // row's state gradient waits, untouched, in dh / dc until the steps reach its last one.
 // defer (one flag per weight, or null): the matrices whose gradient A^T X is not computed here;
-// their operands go to rows[2k] and rows[2k + 1] instead, and their entry of the weight
+// their operands go to rows[3k] and rows[3k + 1] instead, and their entry of the weight
 // gradients stays undefined (csrc/deferred_weight_grads.h sums them over the calls of a graph):
 // A (M, G) and X (M, K) in T (X possibly a view of input or saved), or, for bf16 matrices under
-// Bf16Gemm::kNative, in bfloat16 (the node lays out A^T for the bf16 GEMM over all calls).
+// Bf16Gemm::kNative, in bfloat16 (the node lays out A^T for the bf16 GEMM over all calls). The
+// GRU's W_hh beside a deferred W_ih, in bf16: A is W_ih's, whose r and z columns are W_hh's too,
+// and rows[3k + 2] the (M, H) n columns of W_hh's own.
 template <class Cell, typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_backward(
     const StackDims& d, const at::Tensor& grad_output, const at::Tensor& grad_hn,
@@ -464,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   const bool low = bf16_matrices(weights);
   const int64_t per = d.bias ? 4 : 2;
   auto deferred = [&](int64_t k) { return defer != nullptr && (*defer)[k]; };
-  if (defer != nullptr) rows->assign(2 * weights.size(), at::Tensor());
+  if (defer != nullptr) rows->assign(3 * weights.size(), at::Tensor());
   const bool gemm_rows = low && bf16_gemm() == Bf16Gemm::kNative;  // deferred rows in bf16
   // A from the (M, G) gate gradients at p, or their bf16 rounding when the steps' products made
   // one, `rounded` (the same values, kept as they are)
@@ -613,17 +615,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     // a deferred matrix's A: the gate gradients, copied out of the scratch (the LSTM's W_ih and
     // W_hh share them)
     at::Tensor dgi_rows;
-    at::Tensor a_t;  // the LSTM's gate gradients laid out once for both matrices' gradients
+    // W_ih's gate gradients laid out for its gradient, reused by W_hh's: the LSTM's are the
+    // same, the GRU's share their r and z columns
+    at::Tensor a_t;
     if (deferred(base) || (kLstm && deferred(base + 1)))
       dgi_rows = deferred_a(dgi.data(), dgi_low);
     if (deferred(base)) {
-      (*rows)[2 * base] = dgi_rows;
-      (*rows)[2 * base + 1] =
+      (*rows)[3 * base] = dgi_rows;
+      (*rows)[3 * base + 1] =
           l == 0       ? deferred_x(input.view({M, K}), true)
           : layer_mask ? deferred_x(rows_view(x, M, K, ldx), false)
                        : deferred_x(saved.select(0, l - 1).view({M, S}).narrow(1, 0, H), true);
     } else if (native_matrix_grad(low, M, G, K))
-      grad_w[base] = bf16_matrix_grad(low_dgi(), rows_view(x, M, K, ldx), kLstm ? &a_t : nullptr);
+      grad_w[base] = bf16_matrix_grad(low_dgi(), rows_view(x, M, K, ldx), &a_t);
     else
       add_at_x<T>(dgi.data(), G, x, ldx, M, G, K, grad_w[base].data_ptr<T>(), low);
     // W_hh's gradient: the state row b of step t started from is h0's row b for t = 0, else
@@ -650,15 +654,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       return h_rows;
     };
     if (deferred(base + 1)) {
-      (*rows)[2 * (base + 1)] = kLstm ? dgi_rows : deferred_a(dgh_p, dgh_low);
-      (*rows)[2 * (base + 1) + 1] = deferred_x(start_states(opts.dtype().toScalarType()), true);
+      // the GRU's W_hh beside a deferred W_ih, in bf16 rows: W_ih's A (the r and z columns are
+      // the same), so that the two nodes lay those rows out once, and its own n columns
+      const bool share_rz = !kLstm && gemm_rows && deferred(base);
+      (*rows)[3 * (base + 1)] = kLstm || share_rz ? dgi_rows : deferred_a(dgh_p, dgh_low);
+      if (share_rz) (*rows)[3 * (base + 1) + 2] = deferred_a(dgh_p, dgh_low).narrow(1, 2 * H, H);
+      (*rows)[3 * (base + 1) + 1] = deferred_x(start_states(opts.dtype().toScalarType()), true);
     } else if (native_matrix_grad(low, M, G, H)) {
       const at::Tensor h_rows = start_states(at::kBFloat16);
       // the hidden-side gate gradients in bf16 as the steps made them, else converted here (the
       // LSTM's are its input-side ones: dgh_p is dgi)
       const at::Tensor a_hh =
           dgh_low.defined() ? dgh_low : kLstm ? low_dgi() : rows_view(dgh_p, M, G, G);
-      grad_w[base + 1] = bf16_matrix_grad(a_hh, h_rows, kLstm ? &a_t : nullptr);
+      if (!kLstm && a_t.defined() && a_hh.scalar_type() == at::kBFloat16) {
+        // the GRU's r and z gate gradients are the same on both sides: those rows of W_ih's
+        // A^T, laid out above, serve W_hh too, and only its n rows are laid out here
+        at::Tensor g = at::empty({G, H}, opts.dtype(at::kBFloat16));
+        at::Tensor g_rz = g.narrow(0, 0, 2 * H), g_n = g.narrow(0, 2 * H, H);
+        at::mm_out(g_rz, a_t.narrow(0, 0, 2 * H), h_rows);
+        at::mm_out(g_n, transposed_bf16(a_hh.narrow(1, 2 * H, H)), h_rows);
+        grad_w[base + 1] = g;
+      } else {
+        grad_w[base + 1] = bf16_matrix_grad(a_hh, h_rows, kLstm ? &a_t : nullptr);
+      }
     } else {
       T* gw_hh = grad_w[base + 1].data_ptr<T>();
       add_at_x<T>(dgh_p, G, h0l, H, off[1], G, H, gw_hh, low);
