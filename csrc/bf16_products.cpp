@@ -53,7 +53,7 @@ void bf16_addmm_out(at::Tensor& out, const at::Tensor& c, const at::Tensor& a,
   if (amx_product(a.size(0), a.size(1), b.size(1)) && out.is_cpu() &&
       out.scalar_type() == at::kFloat && out.stride(1) == 1 && b.scalar_type() == at::kBFloat16 &&
       c_ok) {
-    const at::Tensor a_low = a.to(at::kBFloat16, false, false, at::MemoryFormat::Contiguous);
+    const at::Tensor a_low = bf16_rows(a);
     cpu::amx_gemm(a_low.const_data_ptr<c10::BFloat16>(), a_low.stride(0), a_low.size(0),
                   *cpu::amx_matrix(b), c.const_data_ptr<float>(), c.dim() == 1 ? 0 : c.stride(0),
                   out.mutable_data_ptr<float>(), out.stride(0));
@@ -70,12 +70,25 @@ at::Tensor bf16_matrix_grad(const at::Tensor& a, const at::Tensor& x, at::Tensor
     at::Tensor own;
     at::Tensor& t = a_t ? *a_t : own;
     if (!t.defined()) t = cpu::transposed_bf16(a.stride(1) == 1 ? a : a.contiguous());
-    if (x.scalar_type() == at::kFloat && x.stride(1) == 1)  // rounded in one AVX-512 pass
-      return at::mm(t, cpu::narrowed_rows(x.const_data_ptr<float>(), x.stride(0), x.size(0),
-                                          x.size(1)));
-    return at::mm(t, x.to(at::kBFloat16, false, false, at::MemoryFormat::Contiguous));
+    return at::mm(t, bf16_rows(x));
   }
   return at::mm(bf16_values(a).t(), bf16_values(x)).to(at::kBFloat16);
+}
+
+at::Tensor bf16_rows(const at::Tensor& x) {
+  if (x.scalar_type() == at::kFloat && x.stride(1) == 1 && x.is_cpu())
+    return cpu::narrowed_rows(x.const_data_ptr<float>(), x.stride(0), x.size(0), x.size(1));
+  return x.to(at::kBFloat16, false, false, at::MemoryFormat::Contiguous);
+}
+
+at::Tensor bf16_stacked_grad(const at::Tensor& first_t, const at::Tensor& last_t,
+                             const at::Tensor& x) {
+  const int64_t first = first_t.size(0);
+  at::Tensor grad = at::empty({first + last_t.size(0), x.size(1)}, x.options());
+  at::Tensor top = grad.narrow(0, 0, first), bottom = grad.narrow(0, first, last_t.size(0));
+  at::mm_out(top, first_t, x);
+  at::mm_out(bottom, last_t, x);
+  return grad;
 }
 
 at::Tensor autocast_cpu_float(const at::Tensor& t) {

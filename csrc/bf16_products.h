@@ -55,6 +55,10 @@ at::Tensor bf16_mm(const at::Tensor& a, const at::Tensor& b);
 void bf16_addmm_out(at::Tensor& out, const at::Tensor& c, const at::Tensor& a,
                     const at::Tensor& b);
 
+// x (2-D, float32 or bfloat16) as bfloat16 rows with unit column stride: float32 rows with unit
+// column stride rounded in one pass (cpu::narrow_rows), bfloat16 ones as they are.
+at::Tensor bf16_rows(const at::Tensor& x);
+
 // a^T @ x (a (M, N), x (M, K), float32 or bfloat16), both rounded to bf16 with float32 sums:
 // the (N, K) gradient of a bf16 weight matrix over M rows, in bfloat16, rounded once. Under
 // Bf16Gemm::kNative one bf16 GEMM on bf16 copies: a^T laid out (cpu::transposed_bf16), x
@@ -62,6 +66,12 @@ void bf16_addmm_out(at::Tensor& out, const at::Tensor& c, const at::Tensor& a,
 // a_t, when given, keeps a^T laid out for another gradient over the same a (the LSTM's W_ih and
 // W_hh): made by the first call, reused by the next.
 at::Tensor bf16_matrix_grad(const at::Tensor& a, const at::Tensor& x, at::Tensor* a_t = nullptr);
+
+// The bf16 gradient of a matrix whose A^T is laid out in two parts, first_t over last_t (the
+// GRU's W_hh: its r and z rows are those of W_ih's laid-out gate gradients), times x (M, K)
+// bf16: one GEMM into each part's rows.
+at::Tensor bf16_stacked_grad(const at::Tensor& first_t, const at::Tensor& last_t,
+                             const at::Tensor& x);
 
 // The layer ops' CPU autocast rules, through autocast's cast cache: a floating argument in
 // float32 (float64 stays), a weight matrix in bfloat16 when autocast's dtype is bfloat16 (else

@@ -8,6 +8,7 @@
 #include <iterator>
 #include <unordered_map>
 
+#include "bf16_products.h"
 #include "cpu/bf16.h"
 #include "cpu/common.h"
 #include "cpu/rnn_stack.h"
@@ -51,8 +52,8 @@ at::Tensor transpose_pieces(const std::vector<at::Tensor>& a) {
   return a_t;
 }
 
-// transpose_pieces for pieces two nodes received (the LSTM's W_ih and W_hh of a layer, which
-// autograd runs one after the other on this thread): the first lays A^T out and keeps it with
+// transpose_pieces for pieces two nodes received (W_ih and W_hh of a layer, which autograd runs
+// one after the other on this thread): the first lays A^T out and keeps it with
 // the pieces (held, so that no other tensor can take their place), the second takes it.
 at::Tensor shared_transpose(const std::vector<at::Tensor>& a) {
   thread_local std::vector<at::Tensor> pieces;
@@ -113,16 +114,14 @@ torch::autograd::variable_list WeightGradSum::apply(torch::autograd::variable_li
   at::Tensor grad;
   if (!a.empty()) {
     const at::Tensor x_all = x.size() == 1 ? x[0].contiguous() : at::cat(x);
-    if (a[0].scalar_type() == at::kBFloat16 && !a_n.empty()) {
-      // the GRU's W_hh: its first rows from the A^T shared with W_ih, its n rows its own
+    if (a[0].scalar_type() == at::kBFloat16) {
       const at::Tensor a_t = shared_ ? shared_transpose(a) : transpose_pieces(a);
-      const int64_t G = a_t.size(0), n = a_n[0].size(1);
-      grad = at::empty({G, x_all.size(1)}, x_all.options());
-      at::Tensor first = grad.narrow(0, 0, G - n), last = grad.narrow(0, G - n, n);
-      at::mm_out(first, a_t.narrow(0, 0, G - n), x_all);
-      at::mm_out(last, transpose_pieces(a_n), x_all);
-    } else if (a[0].scalar_type() == at::kBFloat16) {
-      grad = at::mm(shared_ ? shared_transpose(a) : transpose_pieces(a), x_all);
+      if (a_n.empty()) {
+        grad = at::mm(a_t, x_all);
+      } else {  // the GRU's W_hh: its first rows from the A^T shared with W_ih, its n rows its own
+        const int64_t n = a_n[0].size(1);
+        grad = bf16_stacked_grad(a_t.narrow(0, 0, a_t.size(0) - n), transpose_pieces(a_n), x_all);
+      }
     } else {
       const at::Tensor a_all = a.size() == 1 ? a[0].contiguous() : at::cat(a);
       AT_DISPATCH_FLOATING_TYPES(a_all.scalar_type(), "rnn_stack_weight_grad_sum", [&] {

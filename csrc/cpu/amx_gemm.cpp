@@ -240,15 +240,13 @@ std::shared_ptr<const AmxMatrix> amx_matrix(const at::Tensor& w_kn) {
   auto it = table.find(key);
   if (it != table.end()) {
     auto alive = it->second.storage.lock();
-    if (alive && alive.get() == key.storage && it->second.version == version)
+    if (alive && it->second.version == version)  // a live weak pointer: the same storage
       return it->second.matrix;
   }
   for (auto e = table.begin(); e != table.end();)
     e = e->second.storage.expired() ? table.erase(e) : std::next(e);
   auto matrix = amx_layout(w_kn);
-  table.insert_or_assign(
-      key, Entry{w_kn.storage().getWeakStorageImpl(),
-                 version, matrix});
+  table.insert_or_assign(key, Entry{w_kn.storage().getWeakStorageImpl(), version, matrix});
   return matrix;
 }
 

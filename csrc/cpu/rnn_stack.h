@@ -669,11 +669,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       if (!kLstm && a_t.defined() && a_hh.scalar_type() == at::kBFloat16) {
         // the GRU's r and z gate gradients are the same on both sides: those rows of W_ih's
         // A^T, laid out above, serve W_hh too, and only its n rows are laid out here
-        at::Tensor g = at::empty({G, H}, opts.dtype(at::kBFloat16));
-        at::Tensor g_rz = g.narrow(0, 0, 2 * H), g_n = g.narrow(0, 2 * H, H);
-        at::mm_out(g_rz, a_t.narrow(0, 0, 2 * H), h_rows);
-        at::mm_out(g_n, transposed_bf16(a_hh.narrow(1, 2 * H, H)), h_rows);
-        grad_w[base + 1] = g;
+        grad_w[base + 1] = bf16_stacked_grad(
+            a_t.narrow(0, 0, 2 * H), transposed_bf16(a_hh.narrow(1, 2 * H, H)), h_rows);
       } else {
         grad_w[base + 1] = bf16_matrix_grad(a_hh, h_rows, kLstm ? &a_t : nullptr);
       }
