@@ -215,6 +215,21 @@ class TestDropoutKeepMask:
         assert not torch.equal(snn._C.dropout_keep_mask([7, 9], 0.5, like),
                                snn._C.dropout_keep_mask([7, 9], 0.5, like))
 
+    @pytest.mark.parametrize("p", [0.25, 0.5])  # 1 - p exact in float and double
+    def test_counter_based_stream(self, p):
+        # element i depends on the seed and i alone: the float32 mask (drawn 16 at a time on
+        # AVX-512) keeps the same elements as the float64 one (drawn one pair at a time), and a
+        # shorter mask is a prefix of a longer one, whatever their vector tails
+        seed = random.randrange(2 ** 31)
+        masks = {}
+        for n, dtype in [(1003, torch.float32), (1003, torch.float64), (37, torch.float32),
+                         (5, torch.float32)]:
+            torch.manual_seed(seed)
+            masks[n, dtype] = snn._C.dropout_keep_mask([n], p, torch.empty(0, dtype=dtype)) != 0
+        assert torch.equal(masks[1003, torch.float32], masks[1003, torch.float64])
+        assert torch.equal(masks[37, torch.float32], masks[1003, torch.float64][:37])
+        assert torch.equal(masks[5, torch.float32], masks[1003, torch.float64][:5])
+
     @pytest.mark.parametrize("shape", [[1], [3], [0, 4], [2, 1, 5]])
     def test_odd_and_empty_shapes(self, shape):
         m = snn._C.dropout_keep_mask(shape, 0.5, torch.empty(0))
