@@ -512,15 +512,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     const int64_t base = (d.bias ? 4 : 2) * l;
     // the input's gradient dgi W_ih: W_ih is the (K, N) = (G, K) matrix of the product
     const RowProduct<T> back_in(w_ih, false, at::Tensor(), M, M);
-    // Every product of the layer a native bf16 GEMM: each step's gate gradients go to bf16 rows
-    // (and into the biases' sums) while in cache, and no float32 buffer over all rows is
-    // written, then read again
+    // Every product of the layer a native bf16 GEMM: each row's gate gradients go to bf16 rows
+    // (and into the biases' sums) from a row's scratch, in L1, as soon as the cell makes them,
+    // and no float32 buffer over all rows is written, then read again
     const bool full = rec.native && back_in.native &&
                       (deferred(base) || native_matrix_grad(low, M, G, K)) &&
                       (deferred(base + 1) || native_matrix_grad(low, M, G, H));
     if (full) {
-      step_gi.resize(B * G);
-      if (!kLstm) step_gh.resize(B * G);
+      step_gi.resize(G);
+      if (!kLstm) step_gh.resize(G);
     }
     // dgi in bf16, made once for the gradients that are bf16 GEMMs (the LSTM's: dgh_low)
     at::Tensor dgi_low = kLstm ? dgh_low
@@ -553,12 +553,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       const T* cp = kLstm ? (t > 0 ? layer_saved + off[t - 1] * S + H : c0l) : nullptr;
       if (dy)
         for (int64_t k = 0; k < rows * H; ++k) dh[k] += dy[off[t] * H + k];
-      // this step's gate gradients: in the buffers over all rows, or, full, in a step's scratch
+      // this step's gate gradients: in the buffers over all rows, or, full, one row at a time
+      // in a row's scratch, then in bf16 in dgh_low's and dgi_low's rows (the LSTM's are one)
       T* gi_rows = full ? step_gi.data() : dgi.data() + off[t] * G;
       T* gh_rows = kLstm ? gi_rows : full ? step_gh.data() : dgh_p + off[t] * G;
+      const int64_t ld_rows = full ? 0 : G;
       for (int64_t b = 0; b < rows; ++b) {
-        T* dgib = gi_rows + b * G;
-        T* dghb = gh_rows + b * G;
+        T* dgib = gi_rows + b * ld_rows;
+        T* dghb = gh_rows + b * ld_rows;
         over_row<T>(H, [&](auto lanes, int64_t j) {
           using Lanes = decltype(lanes);
           Cell::template backward<Lanes>(dh.data() + b * H + j,
@@ -567,16 +569,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
                                          s + b * S + j, dgib + j, dghb + j,
                                          dh_direct.data() + b * H + j, H);
         });
+        if (full) {
+          const int64_t r = off[t] + b;
+          narrow_rows(dghb, G, 1, G, dgh_low.mutable_data_ptr<c10::BFloat16>() + r * G);
+          if (!kLstm) narrow_rows(dgib, G, 1, G, dgi_low.mutable_data_ptr<c10::BFloat16>() + r * G);
+          if (gb_ih) {
+            add_column_sums<T>(dgib, G, 1, G, gb_ih);
+            add_column_sums<T>(dghb, G, 1, G, gb_hh);
+          }
+        }
       }
       if (dgh_low.defined() && rows > 0) {
         at::Tensor step_low = dgh_low.narrow(0, off[t], rows);
-        narrow_rows(gh_rows, G, rows, G, step_low.mutable_data_ptr<c10::BFloat16>());
-        if (full && !kLstm)
-          narrow_rows(gi_rows, G, rows, G, dgi_low.mutable_data_ptr<c10::BFloat16>() + off[t] * G);
-        if (gb_ih) {
-          add_column_sums<T>(gi_rows, G, rows, G, gb_ih);
-          add_column_sums<T>(gh_rows, G, rows, G, gb_hh);
-        }
+        if (!full) narrow_rows(gh_rows, G, rows, G, step_low.mutable_data_ptr<c10::BFloat16>());
         at::Tensor y = rows_view(dh_rec.data(), rows, H, ldr);
         rec.native_into(step_low, y);
       } else {
