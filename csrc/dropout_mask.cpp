@@ -24,11 +24,15 @@
 namespace seq2seq_ext {
 namespace {
 
+// SplitMix64: the counter's increment and the two mixing multipliers (the scalar and the
+// AVX-512 draws share them)
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
+constexpr uint64_t kMix1 = 0xBF58476D1CE4E5B9ull;
+constexpr uint64_t kMix2 = 0x94D049BB133111EBull;
 
 inline uint64_t splitmix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z = (z ^ (z >> 30)) * kMix1;
+  z = (z ^ (z >> 27)) * kMix2;
   return z ^ (z >> 31);
 }
 
@@ -40,8 +44,8 @@ inline uint64_t splitmix64(uint64_t z) {
 // u * 2^-24 < keep, that is u < keep * 2^24 (both sides exact in float). Returns the pairs done.
 int64_t keep_pairs_avx512(uint64_t seed, float keep, float scale, float* out, int64_t pairs) {
   const __m512i golden = _mm512_set1_epi64(static_cast<int64_t>(kGolden));
-  const __m512i m1 = _mm512_set1_epi64(static_cast<int64_t>(0xBF58476D1CE4E5B9ull));
-  const __m512i m2 = _mm512_set1_epi64(static_cast<int64_t>(0x94D049BB133111EBull));
+  const __m512i m1 = _mm512_set1_epi64(static_cast<int64_t>(kMix1));
+  const __m512i m2 = _mm512_set1_epi64(static_cast<int64_t>(kMix2));
   const __m512i low24 = _mm512_set1_epi64(0xFFFFFF);
   const __m512i base = _mm512_set1_epi64(static_cast<int64_t>(seed));
   const __m512 limit = _mm512_set1_ps(keep * 16777216.0f);
@@ -54,8 +58,8 @@ int64_t keep_pairs_avx512(uint64_t seed, float keep, float scale, float* out, in
     z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)), m1);
     z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)), m2);
     z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
-    const __m512i halves = _mm512_or_si512(
-        _mm512_srli_epi64(z, 40), _mm512_slli_epi64(_mm512_and_si512(_mm512_srli_epi64(z, 8), low24), 32));
+    const __m512i low = _mm512_and_si512(_mm512_srli_epi64(z, 8), low24);
+    const __m512i halves = _mm512_or_si512(_mm512_srli_epi64(z, 40), _mm512_slli_epi64(low, 32));
     const __mmask16 keep_lanes = _mm512_cmp_ps_mask(_mm512_cvtepi32_ps(halves), limit, _CMP_LT_OQ);
     _mm512_storeu_ps(out + 2 * j, _mm512_maskz_mov_ps(keep_lanes, kept));
     index = _mm512_add_epi64(index, step);
