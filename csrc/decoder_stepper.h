@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -22,8 +23,10 @@ namespace seq2seq_ext {
 //    row-major dot products cost more than the multiply-adds.
 // step() and greedy() run the decoder of cpu/decoder.h over GruCell directly, with the packed
 // weights when there are some, else with the module's (the CPU kernels of gru_decode_step and
-// greedy_decode); greedy() also with bfloat16 copies of the weight matrices, when asked. The table and the bound weights serve an nn.LSTM decoder as well (its flat
-// weights have the same four tensors per layer).
+// greedy_decode); greedy() also with bfloat16 copies of the weight matrices, when asked, and at
+// batch 1 over a large output layer with the int8 screen of its argmax (cpu/argmax_screen.h).
+// The table and the bound weights serve an nn.LSTM decoder as well (its flat weights have the
+// same four tensors per layer).
 class DecoderStepper {
  public:
   DecoderStepper(at::Tensor embedding, std::vector<at::Tensor> weights, at::Tensor dense_weight,
@@ -62,11 +65,17 @@ class DecoderStepper {
   const at::Tensor& rounded_emb_proj();
   // The bfloat16 weight matrices [w_ih, w_hh per layer..., dense weight], built when missing.
   const std::vector<at::Tensor>& low();
+  // The int8 screen of the output layer's float32 (bf16 false) or bfloat16 matrix for greedy's
+  // argmax (cpu/argmax_screen.h), built when missing; null where it does not apply.
+  const cpu::ArgmaxScreen* screen(bool bf16);
 
   at::Tensor embedding_, dense_weight_, dense_bias_, emb_proj_, packed_;
   std::vector<at::Tensor> weights_;
   std::vector<int64_t> key_;
   bool packed_built_ = false;
+  bool inference_ = false;  // some bound tensor is an inference tensor
+  std::shared_ptr<const cpu::ArgmaxScreen> screens_[2];
+  bool screens_tried_[2] = {false, false};
   std::vector<at::Tensor> low_;
   at::Tensor emb_proj_low_;  // the table from the rounded embedding and W_ih0
   // The dims (batch aside) of the last state checked against the current weights, and its

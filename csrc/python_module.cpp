@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include "decoder_stepper.h"
+#include "cpu/argmax_screen.h"
 #include "deferred_weight_grads.h"
 #include "dropout_mask.h"
 #include "gru_layer.h"
@@ -136,6 +137,58 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("amx_usable", &seq2seq_ext::cpu::amx_usable);
   module.def("set_amx_products", &seq2seq_ext::set_amx_products, pybind11::arg("on"));
   module.def("amx_products", &seq2seq_ext::amx_products);
+  module.def("argmax_screen_usable", &seq2seq_ext::cpu::argmax_screen_usable);
+  module.def("set_argmax_screen", &seq2seq_ext::cpu::set_argmax_screen, pybind11::arg("on"));
+  module.def("argmax_screen", &seq2seq_ext::cpu::argmax_screen_enabled);
+  // cpu::screened_argmax over the rows of h (n, K) against w (V, K), float32 or bfloat16, and
+  // bias (V,): (the argmax of each row, how many logits each computed, the argmax of the full
+  // product), or None where no screen applies (make_argmax_screen). For the tests.
+  module.def("_screened_argmax", [](const at::Tensor& w, const at::Tensor& bias,
+                                    const at::Tensor& h) -> pybind11::object {
+    TORCH_CHECK(w.dim() == 2 && w.is_cpu() && w.is_contiguous() &&
+                    (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+                "_screened_argmax: w: expected a contiguous 2-D float32 or bfloat16 CPU tensor");
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == w.size(0) && bias.is_contiguous() &&
+                    bias.scalar_type() == at::kFloat,
+                "_screened_argmax: bias: expected ", w.size(0), " contiguous float32 values");
+    TORCH_CHECK(h.dim() == 2 && h.size(1) == w.size(1) && h.is_contiguous() &&
+                    h.scalar_type() == at::kFloat,
+                "_screened_argmax: h: expected contiguous float32 rows of ", w.size(1), " values");
+    const auto screen = seq2seq_ext::cpu::make_argmax_screen(w);
+    if (!screen) return pybind11::none();
+    const int64_t n = h.size(0), V = w.size(0), K = w.size(1);
+    at::Tensor best = at::empty({n}, h.options().dtype(at::kLong));
+    at::Tensor computed = at::empty({n}, h.options().dtype(at::kLong));
+    std::vector<float> logits(V);
+    seq2seq_ext::cpu::ScreenScratch scratch;
+    for (int64_t b = 0; b < n; ++b) {
+      const float* x = h.const_data_ptr<float>() + b * K;
+      best.mutable_data_ptr<int64_t>()[b] =
+          w.scalar_type() == at::kFloat
+              ? seq2seq_ext::cpu::screened_argmax(*screen, x, w.const_data_ptr<float>(),
+                                                  bias.const_data_ptr<float>(), scratch,
+                                                  logits.data(),
+                                                  computed.mutable_data_ptr<int64_t>() + b)
+              : seq2seq_ext::cpu::screened_argmax(*screen, x, w.const_data_ptr<c10::BFloat16>(),
+                                                  bias.const_data_ptr<float>(), scratch,
+                                                  logits.data(),
+                                                  computed.mutable_data_ptr<int64_t>() + b);
+    }
+    // the full product's argmax (linear_nt and argmax_row), to compare with
+    at::Tensor full = at::empty({n}, h.options().dtype(at::kLong));
+    for (int64_t b = 0; b < n; ++b) {
+      const float* x = h.const_data_ptr<float>() + b * K;
+      if (w.scalar_type() == at::kFloat)
+        seq2seq_ext::cpu::linear_nt<float>(x, K, 1, K, w.const_data_ptr<float>(), K, V,
+                                           bias.const_data_ptr<float>(), logits.data(), false);
+      else
+        seq2seq_ext::cpu::linear_nt<float, c10::BFloat16>(
+            x, K, 1, K, w.const_data_ptr<c10::BFloat16>(), K, V, bias.const_data_ptr<float>(),
+            logits.data(), false);
+      full.mutable_data_ptr<int64_t>()[b] = seq2seq_ext::cpu::argmax_row(logits.data(), V);
+    }
+    return pybind11::make_tuple(best, computed, full);
+  }, pybind11::arg("w"), pybind11::arg("bias"), pybind11::arg("h"));
   module.def("amx_mm", [](const at::Tensor& a, const at::Tensor& w, bool transposed,
                           const std::optional<at::Tensor>& bias) {
     TORCH_CHECK(seq2seq_ext::cpu::amx_usable(), "amx_mm: this CPU or OS does not run AMX-BF16");

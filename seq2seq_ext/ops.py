@@ -103,7 +103,8 @@ _ops = torch.ops.seq2seq_ext
 # their CPU kernels run them, chosen once here.
 
 __all__ += ["set_bf16_gemm", "bf16_gemm", "cpu_has_bf16_gemm", "set_amx_products",
-            "amx_products"]
+            "amx_products", "set_argmax_screen",
+            "argmax_screen", "argmax_screen_usable"]
 
 _BF16_GEMMS = ("native", "rounded")
 
@@ -178,6 +179,31 @@ def amx_products():
 
 
 set_amx_products(_C.amx_usable())
+
+
+def set_argmax_screen(enabled):
+    """Whether greedy decoding at batch 1 (the CPU decoders' ``greedy``, hence
+    :func:`seq2seq_ext.predict_seq2seq`) finds each token's argmax over a large output layer
+    (at least 512 rows and 2^18 entries, at most 1,024 columns) by first reading an int8 copy of
+    the layer's matrix, made once per set of weights: bounds on every logit leave the few rows
+    that can hold the maximum, whose logits are then computed exactly (csrc/cpu/argmax_screen.h).
+    The tokens are those of the full product, with a quarter of float32's bytes read per token
+    (half of bfloat16's). On by default; it runs where the CPU has AVX512-VNNI
+    (:func:`argmax_screen_usable`), and elsewhere this switch changes nothing."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    _C.set_argmax_screen(enabled)
+
+
+def argmax_screen():
+    """Whether :func:`set_argmax_screen` is on."""
+    return _C.argmax_screen()
+
+
+def argmax_screen_usable():
+    """Whether this CPU runs the int8 screen of :func:`set_argmax_screen` (AVX512-VNNI in an
+    AVX-512 build of the extension)."""
+    return _C.argmax_screen_usable()
 
 
 __all__ += ["autocast_linear"]

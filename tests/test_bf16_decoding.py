@@ -162,7 +162,10 @@ def test_translation_benchmark_runs_and_counts_the_bytes():
     from seq2seq_ext.bench import translate_large as tl
     result = tl.run(sentences=3, rounds=1, embed=6, hidden=5, layers=2, src_size=20,
                     tgt_size=30, num_steps=4)
-    assert set(result["per_1000"]) == {"reference", "package float32", "package bf16 weights"}
+    names = {"reference", "package float32", "package bf16 weights"}
+    if ops.argmax_screen_usable():  # also without the int8 screen of the argmax
+        names |= {"package float32, no screen", "package bf16 weights, no screen"}
+    assert set(result["per_1000"]) == names and set(result["floors"]) == names - {"reference"}
     assert all(t > 0 for t in result["per_1000"].values()) and result["bandwidth"] > 0
     assert "| reference |" in tl.format_table(result)
     net, _ = common.chapter_models(25, 30, embed=6, hidden=5)
@@ -171,3 +174,5 @@ def test_translation_benchmark_runs_and_counts_the_bytes():
     assert tl.token_bytes(net, 2) == 2 * per_token
     encoder = 4 * (15 * 6 + 3 * 15 * 5 + 15 * 5 + 3 * 15 * 5)  # W_ih once, W_hh at 3 steps
     assert tl.sentence_bytes(net, 3, 2, 4) == encoder + 2 * 4 * per_token
+    # the screen reads the output layer as int8
+    assert tl.token_bytes(net, 2, dense_elem=1) == 2 * per_token - vocab * 5

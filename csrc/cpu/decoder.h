@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../decoder.h"
+#include "argmax_screen.h"
 #include "cells.h"
 #include "common.h"
 #include "linear.h"
@@ -73,6 +74,27 @@ struct RowMajorWeights {
   void dense(const T* h, int64_t n, T* logits) {
     linear_nt<T, WT>(h, H, n, H, dense_w, H, V, dense_b, logits, false);
   }
+  // best[b] = argmax_row of row b's logits, for n rows of h; logits (n, V) as scratch. With a
+  // screen of dense_w (argmax_screen.h) a row computes only the logits that can be the largest,
+  // by dense's own operations: the same index.
+  void dense_argmax(const T* h, int64_t n, T* logits, int64_t* best) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (screen != nullptr && !linear_nt_blas<T, WT>(n, V, H)) {
+        for (int64_t b = 0; b < n; ++b)
+          best[b] =
+              screened_argmax(*screen, h + b * H, dense_w, dense_b, scratch_, logits + b * V);
+        return;
+      }
+    }
+    dense(h, n, logits);
+    for (int64_t b = 0; b < n; ++b) best[b] = argmax_row<T>(logits + b * V, V);
+  }
+
+  // An int8 screen of dense_w, or null (float T only).
+  const ArgmaxScreen* screen = nullptr;
+
+ private:
+  ScreenScratch scratch_;
 };
 
 // Where PackedWeights lie (element offsets into one flat tensor): each product's weight
@@ -137,6 +159,10 @@ struct PackedWeights {
     for (int64_t b = 0; b < n; ++b)
       std::copy(row.data() + b * lay.Vp, row.data() + b * lay.Vp + V, logits + b * V);
   }
+  void dense_argmax(const T* h, int64_t n, T* logits, int64_t* best) {
+    dense(h, n, logits);
+    for (int64_t b = 0; b < n; ++b) best[b] = argmax_row<T>(logits + b * V, V);
+  }
 };
 
 // Gate buffers of step_rows, kept across the steps of a loop.
@@ -146,7 +172,8 @@ struct GateBuffers {
 };
 
 // One decoder step for n rows. Each state part of `state` and `next` is (L, n, H) contiguous;
-// tok (n,) ids of emb_proj's rows; ctx (n, kGates * H) or null; logits (n, V).
+// tok (n,) ids of emb_proj's rows; ctx (n, kGates * H) or null; logits (n, V), or null for
+// none (the caller then projects the top layer's new state itself).
 template <typename Cell, typename Weights, typename T>
 void step_rows(Weights& w, const DecoderDims& d, const T* emb_proj, const int64_t* tok,
                int64_t n, const T* ctx, Parts<const T, Cell::kParts> state,
@@ -178,7 +205,7 @@ void step_rows(Weights& w, const DecoderDims& d, const T* emb_proj, const int64_
     w.hidden(l, prev[0], n, gh);
     Cell::template update<T>(gi, gh, ld, prev, H, out, H, n, H);
   }
-  w.dense(next[0] + (L - 1) * n * H, n, logits);
+  if (logits) w.dense(next[0] + (L - 1) * n * H, n, logits);
 }
 
 // The CPU kernel of a decode-step op over Cell, with the module's row-major weights: reads the
@@ -209,18 +236,6 @@ void decode_step(const DecoderDims& d, const at::Tensor& token,
   });
 }
 
-// torch.argmax's rule: the first maximum, NaN counting as the maximum.
-template <typename T>
-int64_t argmax_row(const T* x, int64_t n) {
-  int64_t best = 0;
-  for (int64_t v = 1; v < n; ++v) {
-    const bool best_nan = x[best] != x[best];
-    if (best_nan) break;
-    if (x[v] != x[v] || x[v] > x[best]) best = v;
-  }
-  return best;
-}
-
 // Greedy decoding of B > 0 rows for num_steps > 0 steps from the state parts `state` ((L, B, H)
 // each, contiguous) and the fixed context projection ctx (B, kGates * H) or null: every row
 // starts from bos and feeds back its argmax; a row stops at eos. tok_out (B, num_steps) and
@@ -239,7 +254,7 @@ void greedy_rows(Weights& w, const DecoderDims& d, const T* emb_proj,
   }
   std::vector<T> logits(B * V), ctx;
   if (ctx_proj) ctx.assign(ctx_proj, ctx_proj + B * G);
-  std::vector<int64_t> row(B), tok(B, bos);
+  std::vector<int64_t> row(B), tok(B, bos), best(B);
   for (int64_t b = 0; b < B; ++b) row[b] = b;
   GateBuffers<T> buf;
   int64_t n = B;
@@ -251,10 +266,11 @@ void greedy_rows(Weights& w, const DecoderDims& d, const T* emb_proj,
       out[p] = next[p].data();
     }
     step_rows<Cell>(w, DecoderDims{L, n, H, d.tgt_vocab, V, d.in0}, emb_proj, tok.data(), n,
-                    ctx_proj ? ctx.data() : nullptr, in, out, logits.data(), buf);
+                    ctx_proj ? ctx.data() : nullptr, in, out, static_cast<T*>(nullptr), buf);
+    w.dense_argmax(out[0] + (L - 1) * n * H, n, logits.data(), best.data());
     int64_t kept = 0;
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t y = argmax_row<T>(logits.data() + i * V, V);
+      const int64_t y = best[i];
       const int64_t b = row[i];
       if (y == eos) {
         len_out[b] = step;

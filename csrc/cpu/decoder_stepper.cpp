@@ -81,6 +81,8 @@ bool DecoderStepper::refresh() {
   packed_ = at::Tensor();
   low_.clear();
   emb_proj_low_ = at::Tensor();
+  screens_[0] = screens_[1] = nullptr;
+  screens_tried_[0] = screens_tried_[1] = false;
   validated_ = false;
   // weights made in inference mode: everything derived is rebuilt on every call, so the
   // packed copy would cost more than it saves
@@ -88,7 +90,19 @@ bool DecoderStepper::refresh() {
                    dense_bias_.is_inference();
   for (const auto& w : weights_) inference = inference || w.is_inference();
   packed_built_ = inference;
+  inference_ = inference;
   return false;
+}
+
+const cpu::ArgmaxScreen* DecoderStepper::screen(bool bf16) {
+  // weights made in inference mode: rebuilt on every call, a screen would cost what it saves
+  if (!cpu::argmax_screen_enabled() || inference_) return nullptr;
+  if (!screens_tried_[bf16]) {
+    screens_tried_[bf16] = true;
+    if (bf16 || dense_weight_.scalar_type() == at::kFloat)
+      screens_[bf16] = cpu::make_argmax_screen(bf16 ? low().back() : dense_weight_.contiguous());
+  }
+  return screens_[bf16].get();
 }
 
 const at::Tensor& DecoderStepper::rounded_emb_proj() {
@@ -217,32 +231,41 @@ std::tuple<at::Tensor, at::Tensor> DecoderStepper::greedy(const at::Tensor& stat
   at::Tensor tokens = at::full({d.batch, num_steps}, eos, long_opts);
   at::Tensor lengths = at::full({d.batch}, num_steps, long_opts);
   if (d.batch == 0 || num_steps == 0) return {tokens, lengths};
-  if (bf16_weights) {
-    TORCH_CHECK(v_dtype_ == at::kFloat && dense_weight_.scalar_type() == at::kFloat,
-                "bf16_weights: decoding with bfloat16 weights needs float32 weights and state, "
-                "got ", dense_weight_.scalar_type(), " weights and a ", v_dtype_, " state");
-    const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
-    const at::Tensor& rounded_table = rounded_emb_proj();
-    cpu::Contig c;
-    cpu::RowMajorWeights<float, c10::BFloat16> w(d, cpu::GruCell::kGates, weights_, dense_weight_,
-                                                 dense_bias_, c, low());
-    cpu::greedy_rows<cpu::GruCell>(w, d, c(rounded_table).const_data_ptr<float>(),
+  const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
+  cpu::Contig c;
+  // greedy_rows over float32 row-major weights w (the module's, or bfloat16 copies) and the
+  // embedding table tab, with the screen of the argmax sc (or none)
+  auto row_major = [&](auto& w, const at::Tensor& tab, const cpu::ArgmaxScreen* sc) {
+    w.screen = sc;
+    cpu::greedy_rows<cpu::GruCell>(w, d, c(tab).const_data_ptr<float>(),
                                    {c(state).const_data_ptr<float>()},
                                    has_ctx ? c(*ctx_proj).const_data_ptr<float>() : nullptr, bos,
                                    eos, num_steps, tokens.data_ptr<int64_t>(),
                                    lengths.data_ptr<int64_t>());
-    return {tokens, lengths};
+    return std::make_tuple(tokens, lengths);
+  };
+  if (bf16_weights) {
+    TORCH_CHECK(v_dtype_ == at::kFloat && dense_weight_.scalar_type() == at::kFloat,
+                "bf16_weights: decoding with bfloat16 weights needs float32 weights and state, "
+                "got ", dense_weight_.scalar_type(), " weights and a ", v_dtype_, " state");
+    cpu::RowMajorWeights<float, c10::BFloat16> w(d, cpu::GruCell::kGates, weights_, dense_weight_,
+                                                 dense_bias_, c, low());
+    return row_major(w, rounded_emb_proj(), screen(true));
   }
   const at::Tensor& P = d.batch <= kPackedMaxRows ? packed() : at::Tensor();
+  const cpu::ArgmaxScreen* sc = !P.defined() && v_dtype_ == at::kFloat ? screen(false) : nullptr;
+  if (sc != nullptr) {  // greedy_decode's kernel, with the screen
+    cpu::RowMajorWeights<float> w(d, cpu::GruCell::kGates, weights_, dense_weight_, dense_bias_,
+                                  c);
+    return row_major(w, table, sc);
+  }
   if (!P.defined()) {
     cpu::greedy_decode(d, state, table, ctx_proj, weights_, dense_weight_, dense_bias_, bos, eos,
                        num_steps, tokens, lengths);
     return {tokens, lengths};
   }
-  const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
   AT_DISPATCH_FLOATING_TYPES(v_dtype_, "DecoderStepper.greedy", [&] {
     using T = scalar_t;
-    cpu::Contig c;
     cpu::PackedWeights<T> w(layout_, P.const_data_ptr<T>(), d);
     cpu::greedy_rows<cpu::GruCell>(w, d, c(table).const_data_ptr<T>(),
                                    {c(state).const_data_ptr<T>()},

@@ -173,7 +173,71 @@ inline void linear_nt_bf16(const float* X, int64_t ldx, int64_t B, int64_t K,
     }
   });
 }
+
+// linear_nt_bf16's value for one output in a block of four, by the same operations: the row w
+// against x (K values; xe: its first K - K % (2 * Vec::size()) values de-interleaved as there).
+inline float linear_nt_bf16_one(const float* x, const float* xe, const c10::BFloat16* w,
+                                int64_t K) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t Wd = Vec::size();
+  constexpr int64_t P = 2 * Wd;
+  const int64_t Kb = K - K % P;
+  Vec even_acc(0.f), odd_acc(0.f);
+  for (int64_t k = 0; k < Kb; k += P) {
+    Vec e, o;
+    load_bf16_pair(w + k, e, o);
+    even_acc = at::vec::fmadd(e, Vec::loadu(xe + k), even_acc);
+    odd_acc = at::vec::fmadd(o, Vec::loadu(xe + k + Wd), odd_acc);
+  }
+  float tail = 0;
+  for (int64_t k = Kb; k < K; ++k) tail += static_cast<float>(w[k]) * x[k];
+  return hsum(even_acc + odd_acc) + tail;
+}
+
+// x's first Kb columns de-interleaved per block of 2 * Vec::size(): the even columns, then the
+// odd ones (linear_nt_bf16's order).
+inline void deinterleave_blocks(const float* x, int64_t Kb, float* xe) {
+  constexpr int64_t Wd = at::vec::Vectorized<float>::size();
+  for (int64_t k = 0; k < Kb; k += 2 * Wd)
+    for (int64_t j = 0; j < Wd; ++j) {
+      xe[k + j] = x[k + 2 * j];
+      xe[k + Wd + j] = x[k + 2 * j + 1];
+    }
+}
 #endif
+
+// R weight rows' products with the row x (K values): two accumulators a row (even and odd
+// vectors of k) and the columns past the last whole vector one at a time; r[i] for row w[i].
+// Four rows give eight independent FMA chains, enough to hide the FMA latency.
+template <int R, typename T, typename WT>
+inline void row_sums(const T* x, const WT* const* w, int64_t K, T* r) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t Wd = Vec::size();
+  const int64_t K_vec = K - K % Wd;
+  Vec a[R], c[R];
+  for (int i = 0; i < R; ++i) a[i] = c[i] = Vec(T(0));
+  int64_t k = 0;
+  for (; k + 2 * Wd <= K_vec; k += 2 * Wd) {
+    const Vec xv = Vec::loadu(x + k);
+    const Vec xw = Vec::loadu(x + k + Wd);
+    for (int i = 0; i < R; ++i) a[i] = at::vec::fmadd(load_vec(w[i] + k), xv, a[i]);
+    for (int i = 0; i < R; ++i) c[i] = at::vec::fmadd(load_vec(w[i] + k + Wd), xw, c[i]);
+  }
+  if (k < K_vec) {
+    const Vec xv = Vec::loadu(x + k);
+    for (int i = 0; i < R; ++i) a[i] = at::vec::fmadd(load_vec(w[i] + k), xv, a[i]);
+  }
+  for (int i = 0; i < R; ++i) r[i] = hsum(a[i] + c[i]);
+  for (int64_t k = K_vec; k < K; ++k)
+    for (int i = 0; i < R; ++i) r[i] += static_cast<T>(w[i][k]) * x[k];
+}
+
+// Whether linear_nt gives a product of B rows to BLAS (else its own dot products, whose value
+// for one output linear_nt_value repeats).
+template <typename T, typename WT>
+inline bool linear_nt_blas(int64_t B, int64_t N, int64_t K) {
+  return std::is_same_v<T, WT> && B >= 4 && B * N * K >= (1 << 17);
+}
 
 // Y[b, n] = (accumulate ? Y[b, n] : bias[n] or 0) + sum_k X[b, k] * W[n, k].
 // X is (B, K) with row stride ldx, W is (N, K) with row stride ldw, Y is (B, N) contiguous.
@@ -184,7 +248,7 @@ void linear_nt(const T* X, int64_t ldx, int64_t B, int64_t K, const WT* W, int64
                const T* bias, T* Y, bool accumulate) {
   if (B == 0 || N == 0) return;
   const auto dtype = c10::CppTypeToScalarType<T>::value;
-  if (std::is_same_v<T, WT> && B >= 4 && B * N * K >= (1 << 17)) {
+  if (linear_nt_blas<T, WT>(B, N, K)) {
     auto opts = at::TensorOptions().dtype(dtype);
     at::Tensor x = at::from_blob(const_cast<T*>(X), {B, K}, {ldx, 1}, opts);
     at::Tensor w = at::from_blob(const_cast<WT*>(W), {N, K}, {ldw, 1}, opts);
@@ -204,52 +268,18 @@ void linear_nt(const T* X, int64_t ldx, int64_t B, int64_t K, const WT* W, int64
     return;
   }
 #endif
-  using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t Wd = Vec::size();
-  const int64_t K_vec = K - K % Wd;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N * K));
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const T* x = X + b * ldx;
       T* y = Y + b * N;
       int64_t n = 0;
-      // four outputs at a time: the x loads are shared and the four FMA chains run in parallel
+      // four outputs at a time: the x loads are shared and the FMA chains run in parallel
       for (; n + 4 <= N; n += 4) {
-        const WT* w0 = W + n * ldw;
-        const WT* w1 = w0 + ldw;
-        const WT* w2 = w1 + ldw;
-        const WT* w3 = w2 + ldw;
-        // two accumulators per output (even and odd vectors of k): eight independent FMA
-        // chains, enough to hide the FMA latency, which four chains alone do not
-        Vec a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0)), c0(T(0)), c1(T(0)), c2(T(0)), c3(T(0));
-        int64_t k = 0;
-        for (; k + 2 * Wd <= K_vec; k += 2 * Wd) {
-          const Vec xv = Vec::loadu(x + k);
-          const Vec xw = Vec::loadu(x + k + Wd);
-          a0 = at::vec::fmadd(load_vec(w0 + k), xv, a0);
-          a1 = at::vec::fmadd(load_vec(w1 + k), xv, a1);
-          a2 = at::vec::fmadd(load_vec(w2 + k), xv, a2);
-          a3 = at::vec::fmadd(load_vec(w3 + k), xv, a3);
-          c0 = at::vec::fmadd(load_vec(w0 + k + Wd), xw, c0);
-          c1 = at::vec::fmadd(load_vec(w1 + k + Wd), xw, c1);
-          c2 = at::vec::fmadd(load_vec(w2 + k + Wd), xw, c2);
-          c3 = at::vec::fmadd(load_vec(w3 + k + Wd), xw, c3);
-        }
-        if (k < K_vec) {
-          const Vec xv = Vec::loadu(x + k);
-          a0 = at::vec::fmadd(load_vec(w0 + k), xv, a0);
-          a1 = at::vec::fmadd(load_vec(w1 + k), xv, a1);
-          a2 = at::vec::fmadd(load_vec(w2 + k), xv, a2);
-          a3 = at::vec::fmadd(load_vec(w3 + k), xv, a3);
-        }
-        T r[4] = {hsum(a0 + c0), hsum(a1 + c1), hsum(a2 + c2), hsum(a3 + c3)};
-        for (int64_t k = K_vec; k < K; ++k) {
-          r[0] += static_cast<T>(w0[k]) * x[k];
-          r[1] += static_cast<T>(w1[k]) * x[k];
-          r[2] += static_cast<T>(w2[k]) * x[k];
-          r[3] += static_cast<T>(w3[k]) * x[k];
-        }
-        for (int i = 0; i < 4; ++i) {
+        const WT* w[4] = {W + n * ldw, W + (n + 1) * ldw, W + (n + 2) * ldw, W + (n + 3) * ldw};
+        T r[4];
+        row_sums<4>(x, w, K, r);
+        for (int64_t i = 0; i < 4; ++i) {
           const T init = accumulate ? y[n + i] : (bias ? bias[n + i] : T(0));
           y[n + i] = init + r[i];
         }
@@ -260,6 +290,23 @@ void linear_nt(const T* X, int64_t ldx, int64_t B, int64_t K, const WT* W, int64
       }
     }
   });
+}
+
+// What linear_nt adds to output n's starting value for the row x (a product it does not give
+// to BLAS), by the same operations, so the same bits. xe: x de-interleaved
+// (deinterleave_blocks) when W is bfloat16.
+template <typename T, typename WT>
+T linear_nt_value(const T* x, const float* xe, int64_t K, const WT* W, int64_t ldw, int64_t N,
+                  int64_t n) {
+  const WT* w = W + n * ldw;
+  if (n >= N - N % 4) return dot(x, w, K);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<WT, c10::BFloat16>) return linear_nt_bf16_one(x, xe, w, K);
+#endif
+  T r;
+  (void)xe;
+  row_sums<1>(x, &w, K, &r);
+  return r;
 }
 
 // One row of a product with a weight stored transposed and padded: y[n] = init[n] + sum_k

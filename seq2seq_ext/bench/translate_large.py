@@ -1,6 +1,7 @@
 """Translation one sentence at a time at a realistic size: ``predict_seq2seq`` over many
 sentences (the chapter's loop on the reference against the package's fused greedy loop, with
-the weights as they are and with ``weight_dtype=torch.bfloat16``), interleaved in one process.
+the weights as they are and with ``weight_dtype=torch.bfloat16``, each with and without the int8
+screen of the argmax where the CPU runs it), interleaved in one process.
 
 At batch 1 every product is a matrix-vector product: each token reads every weight matrix of
 the decoder once (the embedding and W_ih0's embedding columns excepted: they are a table
@@ -9,7 +10,7 @@ The floor printed beside the times is that: the matrix bytes a sentence reads (t
 W_ih once per layer and W_hh per step, the decoder's matrices per token) over the read
 bandwidth of a float32 reduction over as many bytes as the decoder's matrices, measured in the
 same run (the rate a working set of that size streams at), for float32 and for bfloat16
-decoder matrices.
+decoder matrices, and with the screen, for an output layer read as int8.
 """
 import argparse
 import statistics
@@ -35,19 +36,22 @@ def read_bandwidth(nbytes, rounds=7):
     return x.numel() * 4 / min(times)
 
 
-def token_bytes(net, elem):
+def token_bytes(net, elem, dense_elem=None):
     """Matrix bytes the decoder reads per token at ``elem`` bytes an entry: layer 0's context
-    columns of W_ih, the other layers' W_ih, every W_hh and the output weight."""
+    columns of W_ih, the other layers' W_ih, every W_hh and the output weight (at
+    ``dense_elem`` bytes an entry when given: 1 for the int8 screen of the argmax, whose few
+    candidate rows are not counted)."""
     dec = net.decoder.rnn
-    entries = net.decoder.dense.weight.numel()
+    entries = 0
     for layer in range(dec.num_layers):
         w_ih = getattr(dec, f"weight_ih_l{layer}")
         entries += w_ih[:, -dec.hidden_size:].numel() if layer == 0 else w_ih.numel()
         entries += getattr(dec, f"weight_hh_l{layer}").numel()
-    return entries * elem
+    dense = net.decoder.dense.weight.numel()
+    return entries * elem + dense * (elem if dense_elem is None else dense_elem)
 
 
-def sentence_bytes(net, steps, tokens, decoder_elem):
+def sentence_bytes(net, steps, tokens, decoder_elem, dense_elem=None):
     """Matrix bytes one sentence reads: the encoder's W_ih once and W_hh at each of ``steps``
     steps (float32), and :func:`token_bytes` at each of ``tokens`` tokens."""
     enc = net.encoder.rnn
@@ -55,7 +59,19 @@ def sentence_bytes(net, steps, tokens, decoder_elem):
     for layer in range(enc.num_layers):
         enc_bytes += 4 * (getattr(enc, f"weight_ih_l{layer}").numel()
                           + steps * getattr(enc, f"weight_hh_l{layer}").numel())
-    return enc_bytes + tokens * token_bytes(net, decoder_elem)
+    return enc_bytes + tokens * token_bytes(net, decoder_elem, dense_elem)
+
+
+def without_screen(fn):
+    """``fn`` run with the int8 screen of greedy decoding's argmax switched off
+    (``ops.set_argmax_screen``)."""
+    def run_it():
+        d2l.ops.set_argmax_screen(False)
+        try:
+            return fn()
+        finally:
+            d2l.ops.set_argmax_screen(True)
+    return run_it
 
 
 def run(sentences=200, rounds=3, embed=256, hidden=256, layers=2, src_size=4000,
@@ -69,13 +85,20 @@ def run(sentences=200, rounds=3, embed=256, hidden=256, layers=2, src_size=4000,
         return [mod.predict_seq2seq(model, s, src_vocab, tgt_vocab, num_steps, "cpu",
                                     **kwargs)[0] for s in sents]
 
-    variants = {
-        "reference": lambda: translate(R, ref),
-        "package float32": lambda: translate(d2l, net),
-        "package bf16 weights": lambda: translate(d2l, net, weight_dtype=torch.bfloat16),
-    }
+    f32 = lambda: translate(d2l, net)  # noqa: E731
+    bf16 = lambda: translate(d2l, net, weight_dtype=torch.bfloat16)  # noqa: E731
+    screen = d2l.ops.argmax_screen_usable()
+    variants = {"reference": lambda: translate(R, ref), "package float32": f32}
+    if screen:
+        variants["package float32, no screen"] = without_screen(f32)
+    variants["package bf16 weights"] = bf16
+    if screen:
+        variants["package bf16 weights, no screen"] = without_screen(bf16)
     outputs = {name: fn() for name, fn in variants.items()}  # warm-up, and the outputs
     assert outputs["package float32"] == outputs["reference"], "translations differ"
+    for name in ("package float32", "package bf16 weights"):
+        assert outputs.get(name + ", no screen", outputs[name]) == outputs[name], (
+            "the screen changed a translation")
     same_bf16 = sum(a == b for a, b in zip(outputs["package bf16 weights"], outputs["reference"]))
     times = {name: [] for name in variants}
     for _ in range(rounds):
@@ -86,11 +109,15 @@ def run(sentences=200, rounds=3, embed=256, hidden=256, layers=2, src_size=4000,
     bandwidth = read_bandwidth(token_bytes(net, 4))
     tokens = statistics.mean(len(o.split()) + 1 for o in outputs["reference"])
     tokens = min(tokens, num_steps)
-    floors = {"package float32": sentence_bytes(net, num_steps, tokens, 4) / bandwidth,
-              "package bf16 weights": sentence_bytes(net, num_steps, tokens, 2) / bandwidth}
+    dense_elem = 1 if screen else None
+    floors = {"package float32": sentence_bytes(net, num_steps, tokens, 4, dense_elem),
+              "package float32, no screen": sentence_bytes(net, num_steps, tokens, 4),
+              "package bf16 weights": sentence_bytes(net, num_steps, tokens, 2, dense_elem),
+              "package bf16 weights, no screen": sentence_bytes(net, num_steps, tokens, 2)}
+    floors = {name: b / bandwidth for name, b in floors.items() if name in variants}
     per_1000 = {name: statistics.median(ts) / sentences * 1000 for name, ts in times.items()}
     return dict(per_1000=per_1000, floors=floors, bandwidth=bandwidth, tokens=tokens,
-                same_bf16=same_bf16, sentences=sentences,
+                same_bf16=same_bf16, sentences=sentences, screen=screen,
                 config=dict(embed=embed, hidden=hidden, layers=layers,
                             src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab),
                             num_steps=num_steps, threads=threads))
@@ -120,6 +147,7 @@ def main(argv=None):
           f"{cfg['src_vocab']}/{cfg['tgt_vocab']}, {cfg['num_steps']} steps, "
           f"{result['tokens']:.1f} tokens a sentence, {cfg['threads']} thread(s); read bandwidth "
           f"{result['bandwidth'] / 1e9:.1f} GB/s; bf16 weights give the reference's translation "
-          f"for {result['same_bf16']} of {result['sentences']} sentences")
+          f"for {result['same_bf16']} of {result['sentences']} sentences; int8 screen of the "
+          f"argmax: {'yes' if result['screen'] else 'no (no AVX512-VNNI)'}")
     print(format_table(result))
     return 0

@@ -1,0 +1,178 @@
+// The int8 screen of an output layer's argmax (argmax_screen.h): the copy, the VNNI dot
+// products and the bounds.
+#include "argmax_screen.h"
+
+#include <ATen/Parallel.h>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+
+namespace seq2seq_ext {
+namespace cpu {
+namespace {
+
+std::atomic<bool> screen_on{true};
+
+// Relative margin for the float rounding of the exact logits and of the bounds themselves:
+// K <= 1024 float32 multiply-adds err by at most about K * 2^-24 of the sum of magnitudes, far
+// below this.
+constexpr float kRoundingMargin = 1.0f / 1024;
+
+#if defined(CPU_CAPABILITY_AVX512)
+// dots[v] = sum_k hq[k] * q[v, k] over Kp (a multiple of 64) columns: hq unsigned, q signed,
+// four rows at a time.
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_dots(
+    const uint8_t* hq, const int8_t* q, int64_t V, int64_t Kp, int32_t* dots) {
+  int64_t v = 0;
+  for (; v + 4 <= V; v += 4) {
+    const int8_t* r = q + v * Kp;
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t k = 0; k < Kp; k += 64) {
+      const __m512i x = _mm512_loadu_si512(hq + k);
+      s0 = _mm512_dpbusd_epi32(s0, x, _mm512_loadu_si512(r + k));
+      s1 = _mm512_dpbusd_epi32(s1, x, _mm512_loadu_si512(r + Kp + k));
+      s2 = _mm512_dpbusd_epi32(s2, x, _mm512_loadu_si512(r + 2 * Kp + k));
+      s3 = _mm512_dpbusd_epi32(s3, x, _mm512_loadu_si512(r + 3 * Kp + k));
+    }
+    dots[v] = _mm512_reduce_add_epi32(s0);
+    dots[v + 1] = _mm512_reduce_add_epi32(s1);
+    dots[v + 2] = _mm512_reduce_add_epi32(s2);
+    dots[v + 3] = _mm512_reduce_add_epi32(s3);
+  }
+  for (; v < V; ++v) {
+    __m512i s = _mm512_setzero_si512();
+    for (int64_t k = 0; k < Kp; k += 64)
+      s = _mm512_dpbusd_epi32(s, _mm512_loadu_si512(hq + k), _mm512_loadu_si512(q + v * Kp + k));
+    dots[v] = _mm512_reduce_add_epi32(s);
+  }
+}
+#endif
+
+// Fills row v of the screen from the K values `w` (float32 or bfloat16, widened exactly).
+template <typename W>
+bool fill_row(ArgmaxScreen& s, int64_t v, const W* w) {
+  double top = 0;
+  for (int64_t k = 0; k < s.K; ++k) {
+    const double x = static_cast<float>(w[k]);
+    if (!std::isfinite(x)) return false;
+    top = std::max(top, std::abs(x));
+  }
+  const double scale = static_cast<float>(top / 127);
+  int8_t* q = s.q.data() + v * s.Kp;
+  double err = 0, l1 = 0;
+  int64_t sum = 0;
+  for (int64_t k = 0; k < s.K; ++k) {
+    const double x = static_cast<float>(w[k]);
+    const double r = scale > 0 ? std::nearbyint(x / scale) : 0.0;
+    const int q_k = static_cast<int>(std::clamp(r, -127.0, 127.0));
+    q[k] = static_cast<int8_t>(q_k);
+    err = std::max(err, std::abs(x - scale * q_k));
+    l1 += std::abs(q_k);
+    sum += q_k;
+  }
+  s.scale[v] = static_cast<float>(scale);
+  // rounded up, so that the float bound is never below the exact one
+  s.err[v] = std::nextafter(static_cast<float>(err), std::numeric_limits<float>::infinity());
+  s.q_l1[v] = static_cast<float>(l1);
+  s.q_sum[v] = static_cast<int32_t>(sum);
+  return true;
+}
+
+}  // namespace
+
+bool argmax_screen_usable() {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+  static const bool usable = __builtin_cpu_supports("avx512vnni") &&
+                             __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512f");
+  return usable;
+#else
+  return false;
+#endif
+}
+
+bool argmax_screen_enabled() { return screen_on.load(std::memory_order_relaxed); }
+
+void set_argmax_screen(bool on) { screen_on.store(on, std::memory_order_relaxed); }
+
+std::shared_ptr<const ArgmaxScreen> make_argmax_screen(const at::Tensor& w) {
+  TORCH_INTERNAL_ASSERT(w.dim() == 2 && w.is_contiguous() &&
+                        (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16));
+  const int64_t V = w.size(0), K = w.size(1);
+  if (!argmax_screen_enabled() || !argmax_screen_usable() || !argmax_screen_pays(V, K))
+    return nullptr;
+  auto s = std::make_shared<ArgmaxScreen>();
+  s->V = V;
+  s->K = K;
+  s->Kp = (K + 63) / 64 * 64;
+  s->q.assign(V * s->Kp, 0);
+  s->scale.resize(V);
+  s->err.resize(V);
+  s->q_l1.resize(V);
+  s->q_sum.resize(V);
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, V, 64, [&](int64_t v0, int64_t v1) {
+    for (int64_t v = v0; v < v1; ++v) {
+      const bool ok = w.scalar_type() == at::kFloat
+                          ? fill_row(*s, v, w.const_data_ptr<float>() + v * K)
+                          : fill_row(*s, v, w.const_data_ptr<c10::BFloat16>() + v * K);
+      if (!ok) finite.store(false, std::memory_order_relaxed);
+    }
+  });
+  if (!finite.load()) return nullptr;
+  return s;
+}
+
+bool argmax_candidates(const ArgmaxScreen& s, const float* h, const float* bias,
+                       ScreenScratch& scratch, std::vector<int64_t>& rows) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const int64_t V = s.V, K = s.K, Kp = s.Kp;
+  float top = 0, h_l1 = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (!std::isfinite(h[k])) return false;
+    top = std::max(top, std::abs(h[k]));
+    h_l1 += std::abs(h[k]);
+  }
+  // |h|_1 summed in float: a relative error of at most K * 2^-24, inside the margin
+  const float h_scale = top / 127;
+  scratch.hq.assign(Kp, 128);  // the zero padding: hq = 0, stored as 0 + 128
+  for (int64_t k = 0; k < K; ++k) {
+    const float r = h_scale > 0 ? std::nearbyint(h[k] / h_scale) : 0.f;
+    scratch.hq[k] = static_cast<uint8_t>(static_cast<int>(std::clamp(r, -127.f, 127.f)) + 128);
+  }
+  // h - h_scale * hq: at most half a step, and a little more from the division's rounding
+  const float h_err = h_scale * (0.5f + kRoundingMargin);
+  scratch.dots.resize(V);
+  scratch.upper.resize(V);
+  vnni_dots(scratch.hq.data(), s.q.data(), V, Kp, scratch.dots.data());
+  float best_lower = -std::numeric_limits<float>::infinity();
+  for (int64_t v = 0; v < V; ++v) {
+    // the unsigned state counts each q_vk 128 times too many
+    const int32_t dot = scratch.dots[v] - 128 * s.q_sum[v];
+    const float approx = bias[v] + s.scale[v] * h_scale * static_cast<float>(dot);
+    const float magnitude =
+        std::abs(bias[v]) + s.scale[v] * 128 * (h_l1 + s.q_l1[v] * h_scale);
+    const float bound =
+        s.err[v] * h_l1 + s.scale[v] * s.q_l1[v] * h_err + kRoundingMargin * magnitude;
+    scratch.upper[v] = approx + bound;
+    best_lower = std::max(best_lower, approx - bound);
+  }
+  if (!std::isfinite(best_lower)) return false;
+  rows.clear();
+  for (int64_t v = 0; v < V; ++v)
+    if (!(scratch.upper[v] < best_lower)) rows.push_back(v);
+  return true;
+#else
+  (void)s, (void)h, (void)bias, (void)scratch, (void)rows;
+  return false;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace seq2seq_ext
