@@ -54,35 +54,58 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_dots(
 }
 #endif
 
-// Fills row v of the screen from the K values `w` (float32 or bfloat16, widened exactly).
+#if defined(CPU_CAPABILITY_AVX512)
+// 16 values from p (n of them, the other lanes zero) as floats; bfloat16 widened exactly.
+inline __m512 load16(const float* p, int64_t n) {
+  return _mm512_maskz_loadu_ps(n >= 16 ? 0xFFFF : (1u << n) - 1, p);
+}
+inline __m512 load16(const c10::BFloat16* p, int64_t n) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(n >= 16 ? 0xFFFF : (1u << n) - 1, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// Fills row v of the screen from its K values `w` (float32 or bfloat16); false when one is not
+// finite.
 template <typename W>
 bool fill_row(ArgmaxScreen& s, int64_t v, const W* w) {
-  double top = 0;
-  for (int64_t k = 0; k < s.K; ++k) {
-    const double x = static_cast<float>(w[k]);
-    if (!std::isfinite(x)) return false;
-    top = std::max(top, std::abs(x));
+  const int64_t K = s.K;
+  __m512 top = _mm512_setzero_ps(), bad = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 x = load16(w + k, K - k);
+    bad = _mm512_add_ps(bad, _mm512_sub_ps(x, x));  // 0 for finite x, NaN otherwise
+    top = _mm512_max_ps(top, _mm512_abs_ps(x));
   }
-  const double scale = static_cast<float>(top / 127);
+  const float top_f = _mm512_reduce_max_ps(top);
+  if (_mm512_reduce_add_ps(bad) != 0 || !std::isfinite(top_f)) return false;
+  const float scale = top_f / 127;
+  // any rounding to a step will do: the error is measured below
+  const __m512 inv = _mm512_set1_ps(scale > 0 ? 1 / scale : 0.f);
+  const __m512 sc = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.f),
+               hi = _mm512_set1_ps(127.f);
+  __m512 err = _mm512_setzero_ps();
+  __m512i l1 = _mm512_setzero_si512(), sum = _mm512_setzero_si512();
   int8_t* q = s.q.data() + v * s.Kp;
-  double err = 0, l1 = 0;
-  int64_t sum = 0;
-  for (int64_t k = 0; k < s.K; ++k) {
-    const double x = static_cast<float>(w[k]);
-    const double r = scale > 0 ? std::nearbyint(x / scale) : 0.0;
-    const int q_k = static_cast<int>(std::clamp(r, -127.0, 127.0));
-    q[k] = static_cast<int8_t>(q_k);
-    err = std::max(err, std::abs(x - scale * q_k));
-    l1 += std::abs(q_k);
-    sum += q_k;
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 x = load16(w + k, K - k);
+    __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(x, inv),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+    const __m512i qi = _mm512_cvtps_epi32(r);
+    _mm512_mask_cvtepi32_storeu_epi8(q + k, K - k >= 16 ? 0xFFFF : (1u << (K - k)) - 1, qi);
+    err = _mm512_max_ps(err, _mm512_abs_ps(_mm512_sub_ps(x, _mm512_mul_ps(sc, r))));
+    l1 = _mm512_add_epi32(l1, _mm512_abs_epi32(qi));
+    sum = _mm512_add_epi32(sum, qi);
   }
-  s.scale[v] = static_cast<float>(scale);
-  // rounded up, so that the float bound is never below the exact one
-  s.err[v] = std::nextafter(static_cast<float>(err), std::numeric_limits<float>::infinity());
-  s.q_l1[v] = static_cast<float>(l1);
-  s.q_sum[v] = static_cast<int32_t>(sum);
+  s.scale[v] = scale;
+  // x - scale * q in float errs from the exact difference by its two roundings, at most a
+  // few units in the last place of 127 * scale; the slack here is far above that, so the
+  // stored error is never below the exact one
+  s.err[v] = _mm512_reduce_max_ps(err) * (1 + 1.0f / (1 << 20)) + scale * (1.0f / (1 << 16));
+  s.q_l1[v] = static_cast<float>(_mm512_reduce_add_epi32(l1));
+  s.q_sum[v] = _mm512_reduce_add_epi32(sum);
   return true;
 }
+#endif
 
 }  // namespace
 
@@ -116,6 +139,7 @@ std::shared_ptr<const ArgmaxScreen> make_argmax_screen(const at::Tensor& w) {
   s->err.resize(V);
   s->q_l1.resize(V);
   s->q_sum.resize(V);
+#if defined(CPU_CAPABILITY_AVX512)
   std::atomic<bool> finite{true};
   at::parallel_for(0, V, 64, [&](int64_t v0, int64_t v1) {
     for (int64_t v = v0; v < v1; ++v) {
@@ -127,6 +151,9 @@ std::shared_ptr<const ArgmaxScreen> make_argmax_screen(const at::Tensor& w) {
   });
   if (!finite.load()) return nullptr;
   return s;
+#else
+  return nullptr;  // not reached: argmax_screen_usable() is false
+#endif
 }
 
 bool argmax_candidates(const ArgmaxScreen& s, const float* h, const float* bias,
