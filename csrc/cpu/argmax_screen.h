@@ -46,7 +46,8 @@ struct ArgmaxScreen {
 };
 
 // Whether a (V, K) output layer is worth screening: large enough that its bytes, not the
-// candidates, bound a token, and small enough in K for exact int32 sums.
+// candidates, bound a token, and small enough in K that the int8 sums convert to float exactly
+// (127 * 127 * 1024 < 2^24).
 inline bool argmax_screen_pays(int64_t V, int64_t K) {
   return V >= 512 && K >= 64 && K <= 1024 && V * K >= (int64_t(1) << 18);
 }
