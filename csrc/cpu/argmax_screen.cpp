@@ -160,40 +160,69 @@ bool argmax_candidates(const ArgmaxScreen& s, const float* h, const float* bias,
                        ScreenScratch& scratch, std::vector<int64_t>& rows) {
 #if defined(CPU_CAPABILITY_AVX512)
   const int64_t V = s.V, K = s.K, Kp = s.Kp;
-  float top = 0, h_l1 = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    if (!std::isfinite(h[k])) return false;
-    top = std::max(top, std::abs(h[k]));
-    h_l1 += std::abs(h[k]);
+  __m512 top = _mm512_setzero_ps(), l1 = _mm512_setzero_ps(), bad = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 x = load16(h + k, K - k);
+    bad = _mm512_add_ps(bad, _mm512_sub_ps(x, x));  // 0 for finite x, NaN otherwise
+    top = _mm512_max_ps(top, _mm512_abs_ps(x));
+    l1 = _mm512_add_ps(l1, _mm512_abs_ps(x));
   }
+  if (_mm512_reduce_add_ps(bad) != 0) return false;
   // |h|_1 summed in float: a relative error of at most K * 2^-24, inside the margin
-  const float h_scale = top / 127;
-  scratch.hq.assign(Kp, 128);  // the zero padding: hq = 0, stored as 0 + 128
-  for (int64_t k = 0; k < K; ++k) {
-    const float r = h_scale > 0 ? std::nearbyint(h[k] / h_scale) : 0.f;
-    scratch.hq[k] = static_cast<uint8_t>(static_cast<int>(std::clamp(r, -127.f, 127.f)) + 128);
+  const float h_l1 = _mm512_reduce_add_ps(l1);
+  const float h_scale = _mm512_reduce_max_ps(top) / 127;
+  // hq = round(h / h_scale) + 128 as bytes (the zero padding: hq = 0, stored as 128)
+  scratch.hq.assign(Kp, 128);
+  const __m512 inv = _mm512_set1_ps(h_scale > 0 ? 1 / h_scale : 0.f);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(load16(h + k, K - k), inv),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(r), _mm512_set1_epi32(128));
+    _mm512_mask_cvtepi32_storeu_epi8(scratch.hq.data() + k, K - k >= 16 ? 0xFFFF
+                                                                     : (1u << (K - k)) - 1, q);
   }
-  // h - h_scale * hq: at most half a step, and a little more from the division's rounding
+  // h - h_scale * hq: at most half a step, and a little more from the product's rounding
   const float h_err = h_scale * (0.5f + kRoundingMargin);
   scratch.dots.resize(V);
   scratch.upper.resize(V);
   vnni_dots(scratch.hq.data(), s.q.data(), V, Kp, scratch.dots.data());
-  float best_lower = -std::numeric_limits<float>::infinity();
-  for (int64_t v = 0; v < V; ++v) {
+  const __m512 hs = _mm512_set1_ps(h_scale), hl1 = _mm512_set1_ps(h_l1),
+               herr = _mm512_set1_ps(h_err), margin = _mm512_set1_ps(kRoundingMargin),
+               c128 = _mm512_set1_ps(128);
+  __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t v = 0; v < V; v += 16) {
+    const __mmask16 m = V - v >= 16 ? 0xFFFF : (1u << (V - v)) - 1;
     // the unsigned state counts each q_vk 128 times too many
-    const int32_t dot = scratch.dots[v] - 128 * s.q_sum[v];
-    const float approx = bias[v] + s.scale[v] * h_scale * static_cast<float>(dot);
-    const float magnitude =
-        std::abs(bias[v]) + s.scale[v] * 128 * (h_l1 + s.q_l1[v] * h_scale);
-    const float bound =
-        s.err[v] * h_l1 + s.scale[v] * s.q_l1[v] * h_err + kRoundingMargin * magnitude;
-    scratch.upper[v] = approx + bound;
-    best_lower = std::max(best_lower, approx - bound);
+    const __m512i dot = _mm512_sub_epi32(
+        _mm512_maskz_loadu_epi32(m, scratch.dots.data() + v),
+        _mm512_slli_epi32(_mm512_maskz_loadu_epi32(m, s.q_sum.data() + v), 7));
+    const __m512 b = _mm512_maskz_loadu_ps(m, bias + v);
+    const __m512 sc = _mm512_maskz_loadu_ps(m, s.scale.data() + v);
+    const __m512 ql1 = _mm512_maskz_loadu_ps(m, s.q_l1.data() + v);
+    const __m512 approx =
+        _mm512_add_ps(b, _mm512_mul_ps(_mm512_mul_ps(sc, hs), _mm512_cvtepi32_ps(dot)));
+    const __m512 magnitude = _mm512_add_ps(
+        _mm512_abs_ps(b),
+        _mm512_mul_ps(_mm512_mul_ps(sc, c128), _mm512_add_ps(hl1, _mm512_mul_ps(ql1, hs))));
+    const __m512 bound = _mm512_add_ps(
+        _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s.err.data() + v), hl1),
+                      _mm512_mul_ps(_mm512_mul_ps(sc, ql1), herr)),
+        _mm512_mul_ps(margin, magnitude));
+    _mm512_mask_storeu_ps(scratch.upper.data() + v, m, _mm512_add_ps(approx, bound));
+    // a NaN lower bound leaves `best` as it is (max_ps returns its second operand)
+    best = _mm512_mask_max_ps(best, m, _mm512_sub_ps(approx, bound), best);
   }
+  const float best_lower = _mm512_reduce_max_ps(best);
   if (!std::isfinite(best_lower)) return false;
+  // the rows whose upper bound is not below best_lower (a NaN one included)
   rows.clear();
-  for (int64_t v = 0; v < V; ++v)
-    if (!(scratch.upper[v] < best_lower)) rows.push_back(v);
+  const __m512 lower = _mm512_set1_ps(best_lower);
+  for (int64_t v = 0; v < V; v += 16) {
+    const __mmask16 m = V - v >= 16 ? 0xFFFF : (1u << (V - v)) - 1;
+    uint32_t hit = _mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, scratch.upper.data() + v),
+                                           lower, _CMP_NLT_UQ);
+    for (; hit != 0; hit &= hit - 1) rows.push_back(v + __builtin_ctz(hit));
+  }
   return true;
 #else
   (void)s, (void)h, (void)bias, (void)scratch, (void)rows;
