@@ -23,10 +23,11 @@ namespace seq2seq_ext {
 //    row-major dot products cost more than the multiply-adds.
 // step() and greedy() run the decoder of cpu/decoder.h over GruCell directly, with the packed
 // weights when there are some, else with the module's (the CPU kernels of gru_decode_step and
-// greedy_decode); greedy() also with bfloat16 copies of the weight matrices, when asked, and at
-// batch 1 over a large output layer with the int8 screen of its argmax (cpu/argmax_screen.h).
-// The table and the bound weights serve an nn.LSTM decoder as well (its flat weights have the
-// same four tensors per layer).
+// greedy_decode); greedy() also with bfloat16 copies of the weight matrices, when asked, and
+// finds a large output layer's argmax with its int8 screen (cpu/argmax_screen.h) wherever the
+// layer's product is not BLAS's (one to three rows in float32, any number in bfloat16). The
+// table and the bound weights serve an nn.LSTM decoder as well (its flat weights have the same
+// four tensors per layer).
 class DecoderStepper {
  public:
   DecoderStepper(at::Tensor embedding, std::vector<at::Tensor> weights, at::Tensor dense_weight,

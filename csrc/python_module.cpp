@@ -157,36 +157,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     const auto screen = seq2seq_ext::cpu::make_argmax_screen(w);
     if (!screen) return pybind11::none();
     const int64_t n = h.size(0), V = w.size(0), K = w.size(1);
-    at::Tensor best = at::empty({n}, h.options().dtype(at::kLong));
-    at::Tensor computed = at::empty({n}, h.options().dtype(at::kLong));
+    const auto long_opts = h.options().dtype(at::kLong);
+    at::Tensor best = at::empty({n}, long_opts), computed = at::empty({n}, long_opts),
+               full = at::empty({n}, long_opts);
     std::vector<float> logits(V);
     seq2seq_ext::cpu::ScreenScratch scratch;
-    for (int64_t b = 0; b < n; ++b) {
-      const float* x = h.const_data_ptr<float>() + b * K;
-      best.mutable_data_ptr<int64_t>()[b] =
-          w.scalar_type() == at::kFloat
-              ? seq2seq_ext::cpu::screened_argmax(*screen, x, w.const_data_ptr<float>(),
-                                                  bias.const_data_ptr<float>(), scratch,
-                                                  logits.data(),
-                                                  computed.mutable_data_ptr<int64_t>() + b)
-              : seq2seq_ext::cpu::screened_argmax(*screen, x, w.const_data_ptr<c10::BFloat16>(),
-                                                  bias.const_data_ptr<float>(), scratch,
-                                                  logits.data(),
-                                                  computed.mutable_data_ptr<int64_t>() + b);
-    }
-    // the full product's argmax (linear_nt and argmax_row), to compare with
-    at::Tensor full = at::empty({n}, h.options().dtype(at::kLong));
-    for (int64_t b = 0; b < n; ++b) {
-      const float* x = h.const_data_ptr<float>() + b * K;
-      if (w.scalar_type() == at::kFloat)
-        seq2seq_ext::cpu::linear_nt<float>(x, K, 1, K, w.const_data_ptr<float>(), K, V,
-                                           bias.const_data_ptr<float>(), logits.data(), false);
-      else
-        seq2seq_ext::cpu::linear_nt<float, c10::BFloat16>(
-            x, K, 1, K, w.const_data_ptr<c10::BFloat16>(), K, V, bias.const_data_ptr<float>(),
-            logits.data(), false);
-      full.mutable_data_ptr<int64_t>()[b] = seq2seq_ext::cpu::argmax_row(logits.data(), V);
-    }
+    auto run = [&](const auto* W) {
+      using WT = std::remove_cv_t<std::remove_pointer_t<decltype(W)>>;
+      const float* b_ = bias.const_data_ptr<float>();
+      for (int64_t r = 0; r < n; ++r) {
+        const float* x = h.const_data_ptr<float>() + r * K;
+        best.mutable_data_ptr<int64_t>()[r] = seq2seq_ext::cpu::screened_argmax(
+            *screen, x, W, b_, scratch, logits.data(), computed.mutable_data_ptr<int64_t>() + r);
+        // the full product's argmax (linear_nt and argmax_row), to compare with
+        seq2seq_ext::cpu::linear_nt<float, WT>(x, K, 1, K, W, K, V, b_, logits.data(), false);
+        full.mutable_data_ptr<int64_t>()[r] = seq2seq_ext::cpu::argmax_row(logits.data(), V);
+      }
+    };
+    if (w.scalar_type() == at::kFloat)
+      run(w.const_data_ptr<float>());
+    else
+      run(w.const_data_ptr<c10::BFloat16>());
     return pybind11::make_tuple(best, computed, full);
   }, pybind11::arg("w"), pybind11::arg("bias"), pybind11::arg("h"));
   module.def("amx_mm", [](const at::Tensor& a, const at::Tensor& w, bool transposed,

@@ -55,13 +55,35 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_dots(
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512)
-// 16 values from p (n of them, the other lanes zero) as floats; bfloat16 widened exactly.
-inline __m512 load16(const float* p, int64_t n) {
-  return _mm512_maskz_loadu_ps(n >= 16 ? 0xFFFF : (1u << n) - 1, p);
+// The first min(n, 16) of 16 lanes.
+inline __mmask16 lanes16(int64_t n) {
+  return static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
 }
+
+// 16 values from p (n of them, the other lanes zero) as floats; bfloat16 widened exactly.
+inline __m512 load16(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(lanes16(n), p); }
 inline __m512 load16(const c10::BFloat16* p, int64_t n) {
-  const __m256i raw = _mm256_maskz_loadu_epi16(n >= 16 ? 0xFFFF : (1u << n) - 1, p);
+  const __m256i raw = _mm256_maskz_loadu_epi16(lanes16(n), p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// max |x| and sum |x| of the K values at p, and whether they are all finite.
+struct Scan {
+  float top, l1;
+  bool finite;
+};
+template <typename X>
+Scan scan(const X* p, int64_t K) {
+  __m512 top = _mm512_setzero_ps(), l1 = _mm512_setzero_ps(), bad = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 x = load16(p + k, K - k);
+    bad = _mm512_add_ps(bad, _mm512_sub_ps(x, x));  // 0 for finite x, NaN otherwise
+    top = _mm512_max_ps(top, _mm512_abs_ps(x));
+    l1 = _mm512_add_ps(l1, _mm512_abs_ps(x));
+  }
+  const float top_f = _mm512_reduce_max_ps(top);
+  return {top_f, _mm512_reduce_add_ps(l1),
+          _mm512_reduce_add_ps(bad) == 0 && std::isfinite(top_f)};
 }
 
 // Fills row v of the screen from its K values `w` (float32 or bfloat16); false when one is not
@@ -69,15 +91,9 @@ inline __m512 load16(const c10::BFloat16* p, int64_t n) {
 template <typename W>
 bool fill_row(ArgmaxScreen& s, int64_t v, const W* w) {
   const int64_t K = s.K;
-  __m512 top = _mm512_setzero_ps(), bad = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __m512 x = load16(w + k, K - k);
-    bad = _mm512_add_ps(bad, _mm512_sub_ps(x, x));  // 0 for finite x, NaN otherwise
-    top = _mm512_max_ps(top, _mm512_abs_ps(x));
-  }
-  const float top_f = _mm512_reduce_max_ps(top);
-  if (_mm512_reduce_add_ps(bad) != 0 || !std::isfinite(top_f)) return false;
-  const float scale = top_f / 127;
+  const Scan row = scan(w, K);
+  if (!row.finite) return false;
+  const float scale = row.top / 127;
   // any rounding to a step will do: the error is measured below
   const __m512 inv = _mm512_set1_ps(scale > 0 ? 1 / scale : 0.f);
   const __m512 sc = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.f),
@@ -91,7 +107,7 @@ bool fill_row(ArgmaxScreen& s, int64_t v, const W* w) {
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
     const __m512i qi = _mm512_cvtps_epi32(r);
-    _mm512_mask_cvtepi32_storeu_epi8(q + k, K - k >= 16 ? 0xFFFF : (1u << (K - k)) - 1, qi);
+    _mm512_mask_cvtepi32_storeu_epi8(q + k, lanes16(K - k), qi);
     err = _mm512_max_ps(err, _mm512_abs_ps(_mm512_sub_ps(x, _mm512_mul_ps(sc, r))));
     l1 = _mm512_add_epi32(l1, _mm512_abs_epi32(qi));
     sum = _mm512_add_epi32(sum, qi);
@@ -160,17 +176,11 @@ bool argmax_candidates(const ArgmaxScreen& s, const float* h, const float* bias,
                        ScreenScratch& scratch, std::vector<int64_t>& rows) {
 #if defined(CPU_CAPABILITY_AVX512)
   const int64_t V = s.V, K = s.K, Kp = s.Kp;
-  __m512 top = _mm512_setzero_ps(), l1 = _mm512_setzero_ps(), bad = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __m512 x = load16(h + k, K - k);
-    bad = _mm512_add_ps(bad, _mm512_sub_ps(x, x));  // 0 for finite x, NaN otherwise
-    top = _mm512_max_ps(top, _mm512_abs_ps(x));
-    l1 = _mm512_add_ps(l1, _mm512_abs_ps(x));
-  }
-  if (_mm512_reduce_add_ps(bad) != 0) return false;
+  const Scan state = scan(h, K);
+  if (!state.finite) return false;
   // |h|_1 summed in float: a relative error of at most K * 2^-24, inside the margin
-  const float h_l1 = _mm512_reduce_add_ps(l1);
-  const float h_scale = _mm512_reduce_max_ps(top) / 127;
+  const float h_l1 = state.l1;
+  const float h_scale = state.top / 127;
   // hq = round(h / h_scale) + 128 as bytes (the zero padding: hq = 0, stored as 128)
   scratch.hq.assign(Kp, 128);
   const __m512 inv = _mm512_set1_ps(h_scale > 0 ? 1 / h_scale : 0.f);
@@ -178,8 +188,7 @@ bool argmax_candidates(const ArgmaxScreen& s, const float* h, const float* bias,
     const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(load16(h + k, K - k), inv),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(r), _mm512_set1_epi32(128));
-    _mm512_mask_cvtepi32_storeu_epi8(scratch.hq.data() + k, K - k >= 16 ? 0xFFFF
-                                                                     : (1u << (K - k)) - 1, q);
+    _mm512_mask_cvtepi32_storeu_epi8(scratch.hq.data() + k, lanes16(K - k), q);
   }
   // h - h_scale * hq: at most half a step, and a little more from the product's rounding
   const float h_err = h_scale * (0.5f + kRoundingMargin);
@@ -191,7 +200,7 @@ bool argmax_candidates(const ArgmaxScreen& s, const float* h, const float* bias,
                c128 = _mm512_set1_ps(128);
   __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t v = 0; v < V; v += 16) {
-    const __mmask16 m = V - v >= 16 ? 0xFFFF : (1u << (V - v)) - 1;
+    const __mmask16 m = lanes16(V - v);
     // the unsigned state counts each q_vk 128 times too many
     const __m512i dot = _mm512_sub_epi32(
         _mm512_maskz_loadu_epi32(m, scratch.dots.data() + v),
@@ -218,7 +227,7 @@ bool argmax_candidates(const ArgmaxScreen& s, const float* h, const float* bias,
   rows.clear();
   const __m512 lower = _mm512_set1_ps(best_lower);
   for (int64_t v = 0; v < V; v += 16) {
-    const __mmask16 m = V - v >= 16 ? 0xFFFF : (1u << (V - v)) - 1;
+    const __mmask16 m = lanes16(V - v);
     uint32_t hit = _mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, scratch.upper.data() + v),
                                            lower, _CMP_NLT_UQ);
     for (; hit != 0; hit &= hit - 1) rows.push_back(v + __builtin_ctz(hit));
