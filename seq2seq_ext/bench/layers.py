@@ -1,0 +1,81 @@
+"""The drop-in recurrent layers alone over a sequence: ``nn.GRU`` / ``nn.LSTM`` against the same
+module after ``seq2seq_ext.accelerate``, the forward in training mode with gradients on (what a
+training step's forward runs, the saved activations written) and the forward with its backward,
+in float32 and under CPU autocast to bfloat16, interleaved in one process, one thread by default.
+
+    python benchmarks/layers.py                               # the GRU at three sizes
+    python benchmarks/layers.py --cell lstm --sizes 12,128,256,512 --repeat 15
+
+A size is steps,batch,input,hidden; every layer stack has 2 layers and dropout 0.5 between them.
+"""
+import argparse
+import copy
+
+import torch
+
+import seq2seq_ext
+from seq2seq_ext.bench import common
+from seq2seq_ext.bench.dropin import fmt, print_machine
+
+# seed 004's encoder at its large size, a longer sequence, a long one at a small batch
+SIZES = ("12,128,256,512", "30,64,128,256", "50,32,256,256")
+
+
+def layer_times(cell, steps, batch, input_size, hidden, amp, repeat):
+    """Median seconds of the forward and of the forward + backward, plain and accelerated."""
+    torch.manual_seed(0)
+    plain = getattr(torch.nn, cell.upper())(input_size, hidden, 2, dropout=0.5)
+    models = {"plain": plain, "accelerated": seq2seq_ext.accelerate(copy.deepcopy(plain))}
+    x = torch.randn(steps, batch, input_size, requires_grad=True)
+
+    def forward(k):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            return models[k](x)[0]
+
+    def both(k):
+        forward(k).float().sum().backward()
+
+    fns = {}
+    for k in models:
+        fns[("forward", k)] = lambda k=k: forward(k)
+        fns[("forward+backward", k)] = lambda k=k: both(k)
+    for fn in fns.values():
+        fn()
+    rounds = {key: [] for key in fns}
+    for _ in range(repeat):
+        for key, fn in fns.items():
+            rounds[key].append(common.median_time(fn, repeat=1, warmup=0))
+    return {key: sorted(v)[len(v) // 2] for key, v in rounds.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cell", choices=("gru", "lstm"), default="gru")
+    parser.add_argument("--sizes", nargs="*", default=list(SIZES),
+                        help="steps,batch,input,hidden (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=9)
+    args = parser.parse_args(argv)
+    sizes = []
+    for s in args.sizes:
+        try:
+            sizes.append(tuple(int(v) for v in s.split(",")))
+        except ValueError:
+            parser.error(f"--sizes: expected steps,batch,input,hidden, got {s!r}")
+        if len(sizes[-1]) != 4 or min(sizes[-1]) < 1:
+            parser.error(f"--sizes: expected four positive integers, got {s!r}")
+    torch.set_num_threads(args.threads)
+    print_machine(args)
+    print("| layer (steps, batch, input, hidden) | dtype | plain forward | accelerated forward "
+          "| speed-up | plain forward+backward | accelerated forward+backward | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size in sizes:
+        for amp in (False, True):
+            t = layer_times(args.cell, *size, amp, args.repeat)
+            row = []
+            for part in ("forward", "forward+backward"):
+                p, a = t[(part, "plain")], t[(part, "accelerated")]
+                row += [fmt(p), fmt(a), f"**{p / a:.2f}x**"]
+            print(f"| {args.cell.upper()} {size} | {'bf16 autocast' if amp else 'float32'} | "
+                  + " | ".join(row) + " |", flush=True)
+    return 0
