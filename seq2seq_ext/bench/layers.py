@@ -14,8 +14,7 @@ import copy
 import torch
 
 import seq2seq_ext
-from seq2seq_ext.bench import common
-from seq2seq_ext.bench.dropin import fmt, print_machine
+from seq2seq_ext.bench.dropin import fmt, interleaved, print_machine
 
 # seed 004's encoder at its large size, a longer sequence, a long one at a small batch
 SIZES = ("12,128,256,512", "30,64,128,256", "50,32,256,256")
@@ -39,13 +38,7 @@ def layer_times(cell, steps, batch, input_size, hidden, amp, repeat):
     for k in models:
         fns[("forward", k)] = lambda k=k: forward(k)
         fns[("forward+backward", k)] = lambda k=k: both(k)
-    for fn in fns.values():
-        fn()
-    rounds = {key: [] for key in fns}
-    for _ in range(repeat):
-        for key, fn in fns.items():
-            rounds[key].append(common.median_time(fn, repeat=1, warmup=0))
-    return {key: sorted(v)[len(v) // 2] for key, v in rounds.items()}
+    return interleaved(fns, repeat)
 
 
 def main(argv=None):
