@@ -14,6 +14,7 @@
 #include "lstm_decode_step.h"
 #include "bf16_products.h"
 #include "cpu/amx_gemm.h"
+#include "cpu/mkl_packed.h"
 #include "rnn_forward.h"
 
 namespace {
@@ -137,6 +138,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("amx_usable", &seq2seq_ext::cpu::amx_usable);
   module.def("set_amx_products", &seq2seq_ext::set_amx_products, pybind11::arg("on"));
   module.def("amx_products", &seq2seq_ext::amx_products);
+  // The float32 products over matrices MKL packs once per layer call (cpu/mkl_packed.h): whether
+  // they run here, and one product on its own (x (M, K) times the (K, N) matrix w, or w^T when
+  // `transposed`, packed for `rows` rows), for the tests.
+  module.def("mkl_packed_usable", &seq2seq_ext::cpu::mkl_packed_usable);
+  module.def("set_mkl_packed_products", &seq2seq_ext::cpu::set_mkl_packed_products,
+             pybind11::arg("on"));
+  module.def("mkl_packed_products", &seq2seq_ext::cpu::mkl_packed_products);
+  module.def("mkl_packs_made", &seq2seq_ext::cpu::mkl_packs_made);
+  module.def("mkl_packed_mm", [](const at::Tensor& x, const at::Tensor& w, bool transposed,
+                                 int64_t rows) {
+    TORCH_CHECK(seq2seq_ext::cpu::mkl_packed_usable(),
+                "mkl_packed_mm: PyTorch in this process is not built with MKL");
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_cpu() && x.stride(1) == 1,
+                "mkl_packed_mm: x: expected a 2-D float32 CPU tensor with unit column stride");
+    const at::Tensor w_kn = transposed ? w.t() : w;
+    TORCH_CHECK(seq2seq_ext::cpu::mkl_packable(w_kn) && w_kn.size(0) == x.size(1),
+                "mkl_packed_mm: w: expected a float32 (K, N) matrix (or its transpose) with a unit "
+                "stride and K = ", x.size(1), ", got ", w_kn.sizes());
+    TORCH_CHECK(rows >= x.size(0), "mkl_packed_mm: rows: expected at least x's ", x.size(0),
+                " rows, got ", rows);
+    const auto packed = seq2seq_ext::cpu::mkl_pack(w_kn, rows);
+    at::Tensor out = at::empty({x.size(0), w_kn.size(1)}, x.options());
+    seq2seq_ext::cpu::mkl_packed_gemm(x.const_data_ptr<float>(), x.stride(0), x.size(0), *packed,
+                                      nullptr, 0, out.mutable_data_ptr<float>(), out.stride(0));
+    return out;
+  }, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("transposed"), pybind11::arg("rows"));
   module.def("argmax_screen_usable", &seq2seq_ext::cpu::argmax_screen_usable);
   module.def("set_argmax_screen", &seq2seq_ext::cpu::set_argmax_screen, pybind11::arg("on"));
   module.def("argmax_screen", &seq2seq_ext::cpu::argmax_screen_enabled);

@@ -181,6 +181,30 @@ def amx_products():
 set_amx_products(_C.amx_usable())
 
 
+__all__ += ["set_mkl_packed_products", "mkl_packed_products"]
+
+
+def set_mkl_packed_products(enabled):
+    """Whether the CPU kernels of the recurrent layer ops (``gru_layer``, ``rnn_stack``: the
+    drop-in layers and the chapter's models) run a float32 layer's per-step products with W_hh
+    over a copy of it that MKL lays out once per call (MKL's packed GEMM, csrc/cpu/mkl_packed.h),
+    where ATen's GEMM lays the matrix out again at every step. They do so for products that go to
+    BLAS, of at least 4 rows, over at least 4 steps; the results equal the ATen products' to
+    float32 rounding. On by default where PyTorch is built with MKL (``_C.mkl_packed_usable()``,
+    the x86 wheels); ``True`` elsewhere raises."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    _C.set_mkl_packed_products(enabled)
+
+
+def mkl_packed_products():
+    """Whether :func:`set_mkl_packed_products` is on."""
+    return _C.mkl_packed_products()
+
+
+set_mkl_packed_products(_C.mkl_packed_usable())
+
+
 def set_argmax_screen(enabled):
     """Whether greedy decoding at batch 1 (the CPU decoders' ``greedy``, hence
     :func:`seq2seq_ext.predict_seq2seq`) finds each token's argmax over a large output layer

@@ -22,12 +22,25 @@
 #include "common.h"
 #include "layer.h"
 #include "linear.h"
+#include "mkl_packed.h"
 
 namespace seq2seq_ext {
 namespace cpu {
 namespace {
 
 using at::vec::Vectorized;
+
+// The (K, N) matrix of a layer's per-step products, laid out by MKL once for all `steps` of them
+// (mkl_packed.h), when they are float32 products of at most `rows` rows that go to BLAS
+// (linear_nt_blas) and the layout pays (mkl_packed_pays); null otherwise (the steps run as
+// before).
+std::unique_ptr<MklPackedMatrix> steps_packed(const at::Tensor& w_kn, int64_t rows,
+                                              int64_t steps) {
+  if (!mkl_packed_pays(rows, steps) || !mkl_packed_products() || !mkl_packable(w_kn) ||
+      !linear_nt_blas<float, float>(rows, w_kn.size(1), w_kn.size(0)))
+    return nullptr;
+  return mkl_pack(w_kn, rows);
+}
 
 // Backward pointwise for B rows: dh (B, H) gradient of the step's output (accumulated), h
 // previous state, saved [r, z, n, gh_n]; writes dgi (B, 3H), dgh (B, 3H) and dh_direct (B, H),
@@ -85,6 +98,8 @@ void gru_layer_backward(const GruLayerDims& d, const at::Tensor& grad_output,
   // W_hh's float32 values, made once, not per step
   const bool low = w_hh.scalar_type() == at::kBFloat16;
   at::Tensor w_hh_values;
+  // float32 steps at BLAS sizes: W_hh laid out by MKL once for all of them (mkl_packed.h)
+  const std::unique_ptr<MklPackedMatrix> packed = steps_packed(w_hh, B, T);
   AT_DISPATCH_FLOATING_TYPES(dh.scalar_type(), "gru_layer_backward_cpu", [&] {
     for (int64_t t = T - 1; t >= 0; --t) {
       const int64_t rows = off[t + 1] - off[t];
@@ -100,7 +115,11 @@ void gru_layer_backward(const GruLayerDims& d, const at::Tensor& grad_output,
                                        dgh_t.data_ptr<scalar_t>(), dh_direct.data_ptr<scalar_t>(),
                                        rows, H);
       // dh_prev = dh * z + dgh W_hh
-      if (low && native_product(rows, G, H)) {
+      if (packed) {
+        if constexpr (std::is_same_v<scalar_t, float>)
+          mkl_packed_gemm(dgh_t.const_data_ptr<float>(), G, rows, *packed,
+                          dh_direct.const_data_ptr<float>(), H, dh_t.data_ptr<float>(), H);
+      } else if (low && native_product(rows, G, H)) {
         bf16_addmm_out(dh_t, dh_direct.narrow(0, 0, rows), dgh_t, w_hh);
       } else if (low) {
         if (!w_hh_values.defined()) w_hh_values = w_hh.to(at::kFloat);
@@ -172,6 +191,17 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
                                   b_hh_c.const_data_ptr<float>(), {h0_c.const_data_ptr<float>()},
                                   output.data_ptr<float>(), saved.data_ptr<float>(),
                                   gh.data_ptr<float>(), sizes, product);
+    return;
+  }
+  // float32 steps at BLAS sizes: W_hh^T laid out by MKL once for all of them (mkl_packed.h)
+  if (const auto packed = steps_packed(w_hh_c.t(), B, T)) {
+    const float* bias = b_hh_c.const_data_ptr<float>();
+    auto product = [&](const float* h, int64_t rows, float* out) {
+      mkl_packed_gemm(h, H, rows, *packed, bias, 0, out, G);
+    };
+    layer_forward<GruCell, float>(gi.const_data_ptr<float>(), T, B, H, nullptr, bias,
+                                  {h0_c.const_data_ptr<float>()}, output.data_ptr<float>(),
+                                  saved.data_ptr<float>(), gh.data_ptr<float>(), sizes, product);
     return;
   }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_cpu", [&] {

@@ -30,6 +30,7 @@
 #include "cells.h"
 #include "common.h"
 #include "linear.h"
+#include "mkl_packed.h"
 
 namespace seq2seq_ext {
 namespace cpu {
@@ -72,6 +73,7 @@ struct RowProduct {
   bool native = false;  // kBlas on the bf16 matrix (w_low) as an ATen bf16 GEMM
   at::Tensor w_low;     // the bf16 (K, N) matrix when native
   std::shared_ptr<const AmxMatrix> amx;  // w_low laid out for AMX tiles (amx_product)
+  std::shared_ptr<const MklPackedMatrix> mkl;  // w_kn packed once for several calls (float32)
   mutable std::vector<T> x_low;  // X rounded
 
   // Products of at least this many multiply-adds in one call go to BLAS: their rows reuse each
@@ -119,6 +121,12 @@ struct RowProduct {
     const T* bp = bias_t.defined() ? bias_t.const_data_ptr<T>() : nullptr;
     if (blas) {
       mode = kBlas;
+      // several calls over one matrix (a layer's time steps): MKL lays it out once for all
+      if constexpr (std::is_same_v<T, float>) {
+        if (mkl_packed_pays(call_rows, rows / std::max<int64_t>(call_rows, 1)) &&
+            mkl_packed_products() && mkl_packable(w_kn))
+          mkl = mkl_pack(w_kn, call_rows);
+      }
     } else if (s1 == 1 && s0 == N && N == Np) {
       mode = kInPlace;
       wt = src;
@@ -190,6 +198,10 @@ struct RowProduct {
         at::Tensor y = at::from_blob(Y, {M, N}, {ldy, 1}, opts);
         if (native) {
           native_into(narrowed_rows(X, ldx, M, K), y);
+        } else if (mkl) {
+          if constexpr (std::is_same_v<T, float>)
+            mkl_packed_gemm(X, ldx, M, *mkl, b.defined() ? b.const_data_ptr<float>() : nullptr,
+                            0, Y, ldy);
         } else if (b.defined()) {
           addmm_over_bias_rows<T>(y, Y, ldy, b.const_data_ptr<T>(), x, w_kn);
         } else

@@ -1,0 +1,114 @@
+// MKL's packed sgemm, found in the running process (mkl_packed.h says why).
+#include "mkl_packed.h"
+
+#include <algorithm>
+#include <atomic>
+
+#if defined(__linux__) || defined(__APPLE__)
+#include <dlfcn.h>
+#define SEQ2SEQ_EXT_DLSYM 1
+#endif
+
+namespace seq2seq_ext {
+namespace cpu {
+namespace {
+
+// CBLAS's enumerations, as MKL's headers number them.
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
+using MklInt = int;  // the LP64 interface, the one PyTorch's x86 wheels link
+
+using PackGetSize = size_t (*)(int identifier, MklInt m, MklInt n, MklInt k);
+using Pack = void (*)(int layout, int identifier, int trans, MklInt m, MklInt n, MklInt k,
+                      float alpha, const float* src, MklInt ld, float* dest);
+using Compute = void (*)(int layout, MklInt transa, MklInt transb, MklInt m, MklInt n, MklInt k,
+                         const float* a, MklInt lda, const float* b, MklInt ldb, float beta,
+                         float* c, MklInt ldc);
+
+struct Api {
+  PackGetSize get_size = nullptr;
+  Pack pack = nullptr;
+  Compute compute = nullptr;
+  bool found() const { return get_size && pack && compute; }
+};
+
+const Api& api() {
+  static const Api found = [] {
+    Api a;
+#ifdef SEQ2SEQ_EXT_DLSYM
+    a.get_size = reinterpret_cast<PackGetSize>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack_get_size"));
+    a.pack = reinterpret_cast<Pack>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack"));
+    a.compute = reinterpret_cast<Compute>(dlsym(RTLD_DEFAULT, "cblas_sgemm_compute"));
+#endif
+    return a;
+  }();
+  return found;
+}
+
+std::atomic<bool> enabled{true};
+std::atomic<int64_t> packs{0};
+
+bool fits(int64_t v) { return v >= 0 && v <= int64_t(0x7fffffff); }
+
+}  // namespace
+
+bool mkl_packed_usable() { return api().found(); }
+
+bool mkl_packed_products() { return mkl_packed_usable() && enabled.load(std::memory_order_relaxed); }
+
+void set_mkl_packed_products(bool on) {
+  TORCH_CHECK(!on || mkl_packed_usable(),
+              "set_mkl_packed_products: PyTorch in this process is not built with MKL "
+              "(cblas_sgemm_pack not found)");
+  enabled.store(on, std::memory_order_relaxed);
+}
+
+int64_t mkl_packs_made() { return packs.load(std::memory_order_relaxed); }
+
+bool mkl_packable(const at::Tensor& w_kn) {
+  return w_kn.dim() == 2 && w_kn.scalar_type() == at::kFloat && w_kn.is_cpu() &&
+         (w_kn.stride(1) == 1 || w_kn.stride(0) == 1) && fits(w_kn.size(0)) &&
+         fits(w_kn.size(1)) && fits(w_kn.stride(0)) && fits(w_kn.stride(1));
+}
+
+std::unique_ptr<MklPackedMatrix> mkl_pack(const at::Tensor& w_kn, int64_t rows) {
+  TORCH_INTERNAL_ASSERT(mkl_packed_usable() && mkl_packable(w_kn) && fits(rows));
+  packs.fetch_add(1, std::memory_order_relaxed);
+  auto out = std::make_unique<MklPackedMatrix>();
+  const int64_t K = w_kn.size(0), N = w_kn.size(1);
+  out->K = K;
+  out->N = N;
+  out->rows = rows;
+  const Api& a = api();
+  const size_t bytes = a.get_size(kBMatrix, rows, N, K);
+  out->buffer = at::empty({static_cast<int64_t>(bytes)}, w_kn.options().dtype(at::kByte));
+  // row-major (K, N) as it is, or the transpose of a row-major (N, K) weight
+  const bool row_major = w_kn.stride(1) == 1 && (w_kn.stride(0) >= N || K == 1);
+  const int trans = row_major ? kNoTrans : kTrans;
+  const MklInt ld = static_cast<MklInt>(row_major ? std::max<int64_t>(w_kn.stride(0), std::max<int64_t>(N, 1))
+                                                  : std::max<int64_t>(w_kn.stride(1), std::max<int64_t>(K, 1)));
+  a.pack(kRowMajor, kBMatrix, trans, rows, N, K, 1.0f, w_kn.const_data_ptr<float>(), ld,
+         reinterpret_cast<float*>(out->buffer.mutable_data_ptr<uint8_t>()));
+  return out;
+}
+
+void mkl_packed_gemm(const float* X, int64_t ldx, int64_t M, const MklPackedMatrix& B,
+                     const float* init, int64_t ld_init, float* Y, int64_t ldy) {
+  TORCH_INTERNAL_ASSERT(M <= B.rows && mkl_packed_usable());
+  const int64_t N = B.N;
+  if (M == 0 || N == 0) return;
+  if (init != Y || ld_init != ldy)
+    for (int64_t m = 0; m < M; ++m) {
+      float* y = Y + m * ldy;
+      if (init)
+        std::copy(init + m * ld_init, init + m * ld_init + N, y);
+      else if (B.K == 0)
+        std::fill(y, y + N, 0.f);
+    }
+  if (B.K == 0) return;
+  api().compute(kRowMajor, kNoTrans, kPacked, M, N, B.K, X, std::max<int64_t>(ldx, B.K),
+                reinterpret_cast<const float*>(B.buffer.const_data_ptr<uint8_t>()), N,
+                init ? 1.0f : 0.0f, Y, std::max<int64_t>(ldy, N));
+}
+
+}  // namespace cpu
+}  // namespace seq2seq_ext
