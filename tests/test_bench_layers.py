@@ -2,6 +2,7 @@
 plain nn.GRU / nn.LSTM; at tiny sizes, so that a change that breaks the script fails here."""
 import pytest
 
+from seq2seq_ext import _C, ops
 from seq2seq_ext.bench import layers
 
 
@@ -25,3 +26,12 @@ def test_bad_sizes_name_the_argument(bad, capsys):
     with pytest.raises(SystemExit):
         layers.main(["--sizes", bad])
     assert "--sizes" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _C.mkl_packed_usable(), reason="needs PyTorch built with MKL")
+def test_mkl_packed_table_and_the_switch_restored(capsys):
+    was = ops.mkl_packed_products()
+    assert layers.main(["--mkl-packed", "--sizes", "5,4,8,64", "--repeat", "1"]) == 0
+    assert ops.mkl_packed_products() == was
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| GRU (")]
+    assert len(rows) == 1 and rows[0].count("x**") == 2

@@ -156,12 +156,14 @@ def chapter_predict_case(repeat):
 
 
 def interleaved(fns, repeat):
-    """Median seconds per call of each function, rounds interleaved (see common.paired_times)."""
+    """Median seconds per call of each function, rounds interleaved, the order reversed every
+    other round (see common.paired_times)."""
     for fn in fns.values():
         fn()
     rounds = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
+    items = list(fns.items())
+    for i in range(repeat):
+        for k, fn in (items if i % 2 == 0 else items[::-1]):
             t = time.perf_counter()
             fn()
             rounds[k].append(time.perf_counter() - t)
