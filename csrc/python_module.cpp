@@ -139,8 +139,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_amx_products", &seq2seq_ext::set_amx_products, pybind11::arg("on"));
   module.def("amx_products", &seq2seq_ext::amx_products);
   // The float32 products over matrices MKL packs once per layer call (cpu/mkl_packed.h): whether
-  // they run here, and one product on its own (x (M, K) times the (K, N) matrix w, or w^T when
-  // `transposed`, packed for `rows` rows), for the tests.
+  // they run here, and one product on its own (x (M, K) times w^T, packed for `rows` rows; w a
+  // row-major (N, K) weight given with `transposed`, the only layout packed), for the tests.
   module.def("mkl_packed_usable", &seq2seq_ext::cpu::mkl_packed_usable);
   module.def("set_mkl_packed_products", &seq2seq_ext::cpu::set_mkl_packed_products,
              pybind11::arg("on"));
@@ -154,8 +154,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                 "mkl_packed_mm: x: expected a 2-D float32 CPU tensor with unit column stride");
     const at::Tensor w_kn = transposed ? w.t() : w;
     TORCH_CHECK(seq2seq_ext::cpu::mkl_packable(w_kn) && w_kn.size(0) == x.size(1),
-                "mkl_packed_mm: w: expected a float32 (K, N) matrix (or its transpose) with a unit "
-                "stride and K = ", x.size(1), ", got ", w_kn.sizes());
+                "mkl_packed_mm: w: expected a row-major float32 (N, K) weight, used transposed, "
+                "with K = ", x.size(1), ", got ", w.sizes(), " (transposed: ", transposed, ")");
     TORCH_CHECK(rows >= x.size(0), "mkl_packed_mm: rows: expected at least x's ", x.size(0),
                 " rows, got ", rows);
     const auto packed = seq2seq_ext::cpu::mkl_pack(w_kn, rows);

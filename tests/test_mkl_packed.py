@@ -41,14 +41,17 @@ def assert_float32_sums(got, x, w_kn):
 @needs_mkl
 class TestMklPackedMm:
     @pytest.mark.parametrize("K,N", [(1, 5), (33, 97), (128, 384), (512, 1536), (1536, 512)])
-    @pytest.mark.parametrize("transposed", [True, False])
-    def test_matches_float64(self, K, N, transposed):
-        w = randn(*((N, K) if transposed else (K, N)), seed=K * N)
-        w_kn = w.t() if transposed else w
+    def test_matches_float64(self, K, N):
+        w = randn(N, K, seed=K * N)  # a weight, used transposed (the forward's W_hh^T)
         # fewer rows than the matrix was laid out for, as a packed sequence's later steps have
         for pack_rows, rows in [(1, 1), (4, 4), (16, 5), (128, 128), (128, 1), (200, 77)]:
             x = randn(rows, K, seed=rows + K)
-            assert_float32_sums(_C.mkl_packed_mm(x, w, transposed, pack_rows), x, w_kn)
+            assert_float32_sums(_C.mkl_packed_mm(x, w, True, pack_rows), x, w.t())
+
+    def test_a_weight_with_a_row_stride(self):
+        w = randn(48, 80, seed=6)[:, :64]
+        x = randn(7, 64, seed=7)
+        assert_float32_sums(_C.mkl_packed_mm(x, w, True, 7), x, w.t())
 
     def test_rows_with_a_stride(self):
         x = randn(9, 70, seed=1)[:, 3:67]  # row stride 70, 64 columns
@@ -59,10 +62,12 @@ class TestMklPackedMm:
         x, w = randn(5, 8, seed=3), randn(6, 8, seed=4)
         with pytest.raises(RuntimeError, match="rows: expected at least x's 5 rows"):
             _C.mkl_packed_mm(x, w, True, 4)
-        with pytest.raises(RuntimeError, match="w: expected a float32"):
+        with pytest.raises(RuntimeError, match="w: expected a row-major float32"):
             _C.mkl_packed_mm(x, w.double(), True, 5)
         with pytest.raises(RuntimeError, match="K = 8"):
-            _C.mkl_packed_mm(x, w, False, 5)
+            _C.mkl_packed_mm(x, randn(6, 7, seed=8), True, 5)
+        with pytest.raises(RuntimeError, match="transposed: 0"):  # a (K, N) matrix: not packed
+            _C.mkl_packed_mm(x, randn(8, 6, seed=9), False, 5)
         with pytest.raises(RuntimeError, match="x: expected a 2-D float32"):
             _C.mkl_packed_mm(x.double(), w, True, 5)
 
@@ -107,10 +112,10 @@ class TestGruLayerTakesIt:
         ops.set_mkl_packed_products(True)
         made = _C.mkl_packs_made()
         on, inputs = gru_layer_run(seed=11)
-        assert _C.mkl_packs_made() == made + 2  # W_hh^T for the forward, W_hh for the backward
+        assert _C.mkl_packs_made() == made + 1  # W_hh^T for the forward's steps
         ops.set_mkl_packed_products(False)
         off, _ = gru_layer_run(seed=11)
-        assert _C.mkl_packs_made() == made + 2
+        assert _C.mkl_packs_made() == made + 1
         assert_all_close(on, off, dict(rtol=1e-5, atol=1e-5))
         assert_all_close(on, nn_gru_grads(*inputs), dict(rtol=1e-4, atol=1e-4))
 
@@ -158,10 +163,10 @@ class TestRnnStackTakesIt:
         ops.set_mkl_packed_products(True)
         made = _C.mkl_packs_made()
         on = dropin_run(plain, x, lens)
-        assert _C.mkl_packs_made() == made + 4  # each layer's W_hh, forward and backward
+        assert _C.mkl_packs_made() == made + 2  # each layer's W_hh^T for the forward's steps
         ops.set_mkl_packed_products(False)
         off = dropin_run(plain, x, lens)
-        assert _C.mkl_packs_made() == made + 4
+        assert _C.mkl_packs_made() == made + 2
         assert_all_close(on, off, dict(rtol=1e-5, atol=1e-5))
         assert_all_close(on, nn_run(plain, x, lens), dict(rtol=1e-4, atol=1e-4))
 

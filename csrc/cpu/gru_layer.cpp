@@ -98,8 +98,6 @@ void gru_layer_backward(const GruLayerDims& d, const at::Tensor& grad_output,
   // W_hh's float32 values, made once, not per step
   const bool low = w_hh.scalar_type() == at::kBFloat16;
   at::Tensor w_hh_values;
-  // float32 steps at BLAS sizes: W_hh laid out by MKL once for all of them (mkl_packed.h)
-  const std::unique_ptr<MklPackedMatrix> packed = steps_packed(w_hh, B, T);
   AT_DISPATCH_FLOATING_TYPES(dh.scalar_type(), "gru_layer_backward_cpu", [&] {
     for (int64_t t = T - 1; t >= 0; --t) {
       const int64_t rows = off[t + 1] - off[t];
@@ -115,11 +113,7 @@ void gru_layer_backward(const GruLayerDims& d, const at::Tensor& grad_output,
                                        dgh_t.data_ptr<scalar_t>(), dh_direct.data_ptr<scalar_t>(),
                                        rows, H);
       // dh_prev = dh * z + dgh W_hh
-      if (packed) {
-        if constexpr (std::is_same_v<scalar_t, float>)
-          mkl_packed_gemm(dgh_t.const_data_ptr<float>(), G, rows, *packed,
-                          dh_direct.const_data_ptr<float>(), H, dh_t.data_ptr<float>(), H);
-      } else if (low && native_product(rows, G, H)) {
+      if (low && native_product(rows, G, H)) {
         bf16_addmm_out(dh_t, dh_direct.narrow(0, 0, rows), dgh_t, w_hh);
       } else if (low) {
         if (!w_hh_values.defined()) w_hh_values = w_hh.to(at::kFloat);

@@ -66,8 +66,8 @@ int64_t mkl_packs_made() { return packs.load(std::memory_order_relaxed); }
 
 bool mkl_packable(const at::Tensor& w_kn) {
   return w_kn.dim() == 2 && w_kn.scalar_type() == at::kFloat && w_kn.is_cpu() &&
-         (w_kn.stride(1) == 1 || w_kn.stride(0) == 1) && fits(w_kn.size(0)) &&
-         fits(w_kn.size(1)) && fits(w_kn.stride(0)) && fits(w_kn.stride(1));
+         w_kn.stride(0) == 1 && w_kn.stride(1) >= std::max<int64_t>(w_kn.size(0), 1) &&
+         fits(w_kn.size(0)) && fits(w_kn.size(1)) && fits(w_kn.stride(1));
 }
 
 std::unique_ptr<MklPackedMatrix> mkl_pack(const at::Tensor& w_kn, int64_t rows) {
@@ -81,13 +81,9 @@ std::unique_ptr<MklPackedMatrix> mkl_pack(const at::Tensor& w_kn, int64_t rows) 
   const Api& a = api();
   const size_t bytes = a.get_size(kBMatrix, rows, N, K);
   out->buffer = at::empty({static_cast<int64_t>(bytes)}, w_kn.options().dtype(at::kByte));
-  // row-major (K, N) as it is, or the transpose of a row-major (N, K) weight
-  const bool row_major = w_kn.stride(1) == 1 && (w_kn.stride(0) >= N || K == 1);
-  const int trans = row_major ? kNoTrans : kTrans;
-  const MklInt ld = static_cast<MklInt>(row_major ? std::max<int64_t>(w_kn.stride(0), std::max<int64_t>(N, 1))
-                                                  : std::max<int64_t>(w_kn.stride(1), std::max<int64_t>(K, 1)));
-  a.pack(kRowMajor, kBMatrix, trans, rows, N, K, 1.0f, w_kn.const_data_ptr<float>(), ld,
-         reinterpret_cast<float*>(out->buffer.mutable_data_ptr<uint8_t>()));
+  // the (N, K) weight under w_kn, read transposed
+  a.pack(kRowMajor, kBMatrix, kTrans, rows, N, K, 1.0f, w_kn.const_data_ptr<float>(),
+         w_kn.stride(1), reinterpret_cast<float*>(out->buffer.mutable_data_ptr<uint8_t>()));
   return out;
 }
 
