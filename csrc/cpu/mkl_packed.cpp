@@ -1,6 +1,8 @@
 // MKL's packed sgemm, found in the running process (mkl_packed.h says why).
 #include "mkl_packed.h"
 
+#include <ATen/ops/mm_ops.h>
+
 #include <algorithm>
 #include <atomic>
 
@@ -31,13 +33,31 @@ struct Api {
   bool found() const { return get_size && pack && compute; }
 };
 
+#ifdef SEQ2SEQ_EXT_DLSYM
+Api lookup(void* handle) {
+  Api a;
+  a.get_size = reinterpret_cast<PackGetSize>(dlsym(handle, "cblas_sgemm_pack_get_size"));
+  a.pack = reinterpret_cast<Pack>(dlsym(handle, "cblas_sgemm_pack"));
+  a.compute = reinterpret_cast<Compute>(dlsym(handle, "cblas_sgemm_compute"));
+  return a;
+}
+#endif
+
 const Api& api() {
   static const Api found = [] {
     Api a;
 #ifdef SEQ2SEQ_EXT_DLSYM
-    a.get_size = reinterpret_cast<PackGetSize>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack_get_size"));
-    a.pack = reinterpret_cast<Pack>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack"));
-    a.compute = reinterpret_cast<Compute>(dlsym(RTLD_DEFAULT, "cblas_sgemm_compute"));
+    // the process's global symbols, else those of the library that holds ATen's operators
+    // (libtorch_cpu, loaded without RTLD_GLOBAL when torch is imported from Python)
+    a = lookup(RTLD_DEFAULT);
+    Dl_info info;
+    if (!a.found() && dladdr(reinterpret_cast<void*>(&at::_ops::mm::call), &info) &&
+        info.dli_fname != nullptr) {
+      if (void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD)) {
+        a = lookup(lib);
+        if (!a.found()) dlclose(lib);  // else kept open, as the process keeps it anyway
+      }
+    }
 #endif
     return a;
   }();
