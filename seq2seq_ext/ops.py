@@ -159,6 +159,13 @@ def bf16_gemm():
 set_bf16_gemm("native" if cpu_has_bf16_gemm() else "rounded")
 
 
+def _expect_bool(enabled):
+    """`enabled` itself, a switch's argument, when it is a bool."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    return enabled
+
+
 def set_amx_products(enabled):
     """Under ``"native"`` bf16 products (:func:`set_bf16_gemm`), whether the products of few rows
     (at most 256: one time step's, or a one-step call's) with a bf16 matrix whose both sizes are
@@ -168,9 +175,7 @@ def set_amx_products(enabled):
     the matrix's memory and version counter: a matrix changed in place through ``.data`` (which
     does not count as a change) must be given to the op anew. On by default where the CPU and
     the OS run AMX-BF16 (``_C.amx_usable()``); ``True`` elsewhere raises."""
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
-    _C.set_amx_products(enabled)
+    _C.set_amx_products(_expect_bool(enabled))
 
 
 def amx_products():
@@ -192,9 +197,7 @@ def set_mkl_packed_products(enabled):
     BLAS, of at least 4 rows, over at least 4 steps; the results equal the ATen products' to
     float32 rounding. On by default where PyTorch is built with MKL (``_C.mkl_packed_usable()``,
     the x86 wheels); ``True`` elsewhere raises."""
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
-    _C.set_mkl_packed_products(enabled)
+    _C.set_mkl_packed_products(_expect_bool(enabled))
 
 
 def mkl_packed_products():
@@ -214,9 +217,7 @@ def set_argmax_screen(enabled):
     The tokens are those of the full product, with a quarter of float32's bytes read per token
     (half of bfloat16's). On by default; it runs where the CPU has AVX512-VNNI
     (:func:`argmax_screen_usable`), and elsewhere this switch changes nothing."""
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
-    _C.set_argmax_screen(enabled)
+    _C.set_argmax_screen(_expect_bool(enabled))
 
 
 def argmax_screen():

@@ -128,28 +128,21 @@ class TestGruLayerTakesIt:
         assert_all_close(got, nn_gru_grads(*inputs), dict(rtol=1e-4, atol=1e-4))
 
 
+def layer_run(layer, x, lengths=None):
+    """Output, final state and every gradient of `layer` over x (packed when `lengths`)."""
+    xl = x.detach().requires_grad_()
+    inp = pack_padded_sequence(xl, lengths, enforce_sorted=False) if lengths is not None else xl
+    out, h_n = layer(inp)
+    if lengths is not None:
+        out = pad_packed_sequence(out)[0]
+    loss = (out * randn(*out.shape, seed=5)).sum() + h_n.square().sum()
+    grads = torch.autograd.grad(loss, [xl, *layer.parameters()])
+    return [out.detach(), h_n.detach(), *grads]
+
+
 def dropin_run(plain, x, lengths=None):
-    """Output and every gradient of the accelerated copy of `plain` (a fresh copy each call)."""
-    acc = seq2seq_ext.accelerate(copy.deepcopy(plain))
-    xl = x.detach().requires_grad_()
-    inp = pack_padded_sequence(xl, lengths, enforce_sorted=False) if lengths is not None else xl
-    out, h_n = acc(inp)
-    if lengths is not None:
-        out = pad_packed_sequence(out)[0]
-    loss = (out * randn(*out.shape, seed=5)).sum() + h_n.square().sum()
-    grads = torch.autograd.grad(loss, [xl, *acc.parameters()])
-    return [out.detach(), h_n.detach(), *grads]
-
-
-def nn_run(plain, x, lengths=None):
-    xl = x.detach().requires_grad_()
-    inp = pack_padded_sequence(xl, lengths, enforce_sorted=False) if lengths is not None else xl
-    out, h_n = plain(inp)
-    if lengths is not None:
-        out = pad_packed_sequence(out)[0]
-    loss = (out * randn(*out.shape, seed=5)).sum() + h_n.square().sum()
-    grads = torch.autograd.grad(loss, [xl, *plain.parameters()])
-    return [out.detach(), h_n.detach(), *grads]
+    """layer_run of an accelerated copy of `plain` (a fresh copy each call)."""
+    return layer_run(seq2seq_ext.accelerate(copy.deepcopy(plain)), x, lengths)
 
 
 @needs_mkl
@@ -168,7 +161,7 @@ class TestRnnStackTakesIt:
         off = dropin_run(plain, x, lens)
         assert _C.mkl_packs_made() == made + 2
         assert_all_close(on, off, dict(rtol=1e-5, atol=1e-5))
-        assert_all_close(on, nn_run(plain, x, lens), dict(rtol=1e-4, atol=1e-4))
+        assert_all_close(on, layer_run(plain, x, lens), dict(rtol=1e-4, atol=1e-4))
 
 
 def test_switch(packed_products):
