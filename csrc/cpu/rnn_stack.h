@@ -468,11 +468,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   const std::vector<int64_t> off = d.offsets();
   const int64_t M = off[Ts];
   const int64_t G = Cell::kGates * H, S = Cell::kSaved * H;
-  // the row stride of the gate-gradient buffers over all rows (dgi, dgh): G, or G plus a cache
-  // line where G's bytes are a multiple of 1 KiB. With such a stride the rows fall on a few
-  // cache sets, and BLAS's weight gradients A^T X, which read A down its columns, ran 12-20%
-  // slower (A (1536, 1536), X (1536, 512) float32, one thread: 17.5 ms against 15.0 ms)
-  const int64_t ldg = G * int64_t(sizeof(T)) % 1024 == 0 ? G + 64 / int64_t(sizeof(T)) : G;
   constexpr bool kLstm = Cell::kHasCellState;
   auto opts = input.options();
   at::Tensor grad_input = at::empty(input.sizes(), opts);
@@ -488,8 +483,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   // A from the (M, G) gate gradients at p, or their bf16 rounding when the steps' products made
   // one, `rounded` (the same values, kept as they are)
   auto deferred_a = [&](const T* p, const at::Tensor& rounded) {
-    if (!gemm_rows) return rows_view(p, M, G, ldg).clone();
-    return rounded.defined() ? rounded : narrowed_rows(p, ldg, M, G);
+    if (!gemm_rows) return rows_view(p, M, G, G).clone();
+    return rounded.defined() ? rounded : narrowed_rows(p, G, M, G);
   };
   auto deferred_x = [&](const at::Tensor& x, bool fresh) {
     if (gemm_rows) return narrowed_rows(x.const_data_ptr<T>(), x.stride(0), x.size(0), x.size(1));
@@ -510,8 +505,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   // dy: the gradient reaching this layer's output (M, H), null when there is none
   const T* dy = grad_output.defined() ? grad_output.const_data_ptr<T>() : nullptr;
   Scratch<T> dgi, dgh, dy_below, dx, x_dropped, h_prev;  // every element written before read
-  dgi.resize(M * ldg);
-  if (!kLstm) dgh.resize(M * ldg);
+  dgi.resize(M * G);
+  if (!kLstm) dgh.resize(M * G);
   T* dgh_p = kLstm ? dgi.data() : dgh.data();
   std::vector<T> dh(B * H), dc(kLstm ? B * H : 0), dh_direct(B * H);
   Scratch<T> dh_rec, step_gi, step_gh;
@@ -572,9 +567,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
         for (int64_t k = 0; k < rows * H; ++k) dh[k] += dy[off[t] * H + k];
       // this step's gate gradients: in the buffers over all rows, or, full, one row at a time
       // in a row's scratch, then in bf16 in dgh_low's and dgi_low's rows (the LSTM's are one)
-      T* gi_rows = full ? step_gi.data() : dgi.data() + off[t] * ldg;
-      T* gh_rows = kLstm ? gi_rows : full ? step_gh.data() : dgh_p + off[t] * ldg;
-      const int64_t ld_rows = full ? 0 : ldg;
+      T* gi_rows = full ? step_gi.data() : dgi.data() + off[t] * G;
+      T* gh_rows = kLstm ? gi_rows : full ? step_gh.data() : dgh_p + off[t] * G;
+      const int64_t ld_rows = full ? 0 : G;
       for (int64_t b = 0; b < rows; ++b) {
         T* dgib = gi_rows + b * ld_rows;
         T* dghb = gh_rows + b * ld_rows;
@@ -598,11 +593,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       }
       if (dgh_low.defined() && rows > 0) {
         at::Tensor step_low = dgh_low.narrow(0, off[t], rows);
-        if (!full) narrow_rows(gh_rows, ldg, rows, G, step_low.mutable_data_ptr<c10::BFloat16>());
+        if (!full) narrow_rows(gh_rows, G, rows, G, step_low.mutable_data_ptr<c10::BFloat16>());
         at::Tensor y = rows_view(dh_rec.data(), rows, H, ldr);
         rec.native_into(step_low, y);
       } else {
-        rec(gh_rows, ldg, rows, dh_rec.data(), ldr);
+        rec(gh_rows, G, rows, dh_rec.data(), ldr);
       }
       for (int64_t b = 0; b < rows; ++b)
         for (int64_t j = 0; j < H; ++j)
@@ -631,7 +626,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     }
     if (M == 0) continue;
     auto low_dgi = [&]() -> const at::Tensor& {
-      if (!dgi_low.defined()) dgi_low = narrowed_rows(dgi.data(), ldg, M, G);
+      if (!dgi_low.defined()) dgi_low = narrowed_rows(dgi.data(), G, M, G);
       return dgi_low;
     };
     // a deferred matrix's A: the gate gradients, copied out of the scratch (the LSTM's W_ih and
@@ -651,7 +646,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     } else if (native_matrix_grad(low, M, G, K))
       grad_w[base] = bf16_matrix_grad(low_dgi(), rows_view(x, M, K, ldx), &a_t);
     else
-      add_at_x<T>(dgi.data(), ldg, x, ldx, M, G, K, grad_w[base].data_ptr<T>(), low);
+      add_at_x<T>(dgi.data(), G, x, ldx, M, G, K, grad_w[base].data_ptr<T>(), low);
     // W_hh's gradient: the state row b of step t started from is h0's row b for t = 0, else
     // row b of step t - 1: dense, the rows B earlier; packed, gathered first
     if (d.is_packed && M > off[1]) {
@@ -687,7 +682,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       // the hidden-side gate gradients in bf16 as the steps made them, else converted here (the
       // LSTM's are its input-side ones: dgh_p is dgi)
       const at::Tensor a_hh =
-          dgh_low.defined() ? dgh_low : kLstm ? low_dgi() : rows_view(dgh_p, M, G, ldg);
+          dgh_low.defined() ? dgh_low : kLstm ? low_dgi() : rows_view(dgh_p, M, G, G);
       if (!kLstm && a_t.defined() && a_hh.scalar_type() == at::kBFloat16) {
         // the GRU's r and z gate gradients are the same on both sides: those rows of W_ih's
         // A^T, laid out above, serve W_hh too, and only its n rows are laid out here
@@ -698,13 +693,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       }
     } else {
       T* gw_hh = grad_w[base + 1].data_ptr<T>();
-      add_at_x<T>(dgh_p, ldg, h0l, H, off[1], G, H, gw_hh, low);
+      add_at_x<T>(dgh_p, G, h0l, H, off[1], G, H, gw_hh, low);
       if (M > off[1])
-        add_at_x<T>(dgh_p + off[1] * ldg, ldg, later, ld_later, M - off[1], G, H, gw_hh, low);
+        add_at_x<T>(dgh_p + off[1] * G, G, later, ld_later, M - off[1], G, H, gw_hh, low);
     }
     if (d.bias && !full) {
-      add_column_sums<T>(dgi.data(), ldg, M, G, grad_w[base + 2].data_ptr<T>());
-      add_column_sums<T>(dgh_p, ldg, M, G, grad_w[base + 3].data_ptr<T>());
+      add_column_sums<T>(dgi.data(), G, M, G, grad_w[base + 2].data_ptr<T>());
+      add_column_sums<T>(dgh_p, G, M, G, grad_w[base + 3].data_ptr<T>());
     }
     // the input's gradient: a native bf16 product reads the bf16 dgi made for the gradients
     // above, when there is one
@@ -714,7 +709,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
         at::Tensor y = rows_view(out, M, K, ldd);
         back_in.native_into(dgi_low, y);
       } else {
-        back_in(dgi.data(), ldg, M, out, ldd);
+        back_in(dgi.data(), G, M, out, ldd);
       }
     };
     if (l == 0 && ldd == K) {

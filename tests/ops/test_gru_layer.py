@@ -674,30 +674,41 @@ def _packed_loss(out, h_n, seed):
     return (out * g_out).sum() + (h_n * g_hn).sum()
 
 
+def _check_packed_parity(lengths, in_size, hidden, dtype, with_extra, seed):
+    """gru_layer on packed rows of the given lengths against the reference: outputs, final
+    state and every gradient."""
+    args, batch_sizes = _packed_case(lengths, in_size, hidden, dtype=dtype, seed=seed,
+                                     with_extra=with_extra)
+    got = ops.gru_layer(*args, batch_sizes=batch_sizes)
+    ref_args = [None if a is None else a.detach().clone().requires_grad_() for a in args]
+    from seq2seq_ext import reference
+    want = reference.gru_layer(*ref_args, batch_sizes=batch_sizes)
+    tol = gru_tol(dtype)
+    torch.testing.assert_close(got[0], want[0], **tol)
+    torch.testing.assert_close(got[1], want[1], **tol)
+    leaves = [a for a in args if a is not None]
+    ref_leaves = [a for a in ref_args if a is not None]
+    grads = torch.autograd.grad(_packed_loss(*got, seed), leaves, allow_unused=True,
+                                materialize_grads=True)
+    ref_grads = torch.autograd.grad(_packed_loss(*want, seed), ref_leaves, allow_unused=True,
+                                    materialize_grads=True)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
 class TestPackedLayer:
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("with_extra", [False, True])
     @pytest.mark.parametrize("lengths", [[5, 5, 3, 2, 2, 1, 0], [4, 4, 4], [3], [1, 0, 0],
                                          [0, 0], [7, 2]])
     def test_matches_reference(self, dtype, with_extra, lengths):
-        seed = 300 + len(lengths) + sum(lengths)
-        args, batch_sizes = _packed_case(lengths, 5, 9, dtype=dtype, seed=seed,
-                                         with_extra=with_extra)
-        got = ops.gru_layer(*args, batch_sizes=batch_sizes)
-        ref_args = [None if a is None else a.detach().clone().requires_grad_() for a in args]
-        from seq2seq_ext import reference
-        want = reference.gru_layer(*ref_args, batch_sizes=batch_sizes)
-        tol = gru_tol(dtype)
-        torch.testing.assert_close(got[0], want[0], **tol)
-        torch.testing.assert_close(got[1], want[1], **tol)
-        leaves = [a for a in args if a is not None]
-        ref_leaves = [a for a in ref_args if a is not None]
-        grads = torch.autograd.grad(_packed_loss(*got, seed), leaves, allow_unused=True,
-                                    materialize_grads=True)
-        ref_grads = torch.autograd.grad(_packed_loss(*want, seed), ref_leaves, allow_unused=True,
-                                        materialize_grads=True)
-        for a, b in zip(grads, ref_grads):
-            torch.testing.assert_close(a, b, **tol)
+        _check_packed_parity(lengths, 5, 9, dtype, with_extra,
+                             seed=300 + len(lengths) + sum(lengths))
+
+    @pytest.mark.parametrize("with_extra", [False, True])
+    def test_hidden_128(self, with_extra):
+        """Per-step products through BLAS over the packed rows (float64)."""
+        _check_packed_parity([4, 4, 3, 1], 10, 128, torch.float64, with_extra, seed=41)
 
     def test_matches_nn_gru_on_a_packed_sequence(self):
         """The layout is PackedSequence's: nn.GRU on the packed batch gives the same data and

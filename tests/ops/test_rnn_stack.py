@@ -97,8 +97,7 @@ class TestRnnStack:
         (2, 2, 9, 7, 11, False, False),   # many rows, odd hidden: the weight laid out padded
         (2, 2, 3, 150, 130, True, False),  # beyond L2: BLAS
         (1, 12, 8, 48, 24, True, True),   # many rows in one call (the input projection): BLAS
-        # the gate gradients' rows padded by a cache line (G's bytes a multiple of 1 KiB: the
-        # LSTM's G at hidden 64 and 256, the GRU's at 256)
+        # hidden sizes of real models: whole numbers of cache lines a row, BLAS products
         (2, 3, 5, 20, 64, True, True),
         (2, 3, 5, 20, 256, False, True),
     ])
@@ -302,7 +301,7 @@ class TestRnnStackPacked:
         (2, [6, 1], 13, 9, True, False),
         (2, [0, 0], 3, 4, True, True),                    # nothing to run
         (2, [12, 10, 9, 9, 7, 3, 3, 2, 1, 1] * 2, 48, 40, True, True),  # products through BLAS
-        (2, [4, 3, 3, 1], 10, 256, True, True),           # gate-gradient rows padded
+        (2, [4, 3, 3, 1], 10, 256, True, True),           # hidden 256
     ])
     def test_matches_reference(self, cell, layers, lengths, in_size, hidden, bias, mask, dtype):
         args, batch_sizes = packed_args(cell, layers, lengths, in_size, hidden, bias=bias,
@@ -426,7 +425,7 @@ class TestRnnStackBf16Matrices:
         (2, 3, 4, 16, 32, False, True),  # the weight in place, no biases
         (2, 2, 9, 7, 11, True, False),   # the weight laid out padded
         (1, 12, 8, 48, 24, True, True),  # many rows in one call: BLAS
-        (2, 3, 5, 20, 64, True, True),   # the LSTM's gate-gradient rows padded
+        (2, 3, 5, 20, 64, True, True),   # hidden 64
     ])
     def test_matches_the_bf16_products_reference(self, cell, layers, steps, batch, in_size,
                                                  hidden, bias, mask):
@@ -584,7 +583,7 @@ class TestRnnStackDeferredGrads:
         (2, 5, 7, 13, 17, True, True),    # dropout between layers
         (3, 4, 1, 41, 9, False, False),   # batch 1, no biases
         (2, 3, 6, 150, 130, True, True),  # beyond L2: BLAS products
-        (2, 3, 4, 20, 256, True, True),   # gate-gradient rows padded
+        (2, 3, 4, 20, 256, True, True),   # hidden 256
     ])
     def test_matches_reference(self, deferred, cell, layers, steps, batch, in_size, hidden,
                                bias, mask, dtype):
