@@ -192,7 +192,8 @@ __all__ += ["set_mkl_packed_products", "mkl_packed_products"]
 def set_mkl_packed_products(enabled):
     """Whether the CPU kernels of the recurrent layer ops (``gru_layer``, ``rnn_stack``: the
     drop-in layers and the chapter's models) run a float32 layer's per-step products with W_hh
-    over a copy of it that MKL lays out once per call (MKL's packed GEMM, csrc/cpu/mkl_packed.h),
+    (or with the float32 copy of a bf16 W_hh under ``"rounded"`` bf16 products) over a copy of
+    it that MKL lays out once per call (MKL's packed GEMM, csrc/cpu/mkl_packed.h),
     where ATen's GEMM lays the matrix out again at every step. They do so for products that go to
     BLAS, of at least 4 rows, over at least 4 steps; the results equal the ATen products' to
     float32 rounding. On by default where PyTorch is built with MKL (``_C.mkl_packed_usable()``,

@@ -119,6 +119,20 @@ class TestGruLayerTakesIt:
         assert_all_close(on, off, dict(rtol=1e-5, atol=1e-5))
         assert_all_close(on, nn_gru_grads(*inputs), dict(rtol=1e-4, atol=1e-4))
 
+    def test_bf16_matrices_rounded(self, packed_products, rounded_bf16_gemm):
+        """Under CPU autocast with "rounded" bf16 products (CPUs without bf16 instructions) the
+        steps run the float32 kernel on a float32 copy of the bf16 W_hh: that copy is the one
+        laid out, and the results are those of the unpacked path."""
+        results = {}
+        for on in (True, False):
+            ops.set_mkl_packed_products(on)
+            made = _C.mkl_packs_made()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                results[on], _ = gru_layer_run(seed=13)
+            assert _C.mkl_packs_made() == made + on
+        assert all(r.dtype == torch.float32 for r in results[True])
+        assert_all_close(results[True], results[False], dict(rtol=1e-5, atol=1e-5))
+
     @pytest.mark.parametrize("steps,batch", [(3, BATCH), (STEPS, 1)])
     def test_not_where_it_does_not_pay(self, packed_products, steps, batch):
         ops.set_mkl_packed_products(True)

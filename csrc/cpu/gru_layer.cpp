@@ -163,11 +163,14 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
   const at::Tensor b_hh_c = b_hh.contiguous();
   const int64_t* sizes = d.packed() ? d.batch_sizes.data() : nullptr;
   if (low) {
-    // gh = round(h) W_hh^T + b_hh: the float32 kernel on a float32 copy of the bf16 W_hh, or,
-    // under Bf16Gemm::kNative and at BLAS sizes, a bf16 GEMM. The copy is made on first use: a
-    // layer whose every step is a bf16 GEMM never needs it.
+    // gh = round(h) W_hh^T + b_hh: the float32 kernel on a float32 copy of the bf16 W_hh (at
+    // BLAS sizes over that copy laid out once by MKL, as for a float32 layer below), or, under
+    // Bf16Gemm::kNative and at BLAS sizes, a bf16 GEMM. The copy is made on first use: a layer
+    // whose every step is a bf16 GEMM never needs it.
     at::Tensor w32;
+    std::unique_ptr<MklPackedMatrix> packed;
     std::vector<float> h_low;
+    const float* bias = b_hh_c.const_data_ptr<float>();
     auto product = [&](const float* h, int64_t rows, float* out) {
       if (native_product(rows, H, G)) {
         const at::Tensor hv = at::from_blob(const_cast<float*>(h), {rows, H}, opts);
@@ -175,10 +178,16 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
         bf16_addmm_out(gh_rows, b_hh_c, hv, w_hh_c.t());
         return;
       }
-      if (!w32.defined()) w32 = w_hh_c.to(at::kFloat);
-      linear_nt<float>(rounded_to_bf16(h, H, rows, H, h_low), H, rows, H,
-                       w32.const_data_ptr<float>(), H, G, b_hh_c.const_data_ptr<float>(), out,
-                       false);
+      if (!w32.defined()) {
+        w32 = w_hh_c.to(at::kFloat);
+        packed = steps_packed(w32.t(), B, T);
+      }
+      const float* h_rounded = rounded_to_bf16(h, H, rows, H, h_low);
+      if (packed)
+        mkl_packed_gemm(h_rounded, H, rows, *packed, bias, 0, out, G);
+      else
+        linear_nt<float>(h_rounded, H, rows, H, w32.const_data_ptr<float>(), H, G, bias, out,
+                         false);
     };
     // w_hh null: `product` replaces layer_forward's own product
     layer_forward<GruCell, float>(gi.const_data_ptr<float>(), T, B, H, nullptr,
