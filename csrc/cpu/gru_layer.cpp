@@ -32,14 +32,11 @@ using at::vec::Vectorized;
 
 // The (K, N) matrix of a layer's per-step products, laid out by MKL once for all `steps` of them
 // (mkl_packed.h), when they are float32 products of at most `rows` rows that go to BLAS
-// (linear_nt_blas) and the layout pays (mkl_packed_pays); null otherwise (the steps run as
-// before).
+// (linear_nt_blas) and the layout pays; null otherwise (the steps run as before).
 std::unique_ptr<MklPackedMatrix> steps_packed(const at::Tensor& w_kn, int64_t rows,
                                               int64_t steps) {
-  if (!mkl_packed_pays(rows, steps) || !mkl_packed_products() || !mkl_packable(w_kn) ||
-      !linear_nt_blas<float, float>(rows, w_kn.size(1), w_kn.size(0)))
-    return nullptr;
-  return mkl_pack(w_kn, rows);
+  if (!linear_nt_blas<float, float>(rows, w_kn.size(1), w_kn.size(0))) return nullptr;
+  return mkl_pack_if_it_pays(w_kn, rows, steps);
 }
 
 // Backward pointwise for B rows: dh (B, H) gradient of the step's output (accumulated), h
@@ -162,6 +159,13 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
   const at::Tensor w_hh_c = w_hh.contiguous();
   const at::Tensor b_hh_c = b_hh.contiguous();
   const int64_t* sizes = d.packed() ? d.batch_sizes.data() : nullptr;
+  // a float32 layer whose steps' product `product(h, rows, gh)` replaces layer_forward's own
+  auto forward_with = [&](const auto& product) {
+    layer_forward<GruCell, float>(gi.const_data_ptr<float>(), T, B, H, nullptr,
+                                  b_hh_c.const_data_ptr<float>(), {h0_c.const_data_ptr<float>()},
+                                  output.data_ptr<float>(), saved.data_ptr<float>(),
+                                  gh.data_ptr<float>(), sizes, product);
+  };
   if (low) {
     // gh = round(h) W_hh^T + b_hh: the float32 kernel on a float32 copy of the bf16 W_hh (at
     // BLAS sizes over that copy laid out once by MKL, as for a float32 layer below), or, under
@@ -189,22 +193,15 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
         linear_nt<float>(h_rounded, H, rows, H, w32.const_data_ptr<float>(), H, G, bias, out,
                          false);
     };
-    // w_hh null: `product` replaces layer_forward's own product
-    layer_forward<GruCell, float>(gi.const_data_ptr<float>(), T, B, H, nullptr,
-                                  b_hh_c.const_data_ptr<float>(), {h0_c.const_data_ptr<float>()},
-                                  output.data_ptr<float>(), saved.data_ptr<float>(),
-                                  gh.data_ptr<float>(), sizes, product);
+    forward_with(product);
     return;
   }
   // float32 steps at BLAS sizes: W_hh^T laid out by MKL once for all of them (mkl_packed.h)
   if (const auto packed = steps_packed(w_hh_c.t(), B, T)) {
     const float* bias = b_hh_c.const_data_ptr<float>();
-    auto product = [&](const float* h, int64_t rows, float* out) {
+    forward_with([&](const float* h, int64_t rows, float* out) {
       mkl_packed_gemm(h, H, rows, *packed, bias, 0, out, G);
-    };
-    layer_forward<GruCell, float>(gi.const_data_ptr<float>(), T, B, H, nullptr, bias,
-                                  {h0_c.const_data_ptr<float>()}, output.data_ptr<float>(),
-                                  saved.data_ptr<float>(), gh.data_ptr<float>(), sizes, product);
+    });
     return;
   }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_cpu", [&] {

@@ -107,20 +107,26 @@ std::unique_ptr<MklPackedMatrix> mkl_pack(const at::Tensor& w_kn, int64_t rows) 
   return out;
 }
 
+std::unique_ptr<MklPackedMatrix> mkl_pack_if_it_pays(const at::Tensor& w_kn, int64_t rows,
+                                                     int64_t calls) {
+  if (!mkl_packed_pays(rows, calls) || !mkl_packed_products() || !mkl_packable(w_kn))
+    return nullptr;
+  return mkl_pack(w_kn, rows);
+}
+
 void mkl_packed_gemm(const float* X, int64_t ldx, int64_t M, const MklPackedMatrix& B,
                      const float* init, int64_t ld_init, float* Y, int64_t ldy) {
   TORCH_INTERNAL_ASSERT(M <= B.rows && mkl_packed_usable());
   const int64_t N = B.N;
   if (M == 0 || N == 0) return;
-  if (init != Y || ld_init != ldy)
-    for (int64_t m = 0; m < M; ++m) {
-      float* y = Y + m * ldy;
-      if (init)
-        std::copy(init + m * ld_init, init + m * ld_init + N, y);
-      else if (B.K == 0)
-        std::fill(y, y + N, 0.f);
-    }
-  if (B.K == 0) return;
+  if (init && (init != Y || ld_init != ldy))
+    for (int64_t m = 0; m < M; ++m)
+      std::copy(init + m * ld_init, init + m * ld_init + N, Y + m * ldy);
+  if (B.K == 0) {  // no products: Y is init, or zeros
+    if (!init)
+      for (int64_t m = 0; m < M; ++m) std::fill(Y + m * ldy, Y + m * ldy + N, 0.f);
+    return;
+  }
   api().compute(kRowMajor, kNoTrans, kPacked, M, N, B.K, X, std::max<int64_t>(ldx, B.K),
                 reinterpret_cast<const float*>(B.buffer.const_data_ptr<uint8_t>()), N,
                 init ? 1.0f : 0.0f, Y, std::max<int64_t>(ldy, N));

@@ -5,7 +5,7 @@
 // multiplies the batch's rows by the same W_hh^T once per time step, so that copy is repeated T
 // times per layer; MKL's packed API (sgemm_pack once, sgemm_compute per step) keeps one copy
 // for the whole call. A 12-step GRU forward at hidden 512 ran 1.05x faster at batch 128 and
-// 1.35x at batch 8 (one thread, benchmarks/RESULTS.md).
+// 1.46x at batch 8 (one thread, benchmarks/RESULTS.md).
 //
 // The API is MKL's, not PyTorch's: its three C symbols are looked up once in the running
 // process, where libtorch_cpu exports them when PyTorch is built with MKL (the x86 wheels).
@@ -49,6 +49,11 @@ bool mkl_packable(const at::Tensor& w_kn);
 // w_kn packed for products of at most `rows` rows; mkl_packed_usable() and mkl_packable(w_kn)
 // must hold.
 std::unique_ptr<MklPackedMatrix> mkl_pack(const at::Tensor& w_kn, int64_t rows);
+
+// mkl_pack(w_kn, rows) for `calls` products that the caller runs through BLAS, where packed
+// products are on, w_kn is packable and the layout pays (mkl_packed_pays); null otherwise.
+std::unique_ptr<MklPackedMatrix> mkl_pack_if_it_pays(const at::Tensor& w_kn, int64_t rows,
+                                                     int64_t calls);
 
 // Y (M, N), row stride ldy, = init + X (M, K), row stride ldx, times the packed matrix;
 // M <= B.rows. init as amx_gemm's: (M, N) floats with row stride ld_init, or one row for all

@@ -123,9 +123,7 @@ struct RowProduct {
       mode = kBlas;
       // several calls over one matrix (a layer's time steps): MKL lays it out once for all
       if constexpr (std::is_same_v<T, float>) {
-        if (mkl_packed_pays(call_rows, rows / std::max<int64_t>(call_rows, 1)) &&
-            mkl_packed_products() && mkl_packable(w_kn))
-          mkl = mkl_pack(w_kn, call_rows);
+        mkl = mkl_pack_if_it_pays(w_kn, call_rows, rows / std::max<int64_t>(call_rows, 1));
       }
     } else if (s1 == 1 && s0 == N && N == Np) {
       mode = kInPlace;
