@@ -67,23 +67,11 @@ _ONEDNN_LSTM_HIDDEN = 128
 _ONEDNN = torch.backends.mkldnn.is_available()
 
 
-def _cpu_vendor():
-    """The CPU's vendor string (Linux: /proc/cpuinfo's vendor_id; elsewhere empty)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 # Whether a float32 LSTM sequence runs fused whatever its size: on Intel CPUs, where MKL (behind
 # rnn_stack's float32 GEMMs) runs at oneDNN's rate, the fused op is the faster one there too
 # (1.07-2.1x oneDNN's LSTM, hidden 128-1024, forward and backward; benchmarks/RESULTS.md); on
 # AMD CPUs MKL runs float32 at half oneDNN's rate and oneDNN's LSTM wins from hidden 128.
-_FUSED_FLOAT32_LSTM = _cpu_vendor() == "GenuineIntel" and torch.backends.mkl.is_available()
+_FUSED_FLOAT32_LSTM = ops.cpu_vendor() == "GenuineIntel" and torch.backends.mkl.is_available()
 
 
 def _onednn_lstm_faster(module, cell, input, steps=None):

@@ -186,7 +186,8 @@ def amx_products():
 set_amx_products(_C.amx_usable())
 
 
-__all__ += ["set_mkl_packed_products", "mkl_packed_products"]
+__all__ += ["set_mkl_packed_products", "mkl_packed_products", "mkl_packed_default",
+            "cpu_vendor"]
 
 
 def set_mkl_packed_products(enabled):
@@ -196,8 +197,9 @@ def set_mkl_packed_products(enabled):
     it that MKL lays out once per call (MKL's packed GEMM, csrc/cpu/mkl_packed.h),
     where ATen's GEMM lays the matrix out again at every step. They do so for products that go to
     BLAS, of at least 4 rows, over at least 4 steps; the results equal the ATen products' to
-    float32 rounding. On by default where PyTorch is built with MKL (``_C.mkl_packed_usable()``,
-    the x86 wheels); ``True`` elsewhere raises."""
+    float32 rounding. Usable where PyTorch is built with MKL (``_C.mkl_packed_usable()``, the x86
+    wheels; ``True`` elsewhere raises), and on by default there on Intel CPUs
+    (:func:`mkl_packed_default`)."""
     _C.set_mkl_packed_products(_expect_bool(enabled))
 
 
@@ -206,7 +208,29 @@ def mkl_packed_products():
     return _C.mkl_packed_products()
 
 
-set_mkl_packed_products(_C.mkl_packed_usable())
+def cpu_vendor():
+    """The CPU's vendor string (Linux: /proc/cpuinfo's ``vendor_id``, e.g. ``"GenuineIntel"``,
+    ``"AuthenticAMD"``; elsewhere empty). Some of the kernels' defaults depend on it: MKL runs its
+    own fastest code on Intel CPUs only."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def mkl_packed_default():
+    """The default of :func:`set_mkl_packed_products`: on where MKL's packed GEMM is present and
+    the CPU is Intel's. On an AMD EPYC (Zen 4) the packed products bought nothing at batch 32 and
+    more and cost 11% of a layer's forward at batch 8 (benchmarks/RESULTS.md), where on an Intel
+    Xeon they ran the same forwards 1.05-1.46x faster."""
+    return _C.mkl_packed_usable() and cpu_vendor() == "GenuineIntel"
+
+
+set_mkl_packed_products(mkl_packed_default())
 
 
 def set_argmax_screen(enabled):

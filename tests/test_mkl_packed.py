@@ -179,7 +179,7 @@ class TestRnnStackTakesIt:
 
 
 def test_switch(packed_products):
-    assert ops.mkl_packed_products() == _C.mkl_packed_usable()  # the default
+    assert ops.mkl_packed_products() == ops.mkl_packed_default()  # set at import
     with pytest.raises(TypeError, match="enabled: expected a bool"):
         ops.set_mkl_packed_products(1)
     if _C.mkl_packed_usable():
@@ -191,3 +191,23 @@ def test_switch(packed_products):
         with pytest.raises(RuntimeError, match="not built with MKL"):
             ops.set_mkl_packed_products(True)
         assert not ops.mkl_packed_products()
+
+
+@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD", ""])
+def test_default_on_intel_cpus_only(monkeypatch, vendor):
+    monkeypatch.setattr(ops, "cpu_vendor", lambda: vendor)
+    assert ops.mkl_packed_default() is (vendor == "GenuineIntel" and _C.mkl_packed_usable())
+
+
+def test_cpu_vendor_reads_cpuinfo():
+    vendor = ops.cpu_vendor()
+    assert isinstance(vendor, str)
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo on this system")
+    if vendor:
+        assert "vendor_id\t: " + vendor + "\n" in text
+    else:
+        assert "vendor_id" not in text

@@ -5,7 +5,9 @@
 // multiplies the batch's rows by the same W_hh^T once per time step, so that copy is repeated T
 // times per layer; MKL's packed API (sgemm_pack once, sgemm_compute per step) keeps one copy
 // for the whole call. A 12-step GRU forward at hidden 512 ran 1.05x faster at batch 128 and
-// 1.46x at batch 8 (one thread, benchmarks/RESULTS.md).
+// 1.46x at batch 8 on an Intel Xeon (one thread, benchmarks/RESULTS.md). On an AMD EPYC (Zen 4),
+// where MKL does not run its own fastest code, the packed products bought nothing and cost 11% at
+// batch 8: the Python package switches them on by default on Intel CPUs only.
 //
 // The API is MKL's, not PyTorch's: its three C symbols are looked up once in the running
 // process, where libtorch_cpu exports them when PyTorch is built with MKL (the x86 wheels).
@@ -20,7 +22,7 @@ namespace seq2seq_ext {
 namespace cpu {
 
 // Whether MKL's packed sgemm is in the process and packed products are switched on
-// (set_mkl_packed_products; on by default where usable).
+// (set_mkl_packed_products; ops.mkl_packed_default() says when it starts on).
 bool mkl_packed_usable();
 bool mkl_packed_products();
 void set_mkl_packed_products(bool on);
