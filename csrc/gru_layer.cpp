@@ -164,6 +164,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer(
   return {output, h_n, saved};
 }
 
+std::tuple<at::Tensor, at::Tensor> gru_layer_projected_cpu(const at::Tensor& gi,
+                                                           const at::Tensor& h0,
+                                                           const at::Tensor& w_hh,
+                                                           const at::Tensor& b_hh) {
+  check_dim(gi, 3, "gi");
+  TORCH_CHECK(gi.scalar_type() == at::kFloat || gi.scalar_type() == at::kDouble,
+              "gi: expected float32 or float64, got ", gi.scalar_type());
+  TORCH_CHECK(gi.is_cpu(), "gi: expected a CPU tensor, got one on ", gi.device());
+  check_dim(w_hh, 2, "w_hh");
+  check_dim(h0, 2, "h0");
+  check_dim(b_hh, 1, "b_hh");
+  const GruLayerDims d{gi.size(0), gi.size(1), 0, w_hh.size(1)};
+  const int64_t H = d.hidden, G = 3 * H;
+  const at::Tensor* others[3] = {&h0, &w_hh, &b_hh};
+  const char* names[3] = {"h0", "w_hh", "b_hh"};
+  for (int k = 0; k < 3; ++k) {
+    check_same_device(*others[k], gi, names[k], "gi");
+    check_same_dtype(*others[k], gi, names[k], "gi");
+  }
+  check_size(w_hh, 0, G, "w_hh", "3 * hidden, hidden being w_hh's second size");
+  check_size(gi, 2, G, "gi", "3 * hidden (w_hh's first size)");
+  check_size(b_hh, 0, G, "b_hh", "3 * hidden");
+  TORCH_CHECK(h0.size(0) == d.batch && h0.size(1) == H, "h0: expected shape [", d.batch, ", ", H,
+              "] (batch of gi, hidden of w_hh), got ", shape_str(h0));
+  auto opts = gi.options();
+  at::Tensor output = cpu::empty_written_once(rows_shape(d, H), opts);
+  if (d.steps == 0 || d.batch == 0 || H == 0)
+    return {output, h0.clone(at::MemoryFormat::Contiguous)};
+  at::Tensor saved = cpu::empty_written_once(rows_shape(d, 4 * H), opts);
+  cpu::gru_layer_steps(d, gi.reshape({d.steps * d.batch, G}).contiguous(), h0, w_hh, b_hh,
+                       output, saved);
+  return {output, output.select(0, d.steps - 1).clone(at::MemoryFormat::Contiguous)};
+}
+
 namespace {
 
 GruLayerGrads gru_layer_backward(const at::Tensor& grad_output,

@@ -44,11 +44,27 @@ using GruLayerBackwardKernel = void(const GruLayerDims& d, const at::Tensor& gra
 namespace cpu {
 GruLayerKernel gru_layer;
 GruLayerBackwardKernel gru_layer_backward;
+// The forward's steps over the input projection gi (N, 3H) contiguous, N the rows of all steps
+// (input W_ih^T + b_ih, plus extra): what gru_layer runs after its input GEMM, and what
+// gru_layer_projected_cpu runs over rows of a table.
+void gru_layer_steps(const GruLayerDims& d, const at::Tensor& gi, const at::Tensor& h0,
+                     const at::Tensor& w_hh, const at::Tensor& b_hh, at::Tensor& output,
+                     at::Tensor& saved);
 }  // namespace cpu
 namespace cuda {
 GruLayerKernel gru_layer;
 GruLayerBackwardKernel gru_layer_backward;
 }  // namespace cuda
+
+// CPU inference over a given input projection: gi (T, B, 3H), float32 or float64, is layer
+// 0's `input W_ih^T + b_ih` of every step (the encoder's: a row of a table per token, made once
+// per set of weights), h0 (B, H), w_hh (3H, H) and b_hh (3H) in gi's dtype. Returns (output
+// (T, B, H), h_n (B, H)), gru_layer's values for that projection. The _C module's
+// gru_layer_projected_cpu; no graph is recorded (the caller runs it without grad).
+std::tuple<at::Tensor, at::Tensor> gru_layer_projected_cpu(const at::Tensor& gi,
+                                                           const at::Tensor& h0,
+                                                           const at::Tensor& w_hh,
+                                                           const at::Tensor& b_hh);
 
 // The entry of gru_layer, which the _C module also calls directly (CPU inference).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer(

@@ -1,7 +1,7 @@
 // The small `_C` Python module: how the library was built, and the direct CPU paths of plain
-// inference (DecoderStepper, gru_layer_cpu) that skip the boxed dispatcher. Each op's schema and
-// entry live in csrc/<op>.cpp; fake (meta) kernels and autograd formulas are registered from
-// Python in seq2seq_ext/ops.py.
+// inference (DecoderStepper, gru_layer_cpu, gru_layer_projected_cpu) that skip the boxed
+// dispatcher. Each op's schema and entry live in csrc/<op>.cpp; fake (meta) kernels and autograd
+// formulas are registered from Python in seq2seq_ext/ops.py.
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/extension.h>
@@ -110,6 +110,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("input"),
              pybind11::arg("h0"), pybind11::arg("w_ih"), pybind11::arg("w_hh"),
              pybind11::arg("b_ih"), pybind11::arg("b_hh"), pybind11::arg("extra") = pybind11::none());
+  // The same over a given input projection (the encoder's table rows): see gru_layer.h.
+  module.def("gru_layer_projected_cpu", &seq2seq_ext::gru_layer_projected_cpu,
+             pybind11::arg("gi"), pybind11::arg("h0"), pybind11::arg("w_hh"),
+             pybind11::arg("b_hh"));
   // The drop-in nn.GRU / nn.LSTM forward (seq2seq_ext/nn.py) in one call: see rnn_forward.h.
   module.def("rnn_forward", &seq2seq_ext::rnn_forward, pybind11::arg("cell"),
              pybind11::arg("input"), pybind11::arg("hx"), pybind11::arg("weights"),

@@ -22,6 +22,7 @@ __all__ = ["Encoder", "Decoder", "EncoderDecoder", "Seq2SeqEncoder", "Seq2SeqDec
            "decode_path", "packed_rows", "packed_positions", "project"]
 
 _CTX_ATTR = "_seq2seq_ext_ctx_proj"
+_TABLE_ATTR = "_seq2seq_ext_encoder_table"
 _FLOATS = (torch.float32, torch.float64)
 
 
@@ -46,14 +47,29 @@ class Seq2SeqEncoder(reference.Seq2SeqEncoder):
         self.cell = cell
 
     def forward(self, X, *args):
-        X = self.embedding(X).permute(1, 0, 2)
         rnn = _fastcall.submodule(self, "rnn")
+        table = encoder_table(self, X)
+        if table is not None:  # inference: layer 0's input projection is a row per token
+            gi0 = torch.nn.functional.embedding(X.t(), table)
+            h0 = table.new_zeros((rnn.num_layers, X.shape[0], rnn.hidden_size))
+            return ops.gru_over_projection(gi0, h0, _fastcall.flat_weights(rnn))
+        X = self.embedding(X).permute(1, 0, 2)
         if not _fused_layer_allowed(rnn, X):
             fused = (seq2seq_nn.fused_forward(rnn, X, torch_masks=True) if self.cell == "lstm"
                      else None)
             return fused if fused is not None else rnn(X)
         h0 = X.new_zeros((rnn.num_layers, X.shape[1], rnn.hidden_size))
         return ops.gru(X, h0, _fastcall.flat_weights(rnn), rnn.dropout, self.training)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop(_TABLE_ATTR, None)  # derived from the parameters .to() etc. may swap
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        # pickle, torch.save and copy.deepcopy: the table is derived data, made again when used
+        state = dict(super().__getstate__())
+        state.pop(_TABLE_ATTR, None)
+        return state
 
 
 class Seq2SeqDecoder(reference.Seq2SeqDecoder):
@@ -555,6 +571,54 @@ def context_projection(decoder, context):
         proj = torch.mm(context, w_ih0[:, embed:].t())
     decoder.__dict__[_CTX_ATTR] = (context, context._version, w_ih0, w_ih0._version, proj)
     return proj
+
+
+# The largest table encoder_table makes (bytes): beyond, a table would cost more memory than
+# the input projections it replaces are worth.
+_TABLE_MAX_BYTES = 64 << 20
+
+
+def _table_key(tensors):
+    return tuple(x for t in tensors for x in (id(t), t._version, t.data_ptr(), t.shape, t.dtype))
+
+
+def encoder_table(encoder, X):
+    """For CPU inference of this package's GRU encoder, the table ``embedding.weight @ W_ih0^T +
+    b_ih0`` (vocab, 3*hidden): layer 0's input projection of every token, so that an encoder call
+    gathers a row per token instead of multiplying its embedded input by W_ih0. None where it
+    does not apply: grad mode, training mode, autocast, hooks, tracing, another device, dtype or
+    layer than the plain ``nn.GRU`` and ``nn.Embedding``, or a table above ``_TABLE_MAX_BYTES``.
+
+    The table is made once per set of weights (the same tensors, unmodified: version counters
+    and storage) and cached on the encoder, as the decoder's table of its embedding's
+    projections is (:func:`decoder_stepper`); every inference call with those weights reads it,
+    so that the same input gives the same encoding bit for bit from call to call. Its rows are
+    layer 0's projections to float32 rounding (a GEMM over the vocabulary instead of one over
+    the call's tokens)."""
+    if not (ops.direct_cpu_call_ok(X) and X.dim() == 2 and X.dtype == torch.int64
+            and not encoder.__dict__["training"] and not torch.is_autocast_enabled("cpu")
+            and not _fastcall.any_global_hook()):
+        return None
+    rnn = _fastcall.submodule(encoder, "rnn")
+    emb = _fastcall.submodule(encoder, "embedding")
+    if not (_plain_gru(rnn) and type(emb) is nn.Embedding and emb.max_norm is None
+            and not (emb._forward_hooks or emb._forward_pre_hooks)
+            and ops.get_backend() == "ext"):
+        return None
+    w_ih0, _, b_ih0, _ = _fastcall.flat_weights(rnn)[:4]
+    table_w = emb.weight
+    tensors = (table_w, w_ih0, b_ih0)
+    if (any(t.is_inference() or not t.is_cpu or t.dtype not in (torch.float32, torch.float64)
+            or t.dtype != table_w.dtype for t in tensors)
+            or table_w.shape[0] * w_ih0.shape[0] * table_w.element_size() > _TABLE_MAX_BYTES):
+        return None
+    key = _table_key(tensors)
+    cached = encoder.__dict__.get(_TABLE_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    table = torch.addmm(b_ih0, table_w, w_ih0.t())
+    encoder.__dict__[_TABLE_ATTR] = (key, table)
+    return table
 
 
 _FORWARD = Seq2SeqDecoder.forward

@@ -31,8 +31,8 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 __all__ = [
     "BACKENDS", "get_backend", "set_backend", "use_backend", "built_with_cuda",
     "masked_softmax_ce", "sequence_mask", "sequence_mask_", "gru_decode_step", "greedy_decode",
-    "gru_layer", "gru", "has_kernel", "decoder_stepper", "direct_cpu_call_ok",
-    "ext_shortcut_ok",
+    "gru_layer", "gru", "gru_over_projection", "has_kernel", "decoder_stepper",
+    "direct_cpu_call_ok", "ext_shortcut_ok",
     "lstm_decode_step", "enable_autocast_rules",
 ]
 
@@ -593,6 +593,25 @@ def gru(input, h0, flat_weights, dropout=0.0, training=False, w_ih0=None, extra0
                 padded = (len(batch_sizes), h0.shape[1], x.shape[-1])
                 noise = x.new_empty(padded).bernoulli_(1 - dropout).div_(1 - dropout)
                 x = x * noise.view(-1, x.shape[-1]).index_select(0, positions)
+    return x, torch.stack(states)
+
+
+def gru_over_projection(gi0, h0, flat_weights):
+    """:func:`gru` in CPU inference (no grad, plain CPU tensors: :func:`direct_cpu_call_ok`;
+    outside CPU autocast) with layer 0's input projection given: ``gi0`` (steps, batch, 3*hidden) is ``input W_ih0^T +
+    b_ih0`` of every step (for an encoder, rows of a table of every token's projection). The
+    other layers run as in :func:`gru` without dropout. Returns (output, state) as :func:`gru`.
+    """
+    if not direct_cpu_call_ok(gi0):
+        raise RuntimeError("gru_over_projection: expected plain CPU tensors with grad mode off "
+                           "(CPU inference)")
+    layers = len(flat_weights) // 4
+    x, h_n = _C.gru_layer_projected_cpu(gi0, h0[0], flat_weights[1], flat_weights[3])
+    states = [h_n]
+    for layer in range(1, layers):
+        w_ih, w_hh, b_ih, b_hh = flat_weights[4 * layer: 4 * layer + 4]
+        x, h_n, _ = _C.gru_layer_cpu(x, h0[layer], w_ih, w_hh, b_ih, b_hh)
+        states.append(h_n)
     return x, torch.stack(states)
 
 

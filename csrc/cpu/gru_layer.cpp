@@ -154,6 +154,15 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
       }
     }
   }
+  gru_layer_steps(d, gi, h0, w_hh, b_hh, output, saved);
+}
+
+void gru_layer_steps(const GruLayerDims& d, const at::Tensor& gi, const at::Tensor& h0,
+                     const at::Tensor& w_hh, const at::Tensor& b_hh, at::Tensor& output,
+                     at::Tensor& saved) {
+  const int64_t T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
+  auto opts = gi.options();
+  const bool low = w_hh.scalar_type() == at::kBFloat16;
   at::Tensor gh = at::empty({B, G}, opts);
   const at::Tensor h0_c = h0.contiguous();
   const at::Tensor w_hh_c = w_hh.contiguous();
@@ -204,7 +213,7 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
     });
     return;
   }
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "gru_layer_cpu", [&] {
     layer_forward<GruCell>(gi.const_data_ptr<scalar_t>(), T, B, H,
                            w_hh_c.const_data_ptr<scalar_t>(), b_hh_c.const_data_ptr<scalar_t>(),
                            {h0_c.const_data_ptr<scalar_t>()}, output.data_ptr<scalar_t>(),
