@@ -172,7 +172,8 @@ def test_translation_benchmark_runs_and_counts_the_bytes():
     vocab = net.decoder.dense.weight.shape[0]
     per_token = vocab * 5 + 15 * 5 + 15 * 5 + (15 * 5 + 15 * 5)  # dense, ctx, hh0, ih1 + hh1
     assert tl.token_bytes(net, 2) == 2 * per_token
-    encoder = 4 * (15 * 6 + 3 * 15 * 5 + 15 * 5 + 3 * 15 * 5)  # W_ih once, W_hh at 3 steps
+    # layer 0: a table row and W_hh at each of 3 steps; layer 1: W_ih once, W_hh at 3 steps
+    encoder = 4 * (3 * 15 + 3 * 15 * 5 + 15 * 5 + 3 * 15 * 5)
     assert tl.sentence_bytes(net, 3, 2, 4) == encoder + 2 * 4 * per_token
     # the screen reads the output layer as int8
     assert tl.token_bytes(net, 2, dense_elem=1) == 2 * per_token - vocab * 5

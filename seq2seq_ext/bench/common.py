@@ -32,25 +32,36 @@ def median_time(fn, repeat=7, number=1, warmup=1):
     return rounds[len(rounds) // 2]
 
 
-def paired_times(f_ref, f_ext, repeat=7, number=1, warmup=1):
-    """Median seconds per call of f_ref and of f_ext, their rounds interleaved (ref, ext, ref,
-    ...) so that both see the same machine state: on a shared 2-core machine the speed of the
-    same code drifts over seconds, and timing one side after the other would fold that drift
-    into the ratio. The order alternates between rounds (ref, ext, then ext, ref): the side that
-    runs second finds in the caches what the first left there (the same inputs, the allocator's
-    freed blocks), which made identical code time up to 1.2x faster second."""
+def interleaved(fns, repeat, warmup=1):
+    """Median seconds per call of each function of the dict ``fns``, their rounds interleaved
+    so that all see the same machine state: on a shared 2-core machine the speed of the same
+    code drifts over seconds, and timing one after the other would fold that drift into their
+    ratios. The order reverses every other round: a function that runs after another finds in
+    the caches what that one left there (the same inputs, the allocator's freed blocks), which
+    made identical code time up to 1.2x faster second."""
     for _ in range(warmup):
-        f_ref()
-        f_ext()
-    rounds = ([], [])
-    pair = ((f_ref, rounds[0]), (f_ext, rounds[1]))
+        for fn in fns.values():
+            fn()
+    rounds = {k: [] for k in fns}
+    items = list(fns.items())
     for i in range(repeat):
-        for fn, out in (pair if i % 2 == 0 else pair[::-1]):
+        for k, fn in (items if i % 2 == 0 else items[::-1]):
             t = time.perf_counter()
+            fn()
+            rounds[k].append(time.perf_counter() - t)
+    return {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
+
+
+def paired_times(f_ref, f_ext, repeat=7, number=1, warmup=1):
+    """Median seconds per call of f_ref and of f_ext (:func:`interleaved`: ref, ext, then ext,
+    ref, ...), each round ``number`` calls."""
+    def calls(fn):
+        def run():
             for _ in range(number):
                 fn()
-            out.append((time.perf_counter() - t) / number)
-    return tuple(sorted(r)[len(r) // 2] for r in rounds)
+        return run
+    t = interleaved({"ref": calls(f_ref), "ext": calls(f_ext)}, repeat, warmup)
+    return t["ref"] / number, t["ext"] / number
 
 
 def ce_inputs(batch, steps, vocab, seed=0, dtype=torch.float32):

@@ -115,7 +115,7 @@ def seed_case(cell, size, repeat, amp=False, per_call=False, amx_off=False):
                 compile_s = time.perf_counter() - t0
         except RuntimeError as e:
             failed[k] = str(e).splitlines()[0][:80]
-    times = interleaved({k: step(k) for k in models if k not in failed}, repeat)
+    times = common.interleaved({k: step(k) for k in models if k not in failed}, repeat)
     return times, dict(compile_s=compile_s, failed=failed)
 
 
@@ -136,7 +136,7 @@ def decode_step_case(cell, size, repeat):
                 for _ in range(50):
                     models[k](token, state)
         return run
-    times = interleaved({k: call(k) for k in models}, repeat)
+    times = common.interleaved({k: call(k) for k in models}, repeat)
     return {k: v / 50 for k, v in times.items()}, {}
 
 
@@ -152,22 +152,7 @@ def chapter_predict_case(repeat):
         return lambda: [R.predict_seq2seq(models[k], s, src_vocab, tgt_vocab, 10, "cpu")
                         for s in common.CHAPTER_SENTENCES]
     assert [r[0] for r in run("plain")()] == [r[0] for r in run("accelerated")()]
-    return interleaved({k: run(k) for k in models}, repeat), {}
-
-
-def interleaved(fns, repeat):
-    """Median seconds per call of each function, rounds interleaved, the order reversed every
-    other round (see common.paired_times)."""
-    for fn in fns.values():
-        fn()
-    rounds = {k: [] for k in fns}
-    items = list(fns.items())
-    for i in range(repeat):
-        for k, fn in (items if i % 2 == 0 else items[::-1]):
-            t = time.perf_counter()
-            fn()
-            rounds[k].append(time.perf_counter() - t)
-    return {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
+    return common.interleaved({k: run(k) for k in models}, repeat), {}
 
 
 CASES = {

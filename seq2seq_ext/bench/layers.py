@@ -17,7 +17,8 @@ import torch
 
 import seq2seq_ext
 from seq2seq_ext import _C, ops
-from seq2seq_ext.bench.dropin import fmt, interleaved, print_machine
+from seq2seq_ext.bench.common import interleaved
+from seq2seq_ext.bench.dropin import fmt, print_machine
 
 # seed 004's encoder at its large size, a longer sequence, a long one at a small batch
 SIZES = ("12,128,256,512", "30,64,128,256", "50,32,256,256")

@@ -7,10 +7,14 @@ At batch 1 every product is a matrix-vector product: each token reads every weig
 the decoder once (the embedding and W_ih0's embedding columns excepted: they are a table
 lookup), so time per token is bounded by the bytes of those matrices over the memory bandwidth.
 The floor printed beside the times is that: the matrix bytes a sentence reads (the encoder's
-W_ih once per layer and W_hh per step, the decoder's matrices per token) over the read
+W_hh per step, its W_ih once for layers > 0 and a row of layer 0's table per step, the
+decoder's matrices per token) over the read
 bandwidth of a float32 reduction over as many bytes as the decoder's matrices, measured in the
 same run (the rate a working set of that size streams at), for float32 and for bfloat16
-decoder matrices, and with the screen, for an output layer read as int8.
+decoder matrices, and with the screen, for an output layer read as int8. (Where a bfloat16
+matrix-vector product is bound by its multiply-adds, one float32 FMA lane per weight, rather
+than by memory, as on AMD Zen 4 CPUs, the bf16 floor is below what the CPU can reach.) The
+variants' rounds are interleaved, their order reversed every other round.
 """
 import argparse
 import statistics
@@ -52,12 +56,14 @@ def token_bytes(net, elem, dense_elem=None):
 
 
 def sentence_bytes(net, steps, tokens, decoder_elem, dense_elem=None):
-    """Matrix bytes one sentence reads: the encoder's W_ih once and W_hh at each of ``steps``
-    steps (float32), and :func:`token_bytes` at each of ``tokens`` tokens."""
+    """Matrix bytes one sentence reads: the encoder's W_hh at each of ``steps`` steps, its W_ih
+    once for layers > 0 and for layer 0 a row of its table per step (``models.encoder_table``),
+    all float32, and :func:`token_bytes` at each of ``tokens`` tokens."""
     enc = net.encoder.rnn
     enc_bytes = 0
     for layer in range(enc.num_layers):
-        enc_bytes += 4 * (getattr(enc, f"weight_ih_l{layer}").numel()
+        w_ih = getattr(enc, f"weight_ih_l{layer}")
+        enc_bytes += 4 * ((steps * w_ih.shape[0] if layer == 0 else w_ih.numel())
                           + steps * getattr(enc, f"weight_hh_l{layer}").numel())
     return enc_bytes + tokens * token_bytes(net, decoder_elem, dense_elem)
 
@@ -100,12 +106,7 @@ def run(sentences=200, rounds=3, embed=256, hidden=256, layers=2, src_size=4000,
         assert outputs.get(name + ", no screen", outputs[name]) == outputs[name], (
             "the screen changed a translation")
     same_bf16 = sum(a == b for a, b in zip(outputs["package bf16 weights"], outputs["reference"]))
-    times = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+    times = common.interleaved(variants, rounds, warmup=0)  # the outputs above were the warm-up
     bandwidth = read_bandwidth(token_bytes(net, 4))
     tokens = statistics.mean(len(o.split()) + 1 for o in outputs["reference"])
     tokens = min(tokens, num_steps)
@@ -115,7 +116,7 @@ def run(sentences=200, rounds=3, embed=256, hidden=256, layers=2, src_size=4000,
               "package bf16 weights": sentence_bytes(net, num_steps, tokens, 2, dense_elem),
               "package bf16 weights, no screen": sentence_bytes(net, num_steps, tokens, 2)}
     floors = {name: b / bandwidth for name, b in floors.items() if name in variants}
-    per_1000 = {name: statistics.median(ts) / sentences * 1000 for name, ts in times.items()}
+    per_1000 = {name: t / sentences * 1000 for name, t in times.items()}
     return dict(per_1000=per_1000, floors=floors, bandwidth=bandwidth, tokens=tokens,
                 same_bf16=same_bf16, sentences=sentences, screen=screen,
                 config=dict(embed=embed, hidden=hidden, layers=layers,
