@@ -278,8 +278,9 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
     ctx->saved_data["has_c0"] = c0.has_value() && c0->defined();
     ctx->saved_data["packed"] = batch_sizes.has_value();
     if (batch_sizes.has_value()) ctx->saved_data["batch_sizes"] = batch_sizes->vec();
-    ctx->mark_non_differentiable({saved});
-    if (cell != "lstm") ctx->mark_non_differentiable({c_n});
+    // saved (and a GRU's empty c_n) are not marked non-differentiable: compiled autograd
+    // (torch._dynamo.compiled_autograd) takes no C++ autograd node that marks outputs so. No
+    // gradient ever flows into them (ops.rnn_stack drops saved; the GRU's c_n is empty), and
     // an output without a gradient (saved, always; often the encoder's output or the decoder's
     // c_n) reaches backward undefined, which the kernel reads as zero, instead of as a zero
     // tensor autograd would allocate and fill (saved is the op's largest tensor)

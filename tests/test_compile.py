@@ -299,3 +299,46 @@ def test_decoder_module_step_fullgraph(device, variant):
                                 fullgraph=True)(token, state)
     torch.testing.assert_close(out[0], expected[0])
     torch.testing.assert_close(out[1], expected[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# compiled autograd: the backward graph compiled too (torch._dynamo.compiled_autograd)
+# ----------------------------------------------------------------------------------------------
+
+def _grads_under(compiled_backward, fn, params):
+    for p in params:
+        p.grad = None
+    if compiled_backward:
+        torch._dynamo.reset()
+        with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+            fn()
+    else:
+        fn()
+    return [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_compiled_autograd_drop_in_layers_and_one_step_loop(cell):
+    """The fused stack op's autograd node (C++) under compiled autograd: a sequence through the
+    drop-in layer, then a decoder's one-step calls in a Python loop (the seeds' teacher-forcing
+    pattern, whose matrices' gradients are summed over the calls), the eager gradients."""
+    torch.manual_seed(3)
+    cls = d2l.nn.GRU if cell == "gru" else d2l.nn.LSTM
+    enc, dec = cls(5, 7, 2), cls(7, 7, 2, batch_first=True)
+    params = list(enc.parameters()) + list(dec.parameters())
+    x = torch.randn(6, 3, 5)
+
+    def run():
+        out, state = enc(x)
+        total = out.sum()
+        step_in = out[-1].unsqueeze(1)
+        for _ in range(4):  # one time step a call, batch_first
+            step_out, state = dec(step_in, state)
+            total = total + step_out.square().sum()
+            step_in = step_out
+        total.backward()
+
+    want = _grads_under(False, run, params)
+    got = _grads_under(True, run, params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
