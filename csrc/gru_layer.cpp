@@ -7,6 +7,7 @@
 #include "bf16_products.h"
 #include "checks.h"
 #include "cpu/common.h"
+#include "cpu/linear.h"
 #include "entry.h"
 #include "gru_grads.h"
 #include "gru_layer.h"
@@ -177,11 +178,14 @@ std::tuple<at::Tensor, at::Tensor> gru_layer_projected_cpu(const at::Tensor& gi,
   check_dim(b_hh, 1, "b_hh");
   const GruLayerDims d{gi.size(0), gi.size(1), 0, w_hh.size(1)};
   const int64_t H = d.hidden, G = 3 * H;
+  const bool bf16_weights = w_hh.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(!bf16_weights || gi.scalar_type() == at::kFloat,
+              "w_hh: bfloat16 weights go with a float32 gi, got ", gi.scalar_type());
   const at::Tensor* others[3] = {&h0, &w_hh, &b_hh};
   const char* names[3] = {"h0", "w_hh", "b_hh"};
   for (int k = 0; k < 3; ++k) {
     check_same_device(*others[k], gi, names[k], "gi");
-    check_same_dtype(*others[k], gi, names[k], "gi");
+    if (!(bf16_weights && k == 1)) check_same_dtype(*others[k], gi, names[k], "gi");
   }
   check_size(w_hh, 0, G, "w_hh", "3 * hidden, hidden being w_hh's second size");
   check_size(gi, 2, G, "gi", "3 * hidden (w_hh's first size)");
@@ -193,9 +197,34 @@ std::tuple<at::Tensor, at::Tensor> gru_layer_projected_cpu(const at::Tensor& gi,
   if (d.steps == 0 || d.batch == 0 || H == 0)
     return {output, h0.clone(at::MemoryFormat::Contiguous)};
   at::Tensor saved = cpu::empty_written_once(rows_shape(d, 4 * H), opts);
-  cpu::gru_layer_steps(d, gi.reshape({d.steps * d.batch, G}).contiguous(), h0, w_hh, b_hh,
-                       output, saved);
+  const at::Tensor rows = gi.reshape({d.steps * d.batch, G}).contiguous();
+  if (bf16_weights)
+    cpu::gru_layer_steps_bf16_weights(d, rows, h0, w_hh, b_hh, output, saved);
+  else
+    cpu::gru_layer_steps(d, rows, h0, w_hh, b_hh, output, saved);
   return {output, output.select(0, d.steps - 1).clone(at::MemoryFormat::Contiguous)};
+}
+
+at::Tensor linear_bf16_weights_cpu(const at::Tensor& x, const at::Tensor& w,
+                                   const at::Tensor& b) {
+  check_dim(x, 2, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_cpu(), "x: expected a float32 CPU tensor, ",
+              "got ", x.scalar_type(), " on ", x.device());
+  check_dim(w, 2, "w");
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_cpu(),
+              "w: expected a bfloat16 CPU tensor, got ", w.scalar_type(), " on ", w.device());
+  check_dim(b, 1, "b");
+  TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_cpu(), "b: expected a float32 CPU tensor, ",
+              "got ", b.scalar_type(), " on ", b.device());
+  check_size(w, 1, x.size(1), "w", "x's columns");
+  check_size(b, 0, w.size(0), "b", "w's rows");
+  const at::Tensor x_c = x.contiguous(), w_c = w.contiguous(), b_c = b.contiguous();
+  at::Tensor y = cpu::empty_written_once({x.size(0), w.size(0)}, x.options());
+  cpu::linear_nt<float, c10::BFloat16>(x_c.const_data_ptr<float>(), x.size(1), x.size(0),
+                                       x.size(1), w_c.const_data_ptr<c10::BFloat16>(),
+                                       x.size(1), w.size(0), b_c.const_data_ptr<float>(),
+                                       y.data_ptr<float>(), false);
+  return y;
 }
 
 namespace {

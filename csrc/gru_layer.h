@@ -50,6 +50,12 @@ GruLayerBackwardKernel gru_layer_backward;
 void gru_layer_steps(const GruLayerDims& d, const at::Tensor& gi, const at::Tensor& h0,
                      const at::Tensor& w_hh, const at::Tensor& b_hh, at::Tensor& output,
                      at::Tensor& saved);
+// The same steps, dense, with a bfloat16 W_hh read as it is beside a float32 state: each
+// product sums float32 h times the bf16 weights in float32 (decoding's bf16 weights; unlike
+// the op under autocast, the state is not rounded).
+void gru_layer_steps_bf16_weights(const GruLayerDims& d, const at::Tensor& gi,
+                                  const at::Tensor& h0, const at::Tensor& w_hh,
+                                  const at::Tensor& b_hh, at::Tensor& output, at::Tensor& saved);
 }  // namespace cpu
 namespace cuda {
 GruLayerKernel gru_layer;
@@ -58,13 +64,19 @@ GruLayerBackwardKernel gru_layer_backward;
 
 // CPU inference over a given input projection: gi (T, B, 3H), float32 or float64, is layer
 // 0's `input W_ih^T + b_ih` of every step (the encoder's: a row of a table per token, made once
-// per set of weights), h0 (B, H), w_hh (3H, H) and b_hh (3H) in gi's dtype. Returns (output
-// (T, B, H), h_n (B, H)), gru_layer's values for that projection. The _C module's
-// gru_layer_projected_cpu; no graph is recorded (the caller runs it without grad).
+// per set of weights), h0 (B, H), w_hh (3H, H) and b_hh (3H) in gi's dtype, or w_hh in bfloat16
+// beside float32 (gru_layer_steps_bf16_weights). Returns (output (T, B, H), h_n (B, H)),
+// gru_layer's values for that projection. The _C module's gru_layer_projected_cpu; no graph is
+// recorded (the caller runs it without grad).
 std::tuple<at::Tensor, at::Tensor> gru_layer_projected_cpu(const at::Tensor& gi,
                                                            const at::Tensor& h0,
                                                            const at::Tensor& w_hh,
                                                            const at::Tensor& b_hh);
+
+// x (N, K) float32 times a bfloat16 w (M, K), plus b (M), summed in float32: (N, M). The input
+// projection of a layer whose weights decoding reads in bfloat16; the _C module's
+// linear_bf16_weights_cpu.
+at::Tensor linear_bf16_weights_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 
 // The entry of gru_layer, which the _C module also calls directly (CPU inference).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer(

@@ -114,6 +114,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("gru_layer_projected_cpu", &seq2seq_ext::gru_layer_projected_cpu,
              pybind11::arg("gi"), pybind11::arg("h0"), pybind11::arg("w_hh"),
              pybind11::arg("b_hh"));
+  module.def("linear_bf16_weights_cpu", &seq2seq_ext::linear_bf16_weights_cpu,
+             pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("b"));
   // The drop-in nn.GRU / nn.LSTM forward (seq2seq_ext/nn.py) in one call: see rnn_forward.h.
   module.def("rnn_forward", &seq2seq_ext::rnn_forward, pybind11::arg("cell"),
              pybind11::arg("input"), pybind11::arg("hx"), pybind11::arg("weights"),

@@ -8,7 +8,7 @@ import torch
 
 from . import reference
 from .data import truncate_pad
-from .models import bf16_weights_requested, decode_path
+from .models import bf16_weights_requested, decode_path, encode
 
 __all__ = ["predict_seq2seq", "predict_seq2seq_batch"]
 
@@ -45,7 +45,7 @@ def _greedy(net, sentences, src_vocab, tgt_vocab, num_steps, device, weight_dtyp
     _eval(net)
     with torch.no_grad():
         enc_X, enc_valid_len = _encode_sources(sentences, src_vocab, num_steps, device)
-        enc_outputs = net.encoder(enc_X, enc_valid_len)
+        enc_outputs = encode(net.encoder, enc_X, enc_valid_len, weight_dtype)
         state = net.decoder.init_state(enc_outputs, enc_valid_len)
         # weight_dtype only when asked: a subclass's own greedy need not take it
         kwargs = {} if weight_dtype is None else {"weight_dtype": weight_dtype}
@@ -72,8 +72,9 @@ def predict_seq2seq(net, src_sentence, src_vocab, tgt_vocab, num_steps, device,
     extension backend the decoder's ``greedy`` does the work: for the GRU decoder (either context
     rule) the whole greedy loop runs in one call (no per-token host sync), for the LSTM decoder
     one fused decode step per token; any other decoder, ``save_attention_weights=True`` or the
-    reference backend run the chapter's loop. ``weight_dtype=torch.bfloat16``: the decoder's
-    weight matrices rounded to bfloat16 (see :meth:`Seq2SeqDecoder.greedy`).
+    reference backend run the chapter's loop. ``weight_dtype=torch.bfloat16``: the model's
+    weight matrices rounded to bfloat16 (the decoder's: :meth:`Seq2SeqDecoder.greedy`; this
+    package's GRU encoder's: :func:`seq2seq_ext.models.encode`).
     """
     chapter_loop = save_attention_weights or _chapter_loop(net)
     _check_weight_dtype(weight_dtype, chapter_loop)

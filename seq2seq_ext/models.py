@@ -19,10 +19,11 @@ from .reference import Decoder, Encoder, EncoderDecoder
 
 __all__ = ["Encoder", "Decoder", "EncoderDecoder", "Seq2SeqEncoder", "Seq2SeqDecoder",
            "fused_decoder_args", "supports_fused_decoding", "decoder_stepper", "context_projection",
-           "decode_path", "packed_rows", "packed_positions", "project"]
+           "decode_path", "packed_rows", "packed_positions", "project", "encoder_table", "encode"]
 
 _CTX_ATTR = "_seq2seq_ext_ctx_proj"
 _TABLE_ATTR = "_seq2seq_ext_encoder_table"
+_TABLE_BF16_ATTR = "_seq2seq_ext_encoder_table_bf16"
 _FLOATS = (torch.float32, torch.float64)
 
 
@@ -62,13 +63,16 @@ class Seq2SeqEncoder(reference.Seq2SeqEncoder):
         return ops.gru(X, h0, _fastcall.flat_weights(rnn), rnn.dropout, self.training)
 
     def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop(_TABLE_ATTR, None)  # derived from the parameters .to() etc. may swap
+        # derived from the parameters .to() etc. may swap
+        self.__dict__.pop(_TABLE_ATTR, None)
+        self.__dict__.pop(_TABLE_BF16_ATTR, None)
         return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self):
-        # pickle, torch.save and copy.deepcopy: the table is derived data, made again when used
+        # pickle, torch.save and copy.deepcopy: the tables are derived data, made again when used
         state = dict(super().__getstate__())
         state.pop(_TABLE_ATTR, None)
+        state.pop(_TABLE_BF16_ATTR, None)
         return state
 
 
@@ -582,6 +586,27 @@ def _table_key(tensors):
     return tuple(x for t in tensors for x in (id(t), t._version, t.data_ptr(), t.shape, t.dtype))
 
 
+def _table_weights(encoder, X):
+    """The encoder's (embedding weight, flat GRU weights) where :func:`encoder_table` applies,
+    else None."""
+    if not (ops.direct_cpu_call_ok(X) and X.dim() == 2 and X.dtype == torch.int64
+            and not encoder.__dict__["training"] and not torch.is_autocast_enabled("cpu")
+            and not _fastcall.any_global_hook()):
+        return None
+    rnn = _fastcall.submodule(encoder, "rnn")
+    emb = _fastcall.submodule(encoder, "embedding")
+    if not (_plain_gru(rnn) and type(emb) is nn.Embedding and emb.max_norm is None
+            and not (emb._forward_hooks or emb._forward_pre_hooks)
+            and ops.get_backend() == "ext"):
+        return None
+    table_w, flat = emb.weight, _fastcall.flat_weights(rnn)
+    if (any(t.is_inference() or not t.is_cpu or t.dtype not in (torch.float32, torch.float64)
+            or t.dtype != table_w.dtype for t in (table_w, *flat))
+            or table_w.shape[0] * flat[0].shape[0] * table_w.element_size() > _TABLE_MAX_BYTES):
+        return None
+    return table_w, flat
+
+
 def encoder_table(encoder, X):
     """For CPU inference of this package's GRU encoder, the table ``embedding.weight @ W_ih0^T +
     b_ih0`` (vocab, 3*hidden): layer 0's input projection of every token, so that an encoder call
@@ -595,23 +620,11 @@ def encoder_table(encoder, X):
     so that the same input gives the same encoding bit for bit from call to call. Its rows are
     layer 0's projections to float32 rounding (a GEMM over the vocabulary instead of one over
     the call's tokens)."""
-    if not (ops.direct_cpu_call_ok(X) and X.dim() == 2 and X.dtype == torch.int64
-            and not encoder.__dict__["training"] and not torch.is_autocast_enabled("cpu")
-            and not _fastcall.any_global_hook()):
+    weights = _table_weights(encoder, X)
+    if weights is None:
         return None
-    rnn = _fastcall.submodule(encoder, "rnn")
-    emb = _fastcall.submodule(encoder, "embedding")
-    if not (_plain_gru(rnn) and type(emb) is nn.Embedding and emb.max_norm is None
-            and not (emb._forward_hooks or emb._forward_pre_hooks)
-            and ops.get_backend() == "ext"):
-        return None
-    w_ih0, _, b_ih0, _ = _fastcall.flat_weights(rnn)[:4]
-    table_w = emb.weight
+    table_w, (w_ih0, _, b_ih0, _) = weights[0], weights[1][:4]
     tensors = (table_w, w_ih0, b_ih0)
-    if (any(t.is_inference() or not t.is_cpu or t.dtype not in (torch.float32, torch.float64)
-            or t.dtype != table_w.dtype for t in tensors)
-            or table_w.shape[0] * w_ih0.shape[0] * table_w.element_size() > _TABLE_MAX_BYTES):
-        return None
     key = _table_key(tensors)
     cached = encoder.__dict__.get(_TABLE_ATTR)
     if cached is not None and cached[0] == key:
@@ -619,6 +632,45 @@ def encoder_table(encoder, X):
     table = torch.addmm(b_ih0, table_w, w_ih0.t())
     encoder.__dict__[_TABLE_ATTR] = (key, table)
     return table
+
+
+def _bf16_encoder_weights(encoder, X):
+    """(table, flat weights) of the encoder with its matrices rounded to bfloat16 (the table from
+    the rounded embedding and W_ih0, in float32; the other matrices in bfloat16, the biases
+    float32), made once per set of weights like :func:`encoder_table`'s; None where that does
+    not apply or the weights are not float32."""
+    weights = _table_weights(encoder, X)
+    if weights is None or weights[0].dtype != torch.float32:
+        return None
+    table_w, flat = weights
+    key = _table_key((table_w, *flat))
+    cached = encoder.__dict__.get(_TABLE_BF16_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    low = [w.to(torch.bfloat16) if w.dim() == 2 else w for w in flat]
+    table = torch.addmm(flat[2], table_w.to(torch.bfloat16).float(), low[0].float().t())
+    encoder.__dict__[_TABLE_BF16_ATTR] = (key, (table, low))
+    return table, low
+
+
+def encode(encoder, X, valid_len, weight_dtype=None):
+    """The encoder's result for decoding (grad mode off): ``encoder(X, valid_len)``. With
+    ``weight_dtype=torch.bfloat16`` this package's GRU encoder, where it runs on the inference
+    path of :func:`encoder_table` (and with no hook of its own), runs with its matrices rounded
+    to bfloat16 (the embedding, every ``W_ih`` and ``W_hh``; biases, states and sums stay
+    float32), as :meth:`Seq2SeqDecoder.greedy` decodes: the result is that of a copy whose
+    matrices were rounded, computed from half the bytes. Other encoders run as they are."""
+    if (bf16_weights_requested(weight_dtype) and isinstance(encoder, Seq2SeqEncoder)
+            and type(encoder).forward is Seq2SeqEncoder.forward
+            and not (encoder._forward_hooks or encoder._forward_pre_hooks)):
+        low = _bf16_encoder_weights(encoder, X)
+        if low is not None:
+            table, flat = low
+            rnn = _fastcall.submodule(encoder, "rnn")
+            gi0 = torch.nn.functional.embedding(X.t(), table)
+            h0 = table.new_zeros((rnn.num_layers, X.shape[0], rnn.hidden_size))
+            return ops.gru_over_projection(gi0, h0, flat)
+    return encoder(X, valid_len)
 
 
 _FORWARD = Seq2SeqDecoder.forward

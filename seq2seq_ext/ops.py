@@ -598,10 +598,14 @@ def gru(input, h0, flat_weights, dropout=0.0, training=False, w_ih0=None, extra0
 
 def gru_over_projection(gi0, h0, flat_weights):
     """:func:`gru` in CPU inference (no grad, plain CPU tensors: :func:`direct_cpu_call_ok`;
-    outside CPU autocast) with layer 0's input projection given: ``gi0`` (steps, batch, 3*hidden) is ``input W_ih0^T +
-    b_ih0`` of every step (for an encoder, rows of a table of every token's projection). The
-    other layers run as in :func:`gru` without dropout. Returns (output, state) as :func:`gru`.
-    """
+    outside CPU autocast) with layer 0's input projection given: ``gi0`` (steps, batch,
+    3*hidden) is ``input W_ih0^T + b_ih0`` of every step (for an encoder, rows of a table of
+    every token's projection). The other layers run as in :func:`gru` without dropout. Returns
+    (output, state) as :func:`gru`.
+
+    Matrices of ``flat_weights`` in bfloat16 beside float32 biases and ``gi0``: each product
+    sums the float32 rows times the bf16 weights in float32 (decoding's bf16 weights; the state
+    is not rounded, unlike the op under autocast)."""
     if not direct_cpu_call_ok(gi0):
         raise RuntimeError("gru_over_projection: expected plain CPU tensors with grad mode off "
                            "(CPU inference)")
@@ -610,7 +614,12 @@ def gru_over_projection(gi0, h0, flat_weights):
     states = [h_n]
     for layer in range(1, layers):
         w_ih, w_hh, b_ih, b_hh = flat_weights[4 * layer: 4 * layer + 4]
-        x, h_n, _ = _C.gru_layer_cpu(x, h0[layer], w_ih, w_hh, b_ih, b_hh)
+        if w_ih.dtype == torch.bfloat16:
+            gi = _C.linear_bf16_weights_cpu(x.reshape(-1, x.shape[-1]), w_ih, b_ih)
+            x, h_n = _C.gru_layer_projected_cpu(gi.view(x.shape[0], x.shape[1], -1), h0[layer],
+                                                w_hh, b_hh)
+        else:
+            x, h_n, _ = _C.gru_layer_cpu(x, h0[layer], w_ih, w_hh, b_ih, b_hh)
         states.append(h_n)
     return x, torch.stack(states)
 

@@ -1,6 +1,7 @@
-"""Greedy decoding with the decoder's weight matrices rounded to bfloat16 (``weight_dtype`` of
-``Seq2SeqDecoder.greedy``, ``predict_seq2seq``, ``predict_seq2seq_batch``; ``translate --dtype
-bf16``): the result is the rounded decoder's, computed in float32 from half the bytes."""
+"""Greedy decoding with the weight matrices rounded to bfloat16 (``weight_dtype`` of
+``Seq2SeqDecoder.greedy``, ``models.encode``, ``predict_seq2seq``, ``predict_seq2seq_batch``;
+``translate --dtype bf16``): the result is the rounded model's, computed in float32 from half
+the bytes."""
 import copy
 
 import pytest
@@ -17,12 +18,11 @@ BF16 = torch.bfloat16
 
 
 def rounded(module):
-    """A copy of ``module`` whose decoder matrices (the embedding, every W_ih and W_hh, the
-    output layer's weight) are rounded to bfloat16; biases kept."""
+    """A copy of ``module`` (a decoder, an encoder or a model) whose matrices (embeddings, every
+    W_ih and W_hh, the output layer's weight) are rounded to bfloat16; biases kept."""
     out = copy.deepcopy(module)
-    decoder = getattr(out, "decoder", out)
     with torch.no_grad():
-        for p in decoder.parameters():
+        for p in out.parameters():
             if p.dim() == 2:
                 p.copy_(p.to(BF16).to(p.dtype))
     return out
@@ -119,6 +119,52 @@ def test_predict_with_bf16_weights_is_the_rounded_models():
                                         weight_dtype=BF16)[0] for s in sentences[:3]] == want[:3]
 
 
+@pytest.mark.parametrize("layers,batch", [(1, 1), (2, 3), (3, 1)])
+def test_encoder_with_bf16_weights_is_the_rounded_encoders(layers, batch):
+    src_vocab, tgt_vocab = common.toy_vocabs()
+    net, _ = common.chapter_models(len(src_vocab), len(tgt_vocab), embed=24, hidden=40,
+                                   layers=layers)
+    enc = net.encoder.eval()
+    low = rounded(enc)
+    X = torch.randint(0, len(src_vocab), (batch, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = seq2seq_ext.models.encode(enc, X, None, weight_dtype=BF16)
+        want = low(X)
+        as_is = seq2seq_ext.models.encode(enc, X, None)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got[1], as_is[1], rtol=1e-5, atol=1e-6)  # the rounding shows
+    assert all(p.dtype == torch.float32 for p in enc.parameters())  # the module is unchanged
+
+
+def test_encoder_bf16_copies_follow_weight_updates():
+    src_vocab, tgt_vocab = common.toy_vocabs()
+    net, _ = common.chapter_models(len(src_vocab), len(tgt_vocab), embed=24, hidden=40)
+    enc = net.encoder.eval()
+    X = torch.randint(0, len(src_vocab), (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        seq2seq_ext.models.encode(enc, X, None, weight_dtype=BF16)
+        enc.rnn.weight_hh_l1.mul_(-1.0)
+        got = seq2seq_ext.models.encode(enc, X, None, weight_dtype=BF16)
+        want = rounded(enc)(X)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+
+def test_other_encoders_run_as_they_are_under_bf16_weights():
+    src_vocab, tgt_vocab = common.toy_vocabs()
+    net, ref = common.chapter_models(len(src_vocab), len(tgt_vocab), embed=24, hidden=40)
+    X = torch.randint(0, len(src_vocab), (2, 7), generator=torch.Generator().manual_seed(3))
+    calls = []
+    handle = net.encoder.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        for enc in (ref.encoder, net.encoder):  # the reference's; one with a hook
+            got = seq2seq_ext.models.encode(enc, X, None, weight_dtype=BF16)
+            want = enc(X)
+            assert got[1].equal(want[1])
+    handle.remove()
+    assert calls == [1, 1]
+
+
 def test_bad_weight_dtype_names_the_argument_and_changes_nothing():
     dec = make_decoder(41, 7, 13, 2, seed=7)
     state = random_state(2, 4, 13, seed=7)
@@ -172,8 +218,10 @@ def test_translation_benchmark_runs_and_counts_the_bytes():
     vocab = net.decoder.dense.weight.shape[0]
     per_token = vocab * 5 + 15 * 5 + 15 * 5 + (15 * 5 + 15 * 5)  # dense, ctx, hh0, ih1 + hh1
     assert tl.token_bytes(net, 2) == 2 * per_token
-    # layer 0: a table row and W_hh at each of 3 steps; layer 1: W_ih once, W_hh at 3 steps
-    encoder = 4 * (3 * 15 + 3 * 15 * 5 + 15 * 5 + 3 * 15 * 5)
-    assert tl.sentence_bytes(net, 3, 2, 4) == encoder + 2 * 4 * per_token
+    # layer 0: a float32 table row and W_hh at each of 3 steps; layer 1: W_ih once, W_hh at
+    # 3 steps, both at the decoder's bytes an entry
+    for elem in (4, 2):
+        encoder = 4 * 3 * 15 + elem * (3 * 15 * 5 + 15 * 5 + 3 * 15 * 5)
+        assert tl.sentence_bytes(net, 3, 2, elem) == encoder + 2 * elem * per_token
     # the screen reads the output layer as int8
     assert tl.token_bytes(net, 2, dense_elem=1) == 2 * per_token - vocab * 5

@@ -157,6 +157,24 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
   gru_layer_steps(d, gi, h0, w_hh, b_hh, output, saved);
 }
 
+void gru_layer_steps_bf16_weights(const GruLayerDims& d, const at::Tensor& gi,
+                                  const at::Tensor& h0, const at::Tensor& w_hh,
+                                  const at::Tensor& b_hh, at::Tensor& output, at::Tensor& saved) {
+  const int64_t H = d.hidden, G = 3 * H;
+  at::Tensor gh = at::empty({d.batch, G}, gi.options());
+  const at::Tensor h0_c = h0.contiguous();
+  const at::Tensor w_c = w_hh.contiguous();
+  const at::Tensor b_c = b_hh.contiguous();
+  const c10::BFloat16* w = w_c.const_data_ptr<c10::BFloat16>();
+  const float* bias = b_c.const_data_ptr<float>();
+  layer_forward<GruCell, float>(
+      gi.const_data_ptr<float>(), d.steps, d.batch, H, nullptr, bias,
+      {h0_c.const_data_ptr<float>()}, output.data_ptr<float>(), saved.data_ptr<float>(),
+      gh.data_ptr<float>(), nullptr, [&](const float* h, int64_t rows, float* out) {
+        linear_nt<float, c10::BFloat16>(h, H, rows, H, w, H, G, bias, out, false);
+      });
+}
+
 void gru_layer_steps(const GruLayerDims& d, const at::Tensor& gi, const at::Tensor& h0,
                      const at::Tensor& w_hh, const at::Tensor& b_hh, at::Tensor& output,
                      at::Tensor& saved) {

@@ -8,7 +8,7 @@ the decoder once (the embedding and W_ih0's embedding columns excepted: they are
 lookup), so time per token is bounded by the bytes of those matrices over the memory bandwidth.
 The floor printed beside the times is that: the matrix bytes a sentence reads (the encoder's
 W_hh per step, its W_ih once for layers > 0 and a row of layer 0's table per step, the
-decoder's matrices per token) over the read
+decoder's matrices per token; with bf16 weights the encoder's matrices are bf16 too) over the read
 bandwidth of a float32 reduction over as many bytes as the decoder's matrices, measured in the
 same run (the rate a working set of that size streams at), for float32 and for bfloat16
 decoder matrices, and with the screen, for an output layer read as int8. (Where a bfloat16
@@ -56,15 +56,16 @@ def token_bytes(net, elem, dense_elem=None):
 
 
 def sentence_bytes(net, steps, tokens, decoder_elem, dense_elem=None):
-    """Matrix bytes one sentence reads: the encoder's W_hh at each of ``steps`` steps, its W_ih
-    once for layers > 0 and for layer 0 a row of its table per step (``models.encoder_table``),
-    all float32, and :func:`token_bytes` at each of ``tokens`` tokens."""
+    """Matrix bytes one sentence reads: the encoder's W_hh at each of ``steps`` steps and its
+    W_ih once for layers > 0, at ``decoder_elem`` bytes an entry as the decoder's (bf16 weights
+    round both: ``models.encode``), and for layer 0 a float32 row of its table per step
+    (``models.encoder_table``); then :func:`token_bytes` at each of ``tokens`` tokens."""
     enc = net.encoder.rnn
     enc_bytes = 0
     for layer in range(enc.num_layers):
         w_ih = getattr(enc, f"weight_ih_l{layer}")
-        enc_bytes += 4 * ((steps * w_ih.shape[0] if layer == 0 else w_ih.numel())
-                          + steps * getattr(enc, f"weight_hh_l{layer}").numel())
+        enc_bytes += (4 * steps * w_ih.shape[0] if layer == 0 else decoder_elem * w_ih.numel())
+        enc_bytes += decoder_elem * steps * getattr(enc, f"weight_hh_l{layer}").numel()
     return enc_bytes + tokens * token_bytes(net, decoder_elem, dense_elem)
 
 
