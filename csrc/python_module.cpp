@@ -114,6 +114,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("gru_layer_projected_cpu", &seq2seq_ext::gru_layer_projected_cpu,
              pybind11::arg("gi"), pybind11::arg("h0"), pybind11::arg("w_hh"),
              pybind11::arg("b_hh"));
+  // x W^T + b with a bfloat16 W beside float32 rows (the bf16 encoder's input projections).
   module.def("linear_bf16_weights_cpu", &seq2seq_ext::linear_bf16_weights_cpu,
              pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("b"));
   // The drop-in nn.GRU / nn.LSTM forward (seq2seq_ext/nn.py) in one call: see rnn_forward.h.

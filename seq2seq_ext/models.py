@@ -51,9 +51,7 @@ class Seq2SeqEncoder(reference.Seq2SeqEncoder):
         rnn = _fastcall.submodule(self, "rnn")
         table = encoder_table(self, X)
         if table is not None:  # inference: layer 0's input projection is a row per token
-            gi0 = torch.nn.functional.embedding(X.t(), table)
-            h0 = table.new_zeros((rnn.num_layers, X.shape[0], rnn.hidden_size))
-            return ops.gru_over_projection(gi0, h0, _fastcall.flat_weights(rnn))
+            return _encode_over_table(rnn, X, table, _fastcall.flat_weights(rnn))
         X = self.embedding(X).permute(1, 0, 2)
         if not _fused_layer_allowed(rnn, X):
             fused = (seq2seq_nn.fused_forward(rnn, X, torch_masks=True) if self.cell == "lstm"
@@ -665,12 +663,16 @@ def encode(encoder, X, valid_len, weight_dtype=None):
             and not (encoder._forward_hooks or encoder._forward_pre_hooks)):
         low = _bf16_encoder_weights(encoder, X)
         if low is not None:
-            table, flat = low
-            rnn = _fastcall.submodule(encoder, "rnn")
-            gi0 = torch.nn.functional.embedding(X.t(), table)
-            h0 = table.new_zeros((rnn.num_layers, X.shape[0], rnn.hidden_size))
-            return ops.gru_over_projection(gi0, h0, flat)
+            return _encode_over_table(_fastcall.submodule(encoder, "rnn"), X, *low)
     return encoder(X, valid_len)
+
+
+def _encode_over_table(rnn, X, table, flat_weights):
+    """The GRU encoder's (output, state) for the tokens X (batch, steps) from zero states, layer
+    0's input projection read from ``table`` (one row per token)."""
+    gi0 = torch.nn.functional.embedding(X.t(), table)
+    h0 = table.new_zeros((rnn.num_layers, X.shape[0], rnn.hidden_size))
+    return ops.gru_over_projection(gi0, h0, flat_weights)
 
 
 _FORWARD = Seq2SeqDecoder.forward

@@ -181,6 +181,43 @@ class TestGruLayerProjectedCpu:
                 _C.gru_layer_projected_cpu(*args)
             assert all(torch.equal(a, s) for a, s in zip(args, snap))
 
+    @pytest.mark.parametrize("steps,batch,hidden", [(1, 1, 5), (6, 3, 40)])
+    def test_bf16_weights_beside_a_float32_state(self, steps, batch, hidden):
+        """A bfloat16 W_hh is read as it is: the float32 layer over its values, to float32
+        rounding (the state itself is not rounded)."""
+        g = generator(steps + hidden)
+        gi, h0 = torch.randn(steps, batch, 3 * hidden, generator=g), torch.randn(batch, hidden,
+                                                                              generator=g)
+        w_hh, b_hh = torch.randn(3 * hidden, hidden, generator=g), torch.randn(3 * hidden,
+                                                                             generator=g)
+        low = w_hh.bfloat16()
+        got = _C.gru_layer_projected_cpu(gi, h0, low, b_hh)
+        want = _C.gru_layer_projected_cpu(gi, h0, low.float(), b_hh)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **gru_tol(torch.float32))
+        rounded_state = _C.gru_layer_projected_cpu(gi, h0.bfloat16().float(), low.float(), b_hh)
+        assert not torch.allclose(got[0][0], rounded_state[0][0], rtol=1e-6, atol=0)
+
+    def test_linear_bf16_weights(self):
+        g = generator(11)
+        x, w, b = (torch.randn(7, 37, generator=g), torch.randn(45, 37, generator=g),
+                   torch.randn(45, generator=g))
+        low = w.bfloat16()
+        got = _C.linear_bf16_weights_cpu(x, low, b)
+        torch.testing.assert_close(got, torch.addmm(b, x, low.float().t()), rtol=1e-5, atol=1e-5)
+        cases = [((x.double(), low, b), "x"), ((x, w, b), "w"), ((x, low, b.bfloat16()), "b"),
+                 ((x[:, :30], low, b), "w"), ((x, low, b[:40]), "b"), ((x[0], low, b), "x")]
+        for args, name in cases:
+            with pytest.raises(RuntimeError, match=rf"^{name}\b"):
+                _C.linear_bf16_weights_cpu(*args)
+
+    def test_bf16_weights_need_a_float32_gi(self):
+        with pytest.raises(RuntimeError, match=r"^w_hh\b.*float32 gi"):
+            _C.gru_layer_projected_cpu(torch.zeros(2, 1, 15, dtype=torch.float64),
+                                       torch.zeros(1, 5, dtype=torch.float64),
+                                       torch.zeros(15, 5, dtype=torch.bfloat16),
+                                       torch.zeros(15, dtype=torch.float64))
+
     def test_gru_over_projection_needs_inference(self):
         flat = [torch.zeros(15, 5), torch.zeros(15, 5), torch.zeros(15), torch.zeros(15)]
         with pytest.raises(RuntimeError, match="^gru_over_projection"):
