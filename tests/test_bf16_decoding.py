@@ -119,8 +119,12 @@ def test_predict_with_bf16_weights_is_the_rounded_models():
                                         weight_dtype=BF16)[0] for s in sentences[:3]] == want[:3]
 
 
+@pytest.mark.parametrize("max_batch", [0, 100], ids=["float32-copies", "bf16-matrices"])
 @pytest.mark.parametrize("layers,batch", [(1, 1), (2, 3), (3, 1)])
-def test_encoder_with_bf16_weights_is_the_rounded_encoders(layers, batch):
+def test_encoder_with_bf16_weights_is_the_rounded_encoders(layers, batch, max_batch,
+                                                           monkeypatch):
+    # both ways of computing it: the bf16 matrices read as they are, or float32 copies
+    monkeypatch.setattr(seq2seq_ext.models, "_BF16_ENCODER_MAX_BATCH", max_batch)
     src_vocab, tgt_vocab = common.toy_vocabs()
     net, _ = common.chapter_models(len(src_vocab), len(tgt_vocab), embed=24, hidden=40,
                                    layers=layers)
