@@ -198,10 +198,7 @@ std::tuple<at::Tensor, at::Tensor> gru_layer_projected_cpu(const at::Tensor& gi,
     return {output, h0.clone(at::MemoryFormat::Contiguous)};
   at::Tensor saved = cpu::empty_written_once(rows_shape(d, 4 * H), opts);
   const at::Tensor rows = gi.reshape({d.steps * d.batch, G}).contiguous();
-  if (bf16_weights)
-    cpu::gru_layer_steps_bf16_weights(d, rows, h0, w_hh, b_hh, output, saved);
-  else
-    cpu::gru_layer_steps(d, rows, h0, w_hh, b_hh, output, saved);
+  cpu::gru_layer_steps(d, rows, h0, w_hh, b_hh, output, saved, /*round_state=*/false);
   return {output, output.select(0, d.steps - 1).clone(at::MemoryFormat::Contiguous)};
 }
 

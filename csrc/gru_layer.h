@@ -46,16 +46,13 @@ GruLayerKernel gru_layer;
 GruLayerBackwardKernel gru_layer_backward;
 // The forward's steps over the input projection gi (N, 3H) contiguous, N the rows of all steps
 // (input W_ih^T + b_ih, plus extra): what gru_layer runs after its input GEMM, and what
-// gru_layer_projected_cpu runs over rows of a table.
+// gru_layer_projected_cpu runs over rows of a table. With a bfloat16 W_hh beside a float32
+// state, round_state: each product takes the state rounded to bf16 (bf16 products, the op under
+// autocast); else the float32 state times the bf16 weights as they are, summed in float32
+// (decoding's bf16 weights).
 void gru_layer_steps(const GruLayerDims& d, const at::Tensor& gi, const at::Tensor& h0,
                      const at::Tensor& w_hh, const at::Tensor& b_hh, at::Tensor& output,
-                     at::Tensor& saved);
-// The same steps, dense, with a bfloat16 W_hh read as it is beside a float32 state: each
-// product sums float32 h times the bf16 weights in float32 (decoding's bf16 weights; unlike
-// the op under autocast, the state is not rounded).
-void gru_layer_steps_bf16_weights(const GruLayerDims& d, const at::Tensor& gi,
-                                  const at::Tensor& h0, const at::Tensor& w_hh,
-                                  const at::Tensor& b_hh, at::Tensor& output, at::Tensor& saved);
+                     at::Tensor& saved, bool round_state = true);
 }  // namespace cpu
 namespace cuda {
 GruLayerKernel gru_layer;
@@ -65,7 +62,7 @@ GruLayerBackwardKernel gru_layer_backward;
 // CPU inference over a given input projection: gi (T, B, 3H), float32 or float64, is layer
 // 0's `input W_ih^T + b_ih` of every step (the encoder's: a row of a table per token, made once
 // per set of weights), h0 (B, H), w_hh (3H, H) and b_hh (3H) in gi's dtype, or w_hh in bfloat16
-// beside float32 (gru_layer_steps_bf16_weights). Returns (output (T, B, H), h_n (B, H)),
+// beside float32 (gru_layer_steps without round_state). Returns (output (T, B, H), h_n (B, H)),
 // gru_layer's values for that projection. The _C module's gru_layer_projected_cpu; no graph is
 // recorded (the caller runs it without grad).
 std::tuple<at::Tensor, at::Tensor> gru_layer_projected_cpu(const at::Tensor& gi,

@@ -11,6 +11,7 @@ Backend selection, in order of precedence: the :func:`use_backend` context manag
 and the default ``"ext"``.
 """
 import contextlib
+import functools
 import os
 import threading
 
@@ -208,10 +209,11 @@ def mkl_packed_products():
     return _C.mkl_packed_products()
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_vendor():
     """The CPU's vendor string (Linux: /proc/cpuinfo's ``vendor_id``, e.g. ``"GenuineIntel"``,
-    ``"AuthenticAMD"``; elsewhere empty). Some of the kernels' defaults depend on it: MKL runs its
-    own fastest code on Intel CPUs only."""
+    ``"AuthenticAMD"``; elsewhere empty), read once. Some of the kernels' defaults depend on it:
+    MKL runs its own fastest code on Intel CPUs only."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

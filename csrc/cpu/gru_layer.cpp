@@ -157,27 +157,9 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
   gru_layer_steps(d, gi, h0, w_hh, b_hh, output, saved);
 }
 
-void gru_layer_steps_bf16_weights(const GruLayerDims& d, const at::Tensor& gi,
-                                  const at::Tensor& h0, const at::Tensor& w_hh,
-                                  const at::Tensor& b_hh, at::Tensor& output, at::Tensor& saved) {
-  const int64_t H = d.hidden, G = 3 * H;
-  at::Tensor gh = at::empty({d.batch, G}, gi.options());
-  const at::Tensor h0_c = h0.contiguous();
-  const at::Tensor w_c = w_hh.contiguous();
-  const at::Tensor b_c = b_hh.contiguous();
-  const c10::BFloat16* w = w_c.const_data_ptr<c10::BFloat16>();
-  const float* bias = b_c.const_data_ptr<float>();
-  layer_forward<GruCell, float>(
-      gi.const_data_ptr<float>(), d.steps, d.batch, H, nullptr, bias,
-      {h0_c.const_data_ptr<float>()}, output.data_ptr<float>(), saved.data_ptr<float>(),
-      gh.data_ptr<float>(), nullptr, [&](const float* h, int64_t rows, float* out) {
-        linear_nt<float, c10::BFloat16>(h, H, rows, H, w, H, G, bias, out, false);
-      });
-}
-
 void gru_layer_steps(const GruLayerDims& d, const at::Tensor& gi, const at::Tensor& h0,
                      const at::Tensor& w_hh, const at::Tensor& b_hh, at::Tensor& output,
-                     at::Tensor& saved) {
+                     at::Tensor& saved, bool round_state) {
   const int64_t T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
   auto opts = gi.options();
   const bool low = w_hh.scalar_type() == at::kBFloat16;
@@ -193,6 +175,15 @@ void gru_layer_steps(const GruLayerDims& d, const at::Tensor& gi, const at::Tens
                                   output.data_ptr<float>(), saved.data_ptr<float>(),
                                   gh.data_ptr<float>(), sizes, product);
   };
+  if (low && !round_state) {
+    // gh = h W_hh^T + b_hh, the float32 state times the bf16 weights read as they are
+    const c10::BFloat16* w = w_hh_c.const_data_ptr<c10::BFloat16>();
+    const float* bias = b_hh_c.const_data_ptr<float>();
+    forward_with([&](const float* h, int64_t rows, float* out) {
+      linear_nt<float, c10::BFloat16>(h, H, rows, H, w, H, G, bias, out, false);
+    });
+    return;
+  }
   if (low) {
     // gh = round(h) W_hh^T + b_hh: the float32 kernel on a float32 copy of the bf16 W_hh (at
     // BLAS sizes over that copy laid out once by MKL, as for a float32 layer below), or, under
