@@ -9,7 +9,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp
 TEST_DEPS := ninja setuptools wheel pybind11 numpy matplotlib tqdm pytest pytest-benchmark \
              hypothesis expecttest sacrebleu
 
-.PHONY: demo test test-all bench bench-pytest gpu gpu-dry-run cuda-check cmake-check asan clean
+.PHONY: demo test test-all bench bench-pytest gpu gpu-dry-run cuda-check cmake-check asan peak-flops clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ cmake-check: $(STAMP)  ## build csrc/ with CMake against libtorch and load the r
 
 asan: $(STAMP)  ## build with -fsanitize=address,undefined into build/asan/, run the op tests + fuzz suite on it
 	PYTHON=$(VPY) bash tools/asan_check.sh
+
+peak-flops:  ## one core's float32 FMA and bf16 dot-product peak (the bound a GEMM cannot pass)
+	mkdir -p build
+	$(CXX) -O2 -Wno-psabi -o build/peak_flops tools/peak_flops.cpp
+	taskset -c 1 build/peak_flops 2>/dev/null || build/peak_flops
 
 clean:
 	rm -rf build seq2seq_ext/*.so *.egg-info

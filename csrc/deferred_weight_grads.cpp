@@ -144,8 +144,12 @@ at::Tensor deferring_alias(const at::Tensor& w) {
     const AliasEntry& e = it->second;
     auto weight = e.weight.lock();
     auto alias = e.alias.lock();
-    // the same matrix, unchanged since (an optimizer step changes its version), its alias alive
-    if (weight && weight.get() == key && alias && e.version == version)
+    // the same matrix, unchanged since (an optimizer step changes its version), its alias
+    // alive and still over its values (`w.data = ...` and a module's .double() give w other
+    // storage, or another dtype, without a new version)
+    if (weight && weight.get() == key && alias && e.version == version &&
+        alias->data() == w.const_data_ptr() && alias->dtype() == w.dtype() &&
+        alias->sizes() == w.sizes() && alias->strides() == w.strides())
       return at::Tensor(std::move(alias));
   }
   if (entries.by_weight.size() >= entries.sweep_at) {  // drop the entries of dead matrices

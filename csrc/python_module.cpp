@@ -16,6 +16,7 @@
 #include "cpu/amx_gemm.h"
 #include "cpu/mkl_packed.h"
 #include "rnn_forward.h"
+#include "rnn_stack.h"
 
 namespace {
 
@@ -117,6 +118,36 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   // x W^T + b with a bfloat16 W beside float32 rows (the bf16 encoder's input projections).
   module.def("linear_bf16_weights_cpu", &seq2seq_ext::linear_bf16_weights_cpu,
              pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("b"));
+  // rnn_stack's create_graph backward (rnn_stack.h), a Python function of seq2seq_ext/ops.py:
+  // fn(cell, grads, input, h0, c0, weights, mask, batch_sizes) -> gradients, None for an
+  // undefined tensor either way. The function is kept for the life of the process (never
+  // released: the hook may outlive the interpreter's teardown).
+  module.def(
+      "set_rnn_stack_graph_backward",
+      [](pybind11::function fn) {
+        auto* held = new pybind11::object(std::move(fn));
+        auto wrap = [](const at::Tensor& t) -> pybind11::object {
+          return t.defined() ? pybind11::cast(t) : pybind11::none();
+        };
+        seq2seq_ext::set_stack_graph_backward(
+            [held, wrap](const std::string& cell, const std::vector<at::Tensor>& grads,
+                         const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                         const std::vector<at::Tensor>& weights, const at::Tensor& mask,
+                         const std::optional<std::vector<int64_t>>& batch_sizes) {
+              pybind11::gil_scoped_acquire gil;
+              pybind11::list g, w;
+              for (const at::Tensor& t : grads) g.append(wrap(t));
+              for (const at::Tensor& t : weights) w.append(wrap(t));
+              pybind11::object bs = batch_sizes ? pybind11::cast(*batch_sizes) : pybind11::none();
+              pybind11::object r =
+                  (*held)(cell, g, wrap(input), wrap(h0), wrap(c0), w, wrap(mask), bs);
+              std::vector<at::Tensor> out;
+              for (pybind11::handle item : r)
+                out.push_back(item.is_none() ? at::Tensor() : item.cast<at::Tensor>());
+              return out;
+            });
+      },
+      pybind11::arg("fn"));
   // The drop-in nn.GRU / nn.LSTM forward (seq2seq_ext/nn.py) in one call: see rnn_forward.h.
   module.def("rnn_forward", &seq2seq_ext::rnn_forward, pybind11::arg("cell"),
              pybind11::arg("input"), pybind11::arg("hx"), pybind11::arg("weights"),

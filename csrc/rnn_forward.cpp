@@ -74,6 +74,8 @@ pybind11::object rnn_forward(const std::string& cell, const at::Tensor& input,
   if (input.size(-1) != weights[0].size(1)) return pybind11::none();
   const bool batched = input.dim() == 3;
   const at::Tensor x = batched ? (batch_first ? input.transpose(0, 1) : input) : input.unsqueeze(1);
+  // no time step: torch.nn raises ("Expected sequence length to be larger than 0")
+  if (x.size(0) == 0) return pybind11::none();
   const int64_t batch = x.size(1);
   at::Tensor h0, c0;
   if (hx.is_none()) {

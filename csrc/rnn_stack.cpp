@@ -118,6 +118,17 @@ StackDims check_rnn_stack_args(bool lstm, const at::Tensor& input, const at::Ten
 
 namespace {
 
+StackGraphBackward& graph_backward_hook() {
+  static StackGraphBackward fn;
+  return fn;
+}
+
+}  // namespace
+
+void set_stack_graph_backward(StackGraphBackward fn) { graph_backward_hook() = std::move(fn); }
+
+namespace {
+
 std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
   std::vector<at::Tensor> out;
   out.reserve(ts.size());
@@ -298,21 +309,40 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
     if (ctx->saved_data["packed"].toBool())
       batch_sizes = ctx->saved_data["batch_sizes"].toIntVector();
     const std::vector<at::Tensor> weights(keep.begin() + 5, keep.end());
-    // Without create_graph nothing records the backward: skip autograd's not-implemented
-    // fallback (boxed, a large share of a small call). With it, the fallback stays and a double
-    // backward raises as for any op without a derivative formula.
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
-    if (!at::GradMode::is_enabled()) below.emplace();
+    // one gradient per argument of forward: cell, input, h0, c0, each weight, dropout_mask,
+    // batch_sizes
+    auto gradients = [&](const at::Tensor& g_input, const at::Tensor& g_h0,
+                         const at::Tensor& g_c0, const std::vector<at::Tensor>& g_w) {
+      torch::autograd::variable_list out{at::Tensor(), g_input, g_h0};
+      out.push_back(has_c0 && lstm ? g_c0 : at::Tensor());
+      out.insert(out.end(), g_w.begin(), g_w.end());
+      out.push_back(at::Tensor());
+      out.push_back(at::Tensor());
+      return out;
+    };
+    if (at::GradMode::is_enabled()) {  // create_graph: gradients that carry a graph
+      const StackGraphBackward& graph_backward = graph_backward_hook();
+      TORCH_CHECK(graph_backward,
+                  "rnn_stack: a backward with create_graph=True (for a double backward) needs "
+                  "the seq2seq_ext Python package, which was not imported");
+      const std::vector<at::Tensor> g = graph_backward(
+          cell, {grads[0], grads[1], lstm ? grads[2] : at::Tensor()}, keep[0], keep[1],
+          has_c0 ? keep[2] : at::Tensor(), weights, keep[3], batch_sizes);
+      TORCH_CHECK(g.size() == 3 + weights.size(), "rnn_stack: the create_graph backward gave ",
+                  g.size(), " gradients for ", 3 + weights.size(), " inputs");
+      return gradients(g[0], g[1], g[2], std::vector<at::Tensor>(g.begin() + 3, g.end()));
+    }
+    // nothing records the kernels' backward: skip autograd's not-implemented fallback (boxed, a
+    // large share of a small call)
+    at::AutoDispatchBelowADInplaceOrView below;
     // the matrices whose gradients a WeightGradSum sums over the calls (deferred_weight_grads.h)
     std::vector<bool> defer(weights.size(), false);
     bool deferring = false;
     const size_t first_weight_edge = has_c0 ? 3 : 2;  // after input, h0 (and c0)
-    if (!at::GradMode::is_enabled()) {
-      for (size_t k = 0; k < weights.size(); ++k) {
-        defer[k] = weight_grad_sum(weights[k]) != nullptr &&
-                   ctx->needs_input_grad(first_weight_edge + k);
-        deferring = deferring || defer[k];
-      }
+    for (size_t k = 0; k < weights.size(); ++k) {
+      defer[k] = weight_grad_sum(weights[k]) != nullptr &&
+                 ctx->needs_input_grad(first_weight_edge + k);
+      deferring = deferring || defer[k];
     }
     const auto sizes =
         batch_sizes ? at::OptionalIntArrayRef(*batch_sizes) : at::OptionalIntArrayRef();
@@ -338,14 +368,7 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
                                         opt(keep[2]), weights, opt(keep[3]), keep[4], sizes);
     }
     auto& [grad_input, grad_h0, grad_c0, grad_w] = result;
-    // one gradient per argument of forward: cell, input, h0, c0, each weight, dropout_mask,
-    // batch_sizes
-    torch::autograd::variable_list out{at::Tensor(), grad_input, grad_h0};
-    out.push_back(has_c0 && lstm ? grad_c0 : at::Tensor());
-    out.insert(out.end(), grad_w.begin(), grad_w.end());
-    out.push_back(at::Tensor());
-    out.push_back(at::Tensor());
-    return out;
+    return gradients(grad_input, grad_h0, grad_c0, grad_w);
   }
 };
 

@@ -7,7 +7,9 @@
 #include <c10/util/string_view.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -49,5 +51,19 @@ using StackSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
 // The shape of a per-row tensor: {lead..., T, B, width}, or {lead..., N, width} packed.
 std::vector<int64_t> stack_rows_shape(const StackDims& d, std::vector<int64_t> lead,
                                       int64_t width);
+
+// rnn_stack's backward under create_graph=True (a double backward ahead): the first-order
+// gradients as a graph that autograd can differentiate again. The kernels' backward is not
+// differentiable, so the package's Python side supplies this (seq2seq_ext/ops.py): it
+// recomputes the layers from the saved inputs in differentiable ATen ops and differentiates
+// them with create_graph. Arguments: cell, the incoming gradients (grad_output, grad_hn, grad_cn;
+// undefined where none came), input, h0, c0 (undefined for the GRU), the weights, the dropout
+// mask (undefined when none) and batch_sizes; returns the gradients of input, h0, c0 and each
+// weight, undefined where there is none.
+using StackGraphBackward = std::function<std::vector<at::Tensor>(
+    const std::string& cell, const std::vector<at::Tensor>& grads, const at::Tensor& input,
+    const at::Tensor& h0, const at::Tensor& c0, const std::vector<at::Tensor>& weights,
+    const at::Tensor& mask, const std::optional<std::vector<int64_t>>& batch_sizes)>;
+void set_stack_graph_backward(StackGraphBackward fn);
 
 }  // namespace seq2seq_ext

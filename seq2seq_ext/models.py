@@ -566,12 +566,15 @@ def context_projection(decoder, context):
         with torch.no_grad():
             return torch.mm(context, w_ih0[:, embed:].t())
     cached = decoder.__dict__.get(_CTX_ATTR)
+    # the data pointer: `w.data = ...` gives a parameter other values without a new version
     if (cached is not None and cached[0] is context and cached[1] == context._version
-            and cached[2] is w_ih0 and cached[3] == w_ih0._version):
-        return cached[4]
+            and cached[2] is w_ih0 and cached[3] == w_ih0._version
+            and cached[4] == w_ih0.data_ptr()):
+        return cached[5]
     with torch.no_grad():
         proj = torch.mm(context, w_ih0[:, embed:].t())
-    decoder.__dict__[_CTX_ATTR] = (context, context._version, w_ih0, w_ih0._version, proj)
+    decoder.__dict__[_CTX_ATTR] = (context, context._version, w_ih0, w_ih0._version,
+                                   w_ih0.data_ptr(), proj)
     return proj
 
 

@@ -55,7 +55,7 @@ seed; the distribution (Bernoulli(1 - p)) and the scaling (``1 / (1 - p)``) are 
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _C, ops
+from . import _C, _fastcall, ops
 
 __all__ = ["GRU", "LSTM", "accelerate", "fused_forward"]
 
@@ -116,10 +116,12 @@ def _fused_ok(module, input):
         return False
     if input.dim() not in (2, 3) or input.shape[-1] != module.input_size:
         return False
+    if input.shape[1 if module.batch_first and input.dim() == 3 else 0] == 0:
+        return False  # no time step: torch.nn raises
     device = input.device
     if not _autocast_ok(input) or not ops.has_kernel("rnn_stack", device):
         return False
-    w = module._flat_weights[0]  # nn.RNNBase's own list of the parameters, in the op's order
+    w = _fastcall.flat_weights(module)[0]  # the parameters, in the op's order
     return w is not None and w.dtype == input.dtype and w.device == device
 
 
@@ -187,7 +189,7 @@ def _run(module, cell, input, hx, torch_masks=False):
         else:
             mask = torch.empty(shape, dtype=x.dtype, device=x.device).uniform_().lt_(1 - p)
             mask = mask.div_(1 - p)
-    output, h_n, c_n = ops.rnn_stack(cell, x, h0, c0, module._flat_weights, mask)
+    output, h_n, c_n = ops.rnn_stack(cell, x, h0, c0, _fastcall.flat_weights(module), mask)
     if not batched:
         return output.squeeze(1), h_n.squeeze(1), (c_n.squeeze(1) if c_n is not None else None)
     if module.batch_first:
@@ -208,7 +210,7 @@ def _forward(module, cell, input, hx, torch_masks=False):
         return None
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
         return _run(module, cell, input, hx, torch_masks) if _fused_ok(module, input) else None
-    return _C.rnn_forward(cell, input, hx, module._flat_weights, module.num_layers,
+    return _C.rnn_forward(cell, input, hx, _fastcall.flat_weights(module), module.num_layers,
                           module.hidden_size, module.batch_first, float(module.dropout),
                           module.training, torch_masks)
 
@@ -225,7 +227,8 @@ def _packed_forward(module, cell, packed, hx, torch_masks=False):
         return None
     if _onednn_lstm_faster(module, cell, data, steps=batch_sizes.numel()):
         return None  # PyTorch's oneDNN LSTM, as for a padded sequence
-    w = module._flat_weights[0]
+    weights = _fastcall.flat_weights(module)
+    w = weights[0]
     if w is None or w.dtype != data.dtype or w.device != data.device:
         return None
     layers, hidden, batch = module.num_layers, module.hidden_size, int(batch_sizes[0])
@@ -254,8 +257,7 @@ def _packed_forward(module, cell, packed, hx, torch_masks=False):
             mask = data.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
         else:
             mask = _C.dropout_keep_mask(shape, p, data)
-    output, h_n, c_n = ops.rnn_stack(cell, data, h0, c0, module._flat_weights, mask,
-                                     batch_sizes.tolist())
+    output, h_n, c_n = ops.rnn_stack(cell, data, h0, c0, weights, mask, batch_sizes.tolist())
     if unsorted_indices is not None:  # back to the caller's order
         h_n = h_n.index_select(1, unsorted_indices)
         c_n = c_n.index_select(1, unsorted_indices) if c_n is not None else None
@@ -268,6 +270,10 @@ def fused_forward(module, input, hx=None, torch_masks=False):
     the table above) and the module's own forward must run. Module hooks are not run.
     ``torch_masks``: draw the dropout masks exactly as ``nn.GRU`` / ``nn.LSTM`` do, so that a
     seeded run gives their numbers (one ``bernoulli_`` per layer, slower than the default)."""
+    if torch.jit.is_tracing():
+        # torch.jit.trace: PyTorch's layer records a graph that takes any batch size (the
+        # fused path's zero state would be recorded at the traced batch's size)
+        return None
     lstm = isinstance(module, torch.nn.LSTM)
     cell = "lstm" if lstm else "gru"
     if isinstance(input, PackedSequence):

@@ -477,11 +477,56 @@ def _gru_layer_backward_fake(grad_output, grad_hn, input, h0, w_ih, w_hh, output
             h0.new_empty((h0.shape[0], gates) if has_extra else (0,)))
 
 
+def _graph_grads(layers, args, grads):
+    """A layer op's backward under ``create_graph=True`` (a double backward ahead, as a gradient
+    penalty's ``torch.autograd.grad(..., create_graph=True)`` asks): the gradients of
+    ``layers(*args)``'s outputs, weighted by ``grads`` (None where an output has none), with
+    respect to each of ``args`` that requires one, as tensors that carry a graph. The kernels'
+    backward is not differentiable, so ``layers`` recomputes the call from its saved inputs in
+    differentiable ATen ops (the reference) and ``torch.func.vjp`` differentiates it; autograd
+    then differentiates those gradients again. (``torch.autograd.grad`` would not do: it would
+    also follow the inputs' own history, an earlier call's state back into the same weights,
+    and count that part twice.) Returns one gradient per argument, None where there is none."""
+    wrt = [i for i, t in enumerate(args) if isinstance(t, torch.Tensor) and t.requires_grad]
+    wanted = [k for k, g in enumerate(grads) if g is not None]
+    result = [None] * len(args)
+    if not wrt or not wanted:
+        return result
+
+    def chosen(*primals):
+        full = list(args)
+        for i, t in zip(wrt, primals):
+            full[i] = t
+        outs = layers(*full)
+        return tuple(outs[k] for k in wanted)
+
+    with torch.enable_grad():
+        _, vjp = torch.func.vjp(chosen, *[args[i] for i in wrt])
+        got = vjp(tuple(grads[k] for k in wanted))
+    for i, g in zip(wrt, got):
+        result[i] = g
+    return result
+
+
+def _product_dtype(weights):
+    """The reference's ``product_dtype`` for a call whose matrices autocast made bfloat16."""
+    return torch.bfloat16 if any(w is not None and w.dtype == torch.bfloat16
+                                 for w in weights) else None
+
+
+def _float_values(weights):
+    """bfloat16 matrices as float32 tensors of the same values (differentiably), the rest as
+    they are: the reference's bf16 products take float32 operands and round them."""
+    return [w.float() if w is not None and w.dtype == torch.bfloat16 else w for w in weights]
+
+
 def _gru_setup_context(ctx, inputs, output):
     input, h0, w_ih, w_hh, _, _, extra = inputs[:7]
     out, _, saved = output
     ctx.save_for_backward(input, h0, w_ih, w_hh, out, saved)
     ctx.has_extra = extra is not None
+    # what only a create_graph backward reads (the recomputed call): the biases and extra
+    ctx.recompute_args = (inputs[4], inputs[5], extra)
     ctx.batch_sizes = inputs[7] if len(inputs) > 7 else None
     # the backward replays a CUDA graph or not as the forward's caller asked: on a GPU it runs
     # on autograd's device thread, which does not see the caller's thread-local use_mode
@@ -493,6 +538,18 @@ def _gru_setup_context(ctx, inputs, output):
 
 def _gru_backward(ctx, grad_out, grad_hn, grad_saved):
     input, h0, w_ih, w_hh, out, saved = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: gradients that carry a graph
+        b_ih, b_hh, extra = ctx.recompute_args
+        product = _product_dtype([w_ih, w_hh])
+
+        def layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra):
+            w_ih, w_hh = _float_values([w_ih, w_hh])
+            return reference.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra,
+                                       ctx.batch_sizes, product_dtype=product)
+
+        grads = _graph_grads(layer, [input, h0, w_ih, w_hh, b_ih, b_hh, extra],
+                             [grad_out, grad_hn])
+        return (*grads, None) if ctx.batch_sizes is not None else tuple(grads)
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     args = (grad_out, grad_hn, input, h0, w_ih, w_hh, out, saved, ctx.has_extra)
@@ -765,7 +822,25 @@ def _rnn_stack_backward_fake(cell, grad_output, grad_hn, grad_cn, input, h0, c0,
 
 
 # Autograd: csrc/rnn_stack.cpp (RnnStackFunction, in C++ for its per-call cost), with the
-# one-step calls' deferred weight gradients of csrc/deferred_weight_grads.h.
+# one-step calls' deferred weight gradients of csrc/deferred_weight_grads.h. Its backward under
+# create_graph=True is _rnn_stack_graph_backward below.
+
+
+def _rnn_stack_graph_backward(cell, grads, input, h0, c0, weights, mask, batch_sizes):
+    """rnn_stack's backward under ``create_graph=True``: :func:`_graph_grads` of
+    :func:`reference.rnn_stack` (bf16 products where autocast gave the op bf16 weights). Called
+    by the op's C++ autograd node; returns the gradients of input, h0, c0 and each weight, None
+    where an argument takes none."""
+    product = _product_dtype(weights)
+
+    def layers(input, h0, c0, *weights):
+        return reference.rnn_stack(cell, input, h0, c0, _float_values(weights), mask,
+                                   batch_sizes, product_dtype=product)
+
+    return _graph_grads(layers, [input, h0, c0, *weights], grads)
+
+
+_C.set_rnn_stack_graph_backward(_rnn_stack_graph_backward)
 
 __all__ += ["set_deferred_grads", "deferred_grads"]
 

@@ -359,11 +359,17 @@ def _to_bf16_values(t):
 
 class _Bf16Weight(torch.autograd.Function):
     """The identity whose backward rounds the gradient to bfloat16: a weight matrix under CPU
-    autocast, whose gradient (summed over all its products first) is a bf16 weight's."""
+    autocast, whose gradient (summed over all its products first) is a bf16 weight's. (Both
+    functions here keep forward and setup_context apart, so that torch.func can differentiate
+    them: rnn_stack's create_graph backward runs them under torch.func.vjp.)"""
 
     @staticmethod
-    def forward(ctx, w):
-        return w.view_as(w)
+    def forward(w):
+        return w.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, grad):
@@ -376,11 +382,14 @@ class _Bf16Linear(torch.autograd.Function):
     before both products, their results not."""
 
     @staticmethod
-    def forward(ctx, x, w, b):
-        x_low, w_low = _to_bf16_values(x), _to_bf16_values(w)
-        ctx.save_for_backward(x_low, w_low)
+    def forward(x, w, b):
+        return torch.nn.functional.linear(_to_bf16_values(x), _to_bf16_values(w), b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b = inputs
+        ctx.save_for_backward(_to_bf16_values(x), _to_bf16_values(w))
         ctx.has_bias = b is not None
-        return torch.nn.functional.linear(x_low, w_low, b)
 
     @staticmethod
     def backward(ctx, grad):

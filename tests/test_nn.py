@@ -311,7 +311,8 @@ class TestFallbacks:
         assert op_calls[-1] == cell
 
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
-    @pytest.mark.parametrize("bad", ["input_size", "hx_shape", "hx_dtype", "input_dim"])
+    @pytest.mark.parametrize("bad", ["input_size", "hx_shape", "hx_dtype", "input_dim",
+                                     "no_step"])
     def test_bad_input_raises_torch_error(self, cell, bad):
         ref, new = pair(cell, 4, 6, 2, dtype=torch.float32)
         x = torch.randn(5, 3, 4)
@@ -322,13 +323,125 @@ class TestFallbacks:
             hx = make_hx(cell, 2, 2, 6, torch.float32)
         elif bad == "hx_dtype":
             hx = make_hx(cell, 2, 3, 6, torch.float64)
-        else:
+        elif bad == "input_dim":
             x = torch.randn(2, 5, 3, 4)
+        else:  # no time step
+            x = torch.randn(0, 3, 4)
         with pytest.raises((RuntimeError, ValueError)) as want:
             ref(x, hx)
         with pytest.raises(type(want.value)) as got:
             new(x, hx)
         assert str(got.value) == str(want.value)
+
+
+class TestModuleSemantics:
+    """What nn.GRU / nn.LSTM do with their weights beyond a plain call: functional_call's and
+    a parametrization's substitutes, `.data` assigned while a graph is alive, a double backward
+    (create_graph=True), torch.jit.trace."""
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_functional_call_uses_the_substitutes(self, cell, op_calls):
+        ref, new = pair(cell, 3, 5, 2)
+        x = torch.randn(4, 2, 3, dtype=torch.float64, generator=generator(3))
+        g = generator(4)
+        sub = {k: torch.randn(v.shape, generator=g, dtype=v.dtype).requires_grad_()
+               for k, v in ref.named_parameters()}
+        want = torch.func.functional_call(ref, sub, (x,))[0]
+        got = torch.func.functional_call(new, sub, (x,))[0]
+        assert op_calls == [cell]
+        torch.testing.assert_close(got, want)
+        names = sorted(sub)
+        gw = torch.autograd.grad(want.sum(), [sub[k] for k in names])
+        gg = torch.autograd.grad(got.sum(), [sub[k] for k in names])
+        torch.testing.assert_close(gg, gw)
+        # and back to its own parameters afterwards
+        torch.testing.assert_close(new(x)[0], ref(x)[0])
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_parametrized_weight(self, cell):
+        ref, new = pair(cell, 3, 5, 2)
+        for m in (ref, new):
+            nn.utils.parametrizations.weight_norm(m, "weight_hh_l0")
+            with torch.no_grad():
+                m.parametrizations.weight_hh_l0.original0.mul_(2)
+        x = torch.randn(4, 2, 3, dtype=torch.float64, generator=generator(3))
+        want, got = ref(x)[0], new(x)[0]
+        torch.testing.assert_close(got, want)
+        want.sum().backward()
+        got.sum().backward()
+        for a, b in zip(ref.parameters(), new.parameters()):
+            torch.testing.assert_close(b.grad, a.grad)
+
+    @pytest.mark.parametrize("deferred", ["auto", "always"])
+    def test_data_assigned_while_a_graph_is_alive(self, deferred):
+        # a one-step call's large matrices run through aliases cached while a graph holds them
+        # (deferred_weight_grads.h); `.data =` changes neither the tensor nor its version
+        before = ops.deferred_grads()
+        ops.set_deferred_grads(deferred)
+        try:
+            ref, new = pair("gru", 160, 160)
+            x = torch.randn(1, 2, 160, dtype=torch.float64, generator=generator(5))
+            keep = [m(x)[0] for m in (ref, new)]
+            w = torch.randn(480, 160, dtype=torch.float64, generator=generator(6))
+            for m in (ref, new):
+                m.weight_hh_l0.data = w.clone()
+                m.weight_ih_l0.data = w.clone()
+            torch.testing.assert_close(new(x)[0], ref(x)[0])
+            for m in (ref, new):  # another dtype the same way (Module.double())
+                m.double().float()
+            torch.testing.assert_close(new(x.float())[0], ref(x.float())[0])
+            del keep
+        finally:
+            ops.set_deferred_grads(before)
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("hidden, steps, batch", [(4, 3, 2), (40, 5, 3), (160, 1, 2)])
+    def test_double_backward(self, cell, hidden, steps, batch, op_calls):
+        ref, new = pair(cell, hidden, hidden, 2)
+        g = generator(7)
+        x = torch.randn(steps, batch, hidden, dtype=torch.float64, generator=g)
+        h = make_hx(cell, 2, batch, hidden, torch.float64)
+        results = []
+        for m in (ref, new):
+            xx = x.clone().requires_grad_()
+            out, state = m(xx, h)
+            loss = out.pow(2).sum() + sum(t.pow(2).sum() for t in state_tensors(state))
+            first = torch.autograd.grad(loss, [xx, *m.parameters()], create_graph=True)
+            penalty = sum(f.pow(2).sum() for f in first)
+            second = torch.autograd.grad(penalty, [xx, *state_tensors(h), *m.parameters()])
+            results.append((first, second))
+        assert op_calls == [cell]
+        torch.testing.assert_close(results[1], results[0])
+
+    def test_double_backward_of_one_step_calls_with_deferred_grads(self, op_calls):
+        # a decoder's loop of one-step calls: the matrices' aliases pass the create_graph
+        # gradient on
+        before = ops.deferred_grads()
+        ops.set_deferred_grads("always")
+        try:
+            ref, new = pair("lstm", 6, 8, 2)
+            x = torch.randn(3, 1, 4, 6, dtype=torch.float64, generator=generator(8))
+            results = []
+            for m in (ref, new):
+                state, loss = None, 0
+                for t in range(3):
+                    out, state = m(x[t], state)
+                    loss = loss + out.pow(2).sum()
+                first = torch.autograd.grad(loss, list(m.parameters()), create_graph=True)
+                second = torch.autograd.grad(sum(f.pow(2).sum() for f in first),
+                                             list(m.parameters()))
+                results.append((first, second))
+            assert op_calls == ["lstm"] * 3
+            torch.testing.assert_close(results[1], results[0])
+        finally:
+            ops.set_deferred_grads(before)
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_traced_module_takes_any_batch(self, cell):
+        ref, new = pair(cell, 3, 4, 2, dtype=torch.float32)
+        traced = torch.jit.trace(new, torch.randn(5, 2, 3))
+        x = torch.randn(5, 3, 3)
+        torch.testing.assert_close(traced(x)[0], ref(x)[0])
 
 
 class TestAccelerate:

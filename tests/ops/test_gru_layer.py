@@ -471,6 +471,13 @@ def test_gradcheck_layer(device, with_extra):
     assert torch.autograd.gradcheck(lambda *a: ops.gru_layer(*a), tuple(args))
 
 
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_gradgradcheck_layer(with_extra):
+    # create_graph=True: the backward recomputes the call differentiably (ops._graph_grads)
+    args = _small_layer_args("cpu", with_extra=with_extra, seed=102)
+    assert torch.autograd.gradgradcheck(lambda *a: ops.gru_layer(*a), tuple(args))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_layer_one_step_wide(device):
     args = _small_layer_args(device, with_extra=True, seed=103, steps=1, batch=3, in_size=2,
@@ -773,6 +780,8 @@ class TestPackedLayer:
         args, batch_sizes = _packed_case([3, 2, 2, 0], 3, 2, dtype=torch.float64, seed=350,
                                          with_extra=with_extra)
         assert torch.autograd.gradcheck(
+            lambda *a: ops.gru_layer(*a, batch_sizes=batch_sizes), tuple(args))
+        assert torch.autograd.gradgradcheck(
             lambda *a: ops.gru_layer(*a, batch_sizes=batch_sizes), tuple(args))
 
     def test_opcheck(self):

@@ -166,6 +166,21 @@ class TestRnnStack:
 
         assert torch.autograd.gradcheck(f, differentiable(x, h0, c0, weights))
 
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("bias", [True, False])
+    def test_gradgradcheck(self, cell, bias):
+        # create_graph=True: the backward recomputes the call differentiably (ops._graph_grads)
+        x, h0, c0, weights, mask = make_args(cell, 2, 3, 2, 3, 4, bias=bias, mask=True,
+                                             seed=8, requires_grad=True)
+        n_c = 1 if c0 is not None else 0
+
+        def f(x, h0, *rest):
+            c = rest[0] if n_c else None
+            out, h_n, c_n = ops.rnn_stack(cell, x, h0, c, list(rest[n_c:]), mask)
+            return (out, h_n) + ((c_n,) if n_c else ())
+
+        assert torch.autograd.gradgradcheck(f, differentiable(x, h0, c0, weights))
+
     @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     @pytest.mark.parametrize("mask", [False, True])
@@ -360,6 +375,7 @@ class TestRnnStackPacked:
             return ops.rnn_stack(cell, t[0], t[1], c, w, mask, batch_sizes)[:2]
 
         assert torch.autograd.gradcheck(f, tuple(leaves))
+        assert torch.autograd.gradgradcheck(f, tuple(leaves))
 
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     def test_opcheck(self, cell):
@@ -610,6 +626,8 @@ class TestRnnStackDeferredGrads:
             return (out, h_n) + ((c_n,) if n_c else ())
 
         assert torch.autograd.gradcheck(f, differentiable(x, h0, c0, weights))
+        # create_graph: the aliases' WeightGradSum passes each call's gradient on, counted once
+        assert torch.autograd.gradgradcheck(f, differentiable(x, h0, c0, weights))
 
     @pytest.mark.parametrize("deferred", ["always"], indirect=True)
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
