@@ -64,7 +64,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
            pybind11::arg("num_steps"), pybind11::arg("bf16_weights") = false)
       // The per-token call of Seq2SeqDecoder (seq2seq_ext/models.py): step(token, state) when
       // token is a (B, 1) tensor, state a CPU tensor, neither a subclass, grad mode off and no
-      // dispatch or torch function mode active; else None, and the caller takes the usual path.
+      // dispatch or torch function mode active, and the state of the bound GRU's shape; else
+      // None, and the caller takes the usual path.
       // These tests cost a few hundred nanoseconds here against microseconds in Python.
       .def(
           "try_step",
@@ -77,6 +78,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
             if (!st.is_cpu() || tok.dim() != 2 || tok.size(1) != 1 ||
                 at::GradMode::is_enabled() || c10::impl::TorchDispatchModeTLS::stack_len() != 0 ||
                 at::impl::torch_function_mode_enabled())
+              return pybind11::none();
+            // a state nn.GRU would refuse: the usual call raises its error
+            const auto& w = s.weights();
+            if (st.dim() != 3 || st.size(0) != static_cast<int64_t>(w.size() / 4) ||
+                st.size(2) != w[1].size(1))
               return pybind11::none();
             return pybind11::cast(s.step(tok, st));
           },

@@ -2,6 +2,9 @@
 // csrc/sequence_mask.cpp), and the fill value's conversion that the kernels share.
 #pragma once
 
+#include <cmath>
+#include <limits>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
@@ -16,8 +19,15 @@ inline scalar_t mask_value(const at::Scalar& value, at::ScalarType dtype) {
   if constexpr (std::is_floating_point_v<scalar_t> || std::is_same_v<scalar_t, at::Half> ||
                 std::is_same_v<scalar_t, at::BFloat16>) {
     if (!value.isComplex()) {
-      if constexpr (std::is_same_v<scalar_t, double>) return value.toDouble();
-      return static_cast<scalar_t>(static_cast<float>(value.toDouble()));
+      const double v = value.toDouble();
+      if constexpr (std::is_same_v<scalar_t, double>) return v;
+      // float32 refuses a finite value beyond its range, as the reference's index_put_ does;
+      // half and bfloat16 saturate to +-inf there, as the reference's do (through float)
+      if constexpr (std::is_same_v<scalar_t, float>)
+        TORCH_CHECK(!std::isfinite(v) || std::abs(v) <= std::numeric_limits<float>::max(),
+                    "value: ", value, " cannot be converted to the dtype of X (", dtype,
+                    ") without overflow");
+      return static_cast<scalar_t>(static_cast<float>(v));
     }
   }
   try {

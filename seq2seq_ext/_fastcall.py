@@ -59,6 +59,27 @@ def any_global_hook():
     return bool(h[0] or h[1] or h[2] or h[3] or h[4])
 
 
+def has_hooks(module):
+    """True when ``module`` has a hook of its own of any kind (forward, forward pre, backward,
+    backward pre), or a global module hook is registered: a fused path that does not call the
+    module would skip them."""
+    d = module.__dict__
+    return bool(d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"]
+                or d["_backward_pre_hooks"] or any_global_hook())
+
+
+def plain_leaf(module, cls):
+    """``module`` is exactly ``cls`` (``nn.Linear``, ``nn.Embedding``), its ``weight`` its own
+    parameter (not pruned: ``prune`` moves it to ``weight_orig``; a parametrization changes the
+    class), without hooks: its weight can be read in place of calling it."""
+    return type(module) is cls and "weight" in module._parameters and not has_hooks(module)
+
+
+def _hook_dicts(modules):
+    return tuple(getattr(m, name) for m in modules for name in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
 def submodule(module, name):
     """``module``'s submodule ``name`` (see the module docstring for why not ``getattr``)."""
     return module._modules[name]
@@ -90,7 +111,10 @@ def bound_stepper(decoder):
     dense = mods["dense"]._parameters
     stepper = ops.decoder_stepper(mods["embedding"]._parameters["weight"],
                                   flat_weights(mods["rnn"]), dense["weight"], dense["bias"])
-    decoder.__dict__[STEPPER_ATTR] = (_generation[0], stepper)
+    # with the submodules' hook dicts and the embedding, which decoder_call tests at each call
+    # (registering a hook or setting max_norm bumps no generation)
+    subs = (mods["embedding"], mods["rnn"], mods["dense"])
+    decoder.__dict__[STEPPER_ATTR] = (_generation[0], stepper, _hook_dicts(subs), subs[0])
     return stepper
 
 
@@ -100,8 +124,9 @@ def decoder_call(self, *args, **kwargs):
     call. The tests it makes are that rule's, restated cheaply: weights bound (the stepper
     exists: ``forward`` or ``greedy`` took that path before) and not rebound since, evaluation
     mode, the chapter's decoder (a GRU with the chapter's context rule; a subclass with its own
-    ``forward`` has the usual ``__call__``, see :func:`ordinary_call_for`), no hook of any kind,
-    not compiled, the extension backend outside any ``use_backend`` block, no tracing; then the
+    ``forward`` has the usual ``__call__``, see :func:`ordinary_call_for`), no hook of any kind
+    on it or on its embedding, GRU and output layer, no ``max_norm`` on the embedding, not
+    compiled, the extension backend outside any ``use_backend`` block, no tracing; then the
     stepper's ``try_step`` (C++) checks the token (B, 1), plain CPU tensors, grad mode off and
     no dispatch or function mode, and returns None when any of that fails."""
     attrs = self.__dict__
@@ -110,7 +135,8 @@ def decoder_call(self, *args, **kwargs):
             and not attrs["training"] and attrs.get("_chapter", True)
             and not (attrs["_forward_hooks"] or attrs["_forward_pre_hooks"]
                      or attrs["_backward_hooks"] or attrs["_backward_pre_hooks"]
-                     or attrs.get("_compiled_call_impl") is not None or any_global_hook())
+                     or attrs.get("_compiled_call_impl") is not None or any_global_hook()
+                     or any(cached[2]) or cached[3].max_norm is not None)
             and ops.ext_shortcut_ok()):
         out = cached[1].try_step(*args)
         if out is not None:

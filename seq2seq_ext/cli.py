@@ -11,6 +11,7 @@ ratio table. ``train --nproc N`` runs N processes with ``torch.distributed`` (th
 ``torchrun``).
 """
 import argparse
+import math
 import os
 import sys
 
@@ -54,10 +55,26 @@ def _sentence_bleu(pred, label):
 def _positive(kind):
     def parse(text):
         value = kind(text)
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise argparse.ArgumentTypeError(f'expected a positive number, got {text}')
         return value
     return parse
+
+
+def _non_negative(kind):
+    def parse(text):
+        value = kind(text)
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f'expected a number >= 0, got {text}')
+        return value
+    return parse
+
+
+def _device(text):
+    try:
+        return str(torch.device(text))
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (e.g. cpu, cuda, cuda:1)")
 
 
 def _ratio(text):
@@ -79,7 +96,7 @@ def _add_data_args(p, train=True):
     p.add_argument('--data', help='path to fra.txt or a tab-separated parallel file')
     p.add_argument('--num-examples', type=_positive(int), default=None,
                    help='fra-eng/pairs: how many examples to train on (chapter: 600)')
-    p.add_argument('--held-out', type=int, default=None,
+    p.add_argument('--held-out', type=_non_negative(int), default=None,
                    help='sentences held out from training and scored with BLEU (default 100)')
 
 
@@ -107,7 +124,8 @@ def _add_train_args(p):
                         '(chapter: 1.0; below 1 the decoder runs step by step)')
     p.add_argument('--amp', choices=['bf16'], default=None,
                    help='mixed precision: autocast to bfloat16 (the loss accumulates in float32)')
-    p.add_argument('--device', default=None, help="e.g. cpu, cuda, cuda:1 (default: d2l's try_gpu)")
+    p.add_argument('--device', type=_device, default=None,
+                   help="e.g. cpu, cuda, cuda:1 (default: d2l's try_gpu)")
     p.add_argument('--seed', type=int, default=None, help='random seed (default 0)')
     p.add_argument('--threads', type=_positive(int), default=None, help='torch.set_num_threads')
     p.add_argument('--backend', choices=list(ops.BACKENDS), default=None)
@@ -129,6 +147,34 @@ def _add_train_args(p):
                    help='train with N processes (torch.distributed via torchrun; gloo on CPU, '
                         'NCCL on GPU); the global batch is --batch-size')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
+
+
+def _check_data_args(dataset, args):
+    """--data and --num-examples describe a file corpus: refused beside the built-in one
+    (which would ignore them)."""
+    if dataset == 'numbers':
+        for flag, value in (('--data', args.data), ('--num-examples', args.num_examples)):
+            if value is not None:
+                raise UsageError(f"{flag} applies to --dataset fra-eng or pairs, not to the "
+                                 f"built-in 'numbers' corpus")
+
+
+def _check_plot_path(args, path):
+    """The loss curve never replaces the checkpoint, nor a file that is not a PNG image
+    (a loss curve an earlier run drew is redrawn), unless --overwrite."""
+    plot = _plot_path(args, path)
+    if not plot:
+        return
+    for flag, other in (('--checkpoint', path), ('--resume', args.resume)):
+        if other and os.path.abspath(plot) == os.path.abspath(other):
+            raise UsageError(f'--plot {plot} is the file of {flag}: choose another file')
+    if os.path.isdir(plot):
+        raise UsageError(f'--plot {plot} is a directory')
+    if os.path.exists(plot) and not args.overwrite:
+        with open(plot, 'rb') as f:
+            if f.read(8) != b'\x89PNG\r\n\x1a\n':
+                raise UsageError(f'--plot {plot} already holds a file that is not a PNG image: '
+                                 f'pass --overwrite to replace it, or choose another file')
 
 
 def _checkpoint_path(args):
@@ -176,6 +222,9 @@ def _refuse_to_clobber(args, path):
 def cmd_train(args, argv):
     from . import distributed as dist
     path = _checkpoint_path(args)
+    if not args.resume:
+        _check_data_args(args.dataset, args)
+    _check_plot_path(args, path)
     if args.nproc > 1 and os.environ.get('LOCAL_RANK') is None:
         _refuse_to_clobber(args, path)
         # re-run this very command in N processes; each sees torchrun's environment
@@ -324,13 +373,13 @@ def _add_model_args(p):
                    help='the checkpoint written by train (default checkpoint.pt)')
     p.add_argument('--beam', type=_positive(int), default=1, metavar='K',
                    help='beam search with K beams (default 1: greedy)')
-    p.add_argument('--alpha', type=float, default=0.75,
+    p.add_argument('--alpha', type=_non_negative(float), default=0.75,
                    help="beam search length normalisation: log P / L^alpha (default 0.75)")
     p.add_argument('--batch-size', type=_positive(int), default=256,
                    help='sentences decoded per call (default 256)')
     p.add_argument('--num-steps', type=_positive(int), default=None,
                    help="maximum output length (default: the model's num_steps)")
-    p.add_argument('--device', default='cpu', help='e.g. cpu, cuda (default cpu)')
+    p.add_argument('--device', type=_device, default='cpu', help='e.g. cpu, cuda (default cpu)')
     p.add_argument('--threads', type=_positive(int), default=None, help='torch.set_num_threads')
     p.add_argument('--backend', choices=list(ops.BACKENDS), default=None)
     p.add_argument('--dtype', choices=['float32', 'bf16'], default='float32',
@@ -432,6 +481,8 @@ def _read_lines(path):
             return [line.rstrip('\r\n') for line in f]
     except FileNotFoundError:
         raise UsageError(f'--file {path}: no such file') from None
+    except IsADirectoryError:
+        raise UsageError(f'--file {path}: a directory, not a file') from None
     except UnicodeDecodeError as exc:
         raise UsageError(f'--file {path}: not UTF-8 text ({exc})') from None
 
@@ -442,6 +493,7 @@ def cmd_evaluate(args, argv):
     if args.dataset or args.data:
         run.update(dataset=args.dataset or run.get('dataset', 'pairs'),
                    data=os.path.abspath(args.data) if args.data else run.get('data'))
+    _check_data_args(run.get('dataset'), args)
     if args.num_examples is not None:
         run['num_examples'] = args.num_examples
     if args.held_out is not None:

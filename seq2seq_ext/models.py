@@ -54,8 +54,8 @@ class Seq2SeqEncoder(reference.Seq2SeqEncoder):
             return _encode_over_table(rnn, X, table, _fastcall.flat_weights(rnn))
         X = self.embedding(X).permute(1, 0, 2)
         if not _fused_layer_allowed(rnn, X):
-            fused = (seq2seq_nn.fused_forward(rnn, X, torch_masks=True) if self.cell == "lstm"
-                     else None)
+            fused = (seq2seq_nn.fused_forward(rnn, X, torch_masks=True)
+                     if self.cell == "lstm" and not _fastcall.has_hooks(rnn) else None)
             return fused if fused is not None else rnn(X)
         h0 = X.new_zeros((rnn.num_layers, X.shape[1], rnn.hidden_size))
         return ops.gru(X, h0, _fastcall.flat_weights(rnn), rnn.dropout, self.training)
@@ -155,11 +155,12 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
                 return self._fused_step(X, state, path)
         rnn = _fastcall.submodule(self, "rnn")
         if chapter:
-            if not _fused_layer_allowed(rnn, state):
-                return super().forward(X, state)
+            if not (_fused_layer_allowed(rnn, state) and _state_fits(rnn, state)):
+                return super().forward(X, state)  # (nn.GRU's error for a state that does not fit)
             output, state = self._fused_features(X, state, state[-1])
             return project(self, output).permute(1, 0, 2), state
-        if self.fixed_context and self.cell == "gru" and _fused_layer_allowed(rnn, rnn_state):
+        if (self.fixed_context and self.cell == "gru" and _fused_layer_allowed(rnn, rnn_state)
+                and _state_fits(rnn, rnn_state)):
             # the fused GRU layer with the fixed context's projection computed once
             output, new_state = self._fused_features(X, rnn_state, context)
             return project(self, output).permute(1, 0, 2), (new_state, context)
@@ -434,7 +435,10 @@ def decode_path(decoder, state=None):
     overrides ``forward`` (the fused path would skip that ``forward``)
     the backend in force is ``"reference"``                                 "torch"
     ``_fastcall.submodule(decoder, "rnn")`` is not a plain ``nn.GRU`` / ``nn.LSTM`` of its cell      "torch"
-    (with biases, unidirectional, time first, no LSTM projection)
+    (with biases, unidirectional, time first, no LSTM projection, no hooks)
+    the embedding or the output layer is not a plain ``nn.Embedding`` /     "torch"
+    ``nn.Linear`` (another class, a parametrization, pruning, hooks, an
+    embedding's ``max_norm``)
     the state is not in the decoder's format, or its tensors (the context   "torch"
     included) are not all float32 or all float64 on one device
     the library has no kernel of the step op for that device (CPU or CUDA)  "torch"
@@ -457,9 +461,16 @@ def decode_path(decoder, state=None):
     rnn = _fastcall.submodule(decoder, "rnn")
     if not (_plain_lstm(rnn) if cell == "lstm" else _plain_gru(rnn)):
         return "torch"
+    emb = _fastcall.submodule(decoder, "embedding")
+    if not (_fastcall.plain_leaf(emb, nn.Embedding) and emb.max_norm is None
+            and _fastcall.plain_leaf(_fastcall.submodule(decoder, "dense"), nn.Linear)):
+        return "torch"
     tensors = _step_tensors(decoder, state)
     if not tensors:
         return "torch"
+    if state is not None and not all(_state_fits(rnn, t) for t in tensors[:2 if cell == "lstm"
+                                                                           else 1]):
+        return "torch"  # (torch.nn's error)
     first = tensors[0]
     if first.dtype not in _FLOATS or any(t.dtype != first.dtype or t.device != first.device
                                          for t in tensors):
@@ -527,7 +538,7 @@ def supports_fused_decoding(decoder):
 
 def _plain_lstm(rnn):
     return (type(rnn) is torch.nn.LSTM and rnn.bias and not rnn.bidirectional
-            and not rnn.batch_first and rnn.proj_size == 0)
+            and not rnn.batch_first and rnn.proj_size == 0 and not _fastcall.has_hooks(rnn))
 
 
 def project(decoder, features):
@@ -596,8 +607,7 @@ def _table_weights(encoder, X):
         return None
     rnn = _fastcall.submodule(encoder, "rnn")
     emb = _fastcall.submodule(encoder, "embedding")
-    if not (_plain_gru(rnn) and type(emb) is nn.Embedding and emb.max_norm is None
-            and not (emb._forward_hooks or emb._forward_pre_hooks)
+    if not (_plain_gru(rnn) and _fastcall.plain_leaf(emb, nn.Embedding) and emb.max_norm is None
             and ops.get_backend() == "ext"):
         return None
     table_w, flat = emb.weight, _fastcall.flat_weights(rnn)
@@ -701,14 +711,23 @@ def _lstm_layers(rnn):
         return None
 
     def run(X, state):
-        fused = seq2seq_nn.fused_forward(rnn, X, state, torch_masks=True)
+        fused = (None if _fastcall.has_hooks(rnn) else
+                 seq2seq_nn.fused_forward(rnn, X, state, torch_masks=True))
         return fused if fused is not None else rnn(X, state)
     return run
 
 
 def _plain_gru(rnn):
+    """An ``nn.GRU`` the fused paths can run in place of calling it (a hook on it makes the
+    models call it, so that the hook runs; a parametrized one has another class)."""
     return (type(rnn) is torch.nn.GRU and rnn.bias and not rnn.bidirectional
-            and not rnn.batch_first)
+            and not rnn.batch_first and not _fastcall.has_hooks(rnn))
+
+
+def _state_fits(rnn, state):
+    """``state`` has the shape ``nn.GRU`` ``rnn`` takes, (layers, batch, hidden)."""
+    return state.dim() == 3 and state.shape[0] == rnn.num_layers and (
+        state.shape[2] == rnn.hidden_size)
 
 
 def _fused_layer_allowed(rnn, like):

@@ -128,7 +128,10 @@ def _fused_ok(module, input):
 def torch_dropout_masks(like, layers, steps, batch, hidden, p):
     """The inter-layer dropout masks nn.GRU / nn.LSTM draw in training (one ``bernoulli_`` per
     layer output, layer by layer, as ``_C.rnn_forward`` also draws them), scaled by
-    ``1 / (1 - p)``: (layers - 1, steps, batch, hidden), like ``like``'s dtype and device."""
+    ``1 / (1 - p)``: (layers - 1, steps, batch, hidden), like ``like``'s dtype and device;
+    zeros for ``p >= 1`` (as ``nn.GRU``'s dropout gives)."""
+    if p >= 1:
+        return like.new_zeros((layers - 1, steps, batch, hidden))
     return torch.stack([like.new_empty((steps, batch, hidden)).bernoulli_(1 - p)
                         for _ in range(layers - 1)]).div_(1 - p)
 

@@ -369,6 +369,49 @@ def _masked_softmax_ce_backward_fake(grad_loss, pred, label, valid_len, lse):
     return torch.empty_like(pred)
 
 
+def _graph_grads(layers, args, grads):
+    """An op's backward under ``create_graph=True`` (a double backward ahead, as a gradient
+    penalty's ``torch.autograd.grad(..., create_graph=True)`` asks): the gradients of
+    ``layers(*args)``'s outputs, weighted by ``grads`` (None where an output has none), with
+    respect to each of ``args`` that requires one, as tensors that carry a graph. The kernels'
+    backward is not differentiable, so ``layers`` recomputes the call from its saved inputs in
+    differentiable ATen ops (the reference) and ``torch.func.vjp`` differentiates it; autograd
+    then differentiates those gradients again. The loss, the GRU layer and the stack op use it. (``torch.autograd.grad`` would not do: it would
+    also follow the inputs' own history, an earlier call's state back into the same weights,
+    and count that part twice.) Returns one gradient per argument, None where there is none."""
+    wrt = [i for i, t in enumerate(args) if isinstance(t, torch.Tensor) and t.requires_grad]
+    wanted = [k for k, g in enumerate(grads) if g is not None]
+    result = [None] * len(args)
+    if not wrt or not wanted:
+        return result
+
+    def chosen(*primals):
+        full = list(args)
+        for i, t in zip(wrt, primals):
+            full[i] = t
+        outs = layers(*full)
+        return tuple(outs[k] for k in wanted)
+
+    with torch.enable_grad():
+        _, vjp = torch.func.vjp(chosen, *[args[i] for i in wrt])
+        got = vjp(tuple(grads[k] for k in wanted))
+    for i, g in zip(wrt, got):
+        result[i] = g
+    return result
+
+
+def _product_dtype(weights):
+    """The reference's ``product_dtype`` for a call whose matrices autocast made bfloat16."""
+    return torch.bfloat16 if any(w is not None and w.dtype == torch.bfloat16
+                                 for w in weights) else None
+
+
+def _float_values(weights):
+    """bfloat16 matrices as float32 tensors of the same values (differentiably), the rest as
+    they are: the reference's bf16 products take float32 operands and round them."""
+    return [w.float() if w is not None and w.dtype == torch.bfloat16 else w for w in weights]
+
+
 def _ce_setup_context(ctx, inputs, output):
     pred, label, valid_len = inputs
     _, lse = output
@@ -380,6 +423,10 @@ def _ce_backward(ctx, grad_loss, grad_lse):
     if not ctx.needs_input_grad[0] or grad_loss is None:
         return None, None, None
     pred, label, valid_len, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: a gradient that carries a graph
+        grad, _, _ = _graph_grads(lambda p, l, v: (reference.MaskedSoftmaxCELoss()(p, l, v),),
+                                  [pred, label, valid_len], [grad_loss])
+        return grad, None, None
     return _ops.masked_softmax_ce_backward(grad_loss, pred, label, valid_len, lse), None, None
 
 
@@ -434,6 +481,7 @@ def sequence_mask_(X, valid_len, value=0):
     reference's ``sequence_mask`` semantics). Any dtype."""
     if not isinstance(X, torch.Tensor):
         raise TypeError(f"X: expected a tensor, got {type(X).__name__}")
+    value = _scalar_value(value)
     if get_backend() == "reference" or (X.requires_grad and torch.is_grad_enabled()):
         # the in-place op has no autograd formula: let PyTorch record index_put_
         return reference.sequence_mask(X, valid_len, value)
@@ -444,9 +492,18 @@ def sequence_mask_(X, valid_len, value=0):
 def sequence_mask(X, valid_len, value=0):
     """Out-of-place sequence mask: a new tensor equal to ``X`` with steps at or after
     ``valid_len`` set to ``value``. Differentiable in ``X``."""
+    value = _scalar_value(value)
     if get_backend() == "reference":
         return reference.sequence_mask(X.clone(), valid_len, value)
     return _ops.sequence_mask(X, valid_len, value)
+
+
+def _scalar_value(value):
+    """A one-element tensor ``value`` (the reference's ``X[mask] = value`` takes one) as the
+    number the op's ``Scalar`` takes."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,49 +532,6 @@ def _gru_layer_backward_fake(grad_output, grad_hn, input, h0, w_ih, w_hh, output
     return (input.new_empty(input.shape), h0.new_empty(h0.shape), w_ih.new_empty(w_ih.shape),
             w_hh.new_empty(w_hh.shape), input.new_empty((gates,)), input.new_empty((gates,)),
             h0.new_empty((h0.shape[0], gates) if has_extra else (0,)))
-
-
-def _graph_grads(layers, args, grads):
-    """A layer op's backward under ``create_graph=True`` (a double backward ahead, as a gradient
-    penalty's ``torch.autograd.grad(..., create_graph=True)`` asks): the gradients of
-    ``layers(*args)``'s outputs, weighted by ``grads`` (None where an output has none), with
-    respect to each of ``args`` that requires one, as tensors that carry a graph. The kernels'
-    backward is not differentiable, so ``layers`` recomputes the call from its saved inputs in
-    differentiable ATen ops (the reference) and ``torch.func.vjp`` differentiates it; autograd
-    then differentiates those gradients again. (``torch.autograd.grad`` would not do: it would
-    also follow the inputs' own history, an earlier call's state back into the same weights,
-    and count that part twice.) Returns one gradient per argument, None where there is none."""
-    wrt = [i for i, t in enumerate(args) if isinstance(t, torch.Tensor) and t.requires_grad]
-    wanted = [k for k, g in enumerate(grads) if g is not None]
-    result = [None] * len(args)
-    if not wrt or not wanted:
-        return result
-
-    def chosen(*primals):
-        full = list(args)
-        for i, t in zip(wrt, primals):
-            full[i] = t
-        outs = layers(*full)
-        return tuple(outs[k] for k in wanted)
-
-    with torch.enable_grad():
-        _, vjp = torch.func.vjp(chosen, *[args[i] for i in wrt])
-        got = vjp(tuple(grads[k] for k in wanted))
-    for i, g in zip(wrt, got):
-        result[i] = g
-    return result
-
-
-def _product_dtype(weights):
-    """The reference's ``product_dtype`` for a call whose matrices autocast made bfloat16."""
-    return torch.bfloat16 if any(w is not None and w.dtype == torch.bfloat16
-                                 for w in weights) else None
-
-
-def _float_values(weights):
-    """bfloat16 matrices as float32 tensors of the same values (differentiably), the rest as
-    they are: the reference's bf16 products take float32 operands and round them."""
-    return [w.float() if w is not None and w.dtype == torch.bfloat16 else w for w in weights]
 
 
 def _gru_setup_context(ctx, inputs, output):
@@ -637,6 +651,9 @@ def gru(input, h0, flat_weights, dropout=0.0, training=False, w_ih0=None, extra0
         raise RuntimeError("ops.gru runs the compiled op; models use nn.GRU under the "
                            "reference backend")
     layers = len(flat_weights) // 4
+    if h0.dim() != 3 or h0.shape[0] != layers:
+        raise RuntimeError(f"h0: expected the state of a {layers}-layer GRU, ({layers}, batch, "
+                           f"hidden), got shape {tuple(h0.shape)}")
     x, states = input, []
     for layer in range(layers):
         w_ih, w_hh, b_ih, b_hh = flat_weights[4 * layer: 4 * layer + 4]
@@ -650,7 +667,8 @@ def gru(input, h0, flat_weights, dropout=0.0, training=False, w_ih0=None, extra0
                 x = torch.nn.functional.dropout(x, dropout, True)
             else:  # the padded layout's masks, drawn as F.dropout draws them
                 padded = (len(batch_sizes), h0.shape[1], x.shape[-1])
-                noise = x.new_empty(padded).bernoulli_(1 - dropout).div_(1 - dropout)
+                noise = (x.new_zeros(padded) if dropout >= 1 else
+                         x.new_empty(padded).bernoulli_(1 - dropout).div_(1 - dropout))
                 x = x * noise.view(-1, x.shape[-1]).index_select(0, positions)
     return x, torch.stack(states)
 

@@ -439,6 +439,17 @@ def _error_cases(tmp_path, trained_path):
          ['--dtype bf16', '--beam']),
         (['translate', '--checkpoint', trained_path, '--dtype', 'bf16', '--backend',
           'reference', 'seven'], 2, ['--dtype bf16', 'weight_dtype']),
+        (['translate', '--checkpoint', trained_path, '--file', tmp_path / 'a_directory'], 2,
+         ['a_directory', 'directory']),
+        # --data / --num-examples beside the built-in corpus, which would ignore them
+        (['train', '--data', tmp_path / 'pairs.txt', '--checkpoint', ''], 2,
+         ['--data', 'numbers']),
+        (['train', '--num-examples', '5', '--checkpoint', ''], 2, ['--num-examples']),
+        (['evaluate', '--checkpoint', trained_path, '--data', tmp_path / 'pairs.txt'], 2,
+         ['--data', 'numbers']),
+        # the loss curve never replaces the checkpoint
+        (['train', '--checkpoint', tmp_path / 'run.pt', '--plot', tmp_path / 'run.pt'], 2,
+         ['--plot', 'run.pt', '--checkpoint']),
     ]
 
 
@@ -452,6 +463,37 @@ def test_every_failure_is_one_line_with_its_exit_status(trained, tmp_path, monke
     # nothing was written by any of them
     assert sorted(p.name for p in tmp_path.iterdir()) == ['a_directory', 'corrupt.pt',
                                                          'latin1.txt']
+
+
+@pytest.mark.parametrize('args, flag', [
+    (['train', '--lr', 'nan'], '--lr'),
+    (['train', '--device', 'bogus'], '--device'),
+    (['train', '--held-out', '-5'], '--held-out'),
+    (['translate', '--checkpoint', 'c.pt', '--beam', '2', '--alpha', 'inf', 'x'], '--alpha'),
+    (['translate', '--checkpoint', 'c.pt', '--alpha', 'nan', 'x'], '--alpha'),
+])
+def test_options_out_of_range_are_usage_errors(args, flag, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    status, out, err = _main(args, capsys)
+    assert status == 2 and f'argument {flag}' in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_replaces_only_a_loss_curve(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    other = tmp_path / 'other.pt'
+    other.write_bytes(trained[0].read_bytes())
+    status, _, err = _main(['train', '--epochs', '1', '--checkpoint', '', '--plot', other,
+                            '--no-progress'], capsys)
+    assert 'not a PNG image' in _one_line_error(status, err, 2)
+    assert other.read_bytes() == trained[0].read_bytes()
+    # an earlier loss curve is redrawn
+    curve = tmp_path / 'curve.png'
+    for _ in range(2):
+        status, out, err = _main(['train', '--epochs', '1', '--checkpoint', '', '--plot', curve,
+                                  '--no-progress', '--threads', '1'], capsys)
+        assert status == 0, err
+        assert curve.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback(

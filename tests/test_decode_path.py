@@ -267,7 +267,7 @@ def test_shortcut_takes_only_what_decode_path_sends_to_the_stepper(monkeypatch):
     with torch.no_grad():
         Y_ref, _ = _reference(dec)(token, state)
         dec(token, state)  # binds the weights (any module made later would rebind them)
-    gen, stepper = dec.__dict__[_fastcall.STEPPER_ATTR]
+    gen, stepper, *rest = dec.__dict__[_fastcall.STEPPER_ATTR]
     stepped = []
 
     class Watch:
@@ -279,7 +279,7 @@ def test_shortcut_takes_only_what_decode_path_sends_to_the_stepper(monkeypatch):
         def __getattr__(self, name):
             return getattr(stepper, name)
 
-    dec.__dict__[_fastcall.STEPPER_ATTR] = (gen, Watch())
+    dec.__dict__[_fastcall.STEPPER_ATTR] = (gen, Watch(), *rest)
     conditions = {
         "inference": (contextlib.nullcontext, True),
         "grad": (torch.enable_grad, False),
@@ -287,6 +287,9 @@ def test_shortcut_takes_only_what_decode_path_sends_to_the_stepper(monkeypatch):
         "function-mode": (_FunctionMode, False),
         "training-dropout": (lambda: _Train(dec), False),
         "hook": (lambda: _Hook(dec), False),
+        "hook-on-rnn": (lambda: _Hook(dec.rnn), False),
+        "hook-on-dense": (lambda: _Hook(dec.dense), False),
+        "hook-on-embedding": (lambda: _Hook(dec.embedding), False),
     }
     for name, (ctx, shortcut) in conditions.items():
         stepped.clear()
@@ -309,8 +312,8 @@ class _Train(contextlib.AbstractContextManager):
 
 
 class _Hook(contextlib.AbstractContextManager):
-    def __init__(self, dec):
-        self.handle = dec.register_forward_pre_hook(lambda mod, args: None)
+    def __init__(self, module):
+        self.handle = module.register_forward_pre_hook(lambda mod, args: None)
 
     def __exit__(self, *exc):
         self.handle.remove()

@@ -413,6 +413,36 @@ def test_gradcheck(device, layout):
                                     (pred,))
 
 
+def test_gradgradcheck():
+    # create_graph=True: the backward recomputes the loss differentiably (ops._graph_grads)
+    pred = random_logits(3, 4, 5, dtype=torch.float64, seed=37, scale=1.0).requires_grad_()
+    label = random_labels(3, 4, 5, seed=37)
+    valid_len = torch.tensor([4, 1.5, 0], dtype=torch.float64)
+    assert torch.autograd.gradgradcheck(lambda p: ops.masked_softmax_ce(p, label, valid_len),
+                                        (pred,))
+
+
+@pytest.mark.parametrize("options", [dict(label_smoothing=0.2),
+                                     dict(weight=torch.linspace(0.5, 2.0, 7)),
+                                     dict(weight=torch.linspace(0.5, 2.0, 7), label_smoothing=0.1)])
+def test_loss_module_honours_cross_entropy_options(options):
+    """MaskedSoftmaxCELoss is an nn.CrossEntropyLoss: its weight and label_smoothing count, as
+    in d2l's class (which runs CrossEntropyLoss's forward)."""
+    pred = random_logits(3, 4, 7, dtype=torch.float64, seed=38, scale=1.0)
+    label = random_labels(3, 4, 7, seed=38)
+    valid_len = torch.tensor([4, 2, 0])
+    options = {k: (v.double() if torch.is_tensor(v) else v) for k, v in options.items()}
+    got_p, want_p = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    got = seq2seq_ext.MaskedSoftmaxCELoss(**options)(got_p, label, valid_len)
+    want = reference.MaskedSoftmaxCELoss(**options)(want_p, label, valid_len)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(got_p.grad, want_p.grad)
+    plain = seq2seq_ext.MaskedSoftmaxCELoss()(pred, label, valid_len)
+    assert not torch.allclose(plain, want)  # the options changed the loss
+
+
 # ----------------------------------------------------------------------------------------------
 # bad input: a clear error naming the argument, nothing written
 # ----------------------------------------------------------------------------------------------

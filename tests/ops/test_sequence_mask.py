@@ -338,6 +338,28 @@ def test_gradcheck_out_of_place(device):
 # bad input
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("value", [1e40, -3.5e38, 1e300])
+def test_float32_value_out_of_range_is_refused_like_reference(value):
+    X = _random((2, 3), torch.float32, seed=41)
+    valid_len = torch.tensor([1, 2])
+    with pytest.raises(RuntimeError, match="overflow"):
+        reference.sequence_mask(X.clone(), valid_len, value)
+    for fn in (ops.sequence_mask, ops.sequence_mask_):
+        before = X.clone()
+        with pytest.raises(RuntimeError, match="value"):
+            fn(X, valid_len, value)
+        assert torch.equal(X, before)
+
+
+def test_one_element_tensor_value_like_reference():
+    X = _random((2, 3, 2), torch.float32, seed=42)
+    valid_len = torch.tensor([1, 2])
+    for value in (torch.tensor(5.0), torch.tensor([-2.0])):
+        want = reference.sequence_mask(X.clone(), valid_len, value)
+        torch.testing.assert_close(ops.sequence_mask(X, valid_len, value), want)
+        torch.testing.assert_close(ops.sequence_mask_(X.clone(), valid_len, value), want)
+
+
 def _bad_cases(device):
     X = _random((3, 4, 2), torch.float32, device, seed=40)
     valid_len = torch.tensor([1, 2, 3], device=device)

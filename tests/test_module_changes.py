@@ -1,0 +1,141 @@
+"""The package's models after a user changes their submodules: hooks on the recurrent layer,
+the embedding or the output layer (registered before or after the weights were bound for
+decoding), pruning and parametrizations, an embedding's ``max_norm``, a state of another
+number of layers, and inter-layer dropout of 1. Every fast path defers to calling the module
+where it could not honour the change, so the results (and the errors) are the reference's."""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+import seq2seq_ext
+from seq2seq_ext import reference
+from seq2seq_ext.training import fit
+
+from helpers import seeded_randint, toy_vocabs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB, EMBED, HIDDEN, LAYERS = 13, 5, 8, 2
+
+
+def _pair(cell="gru"):
+    """(package decoder, reference decoder) with the same weights, in evaluation mode."""
+    torch.manual_seed(0)
+    dec = seq2seq_ext.Seq2SeqDecoder(VOCAB, EMBED, HIDDEN, LAYERS, cell=cell).eval()
+    ref = reference.VariantSeq2SeqDecoder(VOCAB, EMBED, HIDDEN, LAYERS, cell=cell).eval()
+    ref.load_state_dict(dec.state_dict())
+    return dec, ref
+
+
+def _state(cell, batch=3, layers=LAYERS):
+    g = torch.Generator().manual_seed(1)
+    h = torch.rand((layers, batch, HIDDEN), generator=g) - 0.5
+    return (h, torch.rand((layers, batch, HIDDEN), generator=g) - 0.5) if cell == "lstm" else h
+
+
+def _tokens(steps, batch=3):
+    return seeded_randint(VOCAB, (batch, steps), 2)
+
+
+def _bind(dec, cell):
+    """A no-grad one-step call: binds the decoder's weights for the per-token shortcut."""
+    with torch.no_grad():
+        dec(_tokens(1), _state(cell))
+
+
+def _doubling_hook(module, args, output):
+    if isinstance(output, tuple):
+        return (output[0] * 2,) + tuple(output[1:])
+    return output * 2
+
+
+class TestHooks:
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("where", ["rnn", "dense", "embedding"])
+    @pytest.mark.parametrize("steps, grad", [(4, True), (1, False)])
+    def test_hook_registered_after_binding_runs(self, cell, where, steps, grad):
+        dec, ref = _pair(cell)
+        _bind(dec, cell)
+        for m in (dec, ref):
+            getattr(m, where).register_forward_hook(_doubling_hook)
+        X, state = _tokens(steps), _state(cell)
+        with torch.set_grad_enabled(grad):
+            got, want = dec(X, state)[0], ref(X, state)[0]
+        torch.testing.assert_close(got, want)
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_encoder_rnn_hook_runs(self, cell):
+        torch.manual_seed(0)
+        enc = seq2seq_ext.Seq2SeqEncoder(VOCAB, EMBED, HIDDEN, LAYERS, cell=cell)
+        calls = []
+        enc.rnn.register_forward_hook(lambda m, a, o: calls.append(1))
+        X = _tokens(4)
+        enc(X)
+        with torch.no_grad():
+            enc.eval()(X)  # inference (the encoder's table path)
+        assert len(calls) == 2
+
+
+class TestChangedWeights:
+    @pytest.mark.parametrize("change", ["prune", "weight_norm", "max_norm"])
+    def test_predict_after_the_change(self, change):
+        src_vocab, tgt_vocab = toy_vocabs()
+        torch.manual_seed(0)
+        enc = seq2seq_ext.Seq2SeqEncoder(len(src_vocab), EMBED, HIDDEN, LAYERS)
+        dec = seq2seq_ext.Seq2SeqDecoder(len(tgt_vocab), EMBED, HIDDEN, LAYERS)
+        net = seq2seq_ext.EncoderDecoder(enc, dec).eval()
+        ref = reference.EncoderDecoder(
+            reference.Seq2SeqEncoder(len(src_vocab), EMBED, HIDDEN, LAYERS),
+            reference.Seq2SeqDecoder(len(tgt_vocab), EMBED, HIDDEN, LAYERS)).eval()
+        ref.load_state_dict(net.state_dict())
+        sentence = src_vocab.idx_to_token[5] + " " + src_vocab.idx_to_token[6]
+        seq2seq_ext.predict_seq2seq(net, sentence, src_vocab, tgt_vocab, 6, "cpu")  # binds
+        for m in (net, ref):
+            if change == "prune":
+                prune.l1_unstructured(m.decoder.dense, "weight", amount=0.5)
+            elif change == "weight_norm":
+                nn.utils.parametrizations.weight_norm(m.decoder.dense, "weight")
+                with torch.no_grad():
+                    m.decoder.dense.parametrizations.weight.original0.mul_(3)
+            else:
+                m.decoder.embedding.max_norm = 0.5
+        got = seq2seq_ext.predict_seq2seq(net, sentence, src_vocab, tgt_vocab, 6, "cpu")[0]
+        want = reference.predict_seq2seq(ref, sentence, src_vocab, tgt_vocab, 6, "cpu")[0]
+        assert got == want
+        if change == "max_norm":  # the lookups renormalised the same rows in both
+            torch.testing.assert_close(net.decoder.embedding.weight, ref.decoder.embedding.weight)
+
+
+class TestStateOfAnotherSize:
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("steps, grad, bound", [(4, True, False), (1, False, False),
+                                                    (1, False, True)])
+    def test_torch_error(self, cell, steps, grad, bound):
+        dec, ref = _pair(cell)
+        if bound:
+            _bind(dec, cell)
+        X, state = _tokens(steps), _state(cell, layers=LAYERS + 1)
+        with torch.set_grad_enabled(grad):
+            with pytest.raises(RuntimeError) as want:
+                ref(X, state)
+            with pytest.raises(RuntimeError) as got:
+                dec(X, state)
+        assert str(got.value) == str(want.value)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_training_with_dropout_one(cell):
+    """Inter-layer dropout p=1 zeroes every unit (no 0/0): the loss equals the reference
+    backend's, whose masks are all zeros too."""
+    losses = []
+    for backend in ("ext", "reference"):
+        with seq2seq_ext.use_backend(backend):
+            torch.manual_seed(0)
+            train_iter, src_vocab, tgt_vocab = seq2seq_ext.load_data_numbers(16, 6)[:3]
+            net = seq2seq_ext.EncoderDecoder(
+                seq2seq_ext.Seq2SeqEncoder(len(src_vocab), EMBED, HIDDEN, LAYERS, 1.0, cell=cell),
+                seq2seq_ext.Seq2SeqDecoder(len(tgt_vocab), EMBED, HIDDEN, LAYERS, 1.0, cell=cell))
+            losses.append(fit(net, train_iter, 0.005, 1, tgt_vocab, "cpu", plot=False)[0])
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
