@@ -415,7 +415,8 @@ def load_model(path, device="cpu"):
     """Load a checkpoint and rebuild its model: ``(net, src_vocab, tgt_vocab, checkpoint)``.
 
     ``net`` is built by :func:`build_model` from the saved configuration and vocabulary sizes,
-    its weights are loaded strictly, and it is moved to ``device`` in eval mode. ``checkpoint``
+    its weights are loaded strictly (in their dtype, when they share one), and it is moved to
+    ``device`` in eval mode. ``checkpoint``
     is :func:`load_checkpoint`'s dict (its tensors on the CPU). Raises :class:`CheckpointError`
     for an unusable file, and when the weights do not fit the configuration.
     """
@@ -427,6 +428,11 @@ def load_model(path, device="cpu"):
         net = build_model(ckpt["config"], len(src_vocab), len(tgt_vocab))
     except ValueError as err:
         raise CheckpointError(f"checkpoint {path!r} cannot be rebuilt: {err}", path) from err
+    # the weights' floating dtype when they share one (a float64 model comes back float64)
+    dtypes = {t.dtype for t in ckpt["model"].values()
+              if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    if len(dtypes) == 1:
+        net.to(dtypes.pop())
     try:
         net.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as err:

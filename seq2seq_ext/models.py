@@ -195,7 +195,8 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         of a large model waits for. The result is that of a copy of the decoder whose matrices
         were rounded to bfloat16. Only the GRU decoder on the ``"stepper"`` path (float32, CPU
         tensors, the extension backend) decodes so; elsewhere it is a ValueError."""
-        bos, eos, num_steps = int(bos), int(eos), int(num_steps)
+        bos, num_steps = _index_arg("bos", bos), _index_arg("num_steps", num_steps)
+        eos = _index_arg("eos", eos, negative_ok=True)  # (a negative one never ends a row)
         bf16 = bf16_weights_requested(weight_dtype)
         with torch.no_grad():
             path = decode_path(self, state)
@@ -722,6 +723,22 @@ def _plain_gru(rnn):
     models call it, so that the hook runs; a parametrized one has another class)."""
     return (type(rnn) is torch.nn.GRU and rnn.bias and not rnn.bidirectional
             and not rnn.batch_first and not _fastcall.has_hooks(rnn))
+
+
+def _index_arg(name, value, negative_ok=False):
+    """``value`` as an int (a Python or numpy integer, a one-element integer tensor), >= 0
+    unless ``negative_ok``, else a TypeError or ValueError naming ``name``."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{name}: expected an integer, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        value = value.item()
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name}: expected an integer, got {value!r}")
+    value = value.__index__()
+    if value < 0 and not negative_ok:
+        raise ValueError(f"{name}: expected an integer >= 0, got {value}")
+    return value
 
 
 def _state_fits(rnn, state):

@@ -175,6 +175,19 @@ def test_load_checkpoint_map_location(good):
         load_checkpoint(good, map_location=lambda storage, loc: storage)
 
 
+def test_float64_model_comes_back_float64(trained, tmp_path):
+    import copy
+    net = copy.deepcopy(trained["net"]).double()
+    with torch.no_grad():  # values float32 cannot hold
+        for p in net.parameters():
+            p.add_(1e-12)
+    path = tmp_path / "f64.ckpt"
+    save_checkpoint(path, net, trained["src_vocab"], trained["tgt_vocab"], CONFIG)
+    loaded = load_model(path)[0]
+    for (name, a), b in zip(net.state_dict().items(), loaded.state_dict().values()):
+        assert b.dtype == torch.float64 and torch.equal(a, b), name
+
+
 def test_vocab_state_is_plain_and_round_trips():
     tokens = [["b", "a", "c"], ["a", "b", "d"], ["a", "é"]]
     for vocab in (Vocab(tokens, min_freq=2, reserved_tokens=["<pad>", "<bos>", "<eos>"]),

@@ -406,3 +406,16 @@ def test_decoding_and_beam_equal_the_reference(kind, monkeypatch):
         assert score == pytest.approx(r_score, rel=1e-5, abs=1e-6)
     assert beam_search(net, SENTENCES, src_vocab, tgt_vocab, 8, "cpu",
                        beam_size=1) == [w for w, _ in want]
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_greedy_arguments_are_checked_by_name(cell):
+    dec = _decoder(cell, False)
+    state = _state(dec, 1, seed=3, dtype=torch.float32)
+    for args, error, name in [((1.7, 2, 5), TypeError, "bos"), ((1, 2.0, 5), TypeError, "eos"),
+                              ((1, 2, -2), ValueError, "num_steps"),
+                              ((1, 2, torch.tensor([2, 3])), TypeError, "num_steps")]:
+        with pytest.raises(error, match=name):
+            dec.greedy(state, *args)
+    tokens, _ = dec.greedy(state, 1, 2, torch.tensor(3))
+    assert tokens.shape == (1, 3)
