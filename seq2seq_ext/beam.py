@@ -47,7 +47,7 @@ import numbers
 import torch
 
 from .decoding import _encode_sources
-from .models import _nested_tensors
+from .models import _check_int, _nested_tensors
 
 __all__ = ["beam_search", "reference_beam_search", "select_rows"]
 
@@ -118,14 +118,6 @@ def _check_state_rows(state, rows):
 # ----------------------------------------------------------------------------------------------
 # arguments
 # ----------------------------------------------------------------------------------------------
-
-def _check_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
-    return int(value)
-
 
 def _check_common(num_steps, beam_size, alpha):
     num_steps = _check_int("num_steps", num_steps)

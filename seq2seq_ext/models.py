@@ -10,6 +10,8 @@ decoder, ``fixed_context=True`` (the encoder's final top-layer hidden state is t
 every step, in training and at prediction alike). The decoder state formats are documented in
 :class:`Seq2SeqDecoder`.
 """
+import numbers
+
 import torch
 from torch import nn
 
@@ -54,9 +56,7 @@ class Seq2SeqEncoder(reference.Seq2SeqEncoder):
             return _encode_over_table(rnn, X, table, _fastcall.flat_weights(rnn))
         X = self.embedding(X).permute(1, 0, 2)
         if not _fused_layer_allowed(rnn, X):
-            fused = (seq2seq_nn.fused_forward(rnn, X, torch_masks=True)
-                     if self.cell == "lstm" and not _fastcall.has_hooks(rnn) else None)
-            return fused if fused is not None else rnn(X)
+            return _lstm_layers(rnn)(X, None) if self.cell == "lstm" else rnn(X)
         h0 = X.new_zeros((rnn.num_layers, X.shape[1], rnn.hidden_size))
         return ops.gru(X, h0, _fastcall.flat_weights(rnn), rnn.dropout, self.training)
 
@@ -195,8 +195,9 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         of a large model waits for. The result is that of a copy of the decoder whose matrices
         were rounded to bfloat16. Only the GRU decoder on the ``"stepper"`` path (float32, CPU
         tensors, the extension backend) decodes so; elsewhere it is a ValueError."""
-        bos, num_steps = _index_arg("bos", bos), _index_arg("num_steps", num_steps)
-        eos = _index_arg("eos", eos, negative_ok=True)  # (a negative one never ends a row)
+        bos = _check_int("bos", _int_of(bos), 0)
+        num_steps = _check_int("num_steps", _int_of(num_steps), 0)
+        eos = _check_int("eos", _int_of(eos), None)  # (a negative one never ends a row)
         bf16 = bf16_weights_requested(weight_dtype)
         with torch.no_grad():
             path = decode_path(self, state)
@@ -547,9 +548,7 @@ def project(decoder, features):
     as :func:`ops.autocast_linear` (under CPU bf16 autocast its products follow
     ``ops.set_bf16_gemm``); any other module, or one with hooks, is called."""
     dense = _fastcall.submodule(decoder, "dense")
-    if (type(dense) is nn.Linear
-            and not (dense._forward_hooks or dense._forward_pre_hooks or dense._backward_hooks
-                     or dense._backward_pre_hooks or _fastcall.any_global_hook())):
+    if type(dense) is nn.Linear and not _fastcall.has_hooks(dense):
         return ops.autocast_linear(features, dense.weight, dense.bias)
     return dense(features)
 
@@ -725,24 +724,26 @@ def _plain_gru(rnn):
             and not rnn.batch_first and not _fastcall.has_hooks(rnn))
 
 
-def _index_arg(name, value, negative_ok=False):
-    """``value`` as an int (a Python or numpy integer, a one-element integer tensor), >= 0
-    unless ``negative_ok``, else a TypeError or ValueError naming ``name``."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_floating_point() or value.is_complex():
-            raise TypeError(f"{name}: expected an integer, got a tensor of shape "
-                            f"{tuple(value.shape)} and dtype {value.dtype}")
-        value = value.item()
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{name}: expected an integer, got {value!r}")
-    value = value.__index__()
-    if value < 0 and not negative_ok:
-        raise ValueError(f"{name}: expected an integer >= 0, got {value}")
+def _check_int(name, value, minimum=1):
+    """``value`` as an int (a Python or numpy integer) of at least ``minimum`` (None: any),
+    else a TypeError or ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def _int_of(value):
+    """A one-element integer tensor as its number (greedy's arguments may come as such)."""
+    if (isinstance(value, torch.Tensor) and value.numel() == 1
+            and not (value.is_floating_point() or value.is_complex())):
+        return value.item()
     return value
 
 
 def _state_fits(rnn, state):
-    """``state`` has the shape ``nn.GRU`` ``rnn`` takes, (layers, batch, hidden)."""
+    """``state`` (an LSTM's h or c) has the shape ``rnn`` takes, (layers, batch, hidden)."""
     return state.dim() == 3 and state.shape[0] == rnn.num_layers and (
         state.shape[2] == rnn.hidden_size)
 

@@ -376,9 +376,10 @@ def _graph_grads(layers, args, grads):
     respect to each of ``args`` that requires one, as tensors that carry a graph. The kernels'
     backward is not differentiable, so ``layers`` recomputes the call from its saved inputs in
     differentiable ATen ops (the reference) and ``torch.func.vjp`` differentiates it; autograd
-    then differentiates those gradients again. The loss, the GRU layer and the stack op use it. (``torch.autograd.grad`` would not do: it would
+    then differentiates those gradients again. (``torch.autograd.grad`` would not do: it would
     also follow the inputs' own history, an earlier call's state back into the same weights,
-    and count that part twice.) Returns one gradient per argument, None where there is none."""
+    and count that part twice.) The loss, the GRU layer and the stack op use it. Returns one
+    gradient per argument, None where there is none."""
     wrt = [i for i, t in enumerate(args) if isinstance(t, torch.Tensor) and t.requires_grad]
     wanted = [k for k, g in enumerate(grads) if g is not None]
     result = [None] * len(args)

@@ -82,6 +82,17 @@ def sum_tol(dtype, hidden):
     return gru_tol(dtype)
 
 
+def _stack_of_leaves(cell, has_c0, mask):
+    """rnn_stack as a function of differentiable(x, h0, c0, weights), for gradcheck."""
+    n_c = 1 if has_c0 else 0
+
+    def f(x, h0, *rest):
+        c = rest[0] if n_c else None
+        out, h_n, c_n = ops.rnn_stack(cell, x, h0, c, list(rest[n_c:]), mask)
+        return (out, h_n) + ((c_n,) if n_c else ())
+    return f
+
+
 class TestRnnStack:
     @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -157,13 +168,7 @@ class TestRnnStack:
     def test_gradcheck(self, cell, bias, device):
         x, h0, c0, weights, mask = make_args(cell, 2, 3, 2, 3, 4, bias=bias, mask=True,
                                              device=device, seed=7, requires_grad=True)
-        n_c = 1 if c0 is not None else 0
-
-        def f(x, h0, *rest):
-            c = rest[0] if n_c else None
-            out, h_n, c_n = ops.rnn_stack(cell, x, h0, c, list(rest[n_c:]), mask)
-            return (out, h_n) + ((c_n,) if n_c else ())
-
+        f = _stack_of_leaves(cell, c0 is not None, mask)
         assert torch.autograd.gradcheck(f, differentiable(x, h0, c0, weights))
 
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
@@ -172,13 +177,7 @@ class TestRnnStack:
         # create_graph=True: the backward recomputes the call differentiably (ops._graph_grads)
         x, h0, c0, weights, mask = make_args(cell, 2, 3, 2, 3, 4, bias=bias, mask=True,
                                              seed=8, requires_grad=True)
-        n_c = 1 if c0 is not None else 0
-
-        def f(x, h0, *rest):
-            c = rest[0] if n_c else None
-            out, h_n, c_n = ops.rnn_stack(cell, x, h0, c, list(rest[n_c:]), mask)
-            return (out, h_n) + ((c_n,) if n_c else ())
-
+        f = _stack_of_leaves(cell, c0 is not None, mask)
         assert torch.autograd.gradgradcheck(f, differentiable(x, h0, c0, weights))
 
     @pytest.mark.parametrize("device", DEVICES)
