@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 
 namespace seq2seq_ext {
@@ -57,6 +58,17 @@ inline void check_index_dtype(const at::Tensor& t, const char* name) {
 inline void check_floating(const at::Tensor& t, const char* name) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), name,
               ": expected a floating-point tensor, got ", t.scalar_type());
+}
+
+// An optional incoming gradient of a backward op: undefined, or a real floating tensor of
+// `shape` on input's device, returned contiguous in input's dtype.
+inline at::Tensor incoming_grad(const std::optional<at::Tensor>& g, const at::Tensor& input,
+                                at::IntArrayRef shape, const char* name) {
+  if (!g.has_value() || !g->defined()) return at::Tensor();
+  check_same_device(*g, input, name, "input");
+  check_floating(*g, name);
+  TORCH_CHECK(g->sizes() == shape, name, ": expected shape ", shape, ", got ", shape_str(*g));
+  return g->to(input.scalar_type()).contiguous();
 }
 
 inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name,

@@ -56,6 +56,7 @@ class DecoderStepper {
   // Compares the bound tensors with what the derived data were built from; on any change,
   // drops them (the table, the packed weights, the validated dims). True when unchanged.
   bool refresh();
+  void check_widths() const;  // the embedding against layer 0's input columns
   // check_decoder_args for a state on the CPU with the bound weights, skipped (but for the
   // state's own dims) when the weights were already checked against a state like this one.
   DecoderDims checked_dims(const at::Tensor& state, const at::Tensor& table,

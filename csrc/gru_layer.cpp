@@ -130,7 +130,9 @@ void check_gru_layer_backward_tensors(const at::Tensor& grad_output,
   check_same_device(saved, input, "saved", "input");
   check_same_dtype(saved, input, "saved", "input");
   check_same_device(grad_output, input, "grad_output", "input");
+  check_floating(grad_output, "grad_output");
   if (grad_hn.has_value() && grad_hn->defined()) {
+    check_floating(*grad_hn, "grad_hn");
     TORCH_CHECK(grad_hn->dim() == 2 && grad_hn->size(0) == B && grad_hn->size(1) == H,
                 "grad_hn: expected shape [", B, ", ", H, "] (the final state's), got ",
                 shape_str(*grad_hn));
@@ -232,6 +234,7 @@ GruLayerGrads gru_layer_backward(const at::Tensor& grad_output,
                                  const at::Tensor& w_ih, const at::Tensor& w_hh,
                                  const at::Tensor& output, const at::Tensor& saved,
                                  bool has_extra, at::OptionalIntArrayRef batch_sizes) {
+  check_dim(w_hh, 2, "w_hh");  // its rows give the bias shapes the checks below compare
   const GruLayerDims d =
       check_gru_layer_args(input, h0, w_ih, w_hh, input.new_empty({w_hh.size(0)}),
                            input.new_empty({w_hh.size(0)}), std::nullopt, batch_sizes);

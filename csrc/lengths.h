@@ -25,6 +25,12 @@ C10_HOST_DEVICE inline int64_t first_masked_step_of(double v, int64_t steps) {
 // Every sequence's first masked step, read from a CPU valid_len of any real dtype.
 inline std::vector<int64_t> first_masked_steps(const at::Tensor& valid_len, int64_t steps) {
   auto vl = valid_len.contiguous();
+  switch (vl.scalar_type()) {  // the unsigned dtypes beyond uint8 have few kernels: read as float64
+    case at::kUInt16:
+    case at::kUInt32:
+    case at::kUInt64: vl = vl.to(at::kDouble); break;
+    default: break;
+  }
   std::vector<int64_t> out(vl.numel());
   AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, vl.scalar_type(),
                              "first_masked_step", [&] {

@@ -45,6 +45,7 @@ void check_masked_ce_backward_args(const at::Tensor& grad_loss, const at::Tensor
   check_dim(grad_loss, 1, "grad_loss");
   check_size(grad_loss, 0, B, "grad_loss", "the batch size of pred");
   check_same_device(grad_loss, pred, "grad_loss", "pred");
+  check_floating(grad_loss, "grad_loss");
   check_dim(lse, 2, "lse");
   TORCH_CHECK(lse.size(0) == B && lse.size(1) == T, "lse: expected shape [", B, ", ", T,
               "], got ", shape_str(lse));

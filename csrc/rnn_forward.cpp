@@ -69,6 +69,7 @@ pybind11::object rnn_forward(const std::string& cell, const at::Tensor& input,
   if ((dtype != at::kFloat && dtype != at::kDouble) || (input.dim() != 2 && input.dim() != 3) ||
       weights.empty() || !has_kernel(input.device()) || !autocast_ok(input))
     return pybind11::none();
+  if (!(dropout >= 0 && dropout <= 1)) return pybind11::none();  // torch.nn raises (NaN too)
   for (const auto& w : weights)
     if (!w.defined() || !same_kind(w, input)) return pybind11::none();
   if (input.size(-1) != weights[0].size(1)) return pybind11::none();

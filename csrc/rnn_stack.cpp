@@ -197,12 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
               at::IntArrayRef(saved_shape), " (rnn_stack's fourth output), got ",
               shape_str(saved));
   auto grad_like = [&](const std::optional<at::Tensor>& g, at::IntArrayRef shape,
-                       const char* name) -> at::Tensor {
-    if (!g.has_value() || !g->defined()) return at::Tensor();
-    check_same_device(*g, input, name, "input");
-    TORCH_CHECK(g->sizes() == shape, name, ": expected shape ", shape, ", got ", shape_str(*g));
-    return g->to(input.scalar_type()).contiguous();
-  };
+                       const char* name) { return incoming_grad(g, input, shape, name); };
   const std::vector<int64_t> out_shape = stack_rows_shape(d, {}, H), state_shape{L, B, H};
   const at::Tensor go = grad_like(grad_output, out_shape, "grad_output");
   const at::Tensor ghn = grad_like(grad_hn, state_shape, "grad_hn");
@@ -372,6 +367,14 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
   }
 };
 
+// True when weights[k] is also another of the weights (tied matrices): one sum of deferred rows
+// holds one role's rows (a layer's W_ih or W_hh), so a tied matrix is not deferred.
+bool passed_twice(at::TensorList weights, size_t k) {
+  for (size_t j = 0; j < weights.size(); ++j)
+    if (j != k && weights[j].is_same(weights[k])) return true;
+  return false;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_autograd(
     c10::string_view cell, const at::Tensor& input, const at::Tensor& h0,
     const std::optional<at::Tensor>& c0, at::TensorList weights,
@@ -390,7 +393,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_autograd(
   std::vector<at::Tensor> w(weights.begin(), weights.end());
   const int64_t per = weights_per_layer(h0, w.size());
   for (size_t k = 0; per > 0 && k < w.size(); ++k)
-    if (static_cast<int64_t>(k) % per < 2 && defers_grad(input, batch_sizes.has_value(), w[k]))
+    if (static_cast<int64_t>(k) % per < 2 && defers_grad(input, batch_sizes.has_value(), w[k]) &&
+        !passed_twice(weights, k))
       w[k] = deferring_alias(w[k]);
   auto out = RnnStackFunction::apply(std::string(cell), input, h0, c0, at::TensorList(w),
                                      dropout_mask, batch_sizes);

@@ -2,6 +2,9 @@
 // device-independent entries. Kernels: cpu/sequence_mask.cpp, cuda/sequence_mask.cu.
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include "checks.h"
 #include "entry.h"
@@ -41,6 +44,11 @@ void check_mask_value(const at::Tensor& X, const at::Scalar& value) {
 }
 
 void sequence_mask_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& value) {
+  // An inference tensor carries no dispatch key above its backend's, so this is the one place
+  // that sees it: PyTorch's rule for every in-place op.
+  TORCH_CHECK(!X.is_inference() || c10::InferenceMode::is_enabled(),
+              "X: cannot write in place into an inference tensor outside torch.inference_mode() "
+              "(make a normal tensor with X.clone() first)");
   check_sequence_mask_args(X, valid_len);
   check_mask_writable(X);
   check_mask_value(X, value);
@@ -62,6 +70,31 @@ at::Tensor sequence_mask(const at::Tensor& X, const at::Tensor& valid_len,
 SEQ2SEQ_EXT_ENTRIES(m) {
   m.impl("sequence_mask", &sequence_mask);
   m.impl("sequence_mask_", &sequence_mask_);
+}
+
+// The in-place op's write must reach autograd: X's version counter is bumped (a graph that
+// saved X then refuses to backward through its old values, as after any in-place op), and an X
+// that requires grad is refused, the op having no derivative (sequence_mask is differentiable).
+namespace {
+
+void sequence_mask_autograd(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& value) {
+  TORCH_CHECK(!(at::GradMode::is_enabled() && X.requires_grad()),
+              "X: the in-place sequence_mask_ has no derivative and X requires grad; use the "
+              "out-of-place sequence_mask, or call it under torch.no_grad()");
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("seq2seq_ext::sequence_mask_", "")
+                             .typed<void(at::Tensor&, const at::Tensor&, const at::Scalar&)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.call(X, valid_len, value);
+  }
+  torch::autograd::impl::bump_version(X);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seq2seq_ext, Autograd, m) {
+  m.impl("sequence_mask_", &sequence_mask_autograd);
 }
 
 }  // namespace seq2seq_ext

@@ -201,11 +201,12 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         bf16 = bf16_weights_requested(weight_dtype)
         with torch.no_grad():
             path = decode_path(self, state)
-            if bf16 and (self.cell != "gru" or path != "stepper"):
+            dtype = _fastcall.flat_weights(_fastcall.submodule(self, "rnn"))[0].dtype
+            if bf16 and (self.cell != "gru" or path != "stepper" or dtype != torch.float32):
                 raise ValueError(
                     "weight_dtype: bfloat16 weights are decoded by the GRU decoder's CPU stepper "
-                    f"(float32 CPU tensors, the extension backend); this decoder ({self.cell}) "
-                    f"decodes on the {path!r} path")
+                    f"(float32 CPU tensors, the extension backend); this decoder ({self.cell}, "
+                    f"{dtype}) decodes on the {path!r} path")
             if self.cell == "gru" and path != "torch":
                 rnn_state, ctx_proj = state, None
                 if self.fixed_context:
@@ -300,6 +301,9 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         weights = _fastcall.flat_weights(rnn)
         w_ih0 = weights[0]
         embed = X.shape[-1]
+        if embed + context.shape[-1] != w_ih0.shape[1]:  # nn.GRU's check of [embedding, context]
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
+                               f"{w_ih0.shape[1]}, got {embed + context.shape[-1]}")
         extra = ops.autocast_linear(context, w_ih0[:, embed:])
         output, state = ops.gru(X, rnn_state, weights, rnn.dropout, self.training,
                                 w_ih0=w_ih0[:, :embed], extra0=extra, batch_sizes=batch_sizes,
@@ -467,6 +471,8 @@ def decode_path(decoder, state=None):
     if not (_fastcall.plain_leaf(emb, nn.Embedding) and emb.max_norm is None
             and _fastcall.plain_leaf(_fastcall.submodule(decoder, "dense"), nn.Linear)):
         return "torch"
+    if emb.weight.shape[-1] + rnn.hidden_size != rnn.input_size:
+        return "torch"  # layer 0's input [embedding, context] does not fit (torch.nn's error)
     tensors = _step_tensors(decoder, state)
     if not tensors:
         return "torch"

@@ -114,6 +114,8 @@ def _fused_ok(module, input):
         return False
     if module.bidirectional or getattr(module, "proj_size", 0) or ops.get_backend() != "ext":
         return False
+    if not 0 <= module.dropout <= 1:
+        return False  # torch.nn raises (NaN included)
     if input.dim() not in (2, 3) or input.shape[-1] != module.input_size:
         return False
     if input.shape[1 if module.batch_first and input.dim() == 3 else 0] == 0:
@@ -225,7 +227,7 @@ def _packed_forward(module, cell, packed, hx, torch_masks=False):
     if (type(data) is not torch.Tensor or data.dtype not in _FLOATS or data.dim() != 2
             or data.shape[-1] != module.input_size or data.device.type != "cpu"
             or module.bidirectional or getattr(module, "proj_size", 0)
-            or ops.get_backend() != "ext" or not _autocast_ok(data)
+            or ops.get_backend() != "ext" or not _autocast_ok(data) or not 0 <= module.dropout <= 1
             or torch.compiler.is_compiling() or batch_sizes.numel() == 0):
         return None
     if _onednn_lstm_faster(module, cell, data, steps=batch_sizes.numel()):

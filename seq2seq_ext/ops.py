@@ -631,6 +631,18 @@ def gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra=None, batch_sizes=None):
     return output, h_n
 
 
+def _gru_stack_layers(h0, flat_weights):
+    """The layer count of ``nn.GRU``'s flat weights (4 a layer), checked against ``h0``."""
+    layers = len(flat_weights) // 4
+    if len(flat_weights) != 4 * layers or not layers:
+        raise ValueError(f"flat_weights: expected nn.GRU's flat weights, 4 tensors a layer, got "
+                         f"{len(flat_weights)}")
+    if h0.dim() != 3 or h0.shape[0] != layers:
+        raise RuntimeError(f"h0: expected the state of a {layers}-layer GRU, ({layers}, batch, "
+                           f"hidden), got shape {tuple(h0.shape)}")
+    return layers
+
+
 def gru(input, h0, flat_weights, dropout=0.0, training=False, w_ih0=None, extra0=None,
         batch_sizes=None, positions=None):
     """A multi-layer ``nn.GRU`` (unidirectional, with biases, time first) through the layer op.
@@ -651,10 +663,9 @@ def gru(input, h0, flat_weights, dropout=0.0, training=False, w_ih0=None, extra0
     if get_backend() == "reference":
         raise RuntimeError("ops.gru runs the compiled op; models use nn.GRU under the "
                            "reference backend")
-    layers = len(flat_weights) // 4
-    if h0.dim() != 3 or h0.shape[0] != layers:
-        raise RuntimeError(f"h0: expected the state of a {layers}-layer GRU, ({layers}, batch, "
-                           f"hidden), got shape {tuple(h0.shape)}")
+    if not 0 <= dropout <= 1:
+        raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout}")
+    layers = _gru_stack_layers(h0, flat_weights)
     x, states = input, []
     for layer in range(layers):
         w_ih, w_hh, b_ih, b_hh = flat_weights[4 * layer: 4 * layer + 4]
@@ -687,7 +698,7 @@ def gru_over_projection(gi0, h0, flat_weights):
     if not direct_cpu_call_ok(gi0):
         raise RuntimeError("gru_over_projection: expected plain CPU tensors with grad mode off "
                            "(CPU inference)")
-    layers = len(flat_weights) // 4
+    layers = _gru_stack_layers(h0, flat_weights)
     x, h_n = _C.gru_layer_projected_cpu(gi0, h0[0], flat_weights[1], flat_weights[3])
     states = [h_n]
     for layer in range(1, layers):

@@ -79,6 +79,25 @@ def test_bound_stepper_follows_data_swap_and_resize():
         torch.testing.assert_close(logits, ref_logits, **decode_tol(torch.float32))
 
 
+def test_bound_stepper_refuses_an_embedding_of_another_width():
+    """Layer 0 reads [embedding, context]: an embedding narrower or wider than W_ih0's columns
+    less the hidden size is refused (naming it) when bound, and when swapped in through
+    ``.data``, instead of reading the wrong columns. The model falls back to its modules and
+    gets nn.GRU's own error."""
+    dec, _, state = decoder_setup((23, 7, 12, 2, 3, torch.float32), "cpu", seed=57)
+    w = dec.rnn._flat_weights
+    for width in (6, 8):
+        with pytest.raises(RuntimeError, match=r"^embedding: expected 7 columns .* got " + str(width)):
+            ops.decoder_stepper(torch.randn(23, width), w, dec.dense.weight, dec.dense.bias)
+    stepper = ops.decoder_stepper(dec.embedding.weight, w, dec.dense.weight, dec.dense.bias)
+    token = random_tokens(3, 23, seed=57)
+    with torch.no_grad():
+        stepper.step(token, state)
+        dec.embedding.weight.data = torch.randn(23, 9)
+        with pytest.raises(RuntimeError, match=r"^embedding: expected 7 columns"):
+            stepper.step(token, state)
+
+
 @pytest.mark.parametrize("config,seed", [
     ((13, 5, 7, 1, 9, torch.float64), 10),
     ((23, 6, 12, 2, 1, torch.float64), 11),   # one sentence (predict_seq2seq)

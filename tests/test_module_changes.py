@@ -124,6 +124,28 @@ class TestStateOfAnotherSize:
         assert str(got.value) == str(want.value)
 
 
+class TestEmbeddingOfAnotherWidth:
+    """An embedding swapped for one of another width: layer 0's input [embedding, context] no
+    longer fits its weights, and every path raises instead of reading the wrong columns."""
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("steps, grad, bound", [(4, True, False), (1, False, False),
+                                                    (1, False, True)])
+    def test_error(self, cell, steps, grad, bound):
+        dec, ref = _pair(cell)
+        if bound:
+            _bind(dec, cell)
+        for m in (dec, ref):
+            m.embedding = nn.Embedding(VOCAB, EMBED + 1)
+        X, state = _tokens(steps), _state(cell)
+        with torch.set_grad_enabled(grad):
+            with pytest.raises(RuntimeError) as want:
+                ref(X, state)
+            with pytest.raises(RuntimeError) as got:
+                dec(X, state)
+        assert str(got.value) == str(want.value)
+
+
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_training_with_dropout_one(cell):
     """Inter-layer dropout p=1 zeroes every unit (no 0/0): the loss equals the reference

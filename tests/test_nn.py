@@ -260,6 +260,24 @@ class TestFallbacks:
         torch.testing.assert_close(new(x)[0], ref(x)[0], rtol=0, atol=0)
         assert op_calls == []
 
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("p", [1.5, -0.5, float("nan")])
+    def test_dropout_out_of_range_gets_torch_error(self, cell, p, op_calls):
+        """``module.dropout`` set after construction (torch.nn allows it) to a value outside
+        [0, 1]: torch.nn's forward raises, and so does the drop-in one, padded or packed."""
+        ref, new = pair(cell, 4, 6, 2, dropout=0.3)
+        x = torch.randn(5, 3, 4, dtype=torch.float64)
+        packed = pack_padded_sequence(x, torch.tensor([5, 3, 2]))
+        for m in (ref, new):
+            m.dropout = p
+        for inp in (x, packed):
+            with pytest.raises(RuntimeError) as want:
+                ref(inp)
+            with pytest.raises(RuntimeError) as got:
+                new(inp)
+            assert str(got.value) == str(want.value)
+        assert op_calls == []
+
     def test_reference_backend_runs_torch(self, op_calls):
         ref, new = pair("gru", 4, 6, 2)
         x = torch.randn(5, 3, 4, dtype=torch.float64)

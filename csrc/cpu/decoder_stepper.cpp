@@ -69,14 +69,23 @@ DecoderStepper::DecoderStepper(at::Tensor embedding, std::vector<at::Tensor> wei
   check_dim(embedding_, 2, "embedding");
   TORCH_CHECK(weights_.size() >= 4 && weights_.size() % 4 == 0,
               "weights: expected nn.GRU's flat weights (4 per layer), got ", weights_.size());
+  check_widths();
+}
+
+// Layer 0 reads [embedding, context]: W_ih0's columns are the embedding's width plus the hidden
+// size (W_hh0's columns).
+void DecoderStepper::check_widths() const {
   check_dim(weights_[0], 2, "weights (w_ih)");
-  TORCH_CHECK(weights_[0].size(1) > embedding_.size(1), "weights (w_ih of layer 0): expected ",
-              "more input columns than the embedding size ", embedding_.size(1), ", got ",
-              weights_[0].size(1));
+  check_dim(weights_[1], 2, "weights (w_hh)");
+  TORCH_CHECK(weights_[0].size(1) == embedding_.size(1) + weights_[1].size(1),
+              "embedding: expected ", weights_[0].size(1) - weights_[1].size(1),
+              " columns (layer 0's input size ", weights_[0].size(1), " less the hidden size ",
+              weights_[1].size(1), " of the context), got ", embedding_.size(1));
 }
 
 bool DecoderStepper::refresh() {
   if (same_key(key_, {&embedding_, &dense_weight_, &dense_bias_}, weights_)) return true;
+  check_widths();  // `.data =` may have given a tensor another shape
   emb_proj_ = at::Tensor();
   packed_ = at::Tensor();
   low_.clear();

@@ -345,12 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_stac
   TORCH_CHECK(saved.sizes() == at::IntArrayRef(saved_shape), "saved: expected shape [", L, ", ",
               T, ", ", B, ", ", S, "] (rnn_stack's fourth output), got ", shape_str(saved));
   auto grad_like = [&](const std::optional<at::Tensor>& g, at::IntArrayRef shape,
-                       const char* name) -> at::Tensor {
-    if (!g.has_value() || !g->defined()) return at::Tensor();
-    check_same_device(*g, input, name, "input");
-    TORCH_CHECK(g->sizes() == shape, name, ": expected shape ", shape, ", got ", shape_str(*g));
-    return g->to(input.scalar_type()).contiguous();
-  };
+                       const char* name) { return incoming_grad(g, input, shape, name); };
   const std::vector<int64_t> out_shape{T, B, H}, state_shape{L, B, H};
   const at::Tensor go = grad_like(grad_output, out_shape, "grad_output");
   const at::Tensor ghn = grad_like(grad_hn, state_shape, "grad_hn");

@@ -389,6 +389,36 @@ def test_gru_dropout_draws_the_same_masks_as_nn_gru():
     assert (plain - out).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_gru_refuses_bad_dropout_and_weight_lists(packed):
+    """``ops.gru``: a dropout outside [0, 1], a weight list that is not 4 tensors a layer and a
+    state of another layer count are refused by name, on the padded and packed layouts alike;
+    ``gru_over_projection`` checks the same."""
+    rnn = _seeded_gru(4, 5, 2, dtype=torch.float64, device="cpu", seed=97)
+    flat = list(rnn._flat_weights)
+    x, h0, _, _ = _gru_inputs(3, 2, 4, 5, 2, dtype=torch.float64, device="cpu", seed=98)
+    kwargs = {}
+    if packed:
+        kwargs = dict(batch_sizes=[2, 2, 1], positions=torch.tensor([0, 1, 2, 3, 4]))
+        x = x.reshape(6, 4)[:5]
+    for p in (1.5, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="^dropout: expected a probability in"):
+            ops.gru(x, h0, flat, p, True, **kwargs)
+    with pytest.raises(ValueError, match="^flat_weights: expected nn.GRU's flat weights"):
+        ops.gru(x, h0[:1], flat[:6], **kwargs)
+    with pytest.raises(RuntimeError, match="^h0: expected the state of a 2-layer GRU"):
+        ops.gru(x, h0[:1], flat, **kwargs)
+    with torch.no_grad():
+        gi0 = torch.nn.functional.linear(x.reshape(3, 2, 4) if not packed else x[:4].view(2, 2, 4),
+                                         flat[0], flat[2])
+        with pytest.raises(ValueError, match="^flat_weights: expected nn.GRU's flat weights"):
+            ops.gru_over_projection(gi0, h0[:1], flat[:6])
+        for layers in (1, 3):
+            with pytest.raises(RuntimeError, match="^h0: expected the state of a 2-layer GRU"):
+                ops.gru_over_projection(gi0, torch.zeros(layers, 2, 5, dtype=torch.float64),
+                                        flat)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gru_dropout_statistics(device, monkeypatch):
     """The input of layer 2 is layer 1's output with a fraction ~p of its units zeroed and the
@@ -658,6 +688,13 @@ def test_bad_input_backward(device):
         LAYER_BACKWARD(out[:-1], None, x, h0, w_ih, w_hh, out, saved, False)
     with pytest.raises(RuntimeError, match=r"\bsaved\b"):
         LAYER_BACKWARD(out, None, x, h0, w_ih, w_hh, out, saved[..., :-1], False)
+    # a complex incoming gradient is refused, not read as its real part
+    with pytest.raises(RuntimeError, match=r"^grad_output: expected a floating-point tensor"):
+        LAYER_BACKWARD(out.to(torch.complex128), None, x, h0, w_ih, w_hh, out, saved, False)
+    with pytest.raises(RuntimeError, match=r"^grad_hn: expected a floating-point tensor"):
+        LAYER_BACKWARD(out, h_n.to(torch.complex128), x, h0, w_ih, w_hh, out, saved, False)
+    with pytest.raises(RuntimeError, match=r"^w_hh: expected a 2-D tensor"):
+        LAYER_BACKWARD(out, None, x, h0, w_ih, w_hh[0, 0], out, saved, False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -167,6 +167,9 @@ def test_negative_and_float_valid_len(device):
     # the same with a float32 and an int32 valid_len
     _assert_parity(pred, label, valid_len.float())
     _assert_parity(pred, label, torch.tensor([-3, 2, 0, 4], dtype=torch.int32, device=device))
+    # and the unsigned dtypes the reference compares as well
+    for dtype in (torch.uint16, torch.uint32, torch.uint64):
+        _assert_parity(pred, label, torch.tensor([0, 2, 9, 4], dtype=dtype, device=device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -505,6 +508,7 @@ def test_backward_bad_input_names_argument(device):
     cases = [
         ("grad_loss", (g[:2], pred, label, valid_len, lse)),
         ("grad_loss", (g[:, None], pred, label, valid_len, lse)),
+        ("grad_loss", (g.to(torch.complex64), pred, label, valid_len, lse)),
         ("lse", (g, pred, label, valid_len, lse[:, :3])),
         ("lse", (g, pred, label, valid_len, lse.double())),
         ("valid_len", (g, pred, label, valid_len[:1], lse)),

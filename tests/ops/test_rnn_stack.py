@@ -275,6 +275,15 @@ class TestRnnStack:
             BACKWARD("gru", None, None, None, x, h0, None, weights, None,
                      torch.zeros(1, 2, 2, 4, dtype=torch.float64))
 
+    def test_backward_refuses_complex_gradients(self):
+        x, h0, c0, weights, _ = make_args("lstm", 2, 3, 2, 4, 5, seed=14)
+        out, h_n, c_n, saved = OP("lstm", x, h0, c0, weights, None)
+        for name, grads in [("grad_output", (out.to(torch.complex128), None, None)),
+                            ("grad_hn", (None, h_n.to(torch.complex128), None)),
+                            ("grad_cn", (None, None, c_n.to(torch.complex128)))]:
+            with pytest.raises(RuntimeError, match=f"^{name}: expected a floating-point tensor"):
+                BACKWARD("lstm", *grads, x, h0, c0, weights, None, saved)
+
     def test_reference_backend(self):
         args = make_args("gru", 2, 3, 2, 4, 5, seed=13)
         with ops.use_backend("reference"):
@@ -759,6 +768,35 @@ class TestRnnStackDeferredGrads:
             err, err_per_call = (g.double() - w).norm(), (p.double() - w).norm()
             assert err <= 1e-2 * w.norm()
             assert err <= err_per_call * 1.1 + 1e-3 * w.norm()
+
+    @pytest.mark.parametrize("deferred", ["always"], indirect=True)
+    @pytest.mark.parametrize("matrices", ["float64", "bf16"])
+    def test_tied_matrices_are_not_deferred(self, deferred, matrices, bf16_gemm):
+        """One tensor as a GRU layer's W_ih and W_hh (and as the next layer's W_hh): each
+        deferred sum holds one role's rows, so the tied matrix takes the per-call path, with
+        the reference's gradient (bf16: the per-call path's, deferring switched off)."""
+        hidden = 6 if matrices == "float64" else 64
+        args = make_args("gru", 2, 3, 4, hidden, hidden, seed=47, requires_grad=True,
+                         dtype=torch.float64 if matrices == "float64" else torch.float32)
+        x, h0, _, weights, _ = args
+        tied = weights[1]
+        weights = [tied, tied, weights[2], weights[3], weights[4], tied, weights[6], weights[7]]
+        if matrices == "bf16":
+            weights = with_bf16_matrices(weights)
+            weights[5] = weights[1] = weights[0]
+        leaves = [weights[0], weights[4]]
+        got = torch.autograd.grad(step_loop("gru", (x, h0, None, weights, None), 3)[0].sum(),
+                                  leaves)
+        if matrices == "float64":
+            want = torch.autograd.grad(reference.rnn_stack("gru", x, h0, None, weights)[0].sum(),
+                                       leaves)
+        else:
+            ops.set_deferred_grads("off")
+            want = torch.autograd.grad(
+                step_loop("gru", (x, h0, None, weights, None), 3)[0].sum(), leaves)
+        tol = dict(rtol=1e-10, atol=1e-10) if matrices == "float64" else dict(rtol=2e-2, atol=2e-2)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w.double(), **tol)
 
     @pytest.mark.parametrize("deferred", ["always"], indirect=True)
     def test_many_weights_coming_and_going(self, deferred):

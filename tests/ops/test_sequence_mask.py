@@ -449,3 +449,52 @@ def test_reference_backend_does_not_call_the_library(monkeypatch):
         assert seq2seq_ext.sequence_mask(X, torch.tensor([1, 2])) is X
     assert torch.equal(out, X)
     assert torch.equal(X, torch.tensor([[1.0, 0, 0], [1, 1, 0]]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_unsigned_valid_len_like_reference(device, dtype):
+    X = _random((4, 6, 3), torch.float32, device, seed=40)
+    valid_len = torch.tensor([0, 2, 6, 9], dtype=dtype, device=device)
+    expected = _expected(X, valid_len, -2.0)
+    assert torch.equal(ops.sequence_mask(X, valid_len, -2.0), expected)
+    assert torch.equal(seq2seq_ext.sequence_mask(X.clone(), valid_len, -2.0), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fn", [MASK_, ops.sequence_mask_], ids=["op", "wrapper"])
+def test_inplace_write_reaches_autograd(device, fn):
+    # X was saved by a graph: after the mask writes into it, backward must refuse, as after
+    # any in-place op, instead of giving a gradient computed from the masked values
+    w = torch.ones(2, 3, device=device, requires_grad=True)
+    X = torch.arange(1.0, 7.0, device=device).view(2, 3)
+    loss = (w * X).sum()
+    version = X._version
+    fn(X, torch.tensor([1, 2], device=device))
+    assert X._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_op_refuses_x_that_requires_grad_and_changes_nothing(device):
+    X = torch.randn(2, 3, device=device, requires_grad=True)
+    before = X.detach().clone()
+    with pytest.raises(RuntimeError, match="X: the in-place sequence_mask_ has no derivative"):
+        MASK_(X, torch.tensor([1, 2], device=device))
+    assert torch.equal(X.detach(), before)
+    with torch.no_grad():  # as any in-place op on a leaf, allowed without grad mode
+        MASK_(X, torch.tensor([1, 2], device=device))
+    assert torch.equal(X.detach(), _expected(before, torch.tensor([1, 2], device=device)))
+
+
+@pytest.mark.parametrize("fn", [MASK_, ops.sequence_mask_], ids=["op", "wrapper"])
+def test_inplace_on_inference_tensor_outside_inference_mode_is_refused(fn):
+    with torch.inference_mode():
+        X = torch.ones(2, 3)
+    with pytest.raises(RuntimeError, match="X: cannot write in place into an inference tensor"):
+        fn(X, torch.tensor([1, 2]))
+    assert torch.equal(X, torch.ones(2, 3))
+    with torch.inference_mode():
+        fn(X, torch.tensor([1, 2]))
+    assert torch.equal(X, _expected(torch.ones(2, 3), torch.tensor([1, 2])))
