@@ -46,7 +46,7 @@ import numbers
 
 import torch
 
-from .decoding import _encode_sources
+from .decoding import _check_sentence, _encode_sources
 from .models import _check_int, _nested_tensors
 
 __all__ = ["beam_search", "reference_beam_search", "select_rows"]
@@ -128,11 +128,6 @@ def _check_common(num_steps, beam_size, alpha):
     if not (math.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"alpha: expected a finite number >= 0, got {alpha}")
     return num_steps, beam_size, alpha
-
-
-def _check_sentence(name, sentence):
-    if not isinstance(sentence, str):
-        raise TypeError(f"{name}: expected a string, got {type(sentence).__name__}")
 
 
 def _translation(tokens, tgt_vocab, eos):

@@ -31,6 +31,7 @@ state is :mod:`seq2seq_ext.train_state`'s. Their names are re-exported here.
 import ctypes
 import errno
 import hashlib
+import operator
 import os
 
 import torch
@@ -101,6 +102,7 @@ def vocab_to_state(vocab):
              "token_to_idx": dict(vocab.token_to_idx),
              "token_freqs": [[token, freq] for token, freq in vocab.token_freqs]}
     _check_vocab_state(state)
+    state = _plain_copy(state, "vocab")  # numpy counts, str subclasses: as plain values
     return state
 
 
@@ -151,38 +153,39 @@ def vocab_from_state(state):
 # Plain-value checks, CPU copies and the content digest
 # ---------------------------------------------------------------------------
 
-def _check_plain(obj, where):
-    """Raise TypeError unless ``obj`` is made of None/bool/int/float/str/tensors in
-    dicts, lists and tuples (what ``torch.load(weights_only=True)`` reads back)."""
-    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
-        return
+def _plain_copy(obj, where):
+    """A copy of the container tree ``obj`` that ``torch.load(weights_only=True)`` reads back:
+    tensors detached on the CPU; numbers and strings of a subclass (numpy's ``float64``, an
+    ``IntEnum``) and numpy scalars as the plain Python value; dict, list and tuple subclasses
+    as the plain container. Raises TypeError naming the place of anything else."""
+    if obj is None or isinstance(obj, bool):
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, int):
+        return int.__int__(obj)
+    if isinstance(obj, float):
+        return float.__float__(obj)
+    if isinstance(obj, str):
+        return str.__str__(obj)
+    if type(obj).__module__ == "numpy" and getattr(obj, "shape", None) == ():
+        value = obj.item()  # a numpy scalar
+        if isinstance(value, (bool, int, float, str)):
+            return value
     if isinstance(obj, (list, tuple)):
-        for i, item in enumerate(obj):
-            _check_plain(item, f"{where}[{i}]")
-        return
+        items = [_plain_copy(item, f"{where}[{i}]") for i, item in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
     if isinstance(obj, dict):
+        out = {}
         for key, value in obj.items():
             if not isinstance(key, (str, int)) or isinstance(key, bool):
                 raise TypeError(f"{where} has a key {key!r} of type {type(key).__name__}; "
                                 "only str and int keys can be saved")
-            _check_plain(value, f"{where}[{key!r}]")
-        return
+            out[_plain_copy(key, where)] = _plain_copy(value, f"{where}[{key!r}]")
+        return out
     raise TypeError(f"{where} holds a {type(obj).__module__}.{type(obj).__qualname__}; a "
                     "checkpoint holds only None, bool, int, float, str, tensors, and dicts, "
                     "lists and tuples of them")
-
-
-def _to_cpu(obj):
-    """A copy of the container tree with every tensor detached and on the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {key: _to_cpu(value) for key, value in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(item) for item in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_cpu(item) for item in obj)
-    return obj
 
 
 def _to_device(obj, device):
@@ -276,7 +279,7 @@ def save_checkpoint(path, net, src_vocab, tgt_vocab, config, *, optimizer=None, 
     if not callable(getattr(net, "state_dict", None)):
         raise TypeError(f"net must be a torch.nn.Module (or have a state_dict() method), got "
                         f"{type(net).__name__}")
-    config = validate_config(config)
+    config = _plain_copy(validate_config(config), "config")
     src_state = vocab_to_state(src_vocab)
     tgt_state = vocab_to_state(tgt_vocab)
     model_state = net.state_dict()
@@ -290,8 +293,11 @@ def save_checkpoint(path, net, src_vocab, tgt_vocab, config, *, optimizer=None, 
         raise ValueError(f"net's weights do not fit config {config} with vocabularies of sizes "
                          f"{len(src_state['idx_to_token'])} and "
                          f"{len(tgt_state['idx_to_token'])}: {problem}")
-    if epoch is not None and (not _is_int(epoch) or epoch < 0):
-        raise ValueError(f"epoch must be None or an int >= 0, got {epoch!r}")
+    if epoch is not None:  # an int, or an integer that stands for one (numpy's int64)
+        if (isinstance(epoch, bool) or not hasattr(type(epoch), "__index__")
+                or operator.index(epoch) < 0):
+            raise ValueError(f"epoch must be None or an int >= 0, got {epoch!r}")
+        epoch = operator.index(epoch)
     if optimizer is not None and not callable(getattr(optimizer, "state_dict", None)):
         raise TypeError(f"optimizer must have a state_dict() method, got "
                         f"{type(optimizer).__name__}")
@@ -301,17 +307,16 @@ def save_checkpoint(path, net, src_vocab, tgt_vocab, config, *, optimizer=None, 
         extra = {}
     if not isinstance(extra, dict):
         raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
-    _check_plain(extra, "extra")
+    extra = _plain_copy(extra, "extra")
     train = None
     if optimizer is not None or epoch is not None or rng is not None:
-        opt_state = None if optimizer is None else _to_cpu(optimizer.state_dict())
-        if opt_state is not None:
-            _check_plain(opt_state, "optimizer.state_dict()")
+        opt_state = (None if optimizer is None else
+                     _plain_copy(optimizer.state_dict(), "optimizer.state_dict()"))
         train = {"epoch": epoch, "optimizer": opt_state,
-                 "rng": None if rng is None else _to_cpu(rng)}
+                 "rng": None if rng is None else _plain_copy(rng, "rng")}
     payload = {"format": FORMAT_TAG, "version": FORMAT_VERSION, "config": config,
                "model": model_state, "src_vocab": src_state, "tgt_vocab": tgt_state,
-               "train": train, "extra": _to_cpu(extra)}
+               "train": train, "extra": extra}
     payload[_DIGEST_KEY] = _digest(payload)
     atomic_write(path, lambda f: torch.save(payload, f))
     return path

@@ -89,10 +89,13 @@ def _ratio(text):
 # ---------------------------------------------------------------------------------------------
 
 def _add_data_args(p, train=True):
-    p.add_argument('--dataset', choices=['numbers', 'fra-eng', 'pairs'],
-                   default='numbers' if train else None,
-                   help="'numbers' (built in, offline), 'fra-eng' (d2l's corpus: downloaded, "
-                        "or --data PATH to fra.txt), 'pairs' (any tab-separated file, --data)")
+    # (train's default, 'numbers', is applied by cmd_train when not resuming: a resumed run
+    # keeps its own dataset, and a --dataset given with --resume must agree with it)
+    p.add_argument('--dataset', choices=['numbers', 'fra-eng', 'pairs'], default=None,
+                   help="'numbers' (built in, offline; the default), 'fra-eng' (d2l's corpus: "
+                        "downloaded, or --data PATH to fra.txt), 'pairs' (any tab-separated "
+                        "file, --data)" if train else
+                        "'numbers', 'fra-eng' or 'pairs' (default: the checkpoint's)")
     p.add_argument('--data', help='path to fra.txt or a tab-separated parallel file')
     p.add_argument('--num-examples', type=_positive(int), default=None,
                    help='fra-eng/pairs: how many examples to train on (chapter: 600)')
@@ -223,6 +226,7 @@ def cmd_train(args, argv):
     from . import distributed as dist
     path = _checkpoint_path(args)
     if not args.resume:
+        args.dataset = args.dataset or 'numbers'
         _check_data_args(args.dataset, args)
     _check_plot_path(args, path)
     if args.nproc > 1 and os.environ.get('LOCAL_RANK') is None:

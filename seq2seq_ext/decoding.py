@@ -8,7 +8,7 @@ import torch
 
 from . import reference
 from .data import truncate_pad
-from .models import bf16_weights_requested, decode_path, encode
+from .models import _check_int, bf16_weights_requested, decode_path, encode
 
 __all__ = ["predict_seq2seq", "predict_seq2seq_batch"]
 
@@ -55,6 +55,11 @@ def _greedy(net, sentences, src_vocab, tgt_vocab, num_steps, device, weight_dtyp
     return [' '.join(tgt_vocab.to_tokens(row[:n])) for row, n in zip(tokens, lengths)]
 
 
+def _check_sentence(name, sentence):
+    if not isinstance(sentence, str):
+        raise TypeError(f"{name}: expected a string, got {type(sentence).__name__}")
+
+
 def _check_weight_dtype(weight_dtype, chapter_loop):
     """ValueError (before anything runs) when bfloat16 weights are asked of a decoder that the
     chapter's loop decodes: that loop has no such mode."""
@@ -76,6 +81,8 @@ def predict_seq2seq(net, src_sentence, src_vocab, tgt_vocab, num_steps, device,
     weight matrices rounded to bfloat16 (the decoder's: :meth:`Seq2SeqDecoder.greedy`; this
     package's GRU encoder's: :func:`seq2seq_ext.models.encode`).
     """
+    _check_sentence("src_sentence", src_sentence)
+    num_steps = _check_int("num_steps", num_steps, 0)
     chapter_loop = save_attention_weights or _chapter_loop(net)
     _check_weight_dtype(weight_dtype, chapter_loop)
     if chapter_loop:
@@ -92,9 +99,11 @@ def predict_seq2seq_batch(net, src_sentences, src_vocab, tgt_vocab, num_steps, d
     each stops at ``<eos>`` or ``num_steps``. ``weight_dtype``: as for :func:`predict_seq2seq`."""
     if isinstance(src_sentences, str):
         raise TypeError("src_sentences: expected a list of sentences, got one string")
-    if batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive number, got {batch_size}")
+    num_steps = _check_int("num_steps", num_steps, 0)
+    batch_size = _check_int("batch_size", batch_size)
     sentences = list(src_sentences)
+    for i, sentence in enumerate(sentences):
+        _check_sentence(f"src_sentences[{i}]", sentence)
     chapter_loop = _chapter_loop(net)
     _check_weight_dtype(weight_dtype, chapter_loop)
     if chapter_loop:

@@ -217,7 +217,7 @@ def resume(path, *, epochs=None, device='cpu', checkpoint=None, shard=None, **se
             raise TypeError(f"resume() got an unexpected setting {key!r}")
         if key == 'data' and given is not None:
             given = os.path.abspath(given)
-        if given is not None and given != stored.get(key) and key != 'dataset':
+        if given is not None and given != stored.get(key):
             raise RunError(
                 f"--{key.replace('_', '-')} {given} differs from the checkpoint's "
                 f"{stored.get(key)}: a resumed run keeps the settings it was started with")

@@ -200,7 +200,30 @@ def _check_ratio(ratio):
     return ratio
 
 
-def _check_fit_args(num_epochs, start_epoch, optimizer, amp):
+def _check_fit_args(net, data_iter, lr, num_epochs, tgt_vocab, device, start_epoch, optimizer,
+                    amp):
+    """Every argument of :func:`fit` checked before anything changes (the weights, the random
+    generators); returns (device, the target vocabulary's ``<bos>`` id)."""
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"net: expected a torch.nn.Module, got {type(net).__name__}")
+    if not hasattr(type(data_iter), "__iter__"):
+        raise TypeError(f"data_iter: expected an iterable of batches, got "
+                        f"{type(data_iter).__name__}")
+    if optimizer is None:  # make_adam takes lr
+        if (isinstance(lr, bool) or not isinstance(lr, numbers.Real)
+                or not 0 <= float(lr) < float("inf")):
+            raise ValueError(f"lr: expected a finite number >= 0, got {lr!r}")
+    try:
+        bos_id = tgt_vocab['<bos>']
+    except (TypeError, KeyError, IndexError, AttributeError):
+        raise TypeError(f"tgt_vocab: expected the target vocabulary (a Vocab with '<bos>'), got "
+                        f"{type(tgt_vocab).__name__}") from None
+    given = device
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError) as err:
+        raise ValueError(f"device: {str(given)!r} cannot be used here ({err})") from None
     for name, value in (("num_epochs", num_epochs), ("start_epoch", start_epoch)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -214,6 +237,7 @@ def _check_fit_args(num_epochs, start_epoch, optimizer, amp):
                         f"{type(optimizer).__name__}")
     if amp not in AMP_MODES:
         raise ValueError(f"amp: expected one of {AMP_MODES}, got {amp!r}")
+    return device, bos_id
 
 
 def _autocast(amp, device):
@@ -271,8 +295,8 @@ def fit(net, data_iter, lr, num_epochs, tgt_vocab, device, on_epoch=None, plot=T
       and reports the global loss and tokens/sec.
     """
     ratio = _check_ratio(teacher_forcing_ratio)
-    _check_fit_args(num_epochs, start_epoch, optimizer, amp)
-    device = torch.device(device)
+    device, bos_id = _check_fit_args(net, data_iter, lr, num_epochs, tgt_vocab, device,
+                                     start_epoch, optimizer, amp)
     world = _distributed_world()
     if init_weights:
         net.apply(xavier_init_weights)
@@ -288,7 +312,6 @@ def fit(net, data_iter, lr, num_epochs, tgt_vocab, device, on_epoch=None, plot=T
             model, device_ids=[device.index] if device.type == "cuda" else None)
     animator = Animator(xlabel='epoch', ylabel='loss', xlim=[10, num_epochs]) if plot else None
     set_epoch = getattr(getattr(data_iter, "sampler", None), "set_epoch", None)
-    bos_id = tgt_vocab['<bos>']
     epoch_loss, speed = float('nan'), 0.0
     try:
         for epoch in range(start_epoch, num_epochs):

@@ -283,6 +283,40 @@ def _listing(directory):
     return sorted(os.listdir(directory))
 
 
+def test_subclassed_and_numpy_values_are_saved_as_plain_ones(trained, tmp_path):
+    """Values a plain-value check passes but ``torch.load(weights_only=True)`` would refuse (a
+    numpy float64 from a learning-rate sweep, an IntEnum, a str subclass, numpy scalars, a
+    namedtuple) are written as the plain values they stand for, and the file loads."""
+    import collections
+    import enum
+
+    import numpy as np
+
+    class Mode(enum.IntEnum):
+        FAST = 2
+
+    class Tag(str):
+        pass
+
+    Pair = collections.namedtuple("Pair", "a b")
+    net = trained["net"]
+    optimizer = torch.optim.Adam(net.parameters(), lr=np.logspace(-3, -1, 3)[1])
+    extra = {"bleu": np.float64(0.25), "mode": Mode.FAST, "tag": Tag("x"),
+             "count": np.int64(7), "flag": np.bool_(True), "pair": Pair(1, np.float32(0.5)),
+             Tag("key"): collections.OrderedDict(b=[np.int32(3)])}
+    path = tmp_path / "plain.ckpt"
+    save_checkpoint(path, net, trained["src_vocab"], trained["tgt_vocab"],
+                    dict(CONFIG, dropout=np.linspace(0, 0.2, 3)[1]), optimizer=optimizer,
+                    epoch=np.int64(2), extra=extra)
+    ckpt = load_checkpoint(path)
+    assert ckpt["extra"] == {"bleu": 0.25, "mode": 2, "tag": "x", "count": 7, "flag": True,
+                             "pair": (1, 0.5), "key": {"b": [3]}}
+    assert type(ckpt["extra"]["mode"]) is int and type(ckpt["extra"]["tag"]) is str
+    assert type(ckpt["config"]["dropout"]) is float and ckpt["config"]["dropout"] == 0.1
+    assert ckpt["train"]["epoch"] == 2
+    assert type(ckpt["train"]["optimizer"]["param_groups"][0]["lr"]) is float
+
+
 def test_save_refuses_bad_arguments_before_touching_the_file(trained, good):
     before = good.read_bytes()
     args = (trained["net"], trained["src_vocab"], trained["tgt_vocab"])

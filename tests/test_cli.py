@@ -240,6 +240,9 @@ def test_resume_refuses_changed_settings_and_bad_files(trained, tmp_path):
     assert proc.returncode == 2 and '--lr' in proc.stderr and 'Traceback' not in proc.stderr
     proc = run_cli(['train', '--resume', path, '--epochs', '6'], tmp_path)
     assert proc.returncode == 2 and '--epochs' in proc.stderr, proc.stderr
+    proc = run_cli(['train', '--resume', path, '--epochs', '8', '--dataset', 'fra-eng'],
+                   tmp_path)
+    assert proc.returncode == 2 and '--dataset fra-eng differs' in proc.stderr, proc.stderr
     missing = tmp_path / 'missing.pt'
     for command in (['train', '--resume', missing], ['translate', '--checkpoint', missing, 'x'],
                     ['evaluate', '--checkpoint', missing]):

@@ -91,3 +91,30 @@ def test_predict_under_reference_backend_is_the_reference(monkeypatch):
     assert spy.calls == 0
     assert got == [reference.predict_seq2seq(ref, s, src_vocab, tgt_vocab, 6, "cpu")
                    for s in ("go .", "i lost .")]
+
+
+@pytest.mark.parametrize("call, name, exc", [
+    (lambda n, s, t: seq2seq_ext.predict_seq2seq(n, "one two", s, t, 2.5, "cpu"),
+     "num_steps", TypeError),
+    (lambda n, s, t: seq2seq_ext.predict_seq2seq(n, "one two", s, t, -1, "cpu"),
+     "num_steps", ValueError),
+    (lambda n, s, t: seq2seq_ext.predict_seq2seq(n, ["one"], s, t, 5, "cpu"),
+     "src_sentence", TypeError),
+    (lambda n, s, t: seq2seq_ext.predict_seq2seq_batch(n, ["one"], s, t, 2.5, "cpu"),
+     "num_steps", TypeError),
+    (lambda n, s, t: seq2seq_ext.predict_seq2seq_batch(n, ["one"], s, t, 5, "cpu",
+                                                       batch_size="8"),
+     "batch_size", TypeError),
+    (lambda n, s, t: seq2seq_ext.predict_seq2seq_batch(n, ["one"], s, t, 5, "cpu",
+                                                       batch_size=0),
+     "batch_size", ValueError),
+    (lambda n, s, t: seq2seq_ext.predict_seq2seq_batch(n, ["one", 3], s, t, 5, "cpu"),
+     r"src_sentences\[1\]", TypeError),
+])
+def test_bad_arguments_name_the_argument(call, name, exc):
+    src_vocab, tgt_vocab = _vocabs()
+    net, _ = _nets(src_vocab, tgt_vocab, torch.float32, seed=5)
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(exc, match=f"^{name}"):
+        call(net, src_vocab, tgt_vocab)
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))

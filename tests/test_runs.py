@@ -53,6 +53,8 @@ def test_resume_refuses_what_would_change_the_run(tmp_path, one_thread):
     TrainingRun.start(RunConfig(**SMALL, epochs=1), checkpoint=str(path)).train()
     with pytest.raises(RunError, match='--lr 0.1 differs'):
         resume(path, epochs=3, lr=0.1)
+    with pytest.raises(RunError, match='--dataset fra-eng differs'):
+        resume(path, epochs=3, dataset='fra-eng')
     with pytest.raises(RunError, match='already has 1 epochs'):
         resume(path)
     with pytest.raises(TypeError, match='colour'):

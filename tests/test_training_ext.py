@@ -528,14 +528,26 @@ def test_bf16_with_scheduled_teacher_forcing_runs():
     (dict(start_epoch=-1), ValueError, "start_epoch"),
     (dict(start_epoch=1.0), TypeError, "start_epoch"),
     (dict(optimizer="adam"), TypeError, "optimizer"),
+    (dict(lr=-1.0), ValueError, "lr"),
+    (dict(lr=float("nan")), ValueError, "lr"),
+    (dict(lr="0.01"), ValueError, "lr"),
+    (dict(device="cuda:64"), ValueError, "device"),
+    (dict(device="no-such-device"), ValueError, "device"),
+    (dict(tgt_vocab=None), TypeError, "tgt_vocab"),
+    (dict(data_iter=None), TypeError, "data_iter"),
 ])
 def test_bad_arguments_raise_and_change_nothing(kwargs, exc, name):
+    """Checked before the weights are initialised or a random number is drawn."""
     train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=100)
     net = _model(src_vocab, tgt_vocab)
     before = _params(net)
-    with pytest.raises(exc, match=name):
-        fit(net, train_iter, 0.01, 3, tgt_vocab, CPU, plot=False, **kwargs)
+    args = dict(data_iter=train_iter, lr=0.01, num_epochs=3, tgt_vocab=tgt_vocab, device=CPU)
+    args.update(kwargs)
+    rng = torch.get_rng_state()
+    with pytest.raises(exc, match=f"^{name}"):
+        fit(net, plot=False, **args)
     _assert_same_params(_params(net), before)
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_decode_teacher_forced_bad_arguments():
