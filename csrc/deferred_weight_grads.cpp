@@ -81,11 +81,12 @@ void set_deferred_grads(DeferGrads mode) { g_mode.store(mode, std::memory_order_
 bool defers_grad(const at::Tensor& input, bool packed, const at::Tensor& w) {
   const DeferGrads mode = deferred_grads();
   if (mode == DeferGrads::kOff || packed || !w.defined() || !w.requires_grad()) return false;
-  if (!input.is_cpu() || !w.is_cpu() || input.dim() != 3 || input.size(0) != 1 || w.dim() != 2)
+  // fake and functional tensors (torch.compile's tracing) record the op as is; tested first: a
+  // fake tensor's size() would fix every dimension of it
+  if (at::isTensorSubclassLike(input) || at::isTensorSubclassLike(w)) return false;
+  if (!input.is_cpu() || !w.is_cpu() || input.dim() != 3 || input.size(0) != 1 || w.dim() != 2 ||
+      w.layout() != at::kStrided)
     return false;
-  if (w.layout() != at::kStrided || at::isTensorSubclassLike(input) ||
-      at::isTensorSubclassLike(w))
-    return false;  // fake and functional tensors (torch.compile's tracing) record the op as is
   return mode == DeferGrads::kAlways || w.numel() >= kDeferMinElements;
 }
 

@@ -48,9 +48,10 @@ inline GruLayerGrads gru_layer_sequence_grads(const GruLayerDims& d, const at::T
                                               const at::Tensor& output, const at::Tensor& w_ih,
                                               bool has_extra) {
   const int64_t T = d.steps, B = d.batch, G = 3 * d.hidden, H = d.hidden, I = d.input;
-  const at::Tensor dgi2 = dgi.view({-1, G});
-  const at::Tensor dgh2 = dgh.view({-1, G});
-  const int64_t N = dgi2.size(0);
+  // the rows, (T, B) or packed (N,), counted from the shape (G may be 0)
+  const int64_t N = dgi.dim() == 3 ? dgi.size(0) * dgi.size(1) : dgi.size(0);
+  const at::Tensor dgi2 = dgi.view({N, G});
+  const at::Tensor dgh2 = dgh.view({N, G});
   const bool low = w_ih.scalar_type() == at::kBFloat16;
   auto mm = [low](const at::Tensor& a, const at::Tensor& b) {
     return low ? bf16_mm(a, b) : at::mm(a, b);

@@ -233,7 +233,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_stac
 // b_hh]), 2 (no biases), or 0 for a list of neither length (left to the kernel's checks); the
 // first two of each layer's are its matrices.
 int64_t weights_per_layer(const at::Tensor& h0, size_t n) {
-  const int64_t layers = h0.dim() == 3 ? h0.size(0) : 0;
+  // sym_size: size() of a fake tensor (torch.compile's tracing) would read, and so fix, every
+  // dimension of h0, the batch included; this reads the layer count alone
+  const int64_t layers = h0.dim() == 3 ? h0.sym_size(0).guard_int(__FILE__, __LINE__) : 0;
   const auto count = static_cast<int64_t>(n);
   return layers > 0 && count == 4 * layers ? 4 : (layers > 0 && count == 2 * layers ? 2 : 0);
 }

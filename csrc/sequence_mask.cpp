@@ -53,7 +53,11 @@ void sequence_mask_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar
   check_mask_writable(X);
   check_mask_value(X, value);
   if (X.numel() == 0) return;
-  SEQ2SEQ_EXT_KERNEL(X, sequence_mask_)(X, valid_len, value);
+  // lengths read from X's own memory: copied first (a kernel writing X may read them late)
+  const at::Tensor lengths = at::get_overlap_status(X, valid_len) == at::MemOverlapStatus::No
+                                 ? valid_len
+                                 : valid_len.clone();
+  SEQ2SEQ_EXT_KERNEL(X, sequence_mask_)(X, lengths, value);
 }
 
 at::Tensor sequence_mask(const at::Tensor& X, const at::Tensor& valid_len,

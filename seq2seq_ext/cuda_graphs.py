@@ -87,8 +87,8 @@ def use_mode(name):
 # ----------------------------------------------------------------------------------------------
 
 def wall_time(fn, *, calls=5, rounds=3):
-    """Median over ``rounds`` of the wall time of ``calls`` calls of ``fn`` (device synchronised
-    before and after each round): the caller's view, launch overhead included."""
+    """Median over ``rounds`` of the wall time of ``calls`` calls of ``fn`` (the current device
+    synchronised before and after each round): the caller's view, launch overhead included."""
     times = []
     for _ in range(rounds):
         torch.cuda.synchronize()
@@ -211,27 +211,34 @@ class CapturedCall:
         for i in self.copied:
             self.static[i] = torch.empty_like(args[i], memory_format=torch.contiguous_format)
             self.static[i].copy_(args[i])
-        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        self.device = device = next(a.device for a in args if isinstance(a, torch.Tensor))
         stream = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
         side.wait_stream(stream)
-        with torch.no_grad(), torch.cuda.stream(side):
-            fn(*self.static)  # warm-up outside the capture: handles, workspaces
-        stream.wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph):
-            self.outputs = fn(*self.static)
+        # everything on the arguments' device, whichever is current: the op launches on its
+        # tensors' device, so a capture begun on another device's stream would record nothing.
+        # The capture's errors are this thread's own ("thread_local"): a data loader's thread
+        # pinning memory meanwhile is not refused.
+        with torch.cuda.device(device):
+            with torch.no_grad(), torch.cuda.stream(side):
+                fn(*self.static)  # warm-up outside the capture: handles, workspaces
+            stream.wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(self.graph, stream=side,
+                                                   capture_error_mode="thread_local"):
+                self.outputs = fn(*self.static)
         self.last_stream = stream
 
     def __call__(self, args):
-        stream = torch.cuda.current_stream(self.outputs[0].device)
+        stream = torch.cuda.current_stream(self.device)
         if stream != self.last_stream:
             stream.wait_stream(self.last_stream)  # the previous replay's buffers are reused
         self.last_stream = stream
-        for i in self.copied:
-            self.static[i].copy_(args[i])
-        self.graph.replay()
-        return tuple(o.clone() for o in self.outputs)
+        with torch.cuda.device(self.device):
+            for i in self.copied:
+                self.static[i].copy_(args[i])
+            self.graph.replay()
+            return tuple(o.clone() for o in self.outputs)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -283,7 +290,9 @@ def _run(name, op, args, copied, in_place):
     def eager():
         return op(*args)
 
-    with torch.no_grad():
+    # the arguments' device current (whichever the caller's is): the rule's timer synchronises
+    # it, and the capture records on it
+    with torch.no_grad(), torch.cuda.device(args[0].device):
         choice = rule.choose(shape_class, eager, replay)
         return replay() if choice == "graph" else eager()
 

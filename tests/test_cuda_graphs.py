@@ -420,6 +420,29 @@ def test_graph_path_follows_in_place_weight_updates_and_new_activations():
 
 
 @NEEDS_CUDA
+def test_graph_path_after_another_capture_and_with_another_current_device():
+    """A graph captured earlier in the process (PyTorch's shared capture stream then exists)
+    and, with two GPUs, tensors on a device other than the current one: the layer's graph is
+    captured on its tensors' device and stream, so replays follow new inputs."""
+    side = torch.cuda.CUDAGraph()
+    static = torch.zeros(4, device="cuda")
+    with torch.cuda.graph(side):
+        static.add_(1)
+    devices = ["cuda:0"] + (["cuda:1"] if torch.cuda.device_count() > 1 else [])
+    for device in devices:
+        args = [None if a is None else a.to(device) for a in _layer_args(34)]
+        with torch.no_grad(), torch.cuda.device(0), cuda_graphs.use_mode("graph"):
+            first = ops.gru_layer(*args)
+            args[0] = args[0] * 0.5
+            second = ops.gru_layer(*args)
+        with torch.no_grad(), cuda_graphs.use_mode("eager"):
+            expected = ops.gru_layer(*args)
+        assert second[0].device == torch.device(device)
+        assert not torch.allclose(first[0], second[0])
+        torch.testing.assert_close(second[0], expected[0], **CLOSE)
+
+
+@NEEDS_CUDA
 def test_auto_mode_measures_each_shape_class_once():
     args = _layer_args(33)
     with torch.no_grad():

@@ -3,6 +3,7 @@
 // decoder of decoder.h over GruCell with the packed weights, or the CPU kernels of
 // gru_decode_step and greedy_decode with the module's weights).
 #include <ATen/EmptyTensor.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <initializer_list>
 #include <vector>
@@ -118,6 +119,7 @@ const at::Tensor& DecoderStepper::rounded_emb_proj() {
   refresh();
   if (!emb_proj_low_.defined()) {
     at::NoGradGuard no_grad;
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto rounded = [](const at::Tensor& t) { return t.to(at::kBFloat16).to(t.scalar_type()); };
     emb_proj_low_ = at::addmm(weights_[2], rounded(embedding_),
                               rounded(weights_[0].narrow(1, 0, embedding_.size(1))).t());
@@ -129,6 +131,8 @@ const at::Tensor& DecoderStepper::emb_proj() {
   refresh();
   if (!emb_proj_.defined()) {
     at::NoGradGuard no_grad;
+    // in the weights' dtype whatever autocast is in force: the table is cached for every call
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     emb_proj_ = at::addmm(weights_[2], embedding_,
                           weights_[0].narrow(1, 0, embedding_.size(1)).t());
   }

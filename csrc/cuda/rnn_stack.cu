@@ -106,8 +106,8 @@ struct Launch {
   dim3 grid, block;
 };
 
-Launch launch_for(int64_t B, int64_t H) {
-  const int64_t threads = std::min<int64_t>(kThreads, (H + 31) / 32 * 32);
+Launch launch_for(int64_t B, int64_t H) {  // (H = 0: one warp, launched by no caller)
+  const int64_t threads = std::max<int64_t>(32, std::min<int64_t>(kThreads, (H + 31) / 32 * 32));
   const int64_t gx = std::min<int64_t>((H + threads - 1) / threads, kMaxGridX);
   const int64_t gy = std::min<int64_t>(B, kMaxGridY);
   return {dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),

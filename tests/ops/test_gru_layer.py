@@ -950,3 +950,19 @@ class TestGruLayerBf16Matrices:
         change(args)
         with pytest.raises(RuntimeError, match=match):
             LAYER(*args)
+
+
+def test_backward_with_no_hidden_unit():
+    """hidden 0: the layer's outputs are empty, its input and weight gradients zero-sized or
+    zero, as the reference's autograd gives them."""
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.zeros(2, 0, dtype=torch.float64, requires_grad=True)
+    w_ih = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+    w_hh = torch.zeros(0, 0, dtype=torch.float64, requires_grad=True)
+    b_ih = torch.zeros(0, dtype=torch.float64, requires_grad=True)
+    b_hh = torch.zeros(0, dtype=torch.float64, requires_grad=True)
+    out, h_n = ops.gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh)
+    assert out.shape == (3, 2, 0) and h_n.shape == (2, 0)
+    grads = torch.autograd.grad((out.sum() + h_n.sum()), (x, h0, w_ih, w_hh), allow_unused=True)
+    assert torch.equal(grads[0], torch.zeros_like(x))
+    assert [tuple(g.shape) for g in grads[1:]] == [(2, 0), (0, 4), (0, 0)]

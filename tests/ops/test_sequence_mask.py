@@ -498,3 +498,13 @@ def test_inplace_on_inference_tensor_outside_inference_mode_is_refused(fn):
     with torch.inference_mode():
         fn(X, torch.tensor([1, 2]))
     assert torch.equal(X, _expected(torch.ones(2, 3), torch.tensor([1, 2])))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_with_lengths_read_from_x_itself(device):
+    # valid_len a view of X's own first column: every length is read before any is overwritten
+    X = torch.tensor([[3.0, 1, 1, 1], [1.0, 1, 1, 1], [0.0, 1, 1, 1], [4.0, 1, 1, 1]],
+                     device=device)
+    expected = _expected(X, X[:, 0].clone(), 7.0)
+    MASK_(X, X[:, 0], 7.0)
+    assert torch.equal(X, expected)
