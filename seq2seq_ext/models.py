@@ -445,9 +445,11 @@ def decode_path(decoder, state=None):
     the embedding or the output layer is not a plain ``nn.Embedding`` /     "torch"
     ``nn.Linear`` (another class, a parametrization, pruning, hooks, an
     embedding's ``max_norm``)
+    the embedding's width plus the hidden size is not layer 0's input size  "torch"
     the state is not in the decoder's format, or its tensors (the context   "torch"
     included) are not all float32 or all float64 on one device
     the library has no kernel of the step op for that device (CPU or CUDA)  "torch"
+    autocast in force for that device (the modules' calls give its dtypes)  "torch"
     training mode with dropout > 0                                          "torch"
     grad mode on and a state tensor or a parameter requires grad            "torch"
     a plain CPU tensor state, grad mode off, no ``torch.compile`` tracing,  "stepper"
@@ -487,6 +489,8 @@ def decode_path(decoder, state=None):
     if device_type != "cpu" and (device_type != "cuda"  # (the CPU kernels are always built)
                                  or not ops.has_kernel(_STEP_OPS[cell], first.device)):
         return "torch"
+    if torch.is_autocast_enabled(device_type):
+        return "torch"  # the modules' own calls, under autocast's casts (bf16 logits)
     if decoder.training and rnn.dropout > 0:
         return "torch"
     if torch.is_grad_enabled():

@@ -55,8 +55,18 @@ def _check_backend(name):
     return name
 
 
+def _functorch_active():
+    """A ``torch.func`` transform (grad, vmap, jacrev, ...) is running: the compiled ops have
+    no rules for them, so the package computes as the reference does. (A private query, the
+    only one there is; ``is_compiling`` first, which Dynamo folds to True.)"""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def get_backend():
-    """The backend in force: ``"ext"`` (compiled ops) or ``"reference"`` (pure PyTorch)."""
+    """The backend in force: ``"ext"`` (compiled ops) or ``"reference"`` (pure PyTorch), which
+    is also what a ``torch.func`` transform in progress gets."""
+    if _functorch_active():
+        return "reference"
     stack = _state.stack
     if stack:
         return stack[-1]
@@ -325,9 +335,10 @@ def _has_kernel(op_name, device_type):
 
 def direct_cpu_call_ok(state):
     """True when a CPU kernel may be called directly for ``state``: a plain CPU tensor, no grad
-    mode, no torch.compile tracing, no dispatch or function mode."""
+    mode, no CPU autocast (a direct call would skip its casts), no torch.compile tracing, no
+    dispatch or function mode."""
     return (type(state) is torch.Tensor and state.is_cpu and not torch.is_grad_enabled()
-            and _no_dispatch_hooks())
+            and not torch.is_autocast_enabled("cpu") and _no_dispatch_hooks())
 
 
 def ext_shortcut_ok():
@@ -336,7 +347,8 @@ def ext_shortcut_ok():
     is being traced by torch.compile. The tensor, grad-mode and dispatch-mode half is the bound
     stepper's ``try_step``."""
     return (not torch.compiler.is_compiling() and not _state.stack
-            and (_ENV_BACKEND if _default is None else _default) == "ext")
+            and (_ENV_BACKEND if _default is None else _default) == "ext"
+            and not torch._C._are_functorch_transforms_active())
 
 
 def _no_dispatch_hooks():
@@ -344,7 +356,8 @@ def _no_dispatch_hooks():
     # is_compiling first: Dynamo then folds the whole test to False without tracing the rest
     return (not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._is_torch_function_mode_enabled())
+            and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._are_functorch_transforms_active())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -342,3 +342,31 @@ def test_compiled_autograd_drop_in_layers_and_one_step_loop(cell):
     got = _grads_under(True, run, params)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: d2l.accelerate(torch.nn.GRU(6, 8, 2, batch_first=True)),
+    lambda: d2l.accelerate(torch.nn.LSTM(6, 8, 2, batch_first=True)),
+], ids=["gru", "lstm"])
+def test_training_keeps_the_batch_size_dynamic(make):
+    """The fused layer op under compiled training reads its arguments' sizes symbolically: a
+    batch dimension marked dynamic stays dynamic (no ConstraintViolationError), and new batch
+    sizes reuse the graph instead of recompiling each."""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    layer = make()
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(allow_rnn=True):
+        step = torch.compile(lambda x: layer(x)[0].sum(), backend="aot_eager")
+        x = torch.randn(5, 3, 6, requires_grad=True)
+        torch._dynamo.mark_dynamic(x, 0)
+        step(x).backward()
+        graphs = counters["stats"]["unique_graphs"]
+        for batch in (4, 7):
+            x = torch.randn(batch, 3, 6, requires_grad=True)
+            step(x).backward()
+            want = torch.autograd.grad(layer(x)[0].sum(), x)[0]  # eager
+            torch.testing.assert_close(x.grad, want)
+        assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()

@@ -124,6 +124,86 @@ class TestStateOfAnotherSize:
         assert str(got.value) == str(want.value)
 
 
+def _variant_pair(cell, fixed):
+    torch.manual_seed(0)
+    dec = seq2seq_ext.Seq2SeqDecoder(VOCAB, EMBED, HIDDEN, LAYERS, cell=cell,
+                                     fixed_context=fixed).eval()
+    ref = reference.VariantSeq2SeqDecoder(VOCAB, EMBED, HIDDEN, LAYERS, cell=cell,
+                                          fixed_context=fixed).eval()
+    ref.load_state_dict(dec.state_dict())
+    state = _state(cell)
+    return dec, ref, ((state, _state("gru")[-1]) if fixed else state)
+
+
+class TestSwappedInWeights:
+    """``torch.func.functional_call`` swaps tensors into the parameter dicts without any
+    registration hook: a one-step call takes the substitutes, and the next ordinary call the
+    module's own weights again, whichever came first."""
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("fixed", [False, True])
+    def test_functional_call_in_one_step_calls(self, cell, fixed):
+        dec, ref, state = _variant_pair(cell, fixed)
+        X = _tokens(1)
+        sub = {n: p.detach() * 1.3 for n, p in dec.named_parameters()}
+        with torch.no_grad():
+            for first_bind in (True, False):
+                if first_bind:
+                    dec(X, state)
+                got = torch.func.functional_call(dec, sub, (X, state))[0]
+                want = torch.func.functional_call(ref, sub, (X, state))[0]
+                torch.testing.assert_close(got, want)
+                torch.testing.assert_close(dec(X, state)[0], ref(X, state)[0])
+                dec, ref, state = _variant_pair(cell, fixed)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_torch_func_grad_of_a_model_equals_the_reference(cell):
+    """A torch.func transform in progress runs the package's model as the reference (the fused
+    ops have no functorch rules): the same gradients."""
+    torch.manual_seed(0)
+    net = seq2seq_ext.EncoderDecoder(
+        seq2seq_ext.Seq2SeqEncoder(VOCAB, EMBED, HIDDEN, LAYERS, cell=cell),
+        seq2seq_ext.Seq2SeqDecoder(VOCAB, EMBED, HIDDEN, LAYERS, cell=cell))
+    ref = reference.EncoderDecoder(
+        reference.VariantSeq2SeqEncoder(VOCAB, EMBED, HIDDEN, LAYERS, cell=cell),
+        reference.VariantSeq2SeqDecoder(VOCAB, EMBED, HIDDEN, LAYERS, cell=cell))
+    ref.load_state_dict(net.state_dict())
+    X, Y = _tokens(5), _tokens(4)
+    params = {n: p.detach() for n, p in net.named_parameters()}
+
+    def loss(m):
+        return lambda p: torch.func.functional_call(m, p, (X, Y))[0].square().sum()
+    want = torch.func.grad(loss(ref))(params)
+    got = torch.func.grad(loss(net))(params)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+
+
+class TestAutocast:
+    """A no-grad step or greedy decoding under CPU bf16 autocast runs the modules' calls under
+    autocast's casts, as the reference does (bf16 logits), and leaves nothing behind that a
+    float32 call afterwards would read."""
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("fixed", [False, True])
+    @pytest.mark.parametrize("bound", [False, True])
+    def test_no_grad_step(self, cell, fixed, bound):
+        dec, ref, state = _variant_pair(cell, fixed)
+        X = _tokens(1)
+        with torch.no_grad():
+            if bound:
+                dec(X, state)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got, want = dec(X, state)[0], ref(X, state)[0]
+            assert got.dtype == want.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.02)
+            torch.testing.assert_close(dec(X, state)[0], ref(X, state)[0])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                tokens, _ = dec.greedy(state, 1, 2, 4)
+            assert tokens.shape == (3, 4)
+
+
 class TestEmbeddingOfAnotherWidth:
     """An embedding swapped for one of another width: layer 0's input [embedding, context] no
     longer fits its weights, and every path raises instead of reading the wrong columns."""

@@ -849,3 +849,20 @@ class TestBf16Autocast:
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         assert op_calls == ["gru", "gru"]
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_torch_func_grad_equals_torch_nn(cell, op_calls):
+    """Under a torch.func transform the drop-in layer computes as torch.nn does (the fused ops
+    have no functorch rules): torch.func.grad gives torch.nn's gradients."""
+    ref, new = pair(cell, 4, 6, 2)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    params = {n: p.detach() for n, p in ref.named_parameters()}
+
+    def loss(m):
+        return lambda p: torch.func.functional_call(m, p, (x,))[0].square().sum()
+    want = torch.func.grad(loss(ref))(params)
+    got = torch.func.grad(loss(new))(params)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    assert op_calls == []

@@ -44,7 +44,7 @@ def sync(src, dst):
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     for n in names:
         sync(os.path.join(src, n), os.path.join(dst, n))
-for name in ("setup.py", "csrc", "seq2seq_ext"):
+for name in ("setup.py", "csrc", "seq2seq_ext", "tools"):
     sync(os.path.join(root, name), os.path.join(build, name))
 EOF
 find "$BUILD/seq2seq_ext" -name __pycache__ -type d -prune -exec rm -rf {} +
