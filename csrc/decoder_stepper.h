@@ -49,6 +49,7 @@ class DecoderStepper {
                                             bool bf16_weights = false);
   // The bound weights, as the decode ops take them.
   const std::vector<at::Tensor>& weights() const { return weights_; }
+  const at::Tensor& embedding() const { return embedding_; }
   const at::Tensor& dense_weight() const { return dense_weight_; }
   const at::Tensor& dense_bias() const { return dense_bias_; }
 

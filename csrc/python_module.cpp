@@ -81,10 +81,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                 at::impl::torch_function_mode_enabled() ||
                 at::autocast::is_autocast_enabled(at::kCPU))
               return pybind11::none();
-            // a state nn.GRU would refuse: the usual call raises its error
+            // a state nn.GRU would refuse, or an embedding that no longer fits layer 0 (its
+            // `.data` replaced): the usual call raises nn.GRU's error
             const auto& w = s.weights();
             if (st.dim() != 3 || st.size(0) != static_cast<int64_t>(w.size() / 4) ||
-                st.size(2) != w[1].size(1))
+                st.size(2) != w[1].size(1) ||
+                w[0].size(1) != s.embedding().size(1) + w[1].size(1))
               return pybind11::none();
             return pybind11::cast(s.step(tok, st));
           },

@@ -53,10 +53,12 @@ void sequence_mask_(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar
   check_mask_writable(X);
   check_mask_value(X, value);
   if (X.numel() == 0) return;
-  // lengths read from X's own memory: copied first (a kernel writing X may read them late)
-  const at::Tensor lengths = at::get_overlap_status(X, valid_len) == at::MemOverlapStatus::No
-                                 ? valid_len
-                                 : valid_len.clone();
+  // lengths read from X's own memory: copied first on CUDA, whose kernel may read a length
+  // after another thread wrote X (the CPU kernel reads every length before it writes)
+  const at::Tensor lengths =
+      X.is_cuda() && valid_len.is_cuda() && X.storage().is_alias_of(valid_len.storage())
+          ? valid_len.clone()
+          : valid_len;
   SEQ2SEQ_EXT_KERNEL(X, sequence_mask_)(X, lengths, value);
 }
 
@@ -76,21 +78,35 @@ SEQ2SEQ_EXT_ENTRIES(m) {
   m.impl("sequence_mask_", &sequence_mask_);
 }
 
-// The in-place op's write must reach autograd: X's version counter is bumped (a graph that
-// saved X then refuses to backward through its old values, as after any in-place op), and an X
-// that requires grad is refused, the op having no derivative (sequence_mask is differentiable).
+// The in-place op's write must reach autograd. The ADInplaceOrView kernel bumps X's version
+// counter (a graph that saved X then refuses to backward through its old values, as after any
+// in-place op; in inference mode too, where a normal tensor still passes this key); the
+// Autograd kernel refuses an X that requires grad, the op having no derivative (sequence_mask
+// is differentiable).
 namespace {
+
+using MaskInPlaceSig = void(at::Tensor&, const at::Tensor&, const at::Scalar&);
+
+const c10::TypedOperatorHandle<MaskInPlaceSig>& mask_inplace_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("seq2seq_ext::sequence_mask_", "")
+                             .typed<MaskInPlaceSig>();
+  return op;
+}
 
 void sequence_mask_autograd(at::Tensor& X, const at::Tensor& valid_len, const at::Scalar& value) {
   TORCH_CHECK(!(at::GradMode::is_enabled() && X.requires_grad()),
               "X: the in-place sequence_mask_ has no derivative and X requires grad; use the "
               "out-of-place sequence_mask, or call it under torch.no_grad()");
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("seq2seq_ext::sequence_mask_", "")
-                             .typed<void(at::Tensor&, const at::Tensor&, const at::Scalar&)>();
+  at::AutoDispatchBelowAutograd below;
+  mask_inplace_op().call(X, valid_len, value);
+}
+
+void sequence_mask_inplace_or_view(at::Tensor& X, const at::Tensor& valid_len,
+                                   const at::Scalar& value) {
   {
     at::AutoDispatchBelowADInplaceOrView below;
-    op.call(X, valid_len, value);
+    mask_inplace_op().call(X, valid_len, value);
   }
   torch::autograd::impl::bump_version(X);
 }
@@ -99,6 +115,10 @@ void sequence_mask_autograd(at::Tensor& X, const at::Tensor& valid_len, const at
 
 TORCH_LIBRARY_IMPL(seq2seq_ext, Autograd, m) {
   m.impl("sequence_mask_", &sequence_mask_autograd);
+}
+
+TORCH_LIBRARY_IMPL(seq2seq_ext, ADInplaceOrView, m) {
+  m.impl("sequence_mask_", &sequence_mask_inplace_or_view);
 }
 
 }  // namespace seq2seq_ext

@@ -101,8 +101,8 @@ def vocab_to_state(vocab):
     state = {"idx_to_token": list(vocab.idx_to_token),
              "token_to_idx": dict(vocab.token_to_idx),
              "token_freqs": [[token, freq] for token, freq in vocab.token_freqs]}
-    _check_vocab_state(state)
     state = _plain_copy(state, "vocab")  # numpy counts, str subclasses: as plain values
+    _check_vocab_state(state)
     return state
 
 
@@ -294,10 +294,13 @@ def save_checkpoint(path, net, src_vocab, tgt_vocab, config, *, optimizer=None, 
                          f"{len(src_state['idx_to_token'])} and "
                          f"{len(tgt_state['idx_to_token'])}: {problem}")
     if epoch is not None:  # an int, or an integer that stands for one (numpy's int64)
-        if (isinstance(epoch, bool) or not hasattr(type(epoch), "__index__")
-                or operator.index(epoch) < 0):
+        try:
+            index = None if isinstance(epoch, bool) else operator.index(epoch)
+        except TypeError:
+            index = None
+        if index is None or index < 0:
             raise ValueError(f"epoch must be None or an int >= 0, got {epoch!r}")
-        epoch = operator.index(epoch)
+        epoch = index
     if optimizer is not None and not callable(getattr(optimizer, "state_dict", None)):
         raise TypeError(f"optimizer must have a state_dict() method, got "
                         f"{type(optimizer).__name__}")

@@ -8,7 +8,7 @@ import torch
 
 from . import reference
 from .data import truncate_pad
-from .models import _check_int, bf16_weights_requested, decode_path, encode
+from .models import _check_int, _int_of, bf16_weights_requested, decode_path, encode
 
 __all__ = ["predict_seq2seq", "predict_seq2seq_batch"]
 
@@ -82,7 +82,7 @@ def predict_seq2seq(net, src_sentence, src_vocab, tgt_vocab, num_steps, device,
     package's GRU encoder's: :func:`seq2seq_ext.models.encode`).
     """
     _check_sentence("src_sentence", src_sentence)
-    num_steps = _check_int("num_steps", num_steps, 0)
+    num_steps = _check_int("num_steps", _int_of(num_steps), 0)
     chapter_loop = save_attention_weights or _chapter_loop(net)
     _check_weight_dtype(weight_dtype, chapter_loop)
     if chapter_loop:
@@ -99,8 +99,8 @@ def predict_seq2seq_batch(net, src_sentences, src_vocab, tgt_vocab, num_steps, d
     each stops at ``<eos>`` or ``num_steps``. ``weight_dtype``: as for :func:`predict_seq2seq`."""
     if isinstance(src_sentences, str):
         raise TypeError("src_sentences: expected a list of sentences, got one string")
-    num_steps = _check_int("num_steps", num_steps, 0)
-    batch_size = _check_int("batch_size", batch_size)
+    num_steps = _check_int("num_steps", _int_of(num_steps), 0)
+    batch_size = _check_int("batch_size", _int_of(batch_size))
     sentences = list(src_sentences)
     for i, sentence in enumerate(sentences):
         _check_sentence(f"src_sentences[{i}]", sentence)

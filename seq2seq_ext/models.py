@@ -201,12 +201,12 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         bf16 = bf16_weights_requested(weight_dtype)
         with torch.no_grad():
             path = decode_path(self, state)
-            dtype = _fastcall.flat_weights(_fastcall.submodule(self, "rnn"))[0].dtype
-            if bf16 and (self.cell != "gru" or path != "stepper" or dtype != torch.float32):
+            if bf16 and (self.cell != "gru" or path != "stepper" or _fastcall.flat_weights(
+                    _fastcall.submodule(self, "rnn"))[0].dtype != torch.float32):
                 raise ValueError(
                     "weight_dtype: bfloat16 weights are decoded by the GRU decoder's CPU stepper "
-                    f"(float32 CPU tensors, the extension backend); this decoder ({self.cell}, "
-                    f"{dtype}) decodes on the {path!r} path")
+                    f"(float32 CPU tensors, the extension backend); this decoder ({self.cell}) "
+                    f"decodes on the {path!r} path, or its weights are not float32")
             if self.cell == "gru" and path != "torch":
                 rnn_state, ctx_proj = state, None
                 if self.fixed_context:

@@ -58,8 +58,8 @@ def _check_backend(name):
 def _functorch_active():
     """A ``torch.func`` transform (grad, vmap, jacrev, ...) is running: the compiled ops have
     no rules for them, so the package computes as the reference does. (A private query, the
-    only one there is; ``is_compiling`` first, which Dynamo folds to True.)"""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    only one there is: 30 ns, against 70 ns for ``is_compiling``.)"""
+    return torch._C._are_functorch_transforms_active()
 
 
 def get_backend():
@@ -676,9 +676,9 @@ def gru(input, h0, flat_weights, dropout=0.0, training=False, w_ih0=None, extra0
     if get_backend() == "reference":
         raise RuntimeError("ops.gru runs the compiled op; models use nn.GRU under the "
                            "reference backend")
-    if not 0 <= dropout <= 1:
-        raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout}")
     layers = _gru_stack_layers(h0, flat_weights)
+    if training and layers > 1 and not 0 <= dropout <= 1:  # where (and as) torch.nn checks it
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout}")
     x, states = input, []
     for layer in range(layers):
         w_ih, w_hh, b_ih, b_hh = flat_weights[4 * layer: 4 * layer + 4]

@@ -209,10 +209,13 @@ def _check_fit_args(net, data_iter, lr, num_epochs, tgt_vocab, device, start_epo
     if not hasattr(type(data_iter), "__iter__"):
         raise TypeError(f"data_iter: expected an iterable of batches, got "
                         f"{type(data_iter).__name__}")
-    if optimizer is None:  # make_adam takes lr
-        if (isinstance(lr, bool) or not isinstance(lr, numbers.Real)
-                or not 0 <= float(lr) < float("inf")):
-            raise ValueError(f"lr: expected a finite number >= 0, got {lr!r}")
+    if optimizer is None:  # make_adam takes lr: a number, or a one-element tensor as Adam does
+        real = (isinstance(lr, torch.Tensor) and lr.numel() == 1 and not lr.is_complex()
+                or isinstance(lr, numbers.Real) and not isinstance(lr, bool))
+        if not real:
+            raise TypeError(f"lr: expected a number, got {type(lr).__name__}")
+        if not 0 <= float(lr) < float("inf"):
+            raise ValueError(f"lr: expected a finite number >= 0, got {float(lr)}")
     try:
         bos_id = tgt_vocab['<bos>']
     except (TypeError, KeyError, IndexError, AttributeError):

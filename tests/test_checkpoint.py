@@ -1,5 +1,6 @@
 """Tests for seq2seq_ext.checkpoint: round trips, atomic saving, and the refusal of missing,
 truncated, corrupted, wrong-version, foreign and hostile files."""
+import copy
 import io
 import os
 import pickle
@@ -300,12 +301,14 @@ def test_subclassed_and_numpy_values_are_saved_as_plain_ones(trained, tmp_path):
 
     Pair = collections.namedtuple("Pair", "a b")
     net = trained["net"]
+    tgt_vocab = copy.copy(trained["tgt_vocab"])  # counts from numpy
+    tgt_vocab._token_freqs = [(t, np.int64(f)) for t, f in tgt_vocab.token_freqs]
     optimizer = torch.optim.Adam(net.parameters(), lr=np.logspace(-3, -1, 3)[1])
     extra = {"bleu": np.float64(0.25), "mode": Mode.FAST, "tag": Tag("x"),
              "count": np.int64(7), "flag": np.bool_(True), "pair": Pair(1, np.float32(0.5)),
              Tag("key"): collections.OrderedDict(b=[np.int32(3)])}
     path = tmp_path / "plain.ckpt"
-    save_checkpoint(path, net, trained["src_vocab"], trained["tgt_vocab"],
+    save_checkpoint(path, net, trained["src_vocab"], tgt_vocab,
                     dict(CONFIG, dropout=np.linspace(0, 0.2, 3)[1]), optimizer=optimizer,
                     epoch=np.int64(2), extra=extra)
     ckpt = load_checkpoint(path)
@@ -315,6 +318,7 @@ def test_subclassed_and_numpy_values_are_saved_as_plain_ones(trained, tmp_path):
     assert type(ckpt["config"]["dropout"]) is float and ckpt["config"]["dropout"] == 0.1
     assert ckpt["train"]["epoch"] == 2
     assert type(ckpt["train"]["optimizer"]["param_groups"][0]["lr"]) is float
+    assert all(type(f) is int for _, f in ckpt["tgt_vocab"]["token_freqs"])
 
 
 def test_save_refuses_bad_arguments_before_touching_the_file(trained, good):

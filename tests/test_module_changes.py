@@ -217,6 +217,18 @@ class TestEmbeddingOfAnotherWidth:
             _bind(dec, cell)
         for m in (dec, ref):
             m.embedding = nn.Embedding(VOCAB, EMBED + 1)
+        self._check(dec, ref, steps, grad, cell)
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_error_after_a_data_swap_on_a_bound_decoder(self, cell):
+        dec, ref = _pair(cell)
+        _bind(dec, cell)
+        for m in (dec, ref):
+            m.embedding.weight.data = torch.randn(VOCAB, EMBED + 2)
+        self._check(dec, ref, 1, False, cell)
+
+    @staticmethod
+    def _check(dec, ref, steps, grad, cell):
         X, state = _tokens(steps), _state(cell)
         with torch.set_grad_enabled(grad):
             with pytest.raises(RuntimeError) as want:
@@ -241,3 +253,22 @@ def test_training_with_dropout_one(cell):
             losses.append(fit(net, train_iter, 0.005, 1, tgt_vocab, "cpu", plot=False)[0])
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_greedy_with_a_wrapped_recurrent_layer():
+    """An ``rnn`` replaced by a module wrapping the GRU (no ``_flat_weights`` of its own): the
+    decoder calls it, and greedy decoding gives the unwrapped decoder's tokens."""
+    class Wrapped(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return self.inner(*args)
+
+    dec, _ = _pair("gru")
+    state = _state("gru")
+    want = dec.greedy(state, 1, 2, 6)[0]
+    dec.rnn = Wrapped(dec.rnn)
+    got = dec.greedy(state, 1, 2, 6)[0]
+    assert torch.equal(got, want)

@@ -401,9 +401,10 @@ def test_gru_refuses_bad_dropout_and_weight_lists(packed):
     if packed:
         kwargs = dict(batch_sizes=[2, 2, 1], positions=torch.tensor([0, 1, 2, 3, 4]))
         x = x.reshape(6, 4)[:5]
-    for p in (1.5, -0.5, float("nan")):
-        with pytest.raises(ValueError, match="^dropout: expected a probability in"):
+    for p in (1.5, -0.5, float("nan")):  # refused where torch.nn refuses it: in training
+        with pytest.raises(RuntimeError, match="^dropout probability has to be between 0 and 1"):
             ops.gru(x, h0, flat, p, True, **kwargs)
+        ops.gru(x, h0, flat, p, False, **kwargs)
     with pytest.raises(ValueError, match="^flat_weights: expected nn.GRU's flat weights"):
         ops.gru(x, h0[:1], flat[:6], **kwargs)
     with pytest.raises(RuntimeError, match="^h0: expected the state of a 2-layer GRU"):
@@ -952,15 +953,14 @@ class TestGruLayerBf16Matrices:
             LAYER(*args)
 
 
-def test_backward_with_no_hidden_unit():
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_with_no_hidden_unit(device):
     """hidden 0: the layer's outputs are empty, its input and weight gradients zero-sized or
     zero, as the reference's autograd gives them."""
-    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
-    h0 = torch.zeros(2, 0, dtype=torch.float64, requires_grad=True)
-    w_ih = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
-    w_hh = torch.zeros(0, 0, dtype=torch.float64, requires_grad=True)
-    b_ih = torch.zeros(0, dtype=torch.float64, requires_grad=True)
-    b_hh = torch.zeros(0, dtype=torch.float64, requires_grad=True)
+    kw = dict(dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.randn(3, 2, 4, **kw)
+    h0, w_ih, w_hh = torch.zeros(2, 0, **kw), torch.zeros(0, 4, **kw), torch.zeros(0, 0, **kw)
+    b_ih, b_hh = torch.zeros(0, **kw), torch.zeros(0, **kw)
     out, h_n = ops.gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh)
     assert out.shape == (3, 2, 0) and h_n.shape == (2, 0)
     grads = torch.autograd.grad((out.sum() + h_n.sum()), (x, h0, w_ih, w_hh), allow_unused=True)

@@ -463,14 +463,19 @@ def test_unsigned_valid_len_like_reference(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fn", [MASK_, ops.sequence_mask_], ids=["op", "wrapper"])
-def test_inplace_write_reaches_autograd(device, fn):
-    # X was saved by a graph: after the mask writes into it, backward must refuse, as after
-    # any in-place op, instead of giving a gradient computed from the masked values
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+def test_inplace_write_reaches_autograd(device, fn, mode):
+    # X was saved by a graph: after the mask writes into it (in any grad mode, as for any
+    # in-place op on a normal tensor), backward must refuse instead of giving a gradient
+    # computed from the masked values
     w = torch.ones(2, 3, device=device, requires_grad=True)
     X = torch.arange(1.0, 7.0, device=device).view(2, 3)
     loss = (w * X).sum()
     version = X._version
-    fn(X, torch.tensor([1, 2], device=device))
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad,
+               "inference_mode": torch.inference_mode}[mode]
+    with context():
+        fn(X, torch.tensor([1, 2], device=device))
     assert X._version > version
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
@@ -502,9 +507,11 @@ def test_inplace_on_inference_tensor_outside_inference_mode_is_refused(fn):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_inplace_with_lengths_read_from_x_itself(device):
-    # valid_len a view of X's own first column: every length is read before any is overwritten
-    X = torch.tensor([[3.0, 1, 1, 1], [1.0, 1, 1, 1], [0.0, 1, 1, 1], [4.0, 1, 1, 1]],
-                     device=device)
-    expected = _expected(X, X[:, 0].clone(), 7.0)
-    MASK_(X, X[:, 0], 7.0)
+    # valid_len a view of X's own first elements: every length is read before any is
+    # overwritten. Rows of length 0 get the value 7 written over their length; a thread that
+    # read it afterwards would keep 7 steps (on CUDA the rows span many blocks).
+    X = torch.ones(4, 2048, 33, device=device)
+    X[:, 0, 0] = torch.tensor([3.0, 0.0, 0.0, 1500.0], device=device)
+    expected = _expected(X, X[:, 0, 0].clone(), 7.0)
+    MASK_(X, X[:, 0, 0], 7.0)
     assert torch.equal(X, expected)
