@@ -19,12 +19,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB, EMBED, HIDDEN, LAYERS = 13, 5, 8, 2
 
 
-def _pair(cell="gru"):
-    """(package decoder, reference decoder) with the same weights, in evaluation mode."""
+def _pair(cell="gru", bound=False):
+    """(package decoder, reference decoder) with the same weights, in evaluation mode; with
+    ``bound`` the package's has decoded once (its weights bound for the per-token shortcut)."""
     torch.manual_seed(0)
     dec = seq2seq_ext.Seq2SeqDecoder(VOCAB, EMBED, HIDDEN, LAYERS, cell=cell).eval()
     ref = reference.VariantSeq2SeqDecoder(VOCAB, EMBED, HIDDEN, LAYERS, cell=cell).eval()
     ref.load_state_dict(dec.state_dict())
+    if bound:
+        _bind(dec, cell)
     return dec, ref
 
 
@@ -107,21 +110,28 @@ class TestChangedWeights:
             torch.testing.assert_close(net.decoder.embedding.weight, ref.decoder.embedding.weight)
 
 
+# (steps, grad mode, weights bound first): the sequence path, a one-step call's path, and the
+# per-token shortcut of a decoder that has decoded
+ERROR_PATHS = pytest.mark.parametrize("steps, grad, bound", [(4, True, False), (1, False, False),
+                                                             (1, False, True)])
+
+
+def _assert_reference_error(dec, ref, X, state, grad):
+    """The package's decoder raises the reference's error, word for word."""
+    with torch.set_grad_enabled(grad):
+        with pytest.raises(RuntimeError) as want:
+            ref(X, state)
+        with pytest.raises(RuntimeError) as got:
+            dec(X, state)
+    assert str(got.value) == str(want.value)
+
+
 class TestStateOfAnotherSize:
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
-    @pytest.mark.parametrize("steps, grad, bound", [(4, True, False), (1, False, False),
-                                                    (1, False, True)])
+    @ERROR_PATHS
     def test_torch_error(self, cell, steps, grad, bound):
-        dec, ref = _pair(cell)
-        if bound:
-            _bind(dec, cell)
-        X, state = _tokens(steps), _state(cell, layers=LAYERS + 1)
-        with torch.set_grad_enabled(grad):
-            with pytest.raises(RuntimeError) as want:
-                ref(X, state)
-            with pytest.raises(RuntimeError) as got:
-                dec(X, state)
-        assert str(got.value) == str(want.value)
+        dec, ref = _pair(cell, bound)
+        _assert_reference_error(dec, ref, _tokens(steps), _state(cell, layers=LAYERS + 1), grad)
 
 
 def _variant_pair(cell, fixed):
@@ -209,33 +219,19 @@ class TestEmbeddingOfAnotherWidth:
     longer fits its weights, and every path raises instead of reading the wrong columns."""
 
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
-    @pytest.mark.parametrize("steps, grad, bound", [(4, True, False), (1, False, False),
-                                                    (1, False, True)])
+    @ERROR_PATHS
     def test_error(self, cell, steps, grad, bound):
-        dec, ref = _pair(cell)
-        if bound:
-            _bind(dec, cell)
+        dec, ref = _pair(cell, bound)
         for m in (dec, ref):
             m.embedding = nn.Embedding(VOCAB, EMBED + 1)
-        self._check(dec, ref, steps, grad, cell)
+        _assert_reference_error(dec, ref, _tokens(steps), _state(cell), grad)
 
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     def test_error_after_a_data_swap_on_a_bound_decoder(self, cell):
-        dec, ref = _pair(cell)
-        _bind(dec, cell)
+        dec, ref = _pair(cell, bound=True)
         for m in (dec, ref):
             m.embedding.weight.data = torch.randn(VOCAB, EMBED + 2)
-        self._check(dec, ref, 1, False, cell)
-
-    @staticmethod
-    def _check(dec, ref, steps, grad, cell):
-        X, state = _tokens(steps), _state(cell)
-        with torch.set_grad_enabled(grad):
-            with pytest.raises(RuntimeError) as want:
-                ref(X, state)
-            with pytest.raises(RuntimeError) as got:
-                dec(X, state)
-        assert str(got.value) == str(want.value)
+        _assert_reference_error(dec, ref, _tokens(1), _state(cell), False)
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
