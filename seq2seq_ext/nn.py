@@ -48,9 +48,11 @@ to one node per matrix and graph, which sums the gradient over all the loop's ca
 product (:func:`seq2seq_ext.ops.set_deferred_grads`), instead of a full gradient per call that
 autograd adds up.
 
-Dropout between layers keeps a unit when a uniform sample from the default generator falls
-below ``1 - p``, so the masks differ from those ``nn.GRU`` / ``nn.LSTM`` would draw for the same
-seed; the distribution (Bernoulli(1 - p)) and the scaling (``1 / (1 - p)``) are the same.
+Dropout between layers draws its masks from the default generator in one pass
+(``_C.dropout_keep_mask`` in eager calls; a uniform sample below ``1 - p`` when traced), so the
+masks differ from those ``nn.GRU`` / ``nn.LSTM`` would draw for the same seed; the distribution
+(Bernoulli(1 - p)) and the scaling (``1 / (1 - p)``) are the same, and ``torch_masks=True``
+draws theirs.
 """
 import torch
 from torch.nn.utils.rnn import PackedSequence
