@@ -653,6 +653,110 @@ GREEDY_BAD = ["bos_out_of_range", "bos_negative", "bos_float", "num_steps_negati
               "num_steps_huge", "dense_weight_rows", "dense_weight_empty"]
 
 
+STACK_BAD = [None, None, None, "input_2d", "input_int", "h0_batch", "h0_layers", "c0_missing",
+             "c0_for_gru", "weights_count", "w_ih_columns", "w_hh_rows", "dropout_mask_shape"]
+
+
+@st.composite
+def stack_cases(draw):
+    cell = draw(st.sampled_from(["gru", "lstm"]))
+    layers, steps, batch = draw(st.integers(1, 3)), draw(st.integers(0, 4)), draw(st.integers(0, 3))
+    in_size, hidden = draw(st.integers(1, 5)), draw(st.integers(1, 4))  # (the oracle needs in >= 1)
+    bias, masked = draw(st.booleans()), layers > 1 and draw(st.booleans())
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    seed = draw(st.integers(0, 2 ** 20))
+    g = _gen(seed)
+
+    def rnd(*shape):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 1.6 - 0.8).to(dtype)
+
+    G = (4 if cell == "lstm" else 3) * hidden
+    weights = []
+    for layer in range(layers):
+        weights += [rnd(G, in_size if layer == 0 else hidden), rnd(G, hidden)]
+        weights += [rnd(G), rnd(G)] if bias else []
+    t = dict(input=rnd(steps, batch, in_size) * 2, h0=rnd(layers, batch, hidden),
+             c0=rnd(layers, batch, hidden) if cell == "lstm" else None, weights=weights,
+             dropout_mask=(rnd(layers - 1, steps, batch, hidden).gt(0).to(dtype) * 2
+                           if masked else None))
+    if draw(st.booleans()) and t["input"].numel():
+        t["input"].view(-1)[draw(st.integers(0, t["input"].numel() - 1))] = draw(
+            st.sampled_from(SPECIALS))
+    bad = draw(st.sampled_from(STACK_BAD))
+    names = None
+    if bad == "input_2d":
+        t["input"], names = t["input"].reshape(steps * batch, in_size), ["input"]
+    elif bad == "input_int":
+        t["input"], names = t["input"].to(torch.int32), ["input"]
+    elif bad == "h0_batch":
+        t["h0"], names = rnd(layers, batch + 1, hidden), ["h0", "c0"]
+    elif bad == "h0_layers":
+        t["h0"], names = rnd(layers + 1, batch, hidden), ["h0", "weights", "c0"]
+    elif bad == "c0_missing" and cell == "lstm":
+        t["c0"], names = None, ["c0"]
+    elif bad == "c0_for_gru" and cell == "gru":
+        t["c0"], names = rnd(layers, batch, hidden), ["c0"]
+    elif bad == "weights_count":
+        t["weights"], names = weights[:-1], ["weights"]
+    elif bad == "w_ih_columns":
+        weights[0], names = rnd(G, in_size + 1), ["weights"]
+    elif bad == "w_hh_rows":
+        weights[1], names = rnd(G + 1, hidden), ["weights"]
+    elif bad == "dropout_mask_shape" and masked:
+        t["dropout_mask"], names = rnd(layers, steps, batch, hidden), ["dropout_mask"]
+    for k, v in t.items():
+        if isinstance(v, torch.Tensor):
+            t[k] = _layout(v, draw(st.sampled_from(LAYOUTS)), seed).view
+    t["weights"] = [_layout(w, draw(st.sampled_from(LAYOUTS)), seed).view for w in t["weights"]]
+    return cell, t, names, draw(st.booleans())
+
+
+@FUZZ
+@given(case=stack_cases())
+def test_rnn_stack_fuzz(case):
+    """ops.rnn_stack (GRU and LSTM, 1-3 layers, with and without biases and dropout masks) and
+    its gradients on hostile inputs, against reference.rnn_stack."""
+    cell, t, names, with_grad = case
+    values = [t["input"], t["h0"], t["c0"], t["weights"], t["dropout_mask"]]
+    snap = _snapshot(values)
+    if names is not None:
+        _expect_error(lambda: ops.rnn_stack(cell, **t), names)
+        with torch.no_grad():
+            _expect_error(lambda: ops.rnn_stack(cell, **t), names)
+        _assert_unchanged(values, snap, "rnn_stack")
+        return
+    diff = ["input", "h0"] + (["c0"] if cell == "lstm" else [])
+
+    def leaves(d):
+        d = dict(d, weights=[w.detach().clone().requires_grad_() for w in d["weights"]])
+        for k in diff:
+            d[k] = d[k].detach().clone().requires_grad_()
+        return d
+    got_t, ref_t = (leaves(t), leaves(t)) if with_grad else (t, t)
+    with torch.set_grad_enabled(with_grad):
+        got = ops.rnn_stack(cell, **got_t)
+    want = reference.rnn_stack(cell, **ref_t)
+    dtype = t["input"].dtype
+    tol = dict(rtol=1e-5, atol=2e-5) if dtype == torch.float32 else {}
+    for a, b in zip(got, want):
+        if b is not None:
+            _close(a, b, dtype, **tol)
+    if (with_grad and t["input"].numel() and all(torch.isfinite(w).all() for w in want
+                                                  if w is not None)):
+        outs = [o for o in got if o is not None]
+        ref_outs = [o for o in want if o is not None]
+        seeds = [torch.linspace(-1, 1, o.numel(), dtype=dtype).reshape(o.shape) for o in outs]
+        inputs = [got_t[k] for k in diff] + got_t["weights"]
+        ref_inputs = [ref_t[k] for k in diff] + ref_t["weights"]
+        grads = torch.autograd.grad(outs, inputs, seeds, allow_unused=True)
+        ref_grads = torch.autograd.grad(ref_outs, ref_inputs, seeds, allow_unused=True)
+        for x, a, b in zip(inputs, grads, ref_grads):
+            a = torch.zeros_like(x) if a is None else a
+            b = torch.zeros_like(x) if b is None else b
+            _close(a, b, dtype, **(dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}))
+    _assert_unchanged(values, snap, "rnn_stack")
+
+
 def _decoder(vocab, embed, hidden, layers, dtype, seed):
     """The chapter's decoder with seeded weights spread enough for distinct argmaxes."""
     with torch.random.fork_rng(devices=[]):
