@@ -49,7 +49,9 @@ class DecoderStepper {
                                             bool bf16_weights = false);
   // The bound weights, as the decode ops take them.
   const std::vector<at::Tensor>& weights() const { return weights_; }
-  const at::Tensor& embedding() const { return embedding_; }
+  // Layer 0 reads [embedding, context]: W_ih0's columns are the embedding's width plus the
+  // hidden size (also after `.data =` gave one of them another shape).
+  bool widths_fit() const;
   const at::Tensor& dense_weight() const { return dense_weight_; }
   const at::Tensor& dense_bias() const { return dense_bias_; }
 
@@ -57,7 +59,7 @@ class DecoderStepper {
   // Compares the bound tensors with what the derived data were built from; on any change,
   // drops them (the table, the packed weights, the validated dims). True when unchanged.
   bool refresh();
-  void check_widths() const;  // the embedding against layer 0's input columns
+  void check_widths() const;  // widths_fit, else an error naming the embedding
   // check_decoder_args for a state on the CPU with the bound weights, skipped (but for the
   // state's own dims) when the weights were already checked against a state like this one.
   DecoderDims checked_dims(const at::Tensor& state, const at::Tensor& table,

@@ -348,7 +348,7 @@ def ext_shortcut_ok():
     stepper's ``try_step``."""
     return (not torch.compiler.is_compiling() and not _state.stack
             and (_ENV_BACKEND if _default is None else _default) == "ext"
-            and not torch._C._are_functorch_transforms_active())
+            and not _functorch_active())
 
 
 def _no_dispatch_hooks():
@@ -357,7 +357,7 @@ def _no_dispatch_hooks():
     return (not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._is_torch_function_mode_enabled()
-            and not torch._C._are_functorch_transforms_active())
+            and not _functorch_active())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -75,10 +75,15 @@ DecoderStepper::DecoderStepper(at::Tensor embedding, std::vector<at::Tensor> wei
 
 // Layer 0 reads [embedding, context]: W_ih0's columns are the embedding's width plus the hidden
 // size (W_hh0's columns).
+bool DecoderStepper::widths_fit() const {
+  return weights_[0].dim() == 2 && weights_[1].dim() == 2 && embedding_.dim() == 2 &&
+         weights_[0].size(1) == embedding_.size(1) + weights_[1].size(1);
+}
+
 void DecoderStepper::check_widths() const {
   check_dim(weights_[0], 2, "weights (w_ih)");
   check_dim(weights_[1], 2, "weights (w_hh)");
-  TORCH_CHECK(weights_[0].size(1) == embedding_.size(1) + weights_[1].size(1),
+  TORCH_CHECK(widths_fit(),
               "embedding: expected ", weights_[0].size(1) - weights_[1].size(1),
               " columns (layer 0's input size ", weights_[0].size(1), " less the hidden size ",
               weights_[1].size(1), " of the context), got ", embedding_.size(1));

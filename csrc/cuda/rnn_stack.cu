@@ -344,12 +344,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_stac
   check_same_dtype(saved, input, "saved", "input");
   TORCH_CHECK(saved.sizes() == at::IntArrayRef(saved_shape), "saved: expected shape [", L, ", ",
               T, ", ", B, ", ", S, "] (rnn_stack's fourth output), got ", shape_str(saved));
-  auto grad_like = [&](const std::optional<at::Tensor>& g, at::IntArrayRef shape,
-                       const char* name) { return incoming_grad(g, input, shape, name); };
   const std::vector<int64_t> out_shape{T, B, H}, state_shape{L, B, H};
-  const at::Tensor go = grad_like(grad_output, out_shape, "grad_output");
-  const at::Tensor ghn = grad_like(grad_hn, state_shape, "grad_hn");
-  const at::Tensor gcn = lstm ? grad_like(grad_cn, state_shape, "grad_cn") : at::Tensor();
+  const at::Tensor go = incoming_grad(grad_output, input, out_shape, "grad_output");
+  const at::Tensor ghn = incoming_grad(grad_hn, input, state_shape, "grad_hn");
+  const at::Tensor gcn =
+      lstm ? incoming_grad(grad_cn, input, state_shape, "grad_cn") : at::Tensor();
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous(), h0c = h0.contiguous(), sv = saved.contiguous();
   const at::Tensor c0c = contiguous_or_undefined(c0);
