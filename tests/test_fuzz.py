@@ -21,6 +21,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import seq2seq_ext
 from seq2seq_ext import ops, reference
 
 O = torch.ops.seq2seq_ext
@@ -649,6 +650,7 @@ DECODE_BAD = [None, None, None, None, None, "token_out_of_range", "token_negativ
               "weights_not_tensor", "emb_proj_shape", "emb_proj_dtype", "ctx_proj_shape",
               "ctx_proj_dtype", "dense_weight_shape", "dense_weight_dtype", "dense_bias_shape",
               "dense_bias_dtype"]
+LSTM_BAD = ["c_2d", "c_batch", "c_hidden", "c_dtype"]
 GREEDY_BAD = ["bos_out_of_range", "bos_negative", "bos_float", "num_steps_negative",
               "num_steps_huge", "dense_weight_rows", "dense_weight_empty"]
 
@@ -757,11 +759,15 @@ def test_rnn_stack_fuzz(case):
     _assert_unchanged(values, snap, "rnn_stack")
 
 
-def _decoder(vocab, embed, hidden, layers, dtype, seed):
-    """The chapter's decoder with seeded weights spread enough for distinct argmaxes."""
+def _decoder(vocab, embed, hidden, layers, dtype, seed, cell="gru"):
+    """The chapter's decoder (GRU), or the package's LSTM variant of it, with seeded weights
+    spread enough for distinct argmaxes."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        dec = reference.Seq2SeqDecoder(vocab, embed, hidden, layers)
+        if cell == "gru":
+            dec = reference.Seq2SeqDecoder(vocab, embed, hidden, layers)
+        else:
+            dec = seq2seq_ext.Seq2SeqDecoder(vocab, embed, hidden, layers, cell=cell)
         with torch.no_grad():
             for p in dec.rnn.parameters():
                 p.uniform_(-0.8, 0.8)
@@ -780,19 +786,26 @@ def _op_args(dec):
 
 
 @st.composite
-def decode_cases(draw, greedy=False):
+def decode_cases(draw, greedy=False, cell="gru"):
+    """(decoder, the op's arguments by name, the names a bad argument's error may give or
+    None). For the LSTM ``state`` is h and ``c`` the cell state."""
     vocab, embed = draw(st.integers(1, 10)), draw(st.integers(1, 4))
     hidden, layers = draw(st.integers(1, 5)), draw(st.integers(1, 3))
     batch = draw(st.integers(0, 4))
+    gates = 3 if cell == "gru" else 4
     dtype = torch.float64 if greedy else draw(st.sampled_from([torch.float32, torch.float64]))
     seed = draw(st.integers(0, 2 ** 20))
     g = _gen(seed)
-    dec = _decoder(vocab, embed, hidden, layers, dtype, seed)
+    dec = _decoder(vocab, embed, hidden, layers, dtype, seed, cell)
     a = _op_args(dec)
-    state = (torch.rand(layers, batch, hidden, generator=g, dtype=torch.float64) * 1.8 - 0.9)
-    if not greedy and draw(st.booleans()) and state.numel():
-        state.view(-1)[draw(st.integers(0, state.numel() - 1))] = draw(st.sampled_from(SPECIALS))
-    a["state"] = state.to(dtype)
+    states = ["state"] if cell == "gru" else ["state", "c"]
+    for name, scale in zip(states, (0.9, 2.0)):
+        value = (torch.rand(layers, batch, hidden, generator=g, dtype=torch.float64) * 2 - 1)
+        value *= scale
+        if not greedy and draw(st.booleans()) and value.numel():
+            value.view(-1)[draw(st.integers(0, value.numel() - 1))] = \
+                draw(st.sampled_from(SPECIALS))
+        a[name] = value.to(dtype)
     a["ctx_proj"] = None
     if draw(st.booleans()):  # the fixed context equal to the reference's first-step context
         a["ctx_proj"] = (a["state"][-1] @ a["weights"][0][:, embed:].t()).contiguous()
@@ -807,7 +820,8 @@ def decode_cases(draw, greedy=False):
             a["ctx_proj"] = None
     else:
         a["token"] = token
-    bad = draw(st.sampled_from(DECODE_BAD + (GREEDY_BAD if greedy else [])))
+    bad = draw(st.sampled_from(DECODE_BAD + (GREEDY_BAD if greedy else [])
+                               + (LSTM_BAD if cell == "lstm" else [])))
     if greedy and bad is not None and bad.startswith("token"):
         bad = None
     names = None
@@ -815,7 +829,9 @@ def decode_cases(draw, greedy=False):
     w = a["weights"]
     if bad is not None:
         names = [next(n for n in ("dense_weight", "dense_bias", "emb_proj", "ctx_proj", "token",
-                                  "state", "weights", "bos", "num_steps") if bad.startswith(n))]
+                                  "state", "weights", "bos", "num_steps", "c") if bad.startswith(n))]
+        if names == ["state"] and cell == "lstm":
+            names = ["h"]
         if bad == "token_out_of_range":
             assume(batch > 0)
             a["token"] = a["token"].clone()
@@ -853,9 +869,17 @@ def decode_cases(draw, greedy=False):
         elif bad == "emb_proj_dtype":
             a["emb_proj"] = a["emb_proj"].to(other)
         elif bad == "ctx_proj_shape":
-            a["ctx_proj"] = torch.zeros(batch + 1, 3 * hidden, dtype=dtype)
+            a["ctx_proj"] = torch.zeros(batch + 1, gates * hidden, dtype=dtype)
         elif bad == "ctx_proj_dtype":
-            a["ctx_proj"] = torch.zeros(batch, 3 * hidden, dtype=other)
+            a["ctx_proj"] = torch.zeros(batch, gates * hidden, dtype=other)
+        elif bad == "c_2d":
+            a["c"] = a["c"][0]
+        elif bad == "c_batch":
+            a["c"] = torch.zeros(layers, batch + 1, hidden, dtype=dtype)
+        elif bad == "c_hidden":
+            a["c"] = torch.zeros(layers, batch, hidden + 1, dtype=dtype)
+        elif bad == "c_dtype":
+            a["c"] = a["c"].to(other)
         elif bad == "dense_weight_shape":
             a["dense_weight"] = a["dense_weight"][:, :-1]
         elif bad == "dense_weight_dtype":
@@ -884,7 +908,7 @@ def decode_cases(draw, greedy=False):
         elif bad == "dense_weight_rows":
             a["dense_weight"] = torch.zeros(vocab + 1, hidden, dtype=dtype)
             a["dense_bias"] = torch.zeros(vocab + 1, dtype=dtype)
-    for k in ("state", "emb_proj", "ctx_proj", "dense_weight", "dense_bias", "token"):
+    for k in ("state", "c", "emb_proj", "ctx_proj", "dense_weight", "dense_bias", "token"):
         if isinstance(a.get(k), torch.Tensor):
             a[k] = _layout(a[k], draw(st.sampled_from(LAYOUTS)), seed).view
     if draw(st.booleans()):
@@ -933,6 +957,47 @@ def test_gru_decode_step_fuzz(case):
             _close(s_logits, ref_y[:, 0].reshape(logits.shape), state.dtype, **tol)
             _close(s_state, ref_state, state.dtype, **tol)
     _assert_unchanged(args, snap, "gru_decode_step")
+
+
+LSTM_STEP_KEYS = ["token", "state", "c", "emb_proj", "ctx_proj", "weights", "dense_weight",
+                  "dense_bias"]
+
+
+@FUZZ
+@given(case=decode_cases(cell="lstm"))
+def test_lstm_decode_step_fuzz(case):
+    """ops.lstm_decode_step (and the bound stepper's lstm_step) on hostile inputs, against
+    reference.lstm_decode_step on contiguous copies."""
+    dec, a, names = case
+    args = _decode_args(a, LSTM_STEP_KEYS)
+    snap = _snapshot(args)
+    if names is not None:
+        _expect_error(lambda: O.lstm_decode_step(*args), names)
+        _assert_unchanged(args, snap, "lstm_decode_step")
+        return
+    logits, h2, c2 = O.lstm_decode_step(*args)
+    token, h, c = a["token"], a["state"], a["c"]
+    assert logits.shape == (*token.shape, dec.dense.out_features)
+    assert h2.shape == h.shape and c2.shape == c.shape
+    if not h.shape[1]:  # no rows (the oracle's reshape cannot infer the vocabulary then)
+        _assert_unchanged(args, snap, "lstm_decode_step")
+        return
+    plain = [x.contiguous() if isinstance(x, torch.Tensor) else
+             [w.contiguous() for w in x] if isinstance(x, list) else x for x in args]
+    ref_logits, ref_h, ref_c = reference.lstm_decode_step(*plain)
+    tol = dict(rtol=1e-5, atol=1e-5) if h.dtype == torch.float32 else {}
+    _close(logits, ref_logits, h.dtype, **tol)
+    _close(h2, ref_h, h.dtype, **tol)
+    _close(c2, ref_c, h.dtype, **tol)
+    if a["ctx_proj"] is None:
+        with torch.no_grad():
+            stepper = ops.decoder_stepper(dec.embedding.weight, a["weights"],
+                                          a["dense_weight"], a["dense_bias"])
+            s_logits, s_h, s_c = stepper.lstm_step(token, h, c)
+        _close(s_logits, ref_logits, h.dtype, **tol)
+        _close(s_h, ref_h, h.dtype, **tol)
+        _close(s_c, ref_c, h.dtype, **tol)
+    _assert_unchanged(args, snap, "lstm_decode_step")
 
 
 def _reference_greedy(dec, state, bos, eos, num_steps):

@@ -88,6 +88,13 @@ def _op_workload(seed=0):
     token = torch.randint(0, V, (B,), generator=g)
     stepper = ops.decoder_stepper(dec.embedding.weight, dec.rnn._flat_weights, dec.dense.weight,
                                   dec.dense.bias)
+    lstm = seq2seq_ext.Seq2SeqDecoder(V, E, H, L, cell="lstm").eval()
+    lstm_w = [p.detach() for p in lstm.rnn._flat_weights]
+    lstm_proj = (lstm.embedding.weight @ lstm_w[0][:, :E].t() + lstm_w[2]).detach()
+    lstm_dw, lstm_db = lstm.dense.weight.detach(), lstm.dense.bias.detach()
+    lstm_stepper = ops.decoder_stepper(lstm.embedding.weight, lstm.rnn._flat_weights,
+                                       lstm.dense.weight, lstm.dense.bias)
+    cell = torch.rand(L, B, H, generator=g) - 0.5
 
     def step(i):
         p = pred.clone().requires_grad_()
@@ -103,9 +110,11 @@ def _op_workload(seed=0):
             ops.gru_decode_step(token, state, emb_proj, None, weights, dw, db)
             stepper.step(token, state)
             ops.greedy_decode(state, emb_proj, None, weights, dw, db, 1, 2, 10)
+            ops.lstm_decode_step(token, state, cell, lstm_proj, None, lstm_w, lstm_dw, lstm_db)
+            lstm_stepper.lstm_step(token, state, cell)
 
     per_call = 4 * (2 * pred.numel() + 3 * X.numel() + 2 * x.numel() + 4 * T * B * H
-                    + 2 * B * V) + 8 * B * 10
+                    + 4 * B * V) + 8 * B * 10
     return step, per_call
 
 
