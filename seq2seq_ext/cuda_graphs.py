@@ -108,13 +108,25 @@ class Rule:
     ``"graph"`` when it took less than ``margin`` times the eager time, else ``"eager"``; later
     calls return the kept choice. ``graph`` may raise (a capture that failed): the choice is then
     ``"eager"``. In the ``eager`` and ``graph`` modes nothing is measured.
+
+    ``count_graph_call(key, captured)`` keeps the graph choice honest afterwards: a shape class
+    kept on the graph path whose calls keep capturing (``recapture_limit`` captures or more, in
+    more than half of its calls) is turned to ``"eager"`` for good. That is a class whose weights
+    are new tensors at every call (a parametrization, ``torch.func.functional_call``) or whose
+    graphs do not fit the cache: each call then pays a capture, far more than an eager call. A
+    class's distinct graphs, one per layer of its shapes, are at most the cache's capacity, so a
+    limit above it never turns a model whose graphs stay cached.
     """
 
-    def __init__(self, timer=wall_time, margin=0.95):
+    def __init__(self, timer=wall_time, margin=0.95, recapture_limit=64):
+        if recapture_limit < 1:
+            raise ValueError(f"recapture_limit: expected at least 1, got {recapture_limit}")
         self.timer = timer
         self.margin = margin
+        self.recapture_limit = recapture_limit
         self._choices = {}
         self._times = {}
+        self._use = {}  # key -> [graph-path calls, captures among them]
         self._lock = threading.Lock()
 
     def choose(self, key, eager, graph):
@@ -138,6 +150,20 @@ class Rule:
             self._times[key] = (t_eager, t_graph)
         return choice
 
+    def count_graph_call(self, key, captured):
+        """Count a graph-path call of ``key`` (``captured``: it had to capture its graph first);
+        returns the class's choice from now on. Only the measured (``auto``) choices change."""
+        with self._lock:
+            choice = self._choices.get(key)
+            if choice != "graph":
+                return choice
+            use = self._use.setdefault(key, [0, 0])
+            use[0] += 1
+            use[1] += bool(captured)
+            if use[1] >= self.recapture_limit and 2 * use[1] > use[0]:
+                self._choices[key] = choice = "eager"
+            return choice
+
     def choices(self):
         """{key: (choice, eager seconds, graph seconds or None)} of the shape classes measured."""
         with self._lock:
@@ -147,14 +173,17 @@ class Rule:
         with self._lock:
             self._choices.clear()
             self._times.clear()
+            self._use.clear()
 
 
 class GraphCache:
     """At most ``capacity`` captured calls, least recently used dropped first. Each entry holds
     its graph's memory pool and the weights it was captured with (so their addresses stay
     valid); a model of L layers with its batches of one shape uses 4L entries (forward and
-    backward of encoder and decoder layers). ``get(key, make)`` returns the entry for ``key``, made by ``make()``
-    when absent."""
+    backward of encoder and decoder layers). ``get(key, make)`` returns the entry for ``key``,
+    made by ``make()`` when absent. An entry dropped (or cleared) is closed first when it has a
+    ``close()``: a captured call waits there for its last replay, whose buffers are freed with
+    it."""
 
     def __init__(self, capacity=32):
         if capacity < 1:
@@ -173,20 +202,34 @@ class GraphCache:
         with self._lock:
             self._entries[key] = entry
             self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            dropped = [self._entries.popitem(last=False)[1]
+                       for _ in range(len(self._entries) - self.capacity)]
+        _close_all(dropped)
         return entry
+
+    def __contains__(self, key):
+        with self._lock:
+            return key in self._entries
 
     def __len__(self):
         return len(self._entries)
 
     def clear(self):
         with self._lock:
+            dropped = list(self._entries.values())
             self._entries.clear()
+        _close_all(dropped)
 
 
-rule = Rule()
+def _close_all(entries):
+    for entry in entries:
+        close = getattr(entry, "close", None)
+        if close is not None:
+            close()
+
+
 _graphs = GraphCache()
+rule = Rule(recapture_limit=2 * _graphs.capacity)
 
 
 def clear():
@@ -228,6 +271,10 @@ class CapturedCall:
                                                    capture_error_mode="thread_local"):
                 self.outputs = fn(*self.static)
         self.last_stream = stream
+
+    def close(self):
+        """Wait for the last replay: the graph, its pool and the input buffers may be freed."""
+        self.last_stream.synchronize()
 
     def __call__(self, args):
         stream = torch.cuda.current_stream(self.device)
@@ -293,8 +340,12 @@ def _run(name, op, args, copied, in_place):
     # the arguments' device current (whichever the caller's is): the rule's timer synchronises
     # it, and the capture records on it
     with torch.no_grad(), torch.cuda.device(args[0].device):
-        choice = rule.choose(shape_class, eager, replay)
-        return replay() if choice == "graph" else eager()
+        if rule.choose(shape_class, eager, replay) != "graph":
+            return eager()
+        captured = graph_key not in _graphs
+        out = replay()
+        rule.count_graph_call(shape_class, captured)
+        return out
 
 
 _LAYER_COPIED = (0, 1, 6)       # input, h0, extra

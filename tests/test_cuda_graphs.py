@@ -5,6 +5,7 @@ The rule and the cache of the graph path are plain Python and are tested on the 
 timers and stub graphs; everything that captures or replays needs CUDA and is skipped without
 it.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -139,6 +140,85 @@ def test_graph_cache_is_bounded_and_least_recently_used():
     assert made == ["a", "b", "c", "b"]
     with pytest.raises(ValueError, match="capacity"):
         cuda_graphs.GraphCache(capacity=0)
+
+
+def test_graph_cache_closes_the_entries_it_drops():
+    class Entry:
+        def __init__(self, name, log):
+            self.name, self.log = name, log
+
+        def close(self):
+            self.log.append(self.name)
+
+    closed = []
+    cache = cuda_graphs.GraphCache(capacity=2)
+    for name in "abc":
+        cache.get(name, lambda name=name: Entry(name, closed))
+    assert closed == ["a"] and "a" not in cache and "b" in cache
+    cache.get("d", lambda: object())  # an entry without close() is dropped as it is
+    assert closed == ["a", "b"]
+    cache.clear()
+    assert sorted(closed) == ["a", "b", "c"] and len(cache) == 0
+
+
+def test_rule_turns_a_class_that_keeps_capturing_to_eager():
+    """Weights that are new tensors at every call capture at every call: after
+    ``recapture_limit`` captures in more than half of the calls the class goes eager."""
+    rule = cuda_graphs.Rule(timer=StubTimer(10.0, 1.0), recapture_limit=4)
+    assert rule.choose("k", *_pair([])) == "graph"
+    assert [rule.count_graph_call("k", captured=True) for _ in range(4)] == \
+        ["graph"] * 3 + ["eager"]
+    assert rule.choose("k", *_pair([])) == "eager"
+    assert rule.choices()["k"][0] == "eager"
+    rule.clear()
+    assert rule.choose("k", *_pair([])) == "graph"  # measured again after clear()
+
+
+def test_rule_keeps_a_class_whose_graphs_stay_cached():
+    """A class with as many graphs as the limit (one per layer of its shapes), each captured
+    once and then replayed, and a class that recaptures rarely, stay on the graph path."""
+    rule = cuda_graphs.Rule(timer=StubTimer(10.0, 1.0), recapture_limit=4)
+    for key in ("layers", "rare"):
+        assert rule.choose(key, *_pair([])) == "graph"
+    for call in range(4 + 200):
+        assert rule.count_graph_call("layers", captured=call < 3) == "graph"
+        assert rule.count_graph_call("rare", captured=call % 10 == 0) == "graph"
+    assert rule.count_graph_call("unknown", captured=True) is None
+    with pytest.raises(ValueError, match="recapture_limit"):
+        cuda_graphs.Rule(recapture_limit=0)
+
+
+def test_graph_path_is_counted_and_turned_eager_on_recaptures(monkeypatch):
+    """_run counts every graph-path call with whether it captured, and takes the eager op
+    once the rule has turned the class (stub op and stub captures, on the CPU)."""
+    calls, captures = [], []
+
+    class Stub:
+        def __init__(self, fn, args, copied):
+            self.args = args  # as a captured call holds its weights, so their addresses stay
+            captures.append(args[1])
+
+        def __call__(self, args):
+            calls.append("graph")
+            return ("graph",)
+
+    monkeypatch.setattr(cuda_graphs, "CapturedCall", Stub)
+    monkeypatch.setattr(cuda_graphs, "rule",
+                        cuda_graphs.Rule(timer=lambda fn: 1.0 if fn.__name__ == "replay" else 10.0,
+                                         recapture_limit=3))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+
+    def op(x, w):
+        calls.append("eager")
+        return ("eager",)
+
+    x = torch.zeros(2)
+    results = [cuda_graphs._run("stub", op, (x, torch.ones(3)), (0,), (1,))[0]
+               for _ in range(5)]  # a new weight tensor every call
+    # the first call measures (its capture is cached), the next three capture: the third
+    # capture turns the class eager, from the fifth call on
+    assert results == ["graph"] * 4 + ["eager"]
+    assert len(captures) == 4
 
 
 def test_cpu_tensors_never_take_the_graph_path(monkeypatch):
@@ -440,6 +520,26 @@ def test_graph_path_after_another_capture_and_with_another_current_device():
         assert second[0].device == torch.device(device)
         assert not torch.allclose(first[0], second[0])
         torch.testing.assert_close(second[0], expected[0], **CLOSE)
+
+
+@NEEDS_CUDA
+def test_weights_new_at_every_call_turn_the_class_eager(monkeypatch):
+    """Weights recomputed at every call (as a parametrization does) capture at every call
+    until the rule turns the class eager; every result equals the eager op's."""
+    monkeypatch.setattr(cuda_graphs, "rule", cuda_graphs.Rule(
+        timer=lambda fn: 1.0 if fn.__name__ == "replay" else 10.0, recapture_limit=3))
+    args = list(_layer_args(35))
+    w_hh = args[3]
+    with torch.no_grad():
+        for i in range(6):
+            args[3] = w_hh * (1.0 + 0.1 * i)  # a new tensor, new values
+            got = ops.gru_layer(*args)
+            with cuda_graphs.use_mode("eager"):
+                expected = ops.gru_layer(*args)
+            torch.testing.assert_close(got[0], expected[0], **CLOSE)
+    (choice, _, _), = cuda_graphs.rule.choices().values()
+    assert choice == "eager"
+    assert len(cuda_graphs._graphs) == 4  # the measurement's capture and three more
 
 
 @NEEDS_CUDA
