@@ -11,8 +11,11 @@
 TORCH_LIBRARY_FRAGMENT(seq2seq_ext, m) {
   // Masked softmax cross-entropy, as d2l's MaskedSoftmaxCELoss: pred (B, T, V) with any strides,
   // label (B, T) int64/int32, valid_len (B,). Returns the per-sequence loss (B,) (the mean over
-  // all T steps, masked steps contributing 0) and the per-position log-sum-exp (B, T) in the
-  // accumulation dtype, which the backward reuses.
+  // all T steps, masked steps contributing 0) and the per-position log-sum-exp in two parts,
+  // lse (B, T, 2) in the accumulation dtype: [..., 0] the row's maximum m and [..., 1]
+  // log(sum(exp(x - m))) (0 and 0 at masked positions), which the backward reuses. Kept apart,
+  // they give the softmax as exp((x - m) - log_sum), the reference's formula, which stays exact
+  // for logits so large that m + log_sum would round to m.
   m.def("masked_softmax_ce(Tensor pred, Tensor label, Tensor valid_len) -> (Tensor, Tensor)");
   // Gradient of the loss above with respect to pred, in one pass over the logits.
   m.def(
@@ -46,9 +49,9 @@ void check_masked_ce_backward_args(const at::Tensor& grad_loss, const at::Tensor
   check_size(grad_loss, 0, B, "grad_loss", "the batch size of pred");
   check_same_device(grad_loss, pred, "grad_loss", "pred");
   check_floating(grad_loss, "grad_loss");
-  check_dim(lse, 2, "lse");
-  TORCH_CHECK(lse.size(0) == B && lse.size(1) == T, "lse: expected shape [", B, ", ", T,
-              "], got ", shape_str(lse));
+  check_dim(lse, 3, "lse");
+  TORCH_CHECK(lse.size(0) == B && lse.size(1) == T && lse.size(2) == 2,
+              "lse: expected shape [", B, ", ", T, ", 2], got ", shape_str(lse));
   TORCH_CHECK(lse.scalar_type() == at::toOpMathType(pred.scalar_type()),
               "lse: expected dtype ", at::toOpMathType(pred.scalar_type()), ", got ",
               lse.scalar_type());
@@ -61,7 +64,8 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_ce(const at::Tensor& pred,
   check_masked_ce_args(pred, label, valid_len);
   const int64_t B = pred.size(0), T = pred.size(1);
   at::Tensor loss = at::empty({B}, pred.options());
-  at::Tensor lse = at::empty({B, T}, pred.options().dtype(at::toOpMathType(pred.scalar_type())));
+  at::Tensor lse =
+      at::empty({B, T, 2}, pred.options().dtype(at::toOpMathType(pred.scalar_type())));
   if (B == 0) return {loss, lse};
   if (T == 0) return {loss.fill_(std::numeric_limits<double>::quiet_NaN()), lse};  // mean of nothing
   SEQ2SEQ_EXT_KERNEL(pred, masked_softmax_ce)(pred, label, valid_len, loss, lse);

@@ -6,7 +6,8 @@
 #include <ATen/ATen.h>
 
 namespace seq2seq_ext {
-// loss (B,) and lse (B, T) in the accumulation dtype
+// loss (B,) and lse (B, T, 2) (each row's maximum and log-sum of exp(x - maximum)) in the
+// accumulation dtype
 using MaskedSoftmaxCeKernel = void(const at::Tensor& pred, const at::Tensor& label,
                                    const at::Tensor& valid_len, at::Tensor& loss,
                                    at::Tensor& lse);

@@ -15,15 +15,16 @@ class MaskedSoftmaxCELoss(nn.CrossEntropyLoss):
     over all ``num_steps`` with masked steps contributing 0 (the divisor is ``num_steps``, not
     ``valid_len``). Under the extension backend one fused op computes it and its gradient.
 
-    ``nn.CrossEntropyLoss``'s ``weight`` and ``label_smoothing``, when set, are honoured as d2l's
-    class honours them: such a loss runs ``nn.CrossEntropyLoss``'s own forward under the mask
-    (the fused op computes the plain loss only). A label equal to ``ignore_index`` is refused
-    as out of range by the fused op, where d2l's counts it as 0.
+    ``nn.CrossEntropyLoss``'s ``weight``, ``label_smoothing`` and ``ignore_index``, when set,
+    are honoured as d2l's class honours them: such a loss runs ``nn.CrossEntropyLoss``'s own
+    forward under the mask (the fused op computes the plain loss only). With the default
+    ``ignore_index`` (-100) a label of -100 is refused as out of range by the fused op, where
+    d2l's counts it as 0.
     """
 
     def forward(self, pred, label, valid_len):
         self.reduction = 'none'
-        if self.weight is not None or self.label_smoothing:
+        if self.weight is not None or self.label_smoothing or self.ignore_index != -100:
             mask = reference.sequence_mask(torch.ones_like(label), valid_len)
             return (super().forward(pred.permute(0, 2, 1), label) * mask).mean(dim=1)
         return ops.masked_softmax_ce(pred, label, valid_len)

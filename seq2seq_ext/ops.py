@@ -373,7 +373,8 @@ def _masked_softmax_ce_fake(pred, label, valid_len):
     _same_device("pred", pred, label=label, valid_len=valid_len)
     torch._check(pred.dim() == 3, lambda: "pred: expected a 3-D tensor")
     batch, steps, _ = pred.shape
-    return pred.new_empty((batch,)), pred.new_empty((batch, steps), dtype=_acc_dtype(pred.dtype))
+    return (pred.new_empty((batch,)),
+            pred.new_empty((batch, steps, 2), dtype=_acc_dtype(pred.dtype)))
 
 
 @torch.library.register_fake("seq2seq_ext::masked_softmax_ce_backward")

@@ -1,10 +1,13 @@
 // Fused masked softmax cross-entropy on the CPU, forward and backward.
 //
-// Forward, per position (b, t) with t < valid_len[b]: one pass for the row maximum, one for
-// sum(exp(x - max)); loss_bt = lse - x[label]. Masked positions are never read. The per-sequence
-// loss is the sum over t of the kept losses divided by T (the reference's mean over all steps).
-// Backward, per kept position: grad = (exp(x - lse) - onehot(label)) * grad_loss[b] / T, written
-// in one pass; masked positions get zeros without their logits being read.
+// Forward, per position (b, t) with t < valid_len[b]: one pass for the row maximum m, one for
+// log_sum = log(sum(exp(x - m))); loss_bt = (m - x[label]) + log_sum, and (m, log_sum) is saved.
+// Masked positions are never read. The per-sequence loss is the sum over t of the kept losses
+// divided by T (the reference's mean over all steps).
+// Backward, per kept position: grad = (exp((x - m) - log_sum) - onehot(label)) * grad_loss[b] / T,
+// written
+// in one pass; masked positions get zeros (NaN for a non-finite grad_loss[b], as the
+// reference's product with the mask gives) without their logits being read.
 // Rows are independent and each sequence's sum runs in a fixed order, so results do not depend
 // on the thread count.
 #include <ATen/OpMathType.h>
@@ -106,24 +109,31 @@ inline void stream_store(float* p, const Vectorized<float>& v) { _mm256_stream_p
 template <typename T>
 inline void stream_store(T* p, const Vectorized<T>& v) { v.store(p); }
 
-// grad[v] = exp(x[v] - lse) * scale, into a contiguous acc_t row.
+// A row's saved log-sum-exp: its maximum and log(sum(exp(x - maximum))).
 template <typename acc_t>
-void row_softmax_scaled(const acc_t* x, acc_t* g, int64_t n, acc_t lse, acc_t scale) {
+struct RowLse {
+  acc_t max, log_sum;
+};
+
+// grad[v] = exp((x[v] - max) - log_sum) * scale, into a contiguous acc_t row.
+template <typename acc_t>
+void row_softmax_scaled(const acc_t* x, acc_t* g, int64_t n, RowLse<acc_t> lse, acc_t scale) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
-  const Vec vl(lse), vsc(scale);
+  const Vec vm(lse.max), vl(lse.log_sum), vsc(scale);
+  const auto one = [&](int64_t v) { return std::exp((x[v] - lse.max) - lse.log_sum) * scale; };
+  const auto vec = [&](int64_t v) { return exp_nonpos((Vec::loadu(x + v) - vm) - vl) * vsc; };
   int64_t i = 0;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
     if (n >= 4 * W) {  // scalar head up to an aligned address, then streaming stores
-      for (; i < n && reinterpret_cast<uintptr_t>(g + i) % kStreamAlign != 0; ++i)
-        g[i] = std::exp(x[i] - lse) * scale;
-      for (; i + W <= n; i += W) stream_store(g + i, exp_nonpos(Vec::loadu(x + i) - vl) * vsc);
+      for (; i < n && reinterpret_cast<uintptr_t>(g + i) % kStreamAlign != 0; ++i) g[i] = one(i);
+      for (; i + W <= n; i += W) stream_store(g + i, vec(i));
     }
   }
 #endif
-  for (; i + W <= n; i += W) (exp_nonpos(Vec::loadu(x + i) - vl) * vsc).store(g + i);
-  for (; i < n; ++i) g[i] = std::exp(x[i] - lse) * scale;
+  for (; i + W <= n; i += W) vec(i).store(g + i);
+  for (; i < n; ++i) g[i] = one(i);
 }
 
 // A row of pred as a contiguous acc_t array: the row itself when it already is one, otherwise
@@ -140,8 +150,8 @@ const acc_t* load_row(const scalar_t* src, int64_t n, int64_t stride, std::vecto
 
 // Writes (softmax(x) - onehot(y)) * scale into a row of the gradient with stride gv.
 template <typename scalar_t, typename acc_t>
-void store_row_grad(const acc_t* x, scalar_t* grow, int64_t gv, int64_t n, acc_t lse, acc_t scale,
-                    int64_t y, std::vector<acc_t>& gbuf) {
+void store_row_grad(const acc_t* x, scalar_t* grow, int64_t gv, int64_t n, RowLse<acc_t> lse,
+                    acc_t scale, int64_t y, std::vector<acc_t>& gbuf) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (gv == 1) {
       row_softmax_scaled<acc_t>(x, grow, n, lse, scale);
@@ -175,14 +185,15 @@ void masked_softmax_ce(const at::Tensor& pred, const at::Tensor& label,
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / T, t = r % T;
         if (t >= start[b]) {
-          lse_p[r] = acc_t(0);
+          lse_p[2 * r] = lse_p[2 * r + 1] = acc_t(0);
           continue;
         }
         const scalar_t* row = p + b * sb + t * st;
         const acc_t* x = load_row<scalar_t, acc_t>(row, V, sv, buf);
         acc_t log_sum;
         const acc_t m = row_lse<acc_t>(x, V, &log_sum);
-        lse_p[r] = m + log_sum;
+        lse_p[2 * r] = m;
+        lse_p[2 * r + 1] = log_sum;
         row_loss[r] = (m - x[label_at(label, b, t)]) + log_sum;
       }
     });
@@ -222,16 +233,20 @@ void masked_softmax_ce_backward(const at::Tensor& grad_loss, const at::Tensor& p
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / T, t = r % T;
         scalar_t* grow = g + b * gb + t * gt;
+        const acc_t scale = up[b * up_s] * inv_T;
         if (t >= start[b]) {
+          // the reference multiplies the masked losses by 0: zeros, or NaN for a non-finite
+          // incoming gradient (0 * inf)
+          const scalar_t zero = static_cast<scalar_t>(scale * acc_t(0));
           if (gv == 1)
-            std::fill(grow, grow + V, scalar_t(0));
+            std::fill(grow, grow + V, zero);
           else
-            for (int64_t v = 0; v < V; ++v) grow[v * gv] = scalar_t(0);
+            for (int64_t v = 0; v < V; ++v) grow[v * gv] = zero;
           continue;
         }
-        const acc_t scale = up[b * up_s] * inv_T;
         const acc_t* x = load_row<scalar_t, acc_t>(p + b * sb + t * st, V, sv, buf);
-        store_row_grad<scalar_t, acc_t>(x, grow, gv, V, lse_p[r], scale, label_at(label, b, t),
+        const RowLse<acc_t> lse_r{lse_p[2 * r], lse_p[2 * r + 1]};
+        store_row_grad<scalar_t, acc_t>(x, grow, gv, V, lse_r, scale, label_at(label, b, t),
                                         gbuf);
       }
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)

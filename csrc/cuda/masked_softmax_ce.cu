@@ -7,11 +7,13 @@
 //
 // Forward, one block per sequence: every thread keeps an online (max, sum of exp(x - max)) pair
 // over its elements of a kept row, the group merges the pairs in a fixed order, and the group's
-// first thread writes lse = max + log(sum) and adds the row loss (max - x[label]) + log(sum) to
-// its running sum. Masked rows are never read: their lse is 0. The block then adds its groups'
-// sums in group order and divides by T, so the result is deterministic.
-// Backward, one pass per row: grad = (exp(x - lse) - onehot(label)) * grad_loss[b] / T; masked
-// rows get zeros without their logits being read.
+// first thread writes lse = (max, log(sum)) and adds the row loss (max - x[label]) + log(sum) to
+// its running sum. Masked rows are never read: their lse is (0, 0). The block then adds its
+// groups' sums in group order and divides by T, so the result is deterministic.
+// Backward, one pass per row: grad = (exp((x - max) - log(sum)) - onehot(label)) * grad_loss[b] / T
+// (exact for huge logits, where max + log(sum) would round to max); masked rows get zeros (NaN
+// for a non-finite grad_loss[b], as the reference's product with the mask) without their logits
+// being read.
 //
 // Both kernels compute each sequence's first masked step from valid_len and check every label
 // themselves (device_index.cuh): no helper kernels, no host synchronisation. Rows are read (and
@@ -78,8 +80,8 @@ __device__ __forceinline__ int64_t head_elems(const T* p, int64_t n) {
 // State (m, s): m is the largest non-NaN element seen (-inf before any), s the sum of
 // exp(x - m) over the elements seen, NaN once a NaN was seen. Elements equal to -inf add
 // nothing (exp(-inf - m) = 0 for any m the row ends with, except m = -inf, handled at the end).
-// The final lse is m + log(s) when m is finite and NaN otherwise, which is what the CPU kernel's
-// two passes give: a row whose maximum is +inf or whose elements are all -inf has
+// The final lse is m + log(s) when m is finite and NaN otherwise (the saved log(s) is NaN then
+// too), which is what the CPU kernel's two passes give: a row whose maximum is +inf or whose elements are all -inf has
 // exp(inf - inf) = NaN in its sum there.
 
 template <typename acc_t>
@@ -163,7 +165,7 @@ __device__ __forceinline__ void row_online_lse(const scalar_t* __restrict__ row,
 // the kept steps t = group, group + RPB, ... in turn; each group's first thread adds its rows'
 // losses in step order, and the block adds the groups' sums in group order, so the result is
 // deterministic. The block also checks every label of the sequence (masked steps included) and
-// writes lse = 0 for the masked steps. The loss is the only launch of the op.
+// writes lse = (0, 0) for the masked steps. The loss is the only launch of the op.
 template <typename scalar_t, typename acc_t, int G, int RPB>
 __global__ void __launch_bounds__(G * RPB)
     ce_forward_kernel(const scalar_t* __restrict__ pred, int64_t sb, int64_t st, int64_t B,
@@ -178,7 +180,7 @@ __global__ void __launch_bounds__(G * RPB)
     const int64_t start = first_masked_step(len, b, T);
     for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
       (void)checked_label(label, b, t, V);
-      if (t >= start) lse[b * T + t] = acc_t(0);
+      if (t >= start) lse[2 * (b * T + t)] = lse[2 * (b * T + t) + 1] = acc_t(0);
     }
     acc_t sum = acc_t(0);
     const int64_t rounds = (start + RPB - 1) / RPB;  // uniform: group_merge may synchronise
@@ -196,8 +198,10 @@ __global__ void __launch_bounds__(G * RPB)
         // (m - x[label]) + log(s), not lse - x[label]: keeps its precision when the logits are
         // so large that m + log(s) rounds to m (as on the CPU); NaN with l when m is not finite
         const acc_t x_y = static_cast<acc_t>(row[y]);
-        lse[b * T + t] = l;
-        sum += (l != l) ? l : (m - x_y) + dev_log(s);
+        const acc_t log_sum = (l != l) ? l : dev_log(s);
+        lse[2 * (b * T + t)] = m;
+        lse[2 * (b * T + t) + 1] = log_sum;
+        sum += (l != l) ? l : (m - x_y) + log_sum;
       }
     }
     if (lane == 0) sh_sum[group] = sum;
@@ -216,16 +220,16 @@ __global__ void __launch_bounds__(G * RPB)
 // Backward.
 
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ scalar_t grad_elem(scalar_t x, int64_t v, int64_t y, acc_t l,
-                                              acc_t scale) {
-  acc_t g = dev_exp(static_cast<acc_t>(x) - l) * scale;
+__device__ __forceinline__ scalar_t grad_elem(scalar_t x, int64_t v, int64_t y, acc_t m,
+                                              acc_t l, acc_t scale) {
+  acc_t g = dev_exp((static_cast<acc_t>(x) - m) - l) * scale;
   if (v == y) g -= scale;
   return static_cast<scalar_t>(g);
 }
 
 template <typename scalar_t, int G>
-__device__ __forceinline__ void zero_row(scalar_t* __restrict__ grow, int64_t V, int lane) {
-  const scalar_t zero = static_cast<scalar_t>(0.0f);
+__device__ __forceinline__ void fill_row(scalar_t* __restrict__ grow, int64_t V, int lane,
+                                         scalar_t zero) {
   constexpr int N = kVecBytes / sizeof(scalar_t);
   using P = Pack<scalar_t, N>;
   const int64_t head = head_elems(grow, V);
@@ -247,7 +251,7 @@ template <typename scalar_t, typename acc_t, typename up_t, int G, int RPB>
 __global__ void __launch_bounds__(G * RPB)
     ce_backward_kernel(const scalar_t* __restrict__ pred, int64_t sb, int64_t st, int64_t B,
                        int64_t T, int64_t V, DeviceIndex2d label, DeviceLengths len,
-                       const acc_t* __restrict__ lse, int64_t ls0, int64_t ls1,
+                       const acc_t* __restrict__ lse, int64_t ls0, int64_t ls1, int64_t ls2,
                        const up_t* __restrict__ up, int64_t up_s, acc_t inv_T,
                        scalar_t* __restrict__ grad, int64_t gb, int64_t gt) {
   const int group = threadIdx.x / G;
@@ -259,19 +263,20 @@ __global__ void __launch_bounds__(G * RPB)
     const int64_t b = r / T, t = r - b * T;
     const int64_t y = checked_label(label, b, t, V);
     scalar_t* grow = grad + b * gb + t * gt;
-    if (t >= first_masked_step(len, b, T)) {
-      zero_row<scalar_t, G>(grow, V, lane);
+    const acc_t scale = static_cast<acc_t>(up[b * up_s]) * inv_T;
+    if (t >= first_masked_step(len, b, T)) {  // 0, or NaN for a non-finite scale (0 * inf)
+      fill_row<scalar_t, G>(grow, V, lane, static_cast<scalar_t>(scale * acc_t(0)));
       continue;
     }
-    const acc_t scale = static_cast<acc_t>(up[b * up_s]) * inv_T;
-    const acc_t l = lse[b * ls0 + t * ls1];
+    const acc_t m = lse[b * ls0 + t * ls1];
+    const acc_t l = lse[b * ls0 + t * ls1 + ls2];
     const scalar_t* row = pred + b * sb + t * st;
     constexpr int N = kVecBytes / sizeof(scalar_t);
     const int64_t head = head_elems(row, V);
     if (head == head_elems(grow, V)) {
       // Both rows equally misaligned: vectors after a common scalar head.
       using P = Pack<scalar_t, N>;
-      if (lane < head) grow[lane] = grad_elem(row[lane], lane, y, l, scale);
+      if (lane < head) grow[lane] = grad_elem(row[lane], lane, y, m, l, scale);
       const int64_t nvec = (V - head) / N;
       const P* xp = reinterpret_cast<const P*>(row + head);
       P* gp = reinterpret_cast<P*>(grow + head);
@@ -281,13 +286,13 @@ __global__ void __launch_bounds__(G * RPB)
         P g;
         const int64_t v0 = head + k * N;
 #pragma unroll
-        for (int i = 0; i < N; ++i) g.v[i] = grad_elem(x.v[i], v0 + i, y, l, scale);
+        for (int i = 0; i < N; ++i) g.v[i] = grad_elem(x.v[i], v0 + i, y, m, l, scale);
         gp[k] = g;
       }
       for (int64_t v = head + nvec * N + lane; v < V; v += G)
-        grow[v] = grad_elem(row[v], v, y, l, scale);
+        grow[v] = grad_elem(row[v], v, y, m, l, scale);
     } else {
-      for (int64_t v = lane; v < V; v += G) grow[v] = grad_elem(row[v], v, y, l, scale);
+      for (int64_t v = lane; v < V; v += G) grow[v] = grad_elem(row[v], v, y, m, l, scale);
     }
   }
 }
@@ -350,7 +355,7 @@ void launch_backward(const at::Tensor& pred, const at::Tensor& label, const Devi
         <<<grid_for(B * T, RPB), G * RPB, 0, stream>>>(
             pred.const_data_ptr<scalar_t>(), pred.stride(0), pred.stride(1), B, T, V,
             device_index_2d(label), len, lse.const_data_ptr<acc_t>(), lse.stride(0),
-            lse.stride(1), up.const_data_ptr<up_t>(), up.stride(0), inv_T,
+            lse.stride(1), lse.stride(2), up.const_data_ptr<up_t>(), up.stride(0), inv_T,
             grad.mutable_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -86,10 +86,14 @@ def test_raw_op_returns_loss_and_lse(device):
     valid_len = torch.tensor([6, 2, 0], device=device)
     loss, lse = CE(pred, label, valid_len)
     assert loss.shape == (3,) and loss.dtype == torch.float64
-    assert lse.shape == (3, 6) and lse.dtype == torch.float64
-    expected = torch.logsumexp(pred, dim=2)
+    # the log-sum-exp in two parts: the row's maximum and log(sum(exp(x - maximum)))
+    assert lse.shape == (3, 6, 2) and lse.dtype == torch.float64
     kept = torch.arange(6, device=device)[None, :] < valid_len[:, None]
-    torch.testing.assert_close(lse[kept], expected[kept])
+    row_max = pred.max(dim=2).values
+    torch.testing.assert_close(lse[..., 0][kept], row_max[kept], rtol=0, atol=0)
+    torch.testing.assert_close(lse[..., 1][kept],
+                               torch.logsumexp(pred - row_max[..., None], dim=2)[kept])
+    assert not lse[~kept].any()
     torch.testing.assert_close(loss, reference_ce(pred, label, valid_len))
     grad_loss = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64, device=device)
     grad = CE_BACKWARD(grad_loss, pred, label, valid_len, lse)
@@ -342,6 +346,21 @@ def test_masked_positions_get_exactly_zero_gradient(device):
     assert (grad[~mask] != 0).any(dim=-1).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_incoming_gradient_reaches_masked_positions(device, bad):
+    """A non-finite grad_loss[b] reaches sequence b's masked positions as NaN (a sequence
+    without kept steps included), as the reference's product with the mask gives, and its
+    kept positions as in the reference."""
+    pred, label, _ = random_ce_inputs(3, 4, 6, dtype=torch.float64, device=device, seed=23)
+    valid_len = torch.tensor([2, 0, 4], device=device)
+    grad_loss = torch.tensor([bad, bad, 1.0], dtype=torch.float64, device=device)
+    _, grad = _fused(pred, label, valid_len, grad_loss)
+    _, ref_grad = _oracle(pred, label, valid_len, grad_loss)
+    assert torch.isnan(ref_grad[0, 2:]).all() and torch.isnan(ref_grad[1]).all()
+    torch.testing.assert_close(grad, ref_grad, equal_nan=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # determinism
 # ----------------------------------------------------------------------------------------------
@@ -427,12 +446,15 @@ def test_gradgradcheck():
 
 @pytest.mark.parametrize("options", [dict(label_smoothing=0.2),
                                      dict(weight=torch.linspace(0.5, 2.0, 7)),
-                                     dict(weight=torch.linspace(0.5, 2.0, 7), label_smoothing=0.1)])
+                                     dict(weight=torch.linspace(0.5, 2.0, 7), label_smoothing=0.1),
+                                     dict(ignore_index=3), dict(ignore_index=0)])
 def test_loss_module_honours_cross_entropy_options(options):
-    """MaskedSoftmaxCELoss is an nn.CrossEntropyLoss: its weight and label_smoothing count, as
-    in d2l's class (which runs CrossEntropyLoss's forward)."""
+    """MaskedSoftmaxCELoss is an nn.CrossEntropyLoss: its weight, label_smoothing and
+    ignore_index count, as in d2l's class (which runs CrossEntropyLoss's forward)."""
     pred = random_logits(3, 4, 7, dtype=torch.float64, seed=38, scale=1.0)
     label = random_labels(3, 4, 7, seed=38)
+    if "ignore_index" in options:  # a kept position holds the ignored class
+        label[0, 1] = label[1, 0] = options["ignore_index"]
     valid_len = torch.tensor([4, 2, 0])
     options = {k: (v.double() if torch.is_tensor(v) else v) for k, v in options.items()}
     got_p, want_p = pred.clone().requires_grad_(), pred.clone().requires_grad_()
