@@ -5,7 +5,7 @@ results; the hot work runs in the compiled library (``seq2seq_ext.ops``). Select
 reference with ``set_backend("reference")``, ``with use_backend("reference"):`` or
 ``SEQ2SEQ_EXT_BACKEND=reference``.
 """
-from . import checkpoint, ops, reference
+from . import _optim_versions, checkpoint, ops, reference
 from .ops import get_backend, set_backend, use_backend
 from .ops import sequence_mask_ as sequence_mask
 from .models import Decoder, Encoder, EncoderDecoder, Seq2SeqDecoder, Seq2SeqEncoder

@@ -268,3 +268,44 @@ def test_greedy_with_a_wrapped_recurrent_layer():
     dec.rnn = Wrapped(dec.rnn)
     got = dec.greedy(state, 1, 2, 6)[0]
     assert torch.equal(got, want)
+
+
+class TestFusedOptimizerSteps:
+    """Fused optimizers update the weights in their own kernels without bumping version
+    counters; the package bumps them after each step (seq2seq_ext._optim_versions), so the
+    cached inference paths (decoder stepper, encoder table, fixed context) see every step."""
+
+    @pytest.mark.parametrize("make", [
+        lambda ps: seq2seq_ext.training.make_adam(ps, 0.05),
+        lambda ps: torch.optim.AdamW(ps, lr=0.05, fused=True),
+        lambda ps: torch.optim.SGD(ps, lr=0.5, fused=True)], ids=["make_adam", "adamw", "sgd"])
+    @pytest.mark.parametrize("fixed", [False, True])
+    def test_cached_paths_see_the_step(self, make, fixed):
+        import copy
+        torch.manual_seed(0)
+        net = seq2seq_ext.EncoderDecoder(
+            seq2seq_ext.Seq2SeqEncoder(VOCAB, EMBED, HIDDEN, LAYERS),
+            seq2seq_ext.Seq2SeqDecoder(VOCAB, EMBED, HIDDEN, LAYERS, fixed_context=fixed))
+        opt = make(net.parameters())
+        X, Y = _tokens(4), _tokens(3)
+        valid_len = torch.tensor([3, 2, 1])
+        for _ in range(2):
+            net.eval()
+            with torch.no_grad():  # builds (then uses) the caches
+                enc_out, state = net.encoder(X)
+                net.decoder(Y[:, :1], net.decoder.init_state((enc_out, state)))
+            versions = [p._version for p in net.parameters()]
+            net.train()
+            Y_hat, _ = net(X, Y)
+            opt.zero_grad()
+            seq2seq_ext.MaskedSoftmaxCELoss()(Y_hat, Y, valid_len).sum().backward()
+            opt.step()
+            assert all(p._version > v for p, v in zip(net.parameters(), versions))
+        fresh = copy.deepcopy(net).eval()  # the same weights, nothing cached
+        net.eval()
+        with torch.no_grad():
+            got_enc, want_enc = net.encoder(X), fresh.encoder(X)
+            torch.testing.assert_close(got_enc[1], want_enc[1], rtol=0, atol=1e-6)
+            got = net.decoder(Y[:, :1], net.decoder.init_state(got_enc))[0]
+            want = fresh.decoder(Y[:, :1], fresh.decoder.init_state(want_enc))[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
