@@ -77,6 +77,10 @@ class DecoderStepper {
   at::Tensor embedding_, dense_weight_, dense_bias_, emb_proj_, packed_;
   std::vector<at::Tensor> weights_;
   std::vector<int64_t> key_;
+  // The storages the key's data pointers point into, held so that no other storage can take
+  // their addresses: `p.data = x` keeps p's version counter, and new storage landing where the
+  // old one was would otherwise look unchanged.
+  std::vector<c10::Storage> key_storages_;
   bool packed_built_ = false;
   bool inference_ = false;  // some bound tensor is an inference tensor
   std::shared_ptr<const cpu::ArgmaxScreen> screens_[2];

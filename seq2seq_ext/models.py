@@ -588,14 +588,15 @@ def context_projection(decoder, context):
             return torch.mm(context, w_ih0[:, embed:].t())
     cached = decoder.__dict__.get(_CTX_ATTR)
     # the data pointer: `w.data = ...` gives a parameter other values without a new version
+    # (the entry holds the storage, so that no new storage can take its address)
     if (cached is not None and cached[0] is context and cached[1] == context._version
             and cached[2] is w_ih0 and cached[3] == w_ih0._version
             and cached[4] == w_ih0.data_ptr()):
-        return cached[5]
+        return cached[6]
     with torch.no_grad():
         proj = torch.mm(context, w_ih0[:, embed:].t())
     decoder.__dict__[_CTX_ATTR] = (context, context._version, w_ih0, w_ih0._version,
-                                   w_ih0.data_ptr(), proj)
+                                   w_ih0.data_ptr(), w_ih0.untyped_storage(), proj)
     return proj
 
 
@@ -604,8 +605,25 @@ def context_projection(decoder, context):
 _TABLE_MAX_BYTES = 64 << 20
 
 
-def _table_key(tensors):
-    return tuple(x for t in tensors for x in (id(t), t._version, t.data_ptr(), t.shape, t.dtype))
+class _TableKey:
+    """What a table made from ``tensors`` depends on: the tensors themselves (held, and compared
+    by identity), their version counters, data pointers, shapes and dtypes, and their storages
+    (held, so that no new storage can take a pointer's address: ``p.data = x`` keeps p's
+    version counter)."""
+
+    def __init__(self, tensors):
+        self.tensors = tuple(tensors)
+        self.state = _table_state(self.tensors)
+        self.storages = tuple(t.untyped_storage() for t in self.tensors)
+
+    def matches(self, tensors):
+        return (len(tensors) == len(self.tensors)
+                and all(a is b for a, b in zip(tensors, self.tensors))
+                and _table_state(tensors) == self.state)
+
+
+def _table_state(tensors):
+    return tuple(x for t in tensors for x in (t._version, t.data_ptr(), t.shape, t.dtype))
 
 
 def _table_weights(encoder, X):
@@ -646,12 +664,11 @@ def encoder_table(encoder, X):
         return None
     table_w, (w_ih0, _, b_ih0, _) = weights[0], weights[1][:4]
     tensors = (table_w, w_ih0, b_ih0)
-    key = _table_key(tensors)
     cached = encoder.__dict__.get(_TABLE_ATTR)
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0].matches(tensors):
         return cached[1]
     table = torch.addmm(b_ih0, table_w, w_ih0.t())
-    encoder.__dict__[_TABLE_ATTR] = (key, table)
+    encoder.__dict__[_TABLE_ATTR] = (_TableKey(tensors), table)
     return table
 
 
@@ -672,12 +689,12 @@ def _bf16_encoder_weights(encoder, X):
     if weights is None or weights[0].dtype != torch.float32:
         return None
     table_w, flat = weights
-    key = _table_key((table_w, *flat))
+    tensors = (table_w, *flat)
     cached = encoder.__dict__.get(_TABLE_BF16_ATTR)
-    if cached is None or cached[0] != key:
+    if cached is None or not cached[0].matches(tensors):
         low = [w.to(torch.bfloat16) if w.dim() == 2 else w for w in flat]
         table = torch.addmm(flat[2], table_w.to(torch.bfloat16).float(), low[0].float().t())
-        cached = (key, {"table": table, "bf16": low})
+        cached = (_TableKey(tensors), {"table": table, "bf16": low})
         encoder.__dict__[_TABLE_BF16_ATTR] = cached
     made = cached[1]
     if X.shape[0] <= _BF16_ENCODER_MAX_BATCH:

@@ -79,6 +79,28 @@ def test_bound_stepper_follows_data_swap_and_resize():
         torch.testing.assert_close(logits, ref_logits, **decode_tol(torch.float32))
 
 
+def test_bound_stepper_follows_data_swaps_at_reused_addresses():
+    """Storage swapped in through ``.data`` keeps the version counter; the stepper holds the
+    storages it was built from, so a new storage never lands at a bound one's address and
+    passes for it. Many rounds of one to three swaps (the allocator hands back freed blocks),
+    also through a submodule's ``.bfloat16().float()``, which swaps storage the same way."""
+    dec, _, state = decoder_setup((23, 7, 12, 2, 3, torch.float32), "cpu", seed=59)
+    stepper = ops.decoder_stepper(dec.embedding.weight, dec.rnn._flat_weights, dec.dense.weight,
+                                  dec.dense.bias)
+    token = random_tokens(3, 23, seed=59)
+    torch.manual_seed(60)
+    with torch.no_grad():
+        for round in range(90):
+            logits, new_state = stepper.step(token, state)
+            ref_logits, ref_state = reference_step(reference_decoder(dec), token, state)
+            torch.testing.assert_close(logits, ref_logits, **decode_tol(torch.float32))
+            torch.testing.assert_close(new_state, ref_state, **decode_tol(torch.float32))
+            if round % 3 == 2:
+                dec.dense.bfloat16().float()
+            for _ in range(1 + round % 3):
+                dec.dense.weight.data = torch.randn_like(dec.dense.weight)
+
+
 def test_bound_stepper_refuses_an_embedding_of_another_width():
     """Layer 0 reads [embedding, context]: an embedding narrower or wider than W_ih0's columns
     less the hidden size is refused (naming it) when bound, and when swapped in through

@@ -85,6 +85,27 @@ def test_follows_in_place_updates(name):
     assert not torch.allclose(before[1], after[1])
 
 
+def test_follows_new_modules_and_storages_at_reused_addresses():
+    """The table is kept for the same tensors only: a new embedding module (a new Parameter,
+    whose id and address may be a freed one's, with the same version) or storage swapped in
+    through ``.data`` (which keeps the version) is never taken for the old one. Many rounds,
+    each replacing several times, so that the allocator hands back freed addresses."""
+    from torch import nn
+    enc = make_encoder(41, 8, 16, 2, seed=3)
+    X = seeded_randint(41, (3, 6), seed=4)
+    torch.manual_seed(6)
+    for round in range(120):
+        for _ in range(1 + round % 4):
+            if round % 2:
+                enc.embedding = nn.Embedding(41, 8)
+            else:
+                enc.rnn.weight_ih_l0.data = torch.randn_like(enc.rnn.weight_ih_l0)
+        with torch.no_grad():
+            got = enc.eval()(X)  # inference: the table
+        want = enc(X)            # grad mode: no table
+        torch.testing.assert_close(got[1], want[1].detach(), **gru_tol(torch.float32))
+
+
 def test_only_in_inference():
     enc = make_encoder(41, 8, 16, 2, seed=3)
     X = seeded_randint(41, (3, 6), seed=4)

@@ -15,8 +15,8 @@
 namespace seq2seq_ext {
 namespace {
 
-// Stores the version counter, storage, dtype and shape of each tensor (and the extra values)
-// in key, and says whether they all equal what key held (false for an empty key, and always
+// Stores the version counter, data pointer, dtype and shape of each tensor (and the extra
+// values) in key (the caller holds the storages, so that a pointer cannot be reused), and says whether they all equal what key held (false for an empty key, and always
 // false when one of them is an inference tensor).
 bool same_key(std::vector<int64_t>& key, std::initializer_list<const at::Tensor*> head,
               const std::vector<at::Tensor>& tail, std::initializer_list<int64_t> extra = {}) {
@@ -91,6 +91,11 @@ void DecoderStepper::check_widths() const {
 
 bool DecoderStepper::refresh() {
   if (same_key(key_, {&embedding_, &dense_weight_, &dense_bias_}, weights_)) return true;
+  key_storages_.clear();
+  for (const at::Tensor* t : {&embedding_, &dense_weight_, &dense_bias_})
+    key_storages_.push_back(t->has_storage() ? t->storage() : c10::Storage());
+  for (const auto& w : weights_)
+    key_storages_.push_back(w.has_storage() ? w.storage() : c10::Storage());
   check_widths();  // `.data =` may have given a tensor another shape
   emb_proj_ = at::Tensor();
   packed_ = at::Tensor();
