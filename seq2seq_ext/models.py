@@ -444,7 +444,7 @@ def decode_path(decoder, state=None):
     (with biases, unidirectional, time first, no LSTM projection, no hooks)
     the embedding or the output layer is not a plain ``nn.Embedding`` /     "torch"
     ``nn.Linear`` (another class, a parametrization, pruning, hooks, an
-    embedding's ``max_norm``)
+    embedding's ``max_norm``, an output layer without bias)
     the embedding's width plus the hidden size is not layer 0's input size  "torch"
     the state is not in the decoder's format, or its tensors (the context   "torch"
     included) are not all float32 or all float64 on one device
@@ -470,8 +470,10 @@ def decode_path(decoder, state=None):
     if not (_plain_lstm(rnn) if cell == "lstm" else _plain_gru(rnn)):
         return "torch"
     emb = _fastcall.submodule(decoder, "embedding")
+    dense = _fastcall.submodule(decoder, "dense")
     if not (_fastcall.plain_leaf(emb, nn.Embedding) and emb.max_norm is None
-            and _fastcall.plain_leaf(_fastcall.submodule(decoder, "dense"), nn.Linear)):
+            and _fastcall.plain_leaf(dense, nn.Linear)
+            and dense._parameters.get("bias") is not None):
         return "torch"
     if emb.weight.shape[-1] + rnn.hidden_size != rnn.input_size:
         return "torch"  # layer 0's input [embedding, context] does not fit (torch.nn's error)

@@ -250,6 +250,15 @@ def test_decode_path_rules():
         assert models.decode_path(lstm, h) == "torch"
         # training without dropout is no reason to leave the fused path
         assert models.decode_path(_decoder("gru", False).train(), state) == "stepper"
+        # an output layer without bias: the modules (the step ops take a bias)
+        for cell, s in (("gru", state), ("lstm", (h, c))):
+            unbiased = _decoder(cell, False)
+            unbiased.dense = nn.Linear(8, 13, bias=False)
+            assert models.decode_path(unbiased, s) == "torch"
+            tokens = torch.tensor([[3], [4], [5]])
+            with seq2seq_ext.use_backend("reference"):
+                want = unbiased(tokens, s)[0]
+            torch.testing.assert_close(unbiased(tokens, s)[0], want)
     # grad mode: nothing requires grad (the registered op, which autograd sees), then the state
     dec.requires_grad_(False)
     assert models.decode_path(dec, state) == "op"
