@@ -55,17 +55,20 @@ def _check_backend(name):
     return name
 
 
-def _functorch_active():
-    """A ``torch.func`` transform (grad, vmap, jacrev, ...) is running: the compiled ops have
-    no rules for them, so the package computes as the reference does. (A private query, the
-    only one there is: 30 ns, against 70 ns for ``is_compiling``.)"""
-    return torch._C._are_functorch_transforms_active()
+def _transform_active():
+    """A ``torch.func`` transform (grad, vmap, jacrev, ...) is running, or a forward-mode AD
+    level is open (``torch.autograd.forward_ad.dual_level``: tensors may carry tangents): the
+    compiled ops have no rules for them (no batching rule, no forward-mode formula: a tangent
+    would be dropped), so the package computes as the reference does. (Private queries, the
+    only ones there are: 30 ns, against 70 ns for ``is_compiling``.)"""
+    return (torch._C._are_functorch_transforms_active()
+            or torch.autograd.forward_ad._current_level >= 0)
 
 
 def get_backend():
     """The backend in force: ``"ext"`` (compiled ops) or ``"reference"`` (pure PyTorch), which
-    is also what a ``torch.func`` transform in progress gets."""
-    if _functorch_active():
+    is also what a ``torch.func`` transform or forward-mode AD in progress gets."""
+    if _transform_active():
         return "reference"
     stack = _state.stack
     if stack:
@@ -348,7 +351,7 @@ def ext_shortcut_ok():
     stepper's ``try_step``."""
     return (not torch.compiler.is_compiling() and not _state.stack
             and (_ENV_BACKEND if _default is None else _default) == "ext"
-            and not _functorch_active())
+            and not _transform_active())
 
 
 def _no_dispatch_hooks():
@@ -357,7 +360,7 @@ def _no_dispatch_hooks():
     return (not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._is_torch_function_mode_enabled()
-            and not _functorch_active())
+            and not _transform_active())
 
 
 # ----------------------------------------------------------------------------------------------

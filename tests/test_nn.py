@@ -866,3 +866,36 @@ def test_torch_func_grad_equals_torch_nn(cell, op_calls):
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
     assert op_calls == []
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("frozen", [True, False])
+def test_forward_mode_ad_equals_torch_nn(cell, frozen, op_calls):
+    """Forward-mode AD (a dual input inside ``forward_ad.dual_level``): the fused ops have no
+    forward-mode formula, so the drop-in layer computes as torch.nn does and carries the
+    tangent (the op dropped it when nothing required grad, and raised otherwise); where
+    torch.nn itself has no formula (its oneDNN LSTM on the CPU) the same error."""
+    import torch.autograd.forward_ad as fwAD
+    ref, new = pair(cell, 4, 6, 2)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    tangent = torch.randn_like(x)
+    results = []
+    for m in (ref, new):
+        m.requires_grad_(not frozen)
+        with fwAD.dual_level():
+            try:
+                out = m(fwAD.make_dual(x, tangent))[0]
+            except (RuntimeError, NotImplementedError) as e:
+                results.append(type(e))
+                continue
+            results.append(fwAD.unpack_dual(out))
+    if isinstance(results[0], type):
+        assert results[1] is results[0]
+    else:
+        assert results[1].tangent is not None
+        torch.testing.assert_close(results[1].primal, results[0].primal)
+        torch.testing.assert_close(results[1].tangent, results[0].tangent)
+    assert op_calls == []
+    with torch.no_grad():  # outside the dual level: the fused op again
+        new(x)
+    assert op_calls == [cell]
