@@ -899,3 +899,24 @@ def test_forward_mode_ad_equals_torch_nn(cell, frozen, op_calls):
     with torch.no_grad():  # outside the dual level: the fused op again
         new(x)
     assert op_calls == [cell]
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("hidden, steps", [(7, 3), (160, 1)])  # 160, one step: deferred rows
+def test_batched_gradients_equal_torch_nn(cell, hidden, steps):
+    """``autograd.grad(..., is_grads_batched=True)`` (what ``jacobian(vectorize=True)`` uses)
+    runs the backward under vmap: the stack op's backward then recomputes in PyTorch ops
+    instead of reading the batched gradients with its kernel. A plain backward afterwards is
+    unaffected."""
+    ref, new = pair(cell, 5, hidden, dtype=torch.float32)
+    x = torch.randn(steps, 2, 5)
+    v = torch.randn(3, steps, 2, hidden)
+    got, want = [torch.autograd.grad(m(x)[0], list(m.parameters()), v, is_grads_batched=True)
+                 for m in (new, ref)]
+    for g, w in zip(got, want):
+        assert g.shape == (3, *w.shape[1:])
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    for m in (new, ref):
+        m(x)[0].square().sum().backward()
+    for p, q in zip(new.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)

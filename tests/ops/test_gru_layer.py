@@ -509,6 +509,22 @@ def test_gradgradcheck_layer(with_extra):
     assert torch.autograd.gradgradcheck(lambda *a: ops.gru_layer(*a), tuple(args))
 
 
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_batched_gradients_equal_the_reference(with_extra):
+    """``autograd.grad(..., is_grads_batched=True)`` runs the backward under vmap: the layer's
+    backward recomputes in PyTorch ops instead of reading batched gradients with its kernel."""
+    args = _small_layer_args("cpu", with_extra=with_extra, seed=104)
+    wrt = [t for t in args if t is not None]
+    out, h_n = ops.gru_layer(*args)[:2]
+    ref_out, ref_hn = reference.gru_layer(*args)[:2]
+    v_out = torch.randn(4, *out.shape, dtype=out.dtype, generator=generator(105))
+    v_hn = torch.randn(4, *h_n.shape, dtype=out.dtype, generator=generator(106))
+    got = torch.autograd.grad((out, h_n), wrt, (v_out, v_hn), is_grads_batched=True)
+    want = torch.autograd.grad((ref_out, ref_hn), wrt, (v_out, v_hn), is_grads_batched=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_layer_one_step_wide(device):
     args = _small_layer_args(device, with_extra=True, seed=103, steps=1, batch=3, in_size=2,

@@ -361,6 +361,22 @@ def test_non_finite_incoming_gradient_reaches_masked_positions(device, bad):
     torch.testing.assert_close(grad, ref_grad, equal_nan=True)
 
 
+def test_batched_gradients_equal_the_reference():
+    """``autograd.grad(..., is_grads_batched=True)`` runs the backward under vmap: the op's
+    backward recomputes in PyTorch ops instead of reading the batched gradient with its
+    kernel."""
+    pred, label, _ = random_ce_inputs(3, 4, 6, dtype=torch.float64, seed=24)
+    valid_len = torch.tensor([4, 1, 0])
+    v = torch.randn(5, 3, dtype=torch.float64, generator=generator(25))
+    p, q = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    (got,) = torch.autograd.grad(ops.masked_softmax_ce(p, label, valid_len), p, v,
+                                 is_grads_batched=True)
+    (want,) = torch.autograd.grad(reference_ce(q, label, valid_len), q, v,
+                                  is_grads_batched=True)
+    assert got.shape == (5, *pred.shape)
+    torch.testing.assert_close(got, want)
+
+
 # ----------------------------------------------------------------------------------------------
 # determinism
 # ----------------------------------------------------------------------------------------------
