@@ -54,7 +54,10 @@ masks differ from those ``nn.GRU`` / ``nn.LSTM`` would draw for the same seed; t
 (Bernoulli(1 - p)) and the scaling (``1 / (1 - p)``) are the same, and ``torch_masks=True``
 draws theirs.
 """
+import copy
+
 import torch
+import torch.fx
 from torch.nn.utils.rnn import PackedSequence
 
 from . import _C, _fastcall, ops
@@ -292,13 +295,35 @@ def fused_forward(module, input, hx=None, torch_masks=False):
     return (out[0], (out[1], out[2])) if lstm else (out[0], out[1])
 
 
+def _fx_leaf_call(module, input, hx):
+    """Under ``torch.fx.symbolic_trace``: the call recorded as one ``call_module`` node, as FX
+    records ``torch.nn``'s own layers (it treats only classes of ``torch.nn`` as leaves, and
+    would otherwise trace into the forward's control flow)."""
+    tracer = input.tracer
+    args = (input,) if hx is None else (input, hx)
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+
+
+def _plain_copy(module):
+    """``__prepare_scriptable__``: ``torch.jit.script`` compiles PyTorch's own layer, a shallow
+    copy of the drop-in of its base class that shares its parameters (the fused forward is not
+    scriptable)."""
+    plain = copy.copy(module)
+    plain.__class__ = torch.nn.LSTM if isinstance(module, torch.nn.LSTM) else torch.nn.GRU
+    return plain
+
+
 class GRU(torch.nn.GRU):
     """``torch.nn.GRU`` with the fused multi-layer op underneath (see the module docstring for
     what falls back to PyTorch's implementation). Same constructor, parameters and results."""
 
     def forward(self, input, hx=None):
+        if isinstance(input, torch.fx.Proxy):
+            return _fx_leaf_call(self, input, hx)
         out = fused_forward(self, input, hx)
         return out if out is not None else super().forward(input, hx)
+
+    __prepare_scriptable__ = _plain_copy
 
 
 class LSTM(torch.nn.LSTM):
@@ -306,8 +331,12 @@ class LSTM(torch.nn.LSTM):
     what falls back to PyTorch's implementation). Same constructor, parameters and results."""
 
     def forward(self, input, hx=None):
+        if isinstance(input, torch.fx.Proxy):
+            return _fx_leaf_call(self, input, hx)
         out = fused_forward(self, input, hx)
         return out if out is not None else super().forward(input, hx)
+
+    __prepare_scriptable__ = _plain_copy
 
 
 _DROP_IN = {torch.nn.GRU: GRU, torch.nn.LSTM: LSTM}

@@ -920,3 +920,48 @@ def test_batched_gradients_equal_torch_nn(cell, hidden, steps):
         m(x)[0].square().sum().backward()
     for p, q in zip(new.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+
+
+class _OneLayerNet(torch.nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.rnn = CLASSES[cell][0](5, 7, 2)
+
+    def forward(self, x):
+        return self.rnn(x)[0].relu()
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_fx_symbolic_trace_records_the_layer_as_a_leaf(cell, op_calls):
+    """torch.fx treats only torch.nn's own classes as leaves: the drop-in layer records itself
+    as one call_module node, as nn.GRU / nn.LSTM do, and the traced module runs it fused."""
+    torch.manual_seed(0)
+    net = _OneLayerNet(cell)
+    x = torch.randn(6, 3, 5)
+    want = net(x)
+    traced = torch.fx.symbolic_trace(seq2seq_ext.accelerate(net))
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["rnn"]
+    assert type(traced.rnn) is CLASSES[cell][1]
+    op_calls.clear()
+    torch.testing.assert_close(traced(x), want)
+    assert op_calls == [cell]
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_jit_script_compiles_pytorchs_layer(cell, monkeypatch):
+    """torch.jit.script compiles PyTorch's own layer in the drop-in's place (its forward is
+    not scriptable), sharing the parameters; as for any ``__prepare_scriptable__``, the eager
+    model's entry becomes that layer too, and ``accelerate`` makes it fused again."""
+    for cls in (nn.GRU, nn.LSTM):  # PyTorch's own forward (conftest wraps it with a check)
+        monkeypatch.setattr(cls, "forward", getattr(cls.forward, "__wrapped__", cls.forward))
+    torch.manual_seed(0)
+    net = _OneLayerNet(cell)
+    x = torch.randn(6, 3, 5)
+    want = net(x)
+    params = list(net.parameters())
+    scripted = torch.jit.script(seq2seq_ext.accelerate(net))
+    torch.testing.assert_close(scripted(x), want)
+    assert type(net.rnn) is CLASSES[cell][0]
+    assert all(p is q for p, q in zip(net.parameters(), params))
+    assert type(seq2seq_ext.accelerate(net).rnn) is CLASSES[cell][1]
+    torch.testing.assert_close(net(x), want)
