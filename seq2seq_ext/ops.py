@@ -16,6 +16,7 @@ import os
 import threading
 
 import torch
+import torch.utils.flop_counter
 
 from . import cuda_graphs, reference
 
@@ -866,6 +867,28 @@ def _rnn_stack_backward_fake(cell, grad_output, grad_hn, grad_cn, input, h0, c0,
     grad_c0 = h0.new_empty(h0.shape) if cell == "lstm" else input.new_empty((0,))
     return (input.new_empty(input.shape), h0.new_empty(h0.shape), grad_c0,
             [w.new_empty(w.shape) for w in weights])
+
+
+def _stack_gemm_flops(input_shape, weight_shapes):
+    """The GEMM FLOPs of one rnn_stack call: every row of the sequence (steps x batch, or the
+    packed rows) times each layer's W_ih and W_hh (the biases and gate arithmetic aside)."""
+    rows = 1
+    for s in input_shape[:-1]:
+        rows *= s
+    return sum(2 * rows * s[0] * s[1] for s in weight_shapes if s is not None and len(s) == 2)
+
+
+@torch.utils.flop_counter.register_flop_formula(torch.ops.seq2seq_ext.rnn_stack)
+def _rnn_stack_flops(cell, input, h0, c0, weights, *args, out_shape=None, **kwargs):
+    """``FlopCounterMode``'s count for the op (shapes in place of tensors)."""
+    return _stack_gemm_flops(input, weights)
+
+
+@torch.utils.flop_counter.register_flop_formula(torch.ops.seq2seq_ext.rnn_stack_backward)
+def _rnn_stack_backward_flops(cell, grad_output, grad_hn, grad_cn, input, h0, c0, weights,
+                              *args, out_shape=None, **kwargs):
+    """Twice the forward's: the products for the gradients of the inputs and of the weights."""
+    return 2 * _stack_gemm_flops(input, weights)
 
 
 # Autograd: csrc/rnn_stack.cpp (RnnStackFunction, in C++ for its per-call cost), with the

@@ -965,3 +965,26 @@ def test_jit_script_compiles_pytorchs_layer(cell, monkeypatch):
     assert all(p is q for p, q in zip(net.parameters(), params))
     assert type(seq2seq_ext.accelerate(net).rnn) is CLASSES[cell][1]
     torch.testing.assert_close(net(x), want)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_flop_counter_counts_the_fused_products(cell):
+    """FlopCounterMode counts the fused op's GEMM FLOPs (a formula registered for the op): a
+    forward counts what nn.GRU's products count, 2 x rows x each matrix's size, and a
+    backward at least twice that again."""
+    from torch.utils.flop_counter import FlopCounterMode
+    _, new = pair(cell, 5, 7, 2, dtype=torch.float32)
+    x = torch.randn(4, 3, 5)
+    gates = 3 if cell == "gru" else 4
+    expected = 2 * 4 * 3 * (gates * 7 * 5 + gates * 7 * 7 + 2 * gates * 7 * 7)
+    with torch.no_grad(), FlopCounterMode(display=False) as forward:
+        new(x)
+    assert forward.get_total_flops() == expected
+    if cell == "gru":
+        ref = nn.GRU(5, 7, 2)
+        with torch.no_grad(), FlopCounterMode(display=False) as torch_forward:
+            ref(x)
+        assert torch_forward.get_total_flops() == expected
+    with FlopCounterMode(display=False) as both:
+        new(x)[0].sum().backward()
+    assert both.get_total_flops() >= 3 * expected
