@@ -271,21 +271,25 @@ class CapturedCall:
                                                    capture_error_mode="thread_local"):
                 self.outputs = fn(*self.static)
         self.last_stream = stream
+        self._lock = threading.Lock()
 
     def close(self):
         """Wait for the last replay: the graph, its pool and the input buffers may be freed."""
-        self.last_stream.synchronize()
+        with self._lock:
+            self.last_stream.synchronize()
 
     def __call__(self, args):
-        stream = torch.cuda.current_stream(self.device)
-        if stream != self.last_stream:
-            stream.wait_stream(self.last_stream)  # the previous replay's buffers are reused
-        self.last_stream = stream
-        with torch.cuda.device(self.device):
-            for i in self.copied:
-                self.static[i].copy_(args[i])
-            self.graph.replay()
-            return tuple(o.clone() for o in self.outputs)
+        # one replay at a time: threads sharing this entry share its buffers
+        with self._lock:
+            stream = torch.cuda.current_stream(self.device)
+            if stream != self.last_stream:
+                stream.wait_stream(self.last_stream)  # the previous replay's buffers are reused
+            self.last_stream = stream
+            with torch.cuda.device(self.device):
+                for i in self.copied:
+                    self.static[i].copy_(args[i])
+                self.graph.replay()
+                return tuple(o.clone() for o in self.outputs)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

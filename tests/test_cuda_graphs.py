@@ -543,6 +543,37 @@ def test_weights_new_at_every_call_turn_the_class_eager(monkeypatch):
 
 
 @NEEDS_CUDA
+def test_threads_replaying_one_graph_get_their_own_results():
+    """Two threads replay the same captured call with their own inputs: each replay copies its
+    inputs into the shared buffers and clones the outputs under the entry's lock."""
+    base = list(_layer_args(36))
+    inputs = [base[0] * (1.0 + 0.05 * k) for k in range(8)]
+    with torch.no_grad(), cuda_graphs.use_mode("eager"):
+        expected = [ops.gru_layer(x, *base[1:])[0] for x in inputs]
+    failures = []
+
+    def work(offset):
+        try:
+            with torch.no_grad(), cuda_graphs.use_mode("graph"):
+                for r in range(40):
+                    k = (offset + r) % len(inputs)
+                    got = ops.gru_layer(inputs[k], *base[1:])[0]
+                    torch.cuda.current_stream().synchronize()
+                    if not torch.allclose(got, expected[k], **CLOSE):
+                        failures.append(k)
+        except Exception as e:  # reported below, with the thread's error
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert len(cuda_graphs._graphs) == 1
+
+
+@NEEDS_CUDA
 def test_auto_mode_measures_each_shape_class_once():
     args = _layer_args(33)
     with torch.no_grad():
