@@ -6,7 +6,6 @@
 // Schema, argument checks and the device-independent entry that allocates the outputs and calls
 // the device kernel (CPU: csrc/cpu/rnn_stack.h; CUDA: csrc/cuda/rnn_stack.cu). Python wrapper,
 // fake and autograd: seq2seq_ext/ops.py (section rnn_stack); tests: tests/ops/test_rnn_stack.py.
-#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -317,14 +316,19 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
       out.push_back(at::Tensor());
       return out;
     };
-    // create_graph (gradients that carry a graph), or incoming gradients the kernels cannot
-    // read: functorch's batched gradients of autograd.grad(..., is_grads_batched=True) and
-    // jacobian(vectorize=True) (functorch has no fallback for an op returning Tensor[], and the
-    // deferred rows are read from data pointers), or a tensor subclass. Then the composite
-    // backward in PyTorch ops.
+    // create_graph (gradients that carry a graph), or vmap's batched gradients of
+    // autograd.grad(..., is_grads_batched=True) and jacobian(vectorize=True), which the kernels
+    // cannot read (functorch has no fallback for an op returning Tensor[], and the deferred
+    // rows are read from data pointers): the composite backward in PyTorch ops. Other
+    // wrappers (FakeTensor and FunctionalTensor under torch.compile, dispatch modes) go to
+    // the backward op, which has a fake kernel.
+    static const c10::DispatchKeySet batched({c10::DispatchKey::FuncTorchBatched,
+                                              c10::DispatchKey::BatchedNestedTensor,
+                                              c10::DispatchKey::Batched});
     bool composite = at::GradMode::is_enabled();
     for (const auto& g : grads)
-      composite = composite || (g.defined() && at::isTensorSubclassLike(g));
+      composite = composite ||
+                  (g.defined() && g.unsafeGetTensorImpl()->key_set().has_any(batched));
     if (composite) {
       const StackGraphBackward& graph_backward = graph_backward_hook();
       TORCH_CHECK(graph_backward,

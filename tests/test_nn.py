@@ -987,4 +987,33 @@ def test_flop_counter_counts_the_fused_products(cell):
         assert torch_forward.get_total_flops() == expected
     with FlopCounterMode(display=False) as both:
         new(x)[0].sum().backward()
-    assert both.get_total_flops() >= 3 * expected
+    counts = {str(op): n for op, n in both.get_flop_counts()["Global"].items()}
+    # the backward op itself, not a recompute of the stack in ATen products
+    assert counts == {"seq2seq_ext.rnn_stack": expected,
+                      "seq2seq_ext.rnn_stack_backward": 2 * expected}
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_compiled_backward_keeps_the_fused_backward_op(cell):
+    """Under torch.compile (AOTAutograd traces the backward with FunctionalTensor gradients)
+    the backward graph holds the fused backward op, not the composite recompute that vmap's
+    batched gradients need."""
+    from torch._dynamo.backends.common import aot_autograd
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+            return gm.forward
+        return compiler
+
+    layer = CLASSES[cell][1](5, 7, 2)
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(layer, backend=aot_autograd(fw_compiler=keep("fw"),
+                                                             bw_compiler=keep("bw")))
+        compiled(x)[0].sum().backward()
+    torch._dynamo.reset()
+    assert "seq2seq_ext.rnn_stack.default" in graphs["fw"]
+    assert "seq2seq_ext.rnn_stack_backward.default" in graphs["bw"]
+    assert not any("mm" in t for t in graphs["bw"])

@@ -511,8 +511,8 @@ def test_gradgradcheck_layer(with_extra):
 
 @pytest.mark.parametrize("with_extra", [False, True])
 def test_batched_gradients_equal_the_reference(with_extra):
-    """``autograd.grad(..., is_grads_batched=True)`` runs the backward under vmap: the layer's
-    backward recomputes in PyTorch ops instead of reading batched gradients with its kernel."""
+    """``autograd.grad(..., is_grads_batched=True)`` runs the backward under vmap (functorch
+    runs the backward op once per gradient)."""
     args = _small_layer_args("cpu", with_extra=with_extra, seed=104)
     wrt = [t for t in args if t is not None]
     out, h_n = ops.gru_layer(*args)[:2]

@@ -362,9 +362,8 @@ def test_non_finite_incoming_gradient_reaches_masked_positions(device, bad):
 
 
 def test_batched_gradients_equal_the_reference():
-    """``autograd.grad(..., is_grads_batched=True)`` runs the backward under vmap: the op's
-    backward recomputes in PyTorch ops instead of reading the batched gradient with its
-    kernel."""
+    """``autograd.grad(..., is_grads_batched=True)`` runs the backward under vmap (functorch
+    runs the backward op once per gradient)."""
     pred, label, _ = random_ce_inputs(3, 4, 6, dtype=torch.float64, seed=24)
     valid_len = torch.tensor([4, 1, 0])
     v = torch.randn(5, 3, dtype=torch.float64, generator=generator(25))
