@@ -198,14 +198,23 @@ class GraphCache:
             if entry is not None:
                 self._entries.move_to_end(key)
                 return entry
-        entry = make()
+        made = make()
         with self._lock:
-            self._entries[key] = entry
+            entry = self._entries.setdefault(key, made)  # another thread's may have come first
             self._entries.move_to_end(key)
             dropped = [self._entries.popitem(last=False)[1]
                        for _ in range(len(self._entries) - self.capacity)]
+        if entry is not made:
+            dropped.append(made)
         _close_all(dropped)
         return entry
+
+    def discard(self, predicate):
+        """Drop (and close) the entries whose key satisfies ``predicate``."""
+        with self._lock:
+            keys = [k for k in self._entries if predicate(k)]
+            dropped = [self._entries.pop(k) for k in keys]
+        _close_all(dropped)
 
     def __contains__(self, key):
         with self._lock:
@@ -348,7 +357,8 @@ def _run(name, op, args, copied, in_place):
             return eager()
         captured = graph_key not in _graphs
         out = replay()
-        rule.count_graph_call(shape_class, captured)
+        if rule.count_graph_call(shape_class, captured) == "eager":  # turned eager just now
+            _graphs.discard(lambda key: key[0] == shape_class)
         return out
 
 

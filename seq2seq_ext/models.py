@@ -547,6 +547,9 @@ def supports_fused_decoding(decoder):
         return False
     if getattr(decoder, "cell", "gru") != "gru":
         return False
+    dense = _fastcall.submodule(decoder, "dense")
+    if not (isinstance(dense, nn.Linear) and dense._parameters.get("bias") is not None):
+        return False  # the decode ops add the output layer's bias
     return _plain_gru(_fastcall.submodule(decoder, "rnn"))
 
 

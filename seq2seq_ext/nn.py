@@ -298,10 +298,13 @@ def fused_forward(module, input, hx=None, torch_masks=False):
 def _fx_leaf_call(module, input, hx):
     """Under ``torch.fx.symbolic_trace``: the call recorded as one ``call_module`` node, as FX
     records ``torch.nn``'s own layers (it treats only classes of ``torch.nn`` as leaves, and
-    would otherwise trace into the forward's control flow)."""
+    would otherwise trace into the forward's control flow); None for the traced root."""
     tracer = input.tracer
+    path = tracer.path_of_module(module)
+    if not path:  # the traced root itself: PyTorch's forward is traced, as for nn.GRU / nn.LSTM
+        return None
     args = (input,) if hx is None else (input, hx)
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+    return tracer.create_proxy("call_module", path, args, {})
 
 
 def _plain_copy(module):
@@ -318,9 +321,8 @@ class GRU(torch.nn.GRU):
     what falls back to PyTorch's implementation). Same constructor, parameters and results."""
 
     def forward(self, input, hx=None):
-        if isinstance(input, torch.fx.Proxy):
-            return _fx_leaf_call(self, input, hx)
-        out = fused_forward(self, input, hx)
+        out = (_fx_leaf_call(self, input, hx) if isinstance(input, torch.fx.Proxy)
+               else fused_forward(self, input, hx))
         return out if out is not None else super().forward(input, hx)
 
     __prepare_scriptable__ = _plain_copy
@@ -331,9 +333,8 @@ class LSTM(torch.nn.LSTM):
     what falls back to PyTorch's implementation). Same constructor, parameters and results."""
 
     def forward(self, input, hx=None):
-        if isinstance(input, torch.fx.Proxy):
-            return _fx_leaf_call(self, input, hx)
-        out = fused_forward(self, input, hx)
+        out = (_fx_leaf_call(self, input, hx) if isinstance(input, torch.fx.Proxy)
+               else fused_forward(self, input, hx))
         return out if out is not None else super().forward(input, hx)
 
     __prepare_scriptable__ = _plain_copy

@@ -161,6 +161,29 @@ def test_graph_cache_closes_the_entries_it_drops():
     assert sorted(closed) == ["a", "b", "c"] and len(cache) == 0
 
 
+def test_graph_cache_discards_and_keeps_the_first_of_two_makers():
+    class Entry:
+        def __init__(self, name, log):
+            self.name, self.log = name, log
+
+        def close(self):
+            self.log.append(self.name)
+
+    closed = []
+    cache = cuda_graphs.GraphCache(capacity=4)
+    for key in (("a", 1), ("a", 2), ("b", 1)):
+        cache.get(key, lambda key=key: Entry(key, closed))
+    cache.discard(lambda key: key[0] == "a")
+    assert sorted(closed) == [("a", 1), ("a", 2)] and len(cache) == 1 and ("b", 1) in cache
+
+    def racing():  # another thread makes and inserts the same key meanwhile
+        first = cache.get(("c", 1), lambda: Entry("first", closed))
+        assert first.name == "first"
+        return Entry("second", closed)
+    assert cache.get(("c", 1), racing).name == "first"
+    assert closed[-1] == "second"  # the loser is closed, the cache keeps one entry
+
+
 def test_rule_turns_a_class_that_keeps_capturing_to_eager():
     """Weights that are new tensors at every call capture at every call: after
     ``recapture_limit`` captures in more than half of the calls the class goes eager."""
@@ -219,6 +242,7 @@ def test_graph_path_is_counted_and_turned_eager_on_recaptures(monkeypatch):
     # capture turns the class eager, from the fifth call on
     assert results == ["graph"] * 4 + ["eager"]
     assert len(captures) == 4
+    assert len(cuda_graphs._graphs) == 0  # the class's graphs are dropped when it goes eager
 
 
 def test_cpu_tensors_never_take_the_graph_path(monkeypatch):
@@ -539,7 +563,7 @@ def test_weights_new_at_every_call_turn_the_class_eager(monkeypatch):
             torch.testing.assert_close(got[0], expected[0], **CLOSE)
     (choice, _, _), = cuda_graphs.rule.choices().values()
     assert choice == "eager"
-    assert len(cuda_graphs._graphs) == 4  # the measurement's capture and three more
+    assert len(cuda_graphs._graphs) == 0  # its four graphs dropped when it went eager
 
 
 @NEEDS_CUDA

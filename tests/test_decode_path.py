@@ -251,10 +251,14 @@ def test_decode_path_rules():
         # training without dropout is no reason to leave the fused path
         assert models.decode_path(_decoder("gru", False).train(), state) == "stepper"
         # an output layer without bias: the modules (the step ops take a bias)
+        assert models.supports_fused_decoding(_decoder("gru", False))
+        assert models.supports_fused_decoding(reference.Seq2SeqDecoder(13, 5, 8, 2))
+        assert not models.supports_fused_decoding(lstm)
         for cell, s in (("gru", state), ("lstm", (h, c))):
             unbiased = _decoder(cell, False)
             unbiased.dense = nn.Linear(8, 13, bias=False)
             assert models.decode_path(unbiased, s) == "torch"
+            assert not models.supports_fused_decoding(unbiased)
             tokens = torch.tensor([[3], [4], [5]])
             with seq2seq_ext.use_backend("reference"):
                 want = unbiased(tokens, s)[0]

@@ -116,8 +116,13 @@ def test_bound_stepper_refuses_an_embedding_of_another_width():
     with torch.no_grad():
         stepper.step(token, state)
         dec.embedding.weight.data = torch.randn(23, 9)
-        with pytest.raises(RuntimeError, match=r"^embedding: expected 7 columns"):
-            stepper.step(token, state)
+        for _ in range(2):  # refused at every call, not only the first
+            with pytest.raises(RuntimeError, match=r"^embedding: expected 7 columns"):
+                stepper.step(token, state)
+        dec.embedding.weight.data = torch.randn(23, 7)  # a width that fits again: its values
+        logits, _ = stepper.step(token, state)
+        ref_logits, _ = reference_step(reference_decoder(dec), token, state)
+        torch.testing.assert_close(logits, ref_logits, **decode_tol(torch.float32))
 
 
 @pytest.mark.parametrize("config,seed", [

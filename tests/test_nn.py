@@ -945,6 +945,13 @@ def test_fx_symbolic_trace_records_the_layer_as_a_leaf(cell, op_calls):
     op_calls.clear()
     torch.testing.assert_close(traced(x), want)
     assert op_calls == [cell]
+    # a layer traced as the root: PyTorch's forward is traced, and fails as nn.GRU's does
+    errors = []
+    for layer in (CLASSES[cell][0](5, 7), CLASSES[cell][1](5, 7)):
+        with pytest.raises(torch.fx.proxy.TraceError) as info:
+            torch.fx.symbolic_trace(layer)
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])

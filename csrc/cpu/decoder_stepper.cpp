@@ -91,12 +91,17 @@ void DecoderStepper::check_widths() const {
 
 bool DecoderStepper::refresh() {
   if (same_key(key_, {&embedding_, &dense_weight_, &dense_bias_}, weights_)) return true;
+  try {
+    check_widths();  // `.data =` may have given a tensor another shape
+  } catch (...) {
+    key_.clear();  // checked again at the next call, never taken as valid
+    throw;
+  }
   key_storages_.clear();
   for (const at::Tensor* t : {&embedding_, &dense_weight_, &dense_bias_})
     key_storages_.push_back(t->has_storage() ? t->storage() : c10::Storage());
   for (const auto& w : weights_)
     key_storages_.push_back(w.has_storage() ? w.storage() : c10::Storage());
-  check_widths();  // `.data =` may have given a tensor another shape
   emb_proj_ = at::Tensor();
   packed_ = at::Tensor();
   low_.clear();
