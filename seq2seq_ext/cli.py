@@ -302,7 +302,7 @@ def _train(args, path):
             print(f"\ninterrupted: the checkpoint of epoch {stop.epoch} is in "
                   f"{os.path.abspath(path)}; continue with: seq2seq-ext train --resume {path}",
                   file=sys.stderr)
-        else:
+        elif main:  # (the other ranks save nothing by design: rank 0 reports)
             print('\ninterrupted before the first epoch ended: nothing saved', file=sys.stderr)
         return 130
     finally:
@@ -593,6 +593,16 @@ def main(argv=None):
         if args.debug:
             raise
         status, message = _error_report(exc)
+        from . import distributed as dist
+        if dist.launched_by_torchrun():
+            # a worker of a multi-process run leaves at once, from here: freeing the exception
+            # (with the frames and the distributed state it holds) can deadlock in gloo's
+            # teardown, and torchrun then never learns that this rank failed and stops the
+            # others; os._exit skips that teardown
+            sys.stderr.write(f'seq2seq-ext: error: {message}\n')
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
         parser.exit(status, f'seq2seq-ext: error: {message}\n')
 
 

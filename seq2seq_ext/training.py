@@ -359,4 +359,9 @@ def fit(net, data_iter, lr, num_epochs, tgt_vocab, device, on_epoch=None, plot=T
     finally:
         if animator is not None:
             animator.flush()  # the last points, also when interrupted
+        # drop the DDP wrapper now, while its process group is alive and idle: an exception's
+        # traceback would otherwise keep it (with this frame) until after the group's
+        # destruction, and its last reference would then tear the gloo group down from a
+        # destructor holding the GIL, which a gloo worker thread waiting for it deadlocks
+        model = None  # noqa: F841
     return epoch_loss, speed

@@ -57,6 +57,23 @@ def two_rank_results(tmp_path_factory):
 
 
 @needs_gloo
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_failing_rank_ends_the_run(tmp_path, attempt):
+    """Rank 1 raises in the middle of an epoch while rank 0 waits in DDP's all-reduce: rank 1
+    reports its error on one line and exits at once (freeing the exception used to deadlock
+    in gloo's teardown about every other time), so torchrun stops rank 0 and the run fails
+    within seconds instead of hanging."""
+    cmd = distributed.torchrun_command(2, [])
+    cmd = cmd[:-3] + [str(ROOT / "tests" / "dist_failing_worker.py"), "--", str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+        OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode != 0
+    assert "seq2seq-ext: error: RuntimeError: simulated failure on rank 1" in proc.stderr
+
+
+@needs_gloo
 def test_ranks_see_two_processes_and_half_batches(two_rank_results):
     for r, res in two_rank_results.items():
         assert res["world_size"] == 2 and res["rank"] == r
