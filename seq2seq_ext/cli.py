@@ -72,9 +72,28 @@ def _non_negative(kind):
 
 def _device(text):
     try:
-        return str(torch.device(text))
+        device = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"not a device: {text!r} (e.g. cpu, cuda, cuda:1)")
+    if device.type == 'meta':
+        raise argparse.ArgumentTypeError(f"{text!r} holds no data to train or translate with")
+    try:  # a device this machine and build can use
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be used here: {reason}")
+    return str(device)
+
+
+_SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.manual_seed takes
+
+
+def _seed(text):
+    value = int(text)
+    if not _SEED_RANGE[0] <= value <= _SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer in [{_SEED_RANGE[0]}, {_SEED_RANGE[1]}], got {value}")
+    return value
 
 
 def _ratio(text):
@@ -129,7 +148,7 @@ def _add_train_args(p):
                    help='mixed precision: autocast to bfloat16 (the loss accumulates in float32)')
     p.add_argument('--device', type=_device, default=None,
                    help="e.g. cpu, cuda, cuda:1 (default: d2l's try_gpu)")
-    p.add_argument('--seed', type=int, default=None, help='random seed (default 0)')
+    p.add_argument('--seed', type=_seed, default=None, help='random seed (default 0)')
     p.add_argument('--threads', type=_positive(int), default=None, help='torch.set_num_threads')
     p.add_argument('--backend', choices=list(ops.BACKENDS), default=None)
     p.add_argument('--plot', default=None, metavar='PATH',
@@ -230,6 +249,9 @@ def cmd_train(args, argv):
         _check_data_args(args.dataset, args)
     _check_plot_path(args, path)
     if args.nproc > 1 and os.environ.get('LOCAL_RANK') is None:
+        if args.batch_size is not None and args.batch_size % args.nproc:
+            raise UsageError(f'--batch-size: expected a multiple of --nproc {args.nproc} (each '
+                             f'process takes an equal share), got {args.batch_size}')
         _refuse_to_clobber(args, path)
         # re-run this very command in N processes; each sees torchrun's environment
         return dist.launch(args.nproc, list(argv))
@@ -562,7 +584,8 @@ def build_parser():
                                    "trained on (or of --dataset/--data): corpus BLEU (sacrebleu), "
                                    "the chapter's bleu and sample translations.")
     _add_data_args(p, train=False)
-    p.add_argument('--samples', type=int, default=4, help='sample translations to print')
+    p.add_argument('--samples', type=_non_negative(int), default=4,
+                   help='sample translations to print')
     _add_model_args(p)
     p.set_defaults(func=cmd_evaluate)
 

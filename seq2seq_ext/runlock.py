@@ -54,6 +54,8 @@ class RunLock:
     def acquire(self):
         if fcntl is None or self._fd is not None:
             return self
+        # the checkpoint's directory may not exist yet (the first save creates it too)
+        os.makedirs(os.path.dirname(os.path.abspath(self.lock_file)), exist_ok=True)
         while True:
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
             try:

@@ -453,6 +453,11 @@ def _error_cases(tmp_path, trained_path):
         # the loss curve never replaces the checkpoint
         (['train', '--checkpoint', tmp_path / 'run.pt', '--plot', tmp_path / 'run.pt'], 2,
          ['--plot', 'run.pt', '--checkpoint']),
+        # held-out sentences the built-in corpus does not have; a global batch the processes
+        # cannot share equally (refused before any process starts)
+        (['train', '--held-out', '1000', '--checkpoint', ''], 2, ['--held-out', '1000']),
+        (['train', '--nproc', '2', '--batch-size', '63', '--checkpoint', ''], 2,
+         ['--batch-size', '--nproc 2', '63']),
     ]
 
 
@@ -474,7 +479,12 @@ def test_every_failure_is_one_line_with_its_exit_status(trained, tmp_path, monke
     (['train', '--held-out', '-5'], '--held-out'),
     (['translate', '--checkpoint', 'c.pt', '--beam', '2', '--alpha', 'inf', 'x'], '--alpha'),
     (['translate', '--checkpoint', 'c.pt', '--alpha', 'nan', 'x'], '--alpha'),
-])
+    (['train', '--device', 'meta'], '--device'),
+    (['train', '--seed', str(1 << 70)], '--seed'),
+    (['evaluate', '--checkpoint', 'c.pt', '--samples', '-2'], '--samples'),
+] + ([] if torch.cuda.is_available() else [
+    (['train', '--device', 'cuda'], '--device'),   # a build or machine without CUDA
+    (['translate', '--checkpoint', 'c.pt', '--device', 'cuda', 'x'], '--device')]))
 def test_options_out_of_range_are_usage_errors(args, flag, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     status, out, err = _main(args, capsys)

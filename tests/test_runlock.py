@@ -79,3 +79,29 @@ def test_release_is_idempotent_and_a_failed_acquire_changes_nothing(tmp_path):
     first.release()
     first.release()
     assert not os.path.exists(lock_path(path))
+
+
+def test_a_checkpoint_in_a_directory_yet_to_exist(tmp_path):
+    """The lock sits beside the checkpoint, whose directory the first save would create: the
+    lock creates it too."""
+    path = tmp_path / 'runs' / 'exp1' / 'model.pt'
+    with RunLock(path):
+        assert (tmp_path / 'runs' / 'exp1').is_dir()
+
+
+def test_a_failed_write_names_the_file(tmp_path):
+    """An OSError from the writer (a full disk gives one without a file name) is reported with
+    the destination's name, and the destination and the directory are left as they were."""
+    import errno
+
+    from seq2seq_ext.atomic_io import atomic_write
+    path = tmp_path / 'model.pt'
+    path.write_bytes(b'before')
+
+    def full(f):
+        f.write(b'partial')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    with pytest.raises(OSError) as info:
+        atomic_write(path, full)
+    assert info.value.filename == str(path) and info.value.errno == errno.ENOSPC
+    assert path.read_bytes() == b'before' and sorted(tmp_path.iterdir()) == [path]
