@@ -15,7 +15,7 @@ import random
 import torch
 
 from . import checkpoint as ckpt
-from . import data
+from . import data, distributed
 from .config import RUN_KEYS, RunConfig
 from .training import fit, make_adam
 
@@ -137,6 +137,7 @@ class TrainingRun:
         self.history, self.start_epoch = [], 0
         if saved is not None:
             self._check_same_vocab(saved)
+            self._check_same_world(saved)
             self.net.load_state_dict(saved['model'])
         self.net.to(self.device)
         self.optimizer = make_adam(self.net.parameters(), run.lr)
@@ -167,6 +168,15 @@ class TrainingRun:
                 raise RunError(f"the data now gives a different {name} than the checkpoint's "
                                "(has the corpus file changed?)")
 
+    @staticmethod
+    def _check_same_world(saved):
+        # each process's share of the batches (and so the data order) depends on their number
+        # (checkpoints written before it was recorded are taken as they are)
+        before, now = saved['extra'].get('world_size'), distributed.world_size()
+        if before is not None and before != now:
+            raise RunError(f"the run was trained with {before} process(es), this one has {now}: "
+                           f"resume it with --nproc {before} (the data order depends on it)")
+
     def _snapshot(self, epoch):
         return dict(epoch=epoch, model=_Frozen(self.net.state_dict()),
                     optimizer=_Frozen(self.optimizer.state_dict()),
@@ -177,7 +187,8 @@ class TrainingRun:
                              self.data.tgt_vocab, self.run.model.to_dict(),
                              optimizer=state['optimizer'], epoch=state['epoch'],
                              rng=state['rng'],
-                             extra=dict(run=self.run.to_dict(), history=state['history']))
+                             extra=dict(run=self.run.to_dict(), history=state['history'],
+                                        world_size=distributed.world_size()))
 
     def train(self, on_epoch=None, *, save_every=10, save=True):
         """Train from :attr:`start_epoch` to ``run.epochs``; return the last epoch's (loss per

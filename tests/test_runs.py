@@ -62,6 +62,25 @@ def test_resume_refuses_what_would_change_the_run(tmp_path, one_thread):
     resume(path, epochs=3, lr=0.005, num_hiddens=16)  # the same values are fine
 
 
+def test_resume_refuses_another_number_of_processes(tmp_path, one_thread, monkeypatch):
+    """Each process's share of the batches depends on their number: a checkpoint records it,
+    and a resume with another number is refused (one written without it is taken as it is)."""
+    from seq2seq_ext import distributed
+    path = tmp_path / 'run.pt'
+    monkeypatch.setattr(distributed, 'world_size', lambda: 2)  # saved as by a 2-process run
+    TrainingRun.start(RunConfig(**SMALL, epochs=1), checkpoint=str(path)).train()
+    monkeypatch.undo()
+    assert checkpoint.load_checkpoint(path)['extra']['world_size'] == 2
+    with pytest.raises(RunError, match=r'2 process\(es\).*--nproc 2'):
+        resume(path, epochs=2)
+    saved = checkpoint.load_checkpoint(path)
+    del saved['extra']['world_size']  # an earlier checkpoint
+    assert 'world_size' not in saved['extra']
+    run = RunConfig.from_dict(saved['extra']['run'])
+    run.epochs = 2
+    assert TrainingRun(run, device='cpu', saved=saved).start_epoch == 1
+
+
 def test_an_interrupted_run_saves_its_last_epoch(tmp_path, one_thread):
     path = tmp_path / 'run.pt'
     run = TrainingRun.start(RunConfig(**SMALL, epochs=50), checkpoint=str(path))
