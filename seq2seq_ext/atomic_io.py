@@ -84,6 +84,6 @@ def atomic_write(path, write):
         except OSError:
             pass
         if isinstance(exc, OSError) and exc.filename is None:  # a failed write names nothing
-            raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from exc
+            exc.filename = os.fspath(path)
         raise
     _fsync_directory(directory)

@@ -31,6 +31,7 @@ state is :mod:`seq2seq_ext.train_state`'s. Their names are re-exported here.
 import ctypes
 import errno
 import hashlib
+import io
 import operator
 import os
 
@@ -321,7 +322,11 @@ def save_checkpoint(path, net, src_vocab, tgt_vocab, config, *, optimizer=None, 
                "model": model_state, "src_vocab": src_state, "tgt_vocab": tgt_state,
                "train": train, "extra": extra}
     payload[_DIGEST_KEY] = _digest(payload)
-    atomic_write(path, lambda f: torch.save(payload, f))
+    # serialised in memory first, so that a failed write (a full disk) reaches atomic_write as
+    # the OSError it is, not wrapped in the zip writer's RuntimeError
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
     return path
 
 

@@ -77,15 +77,22 @@ def _device(text):
         raise argparse.ArgumentTypeError(f"not a device: {text!r} (e.g. cpu, cuda, cuda:1)")
     if device.type == 'meta':
         raise argparse.ArgumentTypeError(f"{text!r} holds no data to train or translate with")
-    try:  # a device this machine and build can use
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise argparse.ArgumentTypeError(f"{text!r} cannot be used here: {reason}")
+    if device.type == 'cuda':  # asked without touching a GPU (each rank binds its own later)
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} cannot be used here: {count} CUDA device(s) available")
+    elif device.type != 'cpu':
+        try:  # another backend: a device this machine and build can use
+            torch.empty(0, device=device)
+        except Exception as exc:  # noqa: BLE001 - any failure means: not here
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0].split('. ')[0]
+            raise argparse.ArgumentTypeError(f"{text!r} cannot be used here: {reason[:200]}")
     return str(device)
 
 
-_SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.manual_seed takes
+# what torch.manual_seed takes, with room for DistributedSampler's seed + epoch
+_SEED_RANGE = (-(1 << 63), (1 << 63) - (1 << 32))
 
 
 def _seed(text):
@@ -241,6 +248,28 @@ def _refuse_to_clobber(args, path):
             f'--resume {path} to continue it, or --checkpoint to choose another file')
 
 
+def _check_launch(args):
+    """What would make every process of ``train --nproc N`` fail, refused before any starts:
+    a global batch the processes cannot share equally, a resume with another number of
+    processes than the checkpoint's run."""
+    batch_size, saved_world = args.batch_size, None
+    if args.resume:
+        saved = ckpt.load_checkpoint(args.resume)
+        extra = saved.get('extra') or {}
+        saved_world = extra.get('world_size')
+        if batch_size is None:
+            batch_size = (extra.get('run') or {}).get('batch_size')
+    if batch_size is None:
+        batch_size = RunConfig(dataset=args.dataset or 'numbers').with_defaults().batch_size
+    if batch_size % args.nproc:
+        raise UsageError(f'--batch-size: expected a multiple of --nproc {args.nproc} (each '
+                         f'process takes an equal share), got {batch_size}')
+    if saved_world is not None and saved_world != args.nproc:
+        raise UsageError(f'--nproc {args.nproc}: the run in {args.resume} was trained with '
+                         f'{saved_world} process(es); resume it with as many (the data order '
+                         'depends on it)')
+
+
 def cmd_train(args, argv):
     from . import distributed as dist
     path = _checkpoint_path(args)
@@ -249,9 +278,7 @@ def cmd_train(args, argv):
         _check_data_args(args.dataset, args)
     _check_plot_path(args, path)
     if args.nproc > 1 and os.environ.get('LOCAL_RANK') is None:
-        if args.batch_size is not None and args.batch_size % args.nproc:
-            raise UsageError(f'--batch-size: expected a multiple of --nproc {args.nproc} (each '
-                             f'process takes an equal share), got {args.batch_size}')
+        _check_launch(args)
         _refuse_to_clobber(args, path)
         # re-run this very command in N processes; each sees torchrun's environment
         return dist.launch(args.nproc, list(argv))
@@ -272,6 +299,7 @@ def _train(args, path):
     device = torch.device(args.device) if args.device else _try_gpu()
     settings = {key: getattr(args, key, None) for key in RUN_KEYS}
     distributed = dist.init_from_env(device)
+    _IN_PROCESS_GROUP[0] = distributed and dist.world_size() > 1
     if distributed and device.type == 'cuda':
         device = torch.device('cuda', torch.cuda.current_device())
     main = not distributed or dist.is_main_process()
@@ -603,6 +631,10 @@ def build_parser():
 
 _DEBUG_HELP = 'on failure, show the Python traceback instead of a one-line error'
 
+# True once this process trained in a process group of several processes (train under
+# torchrun): its error handler then leaves with os._exit (see main)
+_IN_PROCESS_GROUP = [False]
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -616,8 +648,7 @@ def main(argv=None):
         if args.debug:
             raise
         status, message = _error_report(exc)
-        from . import distributed as dist
-        if dist.launched_by_torchrun():
+        if _IN_PROCESS_GROUP[0]:
             # a worker of a multi-process run leaves at once, from here: freeing the exception
             # (with the frames and the distributed state it holds) can deadlock in gloo's
             # teardown, and torchrun then never learns that this rank failed and stops the

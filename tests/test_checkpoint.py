@@ -383,22 +383,51 @@ _CHILD = textwrap.dedent("""
         open(ready, "w").close()
         time.sleep(120)
 
-    if mode == "during-write":
-        real_save = torch.save
-        def slow_save(obj, f):
-            buf = io.BytesIO()
-            real_save(obj, buf)
-            data = buf.getvalue()
-            f.write(data[: len(data) // 2])
-            f.flush()
-            stall()
-        torch.save = slow_save
+    if mode == "during-write":  # half of the file written into the temporary file
+        real_atomic_write = C.atomic_write
+        def half_then_stall(path, write):
+            def partial(f):
+                buf = io.BytesIO()
+                write(buf)
+                data = buf.getvalue()
+                f.write(data[: len(data) // 2])
+                f.flush()
+                stall()
+            return real_atomic_write(path, partial)
+        C.atomic_write = half_then_stall
     else:  # before-rename: the whole new file is written, fsync is under way
         def slow_fsync(fd):
             stall()
         os.fsync = slow_fsync
     C.save_checkpoint(path, net, src_vocab, tgt_vocab, ckpt["config"], epoch=99)
 """)
+
+
+_FULL_DISK_CHILD = textwrap.dedent("""
+    import errno, resource, signal, sys
+    from seq2seq_ext import checkpoint as C
+    src, dst = sys.argv[1:3]
+    net, src_vocab, tgt_vocab, ckpt = C.load_model(src)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+    try:
+        C.save_checkpoint(dst, net, src_vocab, tgt_vocab, ckpt["config"])
+    except OSError as e:
+        print(e.errno == errno.EFBIG, e.filename == dst, type(e).__name__)
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX only")
+def test_a_save_that_cannot_be_written_names_the_file(good, tmp_path):
+    """A write that fails (here: past a file-size limit, as a full disk fails) reaches the
+    caller as the OSError it is, naming the checkpoint, and leaves nothing behind."""
+    dst = tmp_path / "big" / "run.pt"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, str(good), str(dst)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["True", "True", "OSError"], proc.stdout + proc.stderr
+    assert list(dst.parent.iterdir()) == []
 
 
 @pytest.mark.parametrize("mode", ["during-write", "before-rename"])

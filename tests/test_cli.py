@@ -456,8 +456,14 @@ def _error_cases(tmp_path, trained_path):
         # held-out sentences the built-in corpus does not have; a global batch the processes
         # cannot share equally (refused before any process starts)
         (['train', '--held-out', '1000', '--checkpoint', ''], 2, ['--held-out', '1000']),
+        (['train', '--held-out', '990', '--checkpoint', ''], 2, ['--held-out', '990']),
+        (['evaluate', '--checkpoint', trained_path, '--held-out', '990'], 2, ['--held-out']),
         (['train', '--nproc', '2', '--batch-size', '63', '--checkpoint', ''], 2,
          ['--batch-size', '--nproc 2', '63']),
+        (['train', '--nproc', '3', '--checkpoint', ''], 2, ['--batch-size', '--nproc 3', '64']),
+        # a run of one process resumed by two (refused before they start)
+        (['train', '--nproc', '2', '--resume', trained_path, '--epochs', '9'], 2,
+         ['--nproc 2', '1 process(es)']),
     ]
 
 
@@ -481,9 +487,12 @@ def test_every_failure_is_one_line_with_its_exit_status(trained, tmp_path, monke
     (['translate', '--checkpoint', 'c.pt', '--alpha', 'nan', 'x'], '--alpha'),
     (['train', '--device', 'meta'], '--device'),
     (['train', '--seed', str(1 << 70)], '--seed'),
+    (['train', '--seed', str((1 << 64) - 1)], '--seed'),  # no room for the sampler's + epoch
+    (['train', '--device', 'hpu'], '--device'),
     (['evaluate', '--checkpoint', 'c.pt', '--samples', '-2'], '--samples'),
 ] + ([] if torch.cuda.is_available() else [
     (['train', '--device', 'cuda'], '--device'),   # a build or machine without CUDA
+    (['train', '--device', 'cuda:3'], '--device'),
     (['translate', '--checkpoint', 'c.pt', '--device', 'cuda', 'x'], '--device')]))
 def test_options_out_of_range_are_usage_errors(args, flag, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -5,6 +5,7 @@ tests/dist_worker.py, which trains through fit on shard_loader's shards, and com
 one process trained on the same global batches.
 """
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -68,9 +69,21 @@ def test_a_failing_rank_ends_the_run(tmp_path, attempt):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
         OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        # torchrun stops its workers (their own sessions) on SIGTERM; then kill what is left
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        pytest.fail("the run did not end within 90 s of rank 1's failure")
     assert proc.returncode != 0
-    assert "seq2seq-ext: error: RuntimeError: simulated failure on rank 1" in proc.stderr
+    assert "seq2seq-ext: error: RuntimeError: simulated failure on rank 1" in err
 
 
 @needs_gloo
