@@ -13,7 +13,9 @@ ratio table. ``train --nproc N`` runs N processes with ``torch.distributed`` (th
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 
 import torch
 
@@ -290,6 +292,20 @@ def cmd_train(args, argv):
         return _train(args, path)
 
 
+def _terminate_as_interrupt(terminated):
+    """Make SIGTERM (``kill``, ``docker stop``, a batch scheduler, torchrun stopping the
+    processes of a failed run) end training as Ctrl-C does: the last completed epoch is saved.
+    Appends to ``terminated`` when it fires; returns the previous handler (None off the main
+    thread, where no handler can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def _train(args, path):
     from . import distributed as dist
     if args.threads:
@@ -341,6 +357,8 @@ def _train(args, path):
             if curve is not None:
                 curve.add(epoch, (loss,))
 
+    terminated = []
+    previous = _terminate_as_interrupt(terminated)
     try:
         loss, speed = training.train(on_epoch, save_every=args.save_every, save=main)
     except runs.TrainingInterrupted as stop:
@@ -354,8 +372,10 @@ def _train(args, path):
                   file=sys.stderr)
         elif main:  # (the other ranks save nothing by design: rank 0 reports)
             print('\ninterrupted before the first epoch ended: nothing saved', file=sys.stderr)
-        return 130
+        return 143 if terminated else 130  # 128 + SIGTERM or SIGINT, as a shell reports them
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if distributed:
             dist.cleanup()
     if bar is not None:

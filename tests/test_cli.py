@@ -251,7 +251,10 @@ def test_resume_refuses_changed_settings_and_bad_files(trained, tmp_path):
         assert str(missing) in proc.stderr and 'Traceback' not in proc.stderr
 
 
-def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path):
+@pytest.mark.parametrize('signame, status', [('SIGINT', 130), ('SIGTERM', 143)])
+def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path, signame, status):
+    """Ctrl-C, and SIGTERM (kill, a scheduler, torchrun stopping a failed run's processes),
+    save the last completed epoch and exit with 128 + the signal's number."""
     import signal
     proc = subprocess.Popen([sys.executable, '-m', 'seq2seq_ext.cli', 'train', '--epochs', '500',
                              '--save-every', '1000', *QUICK], cwd=tmp_path, env=_env(),
@@ -264,10 +267,10 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path):
         if line.startswith('epoch 10,'):
             break
     assert not path.exists()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signame))
     out, err = proc.communicate(timeout=60)
     out = ''.join(seen) + out
-    assert proc.returncode == 130, (out, err)
+    assert proc.returncode == status, (out, err)
     assert 'interrupted' in err and '--resume' in err, err
     epoch = torch.load(path, weights_only=True)['train']['epoch']
     assert 1 <= epoch < 500
