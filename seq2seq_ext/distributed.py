@@ -17,6 +17,7 @@ Every function also works in a plain single process (world size 1, rank 0).
 import os
 import subprocess
 import sys
+import time
 
 import torch
 from torch.utils import data
@@ -110,8 +111,15 @@ def barrier():
 
 
 def cleanup():
-    """Destroy the default process group if there is one."""
+    """Destroy the default process group if there is one.
+
+    First a short sleep without the GIL: gloo's worker threads may still be releasing the
+    work they completed, which can need the GIL while holding the group's lock, and the
+    group's destructor takes that lock holding the GIL (a deadlock). Release any
+    ``DistributedDataParallel`` wrapper before this (:func:`seq2seq_ext.training.fit` does),
+    so that the group is destroyed here, not later by the wrapper's last reference."""
     if _initialised():
+        time.sleep(0.05)
         _dist().destroy_process_group()
 
 

@@ -619,6 +619,8 @@ def test_distributed_data_parallel(tmp_path, deferred):
     the update equals the unwrapped model's."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
+
+    from seq2seq_ext import distributed
     torch.manual_seed(0)
     base = seq2seq_ext.accelerate(seed_models.Seq2Seq(10, 12, 8, 16, 2, 0.0, cell="gru"))
     alone = copy.deepcopy(base)
@@ -631,8 +633,12 @@ def test_distributed_data_parallel(tmp_path, deferred):
         for model in (wrapped, alone):
             opt = torch.optim.SGD(model.parameters(), lr=0.5)
             seed_models.train_step(model, opt, src, trg, random.Random(3))
+        # DDP's reducer goes first, while the group is alive: released after the group's
+        # destruction, its last reference would tear gloo down from a destructor holding the
+        # GIL (a gloo worker thread waiting for the GIL then deadlocks it)
+        del wrapped, model, opt
     finally:
-        dist.destroy_process_group()
+        distributed.cleanup()
     for p, q in zip(base.parameters(), alone.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert not torch.equal(base.decoder.rnn.weight_hh_l0, initial)
