@@ -142,14 +142,17 @@ def test_graph_cache_is_bounded_and_least_recently_used():
         cuda_graphs.GraphCache(capacity=0)
 
 
+class Entry:
+    """A stub cache entry that logs its name when closed."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def close(self):
+        self.log.append(self.name)
+
+
 def test_graph_cache_closes_the_entries_it_drops():
-    class Entry:
-        def __init__(self, name, log):
-            self.name, self.log = name, log
-
-        def close(self):
-            self.log.append(self.name)
-
     closed = []
     cache = cuda_graphs.GraphCache(capacity=2)
     for name in "abc":
@@ -162,13 +165,6 @@ def test_graph_cache_closes_the_entries_it_drops():
 
 
 def test_graph_cache_discards_and_keeps_the_first_of_two_makers():
-    class Entry:
-        def __init__(self, name, log):
-            self.name, self.log = name, log
-
-        def close(self):
-            self.log.append(self.name)
-
     closed = []
     cache = cuda_graphs.GraphCache(capacity=4)
     for key in (("a", 1), ("a", 2), ("b", 1)):
