@@ -472,8 +472,7 @@ def decode_path(decoder, state=None):
     emb = _fastcall.submodule(decoder, "embedding")
     dense = _fastcall.submodule(decoder, "dense")
     if not (_fastcall.plain_leaf(emb, nn.Embedding) and emb.max_norm is None
-            and _fastcall.plain_leaf(dense, nn.Linear)
-            and dense._parameters.get("bias") is not None):
+            and _fastcall.plain_leaf(dense, nn.Linear) and _has_bias(dense)):
         return "torch"
     if emb.weight.shape[-1] + rnn.hidden_size != rnn.input_size:
         return "torch"  # layer 0's input [embedding, context] does not fit (torch.nn's error)
@@ -534,6 +533,11 @@ def _nested_tensors(state):
             yield from _nested_tensors(s)
 
 
+def _has_bias(dense):
+    """The output layer has a bias (the decode ops add one)."""
+    return dense._parameters.get("bias") is not None
+
+
 def supports_fused_decoding(decoder):
     """True when ``decoder`` computes exactly the chapter's ``Seq2SeqDecoder.forward`` with a
     plain GRU (with the chapter's context rule or, for this package's decoder, a fixed context),
@@ -548,8 +552,8 @@ def supports_fused_decoding(decoder):
     if getattr(decoder, "cell", "gru") != "gru":
         return False
     dense = _fastcall.submodule(decoder, "dense")
-    if not (isinstance(dense, nn.Linear) and dense._parameters.get("bias") is not None):
-        return False  # the decode ops add the output layer's bias
+    if not (isinstance(dense, nn.Linear) and _has_bias(dense)):
+        return False
     return _plain_gru(_fastcall.submodule(decoder, "rnn"))
 
 
@@ -592,16 +596,12 @@ def context_projection(decoder, context):
         with torch.no_grad():
             return torch.mm(context, w_ih0[:, embed:].t())
     cached = decoder.__dict__.get(_CTX_ATTR)
-    # the data pointer: `w.data = ...` gives a parameter other values without a new version
-    # (the entry holds the storage, so that no new storage can take its address)
-    if (cached is not None and cached[0] is context and cached[1] == context._version
-            and cached[2] is w_ih0 and cached[3] == w_ih0._version
-            and cached[4] == w_ih0.data_ptr()):
-        return cached[6]
+    tensors = (context, w_ih0)
+    if cached is not None and cached[0].matches(tensors):
+        return cached[1]
     with torch.no_grad():
         proj = torch.mm(context, w_ih0[:, embed:].t())
-    decoder.__dict__[_CTX_ATTR] = (context, context._version, w_ih0, w_ih0._version,
-                                   w_ih0.data_ptr(), w_ih0.untyped_storage(), proj)
+    decoder.__dict__[_CTX_ATTR] = (_TableKey(tensors), proj)
     return proj
 
 
@@ -611,10 +611,10 @@ _TABLE_MAX_BYTES = 64 << 20
 
 
 class _TableKey:
-    """What a table made from ``tensors`` depends on: the tensors themselves (held, and compared
-    by identity), their version counters, data pointers, shapes and dtypes, and their storages
-    (held, so that no new storage can take a pointer's address: ``p.data = x`` keeps p's
-    version counter)."""
+    """What a value derived from ``tensors`` (a table, a projection) depends on: the tensors
+    themselves (held, and compared by identity), their version counters, data pointers, shapes
+    and dtypes, and their storages (held, so that no new storage can take a pointer's address:
+    ``p.data = x`` keeps p's version counter)."""
 
     def __init__(self, tensors):
         self.tensors = tuple(tensors)
