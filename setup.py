@@ -8,6 +8,9 @@ SEQ2SEQ_EXT_CPU_ISA=avx512|avx2|generic picks the SIMD level of the CPU kernels;
 of AVX-512 (f, bw, vl, dq) and AVX2+FMA that the building machine has is used (an extension is
 built where it runs, like -march=native).
 SEQ2SEQ_EXT_SANITIZE=1 builds with -fsanitize=address,undefined (CPU only).
+SEQ2SEQ_EXT_DEBUG_INFO=1 keeps debug information (-g, which Python's own flags add); by default the
+C++ sources are compiled with -g0, which takes 40% less time and leaves a library of 1.6 MB
+instead of 53 (its symbols stay, so profilers still name functions).
 
 The extension links the shared C++ runtime that torch runs on, whatever the compiler's default
 (tools/cxx_runtime.py).
@@ -71,6 +74,8 @@ def _cpu_isa_flags():
 def _extension():
     sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-std=c++20"] + _cpu_isa_flags()
+    if os.environ.get("SEQ2SEQ_EXT_DEBUG_INFO") != "1":
+        cxx.append("-g0")
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
     define_macros = []
     extra_link = cxx_runtime_link_args()
