@@ -1,6 +1,6 @@
 # The project's commands. Each target creates .venv when missing (upgrading pip inside it),
 # installs torch==2.13.0 (the CPU build), the package (editable, built with ninja) and the test
-# dependencies, then does its job.
+# dependencies, each at the version constraints.txt names, then does its job.
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
@@ -13,11 +13,11 @@ TEST_DEPS := ninja setuptools wheel pybind11 numpy matplotlib tqdm pytest pytest
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q --upgrade pip -c constraints.txt
 
-$(STAMP): $(VPY) $(SOURCES)
-	$(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q $(TEST_DEPS)
+$(STAMP): $(VPY) $(SOURCES) constraints.txt
+	$(VPY) -m pip install -q torch==2.13.0 -c constraints.txt
+	$(VPY) -m pip install -q $(TEST_DEPS) -c constraints.txt
 	SEQ2SEQ_EXT_CUDA=$${SEQ2SEQ_EXT_CUDA:-0} $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
