@@ -439,49 +439,61 @@ TABLE_CASES = [
 
 
 def timer(device, calls, rounds, warmup):
+    """measure(fns): the median seconds per call of each function of the dict ``fns``, their
+    rounds interleaved (the order reverses every other round), the device synchronised around
+    each round of ``calls`` calls."""
     import torch
 
     def sync():
         if device != "cpu":
             torch.cuda.synchronize()
 
-    def measure(fn):
-        for _ in range(warmup):  # compiles, measures the graph rule, captures graphs
-            fn()
-        times = []
-        for _ in range(rounds):
-            sync()
-            t = time.perf_counter()
-            for _ in range(calls):
+    def measure(fns):
+        for fn in fns.values():
+            for _ in range(warmup):  # compiles, measures the graph rule, captures graphs
                 fn()
-            sync()
-            times.append((time.perf_counter() - t) / calls)
-        return statistics.median(times)
+        times = {k: [] for k in fns}
+        items = list(fns.items())
+        for i in range(rounds):
+            for k, fn in (items if i % 2 == 0 else items[::-1]):
+                sync()
+                t = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                sync()
+                times[k].append((time.perf_counter() - t) / calls)
+        return {k: statistics.median(v) for k, v in times.items()}
     return measure
+
+
+def full_float32():
+    """TF32 off for matmuls and for cuDNN (whose default is on): the reference's cuDNN layers
+    and the package's GEMMs then both compute in float32."""
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 COMPILED = "torch.compile(reference)"
 
 
 def run_tables(device, dry, emit):
-    """Time every case's variants; emit(row) after each case. The compiled reference (slow to
-    compile) is timed in a second pass, so that a cut-off run has the other columns of every
-    case. A variant that raises is reported with its error and the others still run."""
+    """Time every case's variants, interleaved; emit(row) after each case. The compiled
+    reference (slow to compile) is timed in a second pass, interleaved with the baseline again,
+    so that a cut-off run has the other columns of every case and each ratio compares times of
+    one pass. A variant that raises is reported with its error and the others still run."""
+    full_float32()
     measure = timer(device, calls=1 if dry else 10, rounds=1 if dry else 5,
                     warmup=1 if dry else 2)
-    baselines = {}
     for compiled_pass in (False, True):
-        for index, (table, label, sizes, dtype_name, variants) in enumerate(dry_run_cases(dry)):
-            chosen = {k: v for k, v in variants.items() if (k == COMPILED) == compiled_pass}
+        for table, label, sizes, dtype_name, variants in dry_run_cases(dry):
+            baseline = next(iter(variants))
+            chosen = {k: v for k, v in variants.items()
+                      if (k == COMPILED) == compiled_pass or (compiled_pass and k == baseline)}
             row = time_case(table, "tiny (dry run)" if dry else label,
                             TINY if dry else dict(TINY, **sizes), dtype_name, chosen, device,
                             dry, measure)
-            baseline = next(iter(variants))
-            if compiled_pass:
-                row["baseline"], row["baseline_s"] = baseline, baselines.get(index)
-            else:
-                row["baseline"] = baseline
-                baselines[index] = row["seconds"].get(baseline)
+            row["baseline"] = baseline
             emit(row)
 
 
@@ -499,28 +511,35 @@ def dry_run_cases(dry):
 
 
 def time_case(table, label, s, dtype_name, variants, device, dry, measure):
+    """One row: the variants' functions made (a variant that raises is reported with its
+    error), then timed together by ``measure``."""
     import torch
     dtype = getattr(torch, dtype_name)
     row = {"table": table, "size": label, "dtype": dtype_name, "device": device,
            "seconds": {}, "errors": {}}
+    fns = {}
     for name, make in variants.items():
         try:
             fn = make(s, device, dtype, dry)
-            if fn is None:
-                continue
-            row["seconds"][name] = measure(fn)
+            if fn is not None:
+                fn()  # a variant that fails does so here, before the timed rounds
+                fns[name] = fn
         except Exception as exc:  # reported in the row; the other variants still run
             row["errors"][name] = f"{type(exc).__name__}: {exc}"[:500]
-        finally:
-            if device != "cpu":
-                torch.cuda.empty_cache()
+    try:
+        row["seconds"] = measure(fns)
+    except Exception as exc:
+        row["errors"]["timing"] = f"{type(exc).__name__}: {exc}"[:500]
+    finally:
+        if device != "cpu":
+            torch.cuda.empty_cache()
     return row
 
 
 def format_row(row):
     secs = row.get("seconds", {})
     name0 = row.get("baseline")
-    base = secs.get(name0) or row.get("baseline_s")
+    base = secs.get(name0)
     cells = []
     for name, t in secs.items():
         ratio = f" ({base / t:.2f}x)" if base and t and name != name0 else ""

@@ -85,3 +85,32 @@ def test_arguments(gpu):
     assert args.dry_run and args.out == "d" and args.skip == ["tests", "sanitizer"]
     with pytest.raises(SystemExit):
         gpu.parse_args(["--skip", "everything"])
+
+
+def test_tables_compute_in_full_float32(gpu):
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True  # cuDNN's own default
+    gpu.full_float32()
+    assert not torch.backends.cuda.matmul.allow_tf32
+    assert not torch.backends.cudnn.allow_tf32
+
+
+def test_variants_are_timed_interleaved(gpu):
+    order = []
+    fns = {name: (lambda name: lambda: order.append(name))(name) for name in "abc"}
+    seconds = gpu.timer("cpu", calls=1, rounds=3, warmup=1)(fns)
+    assert sorted(seconds) == ["a", "b", "c"]
+    assert "".join(order) == "abc" + "abc" + "cba" + "abc"
+
+
+def test_compiled_reference_is_timed_beside_the_baseline_again(gpu, monkeypatch):
+    made = []
+    variants = {name: (lambda name: lambda s, d, t, dry: made.append(name) or (lambda: None))(name)
+                for name in ("reference", gpu.COMPILED, "package eager")}
+    monkeypatch.setattr(gpu, "dry_run_cases", lambda dry: [("t", "tiny", {}, "float32", variants)])
+    rows = []
+    gpu.run_tables("cpu", True, rows.append)
+    assert [sorted(r["seconds"]) for r in rows] == [
+        ["package eager", "reference"], ["reference", gpu.COMPILED]]
+    assert all(r["baseline"] == "reference" and not r["errors"] for r in rows)
