@@ -34,3 +34,42 @@ def test_interleaved_without_warmup():
     calls = []
     common.interleaved({k: recorder(calls, k) for k in "ab"}, repeat=2, warmup=0)
     assert calls == list("abba")
+
+
+class _Clock:
+    """perf_counter stand-in: each function advances it by the next of its own durations."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def runner(self, durations):
+        durations = iter(durations)
+
+        def run():
+            self.now += next(durations)
+        return run
+
+
+def test_median_of_an_even_number_of_rounds_is_the_middle_two_values_mean(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(common.time, "perf_counter", clock)
+    t = common.interleaved({"a": clock.runner([1.0, 3.0]), "b": clock.runner([2.0, 6.0])},
+                           repeat=2, warmup=0)
+    assert t == {"a": 2.0, "b": 4.0}
+    assert common.median_time(clock.runner([0.0, 5.0, 1.0, 2.0, 9.0]), repeat=4) == 3.5
+
+
+def test_loss_floor_counts_only_the_logits_within_valid_lengths():
+    from pytest import approx
+    from seq2seq_ext.bench.compare import ce_floor
+    n = 1 << 16
+    for kept in (n, n // 2, 0):
+        f = ce_floor(n, kept)
+        assert f["kept_share"] == kept / n
+        # two exps per kept logit; the kept logits read twice and the whole gradient written
+        assert f["exp_floor_s"] * f["exp_per_ns"] * 1e9 == approx(2 * kept)
+        assert f["bytes_floor_s"] * f["bandwidth_gbs"] * 1e9 == approx(4 * (2 * kept + n))
+        assert f["floor_s"] == max(f["exp_floor_s"], f["bytes_floor_s"])

@@ -1,6 +1,7 @@
 """Shared set-up for the benchmarks: the cases, timed identically by compare.py and by the
 pytest-benchmark suites."""
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -28,8 +29,7 @@ def median_time(fn, repeat=7, number=1, warmup=1):
         for _ in range(number):
             fn()
         rounds.append((time.perf_counter() - t) / number)
-    rounds.sort()
-    return rounds[len(rounds) // 2]
+    return statistics.median(rounds)
 
 
 def interleaved(fns, repeat, warmup=1):
@@ -49,7 +49,7 @@ def interleaved(fns, repeat, warmup=1):
             t = time.perf_counter()
             fn()
             rounds[k].append(time.perf_counter() - t)
-    return {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
+    return {k: statistics.median(v) for k, v in rounds.items()}
 
 
 def paired_times(f_ref, f_ext, repeat=7, number=1, warmup=1):

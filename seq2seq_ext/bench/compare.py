@@ -36,13 +36,15 @@ def case_ce(batch, steps, vocab, repeat):
     t_ref, t_ext = common.paired_times(lambda: ref(pred, label, valid_len),
                                        lambda: ext(pred, label, valid_len), repeat=repeat,
                                        number=1 if vocab > 1000 else 20)
-    return t_ref, t_ext, ce_floor(batch * steps * vocab)
+    kept = int(valid_len.clamp(max=steps).sum()) * vocab
+    return t_ref, t_ext, ce_floor(batch * steps * vocab, kept)
 
 
-def ce_floor(n):
-    """Lower bound for forward+backward over n float32 logits: the logits read twice and the
-    gradient written once at the measured copy bandwidth, or two exps per logit at the measured
-    exp throughput, whichever is slower."""
+def ce_floor(n, kept):
+    """Lower bound for forward+backward over n float32 logits of which ``kept`` lie within
+    their rows' valid lengths (the others never reach the loss, and their gradient is zero):
+    the kept logits read twice and the whole gradient written once at the measured copy
+    bandwidth, or two exps per kept logit at the measured exp throughput, whichever is slower."""
     src = torch.randn(n)
     dst = torch.empty_like(src)
     t_copy = common.median_time(lambda: dst.copy_(src), repeat=5)
@@ -51,10 +53,11 @@ def ce_floor(n):
     out = torch.empty_like(small)
     t_exp = common.median_time(lambda: torch.exp(small, out=out), repeat=5, number=200)
     exp_rate = small.numel() / t_exp
-    t_bytes = 3 * 4 * n / bandwidth
-    t_exps = 2 * n / exp_rate
+    t_bytes = 4 * (2 * kept + n) / bandwidth
+    t_exps = 2 * kept / exp_rate
     return dict(floor_s=max(t_bytes, t_exps), bandwidth_gbs=bandwidth / 1e9,
-                exp_per_ns=exp_rate / 1e9, bytes_floor_s=t_bytes, exp_floor_s=t_exps)
+                exp_per_ns=exp_rate / 1e9, bytes_floor_s=t_bytes, exp_floor_s=t_exps,
+                kept_share=kept / n)
 
 
 def case_decode_step(repeat):
@@ -88,14 +91,16 @@ def case_greedy_1000(repeat):
     src_vocab, tgt_vocab = common.toy_vocabs()
     net, ref = common.chapter_models(len(src_vocab), len(tgt_vocab))
     sents = common.sentences(1000, src_vocab)
-    out = d2l.predict_seq2seq_batch(net, sents, src_vocab, tgt_vocab, 10, 'cpu')
-    t0 = time.perf_counter()
-    expected = [R.predict_seq2seq(ref, s, src_vocab, tgt_vocab, 10, 'cpu')[0] for s in sents]
-    t_ref = time.perf_counter() - t0
-    assert out == expected, "batched translations differ from the reference"
-    t_ext = common.median_time(
-        lambda: d2l.predict_seq2seq_batch(net, sents, src_vocab, tgt_vocab, 10, 'cpu'),
-        repeat=repeat)
+
+    def run_ref():
+        return [R.predict_seq2seq(ref, s, src_vocab, tgt_vocab, 10, 'cpu')[0] for s in sents]
+
+    def run_ext():
+        return d2l.predict_seq2seq_batch(net, sents, src_vocab, tgt_vocab, 10, 'cpu')
+
+    assert run_ext() == run_ref(), "batched translations differ from the reference"
+    # the reference takes seconds a round: three interleaved rounds, the check above the warm-up
+    t_ref, t_ext = common.paired_times(run_ref, run_ext, repeat=3, warmup=0)
     return t_ref, t_ext, None
 
 
@@ -141,15 +146,17 @@ def _train_once(impl, cfg, batches, src_vocab, tgt_vocab):
 def case_train(name, repeat):
     cfg = TRAIN_CONFIGS[name]
     batches, src_vocab, tgt_vocab, tokens = _train_setup(cfg)
-    times = {impl: [] for impl in ("reference", "ext")}
-    for _ in range(max(1, repeat // 3)):
-        for impl in times:
-            times[impl].append(_train_once(impl, cfg, batches, src_vocab, tgt_vocab))
-    t_ref, t_ext = (sorted(v)[len(v) // 2] for v in times.values())
+    impls = ("reference", "ext")
+    # whole trainings, interleaved (the order reversing every other round), at least three
+    # rounds so that the median is a middle value; each training builds its model afresh
+    times = common.interleaved(
+        {impl: (lambda impl: lambda: _train_once(impl, cfg, batches, src_vocab, tgt_vocab))(impl)
+         for impl in impls}, max(3, repeat // 3), warmup=0)
+    t_ref, t_ext = times["reference"], times["ext"]
     extra = dict(tokens=tokens, ref_tokens_per_s=tokens / t_ref, ext_tokens_per_s=tokens / t_ext,
                  tgt_vocab=len(tgt_vocab))
     if name == "train-large":
-        extra.update(peak_rss_mb={impl: _peak_rss_subprocess(name, impl) for impl in times})
+        extra.update(peak_rss_mb={impl: _peak_rss_subprocess(name, impl) for impl in impls})
     return t_ref, t_ext, extra
 
 
@@ -266,7 +273,8 @@ def run(args):
             continue
         notes = ""
         if extra and "floor_s" in extra:
-            notes = (f"floor {fmt_time(extra['floor_s'])} (copy {extra['bandwidth_gbs']:.1f} GB/s, "
+            notes = (f"floor {fmt_time(extra['floor_s'])} ({extra['kept_share']:.0%} of the "
+                     f"logits in valid lengths; copy {extra['bandwidth_gbs']:.1f} GB/s, "
                      f"exp {extra['exp_per_ns']:.2f}/ns): ext at "
                      f"{t_ext / extra['floor_s']:.2f}x floor")
         elif extra and "tokens" in extra:
