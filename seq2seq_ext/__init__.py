@@ -29,5 +29,5 @@ __all__ = [
     "try_gpu", "Timer", "Accumulator", "Animator", "load_array", "Vocab", "read_data_nmt",
     "preprocess_nmt", "tokenize_nmt", "truncate_pad", "build_array_nmt", "load_data_nmt",
     "load_data_numbers", "get_backend", "set_backend", "use_backend", "ops", "reference",
-    "nn", "accelerate",
-]
+    "accelerate",
+]  # not "nn": ``from seq2seq_ext import *`` (d2l's star import) must leave torch's nn in place

@@ -186,8 +186,8 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
 
         The GRU decoder on the ``"stepper"`` or ``"op"`` path of :func:`decode_path` runs the
         whole loop in one call (the bound stepper's greedy loop, or the ``greedy_decode`` op);
-        otherwise (the LSTM decoder, the ``"torch"`` path) it is a loop of one-step calls of
-        the module, which ends once every row has produced ``eos``.
+        otherwise (the LSTM decoder, the ``"torch"`` path, a decoder with a module hook) it is a
+        loop of one-step calls of the module, which ends once every row has produced ``eos``.
 
         ``weight_dtype=torch.bfloat16`` decodes with the weight matrices rounded to bfloat16
         (the embedding, every ``W_ih`` and ``W_hh``, the output layer's weight; biases, states
@@ -201,12 +201,15 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         bf16 = bf16_weights_requested(weight_dtype)
         with torch.no_grad():
             path = decode_path(self, state)
+            if _fastcall.has_hooks(self):
+                path = "torch"  # the loop calls the module, so that its hooks run every step
             if bf16 and (self.cell != "gru" or path != "stepper" or _fastcall.flat_weights(
                     _fastcall.submodule(self, "rnn"))[0].dtype != torch.float32):
                 raise ValueError(
                     "weight_dtype: bfloat16 weights are decoded by the GRU decoder's CPU stepper "
-                    f"(float32 CPU tensors, the extension backend); this decoder ({self.cell}) "
-                    f"decodes on the {path!r} path, or its weights are not float32")
+                    f"(float32 CPU tensors, the extension backend, no module hooks); this "
+                    f"decoder ({self.cell}) decodes on the {path!r} path, or its weights are "
+                    "not float32")
             if self.cell == "gru" and path != "torch":
                 rnn_state, ctx_proj = state, None
                 if self.fixed_context:

@@ -15,7 +15,8 @@ from typing import List, NamedTuple, Optional
 import torch
 from torch import nn
 
-from . import models, ops, reference
+from . import _fastcall, models, ops, reference
+from . import nn as seq2seq_nn
 from .losses import MaskedSoftmaxCELoss
 from .ops import enable_autocast_rules  # the gru_layer op's autocast rule, kept with the op
 from .utils import Animator, Timer
@@ -23,20 +24,50 @@ from .utils import Animator, Timer
 __all__ = ["train_seq2seq", "fit", "make_adam", "grad_clipping", "xavier_init_weights",
            "decode_teacher_forced", "enable_autocast_rules", "AMP_MODES"]
 
-xavier_init_weights = reference.xavier_init_weights
-
 #: The values :func:`fit` accepts for ``amp``.
 AMP_MODES = (None, "bf16")
 
+
+def xavier_init_weights(m):
+    """The chapter's initialisation: Xavier-uniform for ``nn.Linear`` weights and the weight
+    matrices of ``nn.GRU``, the chapter's test ``type(m) == nn.GRU`` extended to the drop-in
+    layer :func:`seq2seq_ext.accelerate` puts in an ``nn.GRU``'s place (its class is
+    :class:`seq2seq_ext.nn.GRU`), so that an accelerated model starts from the same weights."""
+    if type(m) is seq2seq_nn.GRU:
+        for name in m._flat_weights_names:
+            if "weight" in name:
+                nn.init.xavier_uniform_(m._parameters[name])
+    else:
+        reference.xavier_init_weights(m)
+
+
 def grad_clipping(net, theta):
     """Clip gradients by their global L2 norm, d2l's rule: when the norm exceeds ``theta`` every
-    gradient is scaled by ``theta / norm``. Runs without a host synchronisation (the comparison
-    happens on the device)."""
+    gradient is scaled by ``theta / norm``. The norm and the scaling are computed by the same
+    operations in the same order as d2l's, so that a training loop that calls it gets d2l's
+    numbers bit for bit (the comparison reads the norm on the host, as d2l's does; parameters
+    without a gradient are left out, where d2l's raises)."""
     if isinstance(net, nn.Module):
         params = [p for p in net.parameters() if p.requires_grad]
     else:
         params = net.params
     grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    total = 0
+    for g in grads:
+        total = total + torch.sum(g ** 2)
+    norm = torch.sqrt(total)
+    if norm > theta:
+        for g in grads:
+            g *= theta / norm
+
+
+def _clip_global_norm(net, theta):
+    """:func:`grad_clipping`'s rule without a host synchronisation (the comparison happens on
+    the device; the norm summed by ``_foreach_norm``, so the scaled gradients may differ from
+    d2l's in the last bits): :func:`fit`'s step."""
+    grads = [p.grad for p in net.parameters() if p.requires_grad and p.grad is not None]
     if not grads:
         return
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
@@ -134,8 +165,12 @@ class _TrainForward(nn.Module):
 
 
 def _projects_kept_rows(net):
+    """True when the step may compute the loss of the kept positions only: the chapter's
+    ``EncoderDecoder.forward`` and decoder layout, and no hook on the model or its decoder (the
+    path calls neither module)."""
     decoder = getattr(net, "decoder", None)
     return (type(net).forward is reference.EncoderDecoder.forward
+            and not _fastcall.has_hooks(net) and not _fastcall.has_hooks(decoder)
             and callable(getattr(decoder, "supports_features", None))
             and decoder.supports_features()
             and type(decoder._modules.get("dense")) is nn.Linear)
@@ -340,7 +375,7 @@ def fit(net, data_iter, lr, num_epochs, tgt_vocab, device, on_epoch=None, plot=T
                     (l.sum() * world).backward()
                 else:
                     l.sum().backward()
-                grad_clipping(net, 1)
+                _clip_global_norm(net, 1)
                 optimizer.step()
                 with torch.no_grad():
                     loss_sum += l.sum()

@@ -9,7 +9,7 @@ if __package__ in (None, ""):
 
 from seq2seq_ext import cli, training  # noqa: E402
 
-_clip = training.grad_clipping
+_clip = training._clip_global_norm  # fit's clipping, once a step
 _steps = [0]
 
 
@@ -21,7 +21,7 @@ def _failing_clip(net, theta):
 
 
 if __name__ == "__main__":
-    training.grad_clipping = _failing_clip
+    training._clip_global_norm = _failing_clip
     out = sys.argv[-1]
     sys.exit(cli.main(["train", "--epochs", "50", "--num-hiddens", "8", "--embed-size", "8",
                        "--no-progress", "--plot", "", "--overwrite",

@@ -118,3 +118,35 @@ def test_bad_arguments_name_the_argument(call, name, exc):
     with pytest.raises(exc, match=f"^{name}"):
         call(net, src_vocab, tgt_vocab)
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
+@pytest.mark.parametrize("kind", ["forward", "pre"])
+def test_hooks_on_the_decoder_run_at_every_step_of_prediction(kind, monkeypatch):
+    """A hook on the decoder changes what it predicts; the fused greedy loop does not call the
+    module, so a hooked decoder is decoded by one-step module calls, as the reference's loop."""
+    src_vocab, tgt_vocab = _vocabs()
+    net, ref = _nets(src_vocab, tgt_vocab, torch.float32, seed=22, eos_bias=0.4)
+    favour = tgt_vocab["<unk>"]
+
+    def forward_hook(mod, args, out):
+        Y, state = out
+        return Y + 3.0 * torch.nn.functional.one_hot(Y.argsort(-1)[..., -2], Y.shape[-1]), state
+
+    def pre_hook(mod, args):
+        X, state = args
+        return torch.full_like(X, favour), state
+    for model in (net, ref):
+        if kind == "forward":
+            model.decoder.register_forward_hook(forward_hook)
+        else:
+            model.decoder.register_forward_pre_hook(pre_hook)
+    spy = GreedySpy(monkeypatch)
+    for sentence in ["go .", "i lost .", "he's calm ."] + _sentences(5, seed=3):
+        expected = reference.predict_seq2seq(ref, sentence, src_vocab, tgt_vocab, 10, "cpu")
+        assert seq2seq_ext.predict_seq2seq(net, sentence, src_vocab, tgt_vocab, 10,
+                                           "cpu") == expected, sentence
+    assert seq2seq_ext.predict_seq2seq_batch(net, ["go .", "i lost ."], src_vocab, tgt_vocab,
+                                             10, "cpu") == [
+        reference.predict_seq2seq(ref, s, src_vocab, tgt_vocab, 10, "cpu")[0]
+        for s in ["go .", "i lost ."]]
+    assert spy.stepper_calls == 0

@@ -1,5 +1,6 @@
 """fit's options: exact resume, scheduled teacher forcing, bf16 autocast, argument checks."""
 import copy
+import math
 import random
 
 import pytest
@@ -252,9 +253,11 @@ def test_ratio_below_one_uses_the_step_path():
     train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=100)
     net = _model(src_vocab, tgt_vocab)
     calls = []
-    net.decoder.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[1]))
+    hook = net.decoder.register_forward_pre_hook(
+        lambda mod, args: calls.append(args[0].shape[1]))
     fit(net, train_iter, 0.01, 1, tgt_vocab, CPU, plot=False, teacher_forcing_ratio=0.99)
     assert calls and set(calls) == {1}
+    hook.remove()  # (a hooked decoder is called as a module: the hook runs on either path)
     calls.clear()
     seen = []
     features = net.decoder.forward_features
@@ -572,3 +575,42 @@ def test_default_fit_matches_train_seq2seq_printout(capsys):
     out = capsys.readouterr().out
     assert out.startswith("loss ") and out.rstrip().endswith("tokens/sec on cpu")
     assert isinstance(net.decoder.dense, nn.Linear)
+
+
+# ----------------------------------------------------------------------------------------------
+# what a user's own code attaches to the model
+# ----------------------------------------------------------------------------------------------
+
+def test_xavier_init_treats_the_drop_in_gru_as_the_chapters_gru():
+    def model():
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Embedding(5, 4), nn.GRU(4, 6, 2), nn.Linear(6, 5))
+    plain, accelerated = model(), d2l.accelerate(model())
+    assert type(accelerated[1]) is seq2seq_nn.GRU
+    for m in (plain, accelerated):
+        torch.manual_seed(4)
+        m.apply(d2l.xavier_init_weights)
+    for (name, p), q in zip(plain.named_parameters(), accelerated.parameters()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(plain[1].weight_hh_l1, model()[1].weight_hh_l1)  # it did initialise
+
+
+@pytest.mark.parametrize("on", ["decoder", "net"])
+def test_forward_hooks_on_the_model_or_its_decoder_run_in_training(on):
+    """A hook that zeroes the decoder's (or the model's) output makes every logit 0: the loss per
+    token is then log(vocab) / num_steps (the chapter's loss is a mean over the steps, padding
+    included, summed over sequences and divided by their tokens), which the kept-positions path
+    (it calls neither module) would not give."""
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=40)
+    net = _model(src_vocab, tgt_vocab)
+    module = net.decoder if on == "decoder" else net
+    calls = []
+
+    def zero_output(mod, args, out):
+        calls.append(1)
+        return (out[0] * 0, *out[1:])
+    module.register_forward_hook(zero_output)
+    losses = []
+    fit(net, train_iter, 0.01, 1, tgt_vocab, CPU, plot=False,
+        on_epoch=lambda epoch, loss, speed: losses.append(loss))
+    assert calls and losses[0] == pytest.approx(math.log(len(tgt_vocab)) / 10, rel=1e-6)
