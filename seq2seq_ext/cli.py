@@ -457,9 +457,10 @@ def _add_model_args(p):
     p.add_argument('--threads', type=_positive(int), default=None, help='torch.set_num_threads')
     p.add_argument('--backend', choices=list(ops.BACKENDS), default=None)
     p.add_argument('--dtype', choices=['float32', 'bf16'], default='float32',
-                   help="weights the greedy decoder reads: bf16 rounds the decoder's weight "
-                        "matrices to bfloat16 (half the bytes per token; states and sums stay "
-                        "float32). GRU models on the CPU, greedy only (default float32)")
+                   help="weights greedy decoding reads: bf16 rounds the model's weight "
+                        "matrices, the encoder's and the decoder's, to bfloat16 (half the bytes "
+                        "per token; states and sums stay float32). GRU models on the CPU, "
+                        "greedy only (default float32)")
 
 
 def _load_for_inference(args):
@@ -559,11 +560,31 @@ def _read_lines(path):
         raise UsageError(f'--file {path}: a directory, not a file') from None
     except UnicodeDecodeError as exc:
         raise UsageError(f'--file {path}: not UTF-8 text ({exc})') from None
+    except OSError as exc:
+        raise UsageError(f'--file {path}: {exc.strerror or exc}') from None
+
+
+def _check_held_out(args, run, trained_on, held):
+    """Refuses a split that ``--num-examples`` / ``--held-out`` moved into the pairs the
+    checkpoint was trained on (the same corpus): its score would not be a held-out one."""
+    options = [f'--{name.replace("_", "-")} {getattr(args, name)}'
+               for name in ('num_examples', 'held_out') if getattr(args, name) is not None]
+    if not options or (trained_on.get('dataset'), trained_on.get('data')) != (
+            run.get('dataset'), run.get('data')):
+        return
+    seen = set(runs.training_pairs(RunConfig.from_dict(trained_on).with_defaults()))
+    overlap = sum(pair in seen for pair in held)
+    if overlap:
+        raise UsageError(
+            f'{" ".join(options)}: {overlap} of the {len(held)} pairs of that split were in '
+            f'the training data of {args.checkpoint}; its score would not be a held-out one '
+            '(leave the options out to score the split it was trained beside)')
 
 
 def cmd_evaluate(args, argv):
     net, src_vocab, tgt_vocab, saved, num_steps, device = _load_for_inference(args)
     run = dict((saved.get('extra') or {}).get('run') or {})
+    trained_on = dict(run)
     if args.dataset or args.data:
         run.update(dataset=args.dataset or run.get('dataset', 'pairs'),
                    data=os.path.abspath(args.data) if args.data else run.get('data'))
@@ -579,6 +600,7 @@ def cmd_evaluate(args, argv):
     held = runs.held_out_pairs(RunConfig.from_dict(run).with_defaults())
     if not held:
         raise UsageError('the held-out split is empty (check --held-out and --num-examples)')
+    _check_held_out(args, run, trained_on, held)
     srcs, refs = [s for s, _ in held], [t for _, t in held]
     preds = _decode(args, net, srcs, src_vocab, tgt_vocab, num_steps, device)
     decoding = f'beam {args.beam}, alpha {args.alpha}' if args.beam > 1 else 'greedy'

@@ -35,9 +35,9 @@ MODES = ("auto", "eager", "graph")
 MODE_ENV = "SEQ2SEQ_EXT_CUDA_GRAPHS"
 
 
-def _check_mode(name):
+def _check_mode(name, what="mode"):
     if name not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {name!r}")
+        raise ValueError(f"{what}: expected one of {MODES}, got {name!r}")
     return name
 
 
@@ -46,7 +46,8 @@ class _ModeState(threading.local):
 
 
 _mode_state = _ModeState()
-_ENV_MODE = _check_mode(os.environ.get(MODE_ENV, "auto") or "auto")
+_ENV_MODE = _check_mode(os.environ.get(MODE_ENV, "auto") or "auto",
+                       f"mode (the environment variable {MODE_ENV})")
 _default_mode = None
 
 # Capturing needs PyTorch's caching allocator: with PYTORCH_NO_CUDA_MEMORY_CACHING set, every

@@ -50,9 +50,9 @@ _state = _BackendState()
 _default = None  # set_backend's choice; None: the environment variable, read at import
 
 
-def _check_backend(name):
+def _check_backend(name, what="backend"):
     if name not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+        raise ValueError(f"{what}: expected one of {BACKENDS}, got {name!r}")
     return name
 
 
@@ -81,7 +81,8 @@ def get_backend():
     return _default if _default is not None else _ENV_BACKEND
 
 
-_ENV_BACKEND = _check_backend(os.environ.get(_ENV, "ext") or "ext")
+_ENV_BACKEND = _check_backend(os.environ.get(_ENV, "ext") or "ext",
+                              f"backend (the environment variable {_ENV})")
 
 
 def set_backend(name):
@@ -254,9 +255,10 @@ set_mkl_packed_products(mkl_packed_default())
 
 
 def set_argmax_screen(enabled):
-    """Whether greedy decoding at batch 1 (the CPU decoders' ``greedy``, hence
-    :func:`seq2seq_ext.predict_seq2seq`) finds each token's argmax over a large output layer
-    (at least 512 rows and 2^18 entries, at most 1,024 columns) by first reading an int8 copy of
+    """Whether greedy decoding of few rows (the CPU GRU decoder's ``greedy``: up to 3 rows with
+    float32 weights, any batch with bfloat16 ones; hence :func:`seq2seq_ext.predict_seq2seq`)
+    finds each token's argmax over a large output layer (at least 512 rows and 2^18 entries,
+    64 to 1,024 columns) by first reading an int8 copy of
     the layer's matrix, made once per set of weights: bounds on every logit leave the few rows
     that can hold the maximum, whose logits are then computed exactly (csrc/cpu/argmax_screen.h).
     The tokens are those of the full product, with a quarter of float32's bytes read per token

@@ -20,7 +20,7 @@ from .config import RUN_KEYS, RunConfig
 from .training import fit, make_adam
 
 __all__ = ["RunError", "TrainingInterrupted", "RunData", "TrainingRun", "resume", "load_data",
-           "held_out_pairs", "CHAPTER_EXAMPLES"]
+           "held_out_pairs", "training_pairs", "CHAPTER_EXAMPLES"]
 
 #: The chapter's four example translations, shown after training on fra-eng.
 CHAPTER_EXAMPLES = [('go .', 'va !'), ("i lost .", "j'ai perdu ."),
@@ -52,7 +52,14 @@ class RunData:
 
 def _read_corpus(dataset, path):
     if dataset == 'fra-eng':
-        text = data.preprocess_nmt(data.read_data_nmt(path))
+        try:
+            raw = data.read_data_nmt(path)
+        except data.CorpusUnavailableError as err:
+            reason = str(err.__cause__ or err)
+            raise RunError(f"--dataset fra-eng: the corpus is not cached and could not be "
+                           f"downloaded ({reason}); pass --data PATH to a local fra.txt (or set "
+                           f"{data.DATA_ENV})") from None
+        text = data.preprocess_nmt(raw)
         return [tuple(line.split('\t')) for line in text.split('\n')
                 if len(line.split('\t')) == 2]
     if not path:
@@ -101,6 +108,15 @@ def held_out_pairs(run):
     if run.dataset == 'numbers':
         return _numbers(run)[3]
     return _split(run)[1]
+
+
+def training_pairs(run):
+    """The pairs ``run``'s training read: a file corpus's first ``num_examples + 1``, or the
+    built-in corpus less its held-out pairs."""
+    if run.dataset == 'numbers':
+        held = set(held_out_pairs(run))
+        return [p for p in data.number_pairs() if p not in held]
+    return _split(run)[0]
 
 
 class _Frozen:

@@ -371,6 +371,7 @@ def test_invalid_environment_variable_fails_clearly():
     proc = _backend_in_subprocess('fast')
     assert proc.returncode != 0
     assert 'ValueError' in proc.stderr and 'backend' in proc.stderr and "'fast'" in proc.stderr
+    assert 'SEQ2SEQ_EXT_BACKEND' in proc.stderr  # the message names the variable
 
 
 def test_loss_under_reference_backend_equals_ext():

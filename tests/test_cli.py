@@ -213,6 +213,20 @@ def test_evaluate_scores_the_held_out_split(trained, tmp_path):
     assert len(samples) == 4, out
 
 
+def test_evaluate_refuses_a_split_moved_into_the_training_data(trained, tmp_path):
+    path, _ = trained  # trained with --held-out 20
+    proc = run_cli(['evaluate', '--checkpoint', path, '--threads', '1', '--held-out', '60'],
+                   tmp_path)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
+    assert re.search(r'--held-out 60: 40 of the 60 pairs .* training data', proc.stderr), \
+        proc.stderr
+    # fewer held-out pairs than it was trained beside: a part of that split, still held out
+    out = _ok(run_cli(['evaluate', '--checkpoint', path, '--threads', '1', '--held-out', '10'],
+                      tmp_path))
+    held = HELD_OUT_LINE.search(out)
+    assert held and int(held.group(1)) == 10, out
+
+
 def _weights(path):
     return torch.load(path, weights_only=True)['model']
 
@@ -232,6 +246,15 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a[key], b[key]), key
     state = torch.load(split / 'checkpoint.pt', weights_only=True)
     assert state['train']['epoch'] == 4
+    # Adam's state too: its step counts and both moments, bit for bit
+    opt_a = torch.load(straight / 'checkpoint.pt', weights_only=True)['train']['optimizer']
+    opt_b = state['train']['optimizer']
+    assert opt_a['param_groups'] == opt_b['param_groups']
+    assert opt_a['state'].keys() == opt_b['state'].keys() and opt_a['state']
+    for index, moments in opt_a['state'].items():
+        assert moments.keys() == opt_b['state'][index].keys()
+        for name, value in moments.items():
+            assert torch.equal(value, opt_b['state'][index][name]), (index, name)
 
 
 def test_resume_refuses_changed_settings_and_bad_files(trained, tmp_path):
@@ -447,6 +470,8 @@ def _error_cases(tmp_path, trained_path):
           'reference', 'seven'], 2, ['--dtype bf16', 'weight_dtype']),
         (['translate', '--checkpoint', trained_path, '--file', tmp_path / 'a_directory'], 2,
          ['a_directory', 'directory']),
+        (['translate', '--checkpoint', trained_path, '--file', latin1 / 'x'], 2,
+         ['--file', str(latin1 / 'x'), 'Not a directory']),
         # --data / --num-examples beside the built-in corpus, which would ignore them
         (['train', '--data', tmp_path / 'pairs.txt', '--checkpoint', ''], 2,
          ['--data', 'numbers']),
@@ -482,6 +507,21 @@ def test_every_failure_is_one_line_with_its_exit_status(trained, tmp_path, monke
                                                          'latin1.txt']
 
 
+def test_fra_eng_without_the_corpus_or_network_names_the_data_option(tmp_path, monkeypatch,
+                                                                     capsys):
+    from seq2seq_ext.data import corpus
+
+    def offline(name):
+        raise OSError('no network')
+    monkeypatch.setattr(corpus, 'download_extract', offline)
+    monkeypatch.delenv('SEQ2SEQ_EXT_DATA', raising=False)
+    monkeypatch.chdir(tmp_path)
+    status, out, err = _main(['train', '--dataset', 'fra-eng', '--checkpoint', ''], capsys)
+    line = _one_line_error(status, err, 2)
+    assert '--data' in line and 'SEQ2SEQ_EXT_DATA' in line and 'no network' in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize('args, flag', [
     (['train', '--lr', 'nan'], '--lr'),
     (['train', '--device', 'bogus'], '--device'),
@@ -493,6 +533,8 @@ def test_every_failure_is_one_line_with_its_exit_status(trained, tmp_path, monke
     (['train', '--seed', str((1 << 64) - 1)], '--seed'),  # no room for the sampler's + epoch
     (['train', '--device', 'hpu'], '--device'),
     (['evaluate', '--checkpoint', 'c.pt', '--samples', '-2'], '--samples'),
+    (['bench', '--cases', 'ce-small', '--threads', '0'], '--threads'),
+    (['bench', '--cases', 'ce-small', '--repeat', '0'], '--repeat'),
 ] + ([] if torch.cuda.is_available() else [
     (['train', '--device', 'cuda'], '--device'),   # a build or machine without CUDA
     (['train', '--device', 'cuda:3'], '--device'),

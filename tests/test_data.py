@@ -215,8 +215,9 @@ def test_read_data_nmt_without_file_or_network_explains_what_to_do(
         raise urllib.error.URLError('no network')
 
     monkeypatch.setattr(corpus, 'download', offline)
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(data.CorpusUnavailableError) as info:
         read_data_nmt()
+    assert isinstance(info.value, RuntimeError)
     message = str(info.value)
     assert 'path=' in message
     assert 'SEQ2SEQ_EXT_DATA' in message

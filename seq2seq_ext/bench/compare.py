@@ -231,11 +231,18 @@ def _quiet():
             os.environ[PLOT_ENV] = old
 
 
+def _positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def add_arguments(parser):
     """The benchmark's options (shared by this module's ``main`` and ``seq2seq-ext bench``)."""
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--threads", type=_positive_int, default=1)
+    parser.add_argument("--repeat", type=_positive_int, default=7)
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--profile-train", nargs="?", const="train-chapter",
                         choices=[k for k in CASES if k.startswith("train")],

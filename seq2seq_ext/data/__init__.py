@@ -12,8 +12,8 @@ additions:
 
 * ``read_data_nmt`` and ``load_data_nmt`` accept a ``path`` to a local copy of
   ``fra.txt`` (or read the environment variable ``SEQ2SEQ_EXT_DATA``), and
-  fail with a :class:`RuntimeError` that explains what to do when the corpus
-  can be neither found nor downloaded;
+  fail with a :class:`CorpusUnavailableError` (a ``RuntimeError``) that
+  explains what to do when the corpus can be neither found nor downloaded;
 * ``download`` verifies the SHA-1 of what it downloads, not only of the
   cached file, and its cache directory can be set with ``SEQ2SEQ_EXT_CACHE``;
 * ``number_pairs`` / ``load_data_numbers`` provide a deterministic offline
@@ -47,8 +47,9 @@ columns                   are the pair, as in Tatoeba's attribution files);
                           (only exactly two columns) and counted as above
 ========================  ===================================================
 """
-from .corpus import (CACHE_ENV, DATA_ENV, DATA_HUB, DATA_URL, CorpusError, CorpusWarning,
-                     download, download_extract, read_data_nmt, read_pairs_file)
+from .corpus import (CACHE_ENV, DATA_ENV, DATA_HUB, DATA_URL, CorpusError,
+                     CorpusUnavailableError, CorpusWarning, download, download_extract,
+                     read_data_nmt, read_pairs_file)
 from .numbers import english_number, french_number, load_data_numbers, number_pairs
 from .pipeline import (RESERVED_TOKENS, Vocab, build_array_nmt, count_corpus, load_array,
                        load_data_nmt, load_data_pairs, preprocess_nmt, tokenize_nmt,
@@ -60,5 +61,5 @@ __all__ = [
     'truncate_pad', 'build_array_nmt', 'load_array', 'load_data_nmt',
     'read_pairs_file', 'load_data_pairs', 'english_number',
     'french_number', 'number_pairs', 'load_data_numbers', 'CorpusError',
-    'CorpusWarning', 'CACHE_ENV', 'DATA_ENV', 'RESERVED_TOKENS',
+    'CorpusUnavailableError', 'CorpusWarning', 'CACHE_ENV', 'DATA_ENV', 'RESERVED_TOKENS',
 ]

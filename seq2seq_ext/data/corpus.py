@@ -12,7 +12,8 @@ import warnings
 import zipfile
 
 __all__ = ['DATA_URL', 'DATA_HUB', 'CACHE_ENV', 'DATA_ENV', 'download', 'download_extract',
-           'read_data_nmt', 'read_pairs_file', 'CorpusError', 'CorpusWarning']
+           'read_data_nmt', 'read_pairs_file', 'CorpusError', 'CorpusWarning',
+           'CorpusUnavailableError']
 
 DATA_URL = 'http://d2l-data.s3-accelerate.amazonaws.com/'
 DATA_HUB = {
@@ -113,6 +114,11 @@ def download_extract(name, folder=None, cache_dir=None):
     return os.path.join(base_dir, folder) if folder else data_dir
 
 
+class CorpusUnavailableError(RuntimeError):
+    """The English-French corpus is neither given (``path``, the environment variable) nor
+    cached, and cannot be downloaded. The message says what to do."""
+
+
 class CorpusError(ValueError):
     """A corpus file that cannot be read: invalid UTF-8, or (on request) a
     malformed line.  ``path`` and ``lineno`` (1-based) name the place."""
@@ -207,7 +213,7 @@ def _read_data_nmt(path):
         data_dir = download_extract('fra-eng')
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         url = DATA_HUB['fra-eng'][0]
-        raise RuntimeError(
+        raise CorpusUnavailableError(
             'Could not obtain the English-French corpus (fra.txt): '
             f'{err}. Pass the path of a local copy as '
             f'read_data_nmt(path=...) / load_data_nmt(..., path=...), set '
