@@ -572,8 +572,8 @@ def _check_held_out(args, run, trained_on, held):
     if not options or (trained_on.get('dataset'), trained_on.get('data')) != (
             run.get('dataset'), run.get('data')):
         return
-    seen = set(runs.training_pairs(RunConfig.from_dict(trained_on).with_defaults()))
-    overlap = sum(pair in seen for pair in held)
+    overlap = runs.trained_on_count(RunConfig.from_dict(trained_on).with_defaults(),
+                                    RunConfig.from_dict(run).with_defaults(), held)
     if overlap:
         raise UsageError(
             f'{" ".join(options)}: {overlap} of the {len(held)} pairs of that split were in '

@@ -316,32 +316,9 @@ def _plain_copy(module):
     return plain
 
 
-class _StandsIn(type):
-    """The drop-in classes' metaclass: :class:`GRU` compares equal to ``torch.nn.GRU`` and
-    hashes as it (and :class:`LSTM` as ``torch.nn.LSTM``), so that code which selects layers by
-    ``type(m) == nn.GRU`` treats an accelerated layer as the layer it replaced: the chapter's
-    ``xavier_init_weights`` (seeds 000 and 001 define it inside their ``train_seq2seq``), or
-    lookups of ``type(m)`` in a table of ``torch.nn`` classes (``quantize_dynamic``'s). ``is``,
-    ``isinstance`` and ``issubclass`` are unchanged, and a subclass of a drop-in class
-    compares by identity, as any class does."""
-
-    def __eq__(cls, other):
-        return cls is other or cls.__dict__.get("_replaces") is other
-
-    def __ne__(cls, other):
-        return not type(cls).__eq__(cls, other)
-
-    def __hash__(cls):
-        replaces = cls.__dict__.get("_replaces")
-        return hash(replaces) if replaces is not None else type.__hash__(cls)
-
-
-class GRU(torch.nn.GRU, metaclass=_StandsIn):
+class GRU(torch.nn.GRU):
     """``torch.nn.GRU`` with the fused multi-layer op underneath (see the module docstring for
-    what falls back to PyTorch's implementation). Same constructor, parameters and results;
-    ``type(m) == torch.nn.GRU`` holds for it (:class:`_StandsIn`)."""
-
-    _replaces = torch.nn.GRU
+    what falls back to PyTorch's implementation). Same constructor, parameters and results."""
 
     def forward(self, input, hx=None):
         out = (_fx_leaf_call(self, input, hx) if isinstance(input, torch.fx.Proxy)
@@ -351,12 +328,9 @@ class GRU(torch.nn.GRU, metaclass=_StandsIn):
     __prepare_scriptable__ = _plain_copy
 
 
-class LSTM(torch.nn.LSTM, metaclass=_StandsIn):
+class LSTM(torch.nn.LSTM):
     """``torch.nn.LSTM`` with the fused multi-layer op underneath (see the module docstring for
-    what falls back to PyTorch's implementation). Same constructor, parameters and results;
-    ``type(m) == torch.nn.LSTM`` holds for it (:class:`_StandsIn`)."""
-
-    _replaces = torch.nn.LSTM
+    what falls back to PyTorch's implementation). Same constructor, parameters and results."""
 
     def forward(self, input, hx=None):
         out = (_fx_leaf_call(self, input, hx) if isinstance(input, torch.fx.Proxy)
@@ -366,8 +340,7 @@ class LSTM(torch.nn.LSTM, metaclass=_StandsIn):
     __prepare_scriptable__ = _plain_copy
 
 
-# keyed by identity: the drop-in classes compare equal to the classes they replace
-_DROP_IN = {id(torch.nn.GRU): GRU, id(torch.nn.LSTM): LSTM}
+_DROP_IN = {torch.nn.GRU: GRU, torch.nn.LSTM: LSTM}
 
 
 def accelerate(module):
@@ -386,7 +359,7 @@ def accelerate(module):
         m = todo.pop()
         if isinstance(m, (models.Seq2SeqEncoder, models.Seq2SeqDecoder)):
             continue
-        drop_in = _DROP_IN.get(id(type(m)))
+        drop_in = _DROP_IN.get(type(m))
         if drop_in is not None:
             m.__class__ = drop_in
         todo.extend(c for c in m.children())

@@ -20,7 +20,7 @@ from .config import RUN_KEYS, RunConfig
 from .training import fit, make_adam
 
 __all__ = ["RunError", "TrainingInterrupted", "RunData", "TrainingRun", "resume", "load_data",
-           "held_out_pairs", "training_pairs", "CHAPTER_EXAMPLES"]
+           "held_out_pairs", "trained_on_count", "CHAPTER_EXAMPLES"]
 
 #: The chapter's four example translations, shown after training on fra-eng.
 CHAPTER_EXAMPLES = [('go .', 'va !'), ("i lost .", "j'ai perdu ."),
@@ -110,13 +110,17 @@ def held_out_pairs(run):
     return _split(run)[1]
 
 
-def training_pairs(run):
-    """The pairs ``run``'s training read: a file corpus's first ``num_examples + 1``, or the
-    built-in corpus less its held-out pairs."""
+def trained_on_count(trained, run, held):
+    """How many of ``held`` (the held-out pairs of ``run``'s data settings) the training of
+    ``trained`` (a run of the same corpus) read: for a file corpus, the positions the two
+    splits share (its training reads the first ``num_examples + 1`` pairs; a pair repeated in
+    the corpus is not the same position); for the built-in corpus, whose pairs are distinct,
+    the pairs outside ``trained``'s held-out set."""
     if run.dataset == 'numbers':
-        held = set(held_out_pairs(run))
-        return [p for p in data.number_pairs() if p not in held]
-    return _split(run)[0]
+        kept_out = set(held_out_pairs(trained))
+        return sum(pair not in kept_out for pair in held)
+    start = run.num_examples + 1
+    return max(0, min(trained.num_examples + 1, start + len(held)) - start)
 
 
 class _Frozen:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import _fastcall, models, ops, reference
+from . import nn as seq2seq_nn
 from .losses import MaskedSoftmaxCELoss
 from .ops import enable_autocast_rules  # the gru_layer op's autocast rule, kept with the op
 from .utils import Animator, Timer
@@ -27,8 +28,17 @@ __all__ = ["train_seq2seq", "fit", "make_adam", "grad_clipping", "xavier_init_we
 AMP_MODES = (None, "bf16")
 
 
-# the chapter's: ``type(m) == nn.GRU`` holds for the drop-in GRU too (seq2seq_ext.nn._StandsIn)
-xavier_init_weights = reference.xavier_init_weights
+def xavier_init_weights(m):
+    """The chapter's initialisation: Xavier-uniform for ``nn.Linear`` weights and the weight
+    matrices of ``nn.GRU``, the chapter's test ``type(m) == nn.GRU`` extended to the drop-in
+    layer :func:`seq2seq_ext.accelerate` puts in an ``nn.GRU``'s place (its class is
+    :class:`seq2seq_ext.nn.GRU`), so that an accelerated model starts from the same weights."""
+    if type(m) is seq2seq_nn.GRU:
+        for name in m._flat_weights_names:
+            if "weight" in name:
+                nn.init.xavier_uniform_(m._parameters[name])
+    else:
+        reference.xavier_init_weights(m)
 
 
 def grad_clipping(net, theta):

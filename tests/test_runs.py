@@ -93,3 +93,23 @@ def test_an_interrupted_run_saves_its_last_epoch(tmp_path, one_thread):
     assert stop.value.epoch == 3 and stop.value.path == str(path)
     assert checkpoint.load_checkpoint(path)['train']['epoch'] == 3
     assert resume(path).start_epoch == 3
+
+
+def test_trained_on_count_compares_positions_in_a_file_corpus(tmp_path):
+    from seq2seq_ext import runs
+    # a corpus that repeats one pair on both sides of the split
+    lines = [f"w{i} .\tm{i} ." for i in range(40)]
+    lines[35] = lines[3]
+    path = tmp_path / "pairs.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def run(num_examples, held_out):
+        return RunConfig.from_dict(dict(dataset="pairs", data=str(path),
+                                        num_examples=num_examples,
+                                        held_out=held_out)).with_defaults()
+    trained = run(29, 10)  # trains on pairs 0..29, held out 30..39
+    for num_examples, held_out, expected in ((29, 10, 0), (29, 5, 0), (24, 10, 5), (9, 10, 10),
+                                             (34, 5, 0)):
+        other = run(num_examples, held_out)
+        held = runs.held_out_pairs(other)
+        assert runs.trained_on_count(trained, other, held) == expected, (num_examples, held_out)
