@@ -170,10 +170,10 @@ def _projects_kept_rows(net):
     path calls neither module)."""
     decoder = getattr(net, "decoder", None)
     return (type(net).forward is reference.EncoderDecoder.forward
-            and not _fastcall.has_hooks(net) and not _fastcall.has_hooks(decoder)
             and callable(getattr(decoder, "supports_features", None))
             and decoder.supports_features()
-            and type(decoder._modules.get("dense")) is nn.Linear)
+            and type(decoder._modules.get("dense")) is nn.Linear
+            and not _fastcall.has_hooks(net) and not _fastcall.has_hooks(decoder))
 
 
 class _Kept(NamedTuple):

@@ -39,7 +39,7 @@ class _WeightGrads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, stub, n_results, *tensors):
-        ctx.stub, ctx.n = stub, n_results
+        ctx.stub = stub
         ctx.save_for_backward(*tensors[n_results:])
         ctx.set_materialize_grads(False)
         return tuple(t.view_as(t) for t in tensors[:n_results])
