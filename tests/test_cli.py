@@ -637,6 +637,9 @@ def test_unknown_words_are_reported(trained, capsys):
     assert 'line 1: 0 of 1 source tokens unknown' in err
     assert 'line 2: 1 of 3 source tokens unknown' in err
     assert 'unknown source tokens: 1 of 4 (25.0%)' in err
+    # exactly half unknown is not "more than half": no warning
+    status, out, err = _main(['translate', '--checkpoint', path, 'xyzzy seven'], capsys)
+    assert status == 0 and 'warning' not in err, err
     assert 'unknown' not in out
     status, out, err = _main(['evaluate', '--checkpoint', path], capsys)
     assert status == 0 and re.search(r'^unknown source tokens: 0 of \d+ \(0\.0%\)$', out, re.M)

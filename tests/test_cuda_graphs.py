@@ -205,6 +205,10 @@ def test_rule_keeps_a_class_whose_graphs_stay_cached():
     assert rule.count_graph_call("unknown", captured=True) is None
     with pytest.raises(ValueError, match="recapture_limit"):
         cuda_graphs.Rule(recapture_limit=0)
+    # captures in exactly half of the calls are not "more than half": the class stays
+    assert rule.choose("half", *_pair([])) == "graph"
+    assert [rule.count_graph_call("half", captured=call % 2 == 1) for call in range(40)] == \
+        ["graph"] * 40
 
 
 def test_graph_path_is_counted_and_turned_eager_on_recaptures(monkeypatch):

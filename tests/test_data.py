@@ -316,17 +316,18 @@ def test_read_pairs_file_counts_and_names_skipped_lines(tmp_path):
              '   \tblank source',  # 5 malformed: blank source
              'Run!\tCours !\tCC-BY\tx',  # 6 good: extra columns ignored
              'tab at end\t',      # 7 malformed: empty target
-             'Who?\tQui ?']       # 8 good
+             'Who?\tQui ?',       # 8 good
+             'Sorry.\t   ']       # 9 malformed: blank target
     path.write_text('\n'.join(lines) + '\n', encoding='utf-8')
     with pytest.warns(CorpusWarning) as record:
         pairs = read_pairs_file(path)
     assert pairs == [('Go.', 'Va !'), ('Run!', 'Cours !'), ('Who?', 'Qui ?')]
     assert len(record) == 1
     warning = record[0].message
-    assert warning.count == 4 and warning.lines == [2, 4, 5, 7]
+    assert warning.count == 5 and warning.lines == [2, 4, 5, 7, 9]
     assert warning.path == str(path)
-    assert str(path) in str(warning) and 'skipped 4 malformed' in str(warning)
-    assert 'line 2, 4, 5, 7' in str(warning)
+    assert str(path) in str(warning) and 'skipped 5 malformed' in str(warning)
+    assert 'line 2, 4, 5, 7, 9' in str(warning)
 
     with pytest.raises(CorpusError, match='line 2') as info:
         read_pairs_file(path, malformed='raise')

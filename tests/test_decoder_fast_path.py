@@ -130,6 +130,22 @@ def test_bound_decoder_call_honours_hooks_and_equals_forward():
     assert got == names and got[-1] == "Seq2SeqDecoder" and "GRU" in got
 
 
+def test_bound_decoder_call_takes_a_max_norm_set_after_binding():
+    """An embedding's ``max_norm`` set after the stepper was bound makes the per-token call
+    look its token up through the module, which renormalises the row, as the reference does."""
+    dec, ref, state = decoder_setup((19, 6, 10, 2, 1, torch.float32), "cpu", seed=45)
+    dec.eval()
+    X = random_tokens(1, 19, seed=45)[:, None]
+    with torch.no_grad():
+        dec(X, state)  # binds the stepper
+        dec.embedding.max_norm = ref.embedding.max_norm = 0.05
+        got, expected = dec(X, state), ref(X, state)
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
+    torch.testing.assert_close(dec.embedding.weight, ref.embedding.weight)
+    assert float(dec.embedding.weight.detach()[X[0, 0]].norm()) <= 0.05 + 1e-6
+
+
 # ----------------------------------------------------------------------------------------------
 # the emb_proj cache
 # ----------------------------------------------------------------------------------------------

@@ -275,6 +275,17 @@ class TestFusedOptimizerSteps:
     counters; the package bumps them after each step (seq2seq_ext._optim_versions), so the
     cached inference paths (decoder stepper, encoder table, fixed context) see every step."""
 
+    def test_every_fused_group_is_bumped(self):
+        groups = [[torch.nn.Parameter(torch.ones(3))], [torch.nn.Parameter(torch.ones(2)),
+                                                       torch.nn.Parameter(torch.ones(4))]]
+        opt = torch.optim.Adam([{"params": g} for g in groups], lr=0.1, fused=True)
+        params = [p for g in groups for p in g]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        versions = [p._version for p in params]
+        opt.step()
+        assert all(p._version > v for p, v in zip(params, versions))
+
     @pytest.mark.parametrize("make", [
         lambda ps: seq2seq_ext.training.make_adam(ps, 0.05),
         lambda ps: torch.optim.AdamW(ps, lr=0.05, fused=True),

@@ -150,3 +150,20 @@ def test_hooks_on_the_decoder_run_at_every_step_of_prediction(kind, monkeypatch)
         reference.predict_seq2seq(ref, s, src_vocab, tgt_vocab, 10, "cpu")[0]
         for s in ["go .", "i lost ."]]
     assert spy.stepper_calls == 0
+
+
+def test_prediction_puts_every_submodule_in_evaluation_mode():
+    """The chapter's ``net.eval()`` reaches every submodule: a decoder left in training mode
+    (its dropout active) inside an evaluated model is switched too, as the reference does."""
+    src_vocab, tgt_vocab = _vocabs()
+    torch.manual_seed(5)
+    net = seq2seq_ext.EncoderDecoder(seq2seq_ext.Seq2SeqEncoder(len(src_vocab), 8, 16, 2, 0.5),
+                                     seq2seq_ext.Seq2SeqDecoder(len(tgt_vocab), 8, 16, 2, 0.5))
+    net.eval()
+    net.decoder.rnn.train()
+    seq2seq_ext.predict_seq2seq(net, "go .", src_vocab, tgt_vocab, 10, "cpu")
+    assert not any(m.training for m in net.modules())
+    net.eval()
+    net.encoder.embedding.train()
+    seq2seq_ext.predict_seq2seq_batch(net, ["go ."], src_vocab, tgt_vocab, 10, "cpu")
+    assert not any(m.training for m in net.modules())

@@ -113,3 +113,20 @@ def test_trained_on_count_compares_positions_in_a_file_corpus(tmp_path):
         other = run(num_examples, held_out)
         held = runs.held_out_pairs(other)
         assert runs.trained_on_count(trained, other, held) == expected, (num_examples, held_out)
+
+
+@pytest.mark.parametrize("side", ["src_vocab", "tgt_vocab"])
+def test_resume_refuses_a_corpus_that_now_gives_other_vocabularies(tmp_path, one_thread, side):
+    corpus = tmp_path / "pairs.txt"
+    pairs = [(f"w{i} x .", f"m{i} y .") for i in range(30)]
+    corpus.write_text("".join(f"{a}\t{b}\n" for a, b in pairs), encoding="utf-8")
+    path = tmp_path / "run.pt"
+    config = dict(dataset="pairs", data=str(corpus), embed_size=8, num_hiddens=8, held_out=5,
+                  batch_size=8, num_examples=20)
+    TrainingRun.start(RunConfig(**config, epochs=1), checkpoint=str(path)).train()
+    # the same sentences on one side, another word on the other
+    changed = [(a.replace("x", "z"), b) if side == "src_vocab" else (a, b.replace("y", "z"))
+               for a, b in pairs]
+    corpus.write_text("".join(f"{a}\t{b}\n" for a, b in changed), encoding="utf-8")
+    with pytest.raises(RunError, match=f"different {side}"):
+        resume(path, epochs=2)

@@ -614,3 +614,67 @@ def test_forward_hooks_on_the_model_or_its_decoder_run_in_training(on):
     fit(net, train_iter, 0.01, 1, tgt_vocab, CPU, plot=False,
         on_epoch=lambda epoch, loss, speed: losses.append(loss))
     assert calls and losses[0] == pytest.approx(math.log(len(tgt_vocab)) / 10, rel=1e-6)
+
+
+def test_fit_sets_the_samplers_epoch_before_each_epoch():
+    """A distributed sampler reshuffles by ``set_epoch``: fit calls it with each epoch's index
+    (0-based, as ``DistributedSampler`` expects), from ``start_epoch`` on."""
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=40)
+    seen = []
+
+    class Sampler:
+        def set_epoch(self, epoch):
+            seen.append(epoch)
+
+    class Loader:
+        sampler = Sampler()
+
+        def __iter__(self):
+            return iter(train_iter)
+
+    net = _model(src_vocab, tgt_vocab)
+    fit(net, Loader(), 0.01, 3, tgt_vocab, CPU, plot=False)
+    fit(net, Loader(), 0.01, 5, tgt_vocab, CPU, plot=False, start_epoch=3, init_weights=False)
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def test_fit_clips_the_global_gradient_norm_at_one():
+    """The chapter's step clips the gradients' global norm at 1 (``grad_clipping(net, 1)``)."""
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=60)
+    net = _model(src_vocab, tgt_vocab, dropout=0.0)
+    norms = []
+
+    class Recorder(torch.optim.SGD):
+        def step(self, closure=None):
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g) for g in grads]))))
+            return super().step(closure)
+
+    fit(net, train_iter, 0.0, 2, tgt_vocab, CPU, plot=False,
+        optimizer=Recorder(net.parameters(), lr=0.0))
+    assert norms and max(norms) <= 1.0 + 1e-5
+    assert max(norms) > 0.999  # the loss's gradients exceed the bound: clipping was at work
+
+
+@pytest.mark.parametrize("kind", ["backward", "backward_pre"])
+@pytest.mark.parametrize("where", ["encoder", "decoder"])
+def test_backward_hooks_on_the_recurrent_layers_run(kind, where):
+    """A module backward hook on a model's GRU makes the model call that module (the fused
+    paths read its weights without calling it), so the hook sees the gradients, as with the
+    reference."""
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=40)
+    net = _model(src_vocab, tgt_vocab, dropout=0.0)
+    rnn = getattr(net, where).rnn
+    seen = []
+
+    def record(grads):  # the encoder's outputs are not used, its final state is
+        seen.append(next(g.shape for g in grads if g is not None))
+    if kind == "backward":
+        rnn.register_full_backward_hook(lambda mod, gin, gout: record(gout))
+    else:
+        rnn.register_full_backward_pre_hook(lambda mod, gout: record(gout))
+    X, X_valid_len, Y, Y_valid_len = next(iter(train_iter))
+    Y_hat, _ = net(X, Y, X_valid_len)
+    d2l.MaskedSoftmaxCELoss()(Y_hat, Y, Y_valid_len).sum().backward()
+    assert seen and seen[0][-1] == rnn.hidden_size
