@@ -36,7 +36,6 @@ import os
 import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -440,29 +439,18 @@ TABLE_CASES = [
 
 def timer(device, calls, rounds, warmup):
     """measure(fns): the median seconds per call of each function of the dict ``fns``, their
-    rounds interleaved (the order reverses every other round), the device synchronised around
-    each round of ``calls`` calls."""
+    rounds interleaved (``seq2seq_ext.bench.common.interleaved``: the order reverses every other
+    round), the device synchronised around each round of ``calls`` calls."""
     import torch
+    from seq2seq_ext.bench import common
 
     def sync():
         if device != "cpu":
             torch.cuda.synchronize()
 
     def measure(fns):
-        for fn in fns.values():
-            for _ in range(warmup):  # compiles, measures the graph rule, captures graphs
-                fn()
-        times = {k: [] for k in fns}
-        items = list(fns.items())
-        for i in range(rounds):
-            for k, fn in (items if i % 2 == 0 else items[::-1]):
-                sync()
-                t = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                sync()
-                times[k].append((time.perf_counter() - t) / calls)
-        return {k: statistics.median(v) for k, v in times.items()}
+        # warm-up rounds compile, measure the graph rule and capture graphs
+        return common.interleaved(fns, rounds, warmup, number=calls, sync=sync)
     return measure
 
 
@@ -484,7 +472,7 @@ def run_tables(device, dry, emit):
     one pass. A variant that raises is reported with its error and the others still run."""
     full_float32()
     measure = timer(device, calls=1 if dry else 10, rounds=1 if dry else 5,
-                    warmup=1 if dry else 2)
+                    warmup=1)  # a round of `calls` calls
     for compiled_pass in (False, True):
         for table, label, sizes, dtype_name, variants in dry_run_cases(dry):
             baseline = next(iter(variants))

@@ -564,16 +564,17 @@ def _read_lines(path):
         raise UsageError(f'--file {path}: {exc.strerror or exc}') from None
 
 
-def _check_held_out(args, run, trained_on, held):
+def _check_held_out(args, config, trained_on, held):
     """Refuses a split that ``--num-examples`` / ``--held-out`` moved into the pairs the
-    checkpoint was trained on (the same corpus): its score would not be a held-out one."""
+    checkpoint was trained on (the same corpus): its score would not be a held-out one.
+    ``config``: the split's run settings; ``trained_on``: the checkpoint's, as saved."""
     options = [f'--{name.replace("_", "-")} {getattr(args, name)}'
                for name in ('num_examples', 'held_out') if getattr(args, name) is not None]
     if not options or (trained_on.get('dataset'), trained_on.get('data')) != (
-            run.get('dataset'), run.get('data')):
+            config.dataset, config.data):
         return
-    overlap = runs.trained_on_count(RunConfig.from_dict(trained_on).with_defaults(),
-                                    RunConfig.from_dict(run).with_defaults(), held)
+    overlap = runs.trained_on_count(RunConfig.from_dict(trained_on).with_defaults(), config,
+                                    held)
     if overlap:
         raise UsageError(
             f'{" ".join(options)}: {overlap} of the {len(held)} pairs of that split were in '
@@ -597,10 +598,11 @@ def cmd_evaluate(args, argv):
         raise UsageError(f'{args.checkpoint} does not say what it was trained on: '
                          'pass --dataset and --data')
     run.setdefault('held_out', 100)
-    held = runs.held_out_pairs(RunConfig.from_dict(run).with_defaults())
+    config = RunConfig.from_dict(run).with_defaults()
+    held = runs.held_out_pairs(config)
     if not held:
         raise UsageError('the held-out split is empty (check --held-out and --num-examples)')
-    _check_held_out(args, run, trained_on, held)
+    _check_held_out(args, config, trained_on, held)
     srcs, refs = [s for s, _ in held], [t for _, t in held]
     preds = _decode(args, net, srcs, src_vocab, tgt_vocab, num_steps, device)
     decoding = f'beam {args.beam}, alpha {args.alpha}' if args.beam > 1 else 'greedy'

@@ -200,9 +200,8 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         eos = _check_int("eos", _int_of(eos), None)  # (a negative one never ends a row)
         bf16 = bf16_weights_requested(weight_dtype)
         with torch.no_grad():
-            path = decode_path(self, state)
-            if _fastcall.has_hooks(self):
-                path = "torch"  # the loop calls the module, so that its hooks run every step
+            # a hooked decoder: the loop calls the module, so that its hooks run every step
+            path = "torch" if _fastcall.has_hooks(self) else decode_path(self, state)
             if bf16 and (self.cell != "gru" or path != "stepper" or _fastcall.flat_weights(
                     _fastcall.submodule(self, "rnn"))[0].dtype != torch.float32):
                 raise ValueError(

@@ -32,36 +32,38 @@ def median_time(fn, repeat=7, number=1, warmup=1):
     return statistics.median(rounds)
 
 
-def interleaved(fns, repeat, warmup=1):
+def interleaved(fns, repeat, warmup=1, number=1, sync=None):
     """Median seconds per call of each function of the dict ``fns``, their rounds interleaved
     so that all see the same machine state: on a shared 2-core machine the speed of the same
     code drifts over seconds, and timing one after the other would fold that drift into their
     ratios. The order reverses every other round: a function that runs after another finds in
     the caches what that one left there (the same inputs, the allocator's freed blocks), which
-    made identical code time up to 1.2x faster second."""
+    made identical code time up to 1.2x faster second. Each round (warm-up rounds included) is
+    ``number`` calls; ``sync`` (a device synchronisation) is called around each timed round."""
     for _ in range(warmup):
         for fn in fns.values():
-            fn()
+            for _ in range(number):
+                fn()
     rounds = {k: [] for k in fns}
     items = list(fns.items())
     for i in range(repeat):
         for k, fn in (items if i % 2 == 0 else items[::-1]):
+            if sync is not None:
+                sync()
             t = time.perf_counter()
-            fn()
-            rounds[k].append(time.perf_counter() - t)
+            for _ in range(number):
+                fn()
+            if sync is not None:
+                sync()
+            rounds[k].append((time.perf_counter() - t) / number)
     return {k: statistics.median(v) for k, v in rounds.items()}
 
 
 def paired_times(f_ref, f_ext, repeat=7, number=1, warmup=1):
     """Median seconds per call of f_ref and of f_ext (:func:`interleaved`: ref, ext, then ext,
     ref, ...), each round ``number`` calls."""
-    def calls(fn):
-        def run():
-            for _ in range(number):
-                fn()
-        return run
-    t = interleaved({"ref": calls(f_ref), "ext": calls(f_ext)}, repeat, warmup)
-    return t["ref"] / number, t["ext"] / number
+    t = interleaved({"ref": f_ref, "ext": f_ext}, repeat, warmup, number)
+    return t["ref"], t["ext"]
 
 
 def ce_inputs(batch, steps, vocab, seed=0, dtype=torch.float32):
