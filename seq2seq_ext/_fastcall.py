@@ -69,6 +69,12 @@ def has_hooks(module):
                 or d["_backward_pre_hooks"] or any_global_hook())
 
 
+def own_forward(module, base_forward):
+    """True when ``module`` runs ``base_forward``: neither its class nor the instance itself (a
+    wrapper set as ``module.forward``) puts another ``forward`` in its place."""
+    return type(module).forward is base_forward and "forward" not in module.__dict__
+
+
 def plain_leaf(module, cls):
     """``module`` is exactly ``cls`` (``nn.Linear``, ``nn.Embedding``), its ``weight`` its own
     parameter (not pruned: ``prune`` moves it to ``weight_orig``; a parametrization changes the
@@ -120,7 +126,8 @@ def bound_stepper(decoder):
     bound = ((emb, "weight", emb["weight"]), (dense, "weight", dense["weight"]),
              (dense, "bias", dense["bias"]),
              *((rnn._parameters, name, w) for name, w in zip(rnn._flat_weights_names, weights)))
-    decoder.__dict__[STEPPER_ATTR] = (_generation[0], stepper, _hook_dicts(subs), subs[0], bound)
+    decoder.__dict__[STEPPER_ATTR] = (_generation[0], stepper, _hook_dicts(subs), subs[0], bound,
+                                      rnn.__dict__)
     return stepper
 
 
@@ -138,8 +145,9 @@ def decoder_call(self, *args, **kwargs):
     the stepper and ``nn.Module.__call__`` would do nothing but call ``forward``, else the usual
     call. The tests it makes are that rule's, restated cheaply: weights bound (the stepper
     exists: ``forward`` or ``greedy`` took that path before) and not rebound since, evaluation
-    mode, the chapter's decoder (a GRU with the chapter's context rule; a subclass with its own
-    ``forward`` has the usual ``__call__``, see :func:`ordinary_call_for`), no hook of any kind
+    mode (the decoder's and its recurrent layer's), the chapter's decoder (a GRU with the
+    chapter's context rule; a subclass with its own ``forward`` has the usual ``__call__``, see
+    :func:`ordinary_call_for`; no ``forward`` set on the instance), no hook of any kind
     on it or on its embedding, GRU and output layer, no ``max_norm`` on the embedding, not
     compiled, the extension backend outside any ``use_backend`` block, no tracing; then the
     stepper's ``try_step`` (C++) checks the token (B, 1), plain CPU tensors, grad mode off and
@@ -147,7 +155,8 @@ def decoder_call(self, *args, **kwargs):
     attrs = self.__dict__
     cached = attrs.get(STEPPER_ATTR)
     if (cached is not None and len(args) == 2 and not kwargs and cached[0] == _generation[0]
-            and not attrs["training"] and attrs.get("_chapter", True)
+            and not attrs["training"] and not cached[5]["training"] and attrs.get("_chapter", True)
+            and "forward" not in attrs
             and not (attrs["_forward_hooks"] or attrs["_forward_pre_hooks"]
                      or attrs["_backward_hooks"] or attrs["_backward_pre_hooks"]
                      or attrs.get("_compiled_call_impl") is not None or any_global_hook()

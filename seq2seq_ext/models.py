@@ -58,7 +58,7 @@ class Seq2SeqEncoder(reference.Seq2SeqEncoder):
         if not _fused_layer_allowed(rnn, X):
             return _lstm_layers(rnn)(X, None) if self.cell == "lstm" else rnn(X)
         h0 = X.new_zeros((rnn.num_layers, X.shape[1], rnn.hidden_size))
-        return ops.gru(X, h0, _fastcall.flat_weights(rnn), rnn.dropout, self.training)
+        return ops.gru(X, h0, _fastcall.flat_weights(rnn), rnn.dropout, rnn.training)
 
     def _apply(self, fn, *args, **kwargs):
         # derived from the parameters .to() etc. may swap
@@ -307,7 +307,7 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
                                f"{w_ih0.shape[1]}, got {embed + context.shape[-1]}")
         extra = ops.autocast_linear(context, w_ih0[:, embed:])
-        output, state = ops.gru(X, rnn_state, weights, rnn.dropout, self.training,
+        output, state = ops.gru(X, rnn_state, weights, rnn.dropout, rnn.training,
                                 w_ih0=w_ih0[:, :embed], extra0=extra, batch_sizes=batch_sizes,
                                 positions=positions)
         if order is not None:  # the state back in the batch's order
@@ -332,7 +332,7 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         h0, c0 = (t.index_select(1, order) for t in rnn_state)
         layers, hidden, p = rnn.num_layers, rnn.hidden_size, rnn.dropout
         mask = None
-        if p and self.training and layers > 1:
+        if p and rnn.training and layers > 1:
             mask = seq2seq_nn.torch_dropout_masks(x, layers, steps, batch, hidden, p)
             mask = mask.view(layers - 1, steps * batch, hidden).index_select(1, positions)
         output, h_n, c_n = ops.rnn_stack(
@@ -346,7 +346,7 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         """True when :meth:`forward_features` is available: the package's own decoder under the
         extension backend whose layers have their fused op for the parameters' device and
         dtype (``gru_layer`` for the GRU, ``rnn_stack`` for the LSTM)."""
-        if type(self).forward is not Seq2SeqDecoder.forward:
+        if not _fastcall.own_forward(self, Seq2SeqDecoder.forward):
             return False
         rnn = _fastcall.submodule(self, "rnn")
         like = _fastcall.flat_weights(rnn)[0]
@@ -439,8 +439,8 @@ def decode_path(decoder, state=None):
     The rules, in order (the first that applies decides):
 
     ======================================================================  =========
-    ``decoder`` is not this package's ``Seq2SeqDecoder``, or its class       "torch"
-    overrides ``forward`` (the fused path would skip that ``forward``)
+    ``decoder`` is not this package's ``Seq2SeqDecoder``, or its class or    "torch"
+    the instance overrides ``forward`` (the fused path would skip it)
     the backend in force is ``"reference"``                                 "torch"
     ``_fastcall.submodule(decoder, "rnn")`` is not a plain ``nn.GRU`` / ``nn.LSTM`` of its cell      "torch"
     (with biases, unidirectional, time first, no LSTM projection, no hooks)
@@ -452,7 +452,7 @@ def decode_path(decoder, state=None):
     included) are not all float32 or all float64 on one device
     the library has no kernel of the step op for that device (CPU or CUDA)  "torch"
     autocast in force for that device (the modules' calls give its dtypes)  "torch"
-    training mode with dropout > 0                                          "torch"
+    the recurrent layer in training mode with dropout > 0                   "torch"
     grad mode on and a state tensor or a parameter requires grad            "torch"
     a plain CPU tensor state, grad mode off, no ``torch.compile`` tracing,  "stepper"
     no dispatch or function mode (``ops.direct_cpu_call_ok``)
@@ -463,7 +463,7 @@ def decode_path(decoder, state=None):
     of the chapter's decoder once its weights are bound (``seq2seq_ext._fastcall``); the tests
     check that it never takes a call this function would not send to the stepper.
     """
-    if not isinstance(decoder, Seq2SeqDecoder) or type(decoder).forward is not _FORWARD:
+    if not isinstance(decoder, Seq2SeqDecoder) or not _fastcall.own_forward(decoder, _FORWARD):
         return "torch"
     if ops.get_backend() != "ext":
         return "torch"
@@ -494,7 +494,7 @@ def decode_path(decoder, state=None):
         return "torch"
     if torch.is_autocast_enabled(device_type):
         return "torch"  # the modules' own calls, under autocast's casts (bf16 logits)
-    if decoder.training and rnn.dropout > 0:
+    if rnn.training and rnn.dropout > 0:  # (nn.GRU's and nn.LSTM's rule: the layer's own mode)
         return "torch"
     if torch.is_grad_enabled():
         if any(t.requires_grad for t in tensors) or any(p.requires_grad
@@ -642,8 +642,8 @@ def _table_weights(encoder, X):
         return None
     rnn = _fastcall.submodule(encoder, "rnn")
     emb = _fastcall.submodule(encoder, "embedding")
-    if not (_plain_gru(rnn) and _fastcall.plain_leaf(emb, nn.Embedding) and emb.max_norm is None
-            and ops.get_backend() == "ext"):
+    if not (_plain_gru(rnn) and not rnn.training and _fastcall.plain_leaf(emb, nn.Embedding)
+            and emb.max_norm is None and ops.get_backend() == "ext"):
         return None
     table_w, flat = emb.weight, _fastcall.flat_weights(rnn)
     if (any(t.is_inference() or not t.is_cpu or t.dtype not in (torch.float32, torch.float64)
@@ -719,7 +719,7 @@ def encode(encoder, X, valid_len, weight_dtype=None):
     float32), as :meth:`Seq2SeqDecoder.greedy` decodes: the result is that of a copy whose
     matrices were rounded, computed from half the bytes. Other encoders run as they are."""
     if (bf16_weights_requested(weight_dtype) and isinstance(encoder, Seq2SeqEncoder)
-            and type(encoder).forward is Seq2SeqEncoder.forward
+            and _fastcall.own_forward(encoder, Seq2SeqEncoder.forward)
             and not (encoder._forward_hooks or encoder._forward_pre_hooks)):
         low = _bf16_encoder_weights(encoder, X)
         if low is not None:

@@ -169,7 +169,7 @@ def _projects_kept_rows(net):
     ``EncoderDecoder.forward`` and decoder layout, and no hook on the model or its decoder (the
     path calls neither module)."""
     decoder = getattr(net, "decoder", None)
-    return (type(net).forward is reference.EncoderDecoder.forward
+    return (_fastcall.own_forward(net, reference.EncoderDecoder.forward)
             and callable(getattr(decoder, "supports_features", None))
             and decoder.supports_features()
             and type(decoder._modules.get("dense")) is nn.Linear

@@ -320,3 +320,159 @@ class TestFusedOptimizerSteps:
             got = net.decoder(Y[:, :1], net.decoder.init_state(got_enc))[0]
             want = fresh.decoder(Y[:, :1], fresh.decoder.init_state(want_enc))[0]
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def _net_pair(cell, dropout=0.0, fixed=False):
+    """(package model, reference model) with the same weights."""
+    torch.manual_seed(0)
+    net = seq2seq_ext.EncoderDecoder(
+        seq2seq_ext.Seq2SeqEncoder(VOCAB, EMBED, HIDDEN, LAYERS, dropout, cell=cell),
+        seq2seq_ext.Seq2SeqDecoder(VOCAB, EMBED, HIDDEN, LAYERS, dropout, cell=cell,
+                                   fixed_context=fixed))
+    ref = reference.EncoderDecoder(
+        reference.VariantSeq2SeqEncoder(VOCAB, EMBED, HIDDEN, LAYERS, dropout, cell=cell),
+        reference.VariantSeq2SeqDecoder(VOCAB, EMBED, HIDDEN, LAYERS, dropout, cell=cell,
+                                        fixed_context=fixed))
+    ref.load_state_dict(net.state_dict())
+    return net, ref
+
+
+def _token_steps(net, X, valid_len, steps=4):
+    """The encoder's output, then ``steps`` one-step decoder calls fed their own argmax."""
+    with torch.no_grad():
+        enc = net.encoder(X, valid_len)
+        state = net.decoder.init_state(enc, valid_len)
+        tok, outs = X[:, :1], []
+        for _ in range(steps):
+            Y, state = net.decoder(tok, state)
+            tok = Y.argmax(-1)
+            outs.append(Y)
+    return enc[0], torch.cat(outs, 1)
+
+
+class TestRecurrentLayerMode:
+    """Inter-layer dropout follows the recurrent layer's own mode, as in ``nn.GRU`` /
+    ``nn.LSTM``, not the encoder's or decoder's: a model in evaluation mode whose layers were
+    put back in training mode drops out (p=1: every unit, deterministic), and a model in
+    training mode whose layers are in evaluation mode does not."""
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("bound", [False, True])
+    def test_layers_in_training_mode_in_an_evaluated_model(self, cell, bound):
+        net, ref = _net_pair(cell, dropout=1.0)
+        X, valid_len = _tokens(5), torch.tensor([5, 3, 1])
+        results = []
+        for m in (net, ref):
+            m.eval()
+            if bound:  # the tables and the per-token shortcut made in evaluation mode first
+                _token_steps(m, X, valid_len)
+            m.encoder.rnn.train()
+            m.decoder.rnn.train()
+            results.append(_token_steps(m, X, valid_len))
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want)
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_layers_in_evaluation_mode_in_a_training_model(self, cell):
+        net, ref = _net_pair(cell, dropout=1.0)
+        X, Y, valid_len = _tokens(5), _tokens(4), torch.tensor([5, 3, 1])
+        outs, grads = [], []
+        for m in (net, ref):
+            m.train()
+            m.encoder.rnn.eval()
+            m.decoder.rnn.eval()
+            out, _ = m(X, Y, valid_len)
+            out.square().sum().backward()
+            outs.append(out)
+            grads.append(m.decoder.rnn.weight_hh_l1.grad)
+        torch.testing.assert_close(outs[0], outs[1])
+        torch.testing.assert_close(grads[0], grads[1])
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_greedy_of_layers_in_training_mode(self, cell):
+        net, ref = _net_pair(cell, dropout=1.0)
+        X, valid_len = _tokens(5), torch.tensor([5, 3, 1])
+        for m in (net, ref):
+            m.eval()
+        with torch.no_grad():
+            state = net.decoder.init_state(net.encoder(X, valid_len), valid_len)
+            net.decoder.greedy(state, 1, -1, 4)  # bound in evaluation mode
+            net.decoder.rnn.train()
+            ref.decoder.rnn.train()
+            got = net.decoder.greedy(state, 1, -1, 4)[0]
+        assert torch.equal(got, _reference_greedy(ref, X, valid_len, 4))
+
+
+def _reference_greedy(ref, X, valid_len, steps):
+    """The reference model's greedy tokens from ``<bos>`` = 1, one module call a step."""
+    with torch.no_grad():
+        state = ref.decoder.init_state(ref.encoder(X, valid_len), valid_len)
+        tok, tokens = torch.ones((X.shape[0], 1), dtype=torch.long), []
+        for _ in range(steps):
+            Y, state = ref.decoder(tok, state)
+            tok = Y.argmax(-1)
+            tokens.append(tok[:, 0])
+    return torch.stack(tokens, 1)
+
+
+class TestForwardSetOnTheInstance:
+    """A ``forward`` set on the decoder instance (what module-wrapping libraries do) runs on
+    every call, as ``nn.Module.__call__`` runs it: the per-token shortcut, ``greedy`` and the
+    training step's kept-positions path do not skip it."""
+
+    @staticmethod
+    def _wrap(net, calls):
+        inner = net.decoder.forward
+
+        def forward(X, state):
+            calls.append(X.shape[1])
+            Y, state = inner(X, state)
+            return Y.flip(-1), state  # a change the results show
+
+        net.decoder.forward = forward
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("fixed", [False, True])
+    def test_per_token_calls_and_greedy(self, cell, fixed):
+        net, ref = _net_pair(cell, fixed=fixed)
+        X, valid_len = _tokens(5), torch.tensor([5, 3, 1])
+        calls, steps = {}, []
+        for name, m in (("package", net), ("reference", ref)):
+            m.eval()
+            _token_steps(m, X, valid_len)  # bound before the wrapper is set
+            calls[name] = []
+            self._wrap(m, calls[name])
+            steps.append(_token_steps(m, X, valid_len)[1])
+        assert calls["package"] == calls["reference"] == [1, 1, 1, 1]
+        torch.testing.assert_close(steps[0], steps[1])
+        with torch.no_grad():
+            state = net.decoder.init_state(net.encoder(X, valid_len), valid_len)
+            got = net.decoder.greedy(state, 1, -1, 4)[0]
+        assert torch.equal(got, _reference_greedy(ref, X, valid_len, 4))
+
+    def test_fit_calls_the_wrapped_forward(self):
+        torch.manual_seed(0)
+        train_iter, src_vocab, tgt_vocab = seq2seq_ext.load_data_numbers(8, 6)[:3]
+        net = seq2seq_ext.EncoderDecoder(
+            seq2seq_ext.Seq2SeqEncoder(len(src_vocab), EMBED, HIDDEN, LAYERS),
+            seq2seq_ext.Seq2SeqDecoder(len(tgt_vocab), EMBED, HIDDEN, LAYERS))
+        calls = []
+        self._wrap(net, calls)
+        fit(net, train_iter, 0.005, 1, tgt_vocab, "cpu", plot=False)
+        assert calls and all(steps > 1 for steps in calls)  # the whole target, every batch
+
+    def test_fit_calls_a_forward_set_on_the_model(self):
+        torch.manual_seed(0)
+        train_iter, src_vocab, tgt_vocab = seq2seq_ext.load_data_numbers(8, 6)[:3]
+        net = seq2seq_ext.EncoderDecoder(
+            seq2seq_ext.Seq2SeqEncoder(len(src_vocab), EMBED, HIDDEN, LAYERS),
+            seq2seq_ext.Seq2SeqDecoder(len(tgt_vocab), EMBED, HIDDEN, LAYERS))
+        inner, calls = net.forward, []
+
+        def forward(*args):
+            calls.append(len(args))
+            return inner(*args)
+
+        net.forward = forward
+        fit(net, train_iter, 0.005, 1, tgt_vocab, "cpu", plot=False)
+        assert calls
