@@ -55,9 +55,11 @@ inline void check_index_dtype(const at::Tensor& t, const char* name) {
               ": expected an int64 or int32 tensor of indices, got ", t.scalar_type());
 }
 
+// float64, float32, float16 or bfloat16 (the kernels' types; not the float8 ones)
 inline void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name,
-              ": expected a floating-point tensor, got ", t.scalar_type());
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kDouble || s == at::kFloat || s == at::kHalf || s == at::kBFloat16, name,
+              ": expected a floating-point tensor (float64, float32, float16 or bfloat16), got ", s);
 }
 
 // An optional incoming gradient of a backward op: undefined, or a real floating tensor of
@@ -69,6 +71,16 @@ inline at::Tensor incoming_grad(const std::optional<at::Tensor>& g, const at::Te
   check_floating(*g, name);
   TORCH_CHECK(g->sizes() == shape, name, ": expected shape ", shape, ", got ", shape_str(*g));
   return g->to(input.scalar_type()).contiguous();
+}
+
+// The incoming gradient of the cell state: an LSTM's, checked as incoming_grad; a GRU has none.
+inline at::Tensor cell_state_grad(bool lstm, const std::optional<at::Tensor>& g,
+                                  const at::Tensor& input, at::IntArrayRef shape) {
+  if (lstm) return incoming_grad(g, input, shape, "grad_cn");
+  TORCH_CHECK(!g.has_value() || !g->defined(),
+              "grad_cn: a GRU has no cell state: expected None, got a tensor of shape ",
+              shape_str(*g));
+  return at::Tensor();
 }
 
 inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name,

@@ -2,6 +2,8 @@
 
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <c10/util/intrusive_ptr.h>
+#include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
 #include <atomic>
@@ -20,18 +22,30 @@ std::atomic<DeferGrads> g_mode{DeferGrads::kAuto};
 
 using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
 
-// A matrix's current alias, held weakly (it lives as long as a graph saved it), and the
-// matrix (held weakly too: its key's address may be reused once it is gone).
+// A matrix's current alias in one role, held weakly (it lives as long as a graph saved it), and
+// the node the matrix's gradient goes to (its AccumulateGrad, or the grad_fn of a matrix made by
+// an op, such as autocast's bf16 copy), held weakly too: while the alias lives, its WeightGradSum
+// holds that node, so an entry whose alias is alive and whose node is the matrix's is the
+// matrix's, whatever tensor once had its address. No reference of any kind to the matrix itself
+// is kept: torch.utils.swap_tensors (`.to()` under torch.__future__'s swap rule) refuses a tensor
+// that has one.
 struct AliasEntry {
-  WeakImpl weight, alias;
-  uint32_t version;
+  WeakImpl alias;
+  c10::weak_intrusive_ptr<torch::autograd::Node> node;
+  uint32_t output_nr, version;
 };
 
-// The entries of this thread by matrix, and the size above which the dead ones are swept.
+// The entries of this thread by matrix address and role (the address's low bits are zero), and
+// the size above which the dead ones are swept.
 struct AliasEntries {
-  std::unordered_map<const c10::TensorImpl*, AliasEntry> by_weight;
+  std::unordered_map<uintptr_t, AliasEntry> by_key;
   size_t sweep_at = 64;
 };
+
+// The node w's gradient goes to, if it has one yet (a leaf's AccumulateGrad is made on demand).
+c10::intrusive_ptr<torch::autograd::Node> gradient_node(const at::Tensor& w) {
+  return w.is_leaf() ? torch::autograd::impl::try_get_grad_accumulator(w) : w.grad_fn();
+}
 
 AliasEntries& alias_entries() {
   thread_local AliasEntries entries;
@@ -96,6 +110,16 @@ WeightGradSum::WeightGradSum(const at::Tensor& w)
 void WeightGradSum::add_rows(at::Tensor a, at::Tensor x, bool shared, at::Tensor a_n) {
   if (!a.defined() || x.size(0) == 0) return;
   std::lock_guard<std::mutex> lock(mutex_);
+  // rows left by a backward that stopped before this node ran (an error further down its graph)
+  // belong to no gradient: a later backward over a graph that shares the node drops them
+  const int task = torch::autograd::get_current_graph_task_id();
+  if (task != task_) {
+    a_.clear();
+    x_.clear();
+    a_n_.clear();
+    shared_ = false;
+    task_ = task;
+  }
   shared_ = shared_ || shared;
   // every call of a graph hands over the same kind of rows (the same matrices deferred)
   TORCH_INTERNAL_ASSERT(a_.empty() || a_n.defined() == !a_n_.empty());
@@ -108,9 +132,14 @@ torch::autograd::variable_list WeightGradSum::apply(torch::autograd::variable_li
   std::vector<at::Tensor> a, x, a_n;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    a.swap(a_);
-    x.swap(x_);
-    a_n.swap(a_n_);
+    if (task_ == torch::autograd::get_current_graph_task_id()) {  // (see add_rows)
+      a.swap(a_);
+      x.swap(x_);
+      a_n.swap(a_n_);
+    }
+    a_.clear();
+    x_.clear();
+    a_n_.clear();
   }
   at::Tensor grad;
   if (!a.empty()) {
@@ -136,33 +165,37 @@ torch::autograd::variable_list WeightGradSum::apply(torch::autograd::variable_li
   return {grad};
 }
 
-at::Tensor deferring_alias(const at::Tensor& w) {
+at::Tensor deferring_alias(const at::Tensor& w, int role) {
   auto& entries = alias_entries();
   const uint32_t version = w._version();
-  const c10::TensorImpl* key = w.unsafeGetTensorImpl();
-  auto it = entries.by_weight.find(key);
-  if (it != entries.by_weight.end()) {
+  const uintptr_t key = reinterpret_cast<uintptr_t>(w.unsafeGetTensorImpl()) | role;
+  auto it = entries.by_key.find(key);
+  if (it != entries.by_key.end()) {
     const AliasEntry& e = it->second;
-    auto weight = e.weight.lock();
     auto alias = e.alias.lock();
-    // the same matrix, unchanged since (an optimizer step changes its version), its alias
-    // alive and still over its values (`w.data = ...` and a module's .double() give w other
-    // storage, or another dtype, without a new version)
-    if (weight && weight.get() == key && alias && e.version == version &&
-        alias->data() == w.const_data_ptr() && alias->dtype() == w.dtype() &&
-        alias->sizes() == w.sizes() && alias->strides() == w.strides())
+    auto node = e.node.lock();
+    // the same matrix (its gradient's node), unchanged since (an optimizer step changes its
+    // version), its alias alive and still over its values (`w.data = ...` and a module's
+    // .double() give w other storage, or another dtype or layout, without a new version)
+    if (alias && node && node == gradient_node(w) && e.output_nr == w.output_nr() &&
+        e.version == version && alias->data() == w.const_data_ptr() &&
+        alias->dtype() == w.dtype() && alias->sizes() == w.sizes() &&
+        alias->strides() == w.strides())
       return at::Tensor(std::move(alias));
   }
-  if (entries.by_weight.size() >= entries.sweep_at) {  // drop the entries of dead matrices
-    for (auto e = entries.by_weight.begin(); e != entries.by_weight.end();)
-      e = e->second.weight.expired() ? entries.by_weight.erase(e) : std::next(e);
-    entries.sweep_at = std::max<size_t>(64, 2 * entries.by_weight.size());
+  if (entries.by_key.size() >= entries.sweep_at) {  // drop the entries of dead aliases
+    for (auto e = entries.by_key.begin(); e != entries.by_key.end();)
+      e = e->second.alias.expired() ? entries.by_key.erase(e) : std::next(e);
+    entries.sweep_at = std::max<size_t>(64, 2 * entries.by_key.size());
   }
   // w's values and version counter, without its autograd history
   at::Tensor alias = w.tensor_data();
-  torch::autograd::create_gradient_edge(alias, c10::make_intrusive<WeightGradSum>(w));
-  entries.by_weight.insert_or_assign(
-      key, AliasEntry{WeakImpl(w.getIntrusivePtr()), WeakImpl(alias.getIntrusivePtr()), version});
+  auto sum = c10::make_intrusive<WeightGradSum>(w);  // (makes a leaf's AccumulateGrad)
+  torch::autograd::create_gradient_edge(alias, std::move(sum));
+  entries.by_key.insert_or_assign(
+      key, AliasEntry{WeakImpl(alias.getIntrusivePtr()),
+                      c10::weak_intrusive_ptr<torch::autograd::Node>(gradient_node(w)),
+                      static_cast<uint32_t>(w.output_nr()), version});
   return alias;
 }
 

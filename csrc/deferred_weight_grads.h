@@ -54,12 +54,16 @@ class WeightGradSum : public torch::autograd::Node {
   std::mutex mutex_;
   std::vector<at::Tensor> a_, x_, a_n_;
   bool shared_ = false;
+  int task_ = -1;         // the graph task (backward) that handed over the rows held
   at::ScalarType dtype_;  // the matrix's
 };
 
-// The alias a call uses in place of w (see the top of the file): the same one while w is alive
-// and unchanged (its version) and an earlier call's alias is still alive, else a new one.
-at::Tensor deferring_alias(const at::Tensor& w);
+// The alias a call uses in place of w (see the top of the file) in a role (0: a layer's W_ih, 1:
+// its W_hh; plus 2 for a GRU's, whose W_hh may hand over rows of its own): the same one while w
+// is the same tensor, unchanged (its version), and an earlier call's alias for that role is still
+// alive, else a new one. One sum holds one role's rows: a matrix tied across roles (W_hh of one
+// layer, W_ih of another) gets a sum for each, and autograd adds their gradients.
+at::Tensor deferring_alias(const at::Tensor& w, int role);
 
 // The WeightGradSum behind an alias from deferring_alias, or null for any other tensor.
 WeightGradSum* weight_grad_sum(const at::Tensor& t);

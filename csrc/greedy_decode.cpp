@@ -30,6 +30,18 @@ void check_greedy_args(const DecoderDims& d, int64_t bos, int64_t num_steps) {
               "dense_weight: expected at least one output to pick tokens from, got 0");
 }
 
+std::tuple<at::Tensor, at::Tensor> greedy_results(int64_t batch, int64_t num_steps, int64_t eos,
+                                                  const at::TensorOptions& long_opts) {
+  at::Tensor tokens;
+  try {
+    tokens = at::full({batch, num_steps}, eos, long_opts);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "num_steps: the result's tokens (", batch, " x ", num_steps,
+                ") cannot be allocated: ", e.what_without_backtrace());
+  }
+  return {tokens, at::full({batch}, num_steps, long_opts)};
+}
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> greedy_decode(
@@ -39,9 +51,9 @@ std::tuple<at::Tensor, at::Tensor> greedy_decode(
   const DecoderDims d = check_decoder_args(state, "state", 3, emb_proj, ctx_proj, weights,
                                            dense_weight, dense_bias);
   check_greedy_args(d, bos, num_steps);
-  const auto long_opts = state.options().dtype(at::kLong);
-  at::Tensor tokens = at::full({d.batch, num_steps}, eos, long_opts);
-  at::Tensor lengths = at::full({d.batch}, num_steps, long_opts);
+  at::Tensor tokens, lengths;
+  std::tie(tokens, lengths) =
+      greedy_results(d.batch, num_steps, eos, state.options().dtype(at::kLong));
   if (d.batch > 0 && num_steps > 0)
     SEQ2SEQ_EXT_KERNEL(state, greedy_decode)(d, state, emb_proj, ctx_proj, weights, dense_weight,
                                              dense_bias, bos, eos, num_steps, tokens, lengths);

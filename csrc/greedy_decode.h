@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 
 #include "decoder.h"
 
@@ -13,6 +14,11 @@ namespace seq2seq_ext {
 
 // The arguments greedy_decode adds to the decoder's (also checked by DecoderStepper.greedy).
 void check_greedy_args(const DecoderDims& d, int64_t bos, int64_t num_steps);
+
+// The greedy loop's results before it runs: tokens (batch, num_steps) all eos and lengths all
+// num_steps; an allocation that fails (a huge num_steps) is an error naming num_steps.
+std::tuple<at::Tensor, at::Tensor> greedy_results(int64_t batch, int64_t num_steps, int64_t eos,
+                                                  const at::TensorOptions& long_opts);
 
 using GreedyDecodeKernel = void(const DecoderDims& d, const at::Tensor& state,
                                 const at::Tensor& emb_proj,

@@ -199,8 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   const std::vector<int64_t> out_shape = stack_rows_shape(d, {}, H), state_shape{L, B, H};
   const at::Tensor go = incoming_grad(grad_output, input, out_shape, "grad_output");
   const at::Tensor ghn = incoming_grad(grad_hn, input, state_shape, "grad_hn");
-  const at::Tensor gcn =
-      lstm ? incoming_grad(grad_cn, input, state_shape, "grad_cn") : at::Tensor();
+  const at::Tensor gcn = cell_state_grad(lstm, grad_cn, input, state_shape);
   const at::Tensor x = input.contiguous(), h0c = h0.contiguous(), sv = saved.contiguous();
   const at::Tensor c0c = contiguous_or_undefined(c0);
   const at::Tensor mask = contiguous_or_undefined(dropout_mask);
@@ -409,7 +408,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_autograd(
   for (size_t k = 0; per > 0 && k < w.size(); ++k)
     if (static_cast<int64_t>(k) % per < 2 && defers_grad(input, batch_sizes.has_value(), w[k]) &&
         !passed_twice(weights, k))
-      w[k] = deferring_alias(w[k]);
+      w[k] = deferring_alias(w[k], static_cast<int>(k % per) + (cell == "gru" ? 2 : 0));
   auto out = RnnStackFunction::apply(std::string(cell), input, h0, c0, at::TensorList(w),
                                      dropout_mask, batch_sizes);
   return {out[0], out[1], out[2], out[3]};

@@ -22,7 +22,23 @@ namespace seq2seq_ext {
 namespace {
 
 // Arguments of sequence_mask and sequence_mask_.
+// The dtypes the kernels are built for (all types, complex, bool, half, bfloat16): not uint16,
+// uint32, uint64, the float8 types or complex32.
+bool mask_dtype_supported(at::ScalarType s) {
+  switch (s) {
+    case at::kBool: case at::kByte: case at::kChar: case at::kShort: case at::kInt:
+    case at::kLong: case at::kHalf: case at::kBFloat16: case at::kFloat: case at::kDouble:
+    case at::kComplexFloat: case at::kComplexDouble:
+      return true;
+    default:
+      return false;
+  }
+}
+
 void check_sequence_mask_args(const at::Tensor& X, const at::Tensor& valid_len) {
+  TORCH_CHECK(mask_dtype_supported(X.scalar_type()),
+              "X: expected a bool, integer (uint8 to int64), floating or complex64/128 tensor, "
+              "got ", X.scalar_type());
   check_min_dim(X, 2, "X");
   check_valid_len(valid_len, X.size(0), X, "X");
 }

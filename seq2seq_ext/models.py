@@ -630,7 +630,9 @@ class _TableKey:
 
 
 def _table_state(tensors):
-    return tuple(x for t in tensors for x in (t._version, t.data_ptr(), t.shape, t.dtype))
+    # strides too: `w.data = w.data.t()` keeps a square matrix's storage, shape and version
+    return tuple(x for t in tensors
+                 for x in (t._version, t.data_ptr(), t.shape, t.stride(), t.dtype))
 
 
 def _table_weights(encoder, X):

@@ -12,6 +12,7 @@ and the default ``"ext"``.
 """
 import contextlib
 import functools
+import operator
 import os
 import threading
 
@@ -506,21 +507,29 @@ def sequence_mask_(X, valid_len, value=0):
     reference's ``sequence_mask`` semantics). Any dtype."""
     if not isinstance(X, torch.Tensor):
         raise TypeError(f"X: expected a tensor, got {type(X).__name__}")
+    if get_backend() == "reference" or _value_requires_grad(value):
+        return reference.sequence_mask(X, valid_len, value)  # (differentiable in value)
     value = _scalar_value(value)
-    if get_backend() == "reference" or (X.requires_grad and torch.is_grad_enabled()):
-        # the in-place op has no autograd formula: let PyTorch record index_put_
-        return reference.sequence_mask(X, valid_len, value)
+    if X.requires_grad and torch.is_grad_enabled():
+        # the in-place op has no autograd formula: the out-of-place one (its checks, its
+        # gradient) copied into X, which autograd records as an in-place write
+        return X.copy_(_ops.sequence_mask(X, valid_len, value))
     _ops.sequence_mask_(X, valid_len, value)
     return X
 
 
 def sequence_mask(X, valid_len, value=0):
     """Out-of-place sequence mask: a new tensor equal to ``X`` with steps at or after
-    ``valid_len`` set to ``value``. Differentiable in ``X``."""
-    value = _scalar_value(value)
-    if get_backend() == "reference":
+    ``valid_len`` set to ``value``. Differentiable in ``X`` (and in a one-element tensor
+    ``value`` that requires grad, as the reference's ``X[~mask] = value`` is)."""
+    if get_backend() == "reference" or _value_requires_grad(value):
         return reference.sequence_mask(X.clone(), valid_len, value)
-    return _ops.sequence_mask(X, valid_len, value)
+    return _ops.sequence_mask(X, valid_len, _scalar_value(value))
+
+
+def _value_requires_grad(value):
+    return (isinstance(value, torch.Tensor) and value.requires_grad
+            and torch.is_grad_enabled())
 
 
 def _scalar_value(value):
@@ -538,9 +547,30 @@ def _scalar_value(value):
 # ----------------------------------------------------------------------------------------------
 
 
+def _packed_on_the_cpu(input, batch_sizes):
+    """The kernels' rule, in the fakes too (so that tracing refuses what a run would)."""
+    torch._check(batch_sizes is None or input.device.type == "cpu",
+                 lambda: f"batch_sizes: the packed layout runs on the CPU; input is on "
+                         f"{input.device}")
+
+
+def _int_arg(name, value):
+    """An integer argument as the schema's ``int`` (an ``int``, a NumPy integer, a one-element
+    integer tensor); a float or a string is a TypeError naming it, not a value rounded."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, got {value!r}") from None
+
+
+def _int_list(name, values):
+    return [_int_arg(name, v) for v in values]
+
+
 @torch.library.register_fake("seq2seq_ext::gru_layer")
 def _gru_layer_fake(input, h0, w_ih, w_hh, b_ih, b_hh, extra, batch_sizes=None):
     _same_device("input", input, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, extra=extra)
+    _packed_on_the_cpu(input, batch_sizes)
     rows = input.shape[:-1]  # (steps, batch), or (N,) in the packed layout
     hidden = w_hh.shape[1]
     return (input.new_empty((*rows, hidden)), input.new_empty((h0.shape[0], hidden)),
@@ -566,6 +596,7 @@ def _gru_setup_context(ctx, inputs, output):
     ctx.has_extra = extra is not None
     # what only a create_graph backward reads (the recomputed call): the biases and extra
     ctx.recompute_args = (inputs[4], inputs[5], extra)
+    ctx.recompute_versions = tuple(None if t is None else t._version for t in ctx.recompute_args)
     ctx.batch_sizes = inputs[7] if len(inputs) > 7 else None
     # the backward replays a CUDA graph or not as the forward's caller asked: on a GPU it runs
     # on autograd's device thread, which does not see the caller's thread-local use_mode
@@ -575,10 +606,24 @@ def _gru_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _check_unchanged(names, tensors, versions):
+    """autograd's error for a tensor changed in place since the forward: what the backward
+    would recompute from is gone (the forward kept these without saving them, as only a
+    create_graph backward reads them)."""
+    for name, t, version in zip(names, tensors, versions):
+        if t is not None and t._version != version:
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: gru_layer's {name} is at version {t._version}; expected "
+                f"version {version} instead (a backward with create_graph=True recomputes the "
+                f"layer from it)")
+
+
 def _gru_backward(ctx, grad_out, grad_hn, grad_saved):
     input, h0, w_ih, w_hh, out, saved = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph: gradients that carry a graph
         b_ih, b_hh, extra = ctx.recompute_args
+        _check_unchanged(("b_ih", "b_hh", "extra"), ctx.recompute_args, ctx.recompute_versions)
         product = _product_dtype([w_ih, w_hh])
 
         def layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra):
@@ -642,7 +687,7 @@ def gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra=None, batch_sizes=None):
     row's final state is its state after its last step. A padded position costs nothing."""
     if batch_sizes is not None:
         output, h_n, _ = _ops.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra,
-                                        [int(n) for n in batch_sizes])
+                                        _int_list("batch_sizes", batch_sizes))
         return output, h_n
     if direct_cpu_call_ok(input) and not torch.is_autocast_enabled("cpu"):
         # inference on plain CPU tensors: no graph to record, so the kernel is called directly
@@ -804,7 +849,8 @@ def greedy_decode(state, emb_proj, ctx_proj, weights, dense_weight, dense_bias, 
     """Greedy decoding of a batch in one call. Returns (tokens (batch, num_steps) int64 with
     ``eos`` after each sentence's end, lengths (batch,) int64: tokens before ``eos``)."""
     return _ops.greedy_decode(state, emb_proj, ctx_proj, list(weights), dense_weight, dense_bias,
-                              int(bos), int(eos), int(num_steps))
+                              _int_arg("bos", bos), _int_arg("eos", eos),
+                              _int_arg("num_steps", num_steps))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -858,6 +904,7 @@ _SAVED_WIDTH = {"gru": 5, "lstm": 6}  # a row of `saved`, in multiples of hidden
 def _rnn_stack_fake(cell, input, h0, c0, weights, dropout_mask, batch_sizes=None):
     _same_device("input", input, h0=h0, c0=c0, weights=weights, dropout_mask=dropout_mask)
     torch._check(cell in _SAVED_WIDTH, lambda: f"cell: expected 'gru' or 'lstm', got {cell!r}")
+    _packed_on_the_cpu(input, batch_sizes)
     layers, batch, hidden = h0.shape
     rows = input.shape[:-1]  # (steps, batch), or (N,) in the packed layout
     c_n = h0.new_empty(h0.shape) if cell == "lstm" else input.new_empty((0,))
@@ -969,7 +1016,7 @@ def rnn_stack(cell, input, h0, c0, weights, dropout_mask=None, batch_sizes=None)
     is then ``packed.data`` (N, in), the rows of step t being the first ``batch_sizes[t]`` of
     the batch; output (N, hidden) and dropout_mask (layers - 1, N, hidden) are packed alike,
     and h_n / c_n hold each row's state after its last step. Padded positions cost nothing."""
-    sizes = None if batch_sizes is None else [int(n) for n in batch_sizes]
+    sizes = None if batch_sizes is None else _int_list("batch_sizes", batch_sizes)
     if get_backend() == "reference":
         return reference.rnn_stack(cell, input, h0, c0, weights, dropout_mask, sizes)
     output, h_n, c_n, _ = _ops.rnn_stack(cell, input, h0, c0, weights, dropout_mask, sizes)

@@ -345,7 +345,7 @@ def lstm_decode_step(token, h, c, emb_proj, ctx_proj, weights, dense_weight, den
         hs.append(x)
         cs.append(c_new)
     logits = x @ dense_weight.t() + dense_bias
-    return logits.reshape(*token.shape, -1), torch.stack(hs), torch.stack(cs)
+    return logits.reshape(*token.shape, dense_weight.shape[0]), torch.stack(hs), torch.stack(cs)
 
 
 __all__ += ["CELLS", "check_cell", "make_rnn", "top_hidden_state", "check_rnn_state",

@@ -79,6 +79,26 @@ def test_bound_stepper_follows_data_swap_and_resize():
         torch.testing.assert_close(logits, ref_logits, **decode_tol(torch.float32))
 
 
+@pytest.mark.parametrize("name", ["dense.weight", "rnn.weight_ih_l0"])
+def test_bound_stepper_follows_a_transposed_view_of_the_same_storage(name):
+    """``.data = w.data.t()`` on a square matrix (the output layer at vocabulary = hidden; W_ih0
+    at 3 * hidden = embedding + hidden) keeps its storage, shape and version: the stepper
+    follows the strides too."""
+    dec, _, state = decoder_setup((4, 8, 4, 2, 3, torch.float32), "cpu", seed=54)
+    stepper = ops.decoder_stepper(dec.embedding.weight, dec.rnn._flat_weights, dec.dense.weight,
+                                  dec.dense.bias)
+    token = random_tokens(3, 4, seed=54)
+    weight = dec.get_parameter(name)
+    assert weight.shape[0] == weight.shape[1]
+    with torch.no_grad():
+        stepper.step(token, state)
+        weight.data = weight.data.t()
+        logits, new_state = stepper.step(token, state)
+        ref_logits, ref_state = reference_step(reference_decoder(dec), token, state)
+    torch.testing.assert_close(logits, ref_logits, **decode_tol(torch.float32))
+    torch.testing.assert_close(new_state, ref_state, **decode_tol(torch.float32))
+
+
 def test_bound_stepper_follows_data_swaps_at_reused_addresses():
     """Storage swapped in through ``.data`` keeps the version counter; the stepper holds the
     storages it was built from, so a new storage never lands at a bound one's address and

@@ -106,6 +106,19 @@ def test_follows_new_modules_and_storages_at_reused_addresses():
         torch.testing.assert_close(got[1], want[1].detach(), **gru_tol(torch.float32))
 
 
+def test_follows_a_transposed_view_of_the_same_storage():
+    """``.data = w.data.t()`` on a square matrix keeps its storage, shape and version: the
+    table follows the strides too (the next inference call equals the graph-mode one)."""
+    enc = make_encoder(8, 8, 16, 2, seed=3)  # an 8 x 8 embedding
+    X = seeded_randint(8, (3, 6), seed=4)
+    with torch.no_grad():
+        enc.eval()(X)  # the table, made
+        enc.embedding.weight.data = enc.embedding.weight.data.t()
+        got = enc(X)
+    want = enc(X)  # grad mode: no table
+    torch.testing.assert_close(got[1], want[1].detach(), **gru_tol(torch.float32))
+
+
 def test_only_in_inference():
     enc = make_encoder(41, 8, 16, 2, seed=3)
     X = seeded_randint(41, (3, 6), seed=4)

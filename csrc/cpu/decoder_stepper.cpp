@@ -43,6 +43,8 @@ bool same_key(std::vector<int64_t>& key, std::initializer_list<const at::Tensor*
     put(static_cast<int64_t>(t.scalar_type()));
     put(t.dim());
     for (const int64_t s : t.sizes()) put(s);
+    // `w.data = w.data.t()` keeps a square matrix's storage, sizes and version
+    for (const int64_t s : t.strides()) put(s);
   };
   for (const at::Tensor* t : head) add(*t);
   for (const at::Tensor& t : tail) add(t);
@@ -255,9 +257,9 @@ std::tuple<at::Tensor, at::Tensor> DecoderStepper::greedy(const at::Tensor& stat
   const at::Tensor& table = emb_proj();
   const DecoderDims d = checked_dims(state, table, ctx_proj);
   check_greedy_args(d, bos, num_steps);
-  const auto long_opts = state.options().dtype(at::kLong);
-  at::Tensor tokens = at::full({d.batch, num_steps}, eos, long_opts);
-  at::Tensor lengths = at::full({d.batch}, num_steps, long_opts);
+  at::Tensor tokens, lengths;
+  std::tie(tokens, lengths) =
+      greedy_results(d.batch, num_steps, eos, state.options().dtype(at::kLong));
   if (d.batch == 0 || num_steps == 0) return {tokens, lengths};
   const bool has_ctx = ctx_proj.has_value() && ctx_proj->defined();
   cpu::Contig c;

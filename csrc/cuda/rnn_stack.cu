@@ -347,8 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_stac
   const std::vector<int64_t> out_shape{T, B, H}, state_shape{L, B, H};
   const at::Tensor go = incoming_grad(grad_output, input, out_shape, "grad_output");
   const at::Tensor ghn = incoming_grad(grad_hn, input, state_shape, "grad_hn");
-  const at::Tensor gcn =
-      lstm ? incoming_grad(grad_cn, input, state_shape, "grad_cn") : at::Tensor();
+  const at::Tensor gcn = cell_state_grad(lstm, grad_cn, input, state_shape);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous(), h0c = h0.contiguous(), sv = saved.contiguous();
   const at::Tensor c0c = contiguous_or_undefined(c0);

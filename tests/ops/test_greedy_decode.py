@@ -154,3 +154,23 @@ def test_greedy_bad_input_names_argument(device):
     with pytest.raises(RuntimeError, match=r"^num_steps\b"):
         ops.greedy_decode(a["state"], a["emb_proj"], None, a["weights"], a["dense_weight"],
                           a["dense_bias"], 1, 2, -3)
+
+
+def test_greedy_huge_num_steps_names_it():
+    a = decode_base_args("cpu")
+    del a["token"]
+    for num_steps in (2 ** 62, 2 ** 40):
+        with pytest.raises(RuntimeError, match=r"^num_steps: the result's tokens"):
+            ops.greedy_decode(**a, bos=1, eos=2, num_steps=num_steps)
+
+
+@pytest.mark.parametrize("name, value", [("bos", 1.9), ("eos", 2.5), ("num_steps", 2.5),
+                                         ("num_steps", "3")])
+def test_greedy_wrapper_refuses_what_is_not_an_integer(name, value):
+    """``ops.greedy_decode`` passes the op integers as they are, rounding nothing."""
+    a = decode_base_args("cpu")
+    del a["token"]
+    kwargs = {"bos": 1, "eos": 2, "num_steps": 3, name: value}
+    with pytest.raises(TypeError, match=rf"^{name}: expected an integer"):
+        ops.greedy_decode(**a, **kwargs)
+    assert ops.greedy_decode(**a, **{**kwargs, name: torch.tensor(1)})[0].shape[0] == 3

@@ -509,6 +509,22 @@ def test_gradgradcheck_layer(with_extra):
     assert torch.autograd.gradgradcheck(lambda *a: ops.gru_layer(*a), tuple(args))
 
 
+@pytest.mark.parametrize("name", ["b_ih", "b_hh", "extra"])
+def test_create_graph_after_an_in_place_change_raises(name):
+    """The biases and ``extra`` are kept without being saved (a first-order backward does not
+    read them); a backward with create_graph, which recomputes the layer from them, refuses
+    one changed in place since the forward, as autograd refuses a saved tensor."""
+    args = _small_layer_args("cpu", with_extra=True, seed=106)
+    out = ops.gru_layer(*args)[0]
+    changed = {"b_ih": args[4], "b_hh": args[5], "extra": args[6]}[name]
+    with torch.no_grad():
+        changed.add_(1.0)
+    with pytest.raises(RuntimeError, match=rf"modified by an inplace operation: gru_layer's {name}"):
+        torch.autograd.grad(out.sum(), args[0], create_graph=True)
+    # the first-order backward does not read them
+    assert torch.autograd.grad(out.sum(), args[0])[0].shape == args[0].shape
+
+
 @pytest.mark.parametrize("with_extra", [False, True])
 def test_batched_gradients_equal_the_reference(with_extra):
     """``autograd.grad(..., is_grads_batched=True)`` runs the backward under vmap (functorch

@@ -189,6 +189,16 @@ def _bad_base(device):
                 dense_bias=db.detach().clone())
 
 
+def test_lstm_step_of_an_empty_batch_under_either_backend():
+    a = _bad_base("cpu")
+    a.update(token=a["token"][:0], h=a["h"][:, :0], c=a["c"][:, :0], ctx_proj=a["ctx_proj"][:0])
+    shapes = []
+    for backend in ("ext", "reference"):
+        with seq2seq_ext.use_backend(backend):
+            shapes.append([t.shape for t in ops.lstm_decode_step(**a)])
+    assert shapes[0] == shapes[1] and shapes[0][0] == (0, 15)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_lstm_step_bad_input_names_argument(device):
     a = _bad_base(device)

@@ -535,6 +535,12 @@ def test_bad_input_names_argument_and_changes_nothing(device, entry):
             assert torch.equal(a, b), name
 
 
+def test_float8_logits_name_pred():
+    pred, label, valid_len = random_ce_inputs(2, 3, 5, device="cpu", seed=40)
+    with pytest.raises(RuntimeError, match=r"^pred: expected a floating-point tensor \(float64"):
+        CE(pred.to(torch.float8_e5m2), label, valid_len)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_bad_input_names_argument(device):
     pred, label, valid_len = random_ce_inputs(3, 4, 6, device=device, seed=41)

@@ -269,6 +269,12 @@ class TestRnnStack:
         with pytest.raises(RuntimeError, match="c0: a GRU has no cell state"):
             OP("gru", x, h0, h0, weights, None)
 
+    def test_gru_backward_refuses_a_cell_state_gradient(self):
+        x, h0, _, weights, _ = make_args("gru", 1, 2, 2, 3, 4)
+        out, h_n, _, saved = OP("gru", x, h0, None, weights, None)
+        with pytest.raises(RuntimeError, match="^grad_cn: a GRU has no cell state"):
+            BACKWARD("gru", out, None, h_n, x, h0, None, weights, None, saved)
+
     def test_backward_checks_saved(self):
         x, h0, c0, weights, _ = make_args("gru", 1, 2, 2, 3, 4)
         with pytest.raises(RuntimeError, match="saved: expected shape"):
@@ -407,6 +413,23 @@ class TestRnnStackPacked:
         args, _ = packed_args("lstm", 2, [2, 2, 1], 3, 4, seed=51)
         with pytest.raises(RuntimeError, match=match):
             OP("lstm", *args, batch_sizes)
+
+    @pytest.mark.parametrize("op", ["rnn_stack", "gru_layer"])
+    def test_the_fake_refuses_the_packed_layout_off_the_cpu(self, op):
+        """As the kernels do, so that tracing refuses what a run would."""
+        m = lambda *shape: torch.zeros(*shape, device="meta")  # noqa: E731
+        with pytest.raises(RuntimeError, match="batch_sizes: the packed layout runs on the CPU"):
+            if op == "rnn_stack":
+                OP("gru", m(6, 3), m(1, 3, 4), None, [m(12, 3), m(12, 4), m(12), m(12)], None,
+                   [3, 2, 1])
+            else:
+                torch.ops.seq2seq_ext.gru_layer(m(6, 3), m(3, 4), m(12, 3), m(12, 4), m(12),
+                                                m(12), None, [3, 2, 1])
+
+    def test_the_wrapper_refuses_batch_sizes_that_are_not_integers(self):
+        args, _ = packed_args("gru", 1, [3, 2, 1], 3, 4, seed=53)
+        with pytest.raises(TypeError, match="^batch_sizes: expected an integer"):
+            ops.rnn_stack("gru", *args, [3.7, 2.2, 1.0])
 
     def test_packed_mask_shape_is_checked(self):
         args, batch_sizes = packed_args("gru", 2, [2, 1], 3, 4, seed=52)
@@ -809,6 +832,80 @@ class TestRnnStackDeferredGrads:
             want = grads_of(reference.rnn_stack("gru", *args), weights)
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+    @pytest.mark.parametrize("deferred", ["always"], indirect=True)
+    @pytest.mark.parametrize("bf16_gemm", ["native", "rounded"], indirect=True)
+    def test_a_matrix_tied_across_roles_under_bf16_autocast(self, deferred, bf16_gemm):
+        """One matrix as W_hh of one stack's calls and W_ih of another's (two GRUs, one tied
+        weight) under CPU bf16 autocast, where the GRU's W_hh hands over rows of its own: each
+        role has its sum, and the gradients are the per-call path's. (Hidden 256: the GRU's
+        W_hh hands over rows of its own where its products run as bf16 GEMMs.)"""
+        hidden = 256
+        a_args = make_args("gru", 1, 3, 2, hidden, hidden, seed=61, requires_grad=True,
+                           dtype=torch.float32)
+        b_args = make_args("gru", 1, 3, 2, hidden, hidden, seed=62, requires_grad=True,
+                           dtype=torch.float32)
+        a_w, b_w = a_args[3], list(b_args[3])
+        b_w[0] = a_w[1]
+
+        def grads():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ha, hb, loss = a_args[1], b_args[1], 0
+                for t in range(3):
+                    out_a, ha, _ = ops.rnn_stack("gru", a_args[0][t:t + 1], ha, None, a_w)
+                    out_b, hb, _ = ops.rnn_stack("gru", out_a, hb, None, b_w)
+                    loss = loss + out_b.float().square().sum()
+            return torch.autograd.grad(loss, [a_w[0], a_w[1], b_w[1]])
+
+        got = grads()
+        ops.set_deferred_grads("off")
+        for g, w in zip(got, grads()):
+            torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+
+    @pytest.mark.parametrize("deferred", ["always"], indirect=True)
+    def test_rows_of_an_aborted_backward_are_dropped(self, deferred):
+        """A backward that stops (an error further down its graph) after a call handed its rows
+        to a matrix's sum but before the sum ran leaves them behind; a later backward over a
+        graph that shares the sum (the same matrices, unchanged, the failed graph alive) gives
+        the reference's gradient, not one with those rows added."""
+        class Boom(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.clone()
+
+            @staticmethod
+            def backward(ctx, grad):
+                raise RuntimeError("boom")
+
+        args = make_args("gru", 1, 2, 2, 5, 7, seed=63, requires_grad=True)
+        x, h0, _, weights, _ = args
+
+        def loss(run, boom=False):
+            _, h1, _ = run("gru", x[0:1], h0, None, weights)
+            if boom:
+                h1 = Boom.apply(h1)
+            out, _, _ = run("gru", x[1:2], h1, None, weights)
+            return out.square().sum()
+
+        failed = loss(ops.rnn_stack, boom=True)
+        with pytest.raises(RuntimeError, match="boom"):
+            failed.backward()
+        got = torch.autograd.grad(loss(ops.rnn_stack), weights[:2])
+        want = torch.autograd.grad(loss(reference.rnn_stack), weights[:2])
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+    @pytest.mark.parametrize("deferred", ["always"], indirect=True)
+    def test_no_reference_to_the_matrix_is_kept(self, deferred):
+        """Once a graph of one-step calls is gone, nothing the deferral keeps refers to the
+        matrices: ``torch.utils.swap_tensors`` (what ``.to()`` does under
+        ``torch.__future__.set_swap_module_params_on_conversion(True)``) accepts them."""
+        args = make_args("lstm", 2, 3, 2, 5, 7, seed=64, requires_grad=True)
+        step_loop("lstm", args, 3)[0].sum().backward()
+        for w in args[3]:
+            new = torch.nn.Parameter(w.detach().double())
+            torch.utils.swap_tensors(w, new)
+            assert w.dtype == torch.float64
 
     def test_the_mode_is_checked(self):
         assert ops.deferred_grads() == "auto"

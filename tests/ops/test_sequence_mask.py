@@ -515,3 +515,50 @@ def test_inplace_with_lengths_read_from_x_itself(device):
     expected = _expected(X, X[:, 0, 0].clone(), 7.0)
     MASK_(X, X[:, 0, 0], 7.0)
     assert torch.equal(X, expected)
+
+
+@pytest.mark.parametrize("fn", [ops.sequence_mask, ops.sequence_mask_],
+                         ids=["ops.sequence_mask", "ops.sequence_mask_"])
+def test_tensor_value_that_requires_grad_gets_its_gradient(fn):
+    """A one-element tensor ``value`` that requires grad: differentiable in it, as the
+    reference's ``X[~mask] = value`` is (its gradient: the number of masked elements)."""
+    X = torch.randn(3, 4, generator=generator(7))
+    valid_len = torch.tensor([1, 4, 0])
+    value = torch.tensor(0.5, requires_grad=True)
+    out = fn(X.clone(), valid_len, value)
+    (grad,) = torch.autograd.grad(out.sum(), value)
+    ref_value = value.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(reference.sequence_mask(X.clone(), valid_len, ref_value).sum(),
+                                  ref_value)
+    assert grad.item() == want.item() == 7.0
+    torch.testing.assert_close(out, _expected(X, valid_len, 0.5))
+
+
+def test_inplace_wrapper_on_x_that_requires_grad_checks_and_differentiates():
+    """``seq2seq_ext.sequence_mask`` (in place) on an X in a graph (d2l's ``masked_softmax``):
+    the op's own checks, naming the argument, and the reference's result and gradient."""
+    leaf = torch.randn(2, 4, generator=generator(8), requires_grad=True)
+    for bad_len, name in ((torch.tensor([1, 2, 3]), "valid_len"),
+                          (torch.tensor([[1, 2]]), "valid_len")):
+        X = leaf * 1
+        before = X.detach().clone()
+        with pytest.raises(RuntimeError, match=rf"^{name}:"):
+            ops.sequence_mask_(X, bad_len)
+        assert torch.equal(X.detach(), before)
+    with pytest.raises(RuntimeError, match=r"^X: expected at least 2 dimensions"):
+        ops.sequence_mask_(leaf[0] * 1, torch.tensor([1]))
+    valid_len = torch.tensor([1, 3])
+    got = ops.sequence_mask_(leaf * 2, valid_len, -1.0)
+    want = reference.sequence_mask(leaf * 2, valid_len, -1.0)
+    torch.testing.assert_close(got, want)
+    g = torch.randn(2, 4, generator=generator(9))
+    assert torch.equal(torch.autograd.grad(got, leaf, g)[0], torch.autograd.grad(want, leaf, g)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64,
+                                   torch.float8_e5m2, torch.complex32])
+@pytest.mark.parametrize("fn", [MASK, MASK_], ids=["op", "op_"])
+def test_dtypes_without_a_kernel_name_x(dtype, fn):
+    X = torch.zeros(2, 3).to(dtype)
+    with pytest.raises(RuntimeError, match=r"^X: expected a bool, integer"):
+        fn(X, torch.tensor([1, 2]))
