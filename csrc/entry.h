@@ -4,6 +4,7 @@
 // the CPU dispatch key and, in a CUDA build, for the CUDA key.
 #pragma once
 
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 // The kernel of `op` for the device of tensor `on`.
@@ -28,3 +29,12 @@
 #define SEQ2SEQ_EXT_ENTRIES_FOR_DEVICES \
   TORCH_LIBRARY_IMPL(seq2seq_ext, CPU, lib) { seq2seq_ext_register_entries(lib); }
 #endif
+
+// A backward op's Autograd kernel: the op runs below autograd, and differentiating its outputs
+// raises autograd's "the derivative for '<op>' is not implemented" (second derivatives come from
+// the forward op's backward with create_graph=True, which recomputes differentiably). Without
+// one, PyTorch's deprecated fallback warns and gives every input a None gradient.
+#define SEQ2SEQ_EXT_NO_DERIVATIVE(op) \
+  TORCH_LIBRARY_IMPL(seq2seq_ext, Autograd, m) { \
+    m.impl(op, torch::autograd::autogradNotImplementedFallback()); \
+  }

@@ -283,6 +283,8 @@ SEQ2SEQ_EXT_ENTRIES(m) {
   m.impl("gru_layer_backward", &gru_layer_backward);
 }
 
+SEQ2SEQ_EXT_NO_DERIVATIVE("gru_layer_backward")
+
 TORCH_LIBRARY_IMPL(seq2seq_ext, AutocastCPU, m) { m.impl("gru_layer", &gru_layer_autocast_cpu); }
 
 }  // namespace seq2seq_ext

@@ -91,4 +91,6 @@ SEQ2SEQ_EXT_ENTRIES(m) {
   m.impl("masked_softmax_ce_backward", &masked_softmax_ce_backward);
 }
 
+SEQ2SEQ_EXT_NO_DERIVATIVE("masked_softmax_ce_backward")
+
 }  // namespace seq2seq_ext

@@ -10,6 +10,7 @@
 #include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "bf16_products.h"
@@ -466,7 +467,12 @@ TORCH_LIBRARY_IMPL(seq2seq_ext, CPU, m) {
   m.impl("rnn_stack_backward", &rnn_stack_backward_cpu);
 }
 
-TORCH_LIBRARY_IMPL(seq2seq_ext, Autograd, m) { m.impl("rnn_stack", &rnn_stack_autograd); }
+TORCH_LIBRARY_IMPL(seq2seq_ext, Autograd, m) {
+  m.impl("rnn_stack", &rnn_stack_autograd);
+  // differentiating the backward op raises autograd's not-implemented error (entry.h's
+  // SEQ2SEQ_EXT_NO_DERIVATIVE; create_graph on rnn_stack's backward gives second derivatives)
+  m.impl("rnn_stack_backward", torch::autograd::autogradNotImplementedFallback());
+}
 
 TORCH_LIBRARY_IMPL(seq2seq_ext, AutocastCPU, m) { m.impl("rnn_stack", &rnn_stack_autocast_cpu); }
 

@@ -156,6 +156,13 @@ def test_greedy_bad_input_names_argument(device):
                           a["dense_bias"], 1, 2, -3)
 
 
+def test_opcheck_of_an_empty_batch():
+    a = decode_base_args("cpu")
+    del a["token"]
+    torch.library.opcheck(GREEDY, (a["state"][:, :0], a["emb_proj"], a["ctx_proj"][:0],
+                                   a["weights"], a["dense_weight"], a["dense_bias"], 1, 2, 4))
+
+
 def test_greedy_huge_num_steps_names_it():
     a = decode_base_args("cpu")
     del a["token"]

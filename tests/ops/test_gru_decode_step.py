@@ -171,3 +171,10 @@ def test_step_bad_input_names_argument(device):
         with pytest.raises(RuntimeError, match=rf"^{re.escape(name)}\b"):
             STEP(**args)
         assert_unchanged(args, snap)
+
+
+def test_opcheck_of_an_empty_batch():
+    a = decode_base_args("cpu")
+    torch.library.opcheck(STEP, (a["token"][:0], a["state"][:, :0], a["emb_proj"],
+                                 a["ctx_proj"][:0], a["weights"], a["dense_weight"],
+                                 a["dense_bias"]))

@@ -18,8 +18,8 @@ from torch import nn
 
 from seq2seq_ext import ops, reference
 
-from helpers import (GRU_F64_TOL, assert_bf16_close, assert_close_dict, devices, generator,
-                     gru_tol)
+from helpers import (GRU_F64_TOL, NOT_DIFFERENTIATED, assert_bf16_close, assert_close_dict,
+                     devices, generator, gru_tol)
 
 LAYER = torch.ops.seq2seq_ext.gru_layer.default
 LAYER_BACKWARD = torch.ops.seq2seq_ext.gru_layer_backward.default
@@ -519,7 +519,8 @@ def test_create_graph_after_an_in_place_change_raises(name):
     changed = {"b_ih": args[4], "b_hh": args[5], "extra": args[6]}[name]
     with torch.no_grad():
         changed.add_(1.0)
-    with pytest.raises(RuntimeError, match=rf"modified by an inplace operation: gru_layer's {name}"):
+    with pytest.raises(RuntimeError,
+                       match=rf"modified by an inplace operation: gru_layer's {name}"):
         torch.autograd.grad(out.sum(), args[0], create_graph=True)
     # the first-order backward does not read them
     assert torch.autograd.grad(out.sum(), args[0])[0].shape == args[0].shape
@@ -606,6 +607,32 @@ def test_opcheck_gru_layer_backward(device):
                    _normal(h_n.shape, dtype=out.dtype, device=device, seed=140 + i))
         torch.library.opcheck(LAYER_BACKWARD, (grad_out, grad_hn, x, h0, w_ih, w_hh, out,
                                                saved, extra is not None))
+
+
+@pytest.mark.parametrize("steps, batch, in_size", [(0, 2, 3), (3, 0, 3), (3, 2, 0), (1, 1, 3)])
+def test_opcheck_and_gradcheck_at_the_edges(steps, batch, in_size):
+    """No steps, an empty batch, no input features, and a single step of batch 1."""
+    args = _small_layer_args("cpu", with_extra=True, seed=121, steps=steps, batch=batch,
+                             in_size=in_size, hidden=2)
+    torch.library.opcheck(LAYER, tuple(args))
+    if steps * batch * in_size:
+        assert torch.autograd.gradcheck(lambda *a: ops.gru_layer(*a), tuple(args))
+
+
+def test_gru_layer_backward_has_no_derivative_of_its_own():
+    """The backward op on inputs that require grad runs (opcheck's checks but the one that
+    differentiates it), and differentiating its outputs names it, where its kernel's out=
+    products raised before."""
+    args = [None if t is None else t.detach() for t in _opcheck_samples("cpu")[0]]
+    x, h0, w_ih, w_hh, b_ih, b_hh, extra = args
+    out, h_n, saved = LAYER(*args)
+    grad_out = _normal(out.shape, dtype=out.dtype, device="cpu", seed=131).requires_grad_()
+    w_hh = w_hh.clone().requires_grad_()
+    call = (grad_out, None, x, h0, w_ih, w_hh, out, saved, extra is not None)
+    torch.library.opcheck(LAYER_BACKWARD, call, test_utils=NOT_DIFFERENTIATED)
+    grads = LAYER_BACKWARD(*call)
+    with pytest.raises(RuntimeError, match="derivative for .*gru_layer_backward"):
+        torch.autograd.grad(grads[0].sum(), grad_out)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -189,6 +189,13 @@ def _bad_base(device):
                 dense_bias=db.detach().clone())
 
 
+def test_opcheck_of_an_empty_batch():
+    a = _bad_base("cpu")
+    torch.library.opcheck(LSTM_STEP, (a["token"][:0], a["h"][:, :0], a["c"][:, :0],
+                                      a["emb_proj"], a["ctx_proj"][:0], a["weights"],
+                                      a["dense_weight"], a["dense_bias"]))
+
+
 def test_lstm_step_of_an_empty_batch_under_either_backend():
     a = _bad_base("cpu")
     a.update(token=a["token"][:0], h=a["h"][:, :0], c=a["c"][:, :0], ctx_proj=a["ctx_proj"][:0])

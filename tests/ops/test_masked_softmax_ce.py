@@ -12,8 +12,8 @@ from torch import nn
 import seq2seq_ext
 from seq2seq_ext import ops, reference
 
-from helpers import (devices, generator, random_ce_inputs, random_labels, random_logits,
-                     reference_ce)
+from helpers import (NOT_DIFFERENTIATED, devices, generator, random_ce_inputs, random_labels,
+                     random_logits, reference_ce)
 
 CE = torch.ops.seq2seq_ext.masked_softmax_ce
 CE_BACKWARD = torch.ops.seq2seq_ext.masked_softmax_ce_backward
@@ -435,6 +435,43 @@ def test_opcheck_backward(device):
         loss, lse = CE(pred, label, valid_len)
         grad_loss = torch.randn(loss.shape, generator=generator(35)).to(loss)
         torch.library.opcheck(CE_BACKWARD, (grad_loss, pred, label, valid_len, lse))
+
+
+def test_backward_op_has_no_derivative_of_its_own():
+    """The backward op registered for autograd: it runs on inputs that require grad (opcheck's
+    checks but the one that differentiates it), and differentiating its output names it
+    (second derivatives come from the forward's backward with create_graph=True)."""
+    pred, label, valid_len = random_ce_inputs(3, 4, 6, device="cpu", seed=36)
+    loss, lse = CE(pred.detach(), label, valid_len)
+    grad_loss = torch.randn(loss.shape, generator=generator(37)).requires_grad_()
+    pred = pred.detach().requires_grad_()
+    torch.library.opcheck(CE_BACKWARD, (grad_loss, pred, label, valid_len, lse),
+                          test_utils=NOT_DIFFERENTIATED)
+    grad = CE_BACKWARD(grad_loss, pred, label, valid_len, lse)
+    with pytest.raises(RuntimeError, match="derivative for .*masked_softmax_ce_backward"):
+        torch.autograd.grad(grad.sum(), pred)
+
+
+@pytest.mark.parametrize("batch, steps, vocab, lengths", [
+    (1, 1, 4, [1]),          # batch 1, one step
+    (1, 1, 4, [0]),          # nothing kept
+    (3, 2, 5, [7, 2, 0]),    # a length past the sequence
+    (2, 3, 1, [3, 1.5]),     # one class, a fractional length
+])
+def test_gradcheck_at_the_edges(batch, steps, vocab, lengths):
+    pred = random_logits(batch, steps, vocab, dtype=torch.float64, device="cpu", seed=38,
+                         scale=1.0).requires_grad_()
+    label = random_labels(batch, steps, vocab, device="cpu", seed=38)
+    valid_len = torch.tensor(lengths, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda p: ops.masked_softmax_ce(p, label, valid_len), (pred,))
+    torch.library.opcheck(CE, (pred, label, valid_len))
+
+
+def test_opcheck_of_an_empty_batch():
+    # (no steps gives the reference's NaN means, which opcheck's comparisons count as unequal)
+    pred = torch.randn(0, 3, 5, requires_grad=True)
+    torch.library.opcheck(CE, (pred, torch.zeros(0, 3, dtype=torch.long),
+                               torch.zeros(0, dtype=torch.long)))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from seq2seq_ext import ops, reference
 
-from helpers import assert_bf16_close, devices, generator, gru_tol
+from helpers import NOT_DIFFERENTIATED, assert_bf16_close, devices, generator, gru_tol
 
 OP = torch.ops.seq2seq_ext.rnn_stack.default
 BACKWARD = torch.ops.seq2seq_ext.rnn_stack_backward.default
@@ -187,6 +187,35 @@ class TestRnnStack:
         args = make_args(cell, 2, 3, 4, 5, 6, mask=mask, dtype=torch.float32, device=device,
                          seed=11, requires_grad=True)
         torch.library.opcheck(OP, (cell,) + args)
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("steps, batch, bias", [(1, 4, True), (3, 1, True), (0, 2, True),
+                                                    (2, 0, True), (2, 3, False)])
+    def test_opcheck_at_the_edges(self, cell, steps, batch, bias):
+        """A decoder's one-step call, batch 1, no steps, an empty batch, no biases."""
+        args = make_args(cell, 2, steps, batch, 3, 4, bias=bias, mask=True, seed=16,
+                         requires_grad=True)
+        torch.library.opcheck(OP, (cell,) + args)
+
+    @pytest.mark.parametrize("deferred", ["always"], indirect=True)
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_opcheck_of_a_deferring_call(self, deferred, cell):
+        args = make_args(cell, 2, 1, 3, 4, 5, seed=17, requires_grad=True)
+        torch.library.opcheck(OP, (cell,) + args)
+
+    def test_backward_op_has_no_derivative_of_its_own(self):
+        """The backward op on inputs that require grad runs (opcheck's checks but the one that
+        differentiates it), and differentiating its outputs names it (where the deprecated
+        fallback gave None gradients and a warning)."""
+        x, h0, c0, weights, _ = make_args("lstm", 2, 3, 4, 5, 6, seed=15)
+        out, h_n, c_n, saved = OP("lstm", x, h0, c0, weights, None)
+        grad_out = torch.randn(out.shape, generator=generator(3), dtype=out.dtype,
+                               requires_grad=True)
+        call = ("lstm", grad_out, None, None, x, h0, c0, weights, None, saved)
+        torch.library.opcheck(BACKWARD, call, test_utils=NOT_DIFFERENTIATED)
+        grad_x = BACKWARD(*call)[0]
+        with pytest.raises(RuntimeError, match="derivative for .*rnn_stack_backward"):
+            torch.autograd.grad(grad_x.sum(), grad_out)
 
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     def test_opcheck_backward(self, cell):

@@ -334,6 +334,26 @@ def test_gradcheck_out_of_place(device):
     assert torch.autograd.gradcheck(lambda x: ops.sequence_mask(x, valid_len[:3], -2), (Xt,))
 
 
+@pytest.mark.parametrize("shape, lengths", [
+    ((1, 1), [0]),           # batch 1, one step, nothing kept
+    ((1, 1, 3), [1]),        # batch 1, one step, all kept
+    ((3, 4), [9, 0, 4]),     # lengths past the sequence and 0
+    ((2, 5, 2), [2.5, 7]),   # fractional and past the end
+])
+def test_gradcheck_and_gradgradcheck_at_the_edges(shape, lengths):
+    X = torch.randn(shape, dtype=torch.float64, generator=generator(33)).requires_grad_()
+    valid_len = torch.tensor(lengths, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: ops.sequence_mask(x, valid_len, 0.5), (X,))
+    assert torch.autograd.gradgradcheck(lambda x: ops.sequence_mask(x, valid_len, 0.5), (X,))
+    torch.library.opcheck(MASK, (X, valid_len, 0.5))
+
+
+def test_opcheck_of_an_empty_batch():
+    X = torch.randn(0, 4, requires_grad=True)
+    torch.library.opcheck(MASK, (X, torch.zeros(0, dtype=torch.long), 1.0))
+    torch.library.opcheck(MASK_, (X.detach().clone(), torch.zeros(0, dtype=torch.long), 1.0))
+
+
 # ----------------------------------------------------------------------------------------------
 # bad input
 # ----------------------------------------------------------------------------------------------
