@@ -109,43 +109,39 @@ WeightGradSum::WeightGradSum(const at::Tensor& w)
 
 void WeightGradSum::add_rows(at::Tensor a, at::Tensor x, bool shared, at::Tensor a_n) {
   if (!a.defined() || x.size(0) == 0) return;
-  std::lock_guard<std::mutex> lock(mutex_);
-  // rows left by a backward that stopped before this node ran (an error further down its graph)
-  // belong to no gradient: a later backward over a graph that shares the node drops them
   const int task = torch::autograd::get_current_graph_task_id();
-  if (task != task_) {
-    a_.clear();
-    x_.clear();
-    a_n_.clear();
-    shared_ = false;
-    task_ = task;
-  }
-  shared_ = shared_ || shared;
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto rows =
+      std::find_if(rows_.begin(), rows_.end(), [&](const Rows& r) { return r.task == task; });
+  if (rows == rows_.end()) rows = rows_.insert(rows_.end(), Rows{task});
+  rows->shared = rows->shared || shared;
   // every call of a graph hands over the same kind of rows (the same matrices deferred)
-  TORCH_INTERNAL_ASSERT(a_.empty() || a_n.defined() == !a_n_.empty());
-  if (a_n.defined()) a_n_.push_back(std::move(a_n));
-  a_.push_back(std::move(a));
-  x_.push_back(std::move(x));
+  TORCH_INTERNAL_ASSERT(rows->a.empty() || a_n.defined() == !rows->a_n.empty());
+  if (a_n.defined()) rows->a_n.push_back(std::move(a_n));
+  rows->a.push_back(std::move(a));
+  rows->x.push_back(std::move(x));
 }
 
 torch::autograd::variable_list WeightGradSum::apply(torch::autograd::variable_list&& grads) {
-  std::vector<at::Tensor> a, x, a_n;
+  Rows mine;  // the rows this backward handed over (see Rows)
   {
+    const int task = torch::autograd::get_current_graph_task_id();
     std::lock_guard<std::mutex> lock(mutex_);
-    if (task_ == torch::autograd::get_current_graph_task_id()) {  // (see add_rows)
-      a.swap(a_);
-      x.swap(x_);
-      a_n.swap(a_n_);
+    auto rows =
+        std::find_if(rows_.begin(), rows_.end(), [&](const Rows& r) { return r.task == task; });
+    if (rows != rows_.end()) {
+      mine = std::move(*rows);
+      rows_.erase(rows);
     }
-    a_.clear();
-    x_.clear();
-    a_n_.clear();
   }
+  const std::vector<at::Tensor>& a = mine.a;
+  const std::vector<at::Tensor>& x = mine.x;
+  const std::vector<at::Tensor>& a_n = mine.a_n;
   at::Tensor grad;
   if (!a.empty()) {
     const at::Tensor x_all = x.size() == 1 ? x[0].contiguous() : at::cat(x);
     if (a[0].scalar_type() == at::kBFloat16) {
-      const at::Tensor a_t = shared_ ? shared_transpose(a) : transpose_pieces(a);
+      const at::Tensor a_t = mine.shared ? shared_transpose(a) : transpose_pieces(a);
       if (a_n.empty()) {
         grad = at::mm(a_t, x_all);
       } else {  // the GRU's W_hh: its first rows from the A^T shared with W_ih, its n rows its own

@@ -51,10 +51,17 @@ class WeightGradSum : public torch::autograd::Node {
   std::string name() const override { return "RnnStackWeightGradSum"; }
 
  private:
+  // The rows one backward (a graph task) handed over: the node sums those of the backward that
+  // runs it, and leaves those of any other. Backwards over graphs that share the node may run
+  // at once (on two threads) or nested (a reentrant checkpoint's backward inside another), and
+  // one that stops with an error leaves rows that no later backward may take.
+  struct Rows {
+    int task = -1;
+    std::vector<at::Tensor> a, x, a_n;
+    bool shared = false;
+  };
   std::mutex mutex_;
-  std::vector<at::Tensor> a_, x_, a_n_;
-  bool shared_ = false;
-  int task_ = -1;         // the graph task (backward) that handed over the rows held
+  std::vector<Rows> rows_;
   at::ScalarType dtype_;  // the matrix's
 };
 

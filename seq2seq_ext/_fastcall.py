@@ -61,12 +61,13 @@ def any_global_hook():
 
 
 def has_hooks(module):
-    """True when ``module`` has a hook of its own of any kind (forward, forward pre, backward,
-    backward pre), or a global module hook is registered: a fused path that does not call the
-    module would skip them."""
+    """True when calling ``module`` runs more than its class's ``forward``: a hook of its own of
+    any kind (forward, forward pre, backward, backward pre), a ``forward`` set on the instance
+    (what module-wrapping libraries do), or a global module hook. A fused path that does not
+    call the module would skip them."""
     d = module.__dict__
     return bool(d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"]
-                or d["_backward_pre_hooks"] or any_global_hook())
+                or d["_backward_pre_hooks"] or "forward" in d or any_global_hook())
 
 
 def own_forward(module, base_forward):
@@ -127,7 +128,7 @@ def bound_stepper(decoder):
              (dense, "bias", dense["bias"]),
              *((rnn._parameters, name, w) for name, w in zip(rnn._flat_weights_names, weights)))
     decoder.__dict__[STEPPER_ATTR] = (_generation[0], stepper, _hook_dicts(subs), subs[0], bound,
-                                      rnn.__dict__)
+                                      tuple(m.__dict__ for m in subs))
     return stepper
 
 
@@ -145,26 +146,29 @@ def decoder_call(self, *args, **kwargs):
     the stepper and ``nn.Module.__call__`` would do nothing but call ``forward``, else the usual
     call. The tests it makes are that rule's, restated cheaply: weights bound (the stepper
     exists: ``forward`` or ``greedy`` took that path before) and not rebound since, evaluation
-    mode (the decoder's and its recurrent layer's), the chapter's decoder (a GRU with the
-    chapter's context rule; a subclass with its own ``forward`` has the usual ``__call__``, see
-    :func:`ordinary_call_for`; no ``forward`` set on the instance), no hook of any kind
-    on it or on its embedding, GRU and output layer, no ``max_norm`` on the embedding, not
+    mode (the decoder's and its recurrent layer's), the GRU still time-first, the chapter's
+    decoder (a GRU with the chapter's context rule; a subclass with its own ``forward`` has the
+    usual ``__call__``, see :func:`ordinary_call_for`), no hook of any kind and no ``forward``
+    set on the instance of it or of its embedding, GRU and output layer, no ``max_norm`` on the embedding, not
     compiled, the extension backend outside any ``use_backend`` block, no tracing; then the
     stepper's ``try_step`` (C++) checks the token (B, 1), plain CPU tensors, grad mode off and
     no dispatch or function mode, and returns None when any of that fails."""
     attrs = self.__dict__
     cached = attrs.get(STEPPER_ATTR)
-    if (cached is not None and len(args) == 2 and not kwargs and cached[0] == _generation[0]
-            and not attrs["training"] and not cached[5]["training"] and attrs.get("_chapter", True)
-            and "forward" not in attrs
-            and not (attrs["_forward_hooks"] or attrs["_forward_pre_hooks"]
-                     or attrs["_backward_hooks"] or attrs["_backward_pre_hooks"]
-                     or attrs.get("_compiled_call_impl") is not None or any_global_hook()
-                     or any(cached[2]) or cached[3].max_norm is not None)
-            and ops.ext_shortcut_ok() and _still_bound(cached[4])):
-        out = cached[1].try_step(*args)
-        if out is not None:
-            return out
+    if cached is not None and len(args) == 2 and not kwargs and cached[0] == _generation[0]:
+        emb, rnn, dense = cached[5]  # the submodules' attribute dicts
+        if (not attrs["training"] and not rnn["training"] and not rnn["batch_first"]
+                and attrs.get("_chapter", True)
+                and not ("forward" in attrs or "forward" in emb or "forward" in rnn
+                         or "forward" in dense)
+                and not (attrs["_forward_hooks"] or attrs["_forward_pre_hooks"]
+                         or attrs["_backward_hooks"] or attrs["_backward_pre_hooks"]
+                         or attrs.get("_compiled_call_impl") is not None or any_global_hook()
+                         or any(cached[2]) or cached[3].max_norm is not None)
+                and ops.ext_shortcut_ok() and _still_bound(cached[4])):
+            out = cached[1].try_step(*args)
+            if out is not None:
+                return out
     return _module_call(self, *args, **kwargs)
 
 

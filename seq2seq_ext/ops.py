@@ -596,7 +596,8 @@ def _gru_setup_context(ctx, inputs, output):
     ctx.has_extra = extra is not None
     # what only a create_graph backward reads (the recomputed call): the biases and extra
     ctx.recompute_args = (inputs[4], inputs[5], extra)
-    ctx.recompute_versions = tuple(None if t is None else t._version for t in ctx.recompute_args)
+    ctx.recompute_versions = tuple(None if t is None or t.is_inference() else t._version
+                                   for t in ctx.recompute_args)  # (no counter: nothing to test)
     ctx.batch_sizes = inputs[7] if len(inputs) > 7 else None
     # the backward replays a CUDA graph or not as the forward's caller asked: on a GPU it runs
     # on autograd's device thread, which does not see the caller's thread-local use_mode

@@ -415,6 +415,17 @@ def _reference_greedy(ref, X, valid_len, steps):
     return torch.stack(tokens, 1)
 
 
+def test_a_layer_made_batch_first_after_binding_gets_torch_error():
+    """The per-token shortcut re-reads the GRU's ``batch_first``: flipped after the weights
+    were bound, the call is the module's, with ``nn.GRU``'s error for the state."""
+    dec, ref = _pair("gru", bound=True)
+    state = _state("gru")
+    dec.rnn.batch_first = ref.rnn.batch_first = True
+    for m in (dec, ref):
+        with torch.no_grad(), pytest.raises(RuntimeError, match="Expected hidden size"):
+            m(_tokens(1), state)
+
+
 class TestForwardSetOnTheInstance:
     """A ``forward`` set on the decoder instance (what module-wrapping libraries do) runs on
     every call, as ``nn.Module.__call__`` runs it: the per-token shortcut, ``greedy`` and the
@@ -449,6 +460,30 @@ class TestForwardSetOnTheInstance:
             state = net.decoder.init_state(net.encoder(X, valid_len), valid_len)
             got = net.decoder.greedy(state, 1, -1, 4)[0]
         assert torch.equal(got, _reference_greedy(ref, X, valid_len, 4))
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("where", ["decoder.dense", "decoder.rnn", "decoder.embedding",
+                                       "encoder.rnn", "encoder.embedding"])
+    def test_on_a_submodule(self, cell, where):
+        """A ``forward`` set on the recurrent layer, the embedding or the output layer runs
+        too: the fused paths that read their weights step aside for it."""
+        net, ref = _net_pair(cell)
+        X, valid_len = _tokens(5), torch.tensor([5, 3, 1])
+        results = []
+        for m in (net, ref):
+            m.eval()
+            _token_steps(m, X, valid_len)  # bound before the wrapper is set
+            sub = m.get_submodule(where)
+            inner = sub.forward
+            if where.endswith("rnn"):
+                sub.forward = lambda *a, inner=inner: (lambda o: (-o[0], o[1]))(inner(*a))
+            else:
+                sub.forward = lambda *a, inner=inner: -inner(*a)
+            results.append(_token_steps(m, X, valid_len))
+            out, _ = m(X, X, valid_len)  # teacher-forced
+            results[-1] += (out,)
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want)
 
     def test_fit_calls_the_wrapped_forward(self):
         torch.manual_seed(0)

@@ -509,6 +509,18 @@ def test_gradgradcheck_layer(with_extra):
     assert torch.autograd.gradgradcheck(lambda *a: ops.gru_layer(*a), tuple(args))
 
 
+def test_biases_made_in_inference_mode():
+    """Frozen biases that are inference tensors (no version counter) beside weights that
+    require grad: the gradients are the reference's."""
+    args = _small_layer_args("cpu", with_extra=False, seed=107)
+    with torch.inference_mode():
+        args[4], args[5] = args[4].detach().clone(), args[5].detach().clone()
+    out = ops.gru_layer(*args)[0]
+    want = reference.gru_layer(*args)[0]
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), args[2]),
+                               torch.autograd.grad(want.sum(), args[2]))
+
+
 @pytest.mark.parametrize("name", ["b_ih", "b_hh", "extra"])
 def test_create_graph_after_an_in_place_change_raises(name):
     """The biases and ``extra`` are kept without being saved (a first-order backward does not

@@ -925,6 +925,60 @@ class TestRnnStackDeferredGrads:
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
     @pytest.mark.parametrize("deferred", ["always"], indirect=True)
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("nesting", ["reentrant checkpoint", "backward in a backward"])
+    def test_a_nested_backward_keeps_the_outer_rows(self, deferred, cell, nesting):
+        """A backward that runs inside another (a reentrant checkpoint's, or one a custom
+        Function's backward starts) over calls of the same matrices shares their sums with it:
+        each sum takes the rows of the backward that runs it, and leaves the others'."""
+        args = make_args(cell, 2, 6, 2, 3, 4, seed=65, requires_grad=True)
+        x, h0, c0, weights, _ = args
+
+        def steps(h, c, lo, hi, run=ops.rnn_stack):
+            outs = []
+            for t in range(lo, hi):
+                out, h, c_n = run(cell, x[t:t + 1], h, c, weights)
+                c = c_n if cell == "lstm" else None
+                outs.append(out)
+            return torch.cat(outs), h, c
+
+        class Inner(torch.autograd.Function):  # its backward runs a backward of its own
+            @staticmethod
+            def forward(ctx, h):
+                return h.clone()
+
+            @staticmethod
+            def backward(ctx, grad):
+                with torch.enable_grad():
+                    out, _, _ = steps(h0.detach(), None if c0 is None else c0.detach(), 0, 2)
+                    out.square().sum().backward()
+                return grad
+
+        out1, h, c = steps(h0, c0, 0, 2)
+        if nesting == "reentrant checkpoint":
+            def middle(h, *c):
+                out, h, c = steps(h, c[0] if c else None, 2, 4)
+                return (out, h) if c is None else (out, h, c)
+            res = torch.utils.checkpoint.checkpoint(middle, h, *(() if c is None else (c,)),
+                                                    use_reentrant=True)
+            out2, h, c = res[0], res[1], (res[2] if c is not None else None)
+        else:
+            out2, h, c = steps(Inner.apply(h), c, 2, 4)
+        out3, h, _ = steps(h, c, 4, 6)
+        (torch.cat([out1, out2, out3]).square().sum() + h.sum()).backward()
+        got = [w.grad.clone() for w in weights]
+        for w in weights:
+            w.grad = None
+        out, h_n, _ = steps(h0, c0, 0, 6, reference.rnn_stack)
+        (out.square().sum() + h_n.sum()).backward()
+        if nesting == "backward in a backward":  # the inner backward's own gradient, added
+            inner, _, _ = steps(h0.detach(), None if c0 is None else c0.detach(), 0, 2,
+                                reference.rnn_stack)
+            inner.square().sum().backward()
+        for g, w in zip(got, weights):
+            torch.testing.assert_close(g, w.grad, rtol=1e-10, atol=1e-10)
+
+    @pytest.mark.parametrize("deferred", ["always"], indirect=True)
     def test_no_reference_to_the_matrix_is_kept(self, deferred):
         """Once a graph of one-step calls is gone, nothing the deferral keeps refers to the
         matrices: ``torch.utils.swap_tensors`` (what ``.to()`` does under
