@@ -2,6 +2,7 @@
 
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <c10/util/intrusive_ptr.h>
+#include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/variable.h>
 
@@ -107,13 +108,51 @@ bool defers_grad(const at::Tensor& input, bool packed, const at::Tensor& w) {
 WeightGradSum::WeightGradSum(const at::Tensor& w)
     : Node(torch::autograd::collect_next_edges(w)), dtype_(w.scalar_type()) {}
 
+namespace {
+
+// Drops a backward's rows from a sum when the backward ends, however it ends: held by a callback
+// queued on the backward's graph task, whose callbacks die with the task (it ran: the sum took
+// its rows already; it stopped with an error: they would stay as long as the sum does, which a
+// later graph over the same, unchanged matrices may keep alive, a failed backward after another).
+struct RowsReaper {
+  RowsReaper(WeightGradSum* node, int task)
+      : sum(c10::intrusive_ptr<torch::autograd::Node>::unsafe_reclaim_from_nonowning(node)),
+        task(task) {}
+  RowsReaper(const RowsReaper&) = delete;
+  RowsReaper& operator=(const RowsReaper&) = delete;
+  c10::weak_intrusive_ptr<torch::autograd::Node> sum;
+  int task;
+  ~RowsReaper() {
+    if (auto node = sum.lock()) static_cast<WeightGradSum*>(node.get())->drop_rows(task);
+  }
+};
+
+}  // namespace
+
+void WeightGradSum::drop_rows(int task) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  rows_.erase(
+      std::remove_if(rows_.begin(), rows_.end(), [&](const Rows& r) { return r.task == task; }),
+      rows_.end());
+}
+
 void WeightGradSum::add_rows(at::Tensor a, at::Tensor x, bool shared, at::Tensor a_n) {
   if (!a.defined() || x.size(0) == 0) return;
   const int task = torch::autograd::get_current_graph_task_id();
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::unique_lock<std::mutex> lock(mutex_);
   auto rows =
       std::find_if(rows_.begin(), rows_.end(), [&](const Rows& r) { return r.task == task; });
-  if (rows == rows_.end()) rows = rows_.insert(rows_.end(), Rows{task});
+  if (rows == rows_.end()) {
+    rows = rows_.insert(rows_.end(), Rows{task});
+    if (task >= 0) {  // (a backward of the engine's: always, for the calls that defer)
+      lock.unlock();
+      auto reaper = std::make_shared<RowsReaper>(this, task);
+      torch::autograd::Engine::get_default_engine().queue_callback([reaper] {});
+      lock.lock();
+      rows = std::find_if(rows_.begin(), rows_.end(),
+                          [&](const Rows& r) { return r.task == task; });
+    }
+  }
   rows->shared = rows->shared || shared;
   // every call of a graph hands over the same kind of rows (the same matrices deferred)
   TORCH_INTERNAL_ASSERT(rows->a.empty() || a_n.defined() == !rows->a_n.empty());

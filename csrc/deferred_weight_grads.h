@@ -47,6 +47,8 @@ class WeightGradSum : public torch::autograd::Node {
   // or the GRU's), so the two lay out a^T once between them. a_n (bf16, the GRU's W_hh): the
   // matrix's own last columns of A, whose first ones are those of the shared a.
   void add_rows(at::Tensor a, at::Tensor x, bool shared = false, at::Tensor a_n = {});
+  // Forgets the rows a backward (graph task) handed over, if the node has not taken them.
+  void drop_rows(int task);
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override;
   std::string name() const override { return "RnnStackWeightGradSum"; }
 
@@ -54,7 +56,8 @@ class WeightGradSum : public torch::autograd::Node {
   // The rows one backward (a graph task) handed over: the node sums those of the backward that
   // runs it, and leaves those of any other. Backwards over graphs that share the node may run
   // at once (on two threads) or nested (a reentrant checkpoint's backward inside another), and
-  // one that stops with an error leaves rows that no later backward may take.
+  // one that stops with an error leaves rows that no later backward may take: they are dropped
+  // when that backward's graph task ends (add_rows queues a callback that does it).
   struct Rows {
     int task = -1;
     std::vector<at::Tensor> a, x, a_n;

@@ -612,7 +612,7 @@ def _check_unchanged(names, tensors, versions):
     would recompute from is gone (the forward kept these without saving them, as only a
     create_graph backward reads them)."""
     for name, t, version in zip(names, tensors, versions):
-        if t is not None and t._version != version:
+        if t is not None and version is not None and t._version != version:
             raise RuntimeError(
                 f"one of the variables needed for gradient computation has been modified by an "
                 f"inplace operation: gru_layer's {name} is at version {t._version}; expected "
