@@ -670,6 +670,7 @@ def build_parser():
         # also accepted after the command; SUPPRESS keeps the top level's value otherwise
         p.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
                        help=_DEBUG_HELP)
+    parser.commands = sub.choices  # (main: a command's parser reports its unknown arguments)
     return parser
 
 
@@ -683,7 +684,9 @@ _IN_PROCESS_GROUP = [False]
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # after the command's usage lines, as a bad value of one of its options is
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args, argv)
     except KeyboardInterrupt:

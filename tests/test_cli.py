@@ -546,6 +546,21 @@ def test_options_out_of_range_are_usage_errors(args, flag, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize('args, unknown', [
+    (['train', '--foo'], '--foo'),
+    (['translate', '--checkpoint', 'c.pt', '--beams', '2', 'x'], '--beams'),
+    (['evaluate', '--checkpoint', 'c.pt', 'extra'], 'extra'),
+])
+def test_unknown_arguments_are_the_commands_usage_errors(args, unknown, tmp_path, monkeypatch,
+                                                         capsys):
+    """Reported by the command's parser, after its usage lines, as a bad value is."""
+    monkeypatch.chdir(tmp_path)
+    status, out, err = _main(args, capsys)
+    assert status == 2 and err.startswith(f'usage: seq2seq-ext {args[0]}'), err
+    assert f'seq2seq-ext {args[0]}: error: unrecognized arguments: {unknown}\n' in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_plot_replaces_only_a_loss_curve(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     other = tmp_path / 'other.pt'
