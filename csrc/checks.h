@@ -59,7 +59,8 @@ inline void check_index_dtype(const at::Tensor& t, const char* name) {
 inline void check_floating(const at::Tensor& t, const char* name) {
   const auto s = t.scalar_type();
   TORCH_CHECK(s == at::kDouble || s == at::kFloat || s == at::kHalf || s == at::kBFloat16, name,
-              ": expected a floating-point tensor (float64, float32, float16 or bfloat16), got ", s);
+              ": expected a floating-point tensor (float64, float32, float16 or bfloat16), got ",
+              s);
 }
 
 // An optional incoming gradient of a backward op: undefined, or a real floating tensor of

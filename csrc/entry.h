@@ -34,7 +34,7 @@
 // raises autograd's "the derivative for '<op>' is not implemented" (second derivatives come from
 // the forward op's backward with create_graph=True, which recomputes differentiably). Without
 // one, PyTorch's deprecated fallback warns and gives every input a None gradient.
-#define SEQ2SEQ_EXT_NO_DERIVATIVE(op) \
-  TORCH_LIBRARY_IMPL(seq2seq_ext, Autograd, m) { \
-    m.impl(op, torch::autograd::autogradNotImplementedFallback()); \
+#define SEQ2SEQ_EXT_NO_DERIVATIVE(op)                                  \
+  TORCH_LIBRARY_IMPL(seq2seq_ext, Autograd, m) {                       \
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());     \
   }

@@ -485,23 +485,25 @@ class TestForwardSetOnTheInstance:
         for got, want in zip(*results):
             torch.testing.assert_close(got, want)
 
-    def test_fit_calls_the_wrapped_forward(self):
+    @staticmethod
+    def _numbers_net():
+        """(a model for the numbers corpus, its batches, its target vocabulary)."""
         torch.manual_seed(0)
         train_iter, src_vocab, tgt_vocab = seq2seq_ext.load_data_numbers(8, 6)[:3]
         net = seq2seq_ext.EncoderDecoder(
             seq2seq_ext.Seq2SeqEncoder(len(src_vocab), EMBED, HIDDEN, LAYERS),
             seq2seq_ext.Seq2SeqDecoder(len(tgt_vocab), EMBED, HIDDEN, LAYERS))
+        return net, train_iter, tgt_vocab
+
+    def test_fit_calls_the_wrapped_forward(self):
+        net, train_iter, tgt_vocab = self._numbers_net()
         calls = []
         self._wrap(net, calls)
         fit(net, train_iter, 0.005, 1, tgt_vocab, "cpu", plot=False)
         assert calls and all(steps > 1 for steps in calls)  # the whole target, every batch
 
     def test_fit_calls_a_forward_set_on_the_model(self):
-        torch.manual_seed(0)
-        train_iter, src_vocab, tgt_vocab = seq2seq_ext.load_data_numbers(8, 6)[:3]
-        net = seq2seq_ext.EncoderDecoder(
-            seq2seq_ext.Seq2SeqEncoder(len(src_vocab), EMBED, HIDDEN, LAYERS),
-            seq2seq_ext.Seq2SeqDecoder(len(tgt_vocab), EMBED, HIDDEN, LAYERS))
+        net, train_iter, tgt_vocab = self._numbers_net()
         inner, calls = net.forward, []
 
         def forward(*args):
