@@ -130,10 +130,14 @@ struct RowsReaper {
 }  // namespace
 
 void WeightGradSum::drop_rows(int task) {
+  Rows dropped;  // freed after the lock is released, as apply frees the rows it takes
   std::lock_guard<std::mutex> lock(mutex_);
-  rows_.erase(
-      std::remove_if(rows_.begin(), rows_.end(), [&](const Rows& r) { return r.task == task; }),
-      rows_.end());
+  auto rows =
+      std::find_if(rows_.begin(), rows_.end(), [&](const Rows& r) { return r.task == task; });
+  if (rows != rows_.end()) {
+    dropped = std::move(*rows);
+    rows_.erase(rows);
+  }
 }
 
 void WeightGradSum::add_rows(at::Tensor a, at::Tensor x, bool shared, at::Tensor a_n) {

@@ -685,8 +685,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown:  # after the command's usage lines, as a bad value of one of its options is
-        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # reported by the parser of the part they stand in: the command's, or before it
+        before = argv[:argv.index(args.command)]
+        reporter = parser if any(a in before for a in unknown) else parser.commands[args.command]
+        reporter.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args, argv)
     except KeyboardInterrupt:

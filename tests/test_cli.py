@@ -546,18 +546,21 @@ def test_options_out_of_range_are_usage_errors(args, flag, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize('args, unknown', [
-    (['train', '--foo'], '--foo'),
-    (['translate', '--checkpoint', 'c.pt', '--beams', '2', 'x'], '--beams'),
-    (['evaluate', '--checkpoint', 'c.pt', 'extra'], 'extra'),
+@pytest.mark.parametrize('args, unknown, prog', [
+    (['train', '--foo'], '--foo', 'seq2seq-ext train'),
+    (['translate', '--checkpoint', 'c.pt', '--beams', '2', 'x'], '--beams',
+     'seq2seq-ext translate'),
+    (['evaluate', '--checkpoint', 'c.pt', 'extra'], 'extra', 'seq2seq-ext evaluate'),
+    (['--epochs=3', 'train'], '--epochs=3', 'seq2seq-ext'),  # before the command: the program's
 ])
-def test_unknown_arguments_are_the_commands_usage_errors(args, unknown, tmp_path, monkeypatch,
-                                                         capsys):
-    """Reported by the command's parser, after its usage lines, as a bad value is."""
+def test_unknown_arguments_are_usage_errors_of_their_part(args, unknown, prog, tmp_path,
+                                                          monkeypatch, capsys):
+    """Reported by the command's parser, after its usage lines, as a bad value is; before the
+    command, by the program's."""
     monkeypatch.chdir(tmp_path)
     status, out, err = _main(args, capsys)
-    assert status == 2 and err.startswith(f'usage: seq2seq-ext {args[0]}'), err
-    assert f'seq2seq-ext {args[0]}: error: unrecognized arguments: {unknown}\n' in err, err
+    assert status == 2 and err.startswith(f'usage: {prog} '), err
+    assert f'{prog}: error: unrecognized arguments: {unknown}\n' in err, err
     assert list(tmp_path.iterdir()) == []
 
 
