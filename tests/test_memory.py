@@ -128,46 +128,6 @@ def test_op_calls_keep_memory_flat():
     assert growth < bound, f"resident memory grew by {growth / MIB:.1f} MiB"
 
 
-def test_backwards_that_stop_leave_no_rows_behind():
-    """A loop that skips a batch whose backward raises (a check in a hook) keeps the previous
-    graph alive while the next forward runs, so the deferred sums of the one-step calls are the
-    same from batch to batch (no optimizer step changed the matrices); the rows each stopped
-    backward handed over are dropped when it ends. 100 such batches: resident memory grows by
-    less than 16 MiB, where keeping their rows would cost about 220 MiB."""
-    torch.manual_seed(0)
-    hidden, batch, steps = 256, 64, 10  # W_ih and W_hh (768, 256): deferred by default
-    gru = seq2seq_ext.nn.GRU(hidden, hidden)
-    x = torch.randn(steps, batch, hidden)
-
-    class BadBatch(Exception):
-        pass
-
-    def stop(grad):
-        raise BadBatch()
-
-    def batch_loss():
-        h, outs = torch.zeros(1, batch, hidden), []
-        for t in range(steps):
-            out, h = gru(x[t:t + 1], h)
-            if t == steps // 2:
-                out.register_hook(stop)  # the backward stops half way through the steps
-            outs.append(out)
-        return torch.cat(outs).square().mean()
-
-    loss = None
-
-    def step(i):
-        nonlocal loss
-        loss = batch_loss()  # the previous batch's graph alive until here
-        with pytest.raises(BadBatch):
-            loss.backward()
-        gru.zero_grad()
-
-    assert ops.deferred_grads() == "auto"
-    growth = _growth(step, warmup=10, iterations=100)
-    assert growth < 16 * MIB, f"resident memory grew by {growth / MIB:.1f} MiB"
-
-
 # ----------------------------------------------------------------------------------------------
 # decoding and training
 # ----------------------------------------------------------------------------------------------
@@ -243,3 +203,47 @@ def test_long_runs_keep_memory_flat():
     assert growth < 4 * MIB, f"decoding: resident memory grew by {growth / MIB:.1f} MiB"
     growth, _ = _training_growth(100, warmup=5)
     assert growth < 4 * MIB, f"training: resident memory grew by {growth / MIB:.1f} MiB"
+
+
+# ----------------------------------------------------------------------------------------------
+# deferred weight gradients (last: its large graphs must not shape the heap the others measure)
+# ----------------------------------------------------------------------------------------------
+
+def test_backwards_that_stop_leave_no_rows_behind():
+    """A loop that skips a batch whose backward raises (a check in a hook) keeps the previous
+    graph alive while the next forward runs, so the deferred sums of the one-step calls are the
+    same from batch to batch (no optimizer step changed the matrices); the rows each stopped
+    backward handed over are dropped when it ends. 100 such batches: resident memory grows by
+    less than 16 MiB, where keeping their rows would cost about 220 MiB."""
+    torch.manual_seed(0)
+    hidden, batch, steps = 256, 64, 10  # W_ih and W_hh (768, 256): deferred by default
+    gru = seq2seq_ext.nn.GRU(hidden, hidden)
+    x = torch.randn(steps, batch, hidden)
+
+    class BadBatch(Exception):
+        pass
+
+    def stop(grad):
+        raise BadBatch()
+
+    def batch_loss():
+        h, outs = torch.zeros(1, batch, hidden), []
+        for t in range(steps):
+            out, h = gru(x[t:t + 1], h)
+            if t == steps // 2:
+                out.register_hook(stop)  # the backward stops half way through the steps
+            outs.append(out)
+        return torch.cat(outs).square().mean()
+
+    loss = None
+
+    def step(i):
+        nonlocal loss
+        loss = batch_loss()  # the previous batch's graph alive until here
+        with pytest.raises(BadBatch):
+            loss.backward()
+        gru.zero_grad()
+
+    assert ops.deferred_grads() == "auto"
+    growth = _growth(step, warmup=10, iterations=100)
+    assert growth < 16 * MIB, f"resident memory grew by {growth / MIB:.1f} MiB"
