@@ -4,13 +4,20 @@ memory by less than a stated bound once warmed up.
 
 Resident memory is read from ``/proc/self/status`` (``VmRSS``; Linux only, the tests skip
 elsewhere). Before each reading the garbage collector runs and glibc is asked to return freed
-memory to the system, so that only memory still referenced (a leak) counts. Each test also checks
-that a leak of what one call allocates would exceed its bound (the bound is not vacuous).
+memory to the system, so that only memory still referenced (a leak) counts. Each measurement runs
+in a new interpreter with one thread (``_in_a_new_process``): in the test session's own process
+the heap that earlier tests left behind (freed blocks glibc keeps, arenas it grows) moves the
+resident set by several MiB, a leak or not. Each test also checks that a leak of what one call
+allocates would exceed its bound (the bound is not vacuous).
 """
 import ctypes
 import ctypes.util
 import gc
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +32,23 @@ pytestmark = [pytest.mark.skipif(not os.path.exists(STATUS),
                                  reason="resident memory is read from /proc/self/status (Linux)"),
               pytest.mark.usefixtures("one_thread")]
 MIB = 1 << 20
+HERE = Path(__file__).resolve().parent
+
+
+def _in_a_new_process(name, *args, timeout=900):
+    """``name(*args)``, a function of this file, run in a new interpreter with one torch thread;
+    returns its result (through JSON)."""
+    code = ("import json, sys, torch\n"
+            "torch.set_num_threads(1)\n"
+            "sys.path.insert(0, sys.argv[1])\n"
+            "import test_memory\n"
+            "result = getattr(test_memory, sys.argv[2])(*json.loads(sys.argv[3]))\n"
+            "print(json.dumps(result))\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", code, str(HERE), name, json.dumps(args)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    assert done.returncode == 0, f"{name} failed in its process:\n{done.stderr}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _libc():
@@ -118,13 +142,18 @@ def _op_workload(seed=0):
     return step, per_call
 
 
+def _op_growth(iterations):
+    """(growth over ``iterations`` calls of every op after 50, the output bytes per call)."""
+    step, per_call = _op_workload()
+    return _growth(step, warmup=50, iterations=iterations), per_call
+
+
 def test_op_calls_keep_memory_flat():
     """1,000 calls of every op, forward and backward, after a warm-up: resident memory grows by
     less than 4 MiB, where keeping one call's outputs alive would cost about 200 MiB."""
-    step, per_call = _op_workload()
     iterations, bound = 1000, 4 * MIB
+    growth, per_call = _in_a_new_process("_op_growth", iterations)
     assert per_call * iterations > 10 * bound
-    growth = _growth(step, warmup=50, iterations=iterations)
     assert growth < bound, f"resident memory grew by {growth / MIB:.1f} MiB"
 
 
@@ -165,7 +194,7 @@ def test_decoding_100k_sentences_keeps_memory_flat():
     """predict_seq2seq_batch over 100,000 sentences: under 4 MiB of growth after the first
     5,000, where one chunk's leaked outputs would add up to over 30 MiB."""
     bound = 4 * MIB
-    growth, per_chunk, decoded = _decode_growth(100_000)
+    growth, per_chunk, decoded = _in_a_new_process("_decode_growth", 100_000)
     assert decoded == 100_000
     assert per_chunk * (100 - 5) > 5 * bound
     assert growth < bound, f"resident memory grew by {growth / MIB:.1f} MiB"
@@ -190,7 +219,7 @@ def test_training_epochs_keep_memory_flat():
     """10 epochs of fit: under 4 MiB of growth after the third, where keeping each batch's
     logits (64 x 10 x vocab floats) alive would exceed it."""
     bound = 4 * MIB
-    growth, logits_per_epoch = _training_growth(10)
+    growth, logits_per_epoch = _in_a_new_process("_training_growth", 10)
     assert logits_per_epoch * 7 > bound
     assert growth < bound, f"resident memory grew by {growth / MIB:.1f} MiB"
 
@@ -198,23 +227,19 @@ def test_training_epochs_keep_memory_flat():
 @pytest.mark.slow
 def test_long_runs_keep_memory_flat():
     """The long version: 1,000,000 decoded sentences and 100 epochs, with the same bounds."""
-    growth, _, decoded = _decode_growth(1_000_000, warmup_chunks=20)
+    growth, _, decoded = _in_a_new_process("_decode_growth", 1_000_000, 1000, 20, timeout=3600)
     assert decoded == 1_000_000
     assert growth < 4 * MIB, f"decoding: resident memory grew by {growth / MIB:.1f} MiB"
-    growth, _ = _training_growth(100, warmup=5)
+    growth, _ = _in_a_new_process("_training_growth", 100, 5, timeout=3600)
     assert growth < 4 * MIB, f"training: resident memory grew by {growth / MIB:.1f} MiB"
 
 
 # ----------------------------------------------------------------------------------------------
-# deferred weight gradients (last: its large graphs must not shape the heap the others measure)
+# deferred weight gradients
 # ----------------------------------------------------------------------------------------------
 
-def test_backwards_that_stop_leave_no_rows_behind():
-    """A loop that skips a batch whose backward raises (a check in a hook) keeps the previous
-    graph alive while the next forward runs, so the deferred sums of the one-step calls are the
-    same from batch to batch (no optimizer step changed the matrices); the rows each stopped
-    backward handed over are dropped when it ends. 100 such batches: resident memory grows by
-    less than 16 MiB, where keeping their rows would cost about 220 MiB."""
+def _stopped_backwards_growth(iterations):
+    """Growth over ``iterations`` batches whose backward stops (after 10 such batches)."""
     torch.manual_seed(0)
     hidden, batch, steps = 256, 64, 10  # W_ih and W_hh (768, 256): deferred by default
     gru = seq2seq_ext.nn.GRU(hidden, hidden)
@@ -245,5 +270,14 @@ def test_backwards_that_stop_leave_no_rows_behind():
         gru.zero_grad()
 
     assert ops.deferred_grads() == "auto"
-    growth = _growth(step, warmup=10, iterations=100)
+    return _growth(step, warmup=10, iterations=iterations)
+
+
+def test_backwards_that_stop_leave_no_rows_behind():
+    """A loop that skips a batch whose backward raises (a check in a hook) keeps the previous
+    graph alive while the next forward runs, so the deferred sums of the one-step calls are the
+    same from batch to batch (no optimizer step changed the matrices); the rows each stopped
+    backward handed over are dropped when it ends. 100 such batches: resident memory grows by
+    less than 16 MiB, where keeping their rows would cost about 220 MiB."""
+    growth = _in_a_new_process("_stopped_backwards_growth", 100)
     assert growth < 16 * MIB, f"resident memory grew by {growth / MIB:.1f} MiB"
