@@ -129,23 +129,30 @@ struct RowsReaper {
 
 }  // namespace
 
-void WeightGradSum::drop_rows(int task) {
-  Rows dropped;  // freed after the lock is released, as apply frees the rows it takes
+std::vector<WeightGradSum::Rows>::iterator WeightGradSum::find_rows(int task) {
+  return std::find_if(rows_.begin(), rows_.end(), [&](const Rows& r) { return r.task == task; });
+}
+
+WeightGradSum::Rows WeightGradSum::take_rows(int task) {
+  Rows taken;
   std::lock_guard<std::mutex> lock(mutex_);
-  auto rows =
-      std::find_if(rows_.begin(), rows_.end(), [&](const Rows& r) { return r.task == task; });
+  auto rows = find_rows(task);
   if (rows != rows_.end()) {
-    dropped = std::move(*rows);
+    taken = std::move(*rows);
     rows_.erase(rows);
   }
+  return taken;
+}
+
+void WeightGradSum::drop_rows(int task) {
+  take_rows(task);  // the rows are freed here, after the lock is released
 }
 
 void WeightGradSum::add_rows(at::Tensor a, at::Tensor x, bool shared, at::Tensor a_n) {
   if (!a.defined() || x.size(0) == 0) return;
   const int task = torch::autograd::get_current_graph_task_id();
   std::unique_lock<std::mutex> lock(mutex_);
-  auto rows =
-      std::find_if(rows_.begin(), rows_.end(), [&](const Rows& r) { return r.task == task; });
+  auto rows = find_rows(task);
   if (rows == rows_.end()) {
     rows = rows_.insert(rows_.end(), Rows{task});
     if (task >= 0) {  // (a backward of the engine's: always, for the calls that defer)
@@ -153,8 +160,7 @@ void WeightGradSum::add_rows(at::Tensor a, at::Tensor x, bool shared, at::Tensor
       auto reaper = std::make_shared<RowsReaper>(this, task);
       torch::autograd::Engine::get_default_engine().queue_callback([reaper] {});
       lock.lock();
-      rows = std::find_if(rows_.begin(), rows_.end(),
-                          [&](const Rows& r) { return r.task == task; });
+      rows = find_rows(task);
     }
   }
   rows->shared = rows->shared || shared;
@@ -166,17 +172,8 @@ void WeightGradSum::add_rows(at::Tensor a, at::Tensor x, bool shared, at::Tensor
 }
 
 torch::autograd::variable_list WeightGradSum::apply(torch::autograd::variable_list&& grads) {
-  Rows mine;  // the rows this backward handed over (see Rows)
-  {
-    const int task = torch::autograd::get_current_graph_task_id();
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto rows =
-        std::find_if(rows_.begin(), rows_.end(), [&](const Rows& r) { return r.task == task; });
-    if (rows != rows_.end()) {
-      mine = std::move(*rows);
-      rows_.erase(rows);
-    }
-  }
+  // the rows this backward handed over (see Rows)
+  const Rows mine = take_rows(torch::autograd::get_current_graph_task_id());
   const std::vector<at::Tensor>& a = mine.a;
   const std::vector<at::Tensor>& x = mine.x;
   const std::vector<at::Tensor>& a_n = mine.a_n;

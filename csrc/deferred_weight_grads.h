@@ -63,6 +63,10 @@ class WeightGradSum : public torch::autograd::Node {
     std::vector<at::Tensor> a, x, a_n;
     bool shared = false;
   };
+  // The rows of a task (rows_.end() if none); the caller holds mutex_.
+  std::vector<Rows>::iterator find_rows(int task);
+  // Moves the rows of a task out (empty if none), under the lock; the caller frees them after.
+  Rows take_rows(int task);
   std::mutex mutex_;
   std::vector<Rows> rows_;
   at::ScalarType dtype_;  // the matrix's
