@@ -277,8 +277,13 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [output, h_n, c_n, saved] =
         stack_op().call(cell, input, h0, c0, weights, mask, batch_sizes);
+    // saved is kept through a detached alias (the same data and version counter), not as an
+    // output of this node: torch.utils.checkpoint's non-reentrant recomputation stops by raising
+    // from the pack hook while the context is saving, which leaves the context holding what it
+    // was given; an output there refers back to this node (its grad_fn), a cycle that nothing
+    // frees, so every checkpointed call's recomputed graph leaked
     std::vector<at::Tensor> keep{input, h0, c0.value_or(at::Tensor()), mask.value_or(at::Tensor()),
-                                 saved};
+                                 saved.detach()};
     keep.insert(keep.end(), weights.begin(), weights.end());
     ctx->save_for_backward(keep);
     ctx->saved_data["cell"] = cell;

@@ -455,6 +455,36 @@ class TestModuleSemantics:
             ops.set_deferred_grads(before)
 
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("reentrant", [False, True])
+    def test_activation_checkpointing(self, cell, reentrant, op_calls):
+        # torch.utils.checkpoint recomputes the calls in the backward (the non-reentrant kind
+        # stops recomputing by raising from its pack hook): one-step calls with deferred weight
+        # gradients, and a call over the sequence
+        before = ops.deferred_grads()
+        ops.set_deferred_grads("always")
+        try:
+            ref, new = pair(cell, 5, 7, 2)
+            x = torch.randn(4, 3, 5, dtype=torch.float64, generator=generator(9))
+            results = []
+            for m in (ref, new):
+                xx = x.clone().requires_grad_()
+
+                def loop(xx):
+                    state, outs = None, []
+                    for t in range(xx.shape[0]):
+                        out, state = m(xx[t:t + 1], state)
+                        outs.append(out)
+                    return torch.cat(outs) * m(xx)[0]
+
+                y = torch.utils.checkpoint.checkpoint(loop, xx, use_reentrant=reentrant)
+                y.pow(2).sum().backward()  # (the reentrant kind takes no autograd.grad)
+                results.append([xx.grad, *(p.grad for p in m.parameters())])
+            assert op_calls.count(cell) == 2 * 5  # forward and recomputation: 4 steps and 1
+            torch.testing.assert_close(results[1], results[0])
+        finally:
+            ops.set_deferred_grads(before)
+
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
     def test_traced_module_takes_any_batch(self, cell):
         ref, new = pair(cell, 3, 4, 2, dtype=torch.float32)
         traced = torch.jit.trace(new, torch.randn(5, 2, 3))
