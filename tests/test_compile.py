@@ -370,3 +370,26 @@ def test_training_keeps_the_batch_size_dynamic(make):
             torch.testing.assert_close(x.grad, want)
         assert counters["stats"]["unique_graphs"] == graphs
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_export_of_drop_in_layers_and_package_models(cell):
+    """torch.export of a drop-in layer records PyTorch's own layer (as torch.jit.trace does), and
+    of a package model its registered ops or PyTorch's; the exported programs give the eager
+    results on new inputs of the traced shapes."""
+    torch.manual_seed(0)
+    layer = (d2l.nn.GRU if cell == "gru" else d2l.nn.LSTM)(5, 7, 2, batch_first=True).eval()
+    x = torch.randn(3, 4, 5)
+    program = torch.export.export(layer, (x,))
+    targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    assert (torch.ops.aten.gru.input if cell == "gru" else torch.ops.aten.lstm.input) in targets
+    x = torch.randn(3, 4, 5)
+    torch.testing.assert_close(program.module()(x), layer(x))
+
+    net = d2l.EncoderDecoder(d2l.Seq2SeqEncoder(11, 6, 8, 2, cell=cell),
+                             d2l.Seq2SeqDecoder(13, 6, 8, 2, cell=cell)).eval()
+    X, dec_input, X_valid_len = _batch()[:3]
+    program = torch.export.export(net, (X, dec_input, X_valid_len))
+    X, dec_input, X_valid_len = _batch(seed=2)[:3]
+    torch.testing.assert_close(program.module()(X, dec_input, X_valid_len),
+                               net(X, dec_input, X_valid_len))
