@@ -150,10 +150,9 @@ def decoder_call(self, *args, **kwargs):
     decoder (a GRU with the chapter's context rule; a subclass with its own ``forward`` has the
     usual ``__call__``, see :func:`ordinary_call_for`), no hook of any kind and no ``forward``
     set on the instance of it or of its embedding, GRU and output layer, no ``max_norm`` on the
-    embedding, not
-    compiled, the extension backend outside any ``use_backend`` block, no tracing; then the
-    stepper's ``try_step`` (C++) checks the token (B, 1), plain CPU tensors, grad mode off and
-    no dispatch or function mode, and returns None when any of that fails."""
+    embedding, not compiled, the extension backend outside any ``use_backend`` block, no
+    tracing; then the stepper's ``try_step`` (C++) checks the token (B, 1), plain CPU tensors,
+    grad mode off and no dispatch or function mode, and returns None when any of that fails."""
     attrs = self.__dict__
     cached = attrs.get(STEPPER_ATTR)
     if cached is not None and len(args) == 2 and not kwargs and cached[0] == _generation[0]:

@@ -28,9 +28,8 @@ from seq2seq_ext.data import english_number, load_data_numbers
 from seq2seq_ext.training import fit
 
 STATUS = "/proc/self/status"
-pytestmark = [pytest.mark.skipif(not os.path.exists(STATUS),
-                                 reason="resident memory is read from /proc/self/status (Linux)"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.skipif(not os.path.exists(STATUS),
+                                reason="resident memory is read from /proc/self/status (Linux)")
 MIB = 1 << 20
 HERE = Path(__file__).resolve().parent
 

@@ -390,27 +390,22 @@ class TestModuleSemantics:
         for a, b in zip(ref.parameters(), new.parameters()):
             torch.testing.assert_close(b.grad, a.grad)
 
-    @pytest.mark.parametrize("deferred", ["auto", "always"])
+    @pytest.mark.parametrize("deferred", ["auto", "always"], indirect=True)
     def test_data_assigned_while_a_graph_is_alive(self, deferred):
         # a one-step call's large matrices run through aliases cached while a graph holds them
         # (deferred_weight_grads.h); `.data =` changes neither the tensor nor its version
-        before = ops.deferred_grads()
-        ops.set_deferred_grads(deferred)
-        try:
-            ref, new = pair("gru", 160, 160)
-            x = torch.randn(1, 2, 160, dtype=torch.float64, generator=generator(5))
-            keep = [m(x)[0] for m in (ref, new)]
-            w = torch.randn(480, 160, dtype=torch.float64, generator=generator(6))
-            for m in (ref, new):
-                m.weight_hh_l0.data = w.clone()
-                m.weight_ih_l0.data = w.clone()
-            torch.testing.assert_close(new(x)[0], ref(x)[0])
-            for m in (ref, new):  # another dtype the same way (Module.double())
-                m.double().float()
-            torch.testing.assert_close(new(x.float())[0], ref(x.float())[0])
-            del keep
-        finally:
-            ops.set_deferred_grads(before)
+        ref, new = pair("gru", 160, 160)
+        x = torch.randn(1, 2, 160, dtype=torch.float64, generator=generator(5))
+        keep = [m(x)[0] for m in (ref, new)]
+        w = torch.randn(480, 160, dtype=torch.float64, generator=generator(6))
+        for m in (ref, new):
+            m.weight_hh_l0.data = w.clone()
+            m.weight_ih_l0.data = w.clone()
+        torch.testing.assert_close(new(x)[0], ref(x)[0])
+        for m in (ref, new):  # another dtype the same way (Module.double())
+            m.double().float()
+        torch.testing.assert_close(new(x.float())[0], ref(x.float())[0])
+        del keep
 
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     @pytest.mark.parametrize("hidden, steps, batch", [(4, 3, 2), (40, 5, 3), (160, 1, 2)])
@@ -431,58 +426,50 @@ class TestModuleSemantics:
         assert op_calls == [cell]
         torch.testing.assert_close(results[1], results[0])
 
-    def test_double_backward_of_one_step_calls_with_deferred_grads(self, op_calls):
+    @pytest.mark.parametrize("deferred", ["always"], indirect=True)
+    def test_double_backward_of_one_step_calls_with_deferred_grads(self, deferred, op_calls):
         # a decoder's loop of one-step calls: the matrices' aliases pass the create_graph
         # gradient on
-        before = ops.deferred_grads()
-        ops.set_deferred_grads("always")
-        try:
-            ref, new = pair("lstm", 6, 8, 2)
-            x = torch.randn(3, 1, 4, 6, dtype=torch.float64, generator=generator(8))
-            results = []
-            for m in (ref, new):
-                state, loss = None, 0
-                for t in range(3):
-                    out, state = m(x[t], state)
-                    loss = loss + out.pow(2).sum()
-                first = torch.autograd.grad(loss, list(m.parameters()), create_graph=True)
-                second = torch.autograd.grad(sum(f.pow(2).sum() for f in first),
-                                             list(m.parameters()))
-                results.append((first, second))
-            assert op_calls == ["lstm"] * 3
-            torch.testing.assert_close(results[1], results[0])
-        finally:
-            ops.set_deferred_grads(before)
+        ref, new = pair("lstm", 6, 8, 2)
+        x = torch.randn(3, 1, 4, 6, dtype=torch.float64, generator=generator(8))
+        results = []
+        for m in (ref, new):
+            state, loss = None, 0
+            for t in range(3):
+                out, state = m(x[t], state)
+                loss = loss + out.pow(2).sum()
+            first = torch.autograd.grad(loss, list(m.parameters()), create_graph=True)
+            second = torch.autograd.grad(sum(f.pow(2).sum() for f in first),
+                                         list(m.parameters()))
+            results.append((first, second))
+        assert op_calls == ["lstm"] * 3
+        torch.testing.assert_close(results[1], results[0])
 
+    @pytest.mark.parametrize("deferred", ["always"], indirect=True)
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     @pytest.mark.parametrize("reentrant", [False, True])
-    def test_activation_checkpointing(self, cell, reentrant, op_calls):
+    def test_activation_checkpointing(self, cell, reentrant, deferred, op_calls):
         # torch.utils.checkpoint recomputes the calls in the backward (the non-reentrant kind
         # stops recomputing by raising from its pack hook): one-step calls with deferred weight
         # gradients, and a call over the sequence
-        before = ops.deferred_grads()
-        ops.set_deferred_grads("always")
-        try:
-            ref, new = pair(cell, 5, 7, 2)
-            x = torch.randn(4, 3, 5, dtype=torch.float64, generator=generator(9))
-            results = []
-            for m in (ref, new):
-                xx = x.clone().requires_grad_()
+        ref, new = pair(cell, 5, 7, 2)
+        x = torch.randn(4, 3, 5, dtype=torch.float64, generator=generator(9))
+        results = []
+        for m in (ref, new):
+            xx = x.clone().requires_grad_()
 
-                def loop(xx):
-                    state, outs = None, []
-                    for t in range(xx.shape[0]):
-                        out, state = m(xx[t:t + 1], state)
-                        outs.append(out)
-                    return torch.cat(outs) * m(xx)[0]
+            def loop(xx):
+                state, outs = None, []
+                for t in range(xx.shape[0]):
+                    out, state = m(xx[t:t + 1], state)
+                    outs.append(out)
+                return torch.cat(outs) * m(xx)[0]
 
-                y = torch.utils.checkpoint.checkpoint(loop, xx, use_reentrant=reentrant)
-                y.pow(2).sum().backward()  # (the reentrant kind takes no autograd.grad)
-                results.append([xx.grad, *(p.grad for p in m.parameters())])
-            assert op_calls.count(cell) == 2 * 5  # forward and recomputation: 4 steps and 1
-            torch.testing.assert_close(results[1], results[0])
-        finally:
-            ops.set_deferred_grads(before)
+            y = torch.utils.checkpoint.checkpoint(loop, xx, use_reentrant=reentrant)
+            y.pow(2).sum().backward()  # (the reentrant kind takes no autograd.grad)
+            results.append([xx.grad, *(p.grad for p in m.parameters())])
+        assert op_calls.count(cell) == 2 * 5  # forward and recomputation: 4 steps and 1
+        torch.testing.assert_close(results[1], results[0])
 
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     def test_traced_module_takes_any_batch(self, cell):
