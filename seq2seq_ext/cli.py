@@ -154,7 +154,9 @@ def _add_train_args(p):
                    help='probability of feeding the ground truth at each decoder step '
                         '(chapter: 1.0; below 1 the decoder runs step by step)')
     p.add_argument('--amp', choices=['bf16'], default=None,
-                   help='mixed precision: autocast to bfloat16 (the loss accumulates in float32)')
+                   help='mixed precision: autocast to bfloat16 (the loss accumulates in float32; '
+                        "on a CPU without bf16 instructions, bf16's numbers at about float32's "
+                        'speed)')
     p.add_argument('--device', type=_device, default=None,
                    help="e.g. cpu, cuda, cuda:1 (default: d2l's try_gpu)")
     p.add_argument('--seed', type=_seed, default=None, help='random seed (default 0)')
