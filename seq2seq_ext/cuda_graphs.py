@@ -42,7 +42,10 @@ def _check_mode(name, what="mode"):
 
 
 class _ModeState(threading.local):
-    stack = None
+    def __init__(self):
+        # made in each thread before its first use: code that torch.compile traces (an op's
+        # backward entering use_mode) reads the stack and never creates it
+        self.stack = []
 
 
 _mode_state = _ModeState()
@@ -74,8 +77,6 @@ def set_mode(name):
 def use_mode(name):
     """Context manager: the mode for the current thread inside a ``with`` block."""
     _check_mode(name)
-    if _mode_state.stack is None:
-        _mode_state.stack = []
     _mode_state.stack.append(name)
     try:
         yield name
