@@ -44,7 +44,10 @@ _ENV = "SEQ2SEQ_EXT_BACKEND"
 
 
 class _BackendState(threading.local):
-    stack = None  # the use_backend blocks of the thread (a class default: no AttributeError)
+    def __init__(self):
+        # the use_backend blocks of the thread, made before its first use (as cuda_graphs'
+        # mode stack: code that torch.compile traces only reads and appends)
+        self.stack = []
 
 
 _state = _BackendState()
@@ -97,8 +100,6 @@ def use_backend(name):
     """Context manager selecting a backend for the current thread inside a ``with`` block."""
     _check_backend(name)
     stack = _state.stack
-    if stack is None:
-        stack = _state.stack = []
     stack.append(name)
     try:
         yield name
