@@ -18,6 +18,7 @@
 #include "cpu/mkl_packed.h"
 #include "rnn_forward.h"
 #include "rnn_stack.h"
+#include "torch_dropout_mask.h"
 
 namespace {
 
@@ -43,6 +44,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       pybind11::arg("shape"), pybind11::arg("p"), pybind11::arg("like"),
       "A dropout mask of shape: 1 / (1 - p) with probability 1 - p, else 0, for 0 < p < 1, in "
       "like's dtype and device, from the default generator (csrc/dropout_mask.h).");
+  module.def(
+      "torch_dropout_mask",
+      [](const std::vector<int64_t>& shape, double p, const at::Tensor& like) {
+        return seq2seq_ext::torch_dropout_mask(shape, p, like.options());
+      },
+      pybind11::arg("shape"), pybind11::arg("p"), pybind11::arg("like"),
+      "like.new_empty(shape).bernoulli_(1 - p).div_(1 - p) for 0 < p < 1: the mask F.dropout and "
+      "nn.GRU / nn.LSTM draw, the same values from the same generator state, float32 and float64 "
+      "CPU masks several times faster (csrc/torch_dropout_mask.h).");
+  module.def("torch_dropout_mask_exact", &seq2seq_ext::torch_dropout_mask_exact,
+             "Whether torch_dropout_mask's CPU copy of bernoulli_'s draw matches this PyTorch "
+             "(checked once); if not, it runs bernoulli_.");
   // A decoder's weights bound for repeated decode steps (see decoder_stepper.h). Its step() runs
   // the CPU kernel of seq2seq_ext::gru_decode_step without the boxed dispatcher call, whose
   // argument handling for a dozen tensors costs more than the step itself at the chapter's

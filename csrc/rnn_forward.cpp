@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 
 #include "dropout_mask.h"
+#include "torch_dropout_mask.h"
 #include "rnn_forward.h"
 #include "rnn_stack.h"
 
@@ -109,11 +110,9 @@ pybind11::object rnn_forward(const std::string& cell, const at::Tensor& input,
     if (dropout >= 1) {
       mask = at::zeros(shape, x.options());
     } else if (torch_masks) {
-      // nn.GRU / nn.LSTM's own draws: one bernoulli_ per layer output, layer by layer
-      std::vector<at::Tensor> per_layer;
-      for (int64_t l = 0; l + 1 < layers; ++l)
-        per_layer.push_back(at::empty({x.size(0), batch, hidden}, x.options()).bernoulli_(1 - dropout));
-      mask = at::stack(per_layer).div_(1 - dropout);
+      // nn.GRU / nn.LSTM's own draws (one bernoulli_ per layer output, layer by layer: the
+      // generator's outputs in the order one draw over the stacked shape takes them)
+      mask = torch_dropout_mask(shape, dropout, x.options());
     } else {
       // keep with probability 1 - p (bernoulli_ costs more than the whole step at the seeds'
       // sizes: its CPU kernel sets up a random stream per call)

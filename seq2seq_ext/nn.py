@@ -139,8 +139,8 @@ def torch_dropout_masks(like, layers, steps, batch, hidden, p):
     zeros for ``p >= 1`` (as ``nn.GRU``'s dropout gives)."""
     if p >= 1:
         return like.new_zeros((layers - 1, steps, batch, hidden))
-    return torch.stack([like.new_empty((steps, batch, hidden)).bernoulli_(1 - p)
-                        for _ in range(layers - 1)]).div_(1 - p)
+    # one draw over the stacked shape takes the generator's outputs in the layers' order
+    return ops.torch_dropout_mask(like, (layers - 1, steps, batch, hidden), p)
 
 
 def _state_ok(state, x):
@@ -264,7 +264,7 @@ def _packed_forward(module, cell, packed, hx, torch_masks=False):
         if p >= 1:
             mask = data.new_zeros(shape)
         elif torch_masks:
-            mask = data.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
+            mask = ops.torch_dropout_mask(data, shape, p)
         else:
             mask = _C.dropout_keep_mask(shape, p, data)
     output, h_n, c_n = ops.rnn_stack(cell, data, h0, c0, weights, mask, batch_sizes.tolist())
@@ -279,7 +279,7 @@ def fused_forward(module, input, hx=None, torch_masks=False):
     op: ``(output, h_n)`` or ``(output, (h_n, c_n))``, or None when the op does not apply (see
     the table above) and the module's own forward must run. Module hooks are not run.
     ``torch_masks``: draw the dropout masks exactly as ``nn.GRU`` / ``nn.LSTM`` do, so that a
-    seeded run gives their numbers (one ``bernoulli_`` per layer, slower than the default)."""
+    seeded run gives their numbers (``bernoulli_``'s draws, ``ops.torch_dropout_mask``)."""
     if torch.jit.is_tracing():
         # torch.jit.trace: PyTorch's layer records a graph that takes any batch size (the
         # fused path's zero state would be recorded at the traced batch's size)

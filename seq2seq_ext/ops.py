@@ -702,6 +702,16 @@ def gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, extra=None, batch_sizes=None):
     return output, h_n
 
 
+def torch_dropout_mask(like, shape, p):
+    """``like.new_empty(shape).bernoulli_(1 - p).div_(1 - p)`` for ``0 < p < 1``: the mask that
+    ``F.dropout`` and ``nn.GRU`` / ``nn.LSTM``'s inter-layer dropout draw, the same values from
+    the same generator state. Eager calls on plain CPU tensors take ``_C.torch_dropout_mask``,
+    the same draw vectorised (csrc/torch_dropout_mask.cpp); traced calls the expression."""
+    if type(like) is torch.Tensor and like.is_cpu and _no_dispatch_hooks():
+        return _C.torch_dropout_mask(list(shape), p, like)
+    return like.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
+
+
 def _gru_stack_layers(h0, flat_weights):
     """The layer count of ``nn.GRU``'s flat weights (4 a layer), checked against ``h0``."""
     layers = len(flat_weights) // 4
@@ -746,12 +756,14 @@ def gru(input, h0, flat_weights, dropout=0.0, training=False, w_ih0=None, extra0
                            batch_sizes)
         states.append(h_n)
         if dropout and training and layer < layers - 1:
-            if positions is None:
-                x = torch.nn.functional.dropout(x, dropout, True)
+            if positions is None:  # F.dropout(x, dropout, True)'s mask and product
+                x = (x * torch_dropout_mask(x, x.shape, dropout)
+                     if dropout < 1 and x.is_contiguous()
+                     else torch.nn.functional.dropout(x, dropout, True))
             else:  # the padded layout's masks, drawn as F.dropout draws them
                 padded = (len(batch_sizes), h0.shape[1], x.shape[-1])
                 noise = (x.new_zeros(padded) if dropout >= 1 else
-                         x.new_empty(padded).bernoulli_(1 - dropout).div_(1 - dropout))
+                         torch_dropout_mask(x, padded, dropout))
                 x = x * noise.view(-1, x.shape[-1]).index_select(0, positions)
     return x, torch.stack(states)
 

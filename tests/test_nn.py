@@ -241,6 +241,96 @@ class TestDropoutKeepMask:
             snn._C.dropout_keep_mask([4], p, torch.empty(0))
 
 
+class TestTorchDropoutMask:
+    """ops.torch_dropout_mask / _C.torch_dropout_mask: PyTorch's own dropout masks
+    (``bernoulli_(1 - p).div_(1 - p)``), bit for bit, with the default generator left where
+    bernoulli_ leaves it (csrc/torch_dropout_mask.cpp)."""
+
+    def test_the_copy_matches_this_pytorch(self):
+        # checked once per process against bernoulli_; False would silently fall back to it
+        assert snn._C.torch_dropout_mask_exact()
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_same_values_and_generator_state(self, dtype):
+        rng = random.Random()
+        seed = rng.randrange(2 ** 31)
+        # shapes around the twister's block of 624 outputs (312 elements) and empty ones; p
+        # whose 1 - p is not a multiple of 2^-53; generator positions odd and even in a block
+        shapes = [[12, 128, 51], [311], [312], [313], [625], [1], [0], [3, 0, 5],
+                  [rng.randrange(1, 2000)], [2, rng.randrange(1, 700), 3]]
+        for p in [0.1, 0.2, 0.5, 0.9, 1e-9, 1 - 1e-9, rng.random() or 0.5]:
+            for shape in shapes:
+                skip = rng.randrange(0, 1300)
+                torch.manual_seed(seed)
+                torch.empty(skip).uniform_()  # a float uniform_ takes one output an element
+                want = torch.empty(shape, dtype=dtype).bernoulli_(1 - p).div_(1 - p)
+                want_next = torch.randint(0, 2 ** 62, (4,))
+                torch.manual_seed(seed)
+                torch.empty(skip).uniform_()
+                got = snn._C.torch_dropout_mask(shape, p, torch.empty(0, dtype=dtype))
+                assert got.dtype == dtype and list(got.shape) == shape
+                assert torch.equal(got, want), (p, shape, skip)
+                assert torch.equal(torch.randint(0, 2 ** 62, (4,)), want_next), (p, shape, skip)
+
+    def test_a_private_generator_is_untouched(self):
+        g = torch.Generator().manual_seed(3)
+        before = g.get_state()
+        snn._C.torch_dropout_mask([100], 0.3, torch.empty(0))
+        assert torch.equal(g.get_state(), before)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_other_dtypes_run_bernoulli(self, dtype):
+        torch.manual_seed(9)
+        want = torch.empty(5, 77, dtype=dtype).bernoulli_(0.75).div_(0.75)
+        torch.manual_seed(9)
+        got = ops.torch_dropout_mask(torch.empty(0, dtype=dtype), (5, 77), 0.25)
+        assert got.dtype == dtype and torch.equal(got, want)
+
+    def test_traced_calls_draw_the_same(self):
+        # under a dispatch mode (as under torch.compile's tracing) the helper runs the
+        # expression itself; the values are the same
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Seen(TorchDispatchMode):
+            ops = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                Seen.ops.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        torch.manual_seed(4)
+        eager = ops.torch_dropout_mask(torch.empty(0), (6, 70), 0.4)
+        torch.manual_seed(4)
+        with Seen():
+            traced = ops.torch_dropout_mask(torch.empty(0), (6, 70), 0.4)
+        assert torch.equal(eager, traced)
+        assert any("bernoulli" in op for op in Seen.ops)
+
+    @pytest.mark.parametrize("p", [0.0, 1.0, -0.1, float("nan")])
+    def test_p_out_of_range(self, p):
+        state = torch.get_rng_state()
+        with pytest.raises(RuntimeError, match="p must be in"):
+            snn._C.torch_dropout_mask([3], p, torch.empty(0))
+        assert torch.equal(torch.get_rng_state(), state)  # nothing drawn
+
+    def test_the_chapter_gru_draws_f_dropouts_masks(self):
+        # ops.gru's dropout between layers: the same output and gradients as F.dropout's
+        torch.manual_seed(0)
+        rnn = nn.GRU(5, 7, 3, dropout=0.3).double()
+        x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+        h0 = torch.zeros(3, 3, 7, dtype=torch.float64)
+        torch.manual_seed(21)
+        want = rnn(x, h0)[0]
+        torch.manual_seed(21)
+        with ops.use_backend("ext"):
+            got = ops.gru(x, h0, rnn._flat_weights, dropout=0.3, training=True)[0]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        gw = torch.autograd.grad(want.sum(), [x] + list(rnn.parameters()))
+        gg = torch.autograd.grad(got.sum(), [x] + list(rnn.parameters()))
+        for a, b in zip(gg, gw):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 class TestFallbacks:
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     def test_bidirectional_runs_torch(self, cell, op_calls):
