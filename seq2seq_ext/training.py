@@ -15,7 +15,7 @@ from typing import List, NamedTuple, Optional
 import torch
 from torch import nn
 
-from . import _fastcall, models, ops, reference
+from . import _clip_divisor, _fastcall, models, ops, reference
 from . import nn as seq2seq_nn
 from .losses import MaskedSoftmaxCELoss
 from .ops import enable_autocast_rules  # the gru_layer op's autocast rule, kept with the op
@@ -67,12 +67,39 @@ def _clip_global_norm(net, theta):
     """:func:`grad_clipping`'s rule without a host synchronisation (the comparison happens on
     the device; the norm summed by ``_foreach_norm``, so the scaled gradients may differ from
     d2l's in the last bits): :func:`fit`'s step."""
-    grads = [p.grad for p in net.parameters() if p.requires_grad and p.grad is not None]
+    grads = _clipped_grads(net)
     if not grads:
         return
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    norm = _global_norm(grads)
     scale = torch.where(norm > theta, theta / norm, torch.ones_like(norm))
     torch._foreach_mul_(grads, scale)
+
+
+def _clipped_grads(net):
+    return [p.grad for p in net.parameters() if p.requires_grad and p.grad is not None]
+
+
+def _global_norm(grads):
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def _clip_and_step(net, theta, optimizer):
+    """:func:`fit`'s update: :func:`_clip_global_norm`, then ``optimizer.step()``. A fused Adam
+    over exactly ``net``'s float32 parameters (:func:`make_adam`'s) takes the clipping factor
+    as its step's gradient divisor instead, which saves a pass over the gradients
+    (``seq2seq_ext/_clip_divisor.py``; the same update up to rounding)."""
+    params = list(net.parameters())
+    if not _clip_divisor.takes_divisor(optimizer, params):
+        _clip_global_norm(net, theta)
+        optimizer.step()
+        return
+    grads = _clipped_grads(net)
+    if not grads:
+        optimizer.step()
+        return
+    norm = _global_norm(grads).float()
+    _clip_divisor.step_with_divisor(
+        optimizer, torch.where(norm > theta, norm / theta, torch.ones_like(norm)))
 
 
 def make_adam(params, lr):
@@ -375,8 +402,7 @@ def fit(net, data_iter, lr, num_epochs, tgt_vocab, device, on_epoch=None, plot=T
                     (l.sum() * world).backward()
                 else:
                     l.sum().backward()
-                _clip_global_norm(net, 1)
-                optimizer.step()
+                _clip_and_step(net, 1, optimizer)
                 with torch.no_grad():
                     loss_sum += l.sum()
                     num_tokens += Y_valid_len.sum()

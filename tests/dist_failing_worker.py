@@ -9,19 +9,19 @@ if __package__ in (None, ""):
 
 from seq2seq_ext import cli, training  # noqa: E402
 
-_clip = training._clip_global_norm  # fit's clipping, once a step
+_clip = training._clip_and_step  # fit's clipping and optimizer step, once a step
 _steps = [0]
 
 
-def _failing_clip(net, theta):
+def _failing_clip(net, theta, optimizer):
     _steps[0] += 1
     if os.environ.get("RANK") == "1" and _steps[0] == 20:
         raise RuntimeError("simulated failure on rank 1")
-    return _clip(net, theta)
+    return _clip(net, theta, optimizer)
 
 
 if __name__ == "__main__":
-    training._clip_global_norm = _failing_clip
+    training._clip_and_step = _failing_clip
     out = sys.argv[-1]
     sys.exit(cli.main(["train", "--epochs", "50", "--num-hiddens", "8", "--embed-size", "8",
                        "--no-progress", "--plot", "", "--overwrite",

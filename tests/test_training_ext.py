@@ -678,3 +678,86 @@ def test_backward_hooks_on_the_recurrent_layers_run(kind, where):
     Y_hat, _ = net(X, Y, X_valid_len)
     d2l.MaskedSoftmaxCELoss()(Y_hat, Y, Y_valid_len).sum().backward()
     assert seen and seen[0][-1] == rnn.hidden_size
+
+
+class TestClipAndStep:
+    """training._clip_and_step, fit's update: the gradients clipped to a global norm, then the
+    optimizer's step; a fused Adam over the model's float32 parameters takes the clipping
+    factor as its kernel's gradient divisor (seq2seq_ext/_clip_divisor.py)."""
+
+    @staticmethod
+    def _pair(seed):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 5))
+        return net, copy.deepcopy(net)
+
+    @staticmethod
+    def _grads(net, x, scale):
+        net.zero_grad()
+        (net(x).sum() * scale).backward()
+
+    @pytest.mark.parametrize("scale", [50.0, 1e-3])  # clipped, and a norm below theta
+    @pytest.mark.parametrize("adamw", [False, True])
+    def test_the_divisor_gives_the_clipped_update(self, scale, adamw, monkeypatch):
+        from seq2seq_ext import _clip_divisor, training
+        a, b = self._pair(random.randrange(2 ** 31))
+        make = ((lambda p: torch.optim.AdamW(p, lr=0.01, fused=True)) if adamw
+                else (lambda p: training.make_adam(p, 0.01)))
+        opt_a, opt_b = make(a.parameters()), make(b.parameters())
+        assert _clip_divisor.takes_divisor(opt_a, list(a.parameters()))
+        mul_calls = []
+        real_mul = torch._foreach_mul_
+        monkeypatch.setattr(torch, "_foreach_mul_",
+                            lambda *args: mul_calls.append(1) or real_mul(*args))
+        for _ in range(3):
+            x = torch.randn(6, 7)
+            self._grads(a, x, scale)
+            self._grads(b, x, scale)
+            training._clip_and_step(a, 1, opt_a)  # the divisor
+            mul_calls.clear()
+            training._clip_global_norm(b, 1)  # the clipping's own pass, then the step
+            assert mul_calls
+            opt_b.step()
+            for p, q in zip(a.parameters(), b.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)  # clipped back
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        if scale > 1:  # the clipping really happened
+            assert math.isclose(torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in a.parameters()])).item(), 1, rel_tol=1e-5)
+        assert not hasattr(opt_a, "grad_scale")
+
+    def test_other_optimizers_clip_then_step(self):
+        from seq2seq_ext import _clip_divisor, training
+        net, _ = self._pair(0)
+        params = list(net.parameters())
+        refused = [torch.optim.Adam(params, lr=0.01, foreach=True),
+                   torch.optim.SGD(params, lr=0.01),
+                   torch.optim.Adam(params[:2], lr=0.01, fused=True)]  # not all the model's
+        scaled = training.make_adam(params, 0.01)
+        scaled.grad_scale = torch.tensor(2.0)  # a scaler's attribute present
+        refused.append(scaled)
+        for opt in refused:
+            assert not _clip_divisor.takes_divisor(opt, params)
+        double = copy.deepcopy(net).double()
+        assert not _clip_divisor.takes_divisor(
+            training.make_adam(double.parameters(), 0.01), list(double.parameters()))
+        # the fallback still clips
+        opt = torch.optim.SGD(params, lr=0.0)
+        self._grads(net, torch.randn(6, 7), 50.0)
+        training._clip_and_step(net, 1, opt)
+        total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        assert math.isclose(total.item(), 1, rel_tol=1e-5)
+
+    def test_the_attribute_goes_when_the_step_raises(self):
+        from seq2seq_ext import _clip_divisor, training
+        net, _ = self._pair(1)
+        opt = training.make_adam(net.parameters(), 0.01)
+        self._grads(net, torch.randn(6, 7), 50.0)
+
+        def failing(*args, **kwargs):
+            raise RuntimeError("step failed")
+
+        opt.step = failing
+        with pytest.raises(RuntimeError, match="step failed"):
+            _clip_divisor.step_with_divisor(opt, torch.tensor(2.0))
+        assert not hasattr(opt, "grad_scale")

@@ -90,8 +90,7 @@ def step_fn(variant, net, tgt_vocab):
         with training._autocast(amp, torch.device("cpu")):
             l = model(X, torch.cat([bos, Y[:, :-1]], 1), X_valid_len, Y, Y_valid_len, kept)
         l.float().sum().backward()
-        training._clip_global_norm(net, 1)  # fit's clipping (one norm, no host synchronisation)
-        opt.step()
+        training._clip_and_step(net, 1, opt)  # fit's clipping and step
     return step
 
 
