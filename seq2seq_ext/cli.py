@@ -20,7 +20,7 @@ import threading
 import torch
 
 from . import checkpoint as ckpt
-from . import data, ops, runs
+from . import data, malloc, ops, runs
 from .config import RUN_KEYS, RunConfig
 from .runlock import RunLock, RunLockError
 from .decoding import predict_seq2seq_batch
@@ -310,6 +310,7 @@ def _terminate_as_interrupt(terminated):
 
 def _train(args, path):
     from . import distributed as dist
+    malloc.keep_freed_memory()  # the steps reuse freed memory instead of faulting it in again
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.backend:
