@@ -31,7 +31,7 @@ import time
 import torch
 
 import seq2seq_ext as d2l
-from seq2seq_ext import ops, reference as R, training
+from seq2seq_ext import malloc, ops, reference as R, training
 from seq2seq_ext.bench import common
 
 CONFIGS = {
@@ -173,14 +173,15 @@ def run(config="chapter", batches=8, rounds=3, threads=1, cell="gru",
     return ms, 1 - kept / positions, extra
 
 
-def peak_rss_mb(config, cell, variant, batches=2):
+def peak_rss_mb(config, cell, variant, batches=2, keep_freed_memory=False):
     """The peak resident memory (MB) of `batches` training steps of `variant`, in a process of
     its own: the kernel's high-water mark is reset after the data, the model and its optimizer
     are set up (Linux: /proc/self/clear_refs), so the figure is the steps' own plus what was
     resident before them, the same for every variant."""
     out = subprocess.run([sys.executable, "-m", "seq2seq_ext.bench.padding_skip", "--peak-rss",
                           variant, "--config", config, "--cell", cell,
-                          "--batches", str(batches)],
+                          "--batches", str(batches)]
+                         + (["--keep-freed-memory"] if keep_freed_memory else []),
                          capture_output=True, text=True, check=True,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     return float(out.stdout.strip().splitlines()[-1])
@@ -215,8 +216,13 @@ def main(argv=None):
     parser.add_argument("--amp", action="store_true",
                         help="the reference and the packed step, float32 and under bf16 "
                              "autocast, with each one's peak memory")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="call seq2seq_ext.malloc.keep_freed_memory() first, as the "
+                             "command line's train does (process-wide: every variant)")
     parser.add_argument("--peak-rss", metavar="VARIANT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        print(f"freed memory kept: {malloc.keep_freed_memory()}")
     if args.peak_rss:
         return _peak_rss_child(args.config[0], args.cell, args.peak_rss, args.batches)
     print(f"cell {args.cell}")
@@ -251,7 +257,8 @@ def _main_amp(args):
         ms, _, cfg = run(name, args.batches, args.rounds, args.threads, args.cell,
                          ("reference", "reference-bf16", "packed", "packed-bf16"))
         floor, bf16_floor = cfg["floor_ms"]["packed"], cfg["bf16_floor_ms"]
-        peak = (" / ".join(f"{peak_rss_mb(name, args.cell, v):.0f}" for v in
+        keep = args.keep_freed_memory
+        peak = (" / ".join(f"{peak_rss_mb(name, args.cell, v, 2, keep):.0f}" for v in
                            ("reference", "reference-bf16", "packed", "packed-bf16"))
                 if os.path.exists("/proc/self/clear_refs") else "-")
         print(f"| {name} | {ms['reference']:.1f} | {ms['reference-bf16']:.1f} "
