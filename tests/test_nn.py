@@ -272,6 +272,19 @@ class TestTorchDropoutMask:
                 assert torch.equal(got, want), (p, shape, skip)
                 assert torch.equal(torch.randint(0, 2 ** 62, (4,)), want_next), (p, shape, skip)
 
+    def test_the_generators_cached_normal_samples_stay(self):
+        # a one-element randn leaves the second Box-Muller sample cached in the generator: the
+        # next randn after the mask reads it, as after bernoulli_
+        def after(draw):
+            torch.manual_seed(6)
+            torch.randn(1, dtype=torch.float64), torch.randn(1)
+            draw()
+            return torch.randn(1, dtype=torch.float64), torch.randn(1), torch.rand(5)
+
+        want = after(lambda: torch.empty(99).bernoulli_(0.8))
+        got = after(lambda: snn._C.torch_dropout_mask([99], 0.2, torch.empty(0)))
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
     def test_a_private_generator_is_untouched(self):
         g = torch.Generator().manual_seed(3)
         before = g.get_state()
