@@ -9,10 +9,14 @@ freed, up to 32 MB, with the trim threshold at twice it. Memory given back is fa
 at the next step's first touch, a page at a time. In the KVM guests this project measures on, a
 fault costs about 1.7 us: 0.4 ms per MB.
 
-Measured on the large `fit` step (GRU, 1 thread, Intel Xeon KVM guest; `benchmarks/RESULTS.md`):
-- by default, 20 to 3,000 faults a step; the median step 387-399 ms, with a tail that lifts the
-  mean to 419 ms;
-- with both thresholds raised, under 200 faults a step and 377-391 ms.
+Measured on the large `fit` step (GRU, 1 thread, Intel Xeon KVM guest; `benchmarks/RESULTS.md`),
+16 steps a process:
+- by default (three processes), 20 to 3,000 faults a step; the median step 387-399 ms, and a
+  tail of slow steps that lifts one process's mean to 419 ms;
+- with both thresholds raised (five processes), under 200 faults a step; the median 377-391 ms,
+  each mean within 5 ms of its median.
+The medians of `benchmarks/padding_skip.py` moved within this machine's noise (391-401 ms with
+the memory kept, 392-393 ms without, two processes each): what goes is the faults and the tail.
 
 Raising the trim threshold alone is worse (35,000 faults and 447 ms a step): setting either
 threshold turns glibc's dynamic mmap threshold off, so every block above 128 KiB is then mapped
