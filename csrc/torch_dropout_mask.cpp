@@ -17,6 +17,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include <algorithm>
 #include <cmath>
@@ -146,8 +147,11 @@ at::Tensor torch_dropout_mask(at::IntArrayRef shape, double p, const at::TensorO
   TORCH_CHECK(p > 0 && p < 1, "torch_dropout_mask: p must be in (0, 1), got ", p);
   const double q = 1 - p;
   const auto dtype = options.dtype().toScalarType();
+  // under a Python dispatch mode the draw stays visible to it as bernoulli_ (and the
+  // self-check, which draws on private generators, does not run inside the mode)
   if (!options.device().is_cpu() || (dtype != at::kFloat && dtype != at::kDouble) ||
-      options.layout() != at::kStrided || !torch_dropout_mask_exact())
+      options.layout() != at::kStrided || c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
+      !torch_dropout_mask_exact())
     return at::empty(shape, options).bernoulli_(q).div_(q);
   at::Tensor mask = at::empty(shape, options);
   // the kept elements' value as div_(q) computes it: 1 / q in the mask's dtype

@@ -43,8 +43,11 @@ def keep_freed_memory(mmap_threshold=256 << 20, trim_threshold=1 << 30):
     """Set glibc's ``mallopt`` thresholds so freed memory stays in the process. Blocks up to
     ``mmap_threshold`` bytes are taken from the heap instead of a fresh mapping. Up to
     ``trim_threshold`` bytes of free memory at the heap's top stay there instead of going back
-    to the OS. Returns True when both were set. Off glibc (macOS, musl, Windows) it does nothing
-    and returns False."""
+    to the OS. Returns True when both were set. glibc releases that cap the mmap threshold at
+    32 MiB (half their largest heap) refuse a larger one: it is then set to 32 MiB. Off glibc
+    (macOS, musl, Windows) it does nothing and returns False. When the mmap threshold cannot be
+    set, the trim threshold is left alone too: set alone, it would turn glibc's rising mmap
+    threshold off and map every block above 128 KiB afresh."""
     for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2 ** 31:
             raise ValueError(f"{name}: expected a positive int below 2**31 (bytes), got {value!r}")
@@ -56,5 +59,7 @@ def keep_freed_memory(mmap_threshold=256 << 20, trim_threshold=1 << 30):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
-                and mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    if not (mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+            or mallopt(_M_MMAP_THRESHOLD, min(mmap_threshold, 32 << 20))):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))

@@ -706,8 +706,10 @@ def torch_dropout_mask(like, shape, p):
     """``like.new_empty(shape).bernoulli_(1 - p).div_(1 - p)`` for ``0 < p < 1``: the mask that
     ``F.dropout`` and ``nn.GRU`` / ``nn.LSTM``'s inter-layer dropout draw, the same values from
     the same generator state. Eager calls on plain CPU tensors take ``_C.torch_dropout_mask``,
-    the same draw vectorised (csrc/torch_dropout_mask.cpp); traced calls the expression."""
-    if type(like) is torch.Tensor and like.is_cpu and _no_dispatch_hooks():
+    the same draw vectorised (csrc/torch_dropout_mask.cpp); calls traced by torch.compile or
+    ``torch.jit.trace``, or under a dispatch or function mode, the expression."""
+    if (type(like) is torch.Tensor and like.is_cpu and _no_dispatch_hooks()
+            and not torch.jit.is_tracing()):
         return _C.torch_dropout_mask(list(shape), p, like)
     return like.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
 

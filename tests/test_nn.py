@@ -252,8 +252,8 @@ class TestTorchDropoutMask:
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
     def test_same_values_and_generator_state(self, dtype):
-        rng = random.Random()
-        seed = rng.randrange(2 ** 31)
+        seed = random.randrange(2 ** 31)
+        rng = random.Random(seed)
         # shapes around the twister's block of 624 outputs (312 elements) and empty ones; p
         # whose 1 - p is not a multiple of 2^-53; generator positions odd and even in a block
         shapes = [[12, 128, 51], [311], [312], [313], [625], [1], [0], [3, 0, 5],
@@ -269,8 +269,9 @@ class TestTorchDropoutMask:
                 torch.empty(skip).uniform_()
                 got = snn._C.torch_dropout_mask(shape, p, torch.empty(0, dtype=dtype))
                 assert got.dtype == dtype and list(got.shape) == shape
-                assert torch.equal(got, want), (p, shape, skip)
-                assert torch.equal(torch.randint(0, 2 ** 62, (4,)), want_next), (p, shape, skip)
+                assert torch.equal(got, want), (seed, p, shape, skip)
+                assert torch.equal(torch.randint(0, 2 ** 62, (4,)), want_next), (seed, p, shape,
+                                                                                 skip)
 
     def test_the_generators_cached_normal_samples_stay(self):
         # a one-element randn leaves the second Box-Muller sample cached in the generator: the
@@ -298,6 +299,37 @@ class TestTorchDropoutMask:
         torch.manual_seed(9)
         got = ops.torch_dropout_mask(torch.empty(0, dtype=dtype), (5, 77), 0.25)
         assert got.dtype == dtype and torch.equal(got, want)
+
+    def test_jit_trace_records_the_draw(self):
+        # torch.jit.trace records bernoulli_, not the direct call's empty buffer
+        def f(x):
+            return x * ops.torch_dropout_mask(x, x.shape, 0.5)
+
+        traced = torch.jit.trace(f, torch.ones(4, 50), check_trace=False)
+        assert "bernoulli" in str(traced.graph)
+        outs = [traced(torch.ones(4, 50)) for _ in range(2)]
+        assert not torch.equal(outs[0], outs[1])  # a fresh mask a call
+        assert set(outs[0].unique().tolist()) <= {0.0, 2.0}
+
+    def test_dispatch_modes_see_bernoulli(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Seen(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.ops = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.ops.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        torch.manual_seed(2)
+        want = snn._C.torch_dropout_mask([3, 40], 0.3, torch.empty(0))
+        torch.manual_seed(2)
+        with Seen() as mode:  # the C++ entry itself falls back under a mode
+            got = snn._C.torch_dropout_mask([3, 40], 0.3, torch.empty(0))
+        assert torch.equal(got, want)
+        assert any("bernoulli" in op for op in mode.ops)
 
     def test_traced_calls_draw_the_same(self):
         # under a dispatch mode (as under torch.compile's tracing) the helper runs the

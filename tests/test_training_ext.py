@@ -713,8 +713,9 @@ class TestClipAndStep:
             x = torch.randn(6, 7)
             self._grads(a, x, scale)
             self._grads(b, x, scale)
-            training._clip_and_step(a, 1, opt_a)  # the divisor
             mul_calls.clear()
+            training._clip_and_step(a, 1, opt_a)  # the divisor
+            assert not mul_calls  # no pass of its own over the gradients
             training._clip_global_norm(b, 1)  # the clipping's own pass, then the step
             assert mul_calls
             opt_b.step()
@@ -736,8 +737,12 @@ class TestClipAndStep:
         scaled = training.make_adam(params, 0.01)
         scaled.grad_scale = torch.tensor(2.0)  # a scaler's attribute present
         refused.append(scaled)
+        frozen = copy.deepcopy(net)
+        frozen[0].bias.requires_grad_(False)
         for opt in refused:
             assert not _clip_divisor.takes_divisor(opt, params)
+        assert not _clip_divisor.takes_divisor(training.make_adam(frozen.parameters(), 0.01),
+                                               list(frozen.parameters()))
         double = copy.deepcopy(net).double()
         assert not _clip_divisor.takes_divisor(
             training.make_adam(double.parameters(), 0.01), list(double.parameters()))
