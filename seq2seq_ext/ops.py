@@ -758,9 +758,9 @@ def gru(input, h0, flat_weights, dropout=0.0, training=False, w_ih0=None, extra0
                            batch_sizes)
         states.append(h_n)
         if dropout and training and layer < layers - 1:
-            if positions is None:  # F.dropout(x, dropout, True)'s mask and product
+            if positions is None:  # F.dropout(x, dropout, True); on the CPU its mask, faster
                 x = (x * torch_dropout_mask(x, x.shape, dropout)
-                     if dropout < 1 and x.is_contiguous()
+                     if dropout < 1 and x.is_cpu and x.is_contiguous()
                      else torch.nn.functional.dropout(x, dropout, True))
             else:  # the padded layout's masks, drawn as F.dropout draws them
                 padded = (len(batch_sizes), h0.shape[1], x.shape[-1])
