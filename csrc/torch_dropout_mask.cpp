@@ -100,15 +100,16 @@ void fill(Outputs& src, uint64_t threshold, T value, T* out, int64_t n) {
   }
 }
 
-// Draws `mask` (contiguous float32 or float64) from gen's engine, `value` where bernoulli_(q)
-// gives 1; the caller holds gen's lock.
-void draw(at::CPUGeneratorImpl* gen, double q, double value, at::Tensor& mask) {
+// Draws `mask` (contiguous float32 or float64) from gen's engine where bernoulli_(q) gives 1:
+// 1 / q in the mask's dtype, as div_(q) computes it, when `scaled`, else 1. The caller holds
+// gen's lock.
+void draw(at::CPUGeneratorImpl* gen, double q, bool scaled, at::Tensor& mask) {
   at::mt19937 engine = gen->engine();
   Outputs src(engine.data());
   const uint64_t threshold = static_cast<uint64_t>(std::ceil(std::ldexp(q, 53)));
   AT_DISPATCH_FLOATING_TYPES(mask.scalar_type(), "torch_dropout_mask", [&] {
-    fill<scalar_t>(src, threshold, static_cast<scalar_t>(value), mask.data_ptr<scalar_t>(),
-                   mask.numel());
+    const scalar_t kept = scaled ? scalar_t(1) / static_cast<scalar_t>(q) : scalar_t(1);
+    fill<scalar_t>(src, threshold, kept, mask.data_ptr<scalar_t>(), mask.numel());
   });
   engine.set_data(src.data());
   gen->set_engine(engine);
@@ -129,7 +130,7 @@ bool matches_bernoulli() {
       }
       const at::Tensor expect = at::empty({1901}, dtype).bernoulli_(q, a);
       at::Tensor got = at::empty({1901}, dtype);
-      draw(gb, q, 1.0, got);
+      draw(gb, q, false, got);
       if (!at::equal(expect, got) || ga->random() != gb->random()) return false;
     }
   }
@@ -154,13 +155,9 @@ at::Tensor torch_dropout_mask(at::IntArrayRef shape, double p, const at::TensorO
       !torch_dropout_mask_exact())
     return at::empty(shape, options).bernoulli_(q).div_(q);
   at::Tensor mask = at::empty(shape, options);
-  // the kept elements' value as div_(q) computes it: 1 / q in the mask's dtype
-  const double value = dtype == at::kFloat
-                           ? static_cast<double>(1.0f / static_cast<float>(q))
-                           : 1.0 / q;
   at::Generator gen = at::detail::getDefaultCPUGenerator();
   std::lock_guard<std::mutex> lock(gen.mutex());
-  draw(at::check_generator<at::CPUGeneratorImpl>(gen), q, value, mask);
+  draw(at::check_generator<at::CPUGeneratorImpl>(gen), q, true, mask);
   return mask;
 }
 
