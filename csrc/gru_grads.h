@@ -38,15 +38,16 @@ using GruLayerGrads =
 
 // dgi, dgh: (T, B, 3H) gradients of the input-side and hidden-side gate pre-activations (or
 // (N, 3H) over the rows of the packed layout, gru_layer.h); dh: (B, H) gradient of h0; input
-// (T, B, I) or (N, I); h0 (B, H) and output (T, B, H) or (N, H) contiguous. Returns (input, h0,
-// w_ih, w_hh, b_ih, b_hh, extra) gradients; extra's is empty unless has_extra. A bfloat16 w_ih
+// (T, B, I) or (N, I); h0 (B, H) and output (T, B, H) or (N, H) contiguous; sums: what the
+// kernel summed already (the others are summed here). Returns (input, h0, w_ih, w_hh, b_ih, b_hh,
+// extra) gradients; extra's is empty unless has_extra. A bfloat16 w_ih
 // (and w_hh: the op under CPU autocast) makes every product bf16 (bf16_products.h) and the two
 // matrices' gradients bfloat16.
 inline GruLayerGrads gru_layer_sequence_grads(const GruLayerDims& d, const at::Tensor& dgi,
                                               const at::Tensor& dgh, const at::Tensor& dh,
                                               const at::Tensor& input, const at::Tensor& h0,
                                               const at::Tensor& output, const at::Tensor& w_ih,
-                                              bool has_extra) {
+                                              bool has_extra, const GruGateSums& sums) {
   const int64_t T = d.steps, B = d.batch, G = 3 * d.hidden, H = d.hidden, I = d.input;
   // the rows, (T, B) or packed (N,), counted from the shape (G may be 0)
   const int64_t N = dgi.dim() == 3 ? dgi.size(0) * dgi.size(1) : dgi.size(0);
@@ -64,15 +65,16 @@ inline GruLayerGrads gru_layer_sequence_grads(const GruLayerDims& d, const at::T
   const at::Tensor dgi_x = low && native_product(N, G, I) ? dgi2.to(at::kBFloat16) : dgi2;
   at::Tensor grad_input = mm(dgi_x, w_ih).view(input.sizes());
   at::Tensor grad_w_ih = matrix_grad(dgi_x, input.reshape({N, I}));
-  at::Tensor grad_b_ih = dgi2.sum(0);
+  at::Tensor grad_b_ih = sums.b_ih.defined() ? sums.b_ih : dgi2.sum(0);
   // the state each row's step started from: h0, then the outputs of the step before
   at::Tensor h_prevs, grad_extra = at::empty({0}, h0.options());
   if (!d.packed()) {
     h_prevs = T > 0 ? at::cat({h0.unsqueeze(0), output.narrow(0, 0, T - 1)}, 0).view({T * B, H})
                     : at::empty({0, H}, h0.options());
-    if (has_extra) grad_extra = dgi.sum(0);
+    if (has_extra) grad_extra = sums.extra.defined() ? sums.extra : dgi.sum(0);
   } else {
     // row b of step t started from row b of step t - 1 (h0's row b at step 0); its batch row is b
+    // (the index_add_ below: sums.extra, when the kernel made it)
     const std::vector<int64_t> off = d.offsets();
     std::vector<int64_t> prev(N), batch_row(N);
     for (int64_t t = 0; t < T; ++t)
@@ -84,10 +86,13 @@ inline GruLayerGrads gru_layer_sequence_grads(const GruLayerDims& d, const at::T
       return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(h0.device());
     };
     h_prevs = at::cat({h0, output.view({N, H})}, 0).index_select(0, index(prev));
-    if (has_extra) grad_extra = at::zeros({B, G}, h0.options()).index_add_(0, index(batch_row), dgi2);
+    if (has_extra)
+      grad_extra = sums.extra.defined()
+                       ? sums.extra
+                       : at::zeros({B, G}, h0.options()).index_add_(0, index(batch_row), dgi2);
   }
   at::Tensor grad_w_hh = matrix_grad(dgh2, h_prevs);
-  at::Tensor grad_b_hh = dgh2.sum(0);
+  at::Tensor grad_b_hh = sums.b_hh.defined() ? sums.b_hh : dgh2.sum(0);
   return {grad_input, dh, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_extra};
 }
 

@@ -251,10 +251,11 @@ GruLayerGrads gru_layer_backward(const at::Tensor& grad_output,
                       : at::zeros({B, H}, opts);
   const at::Tensor out_c = output.contiguous();
   const at::Tensor h0_c = h0.contiguous();
+  GruGateSums sums;
   if (H > 0)  // (no hidden unit: the gate gradients are empty, every other gradient zero)
     SEQ2SEQ_EXT_KERNEL(input, gru_layer_backward)(d, grad_output, h0_c, w_hh, out_c, saved, dgi,
-                                                  dgh, dh);
-  return gru_layer_sequence_grads(d, dgi, dgh, dh, input, h0_c, out_c, w_ih, has_extra);
+                                                  dgh, dh, has_extra, sums);
+  return gru_layer_sequence_grads(d, dgi, dgh, dh, input, h0_c, out_c, w_ih, has_extra, sums);
 }
 
 // Under CPU autocast: with bfloat16 as autocast's dtype, w_ih and w_hh go to the kernel in

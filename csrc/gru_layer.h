@@ -37,10 +37,18 @@ using GruLayerKernel = void(const GruLayerDims& d, const at::Tensor& input,
                            const at::Tensor& w_hh, const at::Tensor& b_ih,
                            const at::Tensor& b_hh, const std::optional<at::Tensor>& extra,
                            at::Tensor& output, at::Tensor& saved);
+// The backward may also sum the gate gradients over the rows while it has each step's rows in
+// cache (the CPU's does): into sums, whatever it leaves undefined is summed from dgi and dgh
+// afterwards (gru_grads.h).
+struct GruGateSums {
+  at::Tensor b_ih, b_hh;  // (3H,): the biases' gradients
+  at::Tensor extra;       // (B, 3H): extra's gradient, when the op has an extra
+};
 using GruLayerBackwardKernel = void(const GruLayerDims& d, const at::Tensor& grad_output,
                                    const at::Tensor& h0, const at::Tensor& w_hh,
                                    const at::Tensor& output, const at::Tensor& saved,
-                                   at::Tensor& dgi, at::Tensor& dgh, at::Tensor& dh);
+                                   at::Tensor& dgi, at::Tensor& dgh, at::Tensor& dh,
+                                   bool has_extra, GruGateSums& sums);
 namespace cpu {
 GruLayerKernel gru_layer;
 GruLayerBackwardKernel gru_layer_backward;

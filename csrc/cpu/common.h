@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -97,6 +99,38 @@ class Scratch {
   std::unique_ptr<T[]> data_;
   size_t capacity_ = 0;
 };
+
+// out[n] += the sum over the M rows of A (M, N), row stride lda: a bias gradient, added one
+// step's rows at a time while the backward has them in cache. Each column's rows are summed in
+// order, then added to out (over a sequence: a sum per step, then a sum of the steps).
+template <typename T>
+void add_column_sums(const T* A, int64_t lda, int64_t M, int64_t N, T* out) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t grain = std::max<int64_t>(4 * W, 65536 / std::max<int64_t>(M, 1));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + 4 * W <= n1; n += 4 * W) {  // four columns of lanes: four chains of adds
+      Vec s0(T(0)), s1(T(0)), s2(T(0)), s3(T(0));
+      for (int64_t m = 0; m < M; ++m) {
+        const T* a = A + m * lda + n;
+        s0 += Vec::loadu(a);
+        s1 += Vec::loadu(a + W);
+        s2 += Vec::loadu(a + 2 * W);
+        s3 += Vec::loadu(a + 3 * W);
+      }
+      (Vec::loadu(out + n) + s0).store(out + n);
+      (Vec::loadu(out + n + W) + s1).store(out + n + W);
+      (Vec::loadu(out + n + 2 * W) + s2).store(out + n + 2 * W);
+      (Vec::loadu(out + n + 3 * W) + s3).store(out + n + 3 * W);
+    }
+    for (; n < n1; ++n) {
+      T s = 0;
+      for (int64_t m = 0; m < M; ++m) s += A[m * lda + n];
+      out[n] += s;
+    }
+  });
+}
 
 }  // namespace cpu
 }  // namespace seq2seq_ext

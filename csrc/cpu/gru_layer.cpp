@@ -6,7 +6,8 @@
 // W_hn h + b_hn, all the backward needs besides the outputs.
 // Backward, from the last step to the first: one fused pointwise pass gives the gradients of
 // the input-side and hidden-side gate pre-activations, then one GEMM carries the gradient to
-// the previous state. The weight gradients are four GEMMs over the whole sequence at the end
+// the previous state, and the step's rows are added to the bias gradients' sums while they are
+// in cache. The weight gradients are four GEMMs over the whole sequence at the end
 // (gru_grads.h). The backward is written for the GRU: its pointwise pass is the GRU cell's
 // derivative and its state has one part; an LSTM layer's would also carry the gradient of c.
 // With w_ih and w_hh in bfloat16 (the op under CPU autocast) every product takes bf16 operands
@@ -83,9 +84,14 @@ void gru_backward_pointwise(const T* dh, const T* h, const T* saved, T* dgi, T* 
 void gru_layer_backward(const GruLayerDims& d, const at::Tensor& grad_output,
                         const at::Tensor& h0, const at::Tensor& w_hh, const at::Tensor& output,
                         const at::Tensor& saved, at::Tensor& dgi, at::Tensor& dgh,
-                        at::Tensor& dh) {
+                        at::Tensor& dh, bool has_extra, GruGateSums& sums) {
   const int64_t T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
   at::Tensor dh_direct = at::empty({B, H}, dh.options());
+  // the sums over the rows, each step's added as soon as the pointwise pass has made its rows
+  // (in cache): the biases' gradients, and extra's, whose row b is every step's row b
+  sums.b_ih = at::zeros({G}, dh.options());
+  sums.b_hh = at::zeros({G}, dh.options());
+  if (has_extra) sums.extra = at::zeros({B, G}, dh.options());
   const at::Tensor go = grad_output.to(dh.scalar_type()).contiguous();
   const at::Tensor saved_c = saved.contiguous();
   // the first row of each step in the (T * B) or packed rows; the rows of step t are the first
@@ -109,6 +115,13 @@ void gru_layer_backward(const GruLayerDims& d, const at::Tensor& grad_output,
                                        dgi.data_ptr<scalar_t>() + off[t] * G,
                                        dgh_t.data_ptr<scalar_t>(), dh_direct.data_ptr<scalar_t>(),
                                        rows, H);
+      const scalar_t* dgi_rows = dgi.const_data_ptr<scalar_t>() + off[t] * G;
+      add_column_sums<scalar_t>(dgi_rows, G, rows, G, sums.b_ih.data_ptr<scalar_t>());
+      // b_hh's r and z columns are b_ih's (the same gate gradients): its n columns only
+      add_column_sums<scalar_t>(dgh_t.const_data_ptr<scalar_t>() + 2 * H, G, rows, H,
+                                sums.b_hh.data_ptr<scalar_t>() + 2 * H);
+      if (has_extra)
+        sums.extra.narrow(0, 0, rows).add_(dgi.reshape({-1, G}).narrow(0, off[t], rows));
       // dh_prev = dh * z + dgh W_hh
       if (low && native_product(rows, G, H)) {
         bf16_addmm_out(dh_t, dh_direct.narrow(0, 0, rows), dgh_t, w_hh);
@@ -118,6 +131,9 @@ void gru_layer_backward(const GruLayerDims& d, const at::Tensor& grad_output,
       } else
         at::addmm_out(dh_t, dh_direct.narrow(0, 0, rows), dgh_t, w_hh);
     }
+    scalar_t* b_hh = sums.b_hh.data_ptr<scalar_t>();
+    std::copy(sums.b_ih.const_data_ptr<scalar_t>(), sums.b_ih.const_data_ptr<scalar_t>() + 2 * H,
+              b_hh);
   });
 }
 

@@ -432,15 +432,6 @@ at::Tensor matrix_grad(const at::Tensor& a, const at::Tensor& x, bool low) {
   return out.to(at::kBFloat16);
 }
 
-// out[n] += sum over the M rows of A (M, N), row stride lda: a bias gradient.
-template <typename T>
-void add_column_sums(const T* A, int64_t lda, int64_t M, int64_t N, T* out) {
-  for (int64_t m = 0; m < M; ++m) {
-    const T* a = A + m * lda;
-    for (int64_t n = 0; n < N; ++n) out[n] += a[n];
-  }
-}
-
 // Backward. grad_output (T, B, H) and grad_hn, grad_cn (L, B, H): contiguous or undefined (no
 // gradient). Returns (grad_input, grad_h0, grad_c0 (undefined for the GRU), weight gradients in
 // the order of `weights`). Per layer, top down: the steps in reverse (the cell's backward and
@@ -467,6 +458,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   const int64_t M = off[Ts];
   const int64_t G = Cell::kGates * H, S = Cell::kSaved * H;
   constexpr bool kLstm = Cell::kHasCellState;
+  // the leading gate columns whose gradients are the same on the input and the hidden side
+  // (every LSTM gate; the GRU's r and z, not n, whose hidden side is scaled by r): b_hh's
+  // gradient there is b_ih's
+  const int64_t shared_cols = kLstm ? G : 2 * H;
   auto opts = input.options();
   at::Tensor grad_input = at::empty(input.sizes(), opts);
   at::Tensor grad_h0 = at::empty({L, B, H}, opts);
@@ -507,6 +502,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   if (!kLstm) dgh.resize(M * G);
   T* dgh_p = kLstm ? dgi.data() : dgh.data();
   std::vector<T> dh(B * H), dc(kLstm ? B * H : 0), dh_direct(B * H);
+  std::vector<T> step_b(d.bias ? 2 * G : 0);  // a step's sums of b_ih's and b_hh's gradients
   Scratch<T> dh_rec, step_gi, step_gh;
   for (int64_t l = L - 1; l >= 0; --l) {
     const at::Tensor& w_ih = stack_weight(weights, d, l, 0);
@@ -536,8 +532,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
     at::Tensor dgi_low = kLstm ? dgh_low
                          : full ? at::empty({M, G}, opts.dtype(at::kBFloat16))
                                 : at::Tensor();
-    T* gb_ih = full && d.bias ? grad_w[base + 2].data_ptr<T>() : nullptr;
-    T* gb_hh = full && d.bias ? grad_w[base + 3].data_ptr<T>() : nullptr;
+    // the biases' gradients: each row added to its step's sums as the cell makes it, while it
+    // is in L1, and each step's sums to the biases'
+    T* gb_ih = d.bias ? grad_w[base + 2].data_ptr<T>() : nullptr;
+    T* gb_hh = d.bias ? grad_w[base + 3].data_ptr<T>() : nullptr;
     const T* layer_saved = sv + l * M * S;
     if (grad_hn.defined()) {
       const T* p = grad_hn.const_data_ptr<T>() + l * B * H;
@@ -563,6 +561,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       const T* cp = kLstm ? (t > 0 ? layer_saved + off[t - 1] * S + H : c0l) : nullptr;
       if (dy)
         for (int64_t k = 0; k < rows * H; ++k) dh[k] += dy[off[t] * H + k];
+      std::fill(step_b.begin(), step_b.end(), T(0));
       // this step's gate gradients: in the buffers over all rows, or, full, one row at a time
       // in a row's scratch, then in bf16 in dgh_low's and dgi_low's rows (the LSTM's are one)
       T* gi_rows = full ? step_gi.data() : dgi.data() + off[t] * G;
@@ -583,11 +582,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
           const int64_t r = off[t] + b;
           narrow_rows(dghb, G, 1, G, dgh_low.mutable_data_ptr<c10::BFloat16>() + r * G);
           if (!kLstm) narrow_rows(dgib, G, 1, G, dgi_low.mutable_data_ptr<c10::BFloat16>() + r * G);
-          if (gb_ih) {
-            add_column_sums<T>(dgib, G, 1, G, gb_ih);
-            add_column_sums<T>(dghb, G, 1, G, gb_hh);
-          }
         }
+        if (gb_ih) {
+          add_column_sums<T>(dgib, G, 1, G, step_b.data());
+          // b_hh's gradient takes the columns its gates do not share with b_ih's (below)
+          if (shared_cols < G)
+            add_column_sums<T>(dghb + shared_cols, G, 1, G - shared_cols,
+                               step_b.data() + G + shared_cols);
+        }
+      }
+      if (gb_ih) {
+        for (int64_t n = 0; n < G; ++n) gb_ih[n] += step_b[n];
+        for (int64_t n = shared_cols; n < G; ++n) gb_hh[n] += step_b[G + n];
       }
       if (dgh_low.defined() && rows > 0) {
         at::Tensor step_low = dgh_low.narrow(0, off[t], rows);
@@ -601,6 +607,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
         for (int64_t j = 0; j < H; ++j)
           dh[b * H + j] = dh_direct[b * H + j] + dh_rec[b * ldr + j];
     }
+    if (gb_ih) std::copy(gb_ih, gb_ih + shared_cols, gb_hh);
     std::copy(dh.begin(), dh.end(), grad_h0.data_ptr<T>() + l * B * H);
     if (kLstm) std::copy(dc.begin(), dc.end(), grad_c0.data_ptr<T>() + l * B * H);
     // this layer's input (M, K): the input, or the layer below's output (times its mask)
@@ -694,10 +701,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       add_at_x<T>(dgh_p, G, h0l, H, off[1], G, H, gw_hh, low);
       if (M > off[1])
         add_at_x<T>(dgh_p + off[1] * G, G, later, ld_later, M - off[1], G, H, gw_hh, low);
-    }
-    if (d.bias && !full) {
-      add_column_sums<T>(dgi.data(), G, M, G, grad_w[base + 2].data_ptr<T>());
-      add_column_sums<T>(dgh_p, G, M, G, grad_w[base + 3].data_ptr<T>());
     }
     // the input's gradient: a native bf16 product reads the bf16 dgi made for the gradients
     // above, when there is one

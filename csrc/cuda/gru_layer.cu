@@ -155,7 +155,7 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
 void gru_layer_backward(const GruLayerDims& d, const at::Tensor& grad_output,
                         const at::Tensor& h0, const at::Tensor& w_hh, const at::Tensor& output,
                         const at::Tensor& saved, at::Tensor& dgi, at::Tensor& dgh,
-                        at::Tensor& dh) {
+                        at::Tensor& dh, bool /*has_extra*/, GruGateSums& /*sums: made after*/) {
   const c10::cuda::CUDAGuard guard(dh.device());
   const int64_t T = d.steps, B = d.batch, H = d.hidden, G = 3 * H;
   at::Tensor dh_direct = at::empty({B, H}, dh.options());
