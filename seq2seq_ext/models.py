@@ -306,9 +306,12 @@ class Seq2SeqDecoder(reference.Seq2SeqDecoder):
         if embed + context.shape[-1] != w_ih0.shape[1]:  # nn.GRU's check of [embedding, context]
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
                                f"{w_ih0.shape[1]}, got {embed + context.shape[-1]}")
-        extra = ops.autocast_linear(context, w_ih0[:, embed:])
+        # one split, not two slices: its backward writes W_ih0's gradient once (a cat of the
+        # two parts), where each slice's would zero a copy of the whole matrix, then add them
+        w_emb, w_ctx = w_ih0.split([embed, w_ih0.shape[1] - embed], 1)
+        extra = ops.autocast_linear(context, w_ctx)
         output, state = ops.gru(X, rnn_state, weights, rnn.dropout, rnn.training,
-                                w_ih0=w_ih0[:, :embed], extra0=extra, batch_sizes=batch_sizes,
+                                w_ih0=w_emb, extra0=extra, batch_sizes=batch_sizes,
                                 positions=positions)
         if order is not None:  # the state back in the batch's order
             state = torch.empty_like(state).index_copy(1, order, state)
