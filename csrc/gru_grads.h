@@ -73,8 +73,8 @@ inline GruLayerGrads gru_layer_sequence_grads(const GruLayerDims& d, const at::T
                     : at::empty({0, H}, h0.options());
     if (has_extra) grad_extra = sums.extra.defined() ? sums.extra : dgi.sum(0);
   } else {
-    // row b of step t started from row b of step t - 1 (h0's row b at step 0); its batch row is b
-    // (the index_add_ below: sums.extra, when the kernel made it)
+    // row b of step t started from row b of step t - 1 (h0's row b at step 0); its batch row is
+    // b, where extra's gradient sums it (the kernel's sums.extra, else the index_add_ below)
     const std::vector<int64_t> off = d.offsets();
     std::vector<int64_t> prev(N), batch_row(N);
     for (int64_t t = 0; t < T; ++t)
