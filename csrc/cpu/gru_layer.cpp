@@ -120,8 +120,10 @@ void gru_layer_backward(const GruLayerDims& d, const at::Tensor& grad_output,
       // b_hh's r and z columns are b_ih's (the same gate gradients): its n columns only
       add_column_sums<scalar_t>(dgh_t.const_data_ptr<scalar_t>() + 2 * H, G, rows, H,
                                 sums.b_hh.data_ptr<scalar_t>() + 2 * H);
-      if (has_extra)
-        sums.extra.narrow(0, 0, rows).add_(dgi.reshape({-1, G}).narrow(0, off[t], rows));
+      if (has_extra) {  // rows of (B, 3H), contiguous: one flat sum
+        scalar_t* e = sums.extra.data_ptr<scalar_t>();
+        for (int64_t k = 0; k < rows * G; ++k) e[k] += dgi_rows[k];
+      }
       // dh_prev = dh * z + dgh W_hh
       if (low && native_product(rows, G, H)) {
         bf16_addmm_out(dh_t, dh_direct.narrow(0, 0, rows), dgh_t, w_hh);
