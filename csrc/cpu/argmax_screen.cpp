@@ -34,6 +34,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_dots(
     const int8_t* r = q + v * Kp;
     __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
     for (int64_t k = 0; k < Kp; k += 64) {
+      for (int i = 0; i < 4; ++i) prefetch_line(r + i * Kp + k + kPrefetchBytes);
       const __m512i x = _mm512_loadu_si512(hq + k);
       s0 = _mm512_dpbusd_epi32(s0, x, _mm512_loadu_si512(r + k));
       s1 = _mm512_dpbusd_epi32(s1, x, _mm512_loadu_si512(r + Kp + k));
