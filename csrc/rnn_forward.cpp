@@ -12,9 +12,9 @@
 #include <torch/extension.h>
 
 #include "dropout_mask.h"
-#include "torch_dropout_mask.h"
 #include "rnn_forward.h"
 #include "rnn_stack.h"
+#include "torch_dropout_mask.h"
 
 namespace seq2seq_ext {
 namespace {

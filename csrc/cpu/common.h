@@ -107,8 +107,7 @@ template <typename T>
 void add_column_sums(const T* A, int64_t lda, int64_t M, int64_t N, T* out) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  const int64_t grain = std::max<int64_t>(4 * W, 65536 / std::max<int64_t>(M, 1));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+  auto sum_columns = [&](int64_t n0, int64_t n1) {
     int64_t n = n0;
     for (; n + 4 * W <= n1; n += 4 * W) {  // four columns of lanes: four chains of adds
       Vec s0(T(0)), s1(T(0)), s2(T(0)), s3(T(0));
@@ -124,12 +123,22 @@ void add_column_sums(const T* A, int64_t lda, int64_t M, int64_t N, T* out) {
       (Vec::loadu(out + n + 2 * W) + s2).store(out + n + 2 * W);
       (Vec::loadu(out + n + 3 * W) + s3).store(out + n + 3 * W);
     }
+    for (; n + W <= n1; n += W) {
+      Vec s0(T(0));
+      for (int64_t m = 0; m < M; ++m) s0 += Vec::loadu(A + m * lda + n);
+      (Vec::loadu(out + n) + s0).store(out + n);
+    }
     for (; n < n1; ++n) {
       T s = 0;
       for (int64_t m = 0; m < M; ++m) s += A[m * lda + n];
       out[n] += s;
     }
-  });
+  };
+  // one row, or one small step's rows (the recurrent backward's calls): no parallel region
+  constexpr int64_t kSmall = 65536;
+  if (M * N <= kSmall) return sum_columns(0, N);
+  at::parallel_for(0, N, std::max<int64_t>(4 * W, kSmall / std::max<int64_t>(M, 1)),
+                   sum_columns);
 }
 
 }  // namespace cpu
