@@ -52,7 +52,8 @@ Dropout between layers draws its masks from the default generator in one pass
 (``_C.dropout_keep_mask`` in eager calls; a uniform sample below ``1 - p`` when traced), so the
 masks differ from those ``nn.GRU`` / ``nn.LSTM`` would draw for the same seed; the distribution
 (Bernoulli(1 - p)) and the scaling (``1 / (1 - p)``) are the same, and ``torch_masks=True``
-draws theirs.
+draws theirs on the CPU. On a GPU no mask is ``nn.GRU``'s: cuDNN draws its own masks with its
+own generator.
 """
 import copy
 

@@ -471,6 +471,52 @@ def _case_lstm_step():
     return fn, args(22), args(23)
 
 
+def _stack_case(seed, cell):
+    """rnn_stack's fixed weights and two sets of (input, h0, c0, dropout mask)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 1.2 - 0.6).to("cuda")
+    T, B, I, H, L = 7, 5, 6, 10, 2
+    G = (4 if cell == "lstm" else 3) * H
+    weights = [w for layer in range(L) for w in (r(G, I if layer == 0 else H), r(G, H), r(G),
+                                                   r(G))]
+
+    def args():
+        mask = ((torch.rand(L - 1, T, B, H, generator=g) > 0.3).double() / 0.7).to("cuda")
+        return (r(T, B, I), r(L, B, H), r(L, B, H) if cell == "lstm" else None, mask)
+    return [w.float() for w in weights], [tuple(a.float() if a is not None else None
+                                                for a in args()) for _ in range(2)]
+
+
+def _stack_forward_case(cell, seed):
+    weights, (static, fresh) = _stack_case(seed, cell)
+
+    def fn(x, h0, c0, mask):
+        return OPS.rnn_stack(cell, x, h0, c0, weights, mask)
+    return fn, static, fresh
+
+
+def _stack_backward_case(cell, seed):
+    weights, sets = _stack_case(seed, cell)
+
+    def args(x, h0, c0, mask):
+        out, h_n, c_n, saved = OPS.rnn_stack(cell, x, h0, c0, weights, mask)
+        return (torch.randn_like(out), torch.randn_like(h_n),
+                torch.randn_like(h_n) if cell == "lstm" else None, x, h0, c0, mask, saved)
+
+    def fn(grad_out, grad_hn, grad_cn, x, h0, c0, mask, saved):
+        gx, gh, gc, gw = OPS.rnn_stack_backward(cell, grad_out, grad_hn, grad_cn, x, h0, c0,
+                                                weights, mask, saved)
+        return (gx, gh, gc, *gw)
+    return fn, args(*sets[0]), args(*sets[1])
+
+
+for _cell in ("gru", "lstm"):
+    capture_case(f"rnn_stack_{_cell}")(lambda cell=_cell: _stack_forward_case(cell, 24))
+    capture_case(f"rnn_stack_backward_{_cell}")(lambda cell=_cell: _stack_backward_case(cell, 25))
+
+
 @NEEDS_CUDA
 @pytest.mark.parametrize("name", sorted(CAPTURE_CASES))
 def test_op_can_be_captured_in_a_cuda_graph(name):

@@ -36,8 +36,8 @@ def test_decoder_forward_one_step_is_fused_without_grad(device, dtype, monkeypat
         Y_ref, state_ref = ref(X, state)
     assert spy.calls == 1
     assert Y.shape == Y_ref.shape == (5, 1, 19)
-    torch.testing.assert_close(Y, Y_ref, **decode_tol(dtype))
-    torch.testing.assert_close(new_state, state_ref, **decode_tol(dtype))
+    torch.testing.assert_close(Y, Y_ref, **decode_tol(dtype, device))
+    torch.testing.assert_close(new_state, state_ref, **decode_tol(dtype, device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -57,16 +57,16 @@ def test_decoder_forward_with_grad_is_differentiable(device, monkeypatch):
     assert dec.dense.weight.grad is not None and dec.rnn.weight_hh_l0.grad is not None
     Y_ref, state_ref = ref(X, state)
     # the differentiable path runs the fused GRU layer op: equal up to GEMM/exp rounding
-    torch.testing.assert_close(Y, Y_ref, **decode_tol(torch.float32))
-    torch.testing.assert_close(new_state, state_ref, **decode_tol(torch.float32))
+    torch.testing.assert_close(Y, Y_ref, **decode_tol(torch.float32, device))
+    torch.testing.assert_close(new_state, state_ref, **decode_tol(torch.float32, device))
     # a multi-step input takes the layer op (not the decode step) even without gradients
     with torch.no_grad():
         X3 = random_tokens(15, 19, device=device, seed=42).reshape(5, 3)
         Y3, s3 = dec(X3, state)
         Y3_ref, s3_ref = ref(X3, state)
     assert spy.calls == 0
-    torch.testing.assert_close(Y3, Y3_ref, **decode_tol(torch.float32))
-    torch.testing.assert_close(s3, s3_ref, **decode_tol(torch.float32))
+    torch.testing.assert_close(Y3, Y3_ref, **decode_tol(torch.float32, device))
+    torch.testing.assert_close(s3, s3_ref, **decode_tol(torch.float32, device))
 
 
 def test_decoder_forward_not_fused_with_dropout_in_training_or_reference_backend(monkeypatch):
@@ -172,8 +172,8 @@ def test_emb_proj_cache_follows_optimizer_steps(device, optimizer):
         opt.step()
         after, after_state = _step_output(dec, X, state)
         ref_out, ref_state = reference_step(reference_decoder(dec), X, state)
-        torch.testing.assert_close(after[:, 0], ref_out, **decode_tol(torch.float32))
-        torch.testing.assert_close(after_state, ref_state, **decode_tol(torch.float32))
+        torch.testing.assert_close(after[:, 0], ref_out, **decode_tol(torch.float32, device))
+        torch.testing.assert_close(after_state, ref_state, **decode_tol(torch.float32, device))
     assert not torch.allclose(after, before)
     assert fused_decoder_args(dec)[0] is not table
 
@@ -198,8 +198,8 @@ def test_emb_proj_cache_follows_in_place_changes(device):
             change()
         out, new_state = _step_output(dec, X, state)
         ref_out, ref_state = reference_step(reference_decoder(dec), X, state)
-        torch.testing.assert_close(out[:, 0], ref_out, **decode_tol(torch.float32), msg=str(i))
-        torch.testing.assert_close(new_state, ref_state, **decode_tol(torch.float32), msg=str(i))
+        torch.testing.assert_close(out[:, 0], ref_out, **decode_tol(torch.float32, device), msg=str(i))
+        torch.testing.assert_close(new_state, ref_state, **decode_tol(torch.float32, device), msg=str(i))
 
 
 def test_emb_proj_cache_follows_dtype_conversion():

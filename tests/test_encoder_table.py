@@ -245,6 +245,20 @@ class TestGruLayerProjectedCpu:
             with pytest.raises(RuntimeError, match=rf"^{name}\b"):
                 _C.linear_bf16_weights_cpu(*args)
 
+    @pytest.mark.parametrize("rows", [2, 3, 4, 5, 9])
+    @pytest.mark.parametrize("k,n", [(37, 45), (64, 48), (70, 13), (256, 771)])
+    def test_linear_bf16_weights_rows_together(self, rows, k, n):
+        # rows taken together share each weight block; every output must keep the bits it
+        # has when its row is taken alone (the screen's check recomputes single outputs)
+        g = generator(100 * rows + k)
+        x, w, b = (torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g),
+                   torch.randn(n, generator=g))
+        low = w.bfloat16()
+        got = _C.linear_bf16_weights_cpu(x, low, b)
+        alone = torch.cat([_C.linear_bf16_weights_cpu(x[i:i + 1], low, b) for i in range(rows)])
+        assert torch.equal(got, alone)
+        torch.testing.assert_close(got, torch.addmm(b, x, low.float().t()), rtol=1e-5, atol=1e-4)
+
     def test_bf16_weights_need_a_float32_gi(self):
         with pytest.raises(RuntimeError, match=r"^w_hh\b.*float32 gi"):
             _C.gru_layer_projected_cpu(torch.zeros(2, 1, 15, dtype=torch.float64),

@@ -37,6 +37,23 @@ def test_missing_modules_are_named_in_one_line(gpu):
     assert "\n" not in line and "no-such-wheel" in line
 
 
+def test_a_missing_test_module_fails_the_test_phase_alone(gpu, tmp_path, monkeypatch):
+    # a module only the tests import (expecttest, for opcheck) is not a reason to lose the
+    # build, the sanitizer and the tables: the test phase fails at once, naming it
+    assert not set(gpu.TEST_MODULES) & set(gpu.REQUIRED_MODULES)
+    assert "expecttest" in gpu.TEST_MODULES and "torch" in gpu.REQUIRED_MODULES
+    report = gpu.Report(tmp_path, ["gpu.py"])
+    monkeypatch.setattr(gpu, "TEST_MODULES", {"no_such_module_xyz": "no-such-wheel"})
+    ran = []
+    monkeypatch.setattr(gpu, "run_phase", lambda *a, **k: ran.append(a) or {"status": "passed"})
+    assert gpu.run_tests(report, "tests") is True and ran == []
+    phase = json.loads((tmp_path / "gpu.json").read_text())["phases"]["tests"]
+    assert phase["status"] == "failed" and "no-such-wheel" in phase["failures"][0]
+    monkeypatch.setattr(gpu, "TEST_MODULES", {"json": "json"})
+    assert gpu.run_tests(report, "tests") is False and len(ran) == 1
+    report.close()
+
+
 def test_phase_cut_at_its_cap_is_reported_and_the_json_kept(gpu, tmp_path, monkeypatch):
     report = gpu.Report(tmp_path, ["gpu.py"])
     code = ("import json, sys, time; print('FAILED tests/x.py::t'); "

@@ -86,7 +86,7 @@ def test_models_match_reference(device, dtype, dropout, monkeypatch):
     with seq2seq_ext.use_backend("reference"):
         want = _model_step(ref, batch, seed=11)
     assert len(calls) == 2
-    tol = gru_tol(dtype)
+    tol = gru_tol(dtype, device)
     for name, g, w in zip(("Y_hat", "state", "loss"), got[:3], want[:3]):
         torch.testing.assert_close(g, w, **tol, msg=lambda m, n=name: f"{n}: {m}")
     assert_close_dict(got[3], want[3], tol)

@@ -239,7 +239,7 @@ def test_one_step_inference_is_fused_and_equals_reference(device, cell, fixed, m
                 outs.append(out)
             results[backend] = torch.cat(outs, dim=1)
     assert spy.calls == tokens.shape[1]  # every ext step went through the fused op
-    torch.testing.assert_close(results["ext"], results["reference"], **decode_tol(torch.float32))
+    torch.testing.assert_close(results["ext"], results["reference"], **decode_tol(torch.float32, device))
     monkeypatch.undo()
     # the direct CPU call gives the op's numbers (to rounding: the bound stepper sums its
     # products in another order, see DecoderStepper)

@@ -48,8 +48,8 @@ def test_step_matches_reference(device, config):
     logits, new_state = STEP(token, state, *args)
     assert logits.shape == (batch, vocab) and logits.dtype == dtype
     assert new_state.shape == state.shape and new_state.dtype == dtype
-    torch.testing.assert_close(logits, ref_logits, **decode_tol(dtype))
-    torch.testing.assert_close(new_state, ref_state, **decode_tol(dtype))
+    torch.testing.assert_close(logits, ref_logits, **decode_tol(dtype, device))
+    torch.testing.assert_close(new_state, ref_state, **decode_tol(dtype, device))
     assert torch.equal(state, state_before)
     # token (B, 1) -> logits (B, 1, V), the shape of the decoder's output for one step
     logits1, new_state1 = ops.gru_decode_step(token[:, None], state, *args)
@@ -97,7 +97,7 @@ def test_step_inputs_requiring_grad(device):
                                             weights, dw, db)
     assert not logits.requires_grad and not new_state.requires_grad
     ref_logits, ref_state = reference_step(ref, token, state.detach())
-    torch.testing.assert_close(logits, ref_logits, **decode_tol(torch.float32))
+    torch.testing.assert_close(logits, ref_logits, **decode_tol(torch.float32, device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,12 +115,12 @@ def test_step_with_fixed_context(device, config):
     logits, new_state = STEP(token, state, emb_proj, ctx_projection(dec, context), weights, dw,
                              db)
     ref_logits, ref_state = fixed_context_step(dec, token, state, context)
-    torch.testing.assert_close(logits, ref_logits, **decode_tol(dtype))
-    torch.testing.assert_close(new_state, ref_state, **decode_tol(dtype))
+    torch.testing.assert_close(logits, ref_logits, **decode_tol(dtype, device))
+    torch.testing.assert_close(new_state, ref_state, **decode_tol(dtype, device))
     # a context equal to state[-1] is the reference decoder's rule
     same, _ = STEP(token, state, emb_proj, ctx_projection(dec, state[-1]), weights, dw, db)
     free, _ = STEP(token, state, emb_proj, None, weights, dw, db)
-    torch.testing.assert_close(same, free, **decode_tol(dtype))
+    torch.testing.assert_close(same, free, **decode_tol(dtype, device))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -748,9 +748,9 @@ def test_bad_input_names_the_argument(device, case):
         ops.gru_layer(**args)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["h0", "w_ih", "w_hh", "b_ih", "b_hh", "extra"])
-def test_bad_input_device_mismatch(name):
+def test_bad_input_cuda_device_mismatch(name):
     args = _bad_base("cuda")
     args[name] = args[name].cpu()
     with pytest.raises(RuntimeError, match=rf"\b{name}\b"):

@@ -80,18 +80,18 @@ def test_lstm_step_matches_nn_lstm(device, config):
     ref_logits, ref_h, ref_c = _nn_lstm_step(dec, token, h, c, h[-1])
     assert logits.shape == (batch, vocab) and logits.dtype == dtype
     assert h2.shape == h.shape and c2.shape == c.shape
-    torch.testing.assert_close(logits, ref_logits, **decode_tol(dtype))
-    torch.testing.assert_close(h2, ref_h, **decode_tol(dtype))
-    torch.testing.assert_close(c2, ref_c, **decode_tol(dtype))
+    torch.testing.assert_close(logits, ref_logits, **decode_tol(dtype, device))
+    torch.testing.assert_close(h2, ref_h, **decode_tol(dtype, device))
+    torch.testing.assert_close(c2, ref_c, **decode_tol(dtype, device))
     assert torch.equal(h, h0) and torch.equal(c, c0)
     # a fixed context through ctx_proj
     context = seeded_rand((batch, hidden), 77, dtype).to(device)
     ctx_proj = context_projection(dec, context)
     logits_f, hf, cf = LSTM_STEP(token, h, c, emb_proj, ctx_proj, weights, dw, db)
     ref_logits_f, ref_hf, ref_cf = _nn_lstm_step(dec, token, h, c, context)
-    torch.testing.assert_close(logits_f, ref_logits_f, **decode_tol(dtype))
-    torch.testing.assert_close(hf, ref_hf, **decode_tol(dtype))
-    torch.testing.assert_close(cf, ref_cf, **decode_tol(dtype))
+    torch.testing.assert_close(logits_f, ref_logits_f, **decode_tol(dtype, device))
+    torch.testing.assert_close(hf, ref_hf, **decode_tol(dtype, device))
+    torch.testing.assert_close(cf, ref_cf, **decode_tol(dtype, device))
     # (B, 1) ids give (B, 1, V) logits, int32 ids the same numbers
     logits1, h1, c1 = ops.lstm_decode_step(token[:, None], h, c, emb_proj, None, weights, dw, db)
     assert logits1.shape == (batch, 1, vocab)
@@ -102,9 +102,9 @@ def test_lstm_step_matches_nn_lstm(device, config):
     with seq2seq_ext.use_backend("reference"):
         r_logits, r_h, r_c = ops.lstm_decode_step(token, h, c, emb_proj, ctx_proj, weights, dw,
                                                   db)
-    torch.testing.assert_close(r_logits, logits_f, **decode_tol(dtype))
-    torch.testing.assert_close(r_h, hf, **decode_tol(dtype))
-    torch.testing.assert_close(r_c, cf, **decode_tol(dtype))
+    torch.testing.assert_close(r_logits, logits_f, **decode_tol(dtype, device))
+    torch.testing.assert_close(r_h, hf, **decode_tol(dtype, device))
+    torch.testing.assert_close(r_c, cf, **decode_tol(dtype, device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -136,7 +136,7 @@ def test_lstm_step_with_parameters_requiring_grad(device):
                                           dw, db)
     assert not (logits.requires_grad or h2.requires_grad or c2.requires_grad)
     ref_logits, _, _ = _nn_lstm_step(dec, token, h.detach(), c, h.detach()[-1])
-    torch.testing.assert_close(logits, ref_logits, **decode_tol(torch.float32))
+    torch.testing.assert_close(logits, ref_logits, **decode_tol(torch.float32, device))
 
 
 def test_lstm_step_direct_cpu_call_equals_the_op():
