@@ -229,3 +229,10 @@ def test_translation_benchmark_runs_and_counts_the_bytes():
         assert tl.sentence_bytes(net, 3, 2, elem) == encoder + 2 * elem * per_token
     # the screen reads the output layer as int8
     assert tl.token_bytes(net, 2, dense_elem=1) == 2 * per_token - vocab * 5
+    # the floor: the encoder's W_hh reads at one W_hh's rate, the rest at a token's
+    assert tl.encoder_recurrent_bytes(net, 3, 2) == (2 * 3 * 2 * 15 * 5, 2 * 15 * 5)
+    rates = {2 * 15 * 5: 1000.0, tl.token_bytes(net, 2): 10.0}
+    floor = tl.sentence_floor(net, 3, 2, 2, rate=rates.__getitem__)
+    rest = tl.sentence_bytes(net, 3, 2, 2) - 2 * 3 * 2 * 15 * 5
+    assert floor == pytest.approx(2 * 3 * 2 * 15 * 5 / 1000.0 + rest / 10.0)
+    assert len(result["rates"]) >= 3 and all(r > 0 for r in result["rates"].values())

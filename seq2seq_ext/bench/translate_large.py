@@ -5,16 +5,19 @@ screen of the argmax where the CPU runs it), interleaved in one process.
 
 At batch 1 every product is a matrix-vector product: each token reads every weight matrix of
 the decoder once (the embedding and W_ih0's embedding columns excepted: they are a table
-lookup), so time per token is bounded by the bytes of those matrices over the memory bandwidth.
-The floor printed beside the times is that: the matrix bytes a sentence reads (the encoder's
-W_hh per step, its W_ih once for layers > 0 and a row of layer 0's table per step, the
-decoder's matrices per token; with bf16 weights the encoder's matrices are bf16 too) over the read
-bandwidth of a float32 reduction over as many bytes as the decoder's matrices, measured in the
-same run (the rate a working set of that size streams at), for float32 and for bfloat16
-decoder matrices, and with the screen, for an output layer read as int8. (Where a bfloat16
-matrix-vector product is bound by its multiply-adds, one float32 FMA lane per weight, rather
-than by memory, as on AMD Zen 4 CPUs, the bf16 floor is below what the CPU can reach.) The
-variants' rounds are interleaved, their order reversed every other round.
+lookup), so time per token is bounded by the bytes of those matrices over the rate at which
+they stream. The floor printed beside the times is that, for each variant at its own bytes an
+entry (float32 or bfloat16 decoder matrices; with the screen, an output layer read as int8):
+the decoder's matrix bytes per token over the read rate of a working set of that size, plus
+the encoder's: each layer's W_hh at every step over the rate of a working set of one W_hh (the
+encoder runs a layer over all its steps before the next: that matrix stays in cache from step
+to step), its W_ih once for layers > 0 and a row of layer 0's table per step at the decoder's
+rate (with bf16 weights the encoder's matrices are bf16 too). Each rate is that of a float32
+reduction over as many bytes, measured in the same run (:func:`read_bandwidth`). (Where a
+bfloat16 matrix-vector product is bound by its multiply-adds rather than by memory, as on CPUs
+without bf16 instructions that widen each weight to float32 first, the bf16 floor is below
+what the CPU can reach.) The variants' rounds are interleaved, their order reversed every other
+round.
 """
 import argparse
 import statistics
@@ -27,10 +30,12 @@ from seq2seq_ext import reference as R
 from seq2seq_ext.bench import common
 
 
-def read_bandwidth(nbytes, rounds=7):
+def read_bandwidth(nbytes, rounds=None):
     """Bytes per second of ``torch.sum`` over a float32 tensor of ``nbytes`` (the best of
-    ``rounds``): the rate at which a working set of that size streams from wherever it stays."""
+    ``rounds``, by default more for a smaller tensor): the rate at which a working set of that
+    size streams from wherever it stays."""
     x = torch.ones(max(1, int(nbytes) // 4))
+    rounds = rounds or max(7, min(200, (32 << 20) // max(1, x.numel() * 4)))
     x.sum()
     times = []
     for _ in range(rounds):
@@ -67,6 +72,26 @@ def sentence_bytes(net, steps, tokens, decoder_elem, dense_elem=None):
         enc_bytes += (4 * steps * w_ih.shape[0] if layer == 0 else decoder_elem * w_ih.numel())
         enc_bytes += decoder_elem * steps * getattr(enc, f"weight_hh_l{layer}").numel()
     return enc_bytes + tokens * token_bytes(net, decoder_elem, dense_elem)
+
+
+def encoder_recurrent_bytes(net, steps, elem):
+    """The part of :func:`sentence_bytes` that is the encoder's W_hh at each of ``steps`` steps
+    (every layer), and the bytes of its largest layer's W_hh, the working set those reads
+    repeat."""
+    enc = net.encoder.rnn
+    sizes = [elem * getattr(enc, f"weight_hh_l{layer}").numel() for layer in range(enc.num_layers)]
+    return steps * sum(sizes), max(sizes)
+
+
+def sentence_floor(net, steps, tokens, decoder_elem, dense_elem=None, rate=None):
+    """Seconds a sentence's matrix reads take at least: the encoder's recurrent reads
+    (:func:`encoder_recurrent_bytes`) at the rate of one W_hh's working set, the rest of
+    :func:`sentence_bytes` at the rate of a token's (:func:`token_bytes`). ``rate(nbytes)``:
+    bytes per second for a working set of nbytes (default :func:`read_bandwidth`)."""
+    rate = rate or read_bandwidth
+    recurrent, w_hh = encoder_recurrent_bytes(net, steps, decoder_elem)
+    rest = sentence_bytes(net, steps, tokens, decoder_elem, dense_elem) - recurrent
+    return recurrent / rate(w_hh) + rest / rate(token_bytes(net, decoder_elem, dense_elem))
 
 
 def without_screen(fn):
@@ -108,17 +133,23 @@ def run(sentences=200, rounds=3, embed=256, hidden=256, layers=2, src_size=4000,
             "the screen changed a translation")
     same_bf16 = sum(a == b for a, b in zip(outputs["package bf16 weights"], outputs["reference"]))
     times = common.interleaved(variants, rounds, warmup=0)  # the outputs above were the warm-up
-    bandwidth = read_bandwidth(token_bytes(net, 4))
+    rates = {}
+
+    def rate(nbytes):
+        if nbytes not in rates:
+            rates[nbytes] = read_bandwidth(nbytes)
+        return rates[nbytes]
+    bandwidth = rate(token_bytes(net, 4))
     tokens = statistics.mean(len(o.split()) + 1 for o in outputs["reference"])
     tokens = min(tokens, num_steps)
     dense_elem = 1 if screen else None
-    floors = {"package float32": sentence_bytes(net, num_steps, tokens, 4, dense_elem),
-              "package float32, no screen": sentence_bytes(net, num_steps, tokens, 4),
-              "package bf16 weights": sentence_bytes(net, num_steps, tokens, 2, dense_elem),
-              "package bf16 weights, no screen": sentence_bytes(net, num_steps, tokens, 2)}
-    floors = {name: b / bandwidth for name, b in floors.items() if name in variants}
+    floors = {"package float32": (4, dense_elem), "package float32, no screen": (4, None),
+              "package bf16 weights": (2, dense_elem), "package bf16 weights, no screen": (2, None)}
+    floors = {name: sentence_floor(net, num_steps, tokens, elem, dense, rate)
+              for name, (elem, dense) in floors.items() if name in variants}
     per_1000 = {name: t / sentences * 1000 for name, t in times.items()}
-    return dict(per_1000=per_1000, floors=floors, bandwidth=bandwidth, tokens=tokens,
+    return dict(per_1000=per_1000, floors=floors, bandwidth=bandwidth, rates=rates,
+                tokens=tokens,
                 same_bf16=same_bf16, sentences=sentences, screen=screen,
                 config=dict(embed=embed, hidden=hidden, layers=layers,
                             src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab),
@@ -147,8 +178,10 @@ def main(argv=None):
     cfg = result["config"]
     print(f"embed {cfg['embed']}, hidden {cfg['hidden']}, {cfg['layers']} layers, vocabularies "
           f"{cfg['src_vocab']}/{cfg['tgt_vocab']}, {cfg['num_steps']} steps, "
-          f"{result['tokens']:.1f} tokens a sentence, {cfg['threads']} thread(s); read bandwidth "
-          f"{result['bandwidth'] / 1e9:.1f} GB/s; bf16 weights give the reference's translation "
+          f"{result['tokens']:.1f} tokens a sentence, {cfg['threads']} thread(s); read rates "
+          + ", ".join(f"{n / 2**20:.2f} MiB {r / 1e9:.1f} GB/s"
+                      for n, r in sorted(result['rates'].items()))
+          + f"; bf16 weights give the reference's translation "
           f"for {result['same_bf16']} of {result['sentences']} sentences; int8 screen of the "
           f"argmax: {'yes' if result['screen'] else 'no (no AVX512-VNNI)'}")
     print(format_table(result))
