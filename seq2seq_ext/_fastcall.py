@@ -26,6 +26,8 @@ machine, so read them as ratios).
 * :func:`any_global_hook`: the global module hooks (``register_module_forward_hook`` etc.)
   have no public query; the shortcut must not skip them.
 """
+import weakref
+
 import torch
 from torch import nn
 
@@ -177,3 +179,105 @@ def ordinary_call_for(cls, base_forward):
     ``nn.Module.__call__``: the shortcut would skip its ``forward``."""
     if cls.forward is not base_forward and "__call__" not in cls.__dict__:
         cls.__call__ = _module_call
+
+
+# ----------------------------------------------------------------------------------------------
+# predict_seq2seq's shortcut for the chapter's GRU model
+# ----------------------------------------------------------------------------------------------
+
+# model -> its plan; kept beside the model rather than in its attributes, so that a copy or a
+# pickle of the model carries no plan that points at the original's modules
+_PLANS = weakref.WeakKeyDictionary()
+
+
+class _TranslationPlan:
+    """What :func:`translation` tests at each call for a model, gathered once per generation:
+    the encoder and decoder, the attribute dicts of every module of the model (their modes),
+    of the modules prediction calls or reads (their hooks, a ``forward`` set on the instance),
+    the embeddings (``max_norm``), the GRUs (``batch_first``) and the tensors read in place of
+    calling the modules (still the modules' parameters, float32 CPU tensors)."""
+
+    def __init__(self, net, models):
+        self.generation = _generation[0]
+        self.ok = False
+        mods = net.__dict__.get("_modules", {})
+        enc, dec = mods.get("encoder"), mods.get("decoder")
+        cls_enc, cls_dec = models.Seq2SeqEncoder, models.Seq2SeqDecoder
+        if not (isinstance(enc, cls_enc) and own_forward(enc, cls_enc.forward)
+                and enc.__dict__.get("cell") == "gru" and isinstance(dec, cls_dec)
+                and own_forward(dec, cls_dec.forward) and dec.__dict__.get("_chapter") is True
+                and type(dec).init_state is cls_dec.init_state
+                and type(dec).greedy is cls_dec.greedy):
+            return
+        enc_mods, dec_mods = enc._modules, dec._modules
+        e_emb, e_rnn = enc_mods.get("embedding"), enc_mods.get("rnn")
+        d_emb, d_rnn, d_dense = dec_mods.get("embedding"), dec_mods.get("rnn"), dec_mods.get("dense")
+        if not (type(e_emb) is nn.Embedding and type(e_rnn) is nn.GRU and type(d_emb) is nn.Embedding
+                and type(d_rnn) is nn.GRU and type(d_dense) is nn.Linear
+                and "weight" in e_emb._parameters and "weight" in d_emb._parameters
+                and "weight" in d_dense._parameters and d_dense._parameters.get("bias") is not None
+                and e_rnn.bias and d_rnn.bias and not e_rnn.bidirectional
+                and not d_rnn.bidirectional and e_rnn.num_layers == d_rnn.num_layers
+                and e_rnn.hidden_size == d_rnn.hidden_size):
+            return
+        called = (enc, e_emb, e_rnn, dec, d_emb, d_rnn, d_dense)
+        self.encoder, self.decoder, self.encoder_rnn = enc, dec, e_rnn
+        self.mode_dicts = tuple(m.__dict__ for m in net.modules())
+        self.called_dicts = tuple(m.__dict__ for m in called)
+        self.hooks = _hook_dicts(called)
+        self.embeddings = (e_emb, d_emb)
+        self.rnn_dicts = (e_rnn.__dict__, d_rnn.__dict__)
+        self.bound = ((e_emb._parameters, "weight", e_emb._parameters["weight"]),
+                      *((e_rnn._parameters, n, e_rnn._parameters[n])
+                        for n in e_rnn._flat_weights_names),
+                      (d_emb._parameters, "weight", d_emb._parameters["weight"]),
+                      *((d_rnn._parameters, n, d_rnn._parameters[n])
+                        for n in d_rnn._flat_weights_names),
+                      (d_dense._parameters, "weight", d_dense._parameters["weight"]),
+                      (d_dense._parameters, "bias", d_dense._parameters["bias"]))
+        self.decoder_first = 1 + len(e_rnn._flat_weights_names)  # the decoder's embedding
+        self.shape = (d_rnn.num_layers, 1, d_rnn.hidden_size)
+        self.ok = True
+
+    def decoder_widths(self):
+        """The decoder's embedding, W_ih0 and W_hh0 as they are now (``.data`` may have given
+        one of them another shape)."""
+        b, first = self.bound, self.decoder_first
+        return b[first][2], b[first + 1][2], b[first + 2][2]
+
+
+def translation(net, models):
+    """The model's :class:`_TranslationPlan` when ``predict_seq2seq`` would encode with this
+    package's GRU encoder over its table and decode with the chapter's GRU decoder on the
+    stepper path (:func:`seq2seq_ext.models.decode_path`), calling neither module: the
+    conditions of those paths, restated cheaply as :func:`decoder_call` restates the stepper's.
+    Every module of the model in evaluation mode (the chapter's ``net.eval()`` changes nothing),
+    no hook of any kind on the encoder, the decoder or their embeddings, GRUs and output layer
+    and no ``forward`` set on them, no global hook, no ``max_norm``, time-first GRUs, the
+    extension backend outside any ``use_backend`` block, no tracing, dispatch or function mode,
+    no CPU autocast, and the weights the modules' own float32 CPU parameters (not inference
+    tensors). None otherwise (``predict_seq2seq`` then takes its usual path, whose checks are
+    the full ones). ``models``: the models module (imported by the caller)."""
+    if not isinstance(net, nn.Module):
+        return None
+    plan = _PLANS.get(net)
+    if plan is None or plan.generation != _generation[0]:
+        plan = _PLANS[net] = _TranslationPlan(net, models)
+    if not plan.ok:
+        return None
+    for d in plan.mode_dicts:
+        if d["training"]:
+            return None
+    for d in plan.called_dicts:
+        if "forward" in d:
+            return None
+    if (any(plan.hooks) or any_global_hook() or plan.embeddings[0].max_norm is not None
+            or plan.embeddings[1].max_norm is not None or plan.rnn_dicts[0]["batch_first"]
+            or plan.rnn_dicts[1]["batch_first"] or not ops.ext_shortcut_ok()
+            or not ops._no_dispatch_hooks() or torch.is_autocast_enabled("cpu")
+            or not _still_bound(plan.bound)):
+        return None
+    for _, _, t in plan.bound:
+        if t.dtype != torch.float32 or not t.is_cpu or t.is_inference():
+            return None
+    return plan

@@ -6,7 +6,7 @@ reference's, a user's subclass with its own ``forward``), the reference backend 
 ``save_attention_weights=True`` run the chapter's loop."""
 import torch
 
-from . import reference
+from . import _fastcall, models, reference
 from .data import truncate_pad
 from .models import _check_int, _int_of, bf16_weights_requested, decode_path, encode
 
@@ -55,6 +55,45 @@ def _greedy(net, sentences, src_vocab, tgt_vocab, num_steps, device, weight_dtyp
     return [' '.join(tgt_vocab.to_tokens(row[:n])) for row, n in zip(tokens, lengths)]
 
 
+def _translate_directly(net, sentence, src_vocab, tgt_vocab, num_steps, device, bf16):
+    """:func:`predict_seq2seq`'s translation of the chapter's GRU model without the checks and
+    module calls of its usual path, where that path would run the same kernels on the same
+    tensors (:func:`seq2seq_ext._fastcall.translation` says when): the encoder over its table
+    (:func:`~seq2seq_ext.models.encode`), the decoder's bound stepper for the greedy loop
+    (:meth:`~seq2seq_ext.Seq2SeqDecoder.greedy`); so the same translation. None where it does
+    not apply: :func:`predict_seq2seq` then takes its usual path. Per sentence of the chapter's
+    loop at embedding and hidden 256 this saves the Python that tests those paths again for
+    every sentence (about 10% of a bf16 translation, one thread; ``benchmarks/RESULTS.md``)."""
+    if not (device == "cpu" or (isinstance(device, torch.device) and device.type == "cpu")):
+        return None
+    plan = _fastcall.translation(net, models)
+    if plan is None:
+        return None
+    bos, eos = tgt_vocab['<bos>'], tgt_vocab['<eos>']
+    if type(bos) is not int or type(eos) is not int or bos < 0:
+        return None
+    emb, w_ih0, w_hh0 = plan.decoder_widths()
+    if emb.shape[-1] + w_hh0.shape[-1] != w_ih0.shape[-1]:
+        return None  # layer 0 does not fit [embedding, context]: the usual path's error
+    tokens = src_vocab[sentence.lower().split(' ')] + [src_vocab['<eos>']]
+    with torch.no_grad():
+        X = torch.tensor([truncate_pad(tokens, num_steps, src_vocab['<pad>'])], dtype=torch.long)
+        rnn = plan.encoder_rnn
+        if bf16:
+            weights = models._bf16_encoder_weights(plan.encoder, X)
+        else:
+            table = models.encoder_table(plan.encoder, X)
+            weights = None if table is None else (table, _fastcall.flat_weights(rnn))
+        if weights is None:
+            return None
+        state = models._encode_over_table(rnn, X, *weights)[1]
+        if state.shape != plan.shape:
+            return None
+        out, lengths = models.decoder_stepper(plan.decoder).greedy(state, None, bos, eos,
+                                                                   num_steps, bf16)
+    return ' '.join(tgt_vocab.to_tokens(out[0, :int(lengths[0])].tolist()))
+
+
 def _check_sentence(name, sentence):
     if not isinstance(sentence, str):
         raise TypeError(f"{name}: expected a string, got {type(sentence).__name__}")
@@ -83,6 +122,11 @@ def predict_seq2seq(net, src_sentence, src_vocab, tgt_vocab, num_steps, device,
     """
     _check_sentence("src_sentence", src_sentence)
     num_steps = _check_int("num_steps", _int_of(num_steps), 0)
+    if not save_attention_weights:
+        translation = _translate_directly(net, src_sentence, src_vocab, tgt_vocab, num_steps,
+                                          device, bf16_weights_requested(weight_dtype))
+        if translation is not None:
+            return translation, []
     chapter_loop = save_attention_weights or _chapter_loop(net)
     _check_weight_dtype(weight_dtype, chapter_loop)
     if chapter_loop:

@@ -790,8 +790,8 @@ def gru_over_projection(gi0, h0, flat_weights):
         w_ih, w_hh, b_ih, b_hh = flat_weights[4 * layer: 4 * layer + 4]
         if w_ih.dtype == torch.bfloat16:
             gi = _C.linear_bf16_weights_cpu(x.reshape(-1, x.shape[-1]), w_ih, b_ih)
-            x, h_n = _C.gru_layer_projected_cpu(gi.view(x.shape[0], x.shape[1], -1), h0[layer],
-                                                w_hh, b_hh)
+            gi = gi.view(x.shape[0], x.shape[1], w_ih.shape[0])  # (no -1: zero steps)
+            x, h_n = _C.gru_layer_projected_cpu(gi, h0[layer], w_hh, b_hh)
         else:
             x, h_n, _ = _C.gru_layer_cpu(x, h0[layer], w_ih, w_hh, b_ih, b_hh)
         states.append(h_n)

@@ -2,6 +2,7 @@
 ``reference.predict_seq2seq``: equal translations, through the fused greedy loop (the
 ``greedy_decode`` op, or the bound stepper on the CPU) and, under the reference backend,
 without it."""
+import contextlib
 import random
 
 import pytest
@@ -167,3 +168,208 @@ def test_prediction_puts_every_submodule_in_evaluation_mode():
     net.encoder.embedding.train()
     seq2seq_ext.predict_seq2seq_batch(net, ["go ."], src_vocab, tgt_vocab, 10, "cpu")
     assert not any(m.training for m in net.modules())
+
+
+# ----------------------------------------------------------------------------------------------
+# predict_seq2seq's shortcut for the chapter's GRU model (decoding._translate_directly)
+# ----------------------------------------------------------------------------------------------
+
+class _DirectSpy:
+    """Counts predict_seq2seq's translations by the shortcut (``taken``) and the calls that it
+    declined (``declined``: the usual path then ran); ``usual()`` runs predict_seq2seq with the
+    shortcut off (counted in neither)."""
+
+    def __init__(self, monkeypatch):
+        from seq2seq_ext import decoding
+        self.taken = self.declined = 0
+        self._real, self._on = decoding._translate_directly, True
+
+        def spy(*args):
+            if not self._on:
+                return None
+            out = self._real(*args)
+            if out is None:
+                self.declined += 1
+            else:
+                self.taken += 1
+            return out
+        monkeypatch.setattr(decoding, "_translate_directly", spy)
+
+    def usual(self, *args, **kwargs):
+        """predict_seq2seq on its usual path."""
+        self._on = False
+        try:
+            return seq2seq_ext.predict_seq2seq(*args, **kwargs)
+        finally:
+            self._on = True
+
+
+def _direct_model(seed=21, **decoder_kwargs):
+    src_vocab, tgt_vocab = _vocabs()
+    torch.manual_seed(seed)
+    net = seq2seq_ext.EncoderDecoder(
+        seq2seq_ext.Seq2SeqEncoder(len(src_vocab), 8, 16, 2, 0.2),
+        seq2seq_ext.Seq2SeqDecoder(len(tgt_vocab), 8, 16, 2, 0.2, **decoder_kwargs))
+    net.apply(seq2seq_ext.xavier_init_weights)
+    with torch.no_grad():
+        net.decoder.dense.bias[tgt_vocab["<eos>"]] += 0.4
+    return net.eval(), src_vocab, tgt_vocab
+
+
+def _same_as_usual(spy, net, src_vocab, tgt_vocab, sentences, steps=(0, 1, 4, 10), **kwargs):
+    for sentence in sentences:
+        for num_steps in steps:
+            got = seq2seq_ext.predict_seq2seq(net, sentence, src_vocab, tgt_vocab, num_steps,
+                                              "cpu", **kwargs)
+            want = spy.usual(net, sentence, src_vocab, tgt_vocab, num_steps, "cpu", **kwargs)
+            assert got == want, (sentence, num_steps)
+
+
+@pytest.mark.parametrize("weight_dtype", [None, torch.float32, torch.bfloat16])
+def test_direct_translation_is_the_usual_one(weight_dtype, monkeypatch):
+    net, src_vocab, tgt_vocab = _direct_model()
+    spy = _DirectSpy(monkeypatch)
+    sentences = ["go .", "i lost .", "Wow !", "unknown zzz ."] + _sentences(8, seed=4)
+    _same_as_usual(spy, net, src_vocab, tgt_vocab, sentences, weight_dtype=weight_dtype)
+    assert spy.taken == 4 * len(sentences) and spy.declined == 0
+    # and the reference's own loop agrees
+    ref = reference_copy(net, reference.EncoderDecoder,
+                         reference.Seq2SeqEncoder(len(src_vocab), 8, 16, 2),
+                         reference.Seq2SeqDecoder(len(tgt_vocab), 8, 16, 2))
+    if weight_dtype != torch.bfloat16:
+        for sentence in sentences:
+            assert seq2seq_ext.predict_seq2seq(net, sentence, src_vocab, tgt_vocab, 10, "cpu") \
+                == reference.predict_seq2seq(ref.eval(), sentence, src_vocab, tgt_vocab, 10,
+                                             "cpu")
+
+
+def _hook(net):
+    net.decoder.dense.register_forward_hook(lambda m, a, out: out + 1.0)
+
+
+def _global_hook(net):
+    return torch.nn.modules.module.register_module_forward_hook(lambda m, a, out: out)
+
+
+@pytest.mark.parametrize("change", [
+    "train", "train_submodule", "encoder_hook", "decoder_hook", "dense_hook", "global_hook",
+    "encoder_forward", "max_norm", "double", "reference_backend", "autocast", "grad_mode",
+    "attention", "device", "dispatch_mode"])
+def test_direct_translation_declines_what_changes_the_usual_path(change, monkeypatch):
+    """Each of these makes the usual path do something else than the shortcut would (call a
+    module, its hooks, the chapter's loop, another dtype), or would skip a side effect: the
+    shortcut declines, and the translation is the usual path's."""
+    net, src_vocab, tgt_vocab = _direct_model(seed=23)
+    spy = _DirectSpy(monkeypatch)
+    sentence, kwargs, ctx, undo = "i lost .", {}, None, None
+    assert seq2seq_ext.predict_seq2seq(net, sentence, src_vocab, tgt_vocab, 6, "cpu")
+    assert spy.taken == 1
+    if change == "train":
+        net.train()
+    elif change == "train_submodule":
+        net.encoder.rnn.train()
+    elif change == "encoder_hook":
+        net.encoder.register_forward_hook(lambda m, a, out: (out[0], out[1] * 0.5))
+    elif change == "decoder_hook":
+        net.decoder.register_forward_pre_hook(lambda m, a: None)
+    elif change == "dense_hook":
+        _hook(net)
+    elif change == "global_hook":
+        undo = _global_hook(net)
+    elif change == "encoder_forward":
+        net.encoder.forward = lambda X, *a: seq2seq_ext.Seq2SeqEncoder.forward(net.encoder, X)
+    elif change == "max_norm":
+        net.encoder.embedding.max_norm = 0.5
+    elif change == "double":
+        net.double()
+    elif change == "reference_backend":
+        ctx = seq2seq_ext.use_backend("reference")
+    elif change == "autocast":
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+    elif change == "grad_mode":
+        ctx = torch.enable_grad()  # predict_seq2seq turns it off itself: taken
+    elif change == "attention":
+        kwargs = {"save_attention_weights": True}
+    elif change == "device":
+        kwargs = {"device": torch.device("meta")}
+    elif change == "dispatch_mode":
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Passthrough(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+        ctx = Passthrough()
+    device = kwargs.pop("device", "cpu")
+    taken = spy.taken
+    try:
+        with (ctx if ctx is not None else contextlib.nullcontext()):
+            try:
+                got = seq2seq_ext.predict_seq2seq(net, sentence, src_vocab, tgt_vocab, 6,
+                                                  device, **kwargs)
+            except Exception as exc:  # the usual path's own error (another device, no
+                got = type(exc)          # attention weights in the chapter's decoder)
+            if change == "device":
+                assert spy.taken == taken and spy.declined >= 1
+                return
+            try:
+                want = spy.usual(net, sentence, src_vocab, tgt_vocab, 6, device, **kwargs)
+            except Exception as exc:
+                want = type(exc)
+    finally:
+        if undo is not None:
+            undo.remove()
+    assert got == want
+    if change == "grad_mode":
+        assert spy.taken == taken + 1
+    else:
+        assert spy.taken == taken, change
+    if change in ("train", "train_submodule"):  # the usual path's net.eval(): taken again
+        assert not any(m.training for m in net.modules())
+        seq2seq_ext.predict_seq2seq(net, sentence, src_vocab, tgt_vocab, 6, "cpu")
+        assert spy.taken == taken + 1
+
+
+def test_direct_translation_follows_the_weights(monkeypatch):
+    """In-place updates, a `.data` swap, a replaced submodule, a copy of the model changed on
+    its own: every translation is the usual path's for the weights of the moment."""
+    import copy
+    net, src_vocab, tgt_vocab = _direct_model(seed=24)
+    spy = _DirectSpy(monkeypatch)
+    sentences = ["go .", "he's calm ."] + _sentences(4, seed=5)
+
+    def check(model=net, **kwargs):
+        _same_as_usual(spy, model, src_vocab, tgt_vocab, sentences, steps=(10,), **kwargs)
+    for weight_dtype in (None, torch.bfloat16):
+        check(weight_dtype=weight_dtype)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    check()
+    check(weight_dtype=torch.bfloat16)
+    w = net.encoder.rnn.weight_hh_l0
+    w.data = torch.randn(w.shape, generator=g)
+    check()
+    check(weight_dtype=torch.bfloat16)
+    net.decoder.dense = torch.nn.Linear(16, len(tgt_vocab))
+    check()
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        twin.decoder.dense.weight.mul_(-1.0)
+    check(model=twin)
+    check()
+    # declined once: the new output layer was in training mode (the usual path's net.eval())
+    assert spy.declined == 1 and spy.taken == 9 * len(sentences) - 1
+
+
+@pytest.mark.parametrize("variant", ["fixed_context", "lstm"])
+def test_direct_translation_only_for_the_chapter_model(variant, monkeypatch):
+    kwargs = {"fixed_context": True} if variant == "fixed_context" else {"cell": "lstm"}
+    src_vocab, tgt_vocab = _vocabs()
+    torch.manual_seed(3)
+    net = seq2seq_ext.EncoderDecoder(
+        seq2seq_ext.Seq2SeqEncoder(len(src_vocab), 8, 16, 2, cell=kwargs.get("cell", "gru")),
+        seq2seq_ext.Seq2SeqDecoder(len(tgt_vocab), 8, 16, 2, **kwargs)).eval()
+    spy = _DirectSpy(monkeypatch)
+    seq2seq_ext.predict_seq2seq(net, "go .", src_vocab, tgt_vocab, 5, "cpu")
+    assert spy.taken == 0 and spy.declined == 1
