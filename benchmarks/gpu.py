@@ -20,7 +20,8 @@ of time does not stop the next one; the whole run keeps under TOTAL_BUDGET_S:
   checks it);
 - tables: the loss, the GRU stack and the training step at the chapter's sizes and at embedding
   256 / hidden 512 / batch 128, timing the reference on cuDNN (nn.GRU), torch.compile of the
-  reference, the package eager and the package with its CUDA-graph path (TABLE_CASES).
+  reference, the package eager and the package with its CUDA-graph path; and the drop-in
+  nn.LSTM (``seq2seq_ext.accelerate``) against cuDNN's at the large size (TABLE_CASES).
 
 Everything printed also goes to DIR/gpu.log, and DIR/gpu.json holds every phase's status,
 seconds and failures and every table row, rewritten after each event: a run cut off still
@@ -379,6 +380,38 @@ def gru_package(s, device, dtype, mode="eager", dry=False):
     return _graph_mode(mode, run)
 
 
+def _lstm_stack(s, device, seed=4):
+    import torch
+    torch.manual_seed(seed)
+    rnn = torch.nn.LSTM(s["embed"], s["hidden"], s["layers"], batch_first=True).to(device)
+    x = torch.randn(s["batch"], s["steps"], s["embed"], device=device, requires_grad=True)
+    return rnn, x
+
+
+def lstm_reference(s, device, dtype, compiled=False, dry=False):
+    """nn.LSTM (cuDNN on the GPU), batch first, forward and backward."""
+    rnn, x = _lstm_stack(s, device)
+
+    def run():
+        out, (h, c) = rnn(x)
+        (out.sum() + h.sum() + c.sum()).backward()
+    return run
+
+
+def lstm_package(s, device, dtype, mode="eager", dry=False):
+    """The drop-in seq2seq_ext.nn.LSTM (the rnn_stack op) with the same parameters."""
+    import seq2seq_ext
+    if mode == "graph":
+        return None  # rnn_stack has no graph path of its own
+    rnn, x = _lstm_stack(s, device)
+    rnn = seq2seq_ext.accelerate(rnn)
+
+    def run():
+        out, (h, c) = rnn(x)
+        (out.sum() + h.sum() + c.sum()).backward()
+    return run
+
+
 def _ce_inputs(s, device, dtype):
     import torch
     B, T, V = s["batch"], s["steps"], s["tgt_vocab"]
@@ -436,6 +469,10 @@ TABLE_CASES = [
      _variants(step_reference, step_package)),
     ("training step (fwd + loss + bwd)", "e256 h512 b128", LARGE, "float32",
      _variants(step_reference, step_package)),
+    # the drop-in layers (issue 15): seq2seq_ext.accelerate's nn.LSTM against cuDNN's
+    ("nn.LSTM drop-in (2 layers, batch first) fwd+bwd", "e256 h512 b128", LARGE, "float32",
+     {k: v for k, v in _variants(lstm_reference, lstm_package).items()
+      if k in ("reference (cuDNN)", "package eager")}),
     ("masked CE fwd+bwd", "chapter", CHAPTER, "float32", _variants(ce_reference, ce_package, "reference")),
     ("masked CE fwd+bwd", "b128 t30 v10000", dict(batch=128, steps=30, tgt_vocab=10000),
      "float32", _variants(ce_reference, ce_package, "reference")),
