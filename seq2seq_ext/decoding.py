@@ -80,9 +80,9 @@ def _translate_directly(net, sentence, src_vocab, tgt_vocab, num_steps, device, 
         X = torch.tensor([truncate_pad(tokens, num_steps, src_vocab['<pad>'])], dtype=torch.long)
         rnn = plan.encoder_rnn
         if bf16:
-            weights = models._bf16_encoder_weights(plan.encoder, X)
+            weights = models._bf16_encoder_weights(plan.encoder, X, checked=True)
         else:
-            table = models.encoder_table(plan.encoder, X)
+            table = models.encoder_table(plan.encoder, X, checked=True)
             weights = None if table is None else (table, _fastcall.flat_weights(rnn))
         if weights is None:
             return None

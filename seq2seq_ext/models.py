@@ -638,9 +638,16 @@ def _table_state(tensors):
                  for x in (t._version, t.data_ptr(), t.shape, t.stride(), t.dtype))
 
 
-def _table_weights(encoder, X):
+def _table_weights(encoder, X, checked=False):
     """The encoder's (embedding weight, flat GRU weights) where :func:`encoder_table` applies,
-    else None."""
+    else None. ``checked``: the caller has made these tests but the table's size
+    (``_fastcall.translation`` for ``predict_seq2seq``'s direct path)."""
+    if checked:
+        rnn = _fastcall.submodule(encoder, "rnn")
+        table_w = _fastcall.submodule(encoder, "embedding")._parameters["weight"]
+        flat = _fastcall.flat_weights(rnn)
+        return (None if table_w.shape[0] * flat[0].shape[0] * table_w.element_size()
+                > _TABLE_MAX_BYTES else (table_w, flat))
     if not (ops.direct_cpu_call_ok(X) and X.dim() == 2 and X.dtype == torch.int64
             and not encoder.__dict__["training"] and not torch.is_autocast_enabled("cpu")
             and not _fastcall.any_global_hook()):
@@ -658,7 +665,7 @@ def _table_weights(encoder, X):
     return table_w, flat
 
 
-def encoder_table(encoder, X):
+def encoder_table(encoder, X, checked=False):
     """For CPU inference of this package's GRU encoder, the table ``embedding.weight @ W_ih0^T +
     b_ih0`` (vocab, 3*hidden): layer 0's input projection of every token, so that an encoder call
     gathers a row per token instead of multiplying its embedded input by W_ih0. None where it
@@ -670,8 +677,8 @@ def encoder_table(encoder, X):
     projections is (:func:`decoder_stepper`); every inference call with those weights reads it,
     so that the same input gives the same encoding bit for bit from call to call. Its rows are
     layer 0's projections to float32 rounding (a GEMM over the vocabulary instead of one over
-    the call's tokens)."""
-    weights = _table_weights(encoder, X)
+    the call's tokens). ``checked``: as for :func:`_table_weights`."""
+    weights = _table_weights(encoder, X, checked)
     if weights is None:
         return None
     table_w, (w_ih0, _, b_ih0, _) = weights[0], weights[1][:4]
@@ -691,13 +698,14 @@ def encoder_table(encoder, X):
 _BF16_ENCODER_MAX_BATCH = 8
 
 
-def _bf16_encoder_weights(encoder, X):
+def _bf16_encoder_weights(encoder, X, checked=False):
     """(table, flat weights) of the encoder with its matrices rounded to bfloat16 (the table from
     the rounded embedding and W_ih0, in float32; the other matrices in bfloat16 for a batch of
     at most ``_BF16_ENCODER_MAX_BATCH`` rows of X, else float32 copies of their rounded values;
     the biases float32), made once per set of weights like :func:`encoder_table`'s; None where
-    that does not apply or the weights are not float32."""
-    weights = _table_weights(encoder, X)
+    that does not apply or the weights are not float32. ``checked``: as for
+    :func:`_table_weights`."""
+    weights = _table_weights(encoder, X, checked)
     if weights is None or weights[0].dtype != torch.float32:
         return None
     table_w, flat = weights
