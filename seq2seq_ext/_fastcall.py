@@ -26,8 +26,6 @@ machine, so read them as ratios).
 * :func:`any_global_hook`: the global module hooks (``register_module_forward_hook`` etc.)
   have no public query; the shortcut must not skip them.
 """
-import weakref
-
 import torch
 from torch import nn
 
@@ -185,65 +183,82 @@ def ordinary_call_for(cls, base_forward):
 # predict_seq2seq's shortcut for the chapter's GRU model
 # ----------------------------------------------------------------------------------------------
 
-# model -> its plan; kept beside the model rather than in its attributes, so that a copy or a
-# pickle of the model carries no plan that points at the original's modules
-_PLANS = weakref.WeakKeyDictionary()
+TRANSLATION_ATTR = "_seq2seq_ext_translation"
+
+
+def _no_plan():
+    return None
 
 
 class _TranslationPlan:
-    """What :func:`translation` tests at each call for a model, gathered once per generation:
-    the encoder and decoder, the attribute dicts of every module of the model (their modes),
-    of the modules prediction calls or reads (their hooks, a ``forward`` set on the instance),
-    the embeddings (``max_norm``), the GRUs (``batch_first``) and the tensors read in place of
-    calling the modules (still the modules' parameters, float32 CPU tensors)."""
+    """What :func:`translation` tests at each call for a model, gathered once per generation
+    and kept in the model's attributes: the encoder and decoder; every submodule's attribute
+    dict (its mode, and its number of children: a container's ``insert`` bumps no generation);
+    the modules prediction calls or reads, with their classes (their hooks, a ``forward`` or
+    ``__class__`` set on the instance); and the tensors read in place of calling the modules
+    (still the modules' parameters, float32 CPU tensors). It holds the model's children, not
+    the model, and a copy or a pickle of the model gets no plan (one is made at its first
+    prediction)."""
 
     def __init__(self, net, models):
         self.generation = _generation[0]
         self.ok = False
-        mods = net.__dict__.get("_modules", {})
+        cls = type(net)
+        mods = net.__dict__.get("_modules") or {}
         enc, dec = mods.get("encoder"), mods.get("decoder")
-        cls_enc, cls_dec = models.Seq2SeqEncoder, models.Seq2SeqDecoder
-        if not (isinstance(enc, cls_enc) and own_forward(enc, cls_enc.forward)
-                and enc.__dict__.get("cell") == "gru" and isinstance(dec, cls_dec)
-                and own_forward(dec, cls_dec.forward) and dec.__dict__.get("_chapter") is True
-                and type(dec).init_state is cls_dec.init_state
-                and type(dec).greedy is cls_dec.greedy):
+        # the usual path reads net.encoder and net.decoder: no property or __getattr__ of the
+        # model's class may give other modules
+        if (cls.__getattr__ is not nn.Module.__getattr__ or hasattr(cls, "encoder")
+                or hasattr(cls, "decoder")):
             return
-        enc_mods, dec_mods = enc._modules, dec._modules
-        e_emb, e_rnn = enc_mods.get("embedding"), enc_mods.get("rnn")
-        d_emb, d_rnn, d_dense = dec_mods.get("embedding"), dec_mods.get("rnn"), dec_mods.get("dense")
-        if not (type(e_emb) is nn.Embedding and type(e_rnn) is nn.GRU and type(d_emb) is nn.Embedding
-                and type(d_rnn) is nn.GRU and type(d_dense) is nn.Linear
-                and "weight" in e_emb._parameters and "weight" in d_emb._parameters
-                and "weight" in d_dense._parameters and d_dense._parameters.get("bias") is not None
-                and e_rnn.bias and d_rnn.bias and not e_rnn.bidirectional
-                and not d_rnn.bidirectional and e_rnn.num_layers == d_rnn.num_layers
+        if not (isinstance(enc, models.Seq2SeqEncoder) and enc.__dict__.get("cell") == "gru"
+                and isinstance(dec, models.Seq2SeqDecoder)
+                and dec.__dict__.get("_chapter") is True):
+            return
+        e_emb, e_rnn = enc._modules.get("embedding"), enc._modules.get("rnn")
+        d_emb, d_rnn, d_dense = (dec._modules.get(n) for n in ("embedding", "rnn", "dense"))
+        if not (type(e_emb) is nn.Embedding and type(e_rnn) is nn.GRU
+                and type(d_emb) is nn.Embedding and type(d_rnn) is nn.GRU
+                and type(d_dense) is nn.Linear and e_rnn.bias and d_rnn.bias
+                and not e_rnn.bidirectional and not d_rnn.bidirectional
+                and e_rnn.num_layers == d_rnn.num_layers
                 and e_rnn.hidden_size == d_rnn.hidden_size):
             return
+        # the tensors in place (pruning or weight_norm move a weight out of _parameters)
+        places = [(e_emb._parameters, "weight"), *((e_rnn._parameters, n)
+                                                  for n in e_rnn._flat_weights_names),
+                  (d_emb._parameters, "weight"), *((d_rnn._parameters, n)
+                                                  for n in d_rnn._flat_weights_names),
+                  (d_dense._parameters, "weight"), (d_dense._parameters, "bias")]
+        bound = tuple((params, name, params.get(name)) for params, name in places)
+        if any(t is None for _, _, t in bound):
+            return
+        table_w, w_ih0 = bound[0][2], bound[1][2]
+        if table_w.shape[0] * w_ih0.shape[0] * 4 > models._TABLE_MAX_BYTES:
+            return  # no encoder table (models._table_weights): the usual path
         called = (enc, e_emb, e_rnn, dec, d_emb, d_rnn, d_dense)
         self.encoder, self.decoder, self.encoder_rnn = enc, dec, e_rnn
-        self.mode_dicts = tuple(m.__dict__ for m in net.modules())
+        self.decoder_emb, self.decoder_rnn = d_emb, d_rnn
+        self.classes = tuple((m, type(m)) for m in called)
+        subs = [m for m in net.modules() if m is not net]
+        self.mode_dicts = tuple(m.__dict__ for m in subs)
+        self.children = (len(mods), *(len(m.__dict__.get("_modules") or ()) for m in subs))
         self.called_dicts = tuple(m.__dict__ for m in called)
-        self.hooks = _hook_dicts(called)
         self.embeddings = (e_emb, d_emb)
         self.rnn_dicts = (e_rnn.__dict__, d_rnn.__dict__)
-        self.bound = ((e_emb._parameters, "weight", e_emb._parameters["weight"]),
-                      *((e_rnn._parameters, n, e_rnn._parameters[n])
-                        for n in e_rnn._flat_weights_names),
-                      (d_emb._parameters, "weight", d_emb._parameters["weight"]),
-                      *((d_rnn._parameters, n, d_rnn._parameters[n])
-                        for n in d_rnn._flat_weights_names),
-                      (d_dense._parameters, "weight", d_dense._parameters["weight"]),
-                      (d_dense._parameters, "bias", d_dense._parameters["bias"]))
-        self.decoder_first = 1 + len(e_rnn._flat_weights_names)  # the decoder's embedding
+        self.bound = bound
         self.shape = (d_rnn.num_layers, 1, d_rnn.hidden_size)
         self.ok = True
 
-    def decoder_widths(self):
-        """The decoder's embedding, W_ih0 and W_hh0 as they are now (``.data`` may have given
-        one of them another shape)."""
-        b, first = self.bound, self.decoder_first
-        return b[first][2], b[first + 1][2], b[first + 2][2]
+    # a copy or a pickle of the model makes its own plan
+    def __reduce__(self):
+        return (_no_plan, ())
+
+    def __copy__(self):
+        return None
+
+    def __deepcopy__(self, memo):
+        return None
 
 
 def translation(net, models):
@@ -251,27 +266,48 @@ def translation(net, models):
     package's GRU encoder over its table and decode with the chapter's GRU decoder on the
     stepper path (:func:`seq2seq_ext.models.decode_path`), calling neither module: the
     conditions of those paths, restated cheaply as :func:`decoder_call` restates the stepper's.
-    Every module of the model in evaluation mode (the chapter's ``net.eval()`` changes nothing),
-    no hook of any kind on the encoder, the decoder or their embeddings, GRUs and output layer
-    and no ``forward`` set on them, no global hook, no ``max_norm``, time-first GRUs, the
-    extension backend outside any ``use_backend`` block, no tracing, dispatch or function mode,
-    no CPU autocast, and the weights the modules' own float32 CPU parameters (not inference
-    tensors). None otherwise (``predict_seq2seq`` then takes its usual path, whose checks are
-    the full ones). ``models``: the models module (imported by the caller)."""
+    Every module of the model in evaluation mode (the chapter's ``net.eval()`` changes nothing);
+    the package's classes with their own ``forward``, ``greedy`` and ``init_state`` and the
+    encoder's call ``nn.Module.__call__`` (not compiled); no hook of any kind on the encoder,
+    the decoder or their embeddings, GRUs and output layer and no ``forward`` set on them; no
+    global hook, no ``max_norm``, time-first GRUs; layer 0 of the decoder taking [embedding,
+    context]; the extension backend outside any ``use_backend`` block, no tracing, dispatch or
+    function mode, no CPU autocast; and the weights the modules' own float32 CPU parameters (not
+    inference tensors). None otherwise (``predict_seq2seq`` then takes its usual path, whose
+    checks are the full ones). ``models``: the models module (imported by the caller)."""
     if not isinstance(net, nn.Module):
         return None
-    plan = _PLANS.get(net)
+    attrs = net.__dict__
+    plan = attrs.get(TRANSLATION_ATTR)
     if plan is None or plan.generation != _generation[0]:
-        plan = _PLANS[net] = _TranslationPlan(net, models)
-    if not plan.ok:
+        plan = attrs[TRANSLATION_ATTR] = _TranslationPlan(net, models)
+    if not plan.ok or attrs.get("training", False):
         return None
-    for d in plan.mode_dicts:
-        if d["training"]:
+    counts = plan.children
+    if len(attrs.get("_modules") or ()) != counts[0]:
+        return None
+    for d, n in zip(plan.mode_dicts, counts[1:]):
+        if d.get("training", False) or len(d.get("_modules") or ()) != n:
+            return None
+    for m, cls in plan.classes:
+        if type(m) is not cls:
             return None
     for d in plan.called_dicts:
-        if "forward" in d:
+        if ("forward" in d or d["_forward_hooks"] or d["_forward_pre_hooks"]
+                or d["_backward_hooks"] or d["_backward_pre_hooks"]):
             return None
-    if (any(plan.hooks) or any_global_hook() or plan.embeddings[0].max_norm is not None
+    enc, dec = plan.encoder, plan.decoder
+    enc_cls, dec_cls = type(enc), type(dec)
+    if (enc_cls.forward is not models._ENCODER_FORWARD or enc_cls.__call__ is not _module_call
+            or enc.__dict__.get("_compiled_call_impl") is not None
+            or dec_cls.forward is not models._FORWARD or dec_cls.greedy is not models._GREEDY
+            or dec_cls.init_state is not models._INIT_STATE):
+        return None
+    d_rnn = plan.decoder_rnn
+    if plan.bound[1 + len(plan.rnn_dicts[0]["_flat_weights_names"])][2].shape[-1] \
+            + d_rnn.hidden_size != d_rnn.input_size:
+        return None  # layer 0 does not take [embedding, context] (decode_path's rule)
+    if (any_global_hook() or plan.embeddings[0].max_norm is not None
             or plan.embeddings[1].max_norm is not None or plan.rnn_dicts[0]["batch_first"]
             or plan.rnn_dicts[1]["batch_first"] or not ops.ext_shortcut_ok()
             or not ops._no_dispatch_hooks() or torch.is_autocast_enabled("cpu")

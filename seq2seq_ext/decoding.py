@@ -72,9 +72,6 @@ def _translate_directly(net, sentence, src_vocab, tgt_vocab, num_steps, device, 
     bos, eos = tgt_vocab['<bos>'], tgt_vocab['<eos>']
     if type(bos) is not int or type(eos) is not int or bos < 0:
         return None
-    emb, w_ih0, w_hh0 = plan.decoder_widths()
-    if emb.shape[-1] + w_hh0.shape[-1] != w_ih0.shape[-1]:
-        return None  # layer 0 does not fit [embedding, context]: the usual path's error
     tokens = src_vocab[sentence.lower().split(' ')] + [src_vocab['<eos>']]
     with torch.no_grad():
         X = torch.tensor([truncate_pad(tokens, num_steps, src_vocab['<pad>'])], dtype=torch.long)
@@ -92,6 +89,16 @@ def _translate_directly(net, sentence, src_vocab, tgt_vocab, num_steps, device, 
         out, lengths = models.decoder_stepper(plan.decoder).greedy(state, None, bos, eos,
                                                                    num_steps, bf16)
     return ' '.join(tgt_vocab.to_tokens(out[0, :int(lengths[0])].tolist()))
+
+
+def _weight_dtype_valid(weight_dtype):
+    """Whether ``weight_dtype`` is one :func:`bf16_weights_requested` takes (the usual path
+    raises for the others, after the chapter's ``net.eval()``)."""
+    try:
+        bf16_weights_requested(weight_dtype)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_sentence(name, sentence):
@@ -122,7 +129,7 @@ def predict_seq2seq(net, src_sentence, src_vocab, tgt_vocab, num_steps, device,
     """
     _check_sentence("src_sentence", src_sentence)
     num_steps = _check_int("num_steps", _int_of(num_steps), 0)
-    if not save_attention_weights:
+    if not save_attention_weights and _weight_dtype_valid(weight_dtype):
         translation = _translate_directly(net, src_sentence, src_vocab, tgt_vocab, num_steps,
                                           device, bf16_weights_requested(weight_dtype))
         if translation is not None:

@@ -748,7 +748,12 @@ def _encode_over_table(rnn, X, table, flat_weights):
     return ops.gru_over_projection(gi0, h0, flat_weights)
 
 
+# the classes' own methods, as defined here: a fast path compares with them, so that a method
+# patched on the class (mock.patch.object) makes it step aside
 _FORWARD = Seq2SeqDecoder.forward
+_GREEDY = Seq2SeqDecoder.greedy
+_INIT_STATE = Seq2SeqDecoder.init_state
+_ENCODER_FORWARD = Seq2SeqEncoder.forward
 
 
 def _lstm_layers(rnn):

@@ -373,3 +373,121 @@ def test_direct_translation_only_for_the_chapter_model(variant, monkeypatch):
     spy = _DirectSpy(monkeypatch)
     seq2seq_ext.predict_seq2seq(net, "go .", src_vocab, tgt_vocab, 5, "cpu")
     assert spy.taken == 0 and spy.declined == 1
+
+
+class _EqualByName(seq2seq_ext.EncoderDecoder):
+    """A model class that compares models by a name (and hashes by it), as dataclass-like
+    wrappers do: two such models must not share what the shortcut keeps for each."""
+    name = "gru-8-16-2"
+
+    def __eq__(self, other):
+        return isinstance(other, _EqualByName)
+
+    def __hash__(self):
+        return hash(self.name)
+
+
+class _EncoderWithItsOwnCall(seq2seq_ext.Seq2SeqEncoder):
+    def __call__(self, *args, **kwargs):
+        out, state = super().__call__(*args, **kwargs)
+        return out, state * 0.5
+
+
+def _change(kind, net):
+    """Apply one change of test_direct_translation_declines_more to net (or return a context
+    to run the translation in)."""
+    from unittest import mock
+
+    from seq2seq_ext import models
+    if kind == "prune":
+        from torch.nn.utils import prune
+        prune.l1_unstructured(net.encoder.rnn, "weight_hh_l0", 0.3)
+    elif kind == "class_patch":
+        forward = models.Seq2SeqEncoder.forward
+        return mock.patch.object(models.Seq2SeqEncoder, "forward",
+                                 lambda self, X, *a: (forward(self, X)[0],
+                                                      forward(self, X)[1] * 0.0))
+    elif kind == "hook_dict_replaced":
+        import collections
+        net.encoder._forward_hooks = collections.OrderedDict()
+        net.encoder.register_forward_hook(lambda m, a, out: (out[0], out[1] * 0.0))
+    elif kind == "container_insert":
+        net.extras.insert(0, torch.nn.Dropout(0.5))  # training mode, no registration hook
+    elif kind == "class_swapped":
+        class Logits(torch.nn.Linear):
+            def forward(self, x):
+                return super().forward(x) * -1.0
+        net.decoder.dense.__class__ = Logits
+    elif kind == "embedding_width":
+        g = torch.Generator().manual_seed(0)
+        net.decoder.embedding.weight.data = torch.randn(net.decoder.embedding.weight.shape[0],
+                                                        12, generator=g)
+        net.decoder.rnn.weight_ih_l0.data = torch.randn(48, 12 + 16, generator=g)
+    elif kind == "compiled_encoder":
+        net.encoder.compile(backend="eager")
+    return None
+
+
+@pytest.mark.parametrize("kind", ["prune", "class_patch", "hook_dict_replaced",
+                                  "container_insert", "class_swapped", "embedding_width",
+                                  "compiled_encoder", "encoder_call"])
+def test_direct_translation_declines_more(kind, monkeypatch):
+    """Changes no generation counter sees (pruning moves a weight out of the parameters, a
+    method patched on the class, a hook dict replaced, a container's insert, a module's class
+    swapped, `.data` of another width, a compiled encoder, an encoder class with its own
+    __call__): the shortcut declines and the translation is the usual path's."""
+    src_vocab, tgt_vocab = _vocabs()
+    torch.manual_seed(25)
+    enc_cls = _EncoderWithItsOwnCall if kind == "encoder_call" else seq2seq_ext.Seq2SeqEncoder
+    net = seq2seq_ext.EncoderDecoder(enc_cls(len(src_vocab), 8, 16, 2),
+                                     seq2seq_ext.Seq2SeqDecoder(len(tgt_vocab), 8, 16, 2))
+    net.extras = torch.nn.ModuleList([torch.nn.Identity()])
+    net.eval()
+    spy = _DirectSpy(monkeypatch)
+    seq2seq_ext.predict_seq2seq(net, "go .", src_vocab, tgt_vocab, 6, "cpu")
+    assert spy.taken == (0 if kind == "encoder_call" else 1)
+    ctx = _change(kind, net) or contextlib.nullcontext()
+    for weight_dtype in (None, torch.bfloat16):
+        with ctx if weight_dtype is None else contextlib.nullcontext():
+            results = []
+            for run in (seq2seq_ext.predict_seq2seq, spy.usual):
+                try:
+                    results.append(run(net, "go .", src_vocab, tgt_vocab, 6, "cpu",
+                                       weight_dtype=weight_dtype))
+                except ValueError as exc:  # bf16 where the usual path has no such mode
+                    results.append(type(exc))
+        assert results[0] == results[1], (kind, weight_dtype)
+        if kind == "container_insert":
+            assert not any(m.training for m in net.modules())
+            break
+        if kind == "class_patch":  # the patch undone (after the float32 run): taken again
+            assert spy.taken == 1
+            seq2seq_ext.predict_seq2seq(net, "go .", src_vocab, tgt_vocab, 6, "cpu")
+            assert spy.taken == 2
+            return
+    assert spy.taken == (0 if kind == "encoder_call" else 1)
+
+
+def test_direct_translation_keeps_models_apart(monkeypatch):
+    """Models that compare equal (and hash alike) each get their own translation, and the
+    shortcut keeps nothing that outlives a model."""
+    import gc
+    import weakref
+    src_vocab, tgt_vocab = _vocabs()
+    spy = _DirectSpy(monkeypatch)
+    nets = []
+    for seed in (21, 99):
+        torch.manual_seed(seed)
+        net = _EqualByName(seq2seq_ext.Seq2SeqEncoder(len(src_vocab), 8, 16, 2),
+                           seq2seq_ext.Seq2SeqDecoder(len(tgt_vocab), 8, 16, 2))
+        net.apply(seq2seq_ext.xavier_init_weights)
+        nets.append(net.eval())
+    for sentence in ["go .", "i lost .", "he's calm ."] + _sentences(5, seed=9):
+        for net in nets:
+            assert seq2seq_ext.predict_seq2seq(net, sentence, src_vocab, tgt_vocab, 8, "cpu") \
+                == spy.usual(net, sentence, src_vocab, tgt_vocab, 8, "cpu")
+    assert spy.taken == 16 and spy.declined == 0
+    ref = weakref.ref(nets[0])
+    del nets[:], net
+    gc.collect()
+    assert ref() is None
