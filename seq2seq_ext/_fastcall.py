@@ -29,7 +29,7 @@ machine, so read them as ratios).
 import torch
 from torch import nn
 
-from . import ops
+from . import _C, ops
 
 STEPPER_ATTR = "_seq2seq_ext_stepper"
 
@@ -311,9 +311,6 @@ def translation(net, models):
             or plan.embeddings[1].max_norm is not None or plan.rnn_dicts[0]["batch_first"]
             or plan.rnn_dicts[1]["batch_first"] or not ops.ext_shortcut_ok()
             or not ops._no_dispatch_hooks() or torch.is_autocast_enabled("cpu")
-            or not _still_bound(plan.bound)):
+            or not _C.bound_float32_cpu(plan.bound)):  # (_still_bound, and the tensors' kind)
         return None
-    for _, _, t in plan.bound:
-        if t.dtype != torch.float32 or not t.is_cpu or t.is_inference():
-            return None
     return plan
