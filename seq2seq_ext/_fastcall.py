@@ -65,9 +65,13 @@ def has_hooks(module):
     any kind (forward, forward pre, backward, backward pre), a ``forward`` set on the instance
     (what module-wrapping libraries do), or a global module hook. A fused path that does not
     call the module would skip them."""
-    d = module.__dict__
+    return _own_hooks(module.__dict__) or any_global_hook()
+
+
+def _own_hooks(d):
+    """:func:`has_hooks` but for the global hooks, from the module's attribute dict ``d``."""
     return bool(d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"]
-                or d["_backward_pre_hooks"] or "forward" in d or any_global_hook())
+                or d["_backward_pre_hooks"] or "forward" in d)
 
 
 def own_forward(module, base_forward):
@@ -233,12 +237,12 @@ class _TranslationPlan:
         bound = tuple((params, name, params.get(name)) for params, name in places)
         if any(t is None for _, _, t in bound):
             return
-        table_w, w_ih0 = bound[0][2], bound[1][2]
-        if table_w.shape[0] * w_ih0.shape[0] * 4 > models._TABLE_MAX_BYTES:
+        if not models._table_fits(bound[0][2], bound[1][2]):
             return  # no encoder table (models._table_weights): the usual path
         called = (enc, e_emb, e_rnn, dec, d_emb, d_rnn, d_dense)
         self.encoder, self.decoder, self.encoder_rnn = enc, dec, e_rnn
-        self.decoder_emb, self.decoder_rnn = d_emb, d_rnn
+        self.decoder_rnn = d_rnn
+        self.decoder_emb_at = 1 + len(e_rnn._flat_weights_names)  # its weight's place in bound
         self.classes = tuple((m, type(m)) for m in called)
         subs = [m for m in net.modules() if m is not net]
         self.mode_dicts = tuple(m.__dict__ for m in subs)
@@ -293,8 +297,7 @@ def translation(net, models):
         if type(m) is not cls:
             return None
     for d in plan.called_dicts:
-        if ("forward" in d or d["_forward_hooks"] or d["_forward_pre_hooks"]
-                or d["_backward_hooks"] or d["_backward_pre_hooks"]):
+        if _own_hooks(d):
             return None
     enc, dec = plan.encoder, plan.decoder
     enc_cls, dec_cls = type(enc), type(dec)
@@ -304,8 +307,7 @@ def translation(net, models):
             or dec_cls.init_state is not models._INIT_STATE):
         return None
     d_rnn = plan.decoder_rnn
-    if plan.bound[1 + len(plan.rnn_dicts[0]["_flat_weights_names"])][2].shape[-1] \
-            + d_rnn.hidden_size != d_rnn.input_size:
+    if plan.bound[plan.decoder_emb_at][2].shape[-1] + d_rnn.hidden_size != d_rnn.input_size:
         return None  # layer 0 does not take [embedding, context] (decode_path's rule)
     if (any_global_hook() or plan.embeddings[0].max_norm is not None
             or plan.embeddings[1].max_norm is not None or plan.rnn_dicts[0]["batch_first"]

@@ -61,9 +61,9 @@ def _translate_directly(net, sentence, src_vocab, tgt_vocab, num_steps, device, 
     tensors (:func:`seq2seq_ext._fastcall.translation` says when): the encoder over its table
     (:func:`~seq2seq_ext.models.encode`), the decoder's bound stepper for the greedy loop
     (:meth:`~seq2seq_ext.Seq2SeqDecoder.greedy`); so the same translation. None where it does
-    not apply: :func:`predict_seq2seq` then takes its usual path. Per sentence of the chapter's
-    loop at embedding and hidden 256 this saves the Python that tests those paths again for
-    every sentence (about 10% of a bf16 translation, one thread; ``benchmarks/RESULTS.md``)."""
+    not apply: :func:`predict_seq2seq` then takes its usual path. It saves the Python that
+    tests those paths again for every sentence: a third of ``predict_seq2seq`` at the chapter's
+    sizes, within the noise at embedding and hidden 256 (one thread; ``benchmarks/RESULTS.md``)."""
     if not (device == "cpu" or (isinstance(device, torch.device) and device.type == "cpu")):
         return None
     plan = _fastcall.translation(net, models)
@@ -91,14 +91,13 @@ def _translate_directly(net, sentence, src_vocab, tgt_vocab, num_steps, device, 
     return ' '.join(tgt_vocab.to_tokens(out[0, :int(lengths[0])].tolist()))
 
 
-def _weight_dtype_valid(weight_dtype):
-    """Whether ``weight_dtype`` is one :func:`bf16_weights_requested` takes (the usual path
-    raises for the others, after the chapter's ``net.eval()``)."""
+def _bf16_or_none(weight_dtype):
+    """:func:`bf16_weights_requested`, or None for a ``weight_dtype`` it refuses (the usual path
+    raises for it, after the chapter's ``net.eval()``)."""
     try:
-        bf16_weights_requested(weight_dtype)
+        return bf16_weights_requested(weight_dtype)
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def _check_sentence(name, sentence):
@@ -129,9 +128,10 @@ def predict_seq2seq(net, src_sentence, src_vocab, tgt_vocab, num_steps, device,
     """
     _check_sentence("src_sentence", src_sentence)
     num_steps = _check_int("num_steps", _int_of(num_steps), 0)
-    if not save_attention_weights and _weight_dtype_valid(weight_dtype):
+    bf16 = None if save_attention_weights else _bf16_or_none(weight_dtype)
+    if bf16 is not None:
         translation = _translate_directly(net, src_sentence, src_vocab, tgt_vocab, num_steps,
-                                          device, bf16_weights_requested(weight_dtype))
+                                          device, bf16)
         if translation is not None:
             return translation, []
     chapter_loop = save_attention_weights or _chapter_loop(net)

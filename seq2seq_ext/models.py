@@ -643,11 +643,9 @@ def _table_weights(encoder, X, checked=False):
     else None. ``checked``: the caller has made these tests but the table's size
     (``_fastcall.translation`` for ``predict_seq2seq``'s direct path)."""
     if checked:
-        rnn = _fastcall.submodule(encoder, "rnn")
         table_w = _fastcall.submodule(encoder, "embedding")._parameters["weight"]
-        flat = _fastcall.flat_weights(rnn)
-        return (None if table_w.shape[0] * flat[0].shape[0] * table_w.element_size()
-                > _TABLE_MAX_BYTES else (table_w, flat))
+        flat = _fastcall.flat_weights(_fastcall.submodule(encoder, "rnn"))
+        return (table_w, flat) if _table_fits(table_w, flat[0]) else None
     if not (ops.direct_cpu_call_ok(X) and X.dim() == 2 and X.dtype == torch.int64
             and not encoder.__dict__["training"] and not torch.is_autocast_enabled("cpu")
             and not _fastcall.any_global_hook()):
@@ -660,9 +658,15 @@ def _table_weights(encoder, X, checked=False):
     table_w, flat = emb.weight, _fastcall.flat_weights(rnn)
     if (any(t.is_inference() or not t.is_cpu or t.dtype not in (torch.float32, torch.float64)
             or t.dtype != table_w.dtype for t in (table_w, *flat))
-            or table_w.shape[0] * flat[0].shape[0] * table_w.element_size() > _TABLE_MAX_BYTES):
+            or not _table_fits(table_w, flat[0])):
         return None
     return table_w, flat
+
+
+def _table_fits(embedding, w_ih0):
+    """Whether the encoder's table (a row of ``w_ih0``'s rows per embedding row) is at most
+    ``_TABLE_MAX_BYTES``."""
+    return embedding.shape[0] * w_ih0.shape[0] * embedding.element_size() <= _TABLE_MAX_BYTES
 
 
 def encoder_table(encoder, X, checked=False):
