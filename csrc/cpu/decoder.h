@@ -58,6 +58,10 @@ struct RowMajorWeights {
   }
   // the row stride of the gate buffers
   int64_t gate_ld() const { return G; }
+  // Whether greedy_rows may compute a step's context and hidden-side products for n rows at the
+  // end of the step before (Ahead): only where each is a row-at-a-time product (not BLAS), whose
+  // bits do not depend on when it runs or beside how many rows.
+  bool lookahead(int64_t n) const { return !linear_nt_blas<T, WT>(n, G, H); }
   // gi (n, G) += h (n, H) times the context columns of W_ih0
   void context(const T* h, int64_t n, T* gi) const {
     linear_nt<T, WT>(h, H, n, H, w_ih[0] + (in0 - H), in0, G, nullptr, gi, /*accumulate=*/true);
@@ -143,6 +147,9 @@ struct PackedWeights {
   PackedWeights(const PackedLayout& layout, const T* packed, const DecoderDims& d)
       : lay(layout), P(packed), H(d.hidden), V(d.vocab), row(layout.Vp) {}
   int64_t gate_ld() const { return lay.Gp; }
+  // never: linear_t_rows starts a sum that accumulates from its initial value, so the context
+  // product computed apart would round otherwise
+  bool lookahead(int64_t) const { return false; }
   void context(const T* h, int64_t n, T* gi) const {
     linear_t_rows<T>(h, H, n, H, P + lay.ctx, lay.Gp, nullptr, gi, lay.Gp, true);
   }
@@ -171,30 +178,45 @@ struct GateBuffers {
   std::vector<T> gi, gh;
 };
 
+// A step's products that read only the states of the step before, computed by greedy_rows at
+// the end of that step (ready): ctx (n, ld) the context product (without the embedding part;
+// unused with a fixed context) and gh (L, n, ld) each layer's hidden side, b_hh included. Their
+// values are those step_rows would compute (the same row-at-a-time products: Weights::lookahead).
+template <typename T>
+struct Ahead {
+  std::vector<T> ctx, gh;
+  bool ready = false;
+};
+
 // One decoder step for n rows. Each state part of `state` and `next` is (L, n, H) contiguous;
 // tok (n,) ids of emb_proj's rows; ctx (n, kGates * H) or null; logits (n, V), or null for
 // none (the caller then projects the top layer's new state itself).
+// With `ahead` ready, the context and hidden-side products are read from it instead.
 template <typename Cell, typename Weights, typename T>
 void step_rows(Weights& w, const DecoderDims& d, const T* emb_proj, const int64_t* tok,
                int64_t n, const T* ctx, Parts<const T, Cell::kParts> state,
-               Parts<T, Cell::kParts> next, T* logits, GateBuffers<T>& buf) {
+               Parts<T, Cell::kParts> next, T* logits, GateBuffers<T>& buf,
+               const Ahead<T>* ahead = nullptr) {
   const int64_t L = d.layers, H = d.hidden, G = Cell::kGates * H, ld = w.gate_ld();
+  const bool ready = ahead != nullptr && ahead->ready;
   buf.gi.resize(n * ld);
   buf.gh.resize(n * ld);
   T* gi = buf.gi.data();
-  T* gh = buf.gh.data();
   for (int64_t b = 0; b < n; ++b) {
     const T* e = emb_proj + tok[b] * G;
     T* g = gi + b * ld;
-    if (ctx) {
-      const T* c = ctx + b * G;
+    // the context product accumulates into the embedding part (linear_nt: e + sum), the sum
+    // computed ahead is added to it alike
+    const T* c = ctx ? ctx + b * G : ready ? ahead->ctx.data() + b * ld : nullptr;
+    if (c) {
       for (int64_t j = 0; j < G; ++j) g[j] = e[j] + c[j];
     } else {
       std::copy(e, e + G, g);
     }
   }
-  if (!ctx) w.context(state[0] + (L - 1) * n * H, n, gi);
+  if (!ctx && !ready) w.context(state[0] + (L - 1) * n * H, n, gi);
   for (int64_t l = 0; l < L; ++l) {
+    const T* gh = ready ? ahead->gh.data() + l * n * ld : buf.gh.data();
     Parts<const T, Cell::kParts> prev;
     Parts<T, Cell::kParts> out;
     for (int p = 0; p < Cell::kParts; ++p) {
@@ -202,7 +224,7 @@ void step_rows(Weights& w, const DecoderDims& d, const T* emb_proj, const int64_
       out[p] = next[p] + l * n * H;
     }
     if (l > 0) w.input(l, next[0] + (l - 1) * n * H, n, gi);
-    w.hidden(l, prev[0], n, gh);
+    if (!ready) w.hidden(l, prev[0], n, buf.gh.data());
     Cell::template update<T>(gi, gh, ld, prev, H, out, H, n, H);
   }
   if (logits) w.dense(next[0] + (L - 1) * n * H, n, logits);
@@ -241,6 +263,13 @@ void decode_step(const DecoderDims& d, const at::Tensor& token,
 // starts from bos and feeds back its argmax; a row stops at eos. tok_out (B, num_steps) and
 // len_out (B,) come filled with eos and num_steps; a row's tokens and length are written here.
 // The rows still decoding are kept compacted at the front of the working state.
+//
+// Where the weights allow it (Weights::lookahead), the next step's context and hidden-side
+// products, which read only this step's new states, are computed at the end of this step beside
+// the output layer's (Ahead), and every other step in the reverse order: the matrices read last
+// in one step are read first in the next, while they are still in cache. At batch 1 a step reads
+// more bytes of weights than L2 holds, every one of them again at the next step; in a fixed
+// order each is gone from L2 before it is read again. The same products, so the same bits.
 template <typename Cell, typename Weights, typename T>
 void greedy_rows(Weights& w, const DecoderDims& d, const T* emb_proj,
                  Parts<const T, Cell::kParts> state, const T* ctx_proj, int64_t bos,
@@ -257,6 +286,8 @@ void greedy_rows(Weights& w, const DecoderDims& d, const T* emb_proj,
   std::vector<int64_t> row(B), tok(B, bos), best(B);
   for (int64_t b = 0; b < B; ++b) row[b] = b;
   GateBuffers<T> buf;
+  Ahead<T> ahead;
+  const int64_t ld = w.gate_ld();
   int64_t n = B;
   for (int64_t step = 0; step < num_steps && n > 0; ++step) {
     Parts<const T, P> in;
@@ -266,8 +297,38 @@ void greedy_rows(Weights& w, const DecoderDims& d, const T* emb_proj,
       out[p] = next[p].data();
     }
     step_rows<Cell>(w, DecoderDims{L, n, H, d.tgt_vocab, V, d.in0}, emb_proj, tok.data(), n,
-                    ctx_proj ? ctx.data() : nullptr, in, out, static_cast<T*>(nullptr), buf);
-    w.dense_argmax(out[0] + (L - 1) * n * H, n, logits.data(), best.data());
+                    ctx_proj ? ctx.data() : nullptr, in, out, static_cast<T*>(nullptr), buf,
+                    &ahead);
+    const T* top = out[0] + (L - 1) * n * H;
+    // the next step's products over this step's new states (none after the last step), in
+    // the order of this step's parity: the output layer first and the layers upwards, or the
+    // layers downwards and the output layer last
+    const bool look = step + 1 < num_steps && w.lookahead(n);
+    const bool reversed = step % 2 == 1;
+    bool computed = false;
+    auto products_ahead = [&] {
+      computed = true;
+      ahead.ctx.resize(n * ld);
+      ahead.gh.resize(L * n * ld);
+      auto context = [&] {
+        if (ctx_proj) return;
+        std::fill(ahead.ctx.begin(), ahead.ctx.end(), T(0));
+        w.context(top, n, ahead.ctx.data());
+      };
+      if (!reversed) context();
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t l = reversed ? L - 1 - i : i;
+        w.hidden(l, out[0] + l * n * H, n, ahead.gh.data() + l * n * ld);
+      }
+      if (reversed) context();
+    };
+    ahead.ready = false;
+    if (look && reversed) products_ahead();
+    w.dense_argmax(top, n, logits.data(), best.data());
+    if (look && !reversed && std::any_of(best.begin(), best.begin() + n,
+                                         [&](int64_t y) { return y != eos; }))
+      products_ahead();
+    ahead.ready = computed;
     int64_t kept = 0;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t y = best[i];
@@ -286,12 +347,25 @@ void greedy_rows(Weights& w, const DecoderDims& d, const T* emb_proj,
                     out[p] + (l * n + kept) * H);
       if (ctx_proj && kept != i)
         std::copy(ctx.data() + i * G, ctx.data() + (i + 1) * G, ctx.data() + kept * G);
+      if (ahead.ready && kept != i) {
+        T* a = ahead.ctx.data();
+        std::copy(a + i * ld, a + (i + 1) * ld, a + kept * ld);
+        for (int64_t l = 0; l < L; ++l) {
+          T* g = ahead.gh.data() + l * n * ld;
+          std::copy(g + i * ld, g + (i + 1) * ld, g + kept * ld);
+        }
+      }
       ++kept;
     }
     // next holds layer-major rows for n sentences; repack them for `kept`
     for (int p = 0; p < P; ++p)
       for (int64_t l = 0; l < L; ++l)
         std::copy(out[p] + l * n * H, out[p] + (l * n + kept) * H, cur[p].data() + l * kept * H);
+    // ahead.gh likewise, from (L, n, ld) to (L, kept, ld) in place (layer l's rows move down)
+    if (ahead.ready && kept != n)
+      for (int64_t l = 1; l < L; ++l)
+        std::copy(ahead.gh.data() + l * n * ld, ahead.gh.data() + (l * n + kept) * ld,
+                  ahead.gh.data() + l * kept * ld);
     n = kept;
   }
 }
