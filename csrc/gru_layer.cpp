@@ -226,6 +226,36 @@ at::Tensor linear_bf16_weights_cpu(const at::Tensor& x, const at::Tensor& w,
   return y;
 }
 
+std::tuple<at::Tensor, at::Tensor> gru_over_projection_cpu(const at::Tensor& gi0,
+                                                           const at::Tensor& h0,
+                                                           at::TensorList flat) {
+  const int64_t layers = static_cast<int64_t>(flat.size()) / 4;
+  TORCH_CHECK(layers > 0 && static_cast<int64_t>(flat.size()) == 4 * layers,
+              "flat_weights: expected nn.GRU's flat weights, 4 tensors a layer, got ",
+              flat.size());
+  TORCH_CHECK(h0.dim() == 3 && h0.size(0) == layers, "h0: expected the state of a ", layers,
+              "-layer GRU, (", layers, ", batch, hidden), got shape ", shape_str(h0));
+  at::Tensor x, h_n;
+  std::tie(x, h_n) = gru_layer_projected_cpu(gi0, h0.select(0, 0), flat[1], flat[3]);
+  std::vector<at::Tensor> states{h_n};
+  for (int64_t l = 1; l < layers; ++l) {
+    const at::Tensor &w_ih = flat[4 * l], &w_hh = flat[4 * l + 1];
+    const at::Tensor &b_ih = flat[4 * l + 2], &b_hh = flat[4 * l + 3];
+    if (w_ih.scalar_type() == at::kBFloat16) {
+      // (no -1 in the view: zero steps)
+      const at::Tensor gi = linear_bf16_weights_cpu(x.reshape({-1, x.size(-1)}), w_ih, b_ih)
+                                .view({x.size(0), x.size(1), w_ih.size(0)});
+      std::tie(x, h_n) = gru_layer_projected_cpu(gi, h0.select(0, l), w_hh, b_hh);
+    } else {
+      auto out = gru_layer(x, h0.select(0, l), w_ih, w_hh, b_ih, b_hh, std::nullopt);
+      x = std::get<0>(out);
+      h_n = std::get<1>(out);
+    }
+    states.push_back(h_n);
+  }
+  return {x, at::stack(states)};
+}
+
 namespace {
 
 GruLayerGrads gru_layer_backward(const at::Tensor& grad_output,

@@ -83,6 +83,16 @@ std::tuple<at::Tensor, at::Tensor> gru_layer_projected_cpu(const at::Tensor& gi,
 // linear_bf16_weights_cpu.
 at::Tensor linear_bf16_weights_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 
+// A multi-layer GRU in CPU inference over layer 0's given input projection gi0 (T, B, 3H):
+// h0 (L, B, H), flat (nn.GRU's flat weights, 4 a layer; matrices float32, or bfloat16 beside
+// float32 biases). Layer 0 is gru_layer_projected_cpu; each layer above projects its input by
+// linear_bf16_weights_cpu and runs gru_layer_projected_cpu (bfloat16 matrices) or gru_layer.
+// Returns (output (T, B, H), state (L, B, H)). The _C module's gru_over_projection_cpu
+// (seq2seq_ext.ops.gru_over_projection).
+std::tuple<at::Tensor, at::Tensor> gru_over_projection_cpu(const at::Tensor& gi0,
+                                                           const at::Tensor& h0,
+                                                           at::TensorList flat);
+
 // The entry of gru_layer, which the _C module also calls directly (CPU inference).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,

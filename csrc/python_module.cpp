@@ -19,6 +19,7 @@
 #include "rnn_forward.h"
 #include "rnn_stack.h"
 #include "torch_dropout_mask.h"
+#include "translation.h"
 
 namespace {
 
@@ -145,6 +146,41 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     }
     return true;
   }, pybind11::arg("bound"));
+  // predict_seq2seq's direct path (seq2seq_ext/_fastcall.py, translate_ids): one sentence's
+  // encoding and greedy decoding in one call (translation.h). src: a list of Python ints; None
+  // where it is not one, an id is not a row of the table, or the encoder's state has another
+  // shape (the usual path then raises its error); else the output ids, a list.
+  module.def(
+      "translate_ids",
+      [](pybind11::handle src, const at::Tensor& table, const std::vector<at::Tensor>& flat,
+         seq2seq_ext::DecoderStepper& stepper, int64_t bos, int64_t eos, int64_t num_steps,
+         bool bf16, const std::vector<int64_t>& state_shape) -> pybind11::object {
+        if (!PyList_CheckExact(src.ptr()) || table.dim() != 2) return pybind11::none();
+        std::vector<int64_t> ids(PyList_GET_SIZE(src.ptr()));
+        for (size_t i = 0; i < ids.size(); ++i) {
+          PyObject* item = PyList_GET_ITEM(src.ptr(), i);
+          int overflow = 0;
+          const long long id = PyLong_CheckExact(item) ? PyLong_AsLongLongAndOverflow(item, &overflow)
+                                                       : -1;
+          if (overflow || id < 0 || id >= table.size(0)) return pybind11::none();
+          ids[i] = id;
+        }
+        auto out = seq2seq_ext::translate_ids(ids, table, flat, stepper, bos, eos, num_steps,
+                                              bf16, state_shape);
+        if (!out) return pybind11::none();
+        return pybind11::cast(*out);
+      },
+      pybind11::arg("src"), pybind11::arg("table"), pybind11::arg("flat"),
+      pybind11::arg("stepper"), pybind11::arg("bos"), pybind11::arg("eos"),
+      pybind11::arg("num_steps"), pybind11::arg("bf16"), pybind11::arg("state_shape"));
+  // The encoder's layers over layer 0's given input projection (seq2seq_ext.ops.
+  // gru_over_projection; gru_layer.h).
+  module.def(
+      "gru_over_projection_cpu",
+      [](const at::Tensor& gi0, const at::Tensor& h0, const std::vector<at::Tensor>& flat) {
+        return seq2seq_ext::gru_over_projection_cpu(gi0, h0, flat);
+      },
+      pybind11::arg("gi0"), pybind11::arg("h0"), pybind11::arg("flat"));
   // gru_layer's entry for CPU inference (no graph to record), under the same conditions.
   module.def("gru_layer_cpu",
              [](const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,

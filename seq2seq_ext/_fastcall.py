@@ -265,6 +265,18 @@ class _TranslationPlan:
         return None
 
 
+def translate_ids(plan, src, weights, bos, eos, num_steps, bf16):
+    """The output ids of one sentence by the kernels of ``predict_seq2seq``'s usual path for
+    ``plan``'s model, in one call (``csrc/translation.h``): its encoder over ``weights`` ((table,
+    flat weights) of :func:`seq2seq_ext.models.encoder_table` or
+    ``models._bf16_encoder_weights``) from the source ids ``src`` (a list of ints, one a step),
+    then the decoder's bound stepper greedily from ``bos``. None where the usual path would
+    raise instead (an id outside the table, an encoder state of another shape than the
+    decoder's)."""
+    return _C.translate_ids(src, weights[0], list(weights[1]), bound_stepper(plan.decoder), bos,
+                            eos, num_steps, bf16, plan.shape)
+
+
 def translation(net, models):
     """The model's :class:`_TranslationPlan` when ``predict_seq2seq`` would encode with this
     package's GRU encoder over its table and decode with the chapter's GRU decoder on the

@@ -60,10 +60,11 @@ def _translate_directly(net, sentence, src_vocab, tgt_vocab, num_steps, device, 
     module calls of its usual path, where that path would run the same kernels on the same
     tensors (:func:`seq2seq_ext._fastcall.translation` says when): the encoder over its table
     (:func:`~seq2seq_ext.models.encode`), the decoder's bound stepper for the greedy loop
-    (:meth:`~seq2seq_ext.Seq2SeqDecoder.greedy`); so the same translation. None where it does
+    (:meth:`~seq2seq_ext.Seq2SeqDecoder.greedy`), both in one call of the compiled library
+    (:func:`seq2seq_ext._fastcall.translate_ids`); so the same translation. None where it does
     not apply: :func:`predict_seq2seq` then takes its usual path. It saves the Python that
-    tests those paths again for every sentence: a third of ``predict_seq2seq`` at the chapter's
-    sizes, within the noise at embedding and hidden 256 (one thread; ``benchmarks/RESULTS.md``)."""
+    tests those paths again for every sentence and the calls between the kernels: a third of
+    ``predict_seq2seq`` at the chapter's sizes (one thread; ``benchmarks/RESULTS.md``)."""
     if not (device == "cpu" or (isinstance(device, torch.device) and device.type == "cpu")):
         return None
     plan = _fastcall.translation(net, models)
@@ -73,22 +74,17 @@ def _translate_directly(net, sentence, src_vocab, tgt_vocab, num_steps, device, 
     if type(bos) is not int or type(eos) is not int or bos < 0:
         return None
     tokens = src_vocab[sentence.lower().split(' ')] + [src_vocab['<eos>']]
-    with torch.no_grad():
-        X = torch.tensor([truncate_pad(tokens, num_steps, src_vocab['<pad>'])], dtype=torch.long)
-        rnn = plan.encoder_rnn
-        if bf16:
-            weights = models._bf16_encoder_weights(plan.encoder, X, checked=True)
-        else:
-            table = models.encoder_table(plan.encoder, X, checked=True)
-            weights = None if table is None else (table, _fastcall.flat_weights(rnn))
-        if weights is None:
-            return None
-        state = models._encode_over_table(rnn, X, *weights)[1]
-        if state.shape != plan.shape:
-            return None
-        out, lengths = models.decoder_stepper(plan.decoder).greedy(state, None, bos, eos,
-                                                                   num_steps, bf16)
-    return ' '.join(tgt_vocab.to_tokens(out[0, :int(lengths[0])].tolist()))
+    src = truncate_pad(tokens, num_steps, src_vocab['<pad>'])
+    # (checked: the plan has made the usual path's tests; neither reads the source's tensor)
+    if bf16:
+        weights = models._bf16_encoder_weights(plan.encoder, None, checked=True, batch=1)
+    else:
+        table = models.encoder_table(plan.encoder, None, checked=True)
+        weights = None if table is None else (table, _fastcall.flat_weights(plan.encoder_rnn))
+    if weights is None:
+        return None
+    ids = _fastcall.translate_ids(plan, src, weights, bos, eos, num_steps, bf16)
+    return None if ids is None else ' '.join(tgt_vocab.to_tokens(ids))
 
 
 def _bf16_or_none(weight_dtype):

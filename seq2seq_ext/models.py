@@ -702,13 +702,13 @@ def encoder_table(encoder, X, checked=False):
 _BF16_ENCODER_MAX_BATCH = 8
 
 
-def _bf16_encoder_weights(encoder, X, checked=False):
+def _bf16_encoder_weights(encoder, X, checked=False, batch=None):
     """(table, flat weights) of the encoder with its matrices rounded to bfloat16 (the table from
     the rounded embedding and W_ih0, in float32; the other matrices in bfloat16 for a batch of
     at most ``_BF16_ENCODER_MAX_BATCH`` rows of X, else float32 copies of their rounded values;
     the biases float32), made once per set of weights like :func:`encoder_table`'s; None where
     that does not apply or the weights are not float32. ``checked``: as for
-    :func:`_table_weights`."""
+    :func:`_table_weights` (X is then not read: ``batch`` gives its rows)."""
     weights = _table_weights(encoder, X, checked)
     if weights is None or weights[0].dtype != torch.float32:
         return None
@@ -721,7 +721,7 @@ def _bf16_encoder_weights(encoder, X, checked=False):
         cached = (_TableKey(tensors), {"table": table, "bf16": low})
         encoder.__dict__[_TABLE_BF16_ATTR] = cached
     made = cached[1]
-    if X.shape[0] <= _BF16_ENCODER_MAX_BATCH:
+    if (X.shape[0] if batch is None else batch) <= _BF16_ENCODER_MAX_BATCH:
         return made["table"], made["bf16"]
     if "float32" not in made:
         made["float32"] = [w.float() for w in made["bf16"]]

@@ -783,19 +783,9 @@ def gru_over_projection(gi0, h0, flat_weights):
     if not direct_cpu_call_ok(gi0):
         raise RuntimeError("gru_over_projection: expected plain CPU tensors with grad mode off "
                            "(CPU inference)")
-    layers = _gru_stack_layers(h0, flat_weights)
-    x, h_n = _C.gru_layer_projected_cpu(gi0, h0[0], flat_weights[1], flat_weights[3])
-    states = [h_n]
-    for layer in range(1, layers):
-        w_ih, w_hh, b_ih, b_hh = flat_weights[4 * layer: 4 * layer + 4]
-        if w_ih.dtype == torch.bfloat16:
-            gi = _C.linear_bf16_weights_cpu(x.reshape(-1, x.shape[-1]), w_ih, b_ih)
-            gi = gi.view(x.shape[0], x.shape[1], w_ih.shape[0])  # (no -1: zero steps)
-            x, h_n = _C.gru_layer_projected_cpu(gi, h0[layer], w_hh, b_hh)
-        else:
-            x, h_n, _ = _C.gru_layer_cpu(x, h0[layer], w_ih, w_hh, b_ih, b_hh)
-        states.append(h_n)
-    return x, torch.stack(states)
+    _gru_stack_layers(h0, flat_weights)
+    # layer 0 over gi0, each layer above projecting its input first (csrc/gru_layer.h)
+    return _C.gru_over_projection_cpu(gi0, h0, list(flat_weights))
 
 
 # ----------------------------------------------------------------------------------------------

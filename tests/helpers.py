@@ -119,12 +119,18 @@ def random_tokens(batch, vocab, *, device="cpu", seed=0, dtype=torch.int64):
 class GreedySpy:
     """Counts the fused greedy decodes of predict_seq2seq and predict_seq2seq_batch: calls of
     ``ops.greedy_decode`` and of a bound stepper's ``greedy`` (their path for plain CPU
-    tensors)."""
+    tensors), from Python or from the direct path's one call (``_fastcall.translate_ids``)."""
 
     def __init__(self, monkeypatch):
-        from seq2seq_ext import models, ops
+        from seq2seq_ext import _fastcall, models, ops
         self.op_calls = self.stepper_calls = 0
         op, bind, spy = ops.greedy_decode, models.decoder_stepper, self
+        direct = _fastcall.translate_ids
+
+        def direct_spy(*args, **kwargs):
+            out = direct(*args, **kwargs)
+            spy.stepper_calls += out is not None  # its stepper's greedy ran
+            return out
 
         def op_spy(*args, **kwargs):
             spy.op_calls += 1
@@ -143,6 +149,7 @@ class GreedySpy:
 
         monkeypatch.setattr(ops, "greedy_decode", op_spy)
         monkeypatch.setattr(models, "decoder_stepper", lambda decoder: Bound(bind(decoder)))
+        monkeypatch.setattr(_fastcall, "translate_ids", direct_spy)
 
     @property
     def calls(self):

@@ -59,7 +59,9 @@ def _state(dec, batch, seed, dtype):
 
 
 class _PathSpy:
-    """Which path the decoder took: calls of the bound stepper and of the decode ops."""
+    """Which path the decoder took: calls of the bound stepper (from Python, or from
+    predict_seq2seq's direct path in one call: ``_fastcall.translate_ids``) and of the decode
+    ops."""
 
     def __init__(self, monkeypatch):
         self.taken = []
@@ -67,6 +69,8 @@ class _PathSpy:
         for name in ("gru_decode_step", "lstm_decode_step", "greedy_decode"):
             monkeypatch.setattr(ops, name, self._wrap(getattr(ops, name), "op"))
         monkeypatch.setattr(models, "decoder_stepper", lambda d: _Recorder(bind(d), self))
+        monkeypatch.setattr(_fastcall, "translate_ids",
+                            self._wrap(_fastcall.translate_ids, "stepper"))
 
     def _wrap(self, fn, path):
         def spy(*args, **kwargs):

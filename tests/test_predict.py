@@ -491,3 +491,44 @@ def test_direct_translation_keeps_models_apart(monkeypatch):
     del nets[:], net
     gc.collect()
     assert ref() is None
+
+
+class _VocabOf:
+    """A source vocabulary whose ids are ``kind``: numpy integers, or ints past the encoder's
+    embedding (a vocabulary larger than the model's)."""
+
+    def __init__(self, vocab, kind):
+        self._vocab, self._kind = vocab, kind
+
+    def __getitem__(self, tokens):
+        ids = self._vocab[tokens]
+        if self._kind == "numpy":
+            import numpy
+            return [numpy.int64(i) for i in ids] if isinstance(ids, list) else numpy.int64(ids)
+        return [i + len(self._vocab) for i in ids] if isinstance(ids, list) else ids
+
+
+@pytest.mark.parametrize("weight_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["numpy", "past_the_embedding", "state_width"])
+def test_direct_translation_leaves_what_it_cannot_read_to_the_usual_path(kind, weight_dtype,
+                                                                         monkeypatch):
+    """Source ids that are not Python ints, ids outside the encoder's table, an encoder whose
+    state the decoder cannot take: the direct path declines, and the result (a translation, or
+    the usual path's error) is the usual path's."""
+    net, src_vocab, tgt_vocab = _direct_model()
+    if kind == "state_width":
+        torch.manual_seed(3)
+        net.encoder = seq2seq_ext.Seq2SeqEncoder(len(src_vocab), 8, 12, 2).eval()
+    else:
+        src_vocab = _VocabOf(src_vocab, kind)
+    spy = _DirectSpy(monkeypatch)
+    results = []
+    for run in (seq2seq_ext.predict_seq2seq, spy.usual):
+        try:
+            results.append(run(net, "go home .", src_vocab, tgt_vocab, 6, "cpu",
+                               weight_dtype=weight_dtype))
+        except (IndexError, RuntimeError, ValueError) as exc:
+            results.append(type(exc))
+    assert results[0] == results[1]
+    assert isinstance(results[0], tuple) == (kind == "numpy")
+    assert spy.taken == 0 and spy.declined == 1
