@@ -508,17 +508,32 @@ class _VocabOf:
         return [i + len(self._vocab) for i in ids] if isinstance(ids, list) else ids
 
 
+def _narrow_encoder_weights(rnn, hidden):
+    """Every weight of the GRU ``rnn`` swapped by ``.data`` for one of width ``hidden`` (its
+    modules' attributes unchanged)."""
+    g = torch.Generator().manual_seed(5)
+    for name in rnn._flat_weights_names:
+        p = getattr(rnn, name)
+        shape = ((3 * hidden,) if p.dim() == 1 else
+                 (3 * hidden, p.shape[1] if name == "weight_ih_l0" else hidden))
+        p.data = torch.randn(*shape, generator=g) * 0.3
+
+
 @pytest.mark.parametrize("weight_dtype", [None, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["numpy", "past_the_embedding", "state_width"])
+@pytest.mark.parametrize("kind", ["numpy", "past_the_embedding", "state_width",
+                                  "weights_of_another_width"])
 def test_direct_translation_leaves_what_it_cannot_read_to_the_usual_path(kind, weight_dtype,
                                                                          monkeypatch):
     """Source ids that are not Python ints, ids outside the encoder's table, an encoder whose
-    state the decoder cannot take: the direct path declines, and the result (a translation, or
-    the usual path's error) is the usual path's."""
+    state the decoder cannot take (by its modules, or by weights of another width swapped in:
+    its state's shape is then seen after encoding): the direct path declines, and the result (a
+    translation, or the usual path's error) is the usual path's."""
     net, src_vocab, tgt_vocab = _direct_model()
     if kind == "state_width":
         torch.manual_seed(3)
         net.encoder = seq2seq_ext.Seq2SeqEncoder(len(src_vocab), 8, 12, 2).eval()
+    elif kind == "weights_of_another_width":
+        _narrow_encoder_weights(net.encoder.rnn, 12)
     else:
         src_vocab = _VocabOf(src_vocab, kind)
     spy = _DirectSpy(monkeypatch)
