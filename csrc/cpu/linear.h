@@ -161,14 +161,20 @@ inline void load_bf16_pair(const c10::BFloat16* p, at::vec::Vectorized<float>& e
 
 // linear_nt's dot products for float rows against bfloat16 weights: per block of 2 * Vec::size()
 // columns one load of the weights and the block of x de-interleaved once per call (xd: even
-// columns, then odd ones), four outputs at a time with two FMA chains each.
+// columns, then odd ones), two FMA chains per output. Rows go four at a time where there are
+// four (two outputs of all four per pass: each weight block is loaded and widened once for the
+// four rows, which re-read no weights from cache), else one at a time (four outputs per pass).
+// Either way an output is hsum(even chain + odd chain) + the columns past the last block, one at
+// a time, then its initial value plus that: the same operations, so the same bits, whatever the
+// number of rows (linear_nt_bf16_one); the last N % 4 outputs of a row are dot's.
 inline void linear_nt_bf16(const float* X, int64_t ldx, int64_t B, int64_t K,
                            const c10::BFloat16* W, int64_t ldw, int64_t N, const float* bias,
                            float* Y, bool accumulate) {
   using Vec = at::vec::Vectorized<float>;
   constexpr int64_t Wd = Vec::size();
   constexpr int64_t P = 2 * Wd;
-  const int64_t Kb = K - K % P;
+  constexpr int64_t kRows = 4;
+  const int64_t Kb = K - K % P, N4 = N - N % 4;
   std::vector<float> xd(B * Kb);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t k = 0; k < Kb; k += P)
@@ -176,55 +182,85 @@ inline void linear_nt_bf16(const float* X, int64_t ldx, int64_t B, int64_t K,
         xd[b * Kb + k + j] = X[b * ldx + k + 2 * j];
         xd[b * Kb + k + Wd + j] = X[b * ldx + k + 2 * j + 1];
       }
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N * K));
-  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* x = X + b * ldx;
-      const float* xe = xd.data() + b * Kb;
-      float* y = Y + b * N;
-      auto tail = [&](const c10::BFloat16* w) {
-        float r = 0;
-        for (int64_t k = Kb; k < K; ++k) r += static_cast<float>(w[k]) * x[k];
-        return r;
-      };
-      int64_t n = 0;
-      for (; n + 4 <= N; n += 4) {
-        const c10::BFloat16* w0 = W + n * ldw;
-        const c10::BFloat16* w1 = w0 + ldw;
-        const c10::BFloat16* w2 = w1 + ldw;
-        const c10::BFloat16* w3 = w2 + ldw;
-        Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f), c0(0.f), c1(0.f), c2(0.f), c3(0.f);
-        for (int64_t k = 0; k < Kb; k += P) {
-          const Vec xv = Vec::loadu(xe + k);
-          const Vec xw = Vec::loadu(xe + k + Wd);
-          // one weight row's block: its even values against xv, its odd ones against xw
-          auto fma_row = [&](const c10::BFloat16* w, Vec& even_acc, Vec& odd_acc) {
-            Vec e, o;
-            prefetch_line(reinterpret_cast<const char*>(w + k) + kPrefetchBytes);
-            load_bf16_pair(w + k, e, o);
-            even_acc = at::vec::fmadd(e, xv, even_acc);
-            odd_acc = at::vec::fmadd(o, xw, odd_acc);
-          };
-          fma_row(w0, a0, c0);
-          fma_row(w1, a1, c1);
-          fma_row(w2, a2, c2);
-          fma_row(w3, a3, c3);
+  auto tail = [&](const float* x, const c10::BFloat16* w) {
+    float r = 0;
+    for (int64_t k = Kb; k < K; ++k) r += static_cast<float>(w[k]) * x[k];
+    return r;
+  };
+  auto put = [&](int64_t b, int64_t n, float r) {
+    float* y = Y + b * N;
+    const float init = accumulate ? y[n] : (bias ? bias[n] : 0.f);
+    y[n] = init + r;
+  };
+  // one weight row's block: its even values against xv, its odd ones against xw
+  auto fma_block = [&](const c10::BFloat16* w, int64_t k, const Vec& xv, const Vec& xw,
+                       Vec& even_acc, Vec& odd_acc) {
+    Vec e, o;
+    prefetch_line(reinterpret_cast<const char*>(w + k) + kPrefetchBytes);
+    load_bf16_pair(w + k, e, o);
+    even_acc = at::vec::fmadd(e, xv, even_acc);
+    odd_acc = at::vec::fmadd(o, xw, odd_acc);
+  };
+  auto one_row = [&](int64_t b) {
+    const float* x = X + b * ldx;
+    const float* xe = xd.data() + b * Kb;
+    for (int64_t n = 0; n < N4; n += 4) {
+      const c10::BFloat16* w[4] = {W + n * ldw, W + (n + 1) * ldw, W + (n + 2) * ldw,
+                                   W + (n + 3) * ldw};
+      Vec a[4], c[4];
+      for (int i = 0; i < 4; ++i) a[i] = c[i] = Vec(0.f);
+      for (int64_t k = 0; k < Kb; k += P) {
+        const Vec xv = Vec::loadu(xe + k);
+        const Vec xw = Vec::loadu(xe + k + Wd);
+        for (int i = 0; i < 4; ++i) fma_block(w[i], k, xv, xw, a[i], c[i]);
+      }
+      float r[4];
+      hsum4(a[0] + c[0], a[1] + c[1], a[2] + c[2], a[3] + c[3], r);
+      for (int i = 0; i < 4; ++i) put(b, n + i, r[i] + tail(x, w[i]));
+    }
+  };
+  auto four_rows = [&](int64_t b0) {
+    for (int64_t n = 0; n < N4; n += 2) {
+      const c10::BFloat16* w[2] = {W + n * ldw, W + (n + 1) * ldw};
+      Vec a[2][kRows], c[2][kRows];
+      for (int o = 0; o < 2; ++o)
+        for (int j = 0; j < kRows; ++j) a[o][j] = c[o][j] = Vec(0.f);
+      for (int64_t k = 0; k < Kb; k += P) {
+        Vec e[2], d[2];
+        for (int o = 0; o < 2; ++o) {
+          prefetch_line(reinterpret_cast<const char*>(w[o] + k) + kPrefetchBytes);
+          load_bf16_pair(w[o] + k, e[o], d[o]);
         }
-        float r[4];
-        hsum4(a0 + c0, a1 + c1, a2 + c2, a3 + c3, r);
-        r[0] += tail(w0);
-        r[1] += tail(w1);
-        r[2] += tail(w2);
-        r[3] += tail(w3);
-        for (int i = 0; i < 4; ++i) {
-          const float init = accumulate ? y[n + i] : (bias ? bias[n + i] : 0.f);
-          y[n + i] = init + r[i];
+        for (int j = 0; j < kRows; ++j) {
+          const float* xe = xd.data() + (b0 + j) * Kb + k;
+          const Vec xv = Vec::loadu(xe);
+          const Vec xw = Vec::loadu(xe + Wd);
+          for (int o = 0; o < 2; ++o) {
+            a[o][j] = at::vec::fmadd(e[o], xv, a[o][j]);
+            c[o][j] = at::vec::fmadd(d[o], xw, c[o][j]);
+          }
         }
       }
-      for (; n < N; ++n) {
-        const float init = accumulate ? y[n] : (bias ? bias[n] : 0.f);
-        y[n] = init + dot(x, W + n * ldw, K);
+      for (int o = 0; o < 2; ++o) {
+        float r[kRows];
+        hsum4(a[o][0] + c[o][0], a[o][1] + c[o][1], a[o][2] + c[o][2], a[o][3] + c[o][3], r);
+        for (int j = 0; j < kRows; ++j) put(b0 + j, n + o, r[j] + tail(X + (b0 + j) * ldx, w[o]));
       }
+    }
+  };
+  const int64_t groups = B / kRows, singles = B % kRows;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, kRows * N * K));
+  at::parallel_for(0, groups + singles, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t b0 = g < groups ? g * kRows : groups * kRows + (g - groups);
+      const int64_t rows = g < groups ? kRows : 1;
+      if (rows == kRows) {
+        four_rows(b0);
+      } else {
+        one_row(b0);
+      }
+      for (int64_t b = b0; b < b0 + rows; ++b)
+        for (int64_t n = N4; n < N; ++n) put(b, n, dot(X + b * ldx, W + n * ldw, K));
     }
   });
 }
