@@ -42,7 +42,9 @@ class DecoderStepper {
   // the bound weights. bf16_weights: decode with the weight matrices rounded to bfloat16 (the
   // embedding, every W_ih and W_hh, the output layer's weight; biases, states and sums stay
   // float32), reading half the bytes per token; the copies are made once per set of weights.
-  // Needs float32 weights and state.
+  // Needs float32 weights and state. Above kBf16MaxRows rows the rounded values are multiplied
+  // as float32 copies, whose products BLAS takes: a row at a time, every row would read every
+  // matrix again.
   std::tuple<at::Tensor, at::Tensor> greedy(const at::Tensor& state,
                                             const std::optional<at::Tensor>& ctx_proj,
                                             int64_t bos, int64_t eos, int64_t num_steps,
@@ -70,6 +72,9 @@ class DecoderStepper {
   const at::Tensor& rounded_emb_proj();
   // The bfloat16 weight matrices [w_ih, w_hh per layer..., dense weight], built when missing.
   const std::vector<at::Tensor>& low();
+  // float32 copies of low()'s matrices (the rounded values), built when missing: greedy's
+  // bf16_weights for more than kBf16MaxRows rows.
+  const std::vector<at::Tensor>& low_float32();
   // The int8 screen of the output layer's float32 (bf16 false) or bfloat16 matrix for greedy's
   // argmax (cpu/argmax_screen.h), built when missing; null where it does not apply.
   const cpu::ArgmaxScreen* screen(bool bf16);
@@ -85,7 +90,7 @@ class DecoderStepper {
   bool inference_ = false;  // some bound tensor is an inference tensor
   std::shared_ptr<const cpu::ArgmaxScreen> screens_[2];
   bool screens_tried_[2] = {false, false};
-  std::vector<at::Tensor> low_;
+  std::vector<at::Tensor> low_, low_float32_;
   at::Tensor emb_proj_low_;  // the table from the rounded embedding and W_ih0
   // The dims (batch aside) of the last state checked against the current weights, and its
   // dtype: a state that agrees needs no new check of the weights.

@@ -95,9 +95,11 @@ def test_fixed_context_decoder_with_bf16_weights_is_the_rounded_decoders():
     assert got[0].equal(want[0]) and got[1].equal(want[1])
 
 
-def test_bf16_copies_follow_weight_updates():
+@pytest.mark.parametrize("batch", [4, 20], ids=["bf16-matrices", "float32-copies"])
+def test_bf16_copies_follow_weight_updates(batch):
+    # up to 16 rows the bf16 copies are read as they are; beyond, float32 copies of them
     dec = make_decoder(41, 7, 13, 2, seed=7, dense_scale=3.0)
-    state = random_state(2, 4, 13, seed=7)
+    state = random_state(2, batch, 13, seed=7)
     first = dec.greedy(state, 1, 0, 6, weight_dtype=BF16)
     with torch.no_grad():
         dec.dense.weight.mul_(-1.0)          # an optimizer's in-place step, say
