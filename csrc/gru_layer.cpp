@@ -256,6 +256,16 @@ std::tuple<at::Tensor, at::Tensor> gru_over_projection_cpu(const at::Tensor& gi0
   return {x, at::stack(states)};
 }
 
+std::tuple<at::Tensor, at::Tensor> encode_over_table_cpu(const at::Tensor& X,
+                                                         const at::Tensor& table,
+                                                         at::TensorList flat, int64_t layers,
+                                                         int64_t hidden) {
+  check_dim(X, 2, "X");
+  const at::Tensor gi0 = at::embedding(table, X.t());
+  const at::Tensor h0 = at::zeros({layers, X.size(0), hidden}, table.options());
+  return gru_over_projection_cpu(gi0, h0, flat);
+}
+
 namespace {
 
 GruLayerGrads gru_layer_backward(const at::Tensor& grad_output,

@@ -93,6 +93,15 @@ std::tuple<at::Tensor, at::Tensor> gru_over_projection_cpu(const at::Tensor& gi0
                                                            const at::Tensor& h0,
                                                            at::TensorList flat);
 
+// The GRU encoder over its table in CPU inference: (output (T, B, H), state (L, B, H)) for the
+// tokens X (B, T) from zero states of (layers, B, hidden), layer 0's input projection a row of
+// table (vocab, 3H) per token (at::embedding's gather), the layers gru_over_projection_cpu's.
+// The _C module's encode_over_table_cpu (seq2seq_ext.models), and translate_ids's encoder.
+std::tuple<at::Tensor, at::Tensor> encode_over_table_cpu(const at::Tensor& X,
+                                                         const at::Tensor& table,
+                                                         at::TensorList flat, int64_t layers,
+                                                         int64_t hidden);
+
 // The entry of gru_layer, which the _C module also calls directly (CPU inference).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,

@@ -195,6 +195,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         return seq2seq_ext::gru_over_projection_cpu(gi0, h0, flat);
       },
       pybind11::arg("gi0"), pybind11::arg("h0"), pybind11::arg("flat"));
+  // The GRU encoder over its table (seq2seq_ext.models; gru_layer.h).
+  module.def(
+      "encode_over_table_cpu",
+      [](const at::Tensor& X, const at::Tensor& table, const std::vector<at::Tensor>& flat,
+         int64_t layers, int64_t hidden) {
+        return seq2seq_ext::encode_over_table_cpu(X, table, flat, layers, hidden);
+      },
+      pybind11::arg("X"), pybind11::arg("table"), pybind11::arg("flat"), pybind11::arg("layers"),
+      pybind11::arg("hidden"));
   // gru_layer's entry for CPU inference (no graph to record), under the same conditions.
   module.def("gru_layer_cpu",
              [](const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,

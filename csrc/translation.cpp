@@ -20,12 +20,10 @@ std::optional<std::vector<int64_t>> translate_ids(const std::vector<int64_t>& sr
   for (const int64_t id : src)
     TORCH_CHECK(id >= 0 && id < table.size(0), "src: token id ", id, " is not a row of the ",
                 table.size(0), "-row table");
-  // the encoder's input projections: a row of the table per token (nn.functional.embedding's
-  // gather of the usual path), time first
-  const at::Tensor ids = at::tensor(at::ArrayRef<int64_t>(src), at::kLong);
-  const at::Tensor gi0 = table.index_select(0, ids).view({steps, 1, table.size(1)});
-  const at::Tensor h0 = at::zeros({layers, 1, hidden}, table.options());
-  const at::Tensor state = std::get<1>(gru_over_projection_cpu(gi0, h0, flat));
+  // the usual path's encoder over the table, its states as wide as its weights (a state that
+  // the decoder cannot take returns below)
+  const at::Tensor X = at::tensor(at::ArrayRef<int64_t>(src), at::kLong).view({1, steps});
+  const at::Tensor state = std::get<1>(encode_over_table_cpu(X, table, flat, layers, hidden));
   if (state.sizes() != state_shape) return std::nullopt;
   at::Tensor tokens, lengths;
   std::tie(tokens, lengths) = stepper.greedy(state, std::nullopt, bos, eos, num_steps, bf16);

@@ -271,8 +271,8 @@ def translate_ids(plan, src, weights, bos, eos, num_steps, bf16):
     then the decoder's bound stepper greedily from ``bos``. None where the usual path would
     raise instead (an id outside the table, an encoder state of another shape than the
     decoder's)."""
-    return _C.translate_ids(src, weights[0], list(weights[1]), bound_stepper(plan.decoder), bos,
-                            eos, num_steps, bf16, plan.shape)
+    return _C.translate_ids(src, weights[0], weights[1], bound_stepper(plan.decoder), bos, eos,
+                            num_steps, bf16, plan.shape)
 
 
 def translation(net, models):

@@ -15,7 +15,7 @@ import numbers
 import torch
 from torch import nn
 
-from . import _fastcall, ops, reference
+from . import _C, _fastcall, ops, reference
 from . import nn as seq2seq_nn
 from .reference import Decoder, Encoder, EncoderDecoder
 
@@ -746,10 +746,10 @@ def encode(encoder, X, valid_len, weight_dtype=None):
 
 def _encode_over_table(rnn, X, table, flat_weights):
     """The GRU encoder's (output, state) for the tokens X (batch, steps) from zero states, layer
-    0's input projection read from ``table`` (one row per token)."""
-    gi0 = torch.nn.functional.embedding(X.t(), table)
-    h0 = table.new_zeros((rnn.num_layers, X.shape[0], rnn.hidden_size))
-    return ops.gru_over_projection(gi0, h0, flat_weights)
+    0's input projection read from ``table`` (one row per token); in one call of the compiled
+    library (``csrc/gru_layer.h``), which ``predict_seq2seq``'s direct path runs too. Its callers
+    have tested X and the weights (:func:`_table_weights`)."""
+    return _C.encode_over_table_cpu(X, table, flat_weights, rnn.num_layers, rnn.hidden_size)
 
 
 # the classes' own methods, as defined here: a fast path compares with them, so that a method

@@ -785,7 +785,7 @@ def gru_over_projection(gi0, h0, flat_weights):
                            "(CPU inference)")
     _gru_stack_layers(h0, flat_weights)
     # layer 0 over gi0, each layer above projecting its input first (csrc/gru_layer.h)
-    return _C.gru_over_projection_cpu(gi0, h0, list(flat_weights))
+    return _C.gru_over_projection_cpu(gi0, h0, flat_weights)
 
 
 # ----------------------------------------------------------------------------------------------
