@@ -14,6 +14,25 @@ from seq2seq_ext.models import fused_decoder_args
 NOT_DIFFERENTIATED = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
+def torch_lstm_runs_under_cpu_bf16_autocast():
+    """Whether PyTorch's own CPU ``nn.LSTM`` runs under ``torch.autocast("cpu", bfloat16)``
+    here: oneDNN has no bf16 LSTM primitive on some CPUs without bf16 instructions (AMD Zen 3),
+    and there the reference's LSTM cannot run under autocast at all."""
+    global _lstm_bf16
+    if _lstm_bf16 is None:
+        lstm = torch.nn.LSTM(3, 4)
+        try:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                lstm(torch.zeros(2, 1, 3))
+            _lstm_bf16 = True
+        except RuntimeError:
+            _lstm_bf16 = False
+    return _lstm_bf16
+
+
+_lstm_bf16 = None
+
+
 def devices():
     """The devices the op tests run on: the CPU, and CUDA when a GPU is present."""
     out = ["cpu"]

@@ -10,8 +10,8 @@ from seq2seq_ext import _C, ops
 from helpers import generator
 
 USABLE = ops.argmax_screen_usable()
-needs_vnni = pytest.mark.skipif(not USABLE, reason="the CPU has no AVX512-VNNI (or the build "
-                                "is not AVX-512): the screen does not run here")
+needs_int8 = pytest.mark.skipif(not USABLE, reason="neither an AVX-512 build on a CPU with "
+                                "AVX512-VNNI nor an AVX2 build: the screen does not run here")
 
 
 def screened(w, bias, h):
@@ -24,7 +24,7 @@ def rand(g, *shape, scale=1.0):
     return (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1).mul(scale).float()
 
 
-@needs_vnni
+@needs_int8
 class TestScreenedArgmax:
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     @pytest.mark.parametrize("V,K", [(3909, 256), (1331, 200), (777, 352), (600, 1024)])
@@ -168,8 +168,8 @@ def test_switch_takes_a_bool():
     assert ops.argmax_screen() is True
 
 
-@pytest.mark.skipif(USABLE, reason="the CPU has AVX512-VNNI: the screen runs here")
-def test_no_screen_without_vnni():
+@pytest.mark.skipif(USABLE, reason="the screen runs on this CPU and build")
+def test_no_screen_without_int8_products():
     w = torch.randn(1024, 256)
     assert _C._screened_argmax(w, torch.zeros(1024), torch.zeros(1, 256)) is None
 
@@ -187,7 +187,7 @@ def _stepper(seed, vocab, hidden=256, embed=128, layers=2):
     return stepper, g, dense_w, dense_b
 
 
-@needs_vnni
+@needs_int8
 @pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16_weights"])
 @pytest.mark.parametrize("batch", [1, 3, 6])
 @pytest.mark.parametrize("context", [True, False], ids=["ctx_proj", "context_columns"])
@@ -209,7 +209,7 @@ def test_greedy_gives_the_same_tokens(bf16, batch, context):
         assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
 
 
-@needs_vnni
+@needs_int8
 def test_weights_changed_in_place_rebuild_the_screen():
     stepper, g, dense_w, dense_b = _stepper(4, vocab=1500)
     state = rand(g, 2, 1, 256, scale=0.5)

@@ -12,7 +12,7 @@ import seq2seq_ext
 from seq2seq_ext import reference
 from seq2seq_ext.training import fit
 
-from helpers import seeded_randint, toy_vocabs
+from helpers import seeded_randint, torch_lstm_runs_under_cpu_bf16_autocast, toy_vocabs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -205,8 +205,15 @@ class TestAutocast:
             if bound:
                 dec(X, state)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                got, want = dec(X, state)[0], ref(X, state)[0]
-            assert got.dtype == want.dtype == torch.bfloat16
+                got = dec(X, state)[0]
+                # where PyTorch's nn.LSTM cannot run under CPU bf16 autocast, the reference's
+                # float32 step stands in: the same tolerance covers bf16's rounding
+                ref_runs = cell == "gru" or torch_lstm_runs_under_cpu_bf16_autocast()
+                want = ref(X, state)[0] if ref_runs else None
+            if want is None:
+                want = ref(X, state)[0]
+            assert got.dtype == torch.bfloat16
+            assert want.dtype == (torch.bfloat16 if ref_runs else torch.float32)
             torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.02)
             torch.testing.assert_close(dec(X, state)[0], ref(X, state)[0])
             with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -5,7 +5,7 @@
 // bytes) to keep one index. Here each row v of the layer's matrix W (the values the decoder
 // multiplies: float32 or the bfloat16 copy) is also stored as int8, q_v = round(W_v / s_v) with
 // s_v = max|W_v| / 127, and the state h as hq = round(h / s_h), s_h = max|h| / 127. One pass of
-// int8 dot products (AVX512-VNNI, a quarter of the bytes of float32) gives every logit to within
+// int8 dot products (AVX512-VNNI, or AVX2's vpmaddubsw; a quarter of the bytes of float32) gives every logit to within
 // a bound,
 //   |W_v . h - s_v s_h q_v . hq| <= e_v |h|_1 + s_v |q_v|_1 s_h / 2,
 // e_v = max_k |W_vk - s_v q_vk| (measured when the copy is made), plus a margin for the float
@@ -13,7 +13,7 @@
 // hold the maximum; their logits are then computed by the decoder's own product, the same
 // operations as over the whole layer, and the first maximum among them is the answer: the same
 // index as the full product's argmax, bit for bit the same logit. A state that is not finite,
-// a row without a finite logit, or a CPU without AVX512-VNNI takes the full product instead.
+// a row without a finite logit, or a CPU without either takes the full product instead.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,7 +28,8 @@
 namespace seq2seq_ext {
 namespace cpu {
 
-// Whether this CPU runs the screen's int8 dot products (AVX512-VNNI, in an AVX-512 build).
+// Whether this CPU runs the screen's int8 dot products (AVX512-VNNI in an AVX-512
+// build; AVX2 and FMA in an AVX2 build).
 bool argmax_screen_usable();
 
 // The process-wide switch (on by default where usable): seq2seq_ext.ops.set_argmax_screen.
@@ -53,7 +54,7 @@ inline bool argmax_screen_pays(int64_t V, int64_t K) {
 }
 
 // The screen of the float32 or bfloat16 (V, K) matrix w (row-major, contiguous), or null when
-// it cannot be used: the switch is off, the CPU lacks AVX512-VNNI, the size does not pay
+// it cannot be used: the switch is off, the CPU lacks the instructions, the size does not pay
 // (argmax_screen_pays), or an entry is not finite.
 std::shared_ptr<const ArgmaxScreen> make_argmax_screen(const at::Tensor& w);
 

@@ -183,6 +183,6 @@ def main(argv=None):
                       for n, r in sorted(result['rates'].items()))
           + f"; bf16 weights give the reference's translation "
           f"for {result['same_bf16']} of {result['sentences']} sentences; int8 screen of the "
-          f"argmax: {'yes' if result['screen'] else 'no (no AVX512-VNNI)'}")
+          f"argmax: {'yes' if result['screen'] else 'no (neither AVX512-VNNI nor AVX2)'}")
     print(format_table(result))
     return 0
