@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Builds csrc/ with CMake against the installed libtorch into build/cmake, then loads the result in
 # a fresh interpreter and runs one op, showing that the CMake build produces a working library.
+# It builds at -O0 (a build type of its own, "Check"): what it shows is that the CMake project
+# compiles, links and loads; the optimized library is setup.py's, which the test suite runs. At
+# -O3 (the project's default, Release) this build takes 4.5 of CI's minutes on 2 cores, at -O0 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mkdir -p build
 PYTHON=${PYTHON:-python3}
 case "$PYTHON" in */*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" ;; *) PYTHON="$(command -v "$PYTHON")" ;; esac
 cmake -S . -B build/cmake -G Ninja -DPython3_EXECUTABLE="$PYTHON" -DSEQ2SEQ_EXT_CUDA=OFF \
+  -DCMAKE_BUILD_TYPE=Check -DCMAKE_CXX_FLAGS_CHECK=-O0 \
   -DCMAKE_MAKE_PROGRAM="$(cd "$(dirname "$PYTHON")" && pwd)/ninja" >build/cmake.log 2>&1 || {
   cat build/cmake.log; exit 1; }
 cmake --build build/cmake -j 2
