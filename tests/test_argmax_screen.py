@@ -27,7 +27,10 @@ def rand(g, *shape, scale=1.0):
 @needs_int8
 class TestScreenedArgmax:
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-    @pytest.mark.parametrize("V,K", [(3909, 256), (1331, 200), (777, 352), (600, 1024)])
+    # K past a whole number of vectors (203, 67: the last 3 columns in a partial vector of 8 or
+    # 16) and V past a whole number of four-row blocks
+    @pytest.mark.parametrize("V,K", [(3909, 256), (1331, 200), (777, 352), (600, 1024),
+                                     (1301, 203), (4001, 67)])
     def test_random_layers(self, dtype, V, K):
         g = generator(V + K)
         w = rand(g, V, K, scale=1 / K ** 0.5).to(dtype)
