@@ -135,6 +135,25 @@ class TestScreenedArgmax:
         assert computed[:3].tolist() == [V] * 3
         assert computed[3].item() < V
 
+    def test_tiny_states(self):
+        """States so small that the state's int8 scale times a row's is not a normal float
+        (max |h| 1e-36 and below against rows of max 0.06): subnormal products round by absolute
+        amounts the bounds' relative margin does not cover, so they take the full product; a
+        small but normal one is screened."""
+        g = generator(13)
+        V, K = 1024, 256
+        w = rand(g, V, K, scale=0.06)
+        bias = torch.zeros(V)
+        for scale, screens in [(1e-30, True), (1e-36, False), (1e-37, False), (3e-38, False),
+                               (1e-39, False), (1e-44, False)]:
+            h = rand(g, 4, K, scale=scale)
+            best, computed, full = screened(w, bias, h)
+            assert torch.equal(best, full), scale
+            if screens:
+                assert computed.max().item() < V // 4, scale
+            else:
+                assert computed.tolist() == [V] * 4, scale
+
     def test_zero_state_is_the_bias_argmax(self):
         g = generator(9)
         V, K = 1024, 256

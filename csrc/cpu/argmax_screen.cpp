@@ -25,6 +25,15 @@ std::atomic<bool> screen_on{true};
 // below this.
 constexpr float kRoundingMargin = 1.0f / 1024;
 
+// Whether the bounds hold for a state of scale h_scale (max |h| / 127): a zero state, or one
+// whose scale times every nonzero row scale is a normal float. Below that the state's scale or
+// its inverse leaves float's normal range, and the products' subnormal roundings are absolute
+// errors the relative margin does not cover (a state of max |h| 1e-37 against rows of max 0.06
+// gave other indices than the full product); such a state takes the full product.
+inline bool scales_normal(const ArgmaxScreen& s, float h_scale) {
+  return h_scale == 0 || h_scale * s.min_scale >= std::numeric_limits<float>::min();
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 // dots[v] = sum_k hq[k] * q[v, k] over Kp (a multiple of 64) columns: hq unsigned, q signed,
 // four rows at a time.
@@ -313,6 +322,9 @@ std::shared_ptr<const ArgmaxScreen> make_argmax_screen(const at::Tensor& w) {
     }
   });
   if (!finite.load()) return nullptr;
+  s->min_scale = std::numeric_limits<float>::infinity();
+  for (const float scale : s->scale)
+    if (scale > 0) s->min_scale = std::min(s->min_scale, scale);
   return s;
 #else
   return nullptr;  // not reached: argmax_screen_usable() is false
@@ -328,6 +340,7 @@ bool argmax_candidates(const ArgmaxScreen& s, const float* h, const float* bias,
   // |h|_1 summed in float: a relative error of at most K * 2^-24, inside the margin
   const float h_l1 = state.l1;
   const float h_scale = state.top / 127;
+  if (!scales_normal(s, h_scale)) return false;
   // hq = round(h / h_scale) + 128 as bytes (the zero padding: hq = 0, stored as 128)
   scratch.hq.assign(Kp, 128);
   const __m512 inv = _mm512_set1_ps(h_scale > 0 ? 1 / h_scale : 0.f);
@@ -386,6 +399,7 @@ bool argmax_candidates(const ArgmaxScreen& s, const float* h, const float* bias,
   if (!state.finite) return false;
   const float h_l1 = state.l1;
   const float h_scale = state.top / 127;
+  if (!scales_normal(s, h_scale)) return false;
   // hq = round(h / h_scale), signed (the zero padding: 0)
   scratch.hq.assign(Kp, 0);
   int8_t* hq = reinterpret_cast<int8_t*>(scratch.hq.data());

@@ -44,6 +44,7 @@ struct ArgmaxScreen {
   std::vector<float> err;              // e_v
   std::vector<float> q_l1;             // |q_v|_1
   std::vector<int32_t> q_sum;          // sum of q_v (the dot products take h as unsigned)
+  float min_scale = 0;                 // the smallest nonzero s_v (infinity: none)
 };
 
 // Whether a (V, K) output layer is worth screening: large enough that its bytes, not the
@@ -79,7 +80,8 @@ struct ScreenScratch {
 };
 
 // The rows that may hold the largest logit bias[v] + W_v . h for the float state h (K values),
-// in increasing order, into `rows`; false (rows untouched) when h is not finite.
+// in increasing order, into `rows`; false (rows untouched) when h is not finite or so small
+// that the bounds' arithmetic leaves float's normal range.
 bool argmax_candidates(const ArgmaxScreen& s, const float* h, const float* bias,
                        ScreenScratch& scratch, std::vector<int64_t>& rows);
 
