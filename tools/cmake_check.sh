@@ -4,6 +4,7 @@
 # It builds at -O0 (a build type of its own, "Check"): what it shows is that the CMake project
 # compiles, links and loads; the optimized library is setup.py's, which the test suite runs. At
 # -O3 (the project's default, Release) this build takes 4.5 of CI's minutes on 2 cores, at -O0 2.
+# CMAKE_CHECK_JOBS: its parallel compile jobs (default 2; CI gives it 1, beside the test suite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p build
@@ -13,7 +14,7 @@ cmake -S . -B build/cmake -G Ninja -DPython3_EXECUTABLE="$PYTHON" -DSEQ2SEQ_EXT_
   -DCMAKE_BUILD_TYPE=Check -DCMAKE_CXX_FLAGS_CHECK=-O0 \
   -DCMAKE_MAKE_PROGRAM="$(cd "$(dirname "$PYTHON")" && pwd)/ninja" >build/cmake.log 2>&1 || {
   cat build/cmake.log; exit 1; }
-cmake --build build/cmake -j 2
+cmake --build build/cmake -j "${CMAKE_CHECK_JOBS:-2}"
 test -f build/cmake/compile_commands.json
 lib=$(ls build/cmake/_C*.so | head -n 1)
 "$PYTHON" - "$lib" <<'PY'
