@@ -264,8 +264,8 @@ def set_argmax_screen(enabled):
     the layer's matrix, made once per set of weights: bounds on every logit leave the few rows
     that can hold the maximum, whose logits are then computed exactly (csrc/cpu/argmax_screen.h).
     The tokens are those of the full product, with a quarter of float32's bytes read per token
-    (half of bfloat16's). On by default; it runs in AVX-512 builds on CPUs with AVX512-VNNI and in AVX2 builds
-    (:func:`argmax_screen_usable`), and elsewhere this switch changes nothing."""
+    (half of bfloat16's). On by default; it runs in AVX-512 builds on CPUs with AVX512-VNNI and
+    in AVX2 builds (:func:`argmax_screen_usable`), and elsewhere this switch changes nothing."""
     _C.set_argmax_screen(_expect_bool(enabled))
 
 

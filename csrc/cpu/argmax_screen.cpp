@@ -1,5 +1,5 @@
-// The int8 screen of an output layer's argmax (argmax_screen.h): the copy, the VNNI dot
-// products and the bounds.
+// The int8 screen of an output layer's argmax (argmax_screen.h): the copy, the int8 dot
+// products (AVX512-VNNI or AVX2) and the bounds.
 #include "argmax_screen.h"
 
 #include <ATen/Parallel.h>
@@ -243,7 +243,8 @@ bool fill_row(ArgmaxScreen& s, int64_t v, const W* w) {
 void avx2_dots(const int8_t* hq, const int8_t* q, int64_t V, int64_t Kp, int32_t* dots) {
   const __m256i ones = _mm256_set1_epi16(1);
   auto term = [&](__m256i acc, __m256i a, __m256i h, const int8_t* r) {
-    const __m256i signed_q = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r)), h);
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r));
+    const __m256i signed_q = _mm256_sign_epi8(w, h);
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, signed_q), ones));
   };
   int64_t v = 0;

@@ -5,8 +5,8 @@
 // bytes) to keep one index. Here each row v of the layer's matrix W (the values the decoder
 // multiplies: float32 or the bfloat16 copy) is also stored as int8, q_v = round(W_v / s_v) with
 // s_v = max|W_v| / 127, and the state h as hq = round(h / s_h), s_h = max|h| / 127. One pass of
-// int8 dot products (AVX512-VNNI, or AVX2's vpmaddubsw; a quarter of the bytes of float32) gives every logit to within
-// a bound,
+// int8 dot products (AVX512-VNNI, or AVX2's vpmaddubsw; a quarter of the bytes of float32)
+// gives every logit to within a bound,
 //   |W_v . h - s_v s_h q_v . hq| <= e_v |h|_1 + s_v |q_v|_1 s_h / 2,
 // e_v = max_k |W_vk - s_v q_vk| (measured when the copy is made), plus a margin for the float
 // rounding of both sides. Only the rows whose upper bound reaches the largest lower bound can
