@@ -34,6 +34,25 @@ inline bool scales_normal(const ArgmaxScreen& s, float h_scale) {
   return h_scale == 0 || h_scale * s.min_scale >= std::numeric_limits<float>::min();
 }
 
+// max |x| and sum |x| of K values, and whether they are all finite (scan, one form per ISA).
+struct Scan {
+  float top, l1;
+  bool finite;
+};
+
+// Row v's entries of the screen besides q, from what fill_row (one form per ISA) measured: the
+// row's scale, the largest |x - scale * q| over its columns, |q|_1 and sum q. x - scale * q in
+// float errs from the exact difference by its two roundings, at most a few units in the last
+// place of 127 * scale; the slack here is far above that, so the stored error is never below
+// the exact one.
+inline void finish_row(ArgmaxScreen& s, int64_t v, float scale, float max_err, int32_t q_l1,
+                       int32_t q_sum) {
+  s.scale[v] = scale;
+  s.err[v] = max_err * (1 + 1.0f / (1 << 20)) + scale * (1.0f / (1 << 16));
+  s.q_l1[v] = static_cast<float>(q_l1);
+  s.q_sum[v] = q_sum;
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 // dots[v] = sum_k hq[k] * q[v, k] over Kp (a multiple of 64) columns: hq unsigned, q signed,
 // four rows at a time.
@@ -78,11 +97,6 @@ inline __m512 load16(const c10::BFloat16* p, int64_t n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// max |x| and sum |x| of the K values at p, and whether they are all finite.
-struct Scan {
-  float top, l1;
-  bool finite;
-};
 template <typename X>
 Scan scan(const X* p, int64_t K) {
   __m512 top = _mm512_setzero_ps(), l1 = _mm512_setzero_ps(), bad = _mm512_setzero_ps();
@@ -123,13 +137,8 @@ bool fill_row(ArgmaxScreen& s, int64_t v, const W* w) {
     l1 = _mm512_add_epi32(l1, _mm512_abs_epi32(qi));
     sum = _mm512_add_epi32(sum, qi);
   }
-  s.scale[v] = scale;
-  // x - scale * q in float errs from the exact difference by its two roundings, at most a
-  // few units in the last place of 127 * scale; the slack here is far above that, so the
-  // stored error is never below the exact one
-  s.err[v] = _mm512_reduce_max_ps(err) * (1 + 1.0f / (1 << 20)) + scale * (1.0f / (1 << 16));
-  s.q_l1[v] = static_cast<float>(_mm512_reduce_add_epi32(l1));
-  s.q_sum[v] = _mm512_reduce_add_epi32(sum);
+  finish_row(s, v, scale, _mm512_reduce_max_ps(err), _mm512_reduce_add_epi32(l1),
+             _mm512_reduce_add_epi32(sum));
   return true;
 }
 #endif
@@ -185,11 +194,6 @@ inline __m256i store_rounded8(__m256 r, int8_t* out, int64_t n) {
   return qi;
 }
 
-// max |x| and sum |x| of the K values at p, and whether they are all finite.
-struct Scan {
-  float top, l1;
-  bool finite;
-};
 template <typename X>
 Scan scan(const X* p, int64_t K) {
   __m256 top = _mm256_setzero_ps(), l1 = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
@@ -229,11 +233,7 @@ bool fill_row(ArgmaxScreen& s, int64_t v, const W* w) {
     l1 = _mm256_add_epi32(l1, _mm256_abs_epi32(qi));
     sum = _mm256_add_epi32(sum, qi);
   }
-  s.scale[v] = scale;
-  // as in the AVX-512 form: slack far above the two roundings of x - scale * q
-  s.err[v] = hmax8(err) * (1 + 1.0f / (1 << 20)) + scale * (1.0f / (1 << 16));
-  s.q_l1[v] = static_cast<float>(hsum8(l1));
-  s.q_sum[v] = hsum8(sum);
+  finish_row(s, v, scale, hmax8(err), hsum8(l1), hsum8(sum));
   return true;
 }
 

@@ -94,11 +94,14 @@ int64_t screened_argmax(const ArgmaxScreen& s, const float* h, const WT* W, cons
                         ScreenScratch& scratch, float* logits, int64_t* computed = nullptr) {
   const int64_t V = s.V, K = s.K;
   if (argmax_candidates(s, h, bias, scratch, scratch.rows)) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    // (elsewhere no screen runs, and linear_nt_value reads no de-interleaved state)
     if constexpr (std::is_same_v<WT, c10::BFloat16>) {
       constexpr int64_t P = 2 * at::vec::Vectorized<float>::size();
       scratch.xe.resize(K);
       deinterleave_blocks(h, K - K % P, scratch.xe.data());
     }
+#endif
     int64_t best = -1;
     float top = 0;
     for (const int64_t v : scratch.rows) {
