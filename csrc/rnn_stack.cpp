@@ -130,17 +130,6 @@ void set_stack_graph_backward(StackGraphBackward fn) { graph_backward_hook() = s
 
 namespace {
 
-std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
-at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_cpu(
     c10::string_view cell, const at::Tensor& input, const at::Tensor& h0,
     const std::optional<at::Tensor>& c0, at::TensorList weights,

@@ -1,6 +1,7 @@
 // rnn_stack's device-independent pieces, shared by its CPU entry (csrc/rnn_stack.cpp, kernels in
 // csrc/cpu/rnn_stack.h) and its CUDA entry (csrc/cuda/rnn_stack.cu): the sizes of one call and
-// the argument checks that every device runs before it allocates anything.
+// the argument checks that every device runs before it allocates anything, and the helpers both
+// entries read their operands through.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -31,6 +32,25 @@ struct StackDims {
     return o;
   }
 };
+
+// weights[k] of layer `layer`: [w_ih, w_hh(, b_ih, b_hh)] per layer (k = 0 to 3).
+inline const at::Tensor& stack_weight(at::TensorList w, const StackDims& d, int64_t layer,
+                                      int k) {
+  return w[(d.bias ? 4 : 2) * layer + k];
+}
+
+// The entries' contiguous operands: each tensor of a list, and an optional one (undefined when
+// absent); a tensor that already is contiguous is itself (nn.GRU's parameters are).
+inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+
+inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
 
 // true for "lstm", false for "gru"; any other name fails with a message naming `cell`.
 bool is_lstm(c10::string_view cell);

@@ -317,28 +317,26 @@ def _plain_copy(module):
     return plain
 
 
-class GRU(torch.nn.GRU):
+class _Fused:
+    """The drop-in layers' forward, before ``torch.nn.GRU`` / ``torch.nn.LSTM`` in their bases:
+    the fused op where it runs (``fused_forward``), else PyTorch's own forward."""
+
+    def forward(self, input, hx=None):
+        out = (_fx_leaf_call(self, input, hx) if isinstance(input, torch.fx.Proxy)
+               else fused_forward(self, input, hx))
+        return out if out is not None else super().forward(input, hx)
+
+    __prepare_scriptable__ = _plain_copy
+
+
+class GRU(_Fused, torch.nn.GRU):
     """``torch.nn.GRU`` with the fused multi-layer op underneath (see the module docstring for
     what falls back to PyTorch's implementation). Same constructor, parameters and results."""
 
-    def forward(self, input, hx=None):
-        out = (_fx_leaf_call(self, input, hx) if isinstance(input, torch.fx.Proxy)
-               else fused_forward(self, input, hx))
-        return out if out is not None else super().forward(input, hx)
 
-    __prepare_scriptable__ = _plain_copy
-
-
-class LSTM(torch.nn.LSTM):
+class LSTM(_Fused, torch.nn.LSTM):
     """``torch.nn.LSTM`` with the fused multi-layer op underneath (see the module docstring for
     what falls back to PyTorch's implementation). Same constructor, parameters and results."""
-
-    def forward(self, input, hx=None):
-        out = (_fx_leaf_call(self, input, hx) if isinstance(input, torch.fx.Proxy)
-               else fused_forward(self, input, hx))
-        return out if out is not None else super().forward(input, hx)
-
-    __prepare_scriptable__ = _plain_copy
 
 
 _DROP_IN = {torch.nn.GRU: GRU, torch.nn.LSTM: LSTM}

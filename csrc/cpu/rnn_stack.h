@@ -210,11 +210,6 @@ struct RowProduct {
   }
 };
 
-// weights: [w_ih, w_hh(, b_ih, b_hh)] per layer.
-inline const at::Tensor& stack_weight(at::TensorList w, const StackDims& d, int64_t layer,
-                                      int k) {
-  return w[(d.bias ? 4 : 2) * layer + k];
-}
 
 // Forward. input (T, B, I) contiguous; h0, c0 (L, B, H) contiguous (c0 undefined for the GRU);
 // mask (L-1, T, B, H) contiguous or undefined. Writes saved (L, T, B, S*H); output, h_n, c_n are

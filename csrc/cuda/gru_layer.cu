@@ -17,10 +17,10 @@
 // derivative. The forward computes through the cells' equations (rnn_cells.h), the backward
 // through gru_gate_grads.
 //
-// Both kernels are 2-D grid-stride loops: grid.y walks the batch rows, grid.x (blocks of up to
-// kThreads threads) the H hidden units of a row, so neighbouring threads touch neighbouring
-// elements of every gate and no thread divides. Offsets are int64. Nothing synchronises with
-// the host.
+// Both kernels are 2-D grid-stride loops (row_launch.cuh): grid.y walks the batch rows, grid.x
+// (blocks of up to kRowThreads threads) the H hidden units of a row, so neighbouring threads touch
+// neighbouring elements of every gate and no thread divides. Offsets are int64. Nothing
+// synchronises with the host.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -38,20 +38,18 @@
 #include "../gru_layer.h"
 #include "cells.cuh"
 #include "device_math.cuh"
+#include "row_launch.cuh"
 
 namespace seq2seq_ext {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int64_t kMaxGridX = 1 << 16;
-constexpr int64_t kMaxGridY = 65535;
 
 // Gates of one step for B rows: gi (B, 3H) input-side pre-activations (biases and extra
 // included), gh (B, 3H) hidden-side (b_hh included), h (B, H) previous state, all contiguous;
 // writes out (B, H) and saved (B, 4H) = [r, z, n, gh_n].
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kRowThreads)
     gru_forward_kernel(int64_t B, int64_t H, const T* __restrict__ gi, const T* __restrict__ gh,
                        const T* __restrict__ h, T* __restrict__ out, T* __restrict__ saved) {
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -79,7 +77,7 @@ __global__ void __launch_bounds__(kThreads)
 // step's [r, z, n, gh_n]. Writes dgi (B, 3H), dgh (B, 3H) and dh_direct = g * z (B, H), the
 // part of the previous state's gradient that does not go through W_hh. All contiguous.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kRowThreads)
     gru_backward_kernel(int64_t B, int64_t H, const T* __restrict__ go, const T* __restrict__ dh,
                         const T* __restrict__ h, const T* __restrict__ saved,
                         T* __restrict__ dgi, T* __restrict__ dgh, T* __restrict__ dh_direct) {
@@ -101,19 +99,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Launch shape for B rows of H units (B, H > 0): blocks of a multiple of 32 threads, no wider
-// than a row needs; grid.x covers a row, grid.y the rows (grid-stride beyond the limits).
-struct Launch {
-  dim3 grid, block;
-};
-
-Launch launch_for(int64_t B, int64_t H) {  // (H = 0: one warp, launched by no caller)
-  const int64_t threads = std::max<int64_t>(32, std::min<int64_t>(kThreads, (H + 31) / 32 * 32));
-  const int64_t gx = std::min<int64_t>((H + threads - 1) / threads, kMaxGridX);
-  const int64_t gy = std::min<int64_t>(B, kMaxGridY);
-  return {dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
-          dim3(static_cast<unsigned>(threads))};
-}
 
 }  // namespace
 
@@ -133,7 +118,7 @@ void gru_layer(const GruLayerDims& d, const at::Tensor& input, const at::Tensor&
   const at::Tensor h0_c = h0.contiguous();
   const at::Tensor w_hh_t = w_hh.t();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const Launch launch = launch_for(B, H);
+  const RowLaunch launch = launch_for(B, H);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_cuda", [&] {
     const scalar_t* gi_p = gi.const_data_ptr<scalar_t>();
     const scalar_t* gh_p = gh.const_data_ptr<scalar_t>();
@@ -163,7 +148,7 @@ void gru_layer_backward(const GruLayerDims& d, const at::Tensor& grad_output,
   const at::Tensor saved_c = saved.contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (B > 0) {
-    const Launch launch = launch_for(B, H);
+    const RowLaunch launch = launch_for(B, H);
     AT_DISPATCH_FLOATING_TYPES(dh.scalar_type(), "gru_layer_backward_cuda", [&] {
       const scalar_t* go_p = go.const_data_ptr<scalar_t>();
       const scalar_t* out_p = output.const_data_ptr<scalar_t>();

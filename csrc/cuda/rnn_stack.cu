@@ -35,22 +35,22 @@
 #include "../rnn_cells.h"
 #include "../rnn_stack.h"
 #include "cells.cuh"
+#include "row_launch.cuh"
 
 namespace seq2seq_ext {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int64_t kMaxGridX = 1 << 16;
-constexpr int64_t kMaxGridY = 65535;
-
 using cuda::DeviceLanes;
+using cuda::kRowThreads;
+using cuda::launch_for;
+using cuda::RowLaunch;
 
 // One step of one layer for B rows. gi: the step's input-side pre-activations (B, G)
 // contiguous; gh: the hidden-side ones (B, G) contiguous; h, c: the previous hidden and cell
 // states, rows of stride ldh (c null for the GRU); s: the step's rows of `saved` (B, S)
 // contiguous. h and c may point into the previous step's rows of the buffer s points into.
 template <class Cell, typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kRowThreads)
     stack_forward_kernel(int64_t B, int64_t H, const T* gi, const T* gh, const T* h, const T* c,
                          int64_t ldh, T* s) {
   const int64_t G = Cell::kGates * H, S = Cell::kSaved * H;
@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kThreads)
 // (the same buffer for the LSTM, whose cell writes dgi only) and dh_direct (B, H). All but h, c
 // contiguous.
 template <class Cell, typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kRowThreads)
     stack_backward_kernel(int64_t B, int64_t H, const T* dh, const T* dy, T* dc, const T* h,
                           const T* c, int64_t ldh, const T* s, T* dgi, T* dgh, T* dh_direct) {
   const int64_t G = Cell::kGates * H, S = Cell::kSaved * H;
@@ -98,36 +98,6 @@ __global__ void __launch_bounds__(kThreads)
                                               dghb + j, dh_direct + k, H);
     }
   }
-}
-
-// Launch shape for B rows of H units (B, H > 0): blocks of a multiple of 32 threads, no wider
-// than a row needs; grid.x covers a row, grid.y the rows (grid-stride beyond the limits).
-struct Launch {
-  dim3 grid, block;
-};
-
-Launch launch_for(int64_t B, int64_t H) {  // (H = 0: one warp, launched by no caller)
-  const int64_t threads = std::max<int64_t>(32, std::min<int64_t>(kThreads, (H + 31) / 32 * 32));
-  const int64_t gx = std::min<int64_t>((H + threads - 1) / threads, kMaxGridX);
-  const int64_t gy = std::min<int64_t>(B, kMaxGridY);
-  return {dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
-          dim3(static_cast<unsigned>(threads))};
-}
-
-// weights: [w_ih, w_hh(, b_ih, b_hh)] per layer.
-const at::Tensor& weight_of(at::TensorList w, const StackDims& d, int64_t layer, int k) {
-  return w[(d.bias ? 4 : 2) * layer + k];
-}
-
-std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
-at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
 
 // out = x w^T (+ b): the projections of the forward.
@@ -152,7 +122,7 @@ void stack_forward_cuda(const StackDims& d, const at::Tensor& x, const at::Tenso
   at::Tensor gi = at::empty({Ts * B, G}, opts);
   at::Tensor gh = at::empty({B, G}, opts);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const Launch launch = launch_for(B, H);
+  const RowLaunch launch = launch_for(B, H);
   T* sv = saved.mutable_data_ptr<T>();
   const T* gi_p = gi.const_data_ptr<T>();
   const T* gh_p = gh.const_data_ptr<T>();
@@ -166,10 +136,10 @@ void stack_forward_cuda(const StackDims& d, const at::Tensor& x, const at::Tenso
       in = saved.select(0, l - 1).narrow(2, 0, H).view({Ts * B, H});
       if (mask.defined()) in = in * mask.select(0, l - 1).view({Ts * B, H});
     }
-    const at::Tensor& w_ih = weight_of(w, d, l, 0);
-    const at::Tensor& w_hh = weight_of(w, d, l, 1);
-    const at::Tensor b_ih = d.bias ? weight_of(w, d, l, 2) : at::Tensor();
-    const at::Tensor b_hh = d.bias ? weight_of(w, d, l, 3) : at::Tensor();
+    const at::Tensor& w_ih = stack_weight(w, d, l, 0);
+    const at::Tensor& w_hh = stack_weight(w, d, l, 1);
+    const at::Tensor b_ih = d.bias ? stack_weight(w, d, l, 2) : at::Tensor();
+    const at::Tensor b_hh = d.bias ? stack_weight(w, d, l, 3) : at::Tensor();
     linear_out(gi, in, w_ih, b_ih);
     T* layer_saved = sv + l * Ts * B * S;
     const T* h = h0.const_data_ptr<T>() + l * B * H;
@@ -219,8 +189,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const T* sv = saved.const_data_ptr<T>();
   for (int64_t l = L - 1; l >= 0; --l) {
-    const at::Tensor& w_ih = weight_of(weights, d, l, 0);
-    const at::Tensor& w_hh = weight_of(weights, d, l, 1);
+    const at::Tensor& w_ih = stack_weight(weights, d, l, 0);
+    const at::Tensor& w_hh = stack_weight(weights, d, l, 1);
     if (grad_hn.defined()) {
       dh.copy_(grad_hn.select(0, l));
     } else {
@@ -234,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
       }
     }
     if (B > 0 && H > 0) {
-      const Launch launch = launch_for(B, H);
+      const RowLaunch launch = launch_for(B, H);
       const T* layer_saved = sv + l * Ts * B * S;
       const T* dy_p = dy.defined() ? dy.const_data_ptr<T>() : nullptr;
       const T* dh_p = dh.const_data_ptr<T>();
