@@ -142,13 +142,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_cpu(
   auto opts = input.options();
   // 38 MB for two LSTM layers at hidden 512 over 12 steps of 128 rows
   at::Tensor saved = cpu::empty_written_once(stack_rows_shape(d, {L}, S), opts);
-  const at::Tensor x = input.contiguous(), h0c = h0.contiguous();
-  const at::Tensor c0c = contiguous_or_undefined(c0);
-  const at::Tensor mask = contiguous_or_undefined(dropout_mask);
-  const auto w = contiguous_all(weights);
+  const StackOperands o = contiguous_operands(input, h0, c0, weights, dropout_mask);
   if (T == 0 || (d.is_packed && d.offsets().back() == 0)) {
     return {at::empty(stack_rows_shape(d, {}, H), opts), h0.clone(at::MemoryFormat::Contiguous),
-            lstm ? c0c.clone() : at::empty({0}, opts), saved};
+            lstm ? o.c0.clone() : at::empty({0}, opts), saved};
   }
   at::Tensor output = at::empty(stack_rows_shape(d, {}, H), opts);
   at::Tensor h_n = at::empty({L, B, H}, opts);
@@ -156,10 +153,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_cpu(
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_stack_cpu", [&] {
       if (lstm)
-        cpu::stack_forward<LstmCell, scalar_t>(d, x, h0c, c0c, w, mask, saved);
+        cpu::stack_forward<LstmCell, scalar_t>(d, o.input, o.h0, o.c0, o.weights, o.mask,
+                                               saved);
       else
-        cpu::stack_forward<GruCell, scalar_t>(d, x, h0c, c0c, w, mask, saved);
-      cpu::stack_outputs<scalar_t>(d, S, saved, h0c, c0c, output, h_n, c_n);
+        cpu::stack_forward<GruCell, scalar_t>(d, o.input, o.h0, o.c0, o.weights, o.mask,
+                                              saved);
+      cpu::stack_outputs<scalar_t>(d, S, saved, o.h0, o.c0, output, h_n, c_n);
     });
   }
   if (!lstm) c_n = at::empty({0}, opts);
@@ -190,18 +189,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_ba
   const at::Tensor go = incoming_grad(grad_output, input, out_shape, "grad_output");
   const at::Tensor ghn = incoming_grad(grad_hn, input, state_shape, "grad_hn");
   const at::Tensor gcn = cell_state_grad(lstm, grad_cn, input, state_shape);
-  const at::Tensor x = input.contiguous(), h0c = h0.contiguous(), sv = saved.contiguous();
-  const at::Tensor c0c = contiguous_or_undefined(c0);
-  const at::Tensor mask = contiguous_or_undefined(dropout_mask);
-  const auto w = contiguous_all(weights);
+  const StackOperands o = contiguous_operands(input, h0, c0, weights, dropout_mask);
+  const at::Tensor sv = saved.contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_stack_backward_cpu", [&] {
     if (lstm)
-      out = cpu::stack_backward<LstmCell, scalar_t>(d, go, ghn, gcn, x, h0c, c0c, w, mask, sv,
-                                                    defer, rows);
+      out = cpu::stack_backward<LstmCell, scalar_t>(d, go, ghn, gcn, o.input, o.h0, o.c0,
+                                                    o.weights, o.mask, sv, defer, rows);
     else
-      out = cpu::stack_backward<GruCell, scalar_t>(d, go, ghn, gcn, x, h0c, c0c, w, mask, sv,
-                                                   defer, rows);
+      out = cpu::stack_backward<GruCell, scalar_t>(d, go, ghn, gcn, o.input, o.h0, o.c0,
+                                                   o.weights, o.mask, sv, defer, rows);
   });
   if (!lstm) std::get<2>(out) = at::empty({0}, input.options());
   return out;

@@ -39,17 +39,24 @@ inline const at::Tensor& stack_weight(at::TensorList w, const StackDims& d, int6
   return w[(d.bias ? 4 : 2) * layer + k];
 }
 
-// The entries' contiguous operands: each tensor of a list, and an optional one (undefined when
-// absent); a tensor that already is contiguous is itself (nn.GRU's parameters are).
-inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
+// The entries' operands, contiguous (a tensor that already is, as nn.GRU's parameters are, is
+// itself); c0 and mask undefined when absent.
+struct StackOperands {
+  at::Tensor input, h0, c0, mask;
+  std::vector<at::Tensor> weights;
+};
 
-inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+inline StackOperands contiguous_operands(const at::Tensor& input, const at::Tensor& h0,
+                                         const std::optional<at::Tensor>& c0,
+                                         at::TensorList weights,
+                                         const std::optional<at::Tensor>& mask) {
+  auto optional = [](const std::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+  };
+  StackOperands o{input.contiguous(), h0.contiguous(), optional(c0), optional(mask), {}};
+  o.weights.reserve(weights.size());
+  for (const auto& w : weights) o.weights.push_back(w.contiguous());
+  return o;
 }
 
 // true for "lstm", false for "gru"; any other name fails with a message naming `cell`.

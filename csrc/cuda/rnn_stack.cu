@@ -275,21 +275,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_stack_cuda(
   const int64_t S = (lstm ? LstmCell::kSaved : GruCell::kSaved) * H;
   auto opts = input.options();
   at::Tensor saved = at::empty({L, T, B, S}, opts);
-  const at::Tensor x = input.contiguous(), h0c = h0.contiguous();
-  const at::Tensor c0c = contiguous_or_undefined(c0);
-  const at::Tensor mask = contiguous_or_undefined(dropout_mask);
-  const auto w = contiguous_all(weights);
+  const StackOperands o = contiguous_operands(input, h0, c0, weights, dropout_mask);
   if (T > 0 && B > 0) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_stack_cuda", [&] {
       if (lstm)
-        stack_forward_cuda<LstmCell, scalar_t>(d, x, h0c, c0c, w, mask, saved);
+        stack_forward_cuda<LstmCell, scalar_t>(d, o.input, o.h0, o.c0, o.weights, o.mask, saved);
       else
-        stack_forward_cuda<GruCell, scalar_t>(d, x, h0c, c0c, w, mask, saved);
+        stack_forward_cuda<GruCell, scalar_t>(d, o.input, o.h0, o.c0, o.weights, o.mask, saved);
     });
   }
   if (T == 0) {
     return {at::empty({0, B, H}, opts), h0.clone(at::MemoryFormat::Contiguous),
-            lstm ? c0c.clone() : at::empty({0}, opts), saved};
+            lstm ? o.c0.clone() : at::empty({0}, opts), saved};
   }
   at::Tensor output = saved.select(0, L - 1).narrow(2, 0, H).contiguous();
   at::Tensor last = saved.select(1, T - 1);  // (L, B, S)
@@ -319,16 +316,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_stac
   const at::Tensor ghn = incoming_grad(grad_hn, input, state_shape, "grad_hn");
   const at::Tensor gcn = cell_state_grad(lstm, grad_cn, input, state_shape);
   const c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor x = input.contiguous(), h0c = h0.contiguous(), sv = saved.contiguous();
-  const at::Tensor c0c = contiguous_or_undefined(c0);
-  const at::Tensor mask = contiguous_or_undefined(dropout_mask);
-  const auto w = contiguous_all(weights);
+  const StackOperands o = contiguous_operands(input, h0, c0, weights, dropout_mask);
+  const at::Tensor sv = saved.contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_stack_backward_cuda", [&] {
     if (lstm)
-      out = stack_backward_cuda<LstmCell, scalar_t>(d, go, ghn, gcn, x, h0c, c0c, w, mask, sv);
+      out = stack_backward_cuda<LstmCell, scalar_t>(d, go, ghn, gcn, o.input, o.h0, o.c0,
+                                                    o.weights, o.mask, sv);
     else
-      out = stack_backward_cuda<GruCell, scalar_t>(d, go, ghn, gcn, x, h0c, c0c, w, mask, sv);
+      out = stack_backward_cuda<GruCell, scalar_t>(d, go, ghn, gcn, o.input, o.h0, o.c0,
+                                                   o.weights, o.mask, sv);
   });
   if (!lstm) std::get<2>(out) = at::empty({0}, input.options());
   return out;
