@@ -99,8 +99,9 @@ bool defers_grad(const at::Tensor& input, bool packed, const at::Tensor& w) {
   // fake and functional tensors (torch.compile's tracing) record the op as is; tested first: a
   // fake tensor's size() would fix every dimension of it
   if (at::isTensorSubclassLike(input) || at::isTensorSubclassLike(w)) return false;
-  if (!input.is_cpu() || !w.is_cpu() || input.dim() != 3 || input.size(0) != 1 || w.dim() != 2 ||
-      w.layout() != at::kStrided)
+  // (a call of no rows hands over none: its matrices' gradients are the per-call path's zeros)
+  if (!input.is_cpu() || !w.is_cpu() || input.dim() != 3 || input.size(0) != 1 ||
+      input.size(1) == 0 || w.dim() != 2 || w.layout() != at::kStrided)
     return false;
   return mode == DeferGrads::kAlways || w.numel() >= kDeferMinElements;
 }
@@ -164,8 +165,19 @@ void WeightGradSum::add_rows(at::Tensor a, at::Tensor x, bool shared, at::Tensor
     }
   }
   rows->shared = rows->shared || shared;
-  // every call of a graph hands over the same kind of rows (the same matrices deferred)
-  TORCH_INTERNAL_ASSERT(rows->a.empty() || a_n.defined() == !rows->a_n.empty());
+  // A GRU's W_hh hands over its n columns apart (a_n) where the call deferred W_ih's gradient
+  // too, else whole gate gradients. One W_hh may get both kinds in one graph (tied across
+  // modules whose W_ih is deferred in one and not in the other): then every piece is whole.
+  auto whole = [](const at::Tensor& a, const at::Tensor& a_n) {
+    return at::cat({a.narrow(1, 0, a.size(1) - a_n.size(1)), a_n}, 1);
+  };
+  if (a_n.defined() && !rows->a.empty() && rows->a_n.empty()) {
+    a = whole(a, a_n);
+    a_n = at::Tensor();
+  } else if (!a_n.defined() && !rows->a_n.empty()) {
+    for (size_t i = 0; i < rows->a.size(); ++i) rows->a[i] = whole(rows->a[i], rows->a_n[i]);
+    rows->a_n.clear();
+  }
   if (a_n.defined()) rows->a_n.push_back(std::move(a_n));
   rows->a.push_back(std::move(a));
   rows->x.push_back(std::move(x));

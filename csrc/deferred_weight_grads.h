@@ -34,7 +34,8 @@ DeferGrads deferred_grads();
 void set_deferred_grads(DeferGrads mode);
 
 // Whether a call of rnn_stack with this input and batch_sizes defers the gradient of the weight
-// matrix w (a dense one-step call on the CPU, grad mode on, w requiring a gradient, the mode).
+// matrix w (a dense one-step call of at least one row on the CPU, grad mode on, w requiring a
+// gradient, the mode).
 bool defers_grad(const at::Tensor& input, bool packed, const at::Tensor& w);
 
 // The node that sums a matrix's gradient over the calls of a graph.
@@ -45,7 +46,8 @@ class WeightGradSum : public torch::autograd::Node {
   // float64, or in bfloat16 (the operands of a bf16 GEMM; a^T is laid out once, over all calls).
   // shared: another node of the graph receives the same a (the LSTM's W_ih and W_hh of a layer,
   // or the GRU's), so the two lay out a^T once between them. a_n (bf16, the GRU's W_hh): the
-  // matrix's own last columns of A, whose first ones are those of the shared a.
+  // matrix's own last columns of A, whose first ones are those of the shared a. Rows with a_n
+  // and rows without in one graph are all made whole (a with its last columns from a_n).
   void add_rows(at::Tensor a, at::Tensor x, bool shared = false, at::Tensor a_n = {});
   // Forgets the rows a backward (graph task) handed over, if the node has not taken them.
   void drop_rows(int task);

@@ -892,6 +892,51 @@ class TestRnnStackDeferredGrads:
         for g, w in zip(got, grads()):
             torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
 
+    @pytest.mark.parametrize("deferred,frozen", [("auto", False), ("always", True)],
+                             indirect=["deferred"])
+    @pytest.mark.parametrize("bf16_gemm", ["native", "rounded"], indirect=True)
+    def test_a_gru_w_hh_tied_where_w_ih_is_deferred_and_where_not(self, deferred, frozen,
+                                                                   bf16_gemm):
+        """One W_hh in two GRUs under CPU bf16 autocast, where one's W_ih defers its gradient
+        and the other's does not (too small for "auto", or frozen): the calls hand W_hh's sum
+        its n columns apart in one and whole gate gradients in the other (an internal assertion
+        before); the gradients are the per-call path's."""
+        hidden = 256
+        a_args = make_args("gru", 1, 3, 2, 8, hidden, seed=64, requires_grad=True,
+                           dtype=torch.float32)  # W_ih (768, 8): below "auto"'s threshold
+        b_args = make_args("gru", 1, 3, 2, hidden, hidden, seed=65, requires_grad=True,
+                           dtype=torch.float32)
+        a_w, b_w = list(a_args[3]), list(b_args[3])
+        b_w[1] = a_w[1]
+        if frozen:
+            a_w[0] = a_w[0].detach()
+        wanted = [w for w in (a_w[0], a_w[1], b_w[0]) if w.requires_grad]
+
+        def grads():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ha, hb, loss = a_args[1], b_args[1], 0
+                for t in range(3):
+                    out_a, ha, _ = ops.rnn_stack("gru", a_args[0][t:t + 1], ha, None, a_w)
+                    out_b, hb, _ = ops.rnn_stack("gru", b_args[0][t:t + 1], hb, None, b_w)
+                    loss = loss + out_a.float().square().sum() + out_b.float().square().sum()
+            return torch.autograd.grad(loss, wanted)
+
+        got = grads()
+        ops.set_deferred_grads("off")
+        for g, w in zip(got, grads()):
+            torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+
+    @pytest.mark.parametrize("deferred", ["always"], indirect=True)
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    def test_a_call_of_no_rows_gives_zero_gradients(self, deferred, cell):
+        """A one-step call over an empty batch hands over no rows: its matrices get the per-call
+        path's zero gradients, as nn.GRU / nn.LSTM give (none at all before)."""
+        x, h0, c0, weights, _ = make_args(cell, 2, 1, 0, 5, 7, seed=66, requires_grad=True)
+        out, h_n, _ = ops.rnn_stack(cell, x, h0, c0, weights)
+        got = torch.autograd.grad(out.sum() + h_n.sum(), weights)
+        for g, w in zip(got, weights):
+            assert torch.equal(g, torch.zeros_like(w))
+
     @pytest.mark.parametrize("deferred", ["always"], indirect=True)
     def test_rows_of_an_aborted_backward_are_dropped(self, deferred):
         """A backward that stops (an error further down its graph) after a call handed its rows
