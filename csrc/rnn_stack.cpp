@@ -7,6 +7,7 @@
 // the device kernel (CPU: csrc/cpu/rnn_stack.h; CUDA: csrc/cuda/rnn_stack.cu). Python wrapper,
 // fake and autograd: seq2seq_ext/ops.py (section rnn_stack); tests: tests/ops/test_rnn_stack.py.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
@@ -271,6 +272,13 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
     std::vector<at::Tensor> keep{input, h0, c0.value_or(at::Tensor()), mask.value_or(at::Tensor()),
                                  saved.detach()};
     keep.insert(keep.end(), weights.begin(), weights.end());
+    // and the weights' values at this call for the kernels' backward: aliases of their storage
+    // (with their version counters), so that new storage given to a weight later (`p.data = ...`,
+    // a module's .double()) does not reach this call's backward; the weights themselves serve
+    // the create_graph backward, whose graph must lead to them. (A tensor subclass, as
+    // torch.compile traces with, is kept as it is.)
+    for (const at::Tensor& w : weights)
+      keep.push_back(at::isTensorSubclassLike(w) ? w : w.tensor_data());
     ctx->save_for_backward(keep);
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["has_c0"] = c0.has_value() && c0->defined();
@@ -295,7 +303,9 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
     std::optional<std::vector<int64_t>> batch_sizes;
     if (ctx->saved_data["packed"].toBool())
       batch_sizes = ctx->saved_data["batch_sizes"].toIntVector();
-    const std::vector<at::Tensor> weights(keep.begin() + 5, keep.end());
+    const size_t n_weights = (keep.size() - 5) / 2;
+    const std::vector<at::Tensor> weights(keep.begin() + 5, keep.begin() + 5 + n_weights);
+    const std::vector<at::Tensor> values(keep.begin() + 5 + n_weights, keep.end());
     // one gradient per argument of forward: cell, input, h0, c0, each weight, dropout_mask,
     // batch_sizes
     auto gradients = [&](const at::Tensor& g_input, const at::Tensor& g_h0,
@@ -352,7 +362,7 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
       std::vector<at::Tensor> rows;
       result = stack_backward_cpu(cell, opt(grads[0]), opt(grads[1]),
                                   lstm ? opt(grads[2]) : std::nullopt, keep[0], keep[1],
-                                  opt(keep[2]), weights, opt(keep[3]), keep[4], sizes, &defer,
+                                  opt(keep[2]), values, opt(keep[3]), keep[4], sizes, &defer,
                                   &rows);
       for (size_t k = 0; k < weights.size(); ++k) {
         if (!defer[k]) continue;
@@ -365,7 +375,7 @@ struct RnnStackFunction : public torch::autograd::Function<RnnStackFunction> {
     } else {
       result = stack_backward_op().call(cell, opt(grads[0]), opt(grads[1]),
                                         lstm ? opt(grads[2]) : std::nullopt, keep[0], keep[1],
-                                        opt(keep[2]), weights, opt(keep[3]), keep[4], sizes);
+                                        opt(keep[2]), values, opt(keep[3]), keep[4], sizes);
     }
     auto& [grad_input, grad_h0, grad_c0, grad_w] = result;
     return gradients(grad_input, grad_h0, grad_c0, grad_w);

@@ -542,6 +542,35 @@ class TestModuleSemantics:
         torch.testing.assert_close(new(x.float())[0], ref(x.float())[0])
         del keep
 
+    @pytest.mark.parametrize("deferred", ["always", "off"], indirect=True)
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("one_step_calls", [False, True])
+    def test_backward_of_a_graph_made_before_data_was_assigned(self, cell, one_step_calls,
+                                                               deferred):
+        """A weight given new storage (`p.data = ...`) between calls and their backward (over a
+        sequence, or a decoder's loop of one-step calls): the calls' backward reads the values
+        they ran with, as nn.GRU's / nn.LSTM's does (it read the new ones before, a wrong
+        gradient without an error)."""
+        ref, new = pair(cell, 5, 7, 2)
+        x = torch.randn(3, 2, 5, dtype=torch.float64, generator=generator(8))
+
+        def run(m):
+            if not one_step_calls:
+                return m(x)[0].sum()
+            state, loss = None, 0
+            for t in range(3):
+                out, state = m(x[t:t + 1], state)
+                loss = loss + out.sum()
+            return loss
+
+        grads = []
+        for m in (ref, new):
+            first = run(m)
+            m.weight_hh_l0.data = m.weight_hh_l0.data * 2
+            second = run(m)
+            grads.append(torch.autograd.grad(first + second, list(m.parameters())))
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-10)
+
     @pytest.mark.parametrize("cell", ["gru", "lstm"])
     @pytest.mark.parametrize("hidden, steps, batch", [(4, 3, 2), (40, 5, 3), (160, 1, 2)])
     def test_double_backward(self, cell, hidden, steps, batch, op_calls):
