@@ -169,7 +169,6 @@ struct RowProduct {
                   y.stride(0));
   }
 
-
   // Y = X Wt (+ bias); X (M, K) with row stride ldx, Y (M, padded()) with row stride ldy.
   void operator()(const T* X, int64_t ldx, int64_t M, T* Y, int64_t ldy) const {
     if (M == 0) return;
@@ -209,7 +208,6 @@ struct RowProduct {
     }
   }
 };
-
 
 // Forward. input (T, B, I) contiguous; h0, c0 (L, B, H) contiguous (c0 undefined for the GRU);
 // mask (L-1, T, B, H) contiguous or undefined. Writes saved (L, T, B, S*H); output, h_n, c_n are

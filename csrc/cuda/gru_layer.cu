@@ -44,7 +44,6 @@ namespace seq2seq_ext {
 namespace cuda {
 namespace {
 
-
 // Gates of one step for B rows: gi (B, 3H) input-side pre-activations (biases and extra
 // included), gh (B, 3H) hidden-side (b_hh included), h (B, H) previous state, all contiguous;
 // writes out (B, H) and saved (B, 4H) = [r, z, n, gh_n].
@@ -98,7 +97,6 @@ __global__ void __launch_bounds__(kRowThreads)
     }
   }
 }
-
 
 }  // namespace
 
