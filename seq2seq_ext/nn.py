@@ -108,6 +108,8 @@ def _autocast_ok(input):
     under ``torch.compile`` (the op's autocast rule runs as the graph is traced), and float64
     input under any autocast (which leaves float64 alone)."""
     device = input.device.type
+    if device not in ("cpu", "cuda"):
+        return True  # no autocast there (torch.is_autocast_enabled("meta") raises)
     if not torch.is_autocast_enabled(device) or input.dtype == torch.float64:
         return True
     return (device == "cpu" and input.dtype == torch.float32
@@ -127,7 +129,7 @@ def _fused_ok(module, input):
     if input.shape[1 if module.batch_first and input.dim() == 3 else 0] == 0:
         return False  # no time step: torch.nn raises
     device = input.device
-    if not _autocast_ok(input) or not ops.has_kernel("rnn_stack", device):
+    if not ops.has_kernel("rnn_stack", device) or not _autocast_ok(input):
         return False
     w = _fastcall.flat_weights(module)[0]  # the parameters, in the op's order
     return w is not None and w.dtype == input.dtype and w.device == device

@@ -335,13 +335,16 @@ def has_kernel(op_name, device):
 
 
 _kernels = {}  # (op_name, device_type) -> bool; the kernels registered never change
+# the dispatch keys of the device types the library registers for (Meta: the fakes)
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
 
 
 def _has_kernel(op_name, device_type):
     found = _kernels.get((op_name, device_type))
     if found is None:
-        found = _kernels[(op_name, device_type)] = torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"seq2seq_ext::{op_name}", device_type.upper())
+        key = _DISPATCH_KEYS.get(device_type)
+        found = _kernels[(op_name, device_type)] = key is not None and (
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"seq2seq_ext::{op_name}", key))
     return found
 
 

@@ -486,6 +486,31 @@ class TestFallbacks:
             new(x, hx)
         assert str(got.value) == str(want.value)
 
+    @pytest.mark.parametrize("cell", ["gru", "lstm"])
+    @pytest.mark.parametrize("mode", ["eager", "device-context", "default-device"])
+    def test_meta_tensors_give_torch_shapes(self, cell, mode):
+        # shape inference on the meta device; a device context and set_default_device install a
+        # torch function mode, which sends the call through the Python path
+        def run(cls):
+            torch.manual_seed(0)
+            if mode == "eager":
+                m = cls(5, 8, 2, batch_first=True, device="meta")
+                return m(torch.randn(4, 3, 5, device="meta"))
+            if mode == "device-context":
+                with torch.device("meta"):
+                    return cls(5, 8, 2, batch_first=True)(torch.randn(4, 3, 5))
+            torch.set_default_device("meta")
+            try:
+                return cls(5, 8, 2, batch_first=True)(torch.randn(4, 3, 5))
+            finally:
+                torch.set_default_device(None)
+
+        ref_cls, new_cls = CLASSES[cell]
+        want, got = run(ref_cls), run(new_cls)
+        assert got[0].device.type == "meta" and got[0].shape == want[0].shape == (4, 3, 8)
+        assert ([t.shape for t in state_tensors(got[1])]
+                == [t.shape for t in state_tensors(want[1])])
+
 
 class TestModuleSemantics:
     """What nn.GRU / nn.LSTM do with their weights beyond a plain call: functional_call's and
