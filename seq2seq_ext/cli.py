@@ -11,6 +11,7 @@ ratio table. ``train --nproc N`` runs N processes with ``torch.distributed`` (th
 ``torchrun``).
 """
 import argparse
+import io
 import math
 import os
 import signal
@@ -61,6 +62,17 @@ def _positive(kind):
             raise argparse.ArgumentTypeError(f'expected a positive number, got {text}')
         return value
     return parse
+
+
+def thread_count(text):
+    """--threads (also ``bench``'s): a positive int no larger than the number of logical CPUs (far more threads
+    than CPUs only slows the run down, and OpenMP aborts when it cannot create them)."""
+    value = _positive(int)(text)
+    cpus = os.cpu_count() or 1
+    if value > cpus:
+        raise argparse.ArgumentTypeError(
+            f'expected at most {cpus} (the logical CPUs of this machine), got {text}')
+    return value
 
 
 def _non_negative(kind):
@@ -119,7 +131,7 @@ def _ratio(text):
 def _add_data_args(p, train=True):
     # (train's default, 'numbers', is applied by cmd_train when not resuming: a resumed run
     # keeps its own dataset, and a --dataset given with --resume must agree with it)
-    p.add_argument('--dataset', choices=['numbers', 'fra-eng', 'pairs'], default=None,
+    p.add_argument('--dataset', choices=list(runs.DATASETS), default=None,
                    help="'numbers' (built in, offline; the default), 'fra-eng' (d2l's corpus: "
                         "downloaded, or --data PATH to fra.txt), 'pairs' (any tab-separated "
                         "file, --data)" if train else
@@ -160,7 +172,8 @@ def _add_train_args(p):
     p.add_argument('--device', type=_device, default=None,
                    help="e.g. cpu, cuda, cuda:1 (default: d2l's try_gpu)")
     p.add_argument('--seed', type=_seed, default=None, help='random seed (default 0)')
-    p.add_argument('--threads', type=_positive(int), default=None, help='torch.set_num_threads')
+    p.add_argument('--threads', type=thread_count, default=None,
+                   help='torch.set_num_threads (at most the logical CPUs)')
     p.add_argument('--backend', choices=list(ops.BACKENDS), default=None)
     p.add_argument('--plot', default=None, metavar='PATH',
                    help="loss curve PNG (default: beside the checkpoint, <stem>.loss.png; "
@@ -192,15 +205,39 @@ def _check_data_args(dataset, args):
                                  f"built-in 'numbers' corpus")
 
 
+def _same_file(a, b):
+    """Whether paths ``a`` and ``b`` name one file: the same path once links are resolved, or
+    two links (hard or symbolic) to one existing file."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def _check_folder(flag, path):
+    """Refuses ``path`` (a file to write) when a folder above it is an existing file: training
+    would fail there only when it first writes, after epochs of work."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UsageError(f'{flag} {path}: {folder} is a file, not a folder')
+
+
 def _check_plot_path(args, path):
     """The loss curve never replaces the checkpoint, nor a file that is not a PNG image
     (a loss curve an earlier run drew is redrawn), unless --overwrite."""
+    if path:
+        _check_folder('--checkpoint', path)
     plot = _plot_path(args, path)
     if not plot:
         return
     for flag, other in (('--checkpoint', path), ('--resume', args.resume)):
-        if other and os.path.abspath(plot) == os.path.abspath(other):
+        if other and _same_file(plot, other):
             raise UsageError(f'--plot {plot} is the file of {flag}: choose another file')
+    _check_folder('--plot', plot)
     if os.path.isdir(plot):
         raise UsageError(f'--plot {plot} is a directory')
     if os.path.exists(plot) and not args.overwrite:
@@ -455,9 +492,12 @@ def _add_model_args(p):
     p.add_argument('--batch-size', type=_positive(int), default=256,
                    help='sentences decoded per call (default 256)')
     p.add_argument('--num-steps', type=_positive(int), default=None,
-                   help="maximum output length (default: the model's num_steps)")
+                   help="time steps, as d2l's predict_seq2seq takes them: each source is cut "
+                        "or padded to this many tokens and each output stops at this length "
+                        "(default: the model's num_steps)")
     p.add_argument('--device', type=_device, default='cpu', help='e.g. cpu, cuda (default cpu)')
-    p.add_argument('--threads', type=_positive(int), default=None, help='torch.set_num_threads')
+    p.add_argument('--threads', type=thread_count, default=None,
+                   help='torch.set_num_threads (at most the logical CPUs)')
     p.add_argument('--backend', choices=list(ops.BACKENDS), default=None)
     p.add_argument('--dtype', choices=['float32', 'bf16'], default='float32',
                    help="weights greedy decoding reads: bf16 rounds the model's weight "
@@ -545,7 +585,7 @@ def cmd_translate(args, argv):
     elif args.file:
         lines = _read_lines(args.file)
     else:
-        lines = [line.rstrip('\r\n') for line in sys.stdin]
+        lines = _read_lines(None)
     sentences = [data.preprocess_nmt(line).strip() for line in lines]
     _warn_unknown(sentences, _unknown_counts(sentences, src_vocab), args.verbose)
     for out in _decode(args, net, sentences, src_vocab, tgt_vocab, num_steps, device):
@@ -554,17 +594,26 @@ def cmd_translate(args, argv):
 
 
 def _read_lines(path):
+    """The lines of --file ``path``, or of standard input for ``None``: UTF-8, a byte order mark
+    dropped, line ends ``\\n``, ``\\r\\n`` or ``\\r``."""
+    name = '--file ' + path if path is not None else 'standard input'
     try:
-        with open(path, encoding='utf-8') as f:
-            return [line.rstrip('\r\n') for line in f]
+        if path is None:
+            f = io.TextIOWrapper(sys.stdin.buffer, encoding='utf-8-sig')
+            try:
+                return [line.rstrip('\n') for line in f]
+            finally:
+                f.detach()  # sys.stdin keeps its buffer
+        with open(path, encoding='utf-8-sig') as f:
+            return [line.rstrip('\n') for line in f]
     except FileNotFoundError:
         raise UsageError(f'--file {path}: no such file') from None
     except IsADirectoryError:
         raise UsageError(f'--file {path}: a directory, not a file') from None
     except UnicodeDecodeError as exc:
-        raise UsageError(f'--file {path}: not UTF-8 text ({exc})') from None
+        raise UsageError(f'{name}: not UTF-8 text ({exc})') from None
     except OSError as exc:
-        raise UsageError(f'--file {path}: {exc.strerror or exc}') from None
+        raise UsageError(f'{name}: {exc.strerror or exc}') from None
 
 
 def _check_held_out(args, config, trained_on, held):

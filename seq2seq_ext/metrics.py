@@ -41,7 +41,8 @@ def corpus_bleu(hypotheses, references, **kwargs):
     by default: sacreBLEU's warning about tokenized input would only be noise here.
 
     Raises :class:`ImportError` with installation advice when sacrebleu is
-    not installed, and :class:`ValueError` when the lengths do not match.
+    not installed, and :class:`ValueError` when the lengths do not match or
+    there are no sentences.
     """
     try:
         import sacrebleu
@@ -56,6 +57,8 @@ def corpus_bleu(hypotheses, references, **kwargs):
         raise ValueError(
             f'got {len(hypotheses)} hypotheses but {len(references)} '
             'references')
+    if not hypotheses:
+        raise ValueError('hypotheses: expected at least one sentence, got none')
     if all(isinstance(ref, str) for ref in references):
         streams = [references]
     else:

@@ -50,12 +50,18 @@ class RunLock:
         self.path = os.fspath(path)
         self.lock_file = lock_path(self.path)
         self._fd = None
+        self._made = []  # the folders acquire() created, deepest last
 
     def acquire(self):
         if fcntl is None or self._fd is not None:
             return self
-        # the checkpoint's directory may not exist yet (the first save creates it too)
+        # the checkpoint's folder may not exist yet (the first save creates it too)
+        folder, missing = os.path.dirname(os.path.abspath(self.lock_file)), []
+        while not os.path.exists(folder):
+            missing.append(folder)
+            folder = os.path.dirname(folder)
         os.makedirs(os.path.dirname(os.path.abspath(self.lock_file)), exist_ok=True)
+        self._made = missing[::-1]
         while True:
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -90,7 +96,8 @@ class RunLock:
         return self
 
     def release(self):
-        """Remove the lock file and drop the lock (idempotent)."""
+        """Remove the lock file and drop the lock (idempotent), and the folders :meth:`acquire`
+    created where nothing else was written in them."""
         if self._fd is None:
             return
         try:
@@ -99,6 +106,13 @@ class RunLock:
             pass
         os.close(self._fd)
         self._fd = None
+        # a run that wrote nothing (refused, or failed before its first save) leaves no folders
+        for folder in reversed(self._made):
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty (the run saved), or gone
+                break
+        self._made = []
 
     @property
     def held(self):

@@ -20,7 +20,7 @@ from .config import RUN_KEYS, RunConfig
 from .training import fit, make_adam
 
 __all__ = ["RunError", "TrainingInterrupted", "RunData", "TrainingRun", "resume", "load_data",
-           "held_out_pairs", "trained_on_count", "CHAPTER_EXAMPLES"]
+           "held_out_pairs", "trained_on_count", "CHAPTER_EXAMPLES", "DATASETS"]
 
 #: The chapter's four example translations, shown after training on fra-eng.
 CHAPTER_EXAMPLES = [('go .', 'va !'), ("i lost .", "j'ai perdu ."),
@@ -50,21 +50,32 @@ class RunData:
         self.held_out, self.examples = held_out, examples
 
 
+#: The corpora a run reads: the built-in one, d2l's fra-eng, a tab-separated file of pairs.
+DATASETS = ('numbers', 'fra-eng', 'pairs')
+
+
+def _check_dataset(dataset):
+    if dataset not in DATASETS:
+        raise RunError(f"dataset: expected one of {DATASETS}, got {dataset!r}")
+
+
 def _read_corpus(dataset, path):
+    """A file corpus's pairs as its training reads them: after ``preprocess_nmt`` (lower case,
+    a space before punctuation), so that held-out sources and references are tokens of the
+    vocabularies too."""
     if dataset == 'fra-eng':
         try:
-            raw = data.read_data_nmt(path)
+            return data.read_nmt_pairs(path)
         except data.CorpusUnavailableError as err:
             reason = str(err.__cause__ or err)
             raise RunError(f"--dataset fra-eng: the corpus is not cached and could not be "
                            f"downloaded ({reason}); pass --data PATH to a local fra.txt (or set "
                            f"{data.DATA_ENV})") from None
-        text = data.preprocess_nmt(raw)
-        return [tuple(line.split('\t')) for line in text.split('\n')
-                if len(line.split('\t')) == 2]
     if not path:
         raise RunError("--dataset pairs needs --data PATH (a tab-separated file)")
-    return data.read_pairs_file(path)
+    # preprocess_nmt is idempotent: load_data_pairs' own pass leaves these pairs as they are
+    return [(data.preprocess_nmt(src), data.preprocess_nmt(tgt))
+            for src, tgt in data.read_pairs_file(path)]
 
 
 def _split(run):
@@ -92,6 +103,7 @@ def _numbers(run):
 
 def load_data(run):
     """The :class:`RunData` of ``run`` (a :class:`RunConfig` with its defaults filled)."""
+    _check_dataset(run.dataset)
     if run.dataset == 'numbers':
         train_iter, src_vocab, tgt_vocab, held = _numbers(run)
         examples = held[:: max(1, len(held) // 4)][:4]
@@ -105,6 +117,7 @@ def load_data(run):
 
 def held_out_pairs(run):
     """The held-out pairs of ``run``'s data settings, as its training saw them."""
+    _check_dataset(run.dataset)
     if run.dataset == 'numbers':
         return _numbers(run)[3]
     return _split(run)[1]

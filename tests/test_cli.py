@@ -168,6 +168,25 @@ def trained(tmp_path_factory):
     return where / 'checkpoint.pt', out
 
 
+def test_translate_input_with_a_byte_order_mark_or_cr_line_ends(trained, tmp_path):
+    path, _ = trained
+    sentences = ['forty two', 'seven']
+    args = ['translate', '--checkpoint', path, '--threads', '1']
+    out = _ok(run_cli(args + sentences, tmp_path)).splitlines()
+    for raw in ('\ufeff' + '\n'.join(sentences) + '\n', '\r'.join(sentences) + '\r',
+                '\ufeff' + '\r\n'.join(sentences)):
+        src = tmp_path / 'in.txt'
+        src.write_bytes(raw.encode('utf-8'))
+        got = run_cli(args + ['--file', src], tmp_path)
+        assert _ok(got).splitlines() == out and 'unknown' not in got.stderr, repr(raw)
+        proc = subprocess.run([sys.executable, '-m', 'seq2seq_ext.cli'] + [str(a) for a in args],
+                              input=raw.encode('utf-8'), cwd=tmp_path, env=_env(),
+                              capture_output=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.decode().splitlines() == out, repr(raw)
+        assert b'unknown' not in proc.stderr, repr(raw)
+
+
 def test_translate_arguments_file_and_stdin_agree(trained, tmp_path):
     path, _ = trained
     sentences = ['one hundred twenty three', 'forty two', 'seven']
@@ -534,6 +553,9 @@ def test_fra_eng_without_the_corpus_or_network_names_the_data_option(tmp_path, m
     (['train', '--device', 'hpu'], '--device'),
     (['evaluate', '--checkpoint', 'c.pt', '--samples', '-2'], '--samples'),
     (['bench', '--cases', 'ce-small', '--threads', '0'], '--threads'),
+    (['bench', '--cases', 'ce-small', '--threads', str((os.cpu_count() or 1) + 1)], '--threads'),
+    (['train', '--threads', '100000'], '--threads'),  # OpenMP would abort, or crash
+    (['translate', '--checkpoint', 'c.pt', '--threads', '100000', 'x'], '--threads'),
     (['bench', '--cases', 'ce-small', '--repeat', '0'], '--repeat'),
 ] + ([] if torch.cuda.is_available() else [
     (['train', '--device', 'cuda'], '--device'),   # a build or machine without CUDA
@@ -579,6 +601,49 @@ def test_plot_replaces_only_a_loss_curve(trained, tmp_path, monkeypatch, capsys)
                                   '--no-progress', '--threads', '1'], capsys)
         assert status == 0, err
         assert curve.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.skipif(not hasattr(os, 'symlink'), reason='needs symbolic links')
+def test_plot_never_reaches_the_checkpoint_by_another_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'curve.png').symlink_to('run.pt')
+    (tmp_path / 'runs').symlink_to('.')
+    for plot in ('curve.png', 'runs/run.pt'):
+        status, _, err = _main(['train', '--epochs', '1', '--checkpoint', 'run.pt', '--plot',
+                                plot, '--no-progress'], capsys)
+        assert 'is the file of --checkpoint' in _one_line_error(status, err, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['curve.png', 'runs']
+
+
+@pytest.mark.parametrize('flag', ['--plot', '--checkpoint'])
+def test_a_file_where_a_folder_of_an_output_should_be_is_refused_first(flag, tmp_path,
+                                                                        monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'afile').write_text('not a folder')
+    args = ['train', '--epochs', '1', '--no-progress', '--checkpoint', 'run.pt', '--plot', '']
+    args[args.index(flag) + 1] = 'afile/sub/out.png' if flag == '--plot' else 'afile/run.pt'
+    status, _, err = _main(args, capsys)
+    line = _one_line_error(status, err, 2)
+    assert flag in line and 'is a file, not a folder' in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['afile']
+
+
+def test_a_refused_run_leaves_no_folders(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    status, _, err = _main(['train', '--epochs', '1', '--held-out', '5000', '--checkpoint',
+                            'a/b/run.pt', '--no-progress'], capsys)
+    assert '--held-out' in _one_line_error(status, err, 2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_refuses_a_json_file_without_a_folder_before_running(tmp_path, monkeypatch,
+                                                                   capsys):
+    from seq2seq_ext.bench import compare
+    ran = []
+    monkeypatch.setattr(compare, 'CASES', {'ce-small': ('t', 'x', lambda r: ran.append(r))})
+    status, _, err = _main(['bench', '--cases', 'ce-small', '--json', tmp_path / 'no' / 'r.json'],
+                           capsys)
+    assert '--json' in _one_line_error(status, err, 1) and ran == []
 
 
 def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback(

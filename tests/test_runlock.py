@@ -89,6 +89,18 @@ def test_a_checkpoint_in_a_directory_yet_to_exist(tmp_path):
         assert (tmp_path / 'runs' / 'exp1').is_dir()
 
 
+def test_the_folders_it_made_go_with_it_unless_the_run_wrote_there(tmp_path):
+    """A run refused or failed before its first save leaves no folders behind; one that saved
+    keeps its folder, and a folder that existed before is never removed."""
+    (tmp_path / 'runs').mkdir()
+    with RunLock(tmp_path / 'runs' / 'a' / 'b' / 'model.pt'):
+        assert (tmp_path / 'runs' / 'a' / 'b').is_dir()
+    assert sorted(os.listdir(tmp_path)) == ['runs'] and os.listdir(tmp_path / 'runs') == []
+    with RunLock(tmp_path / 'runs' / 'a' / 'b' / 'model.pt'):
+        (tmp_path / 'runs' / 'a' / 'b' / 'model.pt').write_bytes(b'saved')
+    assert os.listdir(tmp_path / 'runs' / 'a' / 'b') == ['model.pt']
+
+
 def test_a_failed_write_names_the_file(tmp_path):
     """An OSError from the writer (a full disk gives one without a file name) is reported with
     the destination's name, and the destination and the directory are left as they were."""

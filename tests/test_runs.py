@@ -115,6 +115,41 @@ def test_trained_on_count_compares_positions_in_a_file_corpus(tmp_path):
         assert runs.trained_on_count(trained, other, held) == expected, (num_examples, held_out)
 
 
+def test_held_out_pairs_of_a_file_corpus_are_preprocessed_as_its_training(tmp_path):
+    """Held-out sources and references are scored against the training's vocabularies: they go
+    through preprocess_nmt (lower case, a space before punctuation) as the training text does."""
+    from seq2seq_ext import data, runs
+    lines = [f"Go{i}.\tVa{i} !" for i in range(12)] + ["I'm Home!\tJe suis chez MOI.", "a\tb"]
+    path = tmp_path / "pairs.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for dataset in ("pairs", "fra-eng"):
+        run = RunConfig(dataset=dataset, data=str(path), num_examples=11,
+                        held_out=2).with_defaults()
+        held = runs.held_out_pairs(run)
+        assert held == [("i'm home !", "je suis chez moi ."), ("a", "b")], dataset
+        assert runs.load_data(run).held_out == held
+        src_vocab = runs.load_data(run).src_vocab
+        assert "." in src_vocab.token_to_idx  # 12 times, min_freq 2
+
+
+def test_a_fra_eng_file_reports_the_lines_it_skips(tmp_path):
+    from seq2seq_ext import data, runs
+    lines = [f"go{i} .\tva{i} !" for i in range(6)] + ["three\tcolumns\there", "no tab"]
+    path = tmp_path / "fra.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    run = RunConfig(dataset="fra-eng", data=str(path), num_examples=3, held_out=5).with_defaults()
+    with pytest.warns(data.CorpusWarning, match=r"skipped 2 malformed line.*line 7, 8"):
+        held = runs.held_out_pairs(run)
+    assert held == [("go4 .", "va4 !"), ("go5 .", "va5 !")]
+
+
+def test_an_unknown_dataset_is_refused_naming_it():
+    from seq2seq_ext import runs
+    for call in (runs.load_data, runs.held_out_pairs):
+        with pytest.raises(RunError, match="dataset: expected one of .*'foo'"):
+            call(RunConfig(dataset="foo", data="x.txt").with_defaults())
+
+
 @pytest.mark.parametrize("side", ["src_vocab", "tgt_vocab"])
 def test_resume_refuses_a_corpus_that_now_gives_other_vocabularies(tmp_path, one_thread, side):
     corpus = tmp_path / "pairs.txt"

@@ -305,6 +305,8 @@ def test_corpus_bleu_input_errors():
         corpus_bleu(['a'], ['a', 'b'])
     with pytest.raises(ValueError):
         corpus_bleu(['a', 'b'], [('a',), ('b', 'c')])
+    with pytest.raises(ValueError, match='hypotheses: expected at least one'):
+        corpus_bleu([], [])
 
 
 def test_corpus_bleu_without_sacrebleu(monkeypatch):

@@ -26,6 +26,7 @@ import seq2seq_ext as d2l
 from seq2seq_ext import ops
 from seq2seq_ext import reference as R
 from seq2seq_ext.bench import common
+from seq2seq_ext.cli import thread_count
 from seq2seq_ext.utils import PLOT_ENV
 
 
@@ -241,7 +242,7 @@ def _positive_int(text):
 def add_arguments(parser):
     """The benchmark's options (shared by this module's ``main`` and ``seq2seq-ext bench``)."""
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--threads", type=_positive_int, default=1)
+    parser.add_argument("--threads", type=thread_count, default=1)
     parser.add_argument("--repeat", type=_positive_int, default=7)
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--profile-train", nargs="?", const="train-chapter",
@@ -258,6 +259,9 @@ def main(argv=None):
 
 def run(args):
     """Run the benchmark with parsed ``args`` (see :func:`add_arguments`)."""
+    folder = os.path.dirname(os.path.abspath(args.json)) if args.json else None
+    if folder and not os.path.isdir(folder):  # refused before the cases run, not after
+        raise ValueError(f"--json {args.json}: no folder {folder} to write it in")
     torch.set_num_threads(args.threads)
     if args.peak_rss:
         return peak_rss_child(*args.peak_rss)

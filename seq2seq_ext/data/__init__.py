@@ -52,14 +52,14 @@ from .corpus import (CACHE_ENV, DATA_ENV, DATA_HUB, DATA_URL, CorpusError,
                      read_data_nmt, read_pairs_file)
 from .numbers import english_number, french_number, load_data_numbers, number_pairs
 from .pipeline import (RESERVED_TOKENS, Vocab, build_array_nmt, count_corpus, load_array,
-                       load_data_nmt, load_data_pairs, preprocess_nmt, tokenize_nmt,
-                       truncate_pad)
+                       load_data_nmt, load_data_pairs, preprocess_nmt, read_nmt_pairs,
+                       tokenize_nmt, truncate_pad)
 
 __all__ = [
     'DATA_URL', 'DATA_HUB', 'download', 'download_extract', 'read_data_nmt',
     'preprocess_nmt', 'tokenize_nmt', 'Vocab', 'count_corpus',
     'truncate_pad', 'build_array_nmt', 'load_array', 'load_data_nmt',
-    'read_pairs_file', 'load_data_pairs', 'english_number',
+    'read_pairs_file', 'load_data_pairs', 'read_nmt_pairs', 'english_number',
     'french_number', 'number_pairs', 'load_data_numbers', 'CorpusError',
     'CorpusUnavailableError', 'CorpusWarning', 'CACHE_ENV', 'DATA_ENV', 'RESERVED_TOKENS',
 ]

@@ -12,7 +12,7 @@ from .corpus import _read_data_nmt, _warn_skipped
 
 __all__ = ['RESERVED_TOKENS', 'preprocess_nmt', 'tokenize_nmt', 'Vocab', 'count_corpus',
            'truncate_pad', 'build_array_nmt', 'load_array', 'load_data_nmt',
-           'load_data_pairs']
+           'load_data_pairs', 'read_nmt_pairs']
 
 #: Reserved tokens used by d2l's machine-translation vocabularies.
 RESERVED_TOKENS = ('<pad>', '<bos>', '<eos>')
@@ -49,20 +49,41 @@ def tokenize_nmt(text, num_examples=None):
     return _tokenize_nmt(text, num_examples)[:2]
 
 
-def _tokenize_nmt(text, num_examples=None):
-    """:func:`tokenize_nmt`, also returning the (1-based) numbers of the
-    non-empty lines it skipped within the lines it read."""
-    source, target, skipped = [], [], []
+def _nmt_lines(text, num_examples=None):
+    """The ``(source, target)`` strings of the lines :func:`tokenize_nmt`
+    keeps, and the (1-based) numbers of the non-empty lines it skips within
+    the lines it reads."""
+    pairs, skipped = [], []
     for i, line in enumerate(text.split('\n')):
         if num_examples and i > num_examples:
             break
         parts = line.split('\t')
         if len(parts) == 2:
-            source.append(parts[0].split(' '))
-            target.append(parts[1].split(' '))
+            pairs.append((parts[0], parts[1]))
         elif line:
             skipped.append(i + 1)
-    return source, target, skipped
+    return pairs, skipped
+
+
+def _tokenize_nmt(text, num_examples=None):
+    """:func:`tokenize_nmt`, also returning the (1-based) numbers of the
+    non-empty lines it skipped within the lines it read."""
+    pairs, skipped = _nmt_lines(text, num_examples)
+    return ([src.split(' ') for src, _ in pairs],
+            [tgt.split(' ') for _, tgt in pairs], skipped)
+
+
+def read_nmt_pairs(path=None):
+    """The fra-eng corpus (:func:`read_data_nmt`'s ``path``) as
+    ``(source, target)`` strings after :func:`preprocess_nmt`: the lines that
+    :func:`load_data_nmt` reads, all of them; the others are reported in one
+    :class:`CorpusWarning`, as there."""
+    raw, source_path = _read_data_nmt(path)
+    pairs, skipped = _nmt_lines(preprocess_nmt(raw))
+    if skipped:
+        _warn_skipped(source_path, skipped,
+                      'not exactly two tab-separated columns')
+    return pairs
 
 
 def count_corpus(tokens):
