@@ -268,6 +268,22 @@ def test_download_reuses_valid_cache_without_network(tmp_path, monkeypatch):
         download('no such dataset', cache_dir=str(cache))
 
 
+def test_a_failed_download_leaves_no_cache_folder_it_made(tmp_path, monkeypatch):
+    monkeypatch.setitem(DATA_HUB, 'thing', ('http://invalid.invalid/thing.bin', _sha1(b'x')))
+
+    def no_network(*args, **kwargs):
+        raise OSError('no network')
+
+    monkeypatch.setattr(corpus.urllib.request, 'urlopen', no_network)
+    with pytest.raises(OSError, match='no network'):
+        download('thing', cache_dir=str(tmp_path / 'new'))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / 'old').mkdir()  # a folder that was there stays
+    with pytest.raises(OSError, match='no network'):
+        download('thing', cache_dir=str(tmp_path / 'old'))
+    assert [p.name for p in tmp_path.iterdir()] == ['old']
+
+
 def test_read_data_nmt_downloads_and_extracts_the_archive(tmp_path,
                                                           monkeypatch):
     archive = tmp_path / 'src' / 'fra-eng.zip'

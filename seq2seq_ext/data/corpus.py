@@ -67,12 +67,14 @@ def download(name, cache_dir=None):
     url, sha1_hash = DATA_HUB[name]
     if cache_dir is None:
         cache_dir = _default_cache_dir()
+    made = not os.path.isdir(cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
     fname = os.path.join(cache_dir, url.split('/')[-1])
     if os.path.exists(fname) and _sha1_of(fname) == sha1_hash:
         return fname
     print(f'Downloading {fname} from {url}...')
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix='.part')
+    done = False
     try:
         sha1 = hashlib.sha1()
         with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(url) as resp:
@@ -87,9 +89,15 @@ def download(name, cache_dir=None):
                 f'SHA-1 mismatch for {url}: expected {sha1_hash}, '
                 f'got {sha1.hexdigest()}')
         os.replace(tmp, fname)
+        done = True
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if made and not done:  # a failed download leaves no empty cache folder
+            try:
+                os.rmdir(cache_dir)
+            except OSError:
+                pass
     return fname
 
 
