@@ -28,6 +28,14 @@ number of those tokens, i.e. the step at which it ended (a candidate ended by ``
 translation is the finished candidate with the highest score (ties: the one finished first), its
 words joined by spaces, without ``<eos>``.
 
+Scores are computed as the float quotients ``S / L**alpha`` of the sums ``S`` and compared as
+they are while ``num_steps**alpha`` (the largest ``L**alpha``) is a float. Beyond the float range
+(a large ``alpha``) the search compares them in the log domain instead, by
+``alpha * log(L) - log(-S)`` (``inf`` for ``S = 0``), which orders them as the quotient does and
+neither overflows nor underflows; a score whose ``L**alpha`` is beyond the float range is then
+returned as ``-exp(log(-S) - alpha * log(L))`` (0 where that underflows). So every finite
+``alpha >= 0`` can be searched with.
+
 Early stopping: a sentence stops when it has no live hypothesis, or when it has at least
 ``beam_size`` finished candidates and no live hypothesis can still beat the best finished one.
 The bound used for the latter: a live hypothesis with running sum ``S`` can only add
@@ -35,7 +43,9 @@ log-probabilities, which are ``<= 0``, and ends with ``L <= num_steps`` tokens, 
 grown from it scores ``S' / L**alpha <= S / L**alpha <= S / num_steps**alpha`` (``S <= 0`` and
 ``alpha >= 0``). When ``max(S) / num_steps**alpha`` over the live hypotheses is ``<=`` the best
 finished score, no later candidate can replace the best one (a tie does not replace it), so
-stopping never changes the result: it equals the search run to ``num_steps``.
+stopping never changes the result: it equals the search run to ``num_steps``. (In the log
+domain the bound is ``alpha * log(num_steps) - log(-max(S))``: each way of comparing is computed
+by operations that never decrease as ``S`` or ``L`` grows, so the inequalities hold for it.)
 
 With ``beam_size=1`` this is greedy decoding: the translation equals ``predict_seq2seq``'s. With
 a beam at least as wide as every step's number of extensions it is exhaustive: the translation is
@@ -130,6 +140,38 @@ def _check_common(num_steps, beam_size, alpha):
     return num_steps, beam_size, alpha
 
 
+def _log_domain(num_steps, alpha):
+    """True where ``num_steps ** alpha``, the largest ``L ** alpha`` of a search, is beyond the
+    float range: the search then compares scores in the log domain."""
+    try:
+        num_steps ** alpha
+    except OverflowError:
+        return True
+    return False
+
+
+def _key(total, length, alpha, log_domain):
+    """What a candidate with the sum of log-probabilities ``total <= 0`` over ``length`` tokens
+    is compared by (higher is better): its score ``total / length ** alpha``, or in the log
+    domain ``alpha * log(length) - log(-total)`` (``inf`` for ``total == 0``)."""
+    if not log_domain:
+        return total / length ** alpha
+    if total == 0:
+        return math.inf
+    return alpha * math.log(length) - math.log(-total)
+
+
+def _score(total, length, alpha):
+    """The score ``total / length ** alpha``; where ``length ** alpha`` is beyond the float
+    range, from its logarithm."""
+    try:
+        return total / length ** alpha
+    except OverflowError:
+        if total == 0:
+            return 0.0
+        return 0.0 - math.exp(math.log(-total) - alpha * math.log(length))
+
+
 def _translation(tokens, tgt_vocab, eos):
     if tokens and tokens[-1] == eos:
         tokens = tokens[:-1]
@@ -163,8 +205,9 @@ def beam_search(net, src_sentences, src_vocab, tgt_vocab, num_steps, device, bea
     ``batch_size`` at a time; in each step the live hypotheses of all of them go through the
     decoder as one call. Returns a list of strings (words joined by spaces, no ``<eos>``), or of
     ``(translation, score)`` with ``return_scores=True``, ``score`` being the length-normalised
-    log-likelihood ``sum(log p) / L**alpha``. Runs under ``torch.no_grad()``, ``net`` in eval
-    mode. ``beam_size=1`` gives the greedy translations. Each step holds the running scores of
+    log-likelihood ``sum(log p) / L**alpha`` (any finite ``alpha >= 0``: see the module's
+    *Decoding* section for large ones). Runs under ``torch.no_grad()``, ``net`` in eval mode.
+    ``beam_size=1`` gives the greedy translations. Each step holds the running scores of
     ``batch_size * beam_size * len(tgt_vocab)`` extensions in float64: lower ``batch_size`` for
     large vocabularies.
     """
@@ -245,9 +288,9 @@ def _search_chunk(net, sentences, src_vocab, tgt_vocab, num_steps, device, k, al
     hist = torch.empty((n, k, 0), dtype=torch.long, device=device)  # tokens of every slot
     X = torch.full((n * k, 1), bos, dtype=torch.long, device=device)
     active = list(range(n))  # the sentence of every row of cum / hist
-    best = [None] * n  # (score, tokens) of the best finished candidate
+    best = [None] * n  # (key, score, tokens) of the best finished candidate
     count = [0] * n  # finished candidates
-    max_norm = num_steps ** alpha
+    log_domain = _log_domain(num_steps, alpha)
     buf = None
     for t in range(1, num_steps + 1):
         a = len(active)
@@ -279,17 +322,17 @@ def _search_chunk(net, sentences, src_vocab, tgt_vocab, num_steps, device, k, al
             seqs = hist[rows_at, slots_at].tolist()
             for (r, _), total, seq in zip(ends_at, scores, seqs):
                 s = active[r]
-                score = total / t ** alpha
+                key = _key(total, t, alpha, log_domain)
                 count[s] += 1
-                if best[s] is None or score > best[s][0]:
-                    best[s] = (score, seq)
+                if best[s] is None or key > best[s][0]:
+                    best[s] = (key, _score(total, t, alpha), seq)
         live_max = cum.max(dim=1).values.tolist()
         keep = []
         for r, s in enumerate(active):
             if live_max[r] == -math.inf:
                 continue  # no live hypothesis
             if (early_stopping and count[s] >= k
-                    and live_max[r] / max_norm <= best[s][0]):
+                    and _key(live_max[r], num_steps, alpha, log_domain) <= best[s][0]):
                 continue  # no live hypothesis can beat the best finished candidate
             keep.append(r)
         if not keep or t == num_steps:
@@ -305,7 +348,7 @@ def _search_chunk(net, sentences, src_vocab, tgt_vocab, num_steps, device, k, al
         if b is None:  # every extension had probability 0
             out.append(('', -math.inf))
         else:
-            out.append((_translation(b[1], tgt_vocab, eos), b[0]))
+            out.append((_translation(b[2], tgt_vocab, eos), b[1]))
     return out
 
 
@@ -322,13 +365,14 @@ def reference_beam_search(net, src_sentence, src_vocab, tgt_vocab, num_steps, de
     _check_sentence("src_sentence", src_sentence)
     num_steps, beam_size, alpha = _check_common(num_steps, beam_size, alpha)
     bos, eos = tgt_vocab['<bos>'], tgt_vocab['<eos>']
+    log_domain = _log_domain(num_steps, alpha)
     net.eval()
     with torch.no_grad():
         enc_X, enc_valid_len = _encode_sources([src_sentence], src_vocab, num_steps, device)
         enc_outputs = net.encoder(enc_X, enc_valid_len)
         # a live hypothesis: (tokens, running sum of log-probabilities, decoder state)
         live = [([], 0.0, net.decoder.init_state(enc_outputs, enc_valid_len))]
-        finished = []  # (score, tokens), in the order they finished
+        finished = []  # (key, score, tokens), in the order they finished
         for t in range(1, num_steps + 1):
             extensions = []  # (running sum, hypothesis rank, token, tokens, new state)
             for rank, (tokens, total, state) in enumerate(live):
@@ -343,20 +387,22 @@ def reference_beam_search(net, src_sentence, src_vocab, tgt_vocab, num_steps, de
                 if total == -math.inf:
                     continue
                 if token == eos or t == num_steps:
-                    finished.append((total / t ** alpha, tokens + [token]))
+                    finished.append((_key(total, t, alpha, log_domain),
+                                     _score(total, t, alpha), tokens + [token]))
                 else:
                     next_live.append((tokens + [token], total, new_state))
             live = next_live
             if not live:
                 break
-            best_score = max(score for score, _ in finished) if finished else None
+            best_key = max(key for key, _, _ in finished) if finished else None
             if (early_stopping and len(finished) >= beam_size
-                    and max(total for _, total, _ in live) / num_steps ** alpha <= best_score):
+                    and _key(max(total for _, total, _ in live), num_steps, alpha,
+                             log_domain) <= best_key):
                 break
     if not finished:
         return '', -math.inf
-    best_score, best_tokens = finished[0]
-    for score, tokens in finished[1:]:
-        if score > best_score:
-            best_score, best_tokens = score, tokens
+    best_key, best_score, best_tokens = finished[0]
+    for key, score, tokens in finished[1:]:
+        if key > best_key:
+            best_key, best_score, best_tokens = key, score, tokens
     return _translation(best_tokens, tgt_vocab, eos), best_score

@@ -518,6 +518,10 @@ def _load_for_inference(args):
     device = torch.device(args.device)
     net, src_vocab, tgt_vocab, saved = ckpt.load_model(args.checkpoint, device=device)
     num_steps = args.num_steps or saved['config']['num_steps']
+    try:  # each source is padded to num_steps tokens
+        data.truncate_pad([], num_steps, 0)
+    except ValueError as exc:
+        raise UsageError(f'--num-steps {num_steps}: {exc}') from None
     return net, src_vocab, tgt_vocab, saved, num_steps, device
 
 

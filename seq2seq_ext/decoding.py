@@ -124,7 +124,7 @@ def predict_seq2seq(net, src_sentence, src_vocab, tgt_vocab, num_steps, device,
     package's GRU encoder's: :func:`seq2seq_ext.models.encode`).
     """
     _check_sentence("src_sentence", src_sentence)
-    num_steps = _check_int("num_steps", _int_of(num_steps), 0)
+    num_steps = _check_int("num_steps", _int_of(num_steps))
     bf16 = None if save_attention_weights else _bf16_or_none(weight_dtype)
     if bf16 is not None:
         translation = _translate_directly(net, src_sentence, src_vocab, tgt_vocab, num_steps,
@@ -147,7 +147,7 @@ def predict_seq2seq_batch(net, src_sentences, src_vocab, tgt_vocab, num_steps, d
     each stops at ``<eos>`` or ``num_steps``. ``weight_dtype``: as for :func:`predict_seq2seq`."""
     if isinstance(src_sentences, str):
         raise TypeError("src_sentences: expected a list of sentences, got one string")
-    num_steps = _check_int("num_steps", _int_of(num_steps), 0)
+    num_steps = _check_int("num_steps", _int_of(num_steps))
     batch_size = _check_int("batch_size", _int_of(batch_size))
     sentences = list(src_sentences)
     for i, sentence in enumerate(sentences):

@@ -2,6 +2,7 @@
 against brute force on a tiny vocabulary, against greedy decoding, with tuple decoder states,
 across batch sizes and backends, on a trained model, and its argument checks."""
 import collections
+import decimal
 import itertools
 import math
 import random
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 import seq2seq_ext
-from seq2seq_ext import reference
+from seq2seq_ext import beam, reference
 from seq2seq_ext.beam import (_search_chunk, _top_k, beam_search, reference_beam_search,
                               select_rows)
 from seq2seq_ext.data import Vocab
@@ -225,6 +226,12 @@ def _brute_force(net, sentence, src_vocab, tgt_vocab, num_steps, alpha):
     Returns {tokens: score}. (A teacher-forced multi-step call would score something else: the
     chapter's decoder takes its context from the state it is given, which changes from step to
     step during prediction.)"""
+    sums = _brute_force_sums(net, sentence, src_vocab, tgt_vocab, num_steps)
+    return {seq: value / len(seq) ** alpha for seq, value in sums.items()}
+
+
+def _brute_force_sums(net, sentence, src_vocab, tgt_vocab, num_steps):
+    """{tokens: sum(log p)} of every sequence, as :func:`_brute_force` scores them."""
     bos, eos = tgt_vocab["<bos>"], tgt_vocab["<eos>"]
     by_len = collections.defaultdict(list)
     for s in _all_sequences(len(tgt_vocab), eos, num_steps):
@@ -247,7 +254,7 @@ def _brute_force(net, sentence, src_vocab, tgt_vocab, num_steps, alpha):
                 total += logp.gather(1, Y_true[:, t:t + 1])[:, 0]
                 X = Y_true[:, t:t + 1]
             for seq, value in zip(group, total.tolist()):
-                scores[tuple(seq)] = value / length ** alpha
+                scores[tuple(seq)] = value
     return scores
 
 
@@ -303,6 +310,97 @@ def test_exhaustive_beam_finds_the_brute_force_best(backend, case):
         assert nar_score <= best_score + 1e-6
         beats_greedy += got != gr
     assert beats_greedy >= 1  # the exhaustive search is not just the greedy path
+
+
+# ----------------------------------------------------------------------------------------------
+# a large alpha: L**alpha beyond the float range
+# ----------------------------------------------------------------------------------------------
+
+def _exact_score(total, length, alpha):
+    """``total / length ** alpha`` in 60-digit decimal arithmetic, which has no float range."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        return decimal.Decimal(total) / decimal.Decimal(length) ** decimal.Decimal(alpha)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alpha", [1000.0, 2500.0])
+def test_large_alpha_finds_the_exact_best(backend, alpha):
+    """3**1000 and 2**2500 overflow a float: the exhaustive search still returns the sequence
+    with the highest score computed exactly, and the batched search equals the oracle."""
+    words, num_steps, seed = ["a", "b", "c"], 3, 42
+    src_vocab, tgt_vocab = _vocabs(words)
+    V = len(tgt_vocab)
+    net = _net(src_vocab, tgt_vocab, seed, embed=4, hidden=6, layers=2, spread=3.0)
+    sentences = _sentences(6, seed)
+    wide = (V - 1) ** (num_steps - 1) * V
+    with seq2seq_ext.use_backend(backend):
+        exhaustive = beam_search(net, sentences, src_vocab, tgt_vocab, num_steps, "cpu",
+                                 beam_size=wide, alpha=alpha, return_scores=True)
+        narrow = beam_search(net, sentences, src_vocab, tgt_vocab, num_steps, "cpu",
+                             beam_size=2, alpha=alpha, return_scores=True)
+        oracle = [reference_beam_search(net, s, src_vocab, tgt_vocab, num_steps, "cpu",
+                                        beam_size=2, alpha=alpha) for s in sentences]
+        sums = [_brute_force_sums(net, s, src_vocab, tgt_vocab, num_steps) for s in sentences]
+    _assert_same(narrow, oracle)
+    for (got, got_score), by_seq in zip(exhaustive, sums):
+        exact = sorted(((_exact_score(v, len(seq), alpha), seq) for seq, v in by_seq.items()),
+                       reverse=True)
+        (best, best_seq), (second, _) = exact[0], exact[1]
+        assert best - second > abs(best) * decimal.Decimal("1e-9")  # a clear winner
+        assert got == _words(best_seq, tgt_vocab)
+        assert math.isclose(got_score, float(best), rel_tol=1e-9, abs_tol=1e-320)
+
+
+def test_large_alpha_ranks_in_the_log_domain():
+    """With 400 as alpha, L**alpha overflows a float from L = 6 and the scores of longer
+    candidates underflow to 0: the search compares them in the log domain, where the longest
+    candidates win (their scores are exactly the highest), instead of tying them all at 0; early
+    stopping changes nothing, and the batched search equals the oracle."""
+    src_vocab, tgt_vocab = _vocabs()
+    net = _net(src_vocab, tgt_vocab, 32, eos_bias=1.0, spread=1.0)
+    sentences = _sentences(10, 32)
+    with torch.no_grad():
+        early = _search_chunk(net, sentences, src_vocab, tgt_vocab, 10, "cpu", 3, 400.0)
+        full = _search_chunk(net, sentences, src_vocab, tgt_vocab, 10, "cpu", 3, 400.0,
+                             early_stopping=False)
+    assert early == full
+    oracle = [reference_beam_search(net, s, src_vocab, tgt_vocab, 10, "cpu", beam_size=3,
+                                    alpha=400.0) for s in sentences]
+    _assert_same(early, oracle)
+    # every translation has 10 tokens (10 words, or 9 and <eos>)
+    assert all(len(t.split()) >= 9 for t, _ in early)
+    assert all(score <= 0 for _, score in early)
+    # which is not what this model gives with the usual alpha
+    usual = beam_search(net, sentences, src_vocab, tgt_vocab, 10, "cpu", beam_size=3)
+    assert any(len(t.split()) < 9 for t in usual)
+
+
+def test_log_domain_orders_scores_as_the_exact_quotient():
+    """The comparison used where num_steps**alpha overflows orders (sum, length) pairs as their
+    exact quotients do, across lengths too, and its scores are the quotients; below that, the
+    comparison is the float quotient itself."""
+    rng = random.Random(7)
+    for alpha in (400.0, 1000.0, 2500.5):
+        assert beam._log_domain(20, alpha)
+        pairs = [(0.0, rng.randint(1, 20))]
+        pairs += [(-10.0 ** rng.uniform(-300, 300), rng.randint(1, 20)) for _ in range(300)]
+        keys = [beam._key(t, n, alpha, True) for t, n in pairs]
+        exact = [_exact_score(t, n, alpha) for t, n in pairs]
+        for (t, n), k, e in zip(pairs, keys, exact):
+            assert math.isclose(beam._score(t, n, alpha), float(e), rel_tol=1e-9,
+                                abs_tol=1e-320)
+        compared = 0
+        for i, j in itertools.combinations(range(len(pairs)), 2):
+            a, b = exact[i], exact[j]
+            if abs(a - b) > max(abs(a), abs(b)) * decimal.Decimal("1e-9"):
+                assert (keys[i] > keys[j]) == (a > b), (pairs[i], pairs[j])
+                compared += pairs[i][1] != pairs[j][1]
+        assert compared > 10000  # pairs of different lengths
+    for alpha in (0.0, 0.75, 1.5):
+        assert not beam._log_domain(20, alpha)
+        for t, n in [(-3.25, 7), (-1e-7, 20), (0.0, 3)]:
+            assert beam._key(t, n, alpha, False) == beam._score(t, n, alpha) == t / n ** alpha
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,6 +585,8 @@ def test_trained_model_matches_reference():
     (dict(alpha="0.75"), TypeError, "alpha"),
     (dict(num_steps=0), ValueError, "num_steps"),
     (dict(num_steps=3.0), TypeError, "num_steps"),
+    (dict(num_steps=2 ** 62), ValueError, "num_steps"),
+    (dict(num_steps=2 ** 64), ValueError, "num_steps"),
     (dict(batch_size=0), ValueError, "batch_size"),
     (dict(src_sentences="go ."), TypeError, "src_sentences"),
     (dict(src_sentences=["go .", 3]), TypeError, r"src_sentences\[1\]"),

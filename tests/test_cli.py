@@ -187,6 +187,12 @@ def test_translate_input_with_a_byte_order_mark_or_cr_line_ends(trained, tmp_pat
         assert b'unknown' not in proc.stderr, repr(raw)
 
 
+def test_translate_refuses_a_num_steps_no_source_can_be_padded_to(trained, capsys):
+    status, out, err = _main(['translate', '--checkpoint', trained[0], '--num-steps',
+                              str(2 ** 62), 'seven'], capsys)
+    assert '--num-steps' in _one_line_error(status, err, 2) and out == ''
+
+
 def test_translate_arguments_file_and_stdin_agree(trained, tmp_path):
     path, _ = trained
     sentences = ['one hundred twenty three', 'forty two', 'seven']

@@ -121,6 +121,40 @@ def test_bad_arguments_name_the_argument(call, name, exc):
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
 
 
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("num_steps", [0, -1, 2 ** 62, 2 ** 64])
+def test_num_steps_is_refused_on_every_path(cell, backend, num_steps):
+    """A num_steps below 1, or one whose padded source cannot be built, gets a ValueError naming
+    it on every path (the GRU model's shortcut and greedy loop, with bfloat16 weights too, the
+    LSTM model's steps, the chapter's loop of the reference backend), as beam_search does; the
+    weights are unchanged."""
+    src_vocab, tgt_vocab = _vocabs()
+    torch.manual_seed(6)
+    net = seq2seq_ext.EncoderDecoder(
+        seq2seq_ext.Seq2SeqEncoder(len(src_vocab), 8, 16, 2, cell=cell),
+        seq2seq_ext.Seq2SeqDecoder(len(tgt_vocab), 8, 16, 2, cell=cell)).eval()
+    before = [p.detach().clone() for p in net.parameters()]
+    calls = [
+        lambda: seq2seq_ext.predict_seq2seq(net, "go .", src_vocab, tgt_vocab, num_steps, "cpu"),
+        lambda: seq2seq_ext.predict_seq2seq_batch(net, ["go .", "i lost ."], src_vocab,
+                                                  tgt_vocab, num_steps, "cpu"),
+        lambda: seq2seq_ext.beam_search(net, ["go ."], src_vocab, tgt_vocab, num_steps, "cpu"),
+    ]
+    if cell == "gru" and backend == "ext":
+        calls.append(lambda: seq2seq_ext.predict_seq2seq(
+            net, "go .", src_vocab, tgt_vocab, num_steps, "cpu", weight_dtype=torch.bfloat16))
+    with seq2seq_ext.use_backend(backend):
+        for call in calls:
+            with pytest.raises(ValueError, match="^num_steps"):
+                call()
+        # and 1 is a valid number of steps on each of them
+        assert seq2seq_ext.predict_seq2seq_batch(net, ["go ."], src_vocab, tgt_vocab, 1,
+                                                 "cpu")[0] == seq2seq_ext.predict_seq2seq(
+            net, "go .", src_vocab, tgt_vocab, 1, "cpu")[0]
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
 @pytest.mark.parametrize("kind", ["forward", "pre"])
 def test_hooks_on_the_decoder_run_at_every_step_of_prediction(kind, monkeypatch):
     """A hook on the decoder changes what it predicts; the fused greedy loop does not call the
@@ -216,7 +250,7 @@ def _direct_model(seed=21, **decoder_kwargs):
     return net.eval(), src_vocab, tgt_vocab
 
 
-def _same_as_usual(spy, net, src_vocab, tgt_vocab, sentences, steps=(0, 1, 4, 10), **kwargs):
+def _same_as_usual(spy, net, src_vocab, tgt_vocab, sentences, steps=(1, 4, 10), **kwargs):
     for sentence in sentences:
         for num_steps in steps:
             got = seq2seq_ext.predict_seq2seq(net, sentence, src_vocab, tgt_vocab, num_steps,
@@ -231,7 +265,7 @@ def test_direct_translation_is_the_usual_one(weight_dtype, monkeypatch):
     spy = _DirectSpy(monkeypatch)
     sentences = ["go .", "i lost .", "Wow !", "unknown zzz ."] + _sentences(8, seed=4)
     _same_as_usual(spy, net, src_vocab, tgt_vocab, sentences, weight_dtype=weight_dtype)
-    assert spy.taken == 4 * len(sentences) and spy.declined == 0
+    assert spy.taken == 3 * len(sentences) and spy.declined == 0
     # and the reference's own loop agrees
     ref = reference_copy(net, reference.EncoderDecoder,
                          reference.Seq2SeqEncoder(len(src_vocab), 8, 16, 2),

@@ -147,10 +147,18 @@ class Vocab:
 
 
 def truncate_pad(line, num_steps, padding_token):
-    """Truncate ``line`` to ``num_steps`` items or pad it with the token."""
+    """Truncate ``line`` to ``num_steps`` items or pad it with the token.
+
+    A ``num_steps`` whose padded list cannot be built (it does not fit in
+    memory) gets a ValueError naming it.
+    """
     if len(line) > num_steps:
         return line[:num_steps]
-    return line + [padding_token] * (num_steps - len(line))
+    try:
+        return line + [padding_token] * (num_steps - len(line))
+    except (MemoryError, OverflowError):
+        raise ValueError(f'num_steps: a line padded to {num_steps} items '
+                         'does not fit in memory') from None
 
 
 def build_array_nmt(lines, vocab, num_steps):
