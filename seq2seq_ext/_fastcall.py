@@ -74,10 +74,19 @@ def _own_hooks(d):
                 or d["_backward_pre_hooks"] or "forward" in d)
 
 
+def plain_call(module):
+    """True when calling ``module`` runs ``nn.Module.__call__`` (or :func:`decoder_call`, the
+    chapter decoder's shortcut of it), not a ``__call__`` of its class's own."""
+    call = type(module).__call__
+    return call is _module_call or call is decoder_call
+
+
 def own_forward(module, base_forward):
-    """True when ``module`` runs ``base_forward``: neither its class nor the instance itself (a
-    wrapper set as ``module.forward``) puts another ``forward`` in its place."""
-    return type(module).forward is base_forward and "forward" not in module.__dict__
+    """True when ``module`` runs ``base_forward`` when called: neither its class nor the instance
+    itself (a wrapper set as ``module.forward``) puts another ``forward`` in its place, and its
+    class keeps the usual ``__call__`` (:func:`plain_call`)."""
+    return (type(module).forward is base_forward and "forward" not in module.__dict__
+            and plain_call(module))
 
 
 def plain_leaf(module, cls):
@@ -313,6 +322,7 @@ def translation(net, models):
     enc_cls, dec_cls = type(enc), type(dec)
     if (enc_cls.forward is not models._ENCODER_FORWARD or enc_cls.__call__ is not _module_call
             or enc.__dict__.get("_compiled_call_impl") is not None
+            or dec_cls.__call__ is not decoder_call
             or dec_cls.forward is not models._FORWARD or dec_cls.greedy is not models._GREEDY
             or dec_cls.init_state is not models._INIT_STATE):
         return None

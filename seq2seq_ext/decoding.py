@@ -51,6 +51,11 @@ def _greedy(net, sentences, src_vocab, tgt_vocab, num_steps, device, weight_dtyp
         kwargs = {} if weight_dtype is None else {"weight_dtype": weight_dtype}
         tokens, lengths = net.decoder.greedy(state, tgt_vocab['<bos>'], tgt_vocab['<eos>'],
                                              num_steps, **kwargs)
+    if tokens.shape[0] != len(sentences):  # the reference's loop fails on such a state
+        raise ValueError(
+            f"state: the decoder's greedy loop decoded {tokens.shape[0]} rows for "
+            f"{len(sentences)} sentence(s): the encoder's state does not hold one row per "
+            "sentence (expected (num_layers, batch, num_hiddens), time first)")
     tokens, lengths = tokens.tolist(), lengths.tolist()
     return [' '.join(tgt_vocab.to_tokens(row[:n])) for row, n in zip(tokens, lengths)]
 

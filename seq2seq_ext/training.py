@@ -193,10 +193,11 @@ class _TrainForward(nn.Module):
 
 def _projects_kept_rows(net):
     """True when the step may compute the loss of the kept positions only: the chapter's
-    ``EncoderDecoder.forward`` and decoder layout, and no hook on the model or its decoder (the
-    path calls neither module)."""
+    ``EncoderDecoder.forward`` and decoder layout, the usual ``__call__`` and no hook on the model
+    or its decoder (the path calls neither module)."""
     decoder = getattr(net, "decoder", None)
     return (_fastcall.own_forward(net, reference.EncoderDecoder.forward)
+            and isinstance(decoder, nn.Module) and _fastcall.plain_call(decoder)
             and callable(getattr(decoder, "supports_features", None))
             and decoder.supports_features()
             and type(decoder._modules.get("dense")) is nn.Linear

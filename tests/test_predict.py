@@ -581,3 +581,50 @@ def test_direct_translation_leaves_what_it_cannot_read_to_the_usual_path(kind, w
     assert results[0] == results[1]
     assert isinstance(results[0], tuple) == (kind == "numpy")
     assert spy.taken == 0 and spy.declined == 1
+
+
+class _LoudDecoder(seq2seq_ext.Seq2SeqDecoder):
+    """A decoder whose class has its own ``__call__``: it favours one token in every output."""
+
+    calls = 0
+
+    def __call__(self, X, state):
+        type(self).calls += 1
+        Y, state = super().__call__(X, state)
+        Y = Y.clone()
+        Y[..., 5] += 100
+        return Y, state
+
+
+def test_a_decoder_class_with_its_own_call_is_called():
+    """The fused greedy loop calls no module: a decoder whose class overrides ``__call__`` (not
+    ``forward``) takes the chapter's loop, as the reference's predict_seq2seq calls it."""
+    src_vocab, tgt_vocab = _vocabs()
+    net, _ = _nets(src_vocab, tgt_vocab, torch.float32, seed=5)
+    net.decoder.__class__ = _LoudDecoder
+    want = tgt_vocab.to_tokens(5)
+    for batched in (False, True):
+        _LoudDecoder.calls = 0
+        if batched:
+            got = seq2seq_ext.predict_seq2seq_batch(net, ["go .", "i lost ."], src_vocab,
+                                                    tgt_vocab, 4, "cpu")
+        else:
+            got = [seq2seq_ext.predict_seq2seq(net, "go .", src_vocab, tgt_vocab, 4, "cpu")[0]]
+        assert _LoudDecoder.calls > 0 and got == [" ".join([want] * 4)] * len(got), got
+        ref = reference.predict_seq2seq(net, "go .", src_vocab, tgt_vocab, 4, "cpu")[0]
+        assert got[0] == ref
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_state_without_a_row_per_sentence_is_refused(batched):
+    """A batch_first GRU swapped into the encoder gives a state of num_steps rows: refused naming
+    the state, as the reference's loop fails on it, instead of translations of other rows."""
+    src_vocab, tgt_vocab = _vocabs()
+    net, _ = _nets(src_vocab, tgt_vocab, torch.float32, seed=5)
+    net.encoder.rnn = torch.nn.GRU(8, 16, 2, batch_first=True)
+    with pytest.raises(ValueError, match=r"state: .* 7 rows for (1|3) sentence"):
+        if batched:
+            seq2seq_ext.predict_seq2seq_batch(net, ["go .", "i lost .", "who ?"], src_vocab,
+                                              tgt_vocab, 7, "cpu")
+        else:
+            seq2seq_ext.predict_seq2seq(net, "go .", src_vocab, tgt_vocab, 7, "cpu")

@@ -616,6 +616,27 @@ def test_forward_hooks_on_the_model_or_its_decoder_run_in_training(on):
     assert calls and losses[0] == pytest.approx(math.log(len(tgt_vocab)) / 10, rel=1e-6)
 
 
+@pytest.mark.parametrize("on", ["decoder", "net"])
+def test_a_call_of_the_model_or_decoder_class_runs_in_training(on):
+    """As a hook does (above): a class of the model or of its decoder with its own ``__call__``
+    that zeroes the logits makes every logit 0; the kept-positions path would skip it."""
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=40)
+    net = _model(src_vocab, tgt_vocab)
+    module = net.decoder if on == "decoder" else net
+    calls = []
+
+    class ZeroOutput(type(module)):
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            out = super().__call__(*args, **kwargs)
+            return (out[0] * 0, *out[1:])
+    module.__class__ = ZeroOutput
+    losses = []
+    fit(net, train_iter, 0.01, 1, tgt_vocab, CPU, plot=False,
+        on_epoch=lambda epoch, loss, speed: losses.append(loss))
+    assert calls and losses[0] == pytest.approx(math.log(len(tgt_vocab)) / 10, rel=1e-6)
+
+
 def test_fit_sets_the_samplers_epoch_before_each_epoch():
     """A distributed sampler reshuffles by ``set_epoch``: fit calls it with each epoch's index
     (0-based, as ``DistributedSampler`` expects), from ``start_epoch`` on."""
