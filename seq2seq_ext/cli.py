@@ -517,6 +517,10 @@ def _load_for_inference(args):
         raise UsageError('--dtype bf16 decodes greedily: leave out --beam')
     device = torch.device(args.device)
     net, src_vocab, tgt_vocab, saved = ckpt.load_model(args.checkpoint, device=device)
+    if args.dtype == 'bf16' and (saved['config']['cell'] != 'gru' or device.type != 'cpu'):
+        # refused whatever the input (empty lines included), as decoding would refuse it
+        raise UsageError(f"--dtype bf16 decodes GRU models on the CPU; this one is "
+                         f"{saved['config']['cell']} on {device}")
     num_steps = args.num_steps or saved['config']['num_steps']
     try:  # each source is padded to num_steps tokens
         data.truncate_pad([], num_steps, 0)

@@ -337,6 +337,11 @@ def test_train_variants_end_to_end(extra, tmp_path):
     config = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)['config']
     if '--cell' in extra:
         assert config['cell'] == 'lstm'
+        for line in ('', 'seven'):  # refused whatever the input, none of it decoded
+            proc = run_cli(['translate', '--checkpoint', 'checkpoint.pt', '--dtype', 'bf16',
+                            line], tmp_path)
+            line = _one_line_error(proc.returncode, proc.stderr, 2)
+            assert '--dtype bf16' in line and 'lstm' in line and proc.stdout == ''
     if '--fixed-context' in extra:
         assert config['fixed_context'] is True
     trans = _ok(run_cli(['translate', '--checkpoint', 'checkpoint.pt', 'seven'], tmp_path))
