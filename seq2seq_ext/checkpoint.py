@@ -42,6 +42,7 @@ from .config import CELLS, MODEL_CONFIG_KEYS, build_model, validate_config
 from .data import Vocab
 from .safe_load import CheckpointError, read_checkpoint_file
 from .train_state import capture_rng_state, check_rng_state, restore_rng_state
+from .utils import checked_device
 
 __all__ = [
     "FORMAT_TAG", "FORMAT_VERSION", "MODEL_CONFIG_KEYS", "CELLS", "CheckpointError",
@@ -431,8 +432,10 @@ def load_model(path, device="cpu"):
     its weights are loaded strictly (in their dtype, when they share one), and it is moved to
     ``device`` in eval mode. ``checkpoint``
     is :func:`load_checkpoint`'s dict (its tensors on the CPU). Raises :class:`CheckpointError`
-    for an unusable file, and when the weights do not fit the configuration.
+    for an unusable file, and when the weights do not fit the configuration; ValueError naming
+    ``device`` for a device that cannot be used here.
     """
+    device = checked_device(device)  # before the file is read
     ckpt = load_checkpoint(path)
     path = os.fspath(path)
     src_vocab = vocab_from_state(ckpt["src_vocab"])

@@ -158,6 +158,18 @@ class TrainingRun:
 
     def __init__(self, run, *, device, checkpoint='', saved=None, shard=None):
         self.run, self.device, self.path = run, torch.device(device), checkpoint
+        _check_dataset(run.dataset)
+        if saved is not None and saved['train']['epoch'] >= run.epochs:
+            raise RunError(f"the run already has {saved['train']['epoch']} epochs; pass "
+                           f"--epochs above {saved['train']['epoch']} to continue it")
+        before = ckpt.capture_rng_state()
+        try:
+            self._set_up(run, saved, shard)
+        except BaseException:  # a run that cannot be set up leaves the generators as they were
+            ckpt.restore_rng_state(before)
+            raise
+
+    def _set_up(self, run, saved, shard):
         # the order of the random draws below is part of exact resume: seed, data (the
         # built-in corpus's split), the model's initial weights; then a resumed run puts back
         # its generators last
@@ -180,9 +192,6 @@ class TrainingRun:
             self.optimizer.load_state_dict(saved['train']['optimizer'])
             self.start_epoch = saved['train']['epoch']
             self.history = [tuple(h) for h in saved['extra'].get('history', [])]
-            if self.start_epoch >= run.epochs:
-                raise RunError(f"the run already has {self.start_epoch} epochs; pass --epochs "
-                               f"above {self.start_epoch} to continue it")
             ckpt.restore_rng_state(saved['train']['rng'])
 
     @classmethod

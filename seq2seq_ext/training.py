@@ -19,7 +19,7 @@ from . import _clip_divisor, _fastcall, models, ops, reference
 from . import nn as seq2seq_nn
 from .losses import MaskedSoftmaxCELoss
 from .ops import enable_autocast_rules  # the gru_layer op's autocast rule, kept with the op
-from .utils import Animator, Timer
+from .utils import Animator, Timer, checked_device
 
 __all__ = ["train_seq2seq", "fit", "make_adam", "grad_clipping", "xavier_init_weights",
            "decode_teacher_forced", "enable_autocast_rules", "AMP_MODES"]
@@ -224,6 +224,9 @@ def _kept_positions(Y_valid_len, batch, steps, packed):
     """:class:`_Kept` for a batch, on the host. ``packed``: the packed layout of the kept
     positions of the batch sorted by decreasing length (stable), for the decoder's GRU layers
     to run those only; otherwise the kept rows of the batch."""
+    if Y_valid_len.numel() != batch:  # (the loss names its own valid_len so)
+        raise ValueError(f"Y_valid_len: expected one length per sequence ({batch}, the rows of "
+                         f"Y), got shape {tuple(Y_valid_len.shape)}")
     if not packed:
         return _Kept(_kept_rows(Y_valid_len, batch, steps))
     lengths = Y_valid_len.reshape(batch).clamp(0, steps).to(torch.int64)
@@ -284,12 +287,7 @@ def _check_fit_args(net, data_iter, lr, num_epochs, tgt_vocab, device, start_epo
     except (TypeError, KeyError, IndexError, AttributeError):
         raise TypeError(f"tgt_vocab: expected the target vocabulary (a Vocab with '<bos>'), got "
                         f"{type(tgt_vocab).__name__}") from None
-    given = device
-    try:
-        device = torch.device(device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError, TypeError) as err:
-        raise ValueError(f"device: {str(given)!r} cannot be used here ({err})") from None
+    device = checked_device(device)
     for name, value in (("num_epochs", num_epochs), ("start_epoch", start_epoch)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name}: expected an int, got {type(value).__name__}")

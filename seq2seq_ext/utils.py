@@ -13,12 +13,23 @@ import time
 
 import torch
 
-__all__ = ['try_gpu', 'Timer', 'Accumulator', 'Animator', 'set_axes']
+__all__ = ['checked_device', 'try_gpu', 'Timer', 'Accumulator', 'Animator', 'set_axes']
 
 #: Environment variable naming the PNG file that :class:`Animator` writes.
 PLOT_ENV = 'SEQ2SEQ_EXT_PLOT'
 #: File name used when neither ``out`` nor :data:`PLOT_ENV` is given.
 DEFAULT_PLOT = 'loss.png'
+
+
+def checked_device(device, name='device'):
+    """``torch.device(device)`` where a tensor can be made on it, else a ValueError naming the
+    argument ``name`` (a CUDA device on a build or machine without one, a malformed string)."""
+    try:
+        checked = torch.device(device)
+        torch.empty(0, device=checked)
+    except (RuntimeError, AssertionError, TypeError) as err:
+        raise ValueError(f"{name}: {str(device)!r} cannot be used here ({err})") from None
+    return checked
 
 
 def try_gpu(i=0):

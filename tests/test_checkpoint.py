@@ -535,6 +535,13 @@ def test_every_single_byte_corruption_is_refused_or_harmless(good, tmp_path):
     assert refused > 40
 
 
+def test_load_model_refuses_a_device_it_cannot_use_naming_it(good):
+    bad = ["gpu", "cuda:0" if not torch.cuda.is_available() else "cuda:99"]
+    for device in bad:
+        with pytest.raises(ValueError, match=f"device: '{device}' cannot be used here"):
+            load_model(good, device=device)
+
+
 def test_wrong_version_is_refused(good, tmp_path):
     path = tmp_path / "v.ckpt"
     for version, fragment in ((FORMAT_VERSION + 1, "newer"), (0, "unknown format version"),

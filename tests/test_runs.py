@@ -143,6 +143,22 @@ def test_a_fra_eng_file_reports_the_lines_it_skips(tmp_path):
     assert held == [("go4 .", "va4 !"), ("go5 .", "va5 !")]
 
 
+def test_a_run_refused_leaves_the_random_generators_as_they_were(tmp_path, one_thread):
+    import random
+    path = tmp_path / "run.pt"
+    TrainingRun.start(RunConfig(**SMALL, epochs=1), checkpoint=str(path)).train()
+    refusals = [lambda: resume(path, epochs=1),  # nothing left to train
+                lambda: TrainingRun.start(RunConfig(dataset="pairs", data=str(tmp_path / "no"),
+                                                    epochs=1), checkpoint="")]
+    for refuse in refusals:
+        random.seed(99)
+        torch.manual_seed(1234)
+        before = (random.getstate(), torch.get_rng_state())
+        with pytest.raises((RunError, FileNotFoundError)):
+            refuse()
+        assert random.getstate() == before[0] and torch.equal(torch.get_rng_state(), before[1])
+
+
 def test_an_unknown_dataset_is_refused_naming_it():
     from seq2seq_ext import runs
     for call in (runs.load_data, runs.held_out_pairs):

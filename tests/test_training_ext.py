@@ -637,6 +637,14 @@ def test_a_call_of_the_model_or_decoder_class_runs_in_training(on):
     assert calls and losses[0] == pytest.approx(math.log(len(tgt_vocab)) / 10, rel=1e-6)
 
 
+def test_a_batch_whose_lengths_do_not_match_its_rows_is_refused_naming_them():
+    train_iter, src_vocab, tgt_vocab, _ = _corpus(stop=40)
+    X, X_valid_len, Y, Y_valid_len = next(iter(train_iter))
+    net = _model(src_vocab, tgt_vocab)
+    with pytest.raises(ValueError, match=r"Y_valid_len: expected one length per sequence"):
+        fit(net, [(X, X_valid_len, Y, Y_valid_len[:3])], 0.01, 1, tgt_vocab, CPU, plot=False)
+
+
 def test_fit_sets_the_samplers_epoch_before_each_epoch():
     """A distributed sampler reshuffles by ``set_epoch``: fit calls it with each epoch's index
     (0-based, as ``DistributedSampler`` expects), from ``start_epoch`` on."""
