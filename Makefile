@@ -22,7 +22,7 @@ $(STAMP): $(VPY) $(SOURCES) constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)  ## train on the built-in numbers corpus, translate, report BLEU, plot the loss
-	$(VENV)/bin/seq2seq-ext train --overwrite
+	$(VENV)/bin/seq2seq-ext train --checkpoint demo.pt --overwrite
 
 test: $(STAMP)  ## the test suite (slow tests excluded)
 	$(VPY) -m pytest -q -m "not slow"

@@ -681,6 +681,10 @@ def cmd_evaluate(args, argv):
 
 def cmd_bench(args, argv):
     from .bench import compare
+    try:
+        compare.check_json(args.json)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return compare.run(args)
 
 

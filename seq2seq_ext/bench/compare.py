@@ -239,6 +239,14 @@ def _positive_int(text):
     return value
 
 
+def check_json(path):
+    """ValueError naming --json when ``path`` (None: no file) has no folder to be written in:
+    refused before the cases run, not after."""
+    folder = os.path.dirname(os.path.abspath(path)) if path else None
+    if folder and not os.path.isdir(folder):
+        raise ValueError(f"--json {path}: no folder {folder} to write it in")
+
+
 def add_arguments(parser):
     """The benchmark's options (shared by this module's ``main`` and ``seq2seq-ext bench``)."""
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
@@ -259,9 +267,7 @@ def main(argv=None):
 
 def run(args):
     """Run the benchmark with parsed ``args`` (see :func:`add_arguments`)."""
-    folder = os.path.dirname(os.path.abspath(args.json)) if args.json else None
-    if folder and not os.path.isdir(folder):  # refused before the cases run, not after
-        raise ValueError(f"--json {args.json}: no folder {folder} to write it in")
+    check_json(args.json)
     torch.set_num_threads(args.threads)
     if args.peak_rss:
         return peak_rss_child(*args.peak_rss)
