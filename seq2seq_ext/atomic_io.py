@@ -5,13 +5,47 @@
 directory. A write that fails or is killed leaves the previous file untouched. A killed write can
 leave a hidden ``.<name>.<pid>.<random>.tmp`` file beside the destination; it is never read, and
 the next write into that directory removes it once its process is gone.
+
+:func:`make_folders` and :func:`remove_made_folders` create a file's missing folders and take
+back those left empty, so that a run or download that fails writes nothing behind.
 """
 import os
 import re
 import secrets
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "make_folders", "remove_made_folders"]
 
+
+
+def make_folders(folder):
+    """Create ``folder`` and its missing parents, one level at a time; returns the folders this
+    call created, outermost first (a level another process creates meanwhile is not counted)."""
+    missing = []
+    folder = os.path.abspath(folder)
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    made = []
+    for level in reversed(missing):
+        try:
+            os.mkdir(level)
+        except FileExistsError:
+            continue
+        made.append(level)
+    return made
+
+
+def remove_made_folders(made):
+    """Remove the folders of :func:`make_folders` that are empty, innermost first; stops at the
+    first that is not (something was written there)."""
+    for folder in reversed(made):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
 
 
 def _temp_pattern(base):

@@ -33,8 +33,8 @@ they are while ``num_steps**alpha`` (the largest ``L**alpha``) is a float. Beyon
 (a large ``alpha``) the search compares them in the log domain instead, by
 ``alpha * log(L) - log(-S)`` (``inf`` for ``S = 0``), which orders them as the quotient does and
 neither overflows nor underflows; a score whose ``L**alpha`` is beyond the float range is then
-returned as ``-exp(log(-S) - alpha * log(L))`` (0 where that underflows). So every finite
-``alpha >= 0`` can be searched with.
+returned as ``-exp(log(-S) - alpha * log(L))`` (0 where that underflows). So every ``alpha`` in
+``[0, MAX_ALPHA]`` (1e300, where ``alpha * log(L)`` is still finite) can be searched with.
 
 Early stopping: a sentence stops when it has no live hypothesis, or when it has at least
 ``beam_size`` finished candidates and no live hypothesis can still beat the best finished one.
@@ -129,14 +129,19 @@ def _check_state_rows(state, rows):
 # arguments
 # ----------------------------------------------------------------------------------------------
 
+#: The largest ``alpha`` searched with: ``alpha * log(L)``, the log-domain comparison's term,
+#: stays finite for every length a search can have.
+MAX_ALPHA = 1e300
+
+
 def _check_common(num_steps, beam_size, alpha):
     num_steps = _check_int("num_steps", num_steps)
     beam_size = _check_int("beam_size", beam_size)
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha: expected a real number, got {type(alpha).__name__}")
     alpha = float(alpha)
-    if not (math.isfinite(alpha) and alpha >= 0):
-        raise ValueError(f"alpha: expected a finite number >= 0, got {alpha}")
+    if not 0 <= alpha <= MAX_ALPHA:
+        raise ValueError(f"alpha: expected a number in [0, {MAX_ALPHA:g}], got {alpha}")
     return num_steps, beam_size, alpha
 
 
@@ -205,7 +210,7 @@ def beam_search(net, src_sentences, src_vocab, tgt_vocab, num_steps, device, bea
     ``batch_size`` at a time; in each step the live hypotheses of all of them go through the
     decoder as one call. Returns a list of strings (words joined by spaces, no ``<eos>``), or of
     ``(translation, score)`` with ``return_scores=True``, ``score`` being the length-normalised
-    log-likelihood ``sum(log p) / L**alpha`` (any finite ``alpha >= 0``: see the module's
+    log-likelihood ``sum(log p) / L**alpha`` (``alpha`` in ``[0, 1e300]``: see the module's
     *Decoding* section for large ones). Runs under ``torch.no_grad()``, ``net`` in eval mode.
     ``beam_size=1`` gives the greedy translations. Each step holds the running scores of
     ``batch_size * beam_size * len(tgt_vocab)`` extensions in float64: lower ``batch_size`` for

@@ -435,7 +435,8 @@ def load_model(path, device="cpu"):
     for an unusable file, and when the weights do not fit the configuration; ValueError naming
     ``device`` for a device that cannot be used here.
     """
-    device = checked_device(device)  # before the file is read
+    if device is not None:  # (None: left on the CPU, as net.to(None) does)
+        device = checked_device(device)  # before the file is read
     ckpt = load_checkpoint(path)
     path = os.fspath(path)
     src_vocab = vocab_from_state(ckpt["src_vocab"])

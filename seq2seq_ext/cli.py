@@ -24,6 +24,7 @@ from . import checkpoint as ckpt
 from . import data, malloc, ops, runs
 from .config import RUN_KEYS, RunConfig
 from .runlock import RunLock, RunLockError
+from .beam import MAX_ALPHA
 from .decoding import predict_seq2seq_batch
 from .metrics import bleu, corpus_bleu
 from .utils import Animator
@@ -511,14 +512,14 @@ def _load_for_inference(args):
         torch.set_num_threads(args.threads)
     if args.backend:
         ops.set_backend(args.backend)
-    if args.alpha < 0:
-        raise UsageError(f'--alpha must be >= 0, got {args.alpha}')
+    if not 0 <= args.alpha <= MAX_ALPHA:
+        raise UsageError(f'--alpha must be in [0, {MAX_ALPHA:g}], got {args.alpha}')
     if args.dtype == 'bf16' and args.beam > 1:
         raise UsageError('--dtype bf16 decodes greedily: leave out --beam')
     device = torch.device(args.device)
     net, src_vocab, tgt_vocab, saved = ckpt.load_model(args.checkpoint, device=device)
     if args.dtype == 'bf16' and (saved['config']['cell'] != 'gru' or device.type != 'cpu'):
-        # refused whatever the input (empty lines included), as decoding would refuse it
+        # refused whatever the input (empty lines included); decoding refuses the rest
         raise UsageError(f"--dtype bf16 decodes GRU models on the CPU; this one is "
                          f"{saved['config']['cell']} on {device}")
     num_steps = args.num_steps or saved['config']['num_steps']
@@ -601,17 +602,22 @@ def cmd_translate(args, argv):
     return 0
 
 
+def _stdin_text():
+    if sys.stdin is None:
+        raise UsageError('standard input is closed: give sentences as arguments or --file')
+    buffer = getattr(sys.stdin, 'buffer', None)  # (a text stream put in its place has none)
+    if buffer is None:
+        return sys.stdin.read().removeprefix('\ufeff')
+    return buffer.read().decode('utf-8-sig')
+
+
 def _read_lines(path):
     """The lines of --file ``path``, or of standard input for ``None``: UTF-8, a byte order mark
     dropped, line ends ``\\n``, ``\\r\\n`` or ``\\r``."""
     name = '--file ' + path if path is not None else 'standard input'
     try:
         if path is None:
-            f = io.TextIOWrapper(sys.stdin.buffer, encoding='utf-8-sig')
-            try:
-                return [line.rstrip('\n') for line in f]
-            finally:
-                f.detach()  # sys.stdin keeps its buffer
+            return [line.rstrip('\n') for line in io.StringIO(_stdin_text(), newline=None)]
         with open(path, encoding='utf-8-sig') as f:
             return [line.rstrip('\n') for line in f]
     except FileNotFoundError:

@@ -109,7 +109,8 @@ def _autocast_ok(input):
     input under any autocast (which leaves float64 alone)."""
     device = input.device.type
     if device not in ("cpu", "cuda"):
-        return True  # no autocast there (torch.is_autocast_enabled("meta") raises)
+        return True  # no kernel there (has_kernel is asked first); is_autocast_enabled("meta")
+        #              raises
     if not torch.is_autocast_enabled(device) or input.dtype == torch.float64:
         return True
     return (device == "cpu" and input.dtype == torch.float32

@@ -12,6 +12,8 @@ On systems without ``fcntl`` (Windows) the lock is a no-op.
 import os
 import time
 
+from .atomic_io import make_folders, remove_made_folders
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not on Linux
@@ -56,12 +58,7 @@ class RunLock:
         if fcntl is None or self._fd is not None:
             return self
         # the checkpoint's folder may not exist yet (the first save creates it too)
-        folder, missing = os.path.dirname(os.path.abspath(self.lock_file)), []
-        while not os.path.exists(folder):
-            missing.append(folder)
-            folder = os.path.dirname(folder)
-        os.makedirs(os.path.dirname(os.path.abspath(self.lock_file)), exist_ok=True)
-        self._made = missing[::-1]
+        self._made = make_folders(os.path.dirname(os.path.abspath(self.lock_file)))
         while True:
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -97,7 +94,7 @@ class RunLock:
 
     def release(self):
         """Remove the lock file and drop the lock (idempotent), and the folders :meth:`acquire`
-    created where nothing else was written in them."""
+        created where nothing else was written in them."""
         if self._fd is None:
             return
         try:
@@ -107,11 +104,7 @@ class RunLock:
         os.close(self._fd)
         self._fd = None
         # a run that wrote nothing (refused, or failed before its first save) leaves no folders
-        for folder in reversed(self._made):
-            try:
-                os.rmdir(folder)
-            except OSError:  # not empty (the run saved), or gone
-                break
+        remove_made_folders(self._made)
         self._made = []
 
     @property

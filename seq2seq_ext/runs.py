@@ -73,9 +73,11 @@ def _read_corpus(dataset, path):
                            f"{data.DATA_ENV})") from None
     if not path:
         raise RunError("--dataset pairs needs --data PATH (a tab-separated file)")
-    # preprocess_nmt is idempotent: load_data_pairs' own pass leaves these pairs as they are
-    return [(data.preprocess_nmt(src), data.preprocess_nmt(tgt))
-            for src, tgt in data.read_pairs_file(path)]
+    # one pass over the joined text, as load_data_pairs makes (a field that starts with
+    # punctuation gets its space there too); its own pass then leaves the pairs as they are
+    pairs = data.read_pairs_file(path)
+    text = data.preprocess_nmt('\n'.join(f'{src}\t{tgt}' for src, tgt in pairs))
+    return [tuple(line.split('\t')) for line in text.split('\n')] if pairs else []
 
 
 def _split(run):
@@ -165,8 +167,11 @@ class TrainingRun:
         before = ckpt.capture_rng_state()
         try:
             self._set_up(run, saved, shard)
-        except BaseException:  # a run that cannot be set up leaves the generators as they were
-            ckpt.restore_rng_state(before)
+        except BaseException:  # a run that cannot be set up leaves the CPU and Python
+            try:               # generators as they were (the error raised is the run's)
+                ckpt.restore_rng_state(before)
+            except Exception:
+                pass
             raise
 
     def _set_up(self, run, saved, shard):

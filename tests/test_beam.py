@@ -582,6 +582,7 @@ def test_trained_model_matches_reference():
     (dict(beam_size=True), TypeError, "beam_size"),
     (dict(alpha=-0.1), ValueError, "alpha"),
     (dict(alpha=float("nan")), ValueError, "alpha"),
+    (dict(alpha=1.7e308), ValueError, "alpha"),  # alpha * log(L) would leave the float range
     (dict(alpha="0.75"), TypeError, "alpha"),
     (dict(num_steps=0), ValueError, "num_steps"),
     (dict(num_steps=3.0), TypeError, "num_steps"),

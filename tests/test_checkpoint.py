@@ -538,8 +538,10 @@ def test_every_single_byte_corruption_is_refused_or_harmless(good, tmp_path):
 def test_load_model_refuses_a_device_it_cannot_use_naming_it(good):
     bad = ["gpu", "cuda:0" if not torch.cuda.is_available() else "cuda:99"]
     for device in bad:
-        with pytest.raises(ValueError, match=f"device: '{device}' cannot be used here"):
-            load_model(good, device=device)
+        for path in (good, good.with_name("missing.ckpt")):  # the device first
+            with pytest.raises(ValueError, match=f"device: '{device}' cannot be used here"):
+                load_model(path, device=device)
+    assert next(load_model(good, device=None)[0].parameters()).device.type == "cpu"
 
 
 def test_wrong_version_is_refused(good, tmp_path):

@@ -193,6 +193,19 @@ def test_translate_refuses_a_num_steps_no_source_can_be_padded_to(trained, capsy
     assert '--num-steps' in _one_line_error(status, err, 2) and out == ''
 
 
+def test_translate_reads_a_text_stream_in_place_of_stdin_and_refuses_a_closed_one(
+        trained, monkeypatch, capsys):
+    import io
+    args = ['translate', '--checkpoint', trained[0], '--threads', '1']
+    want, _ = _main(args + ['forty two', 'seven'], capsys)[1:]
+    monkeypatch.setattr(sys, 'stdin', io.StringIO('\ufeffforty two\rseven\n'))
+    status, out, err = _main(args, capsys)
+    assert status == 0 and out == want, err
+    monkeypatch.setattr(sys, 'stdin', None)
+    status, out, err = _main(args, capsys)
+    assert 'standard input is closed' in _one_line_error(status, err, 2)
+
+
 def test_translate_arguments_file_and_stdin_agree(trained, tmp_path):
     path, _ = trained
     sentences = ['one hundred twenty three', 'forty two', 'seven']

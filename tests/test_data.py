@@ -276,7 +276,7 @@ def test_a_failed_download_leaves_no_cache_folder_it_made(tmp_path, monkeypatch)
 
     monkeypatch.setattr(corpus.urllib.request, 'urlopen', no_network)
     with pytest.raises(OSError, match='no network'):
-        download('thing', cache_dir=str(tmp_path / 'new'))
+        download('thing', cache_dir=str(tmp_path / 'new' / 'deeper'))
     assert list(tmp_path.iterdir()) == []
     (tmp_path / 'old').mkdir()  # a folder that was there stays
     with pytest.raises(OSError, match='no network'):

@@ -119,17 +119,18 @@ def test_held_out_pairs_of_a_file_corpus_are_preprocessed_as_its_training(tmp_pa
     """Held-out sources and references are scored against the training's vocabularies: they go
     through preprocess_nmt (lower case, a space before punctuation) as the training text does."""
     from seq2seq_ext import data, runs
-    lines = [f"Go{i}.\tVa{i} !" for i in range(12)] + ["I'm Home!\tJe suis chez MOI.", "a\tb"]
+    lines = [f"Go{i}.\tVa{i} !" for i in range(12)] + ["I'm Home!\t!Je suis chez MOI.", "a\tb"]
     path = tmp_path / "pairs.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     for dataset in ("pairs", "fra-eng"):
         run = RunConfig(dataset=dataset, data=str(path), num_examples=11,
                         held_out=2).with_defaults()
         held = runs.held_out_pairs(run)
-        assert held == [("i'm home !", "je suis chez moi ."), ("a", "b")], dataset
+        # a field that starts with punctuation gets its space too, as in the training text
+        assert held == [("i'm home !", " !je suis chez moi ."), ("a", "b")], dataset
         assert runs.load_data(run).held_out == held
-        src_vocab = runs.load_data(run).src_vocab
-        assert "." in src_vocab.token_to_idx  # 12 times, min_freq 2
+        text = "\n".join(f"{s}\t{t}" for s, t in held)
+        assert data.preprocess_nmt(text) == text  # the training's own pass changes nothing
 
 
 def test_a_fra_eng_file_reports_the_lines_it_skips(tmp_path):

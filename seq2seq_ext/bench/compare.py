@@ -262,7 +262,12 @@ def add_arguments(parser):
 
 def main(argv=None):
     parser = add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        check_json(args.json)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return run(args)
 
 
 def run(args):

@@ -11,6 +11,8 @@ import urllib.request
 import warnings
 import zipfile
 
+from ..atomic_io import make_folders, remove_made_folders
+
 __all__ = ['DATA_URL', 'DATA_HUB', 'CACHE_ENV', 'DATA_ENV', 'download', 'download_extract',
            'read_data_nmt', 'read_pairs_file', 'CorpusError', 'CorpusWarning',
            'CorpusUnavailableError']
@@ -67,8 +69,7 @@ def download(name, cache_dir=None):
     url, sha1_hash = DATA_HUB[name]
     if cache_dir is None:
         cache_dir = _default_cache_dir()
-    made = not os.path.isdir(cache_dir)
-    os.makedirs(cache_dir, exist_ok=True)
+    made = make_folders(cache_dir)
     fname = os.path.join(cache_dir, url.split('/')[-1])
     if os.path.exists(fname) and _sha1_of(fname) == sha1_hash:
         return fname
@@ -93,11 +94,8 @@ def download(name, cache_dir=None):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if made and not done:  # a failed download leaves no empty cache folder
-            try:
-                os.rmdir(cache_dir)
-            except OSError:
-                pass
+        if not done:  # a failed download leaves no empty cache folders
+            remove_made_folders(made)
     return fname
 
 
