@@ -381,6 +381,10 @@ def _train(args, path):
         + (f', {dist.world_size()} processes' if distributed else ''))
     if args.resume:
         say(f'resumed {args.resume} at epoch {training.start_epoch}')
+    if run.held_out and not d.held_out and main:
+        print(f'seq2seq-ext: warning: no held-out pairs: the corpus has none after the '
+              f'{len(d.train_iter.dataset)} training pairs (lower --num-examples to keep some '
+              'out, or --held-out 0)', file=sys.stderr)
     plot = _plot_path(args, path)
     curve = Animator(xlabel='epoch', ylabel='loss', xlim=[0, run.epochs],
                      out=plot) if (plot and main) else None

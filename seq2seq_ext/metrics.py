@@ -62,6 +62,11 @@ def corpus_bleu(hypotheses, references, **kwargs):
     if all(isinstance(ref, str) for ref in references):
         streams = [references]
     else:
+        for i, refs in enumerate(references):
+            if isinstance(refs, str) or not all(isinstance(r, str) for r in refs) or not refs:
+                raise ValueError(
+                    f'references[{i}]: expected one string per hypothesis, or a non-empty '
+                    f'sequence of strings for every one, got {refs!r}')
         counts = {len(refs) for refs in references}
         if len(counts) > 1:
             raise ValueError('every hypothesis needs the same number of '

@@ -59,13 +59,15 @@ def _check_dataset(dataset):
         raise RunError(f"dataset: expected one of {DATASETS}, got {dataset!r}")
 
 
-def _read_corpus(dataset, path):
-    """A file corpus's pairs as its training reads them: after ``preprocess_nmt`` (lower case,
-    a space before punctuation), so that held-out sources and references are tokens of the
-    vocabularies too."""
+def _read_corpus(dataset, path, num_examples):
+    """A file corpus's ``(training pairs, the pairs after them)``, as its training reads them:
+    after ``preprocess_nmt`` (lower case, a space before punctuation), so that held-out sources
+    and references are tokens of the vocabularies too; with the chapter's ``num_examples``
+    (fra-eng: the pairs of its first ``num_examples + 1`` lines, as ``load_data_nmt`` counts;
+    pairs: up to ``num_examples + 1`` pairs)."""
     if dataset == 'fra-eng':
         try:
-            return data.read_nmt_pairs(path)
+            return data.read_nmt_pairs(path, num_examples)
         except data.CorpusUnavailableError as err:
             reason = str(err.__cause__ or err)
             raise RunError(f"--dataset fra-eng: the corpus is not cached and could not be "
@@ -77,15 +79,15 @@ def _read_corpus(dataset, path):
     # punctuation gets its space there too); its own pass then leaves the pairs as they are
     pairs = data.read_pairs_file(path)
     text = data.preprocess_nmt('\n'.join(f'{src}\t{tgt}' for src, tgt in pairs))
-    return [tuple(line.split('\t')) for line in text.split('\n')] if pairs else []
+    pairs = [tuple(line.split('\t')) for line in text.split('\n')] if pairs else []
+    return pairs[:num_examples + 1], pairs[num_examples + 1:]
 
 
 def _split(run):
     """``(train_pairs, held_out_pairs)`` of a file corpus, with the chapter's ``num_examples``
-    semantics (up to ``num_examples + 1`` training pairs); the held-out pairs follow them."""
-    pairs = _read_corpus(run.dataset, run.data)
-    train = pairs[:run.num_examples + 1]
-    held = pairs[run.num_examples + 1:][:run.held_out]
+    semantics (:func:`_read_corpus`); the held-out pairs follow them."""
+    train, rest = _read_corpus(run.dataset, run.data, run.num_examples)
+    held = rest[:run.held_out]
     if not train:
         raise RunError(f"no training pairs in {run.data}")
     return train, held
@@ -128,14 +130,15 @@ def held_out_pairs(run):
 def trained_on_count(trained, run, held):
     """How many of ``held`` (the held-out pairs of ``run``'s data settings) the training of
     ``trained`` (a run of the same corpus) read: for a file corpus, the positions the two
-    splits share (its training reads the first ``num_examples + 1`` pairs; a pair repeated in
+    splits share (its training reads the pairs of :func:`_read_corpus`; a pair repeated in
     the corpus is not the same position); for the built-in corpus, whose pairs are distinct,
     the pairs outside ``trained``'s held-out set."""
     if run.dataset == 'numbers':
         kept_out = set(held_out_pairs(trained))
         return sum(pair not in kept_out for pair in held)
-    start = run.num_examples + 1
-    return max(0, min(trained.num_examples + 1, start + len(held)) - start)
+    start = len(_read_corpus(run.dataset, run.data, run.num_examples)[0])
+    trained_end = len(_read_corpus(trained.dataset, trained.data, trained.num_examples)[0])
+    return max(0, min(trained_end, start + len(held)) - start)
 
 
 class _Frozen:

@@ -652,6 +652,17 @@ def test_a_file_where_a_folder_of_an_output_should_be_is_refused_first(flag, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ['afile']
 
 
+def test_train_warns_when_the_corpus_leaves_nothing_held_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / 'pairs.txt'
+    corpus.write_text(''.join(f'w{i} .\tm{i} .\n' for i in range(20)), encoding='utf-8')
+    status, out, err = _main(['train', '--dataset', 'pairs', '--data', corpus, '--epochs', '1',
+                              '--checkpoint', '', '--plot', '', '--no-progress',
+                              '--threads', '1'], capsys)
+    assert status == 0, err
+    assert 'warning: no held-out pairs' in err and 'held-out (' not in out
+
+
 def test_a_refused_run_leaves_no_folders(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     status, _, err = _main(['train', '--epochs', '1', '--held-out', '5000', '--checkpoint',

@@ -65,6 +65,18 @@ def test_vocab_reserved_ids_frequency_order_and_min_freq():
     assert len(vocab) == 6
 
 
+def test_vocab_refuses_reserved_tokens_given_as_one_string():
+    # list('<pad>') would reserve its characters: d2l's list + str raises
+    with pytest.raises(TypeError, match='reserved_tokens'):
+        Vocab([['a']], reserved_tokens='<pad>')
+
+
+def test_load_data_numbers_refuses_a_held_out_count_that_is_not_an_int():
+    for count in (2.5, True, '3'):
+        with pytest.raises(TypeError, match='num_held_out'):
+            load_data_numbers(8, 8, num_held_out=count)
+
+
 def test_vocab_ties_keep_first_seen_order():
     vocab = Vocab([['y', 'x', 'z', 'x', 'y', 'w']])
     # y and x both occur twice (y first), then z and w once (z first).

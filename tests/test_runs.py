@@ -133,6 +133,23 @@ def test_held_out_pairs_of_a_file_corpus_are_preprocessed_as_its_training(tmp_pa
         assert data.preprocess_nmt(text) == text  # the training's own pass changes nothing
 
 
+def test_num_examples_of_a_fra_eng_file_counts_lines_as_load_data_nmt(tmp_path):
+    """d2l reads lines 0 .. num_examples, a skipped line included: the run trains on the pairs
+    load_data_nmt gives, and the held-out pairs start after them."""
+    import warnings
+    from seq2seq_ext import data, runs
+    lines = ["go .\tva !", "no tab here", "hi .\tsalut !", "run !\tcours !", "wow !\tça !"]
+    path = tmp_path / "fra.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    run = RunConfig(dataset="fra-eng", data=str(path), num_examples=2, held_out=5,
+                    batch_size=2).with_defaults()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", data.CorpusWarning)
+        _, src_vocab, _ = data.load_data_nmt(2, 10, num_examples=2, path=str(path))
+        assert len(runs.load_data(run).train_iter.dataset) == 2
+        assert runs.held_out_pairs(run) == [("run !", "cours !"), ("wow !", "ça !")]
+
+
 def test_a_fra_eng_file_reports_the_lines_it_skips(tmp_path):
     from seq2seq_ext import data, runs
     lines = [f"go{i} .\tva{i} !" for i in range(6)] + ["three\tcolumns\there", "no tab"]

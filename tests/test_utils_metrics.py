@@ -307,6 +307,10 @@ def test_corpus_bleu_input_errors():
         corpus_bleu(['a', 'b'], [('a',), ('b', 'c')])
     with pytest.raises(ValueError, match='hypotheses: expected at least one'):
         corpus_bleu([], [])
+    # a string beside lists would be read as one reference per character
+    for refs in (['ab', ['xy', 'zw']], [['x'], 'ab'], [[]], [['x', 3]]):
+        with pytest.raises(ValueError, match=r'references\[\d\]'):
+            corpus_bleu(['a b'] * len(refs), refs)
 
 
 def test_corpus_bleu_without_sacrebleu(monkeypatch):

@@ -73,17 +73,22 @@ def _tokenize_nmt(text, num_examples=None):
             [tgt.split(' ') for _, tgt in pairs], skipped)
 
 
-def read_nmt_pairs(path=None):
+def read_nmt_pairs(path=None, num_examples=None):
     """The fra-eng corpus (:func:`read_data_nmt`'s ``path``) as
-    ``(source, target)`` strings after :func:`preprocess_nmt`: the lines that
-    :func:`load_data_nmt` reads, all of them; the others are reported in one
-    :class:`CorpusWarning`, as there."""
+    ``(source, target)`` strings after :func:`preprocess_nmt`, split in two:
+    ``(first, rest)``, ``first`` the pairs :func:`load_data_nmt` trains on
+    with ``num_examples`` (those of lines ``0 .. num_examples``: d2l counts
+    lines, not pairs; a falsy ``num_examples``, all), ``rest`` the pairs
+    after them. The lines it skips (not exactly two tab-separated columns)
+    are reported in one :class:`CorpusWarning`, as there."""
     raw, source_path = _read_data_nmt(path)
-    pairs, skipped = _nmt_lines(preprocess_nmt(raw))
+    text = preprocess_nmt(raw)
+    pairs, skipped = _nmt_lines(text)
     if skipped:
         _warn_skipped(source_path, skipped,
                       'not exactly two tab-separated columns')
-    return pairs
+    first = len(_nmt_lines(text, num_examples)[0])
+    return pairs[:first], pairs[first:]
 
 
 def count_corpus(tokens):
@@ -107,6 +112,9 @@ class Vocab:
             tokens = []
         if reserved_tokens is None:
             reserved_tokens = []
+        if isinstance(reserved_tokens, str):  # d2l's list + str raises too
+            raise TypeError(f"reserved_tokens: expected a list of tokens, got the string "
+                            f"{reserved_tokens!r}")
         counter = count_corpus(tokens)
         self._token_freqs = sorted(counter.items(), key=lambda x: x[1],
                                    reverse=True)
