@@ -49,8 +49,9 @@ class _ModeState(threading.local):
 
 
 _mode_state = _ModeState()
-_ENV_MODE = _check_mode(os.environ.get(MODE_ENV, "auto") or "auto",
-                       f"mode (the environment variable {MODE_ENV})")
+# read at import, checked at the first get_mode(): a bad value is an error where the mode is
+# used (the CUDA GRU layer), not one that stops every import of the package
+_ENV_MODE = os.environ.get(MODE_ENV, "auto") or "auto"
 _default_mode = None
 
 # Capturing needs PyTorch's caching allocator: with PYTORCH_NO_CUDA_MEMORY_CACHING set, every
@@ -64,7 +65,9 @@ def get_mode():
     stack = _mode_state.stack
     if stack:
         return stack[-1]
-    return _default_mode if _default_mode is not None else _ENV_MODE
+    if _default_mode is not None:
+        return _default_mode
+    return _check_mode(_ENV_MODE, f"mode (the environment variable {MODE_ENV})")
 
 
 def set_mode(name):

@@ -15,8 +15,10 @@ supplies the rest::
 Every function also works in a plain single process (world size 1, rank 0).
 """
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -200,5 +202,29 @@ def torchrun_command(nproc, args, nnodes=1, node_rank=0, master_addr=None, maste
 
 
 def launch(nproc, args, **kw):
-    """Run :func:`torchrun_command` ``(nproc, args, **kw)`` and return its exit code."""
-    return subprocess.run(torchrun_command(nproc, args, **kw), check=False).returncode
+    """Run :func:`torchrun_command` ``(nproc, args, **kw)`` and return its exit code.
+
+    A SIGTERM sent to this process (``kill``, a scheduler, ``docker stop``) is passed on to
+    ``torchrun``, which stops its workers with it (each saves its last epoch) and exits; this
+    process waits for it, instead of ending alone and leaving them running, and returns 143."""
+    proc = subprocess.Popen(torchrun_command(nproc, args, **kw))
+    previous, terminated = None, []
+
+    def forward(signum, frame):
+        terminated.append(signum)
+        proc.send_signal(signum)
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        code = proc.wait()
+        # torchrun ends a stopped run with 1: the run ended by SIGTERM, as a single process's
+        return 128 + signal.SIGTERM if terminated and code != 0 else code
+    except BaseException:  # Ctrl-C: torchrun has it too (the terminal's process group)
+        try:
+            proc.wait(timeout=60)
+        except BaseException:
+            proc.kill()
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -372,6 +372,39 @@ def test_train_with_two_processes(tmp_path):
     assert torch.load(tmp_path / 'checkpoint.pt', weights_only=True)['train']['epoch'] == 2
 
 
+def test_sigterm_to_a_multi_process_run_stops_every_process(tmp_path):
+    """kill, a scheduler or docker stop signal the launcher only: torchrun gets the SIGTERM, its
+    workers save their last epoch, and nothing is left running (exit 143, as one process's)."""
+    import signal
+    import time
+    torch_dist = pytest.importorskip('torch.distributed')
+    if not torch_dist.is_available() or not torch_dist.is_gloo_available():
+        pytest.skip('torch.distributed with gloo is not available')
+    log = tmp_path / 'out.txt'
+    ckpt = tmp_path / 'run.pt'  # in every process's arguments: how the test finds them
+    args = ['train', '--nproc', '2', '--epochs', '500', '--batch-size', '64', '--device', 'cpu',
+            '--save-every', '1', '--checkpoint', str(ckpt), *QUICK]
+    with open(log, 'w') as out:
+        proc = subprocess.Popen([sys.executable, '-m', 'seq2seq_ext.cli'] + args, cwd=tmp_path,
+                                env=_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while 'epoch 10,' not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(1)
+    ps = subprocess.run(['ps', '-eo', 'args'], capture_output=True, text=True).stdout
+    assert str(ckpt) not in ps, ps  # the launcher, torchrun and the workers all ended
+    saved = torch.load(ckpt, weights_only=True)['train']['epoch']
+    assert 10 <= saved < 500
+    assert not (tmp_path / 'run.pt.lock').exists()
+
+
 def test_bench_command_prints_the_ratio_table(tmp_path):
     out = _ok(run_cli(['bench', '--cases', 'ce-small', '--repeat', '1'], tmp_path))
     assert '| case | reference | extension | ratio |' in out

@@ -101,6 +101,21 @@ def test_rule_takes_eager_when_the_graph_fails():
     assert rule.choices()["k"] == ("eager", 10.0, None)
 
 
+def test_a_bad_environment_value_is_refused_where_the_mode_is_read(tmp_path):
+    """The package and its command line still import (one line, not a traceback at import);
+    reading the mode names the variable."""
+    env = dict(os.environ, SEQ2SEQ_EXT_CUDA_GRAPHS="bogus")
+    code = ("from seq2seq_ext import cuda_graphs\n"
+            "try:\n    cuda_graphs.get_mode()\nexcept ValueError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.returncode == 0 and "SEQ2SEQ_EXT_CUDA_GRAPHS" in out.stdout, out.stderr
+    assert "'bogus'" in out.stdout
+    cli = subprocess.run([sys.executable, "-m", "seq2seq_ext.cli", "--help"], env=env,
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert cli.returncode == 0 and "usage: seq2seq-ext" in cli.stdout, cli.stderr
+
+
 def test_modes_override_the_measurement():
     timer = StubTimer(10.0, 1.0)
     rule = cuda_graphs.Rule(timer=timer)
