@@ -41,6 +41,13 @@ def _check_mode(name, what="mode"):
     return name
 
 
+def _check_count(name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: expected at least 1, got {value}")
+
+
 class _ModeState(threading.local):
     def __init__(self):
         # made in each thread before its first use: code that torch.compile traces (an op's
@@ -124,8 +131,9 @@ class Rule:
     """
 
     def __init__(self, timer=wall_time, margin=0.95, recapture_limit=64):
-        if recapture_limit < 1:
-            raise ValueError(f"recapture_limit: expected at least 1, got {recapture_limit}")
+        _check_count("recapture_limit", recapture_limit)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0:
+            raise ValueError(f"margin: expected a number > 0, got {margin!r}")
         self.timer = timer
         self.margin = margin
         self.recapture_limit = recapture_limit
@@ -191,8 +199,7 @@ class GraphCache:
     it."""
 
     def __init__(self, capacity=32):
-        if capacity < 1:
-            raise ValueError(f"capacity: expected at least 1, got {capacity}")
+        _check_count("capacity", capacity)
         self.capacity = capacity
         self._entries = collections.OrderedDict()
         self._lock = threading.Lock()

@@ -193,7 +193,11 @@ def torchrun_command(nproc, args, nnodes=1, node_rank=0, master_addr=None, maste
         cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}",
                 f"--master-addr={master_addr}"]
         if master_port is not None:
-            cmd.append(f"--master-port={int(master_port)}")
+            if isinstance(master_port, bool) or not isinstance(master_port, int):
+                raise TypeError(f"master_port: expected an int, got {master_port!r}")
+            if not 1 <= master_port <= 65535:
+                raise ValueError(f"master_port: expected a port in [1, 65535], got {master_port}")
+            cmd.append(f"--master-port={master_port}")
     # "--" ends torchrun's own options: without it torchrun's parser reads the CLI's options
     # too ("--nproc" is an ambiguous prefix of "--nproc-per-node"); torchrun drops it
     cmd += [f"--nproc-per-node={nproc}", "-m", "seq2seq_ext.cli", "--",

@@ -155,6 +155,14 @@ def test_graph_cache_is_bounded_and_least_recently_used():
     assert made == ["a", "b", "c", "b"]
     with pytest.raises(ValueError, match="capacity"):
         cuda_graphs.GraphCache(capacity=0)
+    for bad in (2.5, True, "3", None):  # refused at once, naming the argument
+        with pytest.raises(TypeError, match="capacity"):
+            cuda_graphs.GraphCache(capacity=bad)
+    for kwargs, name in ((dict(margin="x"), "margin"), (dict(margin=float("nan")), "margin"),
+                         (dict(margin=-1), "margin"), (dict(recapture_limit=1.5),
+                                                       "recapture_limit")):
+        with pytest.raises((TypeError, ValueError), match=name):
+            cuda_graphs.Rule(**kwargs)
 
 
 class Entry:

@@ -200,6 +200,12 @@ def test_torchrun_command_several_nodes():
     (dict(nproc=2, args=[], nnodes=2, node_rank=2, master_addr="h"), ValueError, "node_rank"),
     (dict(nproc=2, args=[], nnodes=0), ValueError, "nnodes"),
     (dict(nproc=2, args=[], master_addr="h"), ValueError, "master_addr"),
+    (dict(nproc=2, args=[], nnodes=2, master_addr="h", master_port="x"), TypeError,
+     "master_port"),
+    (dict(nproc=2, args=[], nnodes=2, master_addr="h", master_port=70000), ValueError,
+     "master_port"),
+    (dict(nproc=2, args=[], nnodes=2, master_addr="h", master_port=0), ValueError,
+     "master_port"),
 ])
 def test_torchrun_command_bad_arguments(kwargs, exc, name):
     with pytest.raises(exc, match=name):
