@@ -66,8 +66,9 @@ def _positive(kind):
 
 
 def thread_count(text):
-    """--threads (also ``bench``'s): a positive int no larger than the number of logical CPUs (far more threads
-    than CPUs only slows the run down, and OpenMP aborts when it cannot create them)."""
+    """--threads (also ``bench``'s): a positive int no larger than the number of logical CPUs
+    (far more threads than CPUs only slows the run down, and OpenMP aborts when it cannot create
+    them)."""
     value = _positive(int)(text)
     cpus = os.cpu_count() or 1
     if value > cpus:

@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from ._checks import check_int
+
 __all__ = ["MODES", "MODE_ENV", "get_mode", "set_mode", "use_mode", "Rule", "GraphCache",
            "rule", "eligible", "gru_layer", "gru_layer_backward", "clear"]
 
@@ -39,13 +41,6 @@ def _check_mode(name, what="mode"):
     if name not in MODES:
         raise ValueError(f"{what}: expected one of {MODES}, got {name!r}")
     return name
-
-
-def _check_count(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name}: expected at least 1, got {value}")
 
 
 class _ModeState(threading.local):
@@ -131,7 +126,7 @@ class Rule:
     """
 
     def __init__(self, timer=wall_time, margin=0.95, recapture_limit=64):
-        _check_count("recapture_limit", recapture_limit)
+        check_int("recapture_limit", recapture_limit)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0:
             raise ValueError(f"margin: expected a number > 0, got {margin!r}")
         self.timer = timer
@@ -199,7 +194,7 @@ class GraphCache:
     it."""
 
     def __init__(self, capacity=32):
-        _check_count("capacity", capacity)
+        check_int("capacity", capacity)
         self.capacity = capacity
         self._entries = collections.OrderedDict()
         self._lock = threading.Lock()

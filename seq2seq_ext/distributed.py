@@ -24,6 +24,8 @@ import time
 import torch
 from torch.utils import data
 
+from ._checks import check_int
+
 __all__ = ["init_from_env", "launched_by_torchrun", "is_distributed", "rank", "world_size", "local_rank",
            "is_main_process", "barrier", "cleanup", "shard_loader", "all_reduce_sum",
            "default_device", "torchrun_command", "launch"]
@@ -170,14 +172,8 @@ def torchrun_command(nproc, args, nnodes=1, node_rank=0, master_addr=None, maste
     command on each node with its own ``node_rank``; ``master_port`` defaults to torchrun's
     (29500).
     """
-    for name, value in (("nproc", nproc), ("nnodes", nnodes), ("node_rank", node_rank)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if nproc < 1:
-        raise ValueError(f"nproc: expected a value >= 1, got {nproc}")
-    if nnodes < 1:
-        raise ValueError(f"nnodes: expected a value >= 1, got {nnodes}")
-    if not 0 <= node_rank < nnodes:
+    nproc, nnodes = check_int("nproc", nproc), check_int("nnodes", nnodes)
+    if not 0 <= check_int("node_rank", node_rank, None) < nnodes:
         raise ValueError(f"node_rank: expected a value in [0, nnodes={nnodes}), got {node_rank}")
     if isinstance(args, str):
         raise TypeError("args: expected a list of command-line arguments, got a string")
@@ -193,9 +189,7 @@ def torchrun_command(nproc, args, nnodes=1, node_rank=0, master_addr=None, maste
         cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}",
                 f"--master-addr={master_addr}"]
         if master_port is not None:
-            if isinstance(master_port, bool) or not isinstance(master_port, int):
-                raise TypeError(f"master_port: expected an int, got {master_port!r}")
-            if not 1 <= master_port <= 65535:
+            if check_int("master_port", master_port) > 65535:
                 raise ValueError(f"master_port: expected a port in [1, 65535], got {master_port}")
             cmd.append(f"--master-port={master_port}")
     # "--" ends torchrun's own options: without it torchrun's parser reads the CLI's options

@@ -10,12 +10,12 @@ decoder, ``fixed_context=True`` (the encoder's final top-layer hidden state is t
 every step, in training and at prediction alike). The decoder state formats are documented in
 :class:`Seq2SeqDecoder`.
 """
-import numbers
 
 import torch
 from torch import nn
 
 from . import _C, _fastcall, ops, reference
+from ._checks import check_int as _check_int
 from . import nn as seq2seq_nn
 from .reference import Decoder, Encoder, EncoderDecoder
 
@@ -778,16 +778,6 @@ def _plain_gru(rnn):
     models call it, so that the hook runs; a parametrized one has another class)."""
     return (type(rnn) is torch.nn.GRU and rnn.bias and not rnn.bidirectional
             and not rnn.batch_first and not _fastcall.has_hooks(rnn))
-
-
-def _check_int(name, value, minimum=1):
-    """``value`` as an int (a Python or numpy integer) of at least ``minimum`` (None: any),
-    else a TypeError or ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an integer, got {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
-    return int(value)
 
 
 def _int_of(value):

@@ -54,11 +54,6 @@ class RunData:
 DATASETS = ('numbers', 'fra-eng', 'pairs')
 
 
-def _check_dataset(dataset):
-    if dataset not in DATASETS:
-        raise RunError(f"dataset: expected one of {DATASETS}, got {dataset!r}")
-
-
 def _read_corpus(dataset, path, num_examples):
     """A file corpus's ``(training pairs, the pairs after them)``, as its training reads them:
     after ``preprocess_nmt`` (lower case, a space before punctuation), so that held-out sources
@@ -73,6 +68,8 @@ def _read_corpus(dataset, path, num_examples):
             raise RunError(f"--dataset fra-eng: the corpus is not cached and could not be "
                            f"downloaded ({reason}); pass --data PATH to a local fra.txt (or set "
                            f"{data.DATA_ENV})") from None
+    if dataset != 'pairs':
+        raise RunError(f"dataset: expected one of {DATASETS}, got {dataset!r}")
     if not path:
         raise RunError("--dataset pairs needs --data PATH (a tab-separated file)")
     # one pass over the joined text, as load_data_pairs makes (a field that starts with
@@ -107,7 +104,6 @@ def _numbers(run):
 
 def load_data(run):
     """The :class:`RunData` of ``run`` (a :class:`RunConfig` with its defaults filled)."""
-    _check_dataset(run.dataset)
     if run.dataset == 'numbers':
         train_iter, src_vocab, tgt_vocab, held = _numbers(run)
         examples = held[:: max(1, len(held) // 4)][:4]
@@ -121,7 +117,6 @@ def load_data(run):
 
 def held_out_pairs(run):
     """The held-out pairs of ``run``'s data settings, as its training saw them."""
-    _check_dataset(run.dataset)
     if run.dataset == 'numbers':
         return _numbers(run)[3]
     return _split(run)[1]
@@ -163,7 +158,6 @@ class TrainingRun:
 
     def __init__(self, run, *, device, checkpoint='', saved=None, shard=None):
         self.run, self.device, self.path = run, torch.device(device), checkpoint
-        _check_dataset(run.dataset)
         if saved is not None and saved['train']['epoch'] >= run.epochs:
             raise RunError(f"the run already has {saved['train']['epoch']} epochs; pass "
                            f"--epochs above {saved['train']['epoch']} to continue it")

@@ -2,9 +2,9 @@
 training pairs and held-out pairs by ``load_data_numbers``.
 """
 import collections
-import operator
 import random
 
+from .._checks import check_int
 from .pipeline import load_data_pairs
 
 __all__ = ['english_number', 'french_number', 'number_pairs', 'load_data_numbers']
@@ -155,12 +155,7 @@ def load_data_numbers(batch_size, num_steps, num_held_out=100, seed=0,
     Returns ``(train_iter, src_vocab, tgt_vocab, held_out_pairs)``.
     """
     pairs = number_pairs(start, stop)
-    try:
-        if isinstance(num_held_out, bool):
-            raise TypeError
-        num_held_out = operator.index(num_held_out)
-    except TypeError:
-        raise TypeError(f'num_held_out: expected an int, got {num_held_out!r}') from None
+    num_held_out = check_int('num_held_out', num_held_out, None)
     if not 0 <= num_held_out < len(pairs):
         raise ValueError(
             f'num_held_out must be in [0, {len(pairs)}), got {num_held_out}')
